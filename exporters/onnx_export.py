@@ -1,0 +1,213 @@
+"""ONNX export of a SpecialisedModel: a scoring graph and a KV-cache decode graph.
+
+Uses torch.onnx's dynamo exporter (torch.export + onnxscript): the TorchScript path
+cannot export the causal mask's data-dependent `tril` diagonal, and dynamo gives clean
+dynamic batch / seq / past axes, past length 0 included. Parity runs before anything
+is moved into place, so a failing export leaves no folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from devices.errors import ProjectableEdgeError
+from exporters.atomic import atomic_dir
+from exporters.onnx_io import check_tokens, file_info
+from exporters.spec import GRAPHS, ExportSpec, attach_spec, spec_from_onnx
+from projectable_edge.model import DecodeWrapper, SpecialisedModel
+
+MIN_OPSET = 17
+FILES = {"scoring": "scoring.onnx", "decode": "decode.onnx"}
+REPORT_FILE = "export_report.json"
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = 18  # the dynamo exporter's native opset; 17 is the floor (LayerNormalization)
+    graphs: tuple[str, ...] = GRAPHS
+    max_batch: int = 4096  # upper bound declared for the dynamic batch axis
+    parity: bool = True
+    tolerances: dict | None = None  # {output: {"atol":, "rtol":}} overriding parity.DEFAULT_TOLERANCES['fp32']
+
+    def __post_init__(self):
+        if self.opset < MIN_OPSET:
+            raise ProjectableEdgeError(f"opset {self.opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
+        bad = [g for g in self.graphs if g not in GRAPHS]
+        if bad or not self.graphs:
+            raise ProjectableEdgeError(f"unknown graph(s) {bad or '[]'}: choose from {', '.join(GRAPHS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportedGraphs:
+    """The artifact of export_onnx: the folder, each graph's path and its spec."""
+
+    dir: Path
+    paths: dict[str, Path] = field(default_factory=dict)
+    specs: dict[str, ExportSpec] = field(default_factory=dict)
+
+    @property
+    def scoring(self) -> Path:
+        return self.paths["scoring"]
+
+    @property
+    def decode(self) -> Path:
+        return self.paths["decode"]
+
+
+# Dim names written into the graphs; the sampler and the runtime read them from ExportSpec.
+_IO = {
+    "scoring": (["tokens"], ["logits"],
+                {"tokens": ["batch", "seq"], "logits": ["batch", "seq", None]}),
+    "decode": (["token", "past_keys", "past_values"], ["logits", "present_keys", "present_values"],
+               {"token": ["batch", None], "past_keys": [None, "batch", None, "past", None],
+                "past_values": [None, "batch", None, "past", None], "logits": ["batch", None],
+                "present_keys": [None, "batch", None, "past + 1", None],
+                "present_values": [None, "batch", None, "past + 1", None]}),
+}
+
+
+@contextmanager
+def _quiet_exporter():
+    """The dynamo exporter logs optional-dependency notes (torchvision) and deprecations; hide them."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _name_dims(model: onnx.ModelProto, graph: str) -> None:
+    """Give the graph I/O our dim names (dynamo derives them from torch's symbols)."""
+    dims = _IO[graph][2]
+    for vi in [*model.graph.input, *model.graph.output]:
+        for d, name in zip(vi.type.tensor_type.shape.dim, dims[vi.name]):
+            if name is not None:
+                d.dim_param = name
+
+
+def _tidy(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node stack traces (bulk, and local paths in a shipped file) and give
+    MatMul / Softmax nodes layer names (h0_wq/MatMul, h0_attn_scores/MatMul, head/MatMul), so
+    quantization reports can say which layers stayed in float."""
+    inits = {i.name for i in model.graph.initializer}
+    layer, seen, used = "", {}, set()
+
+    def unique(name: str) -> str:
+        k, base = 1, name
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        return name
+
+    for n in model.graph.node:
+        del n.metadata_props[:]
+        n.doc_string = ""
+        if n.op_type == "MatMul":
+            w = next((i for i in n.input if i in inits), None)
+            if w is not None:
+                w = w.rsplit(".", 1)[-1]  # the decode wrapper's weights are "model.h0_wq"
+                n.name = unique(f"{w}/MatMul")
+                layer = w.split("_")[0] + "_" if w.startswith("h") and "_" in w else ""
+            else:  # activation x activation: the two attention products of the current block
+                k = seen[layer] = seen.get(layer, 0) + 1
+                n.name = unique(f"{layer}attn_{'scores' if k == 1 else 'values'}/MatMul")
+        elif n.op_type == "Softmax":
+            n.name = unique(f"{layer}attn_softmax/Softmax")
+        else:
+            used.add(n.name)
+
+
+def _export_one(model: SpecialisedModel, graph: str, settings: ExportSettings) -> onnx.ModelProto:
+    cfg = model.cfg
+    inputs, outputs, _ = _IO[graph]
+    batch = torch.export.Dim("batch", min=1, max=settings.max_batch)
+    if graph == "scoring":
+        module, args = model, (torch.zeros(2, cfg.block_size, dtype=torch.long),)
+        dyn = {"tokens": {0: batch, 1: torch.export.Dim("seq", min=1, max=cfg.block_size)}}
+    else:
+        module = DecodeWrapper(model)
+        cache = torch.zeros(cfg.n_layer, 2, cfg.n_head, 3, cfg.head_dim)
+        args = (torch.zeros(2, 1, dtype=torch.long), cache, cache.clone())
+        past = torch.export.Dim("past", min=0, max=cfg.block_size - 1)
+        dyn = {"token": {0: batch}, "past_keys": {1: batch, 3: past}, "past_values": {1: batch, 3: past}}
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            prog = torch.onnx.export(module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs,
+                                     dynamic_shapes=dyn, opset_version=settings.opset, optimize=True,
+                                     verbose=False)
+    except Exception as e:  # torch.export failures are long; keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ProjectableEdgeError(f"torch.onnx could not export the {graph} graph ({first}); "
+                                   "check that the model is a SpecialisedModel from projectable_edge") from None
+    proto = prog.model_proto
+    _tidy(proto)
+    _name_dims(proto, graph)
+    del proto.graph.value_info[:]  # re-infer with our dim names
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    proto.producer_name = "projectable-edge"
+    proto.doc_string = f"projectable-edge {graph} graph ({cfg.n_layer} layers, d_model {cfg.d_model})"
+    attach_spec(proto, spec_from_onnx(proto, graph, cfg))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def export_onnx(model: SpecialisedModel, settings: ExportSettings | dict | None, out_dir: str | Path, *,
+                heldout: np.ndarray | None = None, overwrite: bool = False,
+                log=None) -> tuple[ExportedGraphs, dict]:
+    """Export scoring.onnx + decode.onnx into out_dir and parity-check both against PyTorch.
+
+    heldout: the task's held-out tokens [N, T] for parity and bits/dim (random tokens if None).
+    Report keys: settings, opset, graphs{name: {file, sha256, bytes, spec, op_types, parity}}.
+    """
+    from exporters.parity import check_parity
+
+    if isinstance(settings, dict):
+        settings = ExportSettings(**settings)
+    settings = settings or ExportSettings()
+    if not isinstance(model, SpecialisedModel):
+        raise ProjectableEdgeError(f"export needs a SpecialisedModel, got {type(model).__name__}; load one with "
+                                   "projectable_edge.project.load_projected")
+    cfg = model.cfg
+    if heldout is not None:
+        heldout = check_tokens(heldout, cfg.vocab_size, cfg.block_size, "held-out tokens")
+    model = model.eval()
+    report: dict = {"settings": settings.to_dict(), "opset": settings.opset, "exporter": "torch.onnx dynamo",
+                    "torch_version": torch.__version__, "onnx_version": onnx.__version__, "graphs": {}}
+    paths, specs = {}, {}
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for graph in settings.graphs:
+            if log:
+                log(f"exporting the {graph} graph")
+            proto = _export_one(model, graph, settings)
+            path = tmp / FILES[graph]
+            onnx.save(proto, str(path))
+            spec = spec_from_onnx(proto, graph, cfg)
+            entry = {"file": FILES[graph], **file_info(path), "spec": spec.to_dict(),
+                     "op_types": sorted({n.op_type for n in proto.graph.node})}
+            if settings.parity:
+                entry["parity"] = check_parity(path, model, heldout, precision="fp32",
+                                               tolerances=settings.tolerances, log=log)
+            report["graphs"][graph] = entry
+            paths[graph], specs[graph] = out_dir / FILES[graph], spec
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
+    return ExportedGraphs(out_dir, paths, specs), report

@@ -1,0 +1,108 @@
+"""ExportSpec: the I/O contract of an exported graph, read back from the graph itself.
+
+The bundle manifest carries it so the torch-free runtime knows input names, dtypes,
+dynamic axes and how to build an empty KV cache without opening the ONNX protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from devices.errors import ProjectableEdgeError
+
+GRAPHS = ("scoring", "decode")
+_DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+           onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str, ...]  # ints are fixed, strings name a dynamic axis
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "dynamic_axes": {str(i): d for i, d in enumerate(self.shape) if isinstance(d, str)}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What a graph takes and returns, plus the model facts a sampler needs (BOS id, cache shape)."""
+
+    graph: str  # "scoring" | "decode"
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    vocab_size: int
+    bos_id: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    head_dim: int
+
+    def to_dict(self) -> dict:
+        return {"graph": self.graph, "opset": self.opset,
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "block_size": self.block_size,
+                "n_layer": self.n_layer, "n_head": self.n_head, "head_dim": self.head_dim}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExportSpec":
+        try:
+            return cls(graph=d["graph"], opset=int(d["opset"]),
+                       inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                       outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+                       **{k: int(d[k]) for k in ("vocab_size", "bos_id", "block_size", "n_layer",
+                                                 "n_head", "head_dim")})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProjectableEdgeError(f"export spec is missing or has a bad field ({e}); "
+                                       "re-export the model") from None
+
+
+def _tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    t = vi.type.tensor_type
+    dims = tuple(d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim)
+    return TensorSpec(vi.name, _DTYPES.get(t.elem_type, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name), dims)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def spec_from_onnx(model: onnx.ModelProto, graph: str, cfg) -> ExportSpec:
+    """Build the spec from the graph's declared I/O (so it cannot drift from the file)."""
+    return ExportSpec(graph=graph, opset=opset_of(model),
+                      inputs=tuple(_tensor_spec(v) for v in model.graph.input),
+                      outputs=tuple(_tensor_spec(v) for v in model.graph.output),
+                      vocab_size=cfg.vocab_size, bos_id=cfg.vocab_size, block_size=cfg.block_size,
+                      n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.head_dim)
+
+
+META_KEY = "projectable_edge.export_spec"
+
+
+def attach_spec(model: onnx.ModelProto, spec: ExportSpec) -> None:
+    """Store the spec in the graph's metadata so a lone .onnx file still knows BOS id, cache shape, ..."""
+    import json
+
+    for p in list(model.metadata_props):
+        if p.key == META_KEY:
+            model.metadata_props.remove(p)
+    model.metadata_props.add(key=META_KEY, value=json.dumps(spec.to_dict(), sort_keys=True))
+
+
+def read_spec(model: onnx.ModelProto, where: str = "the ONNX graph") -> ExportSpec:
+    import json
+
+    for p in model.metadata_props:
+        if p.key == META_KEY:
+            return ExportSpec.from_dict(json.loads(p.value))
+    raise ProjectableEdgeError(f"{where} carries no projectable-edge export spec (metadata '{META_KEY}'); "
+                               "use a graph written by `projectable-edge export`")

@@ -1,0 +1,126 @@
+"""The `projectable-edge` command line: a thin typer layer over the Python API.
+
+Every command that reports numbers takes `--json`. Errors the user can fix print one
+line and exit with status 2; `--verbose` (before the command) adds the traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from devices.errors import ProjectableEdgeError
+from projectable_edge.cli_common import app, command, emit_json, err, out
+
+
+@command
+def train(
+    dataset: str = typer.Option("digits", help="'digits' (built in) or an image folder with one sub-folder per task."),
+    preset: str = typer.Option("small", help="tiny (tests) | small (CPU demo) | base (GPU)."),
+    out: Path = typer.Option(Path("runs/digits"), help="Run folder to create."),
+    steps: Optional[int] = typer.Option(None, help="Override the preset's optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Override the preset's batch size."),
+    lam: Optional[float] = typer.Option(None, help="Weight of NLL(projected) in the joint loss."),
+    freeze_source: Optional[bool] = typer.Option(None, "--freeze-source/--tune-source",
+                                                 help="Keep the source fixed (project a pre-trained model)."),
+    seed: int = typer.Option(0, help="Seed for splits, init and batches."),
+    image_size: int = typer.Option(8, help="Image folders: resize to this height and width."),
+    rgb: bool = typer.Option(False, help="Image folders: keep colour (3 channels)."),
+    levels: int = typer.Option(17, help="Image folders: gray/colour levels per channel (vocabulary size)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Train the source model, projection operator and baselines on one dataset."""
+    from projectable_edge.config import preset as get_preset
+    from projectable_edge.data import DataConfig
+    from projectable_edge.train import train as run_train
+
+    cfg = get_preset(preset, steps=steps, batch_size=batch_size, lam=lam, freeze_source=freeze_source, seed=seed)
+    data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
+                          channels=3 if rgb else 1, levels=levels)
+    summary = run_train(cfg, data_cfg, out, resume=resume, progress=progress and not as_json,
+                        log=lambda m: err.print(m))
+    if as_json:
+        emit_json({"run": str(out), **summary})
+    else:
+        out_s = ", ".join(f"{r} {v:.3f}" for r, v in summary["best_val_bits"].items())
+        err.print(f"wrote {out} in {summary['train_seconds']:.0f}s; best val bits/dim: {out_s}")
+
+
+@command
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder written by `train`."),
+    split: str = typer.Option("test", help="test | val | train"),
+    plot: Optional[Path] = typer.Option(None, help="Also write a PNG bar chart of bits/dim per task."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Per-task and macro bits/dim of source, projected, universal and scratch models."""
+    from projectable_edge.evaluate import evaluate_run, plot_bits
+
+    if split not in ("test", "val", "train"):
+        raise ProjectableEdgeError(f"unknown split '{split}': choose test, val or train")
+    report = evaluate_run(run, split)
+    if plot:
+        plot_bits(report, plot)
+    if as_json:
+        emit_json(report)
+        return
+    roles = list(report["macro_bits_per_dim"])
+    table = Table(title=f"bits/dim on the {split} split of {run} (lower is better)")
+    table.add_column("task")
+    for r in roles:
+        table.add_column(r, justify="right")
+    for t in report["tasks"]:
+        table.add_row(t["task"], *(f"{t['bits_per_dim'][r]:.4f}" for r in roles))
+    table.add_row("[bold]macro", *(f"[bold]{report['macro_bits_per_dim'][r]:.4f}" for r in roles))
+    m = report["models"]
+    table.add_row("params/task", *(f"{m[r]['params']:,}" for r in roles))
+    table.add_row("MFLOPs/image", *(f"{m[r]['flops_per_image'] / 1e6:.1f}" for r in roles))
+    out.print(table)
+    out.print(f"projected beats universal on {report['projected_wins']}/{len(report['tasks'])} tasks; "
+              f"one projection takes {report['projection_ms']:.2f} ms")
+
+
+@command
+def tasks(run: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
+    """List the tasks a run knows."""
+    from projectable_edge.checkpoint import load_json
+
+    names = load_json(Path(run) / "config.json").get("task_names", [])
+    if as_json:
+        emit_json({"tasks": [{"index": i, "name": n} for i, n in enumerate(names)]})
+    else:
+        for i, n in enumerate(names):
+            out.print(f"{i}\t{n}")
+
+
+@command
+def project(
+    run: Path = typer.Argument(..., help="Run folder written by `train`."),
+    task: str = typer.Option(..., help="Task name or index."),
+    out_path: Path = typer.Option(..., "--out", help="Output stem: writes STEM.safetensors and STEM.json."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Project the source model to one task (no data, no training) and write the small model."""
+    from projectable_edge.project import project_task, save_projected
+
+    small, info = project_task(run, task)
+    st, js = save_projected(out_path, small, info)
+    res = {"task": info["task"], "weights": str(st), "config": str(js), "projection_ms": info["projection_ms"],
+           "params": sum(v.numel() for v in small.weights.values()) + small.cfg.d_model}
+    if as_json:
+        emit_json(res)
+    else:
+        err.print(f"projected task {res['task']} in {res['projection_ms']:.2f} ms -> {st} ({res['params']:,} params)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

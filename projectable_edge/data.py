@@ -1,0 +1,216 @@
+"""Tasks as token sequences: the built-in digits or a user image folder, split per task.
+
+Each task is split on its own (seeded by (seed, task index)), so every task has
+validation and test images, and adding a task never reshuffles the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from devices.errors import ProjectableEdgeError
+from runtime.tokenizer import TokenizerSpec
+
+DIGITS_SPEC = TokenizerSpec(8, 8, 1, 17)
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MIN_IMAGES_PER_TASK = 3  # one each for train, val and test
+_LAYOUT = "<folder>/<task name>/<image>.png (one sub-folder per task, images inside it)"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # "digits" or a path to an image folder
+    seed: int = 0
+    val_frac: float = 0.1
+    test_frac: float = 0.1
+    height: int = 8
+    width: int = 8
+    channels: int = 1
+    levels: int = 17
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset, os.PathLike):
+            object.__setattr__(self, "dataset", os.fspath(self.dataset))
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ProjectableEdgeError(f"data 'dataset' must be 'digits' or an image folder path, got {self.dataset!r}")
+        for name in ("val_frac", "test_frac"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ProjectableEdgeError(f"data '{name}' must be a fraction in (0, 1), got {v!r}")
+        if self.val_frac + self.test_frac >= 1:
+            raise ProjectableEdgeError(f"data 'val_frac' + 'test_frac' must be < 1 to leave training images, "
+                                       f"got {self.val_frac} + {self.test_frac}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ProjectableEdgeError(f"data 'seed' must be an integer, got {self.seed!r}")
+        spec = self.spec  # validates height/width/channels/levels, naming the field
+        if self.dataset == "digits" and spec != DIGITS_SPEC:
+            raise ProjectableEdgeError(
+                f"the 'digits' dataset is fixed at 8x8, 1 channel, 17 levels; got height={self.height}, "
+                f"width={self.width}, channels={self.channels}, levels={self.levels}. Leave the size options "
+                "at their defaults, or use an image folder to choose them")
+
+    @property
+    def spec(self) -> TokenizerSpec:
+        return TokenizerSpec(self.height, self.width, self.channels, self.levels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ProjectableEdgeError(f"data config has unknown field(s) {unknown}; valid fields are {names}")
+        return cls(**{k: d[k] for k in names if k in d})
+
+
+@dataclass
+class TaskData:
+    task_names: list[str]
+    spec: TokenizerSpec
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (tokens int64 [N, T], task_ids int64 [N])
+    fingerprint: str
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_names)
+
+    def task_index(self, task: str | int) -> int:
+        """A task by name (a folder name, "3" for digits) or by index (3 or "3")."""
+        if isinstance(task, str):
+            if task in self.task_names:
+                return self.task_names.index(task)
+            if task.strip().lstrip("-").isdigit():
+                task = int(task)
+        if isinstance(task, (int, np.integer)) and not isinstance(task, bool) and 0 <= task < self.n_tasks:
+            return int(task)
+        shown = ", ".join(f"{i}={n!r}" for i, n in enumerate(self.task_names[:30]))
+        more = f", ... ({self.n_tasks} in all)" if self.n_tasks > 30 else ""
+        raise ProjectableEdgeError(f"unknown task {task!r}; valid tasks (index=name) are {shown}{more}")
+
+    def split(self, name: str, task: str | int | None = None) -> np.ndarray:
+        """Tokens of one split, optionally only those of one task."""
+        if name not in self.splits:
+            raise ProjectableEdgeError(f"unknown split {name!r}; use one of {list(self.splits)}")
+        tokens, task_ids = self.splits[name]
+        if task is None:
+            return tokens
+        return tokens[task_ids == self.task_index(task)]
+
+
+def _split_sizes(n: int, cfg: DataConfig) -> tuple[int, int]:
+    """(n_val, n_test): at least one each and at least one image left for training."""
+    n_test = min(max(1, round(n * cfg.test_frac)), n - 2)
+    n_val = min(max(1, round(n * cfg.val_frac)), n - 1 - n_test)
+    return n_val, n_test
+
+
+def _make_splits(per_task: list[np.ndarray], cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for t, tok in enumerate(per_task):
+        n = len(tok)
+        perm = np.random.default_rng([cfg.seed, t]).permutation(n)
+        n_val, n_test = _split_sizes(n, cfg)
+        chosen = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+        for s in SPLITS:
+            idx = np.sort(chosen[s])
+            parts[s].append(tok[idx])
+            ids[s].append(np.full(len(idx), t, dtype=np.int64))
+    return {s: (np.ascontiguousarray(np.concatenate(parts[s]), dtype=np.int64), np.concatenate(ids[s]))
+            for s in SPLITS}
+
+
+def _fingerprint(task_names: list[str], spec: TokenizerSpec, cfg: DataConfig, splits) -> str:
+    """Identifies the exact data a run trained on (not its path: a moved folder stays the same data)."""
+    h = hashlib.sha256()
+    meta = {"task_names": task_names, "spec": spec.to_dict(),
+            "split": {"seed": cfg.seed, "val_frac": cfg.val_frac, "test_frac": cfg.test_frac}}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for s in SPLITS:
+        for a in splits[s]:
+            a = np.ascontiguousarray(a, dtype="<i8")
+            h.update(s.encode() + str(a.shape).encode() + a.tobytes())
+    return h.hexdigest()
+
+
+def _load_digits() -> tuple[list[str], list[np.ndarray]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    tokens = d.data.astype(np.int64)  # values 0..16 are the 17 gray levels directly
+    return [str(c) for c in range(10)], [tokens[d.target == c] for c in range(10)]
+
+
+def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.ndarray]]:
+    if not root.exists():
+        raise ProjectableEdgeError(f"image folder '{root}' does not exist; give 'digits' for the built-in data "
+                                   f"or a folder laid out as {_LAYOUT}")
+    if not root.is_dir():
+        raise ProjectableEdgeError(f"dataset '{root}' is a file, not a folder; lay images out as {_LAYOUT}")
+    tasks = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not tasks:
+        loose = sum(1 for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        hint = f" (found {loose} image(s) directly in it: move them into per-task sub-folders)" if loose else ""
+        raise ProjectableEdgeError(f"image folder '{root}' has no task sub-folders{hint}; lay it out as {_LAYOUT}")
+    names, per_task = [], []
+    for task in tasks:
+        files = sorted(p for p in task.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(files) < MIN_IMAGES_PER_TASK:
+            what = "no images" if not files else f"only {len(files)} image(s)"
+            raise ProjectableEdgeError(
+                f"task sub-folder '{task}' has {what}; each task needs at least {MIN_IMAGES_PER_TASK} "
+                f"(one each for train, val and test) with a suffix in {', '.join(IMAGE_SUFFIXES)}. "
+                "Add images or remove the sub-folder")
+        names.append(task.name)
+        per_task.append(spec.encode(spec.load_images(files)))
+    return names, per_task
+
+
+def load_dataset(cfg: DataConfig) -> TaskData:
+    """Load, tokenize and split. Every user mistake raises ProjectableEdgeError before anything is written."""
+    if cfg.dataset == "digits":
+        spec = DIGITS_SPEC
+        names, per_task = _load_digits()
+    else:
+        root = Path(cfg.dataset).expanduser()
+        if not root.exists() and "/" not in cfg.dataset and "\\" not in cfg.dataset and not root.suffix:
+            raise ProjectableEdgeError(
+                f"unknown dataset '{cfg.dataset}': it is neither the built-in 'digits' nor an existing folder. "
+                f"Use --dataset digits, or a path to an image folder laid out as {_LAYOUT}")
+        spec = cfg.spec
+        names, per_task = _load_folder(root, spec)
+    splits = _make_splits(per_task, cfg)
+    return TaskData(names, spec, splits, _fingerprint(names, spec, cfg, splits))
+
+
+def shift_augment(tokens: torch.Tensor, spec: TokenizerSpec, generator: torch.Generator,
+                  max_shift: int = 1) -> torch.Tensor:
+    """Shift each image by a random (dx, dy) in [-max_shift, max_shift], replicating edge pixels.
+
+    Positive dx moves content right, positive dy moves it down. One gather for the
+    whole batch; offsets are drawn on the generator's device, then moved to the tokens'.
+    """
+    if tokens.dim() != 2 or tokens.shape[1] != spec.seq_len:
+        raise ProjectableEdgeError(f"shift_augment expects tokens [B, {spec.seq_len}], got {tuple(tokens.shape)}")
+    if max_shift < 0:
+        raise ProjectableEdgeError(f"shift_augment 'max_shift' must be >= 0, got {max_shift}")
+    if max_shift == 0:
+        return tokens.clone()
+    b, (h, w, c), dev = tokens.shape[0], (spec.height, spec.width, spec.channels), tokens.device
+    d = torch.randint(-max_shift, max_shift + 1, (2, b), generator=generator, device=generator.device).to(dev)
+    dx, dy = d[0], d[1]
+    rows = (torch.arange(h, device=dev)[None, :] - dy[:, None]).clamp_(0, h - 1)  # [B, H] source row
+    cols = (torch.arange(w, device=dev)[None, :] - dx[:, None]).clamp_(0, w - 1)  # [B, W] source col
+    pix = (rows[:, :, None] * w + cols[:, None, :]).reshape(b, h * w, 1).expand(b, h * w, c)
+    return tokens.reshape(b, h * w, c).gather(1, pix).reshape(b, h * w * c)

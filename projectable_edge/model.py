@@ -1,0 +1,238 @@
+"""A small decoder-only Transformer over pixel tokens, in the spirit of nanoGPT's model.py.
+
+The forward pass is a plain function of a flat dict of weight tensors, so the same
+code runs the source model M, a projected model P_t (weights produced by the
+projection operator), the universal baseline and the per-task baselines.
+
+Conventions
+- Linear weights are stored [in, out] and applied as `x @ W + b`.
+- Any weight may carry a leading batch dim (one weight set per sample): `x @ W`
+  broadcasts [B, T, I] @ [B, I, O] -> [B, T, O]; biases/gains are then [B, 1, O].
+  That is how one step trains the projected model on every task of a mixed batch.
+- Conditioning: the first position of the sequence is a "BOS" vector (the task
+  embedding). logits[:, i] is the distribution of tokens[:, i] given the task and
+  tokens[:, :i], so a sequence of T pixels is scored by one pass of length T.
+- For export, the BOS vector becomes an extra row (id = vocab_size) of the token
+  embedding, so a single-step decoder needs only token ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int  # pixel levels (17 for digits)
+    block_size: int  # tokens per image (64 for 8x8 gray)
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_attn: int  # attention inner width = n_head * head_dim
+    d_mlp: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_attn // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__})
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight of the model and its shape (without any leading batch dim)."""
+    d, a, m, v = cfg.d_model, cfg.d_attn, cfg.d_mlp, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"wte": (v, d), "wpe": (cfg.block_size, d)}
+    for i in range(cfg.n_layer):
+        p = f"h{i}."
+        shapes.update({
+            p + "ln1.w": (d,), p + "ln1.b": (d,),
+            p + "wq": (d, a), p + "bq": (a,),
+            p + "wk": (d, a), p + "bk": (a,),
+            p + "wv": (d, a), p + "bv": (a,),
+            p + "wo": (a, d), p + "bo": (d,),
+            p + "ln2.w": (d,), p + "ln2.b": (d,),
+            p + "w1": (d, m), p + "b1": (m,),
+            p + "w2": (m, d), p + "b2": (d,),
+        })
+    shapes.update({"lnf.w": (d,), "lnf.b": (d,), "head": (d, v), "head_b": (v,)})
+    return shapes
+
+
+def init_weights(cfg: ModelConfig, generator: torch.Generator | None = None) -> Weights:
+    """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2L), LN gains 1."""
+    w: Weights = {}
+    for name, shape in weight_shapes(cfg).items():
+        leaf = name.split(".")[-1] if "." in name else name
+        if name.endswith(".w") and len(shape) == 1:  # layer-norm gains
+            w[name] = torch.ones(shape)
+        elif len(shape) == 1:  # biases
+            w[name] = torch.zeros(shape)
+        else:
+            std = 0.02 / math.sqrt(2 * cfg.n_layer) if leaf in ("wo", "w2") else 0.02
+            w[name] = torch.randn(shape, generator=generator) * std
+    return w
+
+
+def count_params(cfg: ModelConfig, extra: int = 0) -> int:
+    return sum(math.prod(s) for s in weight_shapes(cfg).values()) + extra
+
+
+def flops_per_image(cfg: ModelConfig) -> int:
+    """Forward multiply-adds x2 for one full image (T = block_size tokens)."""
+    t = cfg.block_size
+    per_token_linear = cfg.n_layer * (3 * cfg.d_model * cfg.d_attn + cfg.d_attn * cfg.d_model
+                                      + 2 * cfg.d_model * cfg.d_mlp) + cfg.d_model * cfg.vocab_size
+    attention = cfg.n_layer * 2 * t * t * cfg.d_attn  # scores + weighted sum, causal not halved
+    return 2 * (t * per_token_linear + attention)
+
+
+def _bias(b: torch.Tensor) -> torch.Tensor:
+    # [O] stays [O]; per-sample [B, O] becomes [B, 1, O] to broadcast over time.
+    return b if b.dim() == 1 else b.unsqueeze(1)
+
+
+def _layer_norm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:]) * _bias(g) + _bias(b)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return x @ w + _bias(b)
+
+
+def _embed(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """table [V, d] or per-sample [B, V, d]; tokens [B, T] -> [B, T, d]."""
+    if table.dim() == 2:
+        return F.embedding(tokens, table)
+    rows = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(1)
+    return table[rows, tokens]
+
+
+def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    b, t, a = x.shape  # [B, T, A] -> [B, H, T, A/H]
+    return x.view(b, t, n_head, a // n_head).transpose(1, 2)
+
+
+def _block(w: Weights, p: str, cfg: ModelConfig, x: torch.Tensor,
+           past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
+    """One pre-norm block. With past_k/past_v [B, H, P, hd] it attends to the cache too.
+
+    Returns (x, k, v) where k, v [B, H, P+T, hd] are the keys/values incl. the past.
+    """
+    h = _layer_norm(x, w[p + "ln1.w"], w[p + "ln1.b"])
+    q = _heads(_linear(h, w[p + "wq"], w[p + "bq"]), cfg.n_head)  # [B, H, T, hd]
+    k = _heads(_linear(h, w[p + "wk"], w[p + "bk"]), cfg.n_head)
+    v = _heads(_linear(h, w[p + "wv"], w[p + "bv"]), cfg.n_head)
+    if past_k is not None:
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+    t, s = q.shape[2], k.shape[2]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(cfg.head_dim))  # [B, H, T, S]
+    # query i sits at absolute position s - t + i and sees keys 0..s - t + i
+    causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)
+    att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    y = (att @ v).transpose(1, 2).reshape(x.shape[0], t, cfg.d_attn)  # [B, T, A]
+    x = x + _linear(y, w[p + "wo"], w[p + "bo"])
+    h = _layer_norm(x, w[p + "ln2.w"], w[p + "ln2.b"])
+    x = x + _linear(F.gelu(_linear(h, w[p + "w1"], w[p + "b1"])), w[p + "w2"], w[p + "b2"])
+    return x, k, v
+
+
+def _head(w: Weights, x: torch.Tensor) -> torch.Tensor:
+    return _linear(_layer_norm(x, w["lnf.w"], w["lnf.b"]), w["head"], w["head_b"])
+
+
+def forward(w: Weights, cfg: ModelConfig, tokens: torch.Tensor, bos: torch.Tensor) -> torch.Tensor:
+    """Score a batch: tokens [B, T] (T <= block_size), bos [B, d] -> logits [B, T, V].
+
+    The input sequence is [bos, tokens[:, :-1]], so logits[:, i] predicts tokens[:, i].
+    """
+    b, t = tokens.shape
+    x = torch.cat([bos.view(b, 1, -1), _embed(w["wte"], tokens[:, : t - 1])], dim=1)  # [B, T, d]
+    pos = w["wpe"][..., :t, :]  # [T, d] or [B, T, d]
+    x = x + pos
+    for i in range(cfg.n_layer):
+        x, _, _ = _block(w, f"h{i}.", cfg, x)
+    return _head(w, x)
+
+
+def nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats per token."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+
+def bits_per_dim(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-image NLL in bits per pixel token: [B]."""
+    logp = logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return -logp.mean(dim=1) / math.log(2)
+
+
+class SpecialisedModel(nn.Module):
+    """A single-task model (a projected P_t, or one task of a baseline) ready to export.
+
+    The task's BOS vector is stored as row `vocab_size` of the token embedding, so
+    both graphs take plain token ids: scoring `tokens [B, T] -> logits [B, T, V]`,
+    and one decode step `token [B, 1], past [L, B, H, P, hd] x2 -> logits [B, V], present x2`
+    (feed id `vocab_size` as the first token).
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: Weights, bos: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.names = sorted(weights)
+        for name in self.names:
+            self.register_buffer(name.replace(".", "_"), weights[name].detach().clone().float())
+        self.register_buffer("wte_ext", torch.cat([weights["wte"], bos.view(1, -1)]).detach().clone().float())
+
+    @property
+    def weights(self) -> Weights:
+        return {n: getattr(self, n.replace(".", "_")) for n in self.names}
+
+    @property
+    def bos_id(self) -> int:
+        return self.cfg.vocab_size
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        b = tokens.shape[0]
+        bos = self.wte_ext[self.cfg.vocab_size].expand(b, -1)
+        return forward(w, self.cfg, tokens, bos)
+
+    def decode_step(self, token: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
+        """token [B, 1] (int64), past_k/v [L, B, H, P, hd] -> logits [B, V], present_k/v [L, B, H, P+1, hd]."""
+        w = self.weights
+        p = past_k.shape[3]
+        x = F.embedding(token, self.wte_ext) + w["wpe"][p: p + 1]  # [B, 1, d]
+        ks, vs = [], []
+        for i in range(self.cfg.n_layer):
+            x, k, v = _block(w, f"h{i}.", self.cfg, x, past_k[i], past_v[i])
+            ks.append(k)
+            vs.append(v)
+        return _head(w, x)[:, -1], torch.stack(ks), torch.stack(vs)
+
+    def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        z = torch.zeros(c.n_layer, batch, c.n_head, 0, c.head_dim)
+        return z, z.clone()
+
+
+class DecodeWrapper(nn.Module):
+    """Exposes SpecialisedModel.decode_step as forward, for torch.onnx.export."""
+
+    def __init__(self, model: SpecialisedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, past_keys, past_values):
+        return self.model.decode_step(token, past_keys, past_values)

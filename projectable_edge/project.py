@@ -1,0 +1,82 @@
+"""One-shot projection of a trained run to a single task, and the projected-model file format.
+
+A projected model file is `<name>.safetensors` (the small model's weights plus its BOS
+vector) next to `<name>.json` (model config, tokenizer spec, task, provenance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from devices.errors import ProjectableEdgeError
+from projectable_edge.checkpoint import load_json, load_tensors, save_json, save_tensors
+from projectable_edge.model import ModelConfig, SpecialisedModel
+from projectable_edge.train import load_run
+from projectable_edge.trainables import ROLES, Trainables
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def specialise(model: Trainables, role: str, task: int) -> SpecialisedModel:
+    """The deployable single-task model of a role; for 'projected' this is project(M, t)."""
+    if role not in ROLES:
+        raise ProjectableEdgeError(f"unknown model role '{role}': choose one of {', '.join(ROLES)}")
+    cfg, w, bos = model.specialise(role, task)
+    return SpecialisedModel(cfg, w, bos)
+
+
+def project_task(run: Path, task: str | int, role: str = "projected") -> tuple[SpecialisedModel, dict]:
+    """Load a run and produce one task's small model, with the metadata a file or bundle needs."""
+    meta, model, data = load_run(run)
+    t = data.task_index(task)
+    start = time.perf_counter()
+    small = specialise(model, role, t)
+    ms = (time.perf_counter() - start) * 1000
+    info = {
+        "role": role,
+        "task": data.task_names[t],
+        "task_index": t,
+        "model": small.cfg.to_dict(),
+        "tokenizer": meta["tokenizer"],
+        "task_names": meta["task_names"],
+        "projection_ms": ms,
+        "source_run": {"config": meta, "weights_sha256": file_sha256(Path(run) / "model.safetensors")},
+    }
+    return small, info
+
+
+def save_projected(out: Path, small: SpecialisedModel, info: dict) -> tuple[Path, Path]:
+    """Write `<out>.safetensors` + `<out>.json` (each atomically)."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
+    weights = dict(small.weights)
+    weights["bos"] = small.wte_ext[small.cfg.vocab_size]
+    st, js = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    save_tensors(st, weights, kind="projected")
+    save_json(js, {"format": "projectable-edge-projected", **info})
+    return st, js
+
+
+def load_projected(path: Path) -> tuple[SpecialisedModel, dict]:
+    """Read a projected model file pair written by `save_projected` (no pickle anywhere)."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    info = load_json(stem.with_suffix(".json"))
+    if info.get("format") != "projectable-edge-projected":
+        raise ProjectableEdgeError(f"{stem.with_suffix('.json')} is not a projected-model description")
+    w = load_tensors(stem.with_suffix(".safetensors"), kind="projected")
+    bos = w.pop("bos")
+    cfg = ModelConfig.from_dict(info["model"])
+    try:
+        return SpecialisedModel(cfg, w, bos), info
+    except KeyError as e:
+        raise ProjectableEdgeError(f"{stem.with_suffix('.safetensors')} lacks weight {e}") from None
+

@@ -1,0 +1,324 @@
+"""The trainer: source + projection operator jointly, and the baselines, in one run.
+
+One optimizer step trains every role on the same batch (same splits, same step count):
+    joint:     NLL(M) + lam * NLL(P_t)   -> source and operator (operator at a lower lr)
+    universal: NLL(universal small)      -> its own weights
+    scratch:   NLL(per-task small)       -> each task's own weights
+The roles share no parameters, so one backward of the summed losses gives each role exactly
+the gradient of its own objective.
+
+Runs under plain `python` (one process) or `torchrun` (PyTorch DDP: gloo on CPU, NCCL on GPU).
+The run folder is built as `.<name>.partial` next to its destination and renamed when
+training ends, so `runs/<name>` never holds a half-written run; an interrupted run keeps
+its resumable state in the partial folder (`--resume`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from devices.errors import ProjectableEdgeError
+from projectable_edge.checkpoint import load_json, load_tensors, save_json, save_tensors
+from projectable_edge.config import TrainConfig
+from projectable_edge.data import DataConfig, TaskData, load_dataset, shift_augment
+from projectable_edge.model import bits_per_dim
+from projectable_edge.projection import ProjectionConfig
+from projectable_edge.trainables import ROLES, Trainables
+
+RUN_FORMAT = 1
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def run_config(cfg: TrainConfig, data_cfg: DataConfig, data: TaskData) -> dict:
+    return {
+        "format": "projectable-edge-run",
+        "format_version": RUN_FORMAT,
+        "train": cfg.to_dict(),
+        "data": data_cfg.to_dict(),
+        "tokenizer": data.spec.to_dict(),
+        "task_names": list(data.task_names),
+        "dataset_fingerprint": data.fingerprint,
+        "source_model": cfg.source.model(data.spec).to_dict(),
+        "small_model": cfg.small.model(data.spec).to_dict(),
+        "projection": ProjectionConfig(n_basis=cfg.n_basis).to_dict(),
+    }
+
+
+def build(cfg: TrainConfig, data: TaskData) -> Trainables:
+    try:
+        return Trainables(cfg.source.model(data.spec), cfg.small.model(data.spec), data.n_tasks,
+                          ProjectionConfig(n_basis=cfg.n_basis), seed=cfg.seed)
+    except ValueError as e:
+        raise ProjectableEdgeError(f"model sizes do not fit the projection: {e}") from None
+
+
+def _optimizers(model: Trainables, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    p = model.role_params()
+    groups = {
+        "joint": [{"params": p["projector"], "lr": cfg.projector_lr, "weight_decay": 0.0}],
+        "universal": [{"params": p["universal"], "lr": cfg.lr}],
+        "scratch": [{"params": p["scratch"], "lr": cfg.lr}],
+    }
+    if not cfg.freeze_source:
+        groups["joint"].insert(0, {"params": p["source"], "lr": cfg.lr})
+    else:
+        for q in p["source"]:
+            q.requires_grad_(False)
+    opts = {}
+    for name, g in groups.items():
+        for group in g:
+            group["base_lr"] = group["lr"]
+        opts[name] = torch.optim.AdamW(g, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    return opts
+
+
+def _lr_scale(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _clip(model: Trainables, cfg: TrainConfig) -> None:
+    """Clip each role's gradient norm on its own; scratch per task, as separate models would be."""
+    p = model.role_params()
+    for role in ("source", "projector", "universal"):
+        torch.nn.utils.clip_grad_norm_([q for q in p[role] if q.grad is not None], cfg.grad_clip)
+    grads = [q.grad for q in p["scratch"] if q.grad is not None]
+    if grads:
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)  # [n_task]
+        scale = (cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+
+
+@torch.no_grad()
+def evaluate_roles(model: Trainables, tokens: np.ndarray, task_ids: np.ndarray, n_task: int,
+                   roles=ROLES, batch: int = 256) -> dict[str, np.ndarray]:
+    """Per-task mean bits/dim of each role on a split: {role: [n_task]}."""
+    was = model.training
+    model.eval()
+    out = {}
+    x_all, t_all = torch.from_numpy(tokens), torch.from_numpy(task_ids)
+    for role in roles:
+        bits = torch.cat([bits_per_dim(model.logits(role, x_all[i:i + batch], t_all[i:i + batch]), x_all[i:i + batch])
+                          for i in range(0, len(x_all), batch)]).numpy()
+        out[role] = np.array([bits[task_ids == t].mean() for t in range(n_task)])
+    model.train(was)
+    return out
+
+
+def _batch(data: TaskData, cfg: TrainConfig, step: int, rank: int, world: int):
+    """A deterministic function of (seed, step, rank): resuming replays the same batches."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+    tokens, task_ids = data.splits["train"]
+    idx = torch.randint(len(tokens), (cfg.batch_size,), generator=g)
+    x = torch.from_numpy(tokens)[idx]
+    if cfg.shift:
+        x = shift_augment(x, data.spec, g, max_shift=cfg.shift)
+    return x, torch.from_numpy(task_ids)[idx]
+
+
+def _snapshot(model: Trainables, role: str) -> dict[str, torch.Tensor]:
+    """The parameters a role's best checkpoint must keep (projected needs source + operator)."""
+    sd = model.state_dict()
+    prefix = {"source": ("source.", "source_task"), "projected": ("source.", "source_task", "projector."),
+              "universal": ("universal.", "universal_task"), "scratch": ("scratch.", "scratch_bos")}[role]
+    return {k: v.detach().clone() for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _save_state(path: Path, model, opts, best, step: int) -> None:
+    t = {f"model/{k}": v for k, v in model.state_dict().items()}
+    for role, snap in best.items():
+        t.update({f"best/{role}/{k}": v for k, v in snap["weights"].items()})
+        t[f"bestval/{role}"] = torch.tensor(snap["val"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    for oname, opt in opts.items():
+        for p, st in opt.state.items():
+            for k, v in st.items():
+                t[f"opt/{oname}/{names[id(p)]}/{k}"] = torch.as_tensor(v)
+    t["step"] = torch.tensor(step)
+    save_tensors(path, t, kind="train-state")
+
+
+def _load_state(path: Path, model, opts, best) -> int:
+    t = load_tensors(path, kind="train-state")
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model/")})
+    params = dict(model.named_parameters())
+    for key, v in t.items():
+        parts = key.split("/")
+        if parts[0] == "opt":
+            opts[parts[1]].state[params[parts[2]]][parts[3]] = v
+        elif parts[0] == "bestval":
+            best[parts[1]] = {"val": float(v), "weights": {}}
+    for key, v in t.items():
+        parts = key.split("/", 2)
+        if parts[0] == "best":
+            best[parts[1]]["weights"][parts[2]] = v
+    return int(t["step"])
+
+
+def _dist_setup() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def train(cfg: TrainConfig, data_cfg: DataConfig, out: Path, *, resume: bool = False,
+          progress: bool = True, log=print) -> dict:
+    """Train one run into `out`. Returns the final summary (val bits per role, timing)."""
+    out = Path(out)
+    data = load_dataset(data_cfg)  # bad input fails here, before anything is written
+    if out.exists():
+        raise ProjectableEdgeError(f"run folder {out} already exists: choose another --out or delete it")
+    work = partial_dir(out)
+    if work.exists() and not resume:
+        raise ProjectableEdgeError(
+            f"an interrupted run was found at {work}: pass --resume to continue it, or delete that folder")
+    rank, world, device = _dist_setup()
+    meta = run_config(cfg, data_cfg, data)
+    model = build(cfg, data).to(device)
+    opts = _optimizers(model, cfg)
+    best: dict[str, dict] = {}
+    start = 0
+    if resume and (work / "state.safetensors").exists():
+        saved = load_json(work / "config.json")
+        if saved.get("train") != meta["train"] or saved.get("dataset_fingerprint") != data.fingerprint:
+            raise ProjectableEdgeError(f"{work} was started with another config or dataset; "
+                                       "resume with the same options or delete it")
+        start = _load_state(work / "state.safetensors", model, opts, best)
+        log(f"resuming {work} from step {start}")
+    elif rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        save_json(work / "config.json", meta)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    val_x, val_t = data.splits["val"]
+    history = list(load_json(work / "history.json")["history"]) if start and (work / "history.json").exists() else []
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    t0 = time.time()
+    bar = _progress(progress and rank == 0, cfg.steps, start)
+    for step in range(start, cfg.steps):
+        x, tid = _batch(data, cfg, step, rank, world)
+        with amp:
+            losses = ddp(x.to(device), tid.to(device))
+            total = losses["source"] + cfg.lam * losses["projected"] + losses["universal"] + losses["scratch"]
+        for opt in opts.values():
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        _clip(model, cfg)
+        scale = _lr_scale(step, cfg)
+        for opt in opts.values():
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+            opt.step()
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val = evaluate_roles(model, val_x, val_t, data.n_tasks)
+            macro = {r: float(v.mean()) for r, v in val.items()}
+            history.append({"step": done, "train_nats": {k: float(v.detach()) for k, v in losses.items()},
+                            "val_bits": macro, "seconds": time.time() - t0})
+            # one rule for every role: keep the weights of its best validation step
+            for role, v in macro.items():
+                if role not in best or v < best[role]["val"]:
+                    best[role] = {"val": v, "step": done, "weights": _snapshot(model, role)}
+            bar.update(done, macro)
+        if rank == 0 and (done % cfg.checkpoint_every == 0) and done < cfg.steps:
+            _save_state(work / "state.safetensors", model, opts, best, done)
+            save_json(work / "history.json", {"history": history})
+    bar.close()
+    summary = {"steps": cfg.steps, "world_size": world, "device": str(device),
+               "train_seconds": time.time() - t0,
+               "best_val_bits": {r: b["val"] for r, b in best.items()},
+               "best_step": {r: b.get("step") for r, b in best.items()}}
+    if rank == 0:
+        # The shipped pair (source, operator) is the projected role's best step; the source
+        # role's own best step is kept under "source_best/" for its row of the table.
+        final = {}
+        for role in ("universal", "scratch", "projected"):
+            final.update(best[role]["weights"])
+        final.update({f"source_best/{k}": v for k, v in best["source"]["weights"].items()})
+        save_tensors(work / "model.safetensors", final, kind="run")
+        save_json(work / "history.json", {"history": history})
+        save_json(work / "summary.json", summary)
+        (work / "state.safetensors").unlink(missing_ok=True)
+        os.replace(work, out)
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+class _progress:
+    """A rich progress bar (or nothing), showing the latest validation bits/dim."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.p = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                              TextColumn("{task.fields[info]}"), transient=False)
+            self.p.start()
+            self.task = self.p.add_task("train", total=total, completed=start, info="")
+
+    def update(self, done: int, macro: dict) -> None:
+        if self.p:
+            info = " ".join(f"{k[:4]} {v:.3f}" for k, v in macro.items())
+            self.p.update(self.task, completed=done, info=f"val bits/dim: {info}")
+
+    def close(self) -> None:
+        if self.p:
+            self.p.stop()
+
+
+def load_run(run: Path) -> tuple[dict, Trainables, TaskData]:
+    """Load a finished run: its config, the best weights of every role, and its dataset."""
+    run = Path(run)
+    if not run.is_dir():
+        hint = f" (an interrupted run is at {partial_dir(run)}: resume it with --resume)" if partial_dir(run).exists() else ""
+        raise ProjectableEdgeError(f"run folder {run} not found{hint}")
+    meta = load_json(run / "config.json")
+    if meta.get("format") != "projectable-edge-run":
+        raise ProjectableEdgeError(f"{run / 'config.json'} is not a projectable-edge run config")
+    cfg = TrainConfig.from_dict(meta["train"])
+    data = load_dataset(DataConfig.from_dict(meta["data"]))
+    if data.fingerprint != meta["dataset_fingerprint"]:
+        raise ProjectableEdgeError(f"the dataset of {run} has changed since training (fingerprint differs)")
+    model = build(cfg, data)
+    t = load_tensors(run / "model.safetensors", kind="run")
+    expected = model.state_dict()
+    weights = {k: v for k, v in t.items() if not k.startswith("source_best/")}
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
+        raise ProjectableEdgeError(f"{run / 'model.safetensors'} does not match {run / 'config.json'}")
+    model.load_state_dict(weights)
+    model.eval()
+    return meta, model, data
+
+
+def source_best(run: Path, model: Trainables) -> Trainables:
+    """A copy of the model whose source is the source role's own best checkpoint (for its table row)."""
+    import copy
+
+    t = load_tensors(Path(run) / "model.safetensors", kind="run")
+    m = copy.deepcopy(model)
+    sd = {k[len("source_best/"):]: v for k, v in t.items() if k.startswith("source_best/")}
+    m.load_state_dict(sd, strict=False)
+    return m
+

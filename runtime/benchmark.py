@@ -1,0 +1,111 @@
+"""Latency, throughput and memory of a loaded bundle, judged against the target's budgets.
+
+Never one timing: warm-up runs first (allocator, thread pool, lazy kernel selection),
+then many timed runs, reported as percentiles with their spread.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from devices.errors import ProjectableEdgeError
+
+_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process (VmHWM on Linux, else getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB else
+
+
+def stats(times_s: list[float], items: int) -> dict[str, float]:
+    """Percentiles and spread of per-call times, in ms; throughput in items/s."""
+    ms = np.asarray(times_s, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"runs": int(len(ms)), "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+            "mean_ms": float(ms.mean()), "std_ms": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+            "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+            "spread_p99_over_p50": float(p99 / p50) if p50 > 0 else float("inf"),
+            "throughput_per_s": float(items * 1e3 / ms.mean()) if ms.mean() > 0 else float("inf")}
+
+
+def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _inputs(model, batch: int) -> np.ndarray:
+    """Real held-out task tokens when the bundle has them (realistic values), else random ones."""
+    try:
+        from runtime.validate import load_goldens
+        tokens, _ = load_goldens(model)
+    except ProjectableEdgeError:
+        tokens = np.random.default_rng(0).integers(0, model.tokenizer.vocab_size, (batch, model.seq_len))
+    reps = -(-batch // len(tokens))
+    return np.ascontiguousarray(np.tile(tokens, (reps, 1))[:batch].astype(np.int64))
+
+
+def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_runs: int | None = None,
+              sample_batch: int = 1) -> dict[str, Any]:
+    """Score batch 1, score `batch`, sample full images; percentiles, memory and a budget verdict."""
+    for name, v, lo in (("runs", runs, 2), ("warmup", warmup, 0), ("batch", batch, 1),
+                        ("sample_batch", sample_batch, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ProjectableEdgeError(f"benchmark '{name}' must be an integer >= {lo}, got {v!r}")
+    sample_runs = max(2, runs // 10) if sample_runs is None else int(sample_runs)
+    x1, xb = _inputs(model, 1), _inputs(model, batch)
+    results = {
+        "score_batch1": stats(time_calls(lambda: model.score(x1), runs, warmup), 1),
+        f"score_batch{batch}": stats(time_calls(lambda: model.score(xb), runs, warmup), batch),
+        "sample_full_image": stats(time_calls(lambda: model.sample(sample_batch, seed=0), sample_runs,
+                                              min(warmup, 2)), sample_batch),
+    }
+    results["sample_full_image"]["tokens_per_image"] = model.seq_len
+    results["sample_full_image"]["batch"] = sample_batch
+    rss = peak_rss_mb()
+    budgets = model.profile.budgets
+    p99 = results["score_batch1"]["p99_ms"]
+    checks = [{"name": "p99 latency, score batch 1 (ms)", "value": p99, "budget": budgets.p99_latency_ms,
+               "passed": p99 <= budgets.p99_latency_ms}]
+    if rss is not None:
+        checks.append({"name": "peak RSS (MB)", "value": rss, "budget": budgets.memory_mb,
+                       "passed": rss <= budgets.memory_mb})
+    host_arch = _ARCH.get(platform.machine().lower(), platform.machine().lower())
+    on_target = host_arch == model.profile.arch
+    return {
+        "bundle": str(model.bundle_dir), "task": model.task, "target": model.profile.name,
+        "variant": model.variant, "backend": model.backend["backend"],
+        "backend_reason": model.backend["reason"], "providers": model.backend["providers"],
+        "providers_missing": model.backend["providers_missing"],
+        "load_time_ms": model.load_time_s * 1e3, "peak_rss_mb": rss,
+        "runs": runs, "warmup": warmup, "batch": batch, "results": results,
+        "budgets": {"p99_latency_ms": budgets.p99_latency_ms, "memory_mb": budgets.memory_mb},
+        "checks": checks, "verdict": "pass" if all(c["passed"] for c in checks) else "fail",
+        "host": {"machine": platform.machine(), "arch": host_arch, "cpus": os.cpu_count(),
+                 "python": platform.python_version(), "on_target_arch": on_target,
+                 "note": "" if on_target else f"measured on a {host_arch} host, not on the "
+                                              f"{model.profile.arch} target; rerun on the device"},
+    }

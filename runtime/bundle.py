@@ -1,0 +1,173 @@
+"""Load a bundle into a `Model`: the object an app embeds to score and sample on the device.
+
+`load` refuses anything it cannot trust (bad manifest, newer schema, a file whose hash
+differs) before a single graph is opened, then picks the graph variant and backend.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from devices.errors import ProjectableEdgeError
+from devices.profiles import DeviceProfile
+from runtime import sampler
+from runtime.backends import TrtRunner, make_runners
+from runtime.manifest import read_manifest, verify_files
+from runtime.scoring import score_tokens
+from runtime.tokenizer import TokenizerSpec
+
+
+def pick_variant(manifest: dict[str, Any], precision: str | None) -> str:
+    """Exact variant name, else a unique variant starting with it ('int8' -> 'int8-static')."""
+    graphs = manifest["graphs"]
+    if precision is None:
+        return manifest["selected"]
+    if precision in graphs:
+        return precision
+    matches = [g for g in graphs if g.split("-")[0] == precision]
+    if len(matches) == 1:
+        return matches[0]
+    raise ProjectableEdgeError(f"precision {precision!r} is not in this bundle; available variants: "
+                               f"{', '.join(sorted(graphs))} (selected for the target: {manifest['selected']})")
+
+
+class Model:
+    """A verified bundle with its runners. Use `runtime.load()` to get one."""
+
+    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], variant: str, profile: DeviceProfile,
+                 tokenizer: TokenizerSpec, score_runner, decode_runner, backend: dict[str, Any],
+                 load_time_s: float):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.variant = variant
+        self.profile = profile
+        self.tokenizer = tokenizer
+        self.score_runner = score_runner
+        self.decode_runner = decode_runner
+        self.backend = backend
+        self.load_time_s = load_time_s
+        self.meta = dict(manifest["model"])
+        self._what = f"variant '{variant}'"
+        trt = profile.tensorrt
+        # a TensorRT engine has a fixed max batch; ORT just needs bounded memory
+        self.max_batch = (trt.max_shapes.get("batch", 256) if trt and isinstance(score_runner, TrtRunner) else 256)
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokenizer.seq_len
+
+    @property
+    def task(self) -> dict[str, Any]:
+        return self.manifest["task"]
+
+    def info(self) -> dict[str, Any]:
+        return {"bundle": str(self.bundle_dir), "task": self.task, "target": self.profile.name,
+                "variant": self.variant, "selected": self.manifest["selected"],
+                "variants": sorted(self.manifest["graphs"]), "tokenizer": self.tokenizer.to_dict(),
+                "model": self.meta, "backend": self.backend, "load_time_ms": self.load_time_s * 1e3}
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def to_tokens(self, x) -> np.ndarray:
+        """uint8 arrays (or anything with >= 3 dims) are images; 1-D/2-D integer arrays are tokens."""
+        a = np.asarray(x)
+        if (a.dtype == np.int64 and a.ndim == 2 and a.shape[1] == self.seq_len and a.size
+                and a.view(np.uint64).max() < self.tokenizer.vocab_size):
+            return a  # fast path for the hot loop: one reduction (negatives wrap to huge)
+        if a.dtype == np.uint8 or a.ndim >= 3:
+            return self.tokenizer.encode(a)
+        t = self.tokenizer.check_tokens(a)
+        return t[None] if t.ndim == 1 else t
+
+    def decode_images(self, tokens) -> np.ndarray:
+        return self.tokenizer.decode(tokens)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def score(self, x) -> np.ndarray:
+        """Bits per dimension per image, float64 [N], for tokens [N, T] or uint8 images."""
+        t = self.to_tokens(x)
+        if not t.flags.c_contiguous:
+            t = np.ascontiguousarray(t)
+        return score_tokens(self.score_runner, t, self.max_batch, what=self._what)
+
+    def logits(self, tokens) -> np.ndarray:
+        """Raw scoring-graph output [N, T, V] for tokens [N, T] (for parity checks)."""
+        t = np.ascontiguousarray(self.to_tokens(tokens))
+        return self.score_runner.run({"tokens": t})["logits"]
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def sample(self, n: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
+        """n new images as tokens [n, T]; deterministic for a seed."""
+        return self._generate(n, None, temperature, top_k, seed)
+
+    def complete(self, prefix_tokens, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 0) -> np.ndarray:
+        """Keep prefix_tokens [n, k] (e.g. the top rows) and sample the remaining T-k tokens."""
+        p = np.asarray(prefix_tokens)
+        if p.ndim == 1:
+            p = p[None]
+        if p.ndim != 2 or not 0 <= p.shape[1] <= self.seq_len or not np.issubdtype(p.dtype, np.integer):
+            raise ProjectableEdgeError(f"prefix tokens have shape {p.shape} dtype {p.dtype}; expected integers "
+                                       f"[n, k] with k <= {self.seq_len}")
+        if p.size and (p.min() < 0 or p.max() >= self.tokenizer.vocab_size):
+            raise ProjectableEdgeError(f"prefix tokens out of range: found {int(p.min())}..{int(p.max())}; "
+                                       f"valid range is 0..{self.tokenizer.vocab_size - 1}")
+        return self._generate(len(p), p.astype(np.int64), temperature, top_k, seed)
+
+    def _generate(self, n, prefix, temperature, top_k, seed) -> np.ndarray:
+        sampler.check_args(n, temperature, top_k, self.tokenizer.vocab_size)
+        if self.decode_runner is not None:
+            return sampler.sample_kv(self.decode_runner, self.meta, int(n), self.seq_len, prefix,
+                                     temperature, top_k, seed)
+        return sampler.sample_recompute(self.score_runner, int(n), self.seq_len, prefix, temperature, top_k, seed)
+
+    def close(self) -> None:
+        self.score_runner = self.decode_runner = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Model(task={self.task.get('name')!r}, target={self.profile.name!r}, variant={self.variant!r}, "
+                f"backend={self.backend['backend']!r}, providers={self.backend['providers']})")
+
+
+def _check_consistency(d: Path, manifest: dict[str, Any], tok: TokenizerSpec) -> None:
+    m = manifest["model"]
+    if m["vocab_size"] != tok.vocab_size:
+        raise ProjectableEdgeError(f"bundle {d}: model.vocab_size {m['vocab_size']} != tokenizer levels "
+                                   f"{tok.vocab_size}; the bundle is inconsistent, regenerate it")
+    if tok.seq_len > m["block_size"]:
+        raise ProjectableEdgeError(f"bundle {d}: images have {tok.seq_len} tokens but model.block_size is "
+                                   f"{m['block_size']}; regenerate the bundle")
+
+
+def load(bundle_dir: str | Path, precision: str | None = None, providers=None, backend: str = "auto",
+         threads: int | None = None) -> Model:
+    """Verify and open a bundle.
+
+    precision: graph variant ('fp32', 'fp16', 'int8-static', or a prefix like 'int8');
+    default: the variant the manifest selected for the target.
+    providers: onnxruntime execution providers (default: the target profile's, filtered by
+    what this onnxruntime build has). backend: 'auto' (TensorRT engine when usable), or
+    force 'onnxruntime' / 'tensorrt'. threads: onnxruntime intra-op threads (default: the
+    profile's; 0 = onnxruntime's choice), e.g. to leave cores to the rest of the app.
+    """
+    t0 = time.perf_counter()
+    d = Path(bundle_dir)
+    manifest = read_manifest(d)
+    verify_files(d, manifest)
+    profile = DeviceProfile.from_dict(manifest["target"], source=f"{d}/manifest.json 'target'")
+    tok = TokenizerSpec.from_dict(manifest["tokenizer"])
+    _check_consistency(d, manifest, tok)
+    variant = pick_variant(manifest, precision)
+    score, decode, report = make_runners(d, manifest, variant, profile, providers, backend, threads)
+    return Model(d, manifest, variant, profile, tok, score, decode, report, time.perf_counter() - t0)

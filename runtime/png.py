@@ -1,0 +1,90 @@
+"""A minimal PNG writer (stdlib zlib/struct + numpy), so `sample` works on a device without Pillow."""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from devices.errors import ProjectableEdgeError
+
+
+def _check_image(image) -> np.ndarray:
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ProjectableEdgeError(f"PNG image must be uint8, got dtype {a.dtype}; "
+                                   "convert with np.clip(x, 0, 255).astype(np.uint8)")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ProjectableEdgeError(f"PNG image has shape {a.shape}, expected [H, W] (gray) or [H, W, 3] (rgb)")
+    return a
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bytes(image) -> bytes:
+    """Encode a uint8 [H,W] or [H,W,3] array as 8-bit gray / RGB PNG bytes."""
+    a = _check_image(image)
+    h, w = a.shape[:2]
+    color_type = 0 if a.ndim == 2 else 2
+    rows = np.ascontiguousarray(a).reshape(h, -1)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter 0 per row
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw, 9))
+            + _chunk(b"IEND", b""))
+
+
+def write_png(path: str | Path, image) -> Path:
+    """Write atomically (temp file + os.replace): a crash never leaves a truncated PNG."""
+    path = Path(path)
+    data = png_bytes(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def image_grid(images, cols: int, pad: int = 1, scale: int = 1, *, pad_value: int = 128) -> np.ndarray:
+    """Tile [N,H,W] or [N,H,W,3] uint8 images row-major into one image.
+
+    Each tile is upscaled `scale` times by pixel repetition (8x8 digits are unreadable
+    otherwise); `pad` pixels of `pad_value` (mid-gray: visible on dark and light images)
+    separate tiles and frame the grid. Unused cells in the last row are left as padding.
+    """
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise ProjectableEdgeError(f"grid images must be uint8, got dtype {x.dtype}")
+    if not (x.ndim == 3 or (x.ndim == 4 and x.shape[3] in (1, 3))) or len(x) == 0:
+        raise ProjectableEdgeError(f"grid images have shape {x.shape}, expected [N, H, W] or [N, H, W, 3] with N >= 1")
+    if x.ndim == 4 and x.shape[3] == 1:
+        x = x[..., 0]
+    for name, v, lo in (("cols", cols, 1), ("pad", pad, 0), ("scale", scale, 1)):
+        if int(v) != v or v < lo:
+            raise ProjectableEdgeError(f"image_grid '{name}' must be an integer >= {lo}, got {v!r}")
+    if not 0 <= pad_value <= 255:
+        raise ProjectableEdgeError(f"image_grid 'pad_value' must be in 0..255, got {pad_value}")
+    n = len(x)
+    cols = min(int(cols), n)
+    rows = -(-n // cols)
+    x = x.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = x.shape[1:3]
+    out = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad) + x.shape[3:], pad_value, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
+        out[y0:y0 + h, x0:x0 + w] = x[i]
+    return out

@@ -1,0 +1,173 @@
+"""Images <-> pixel-token sequences, in numpy only.
+
+The spec travels in every bundle, so the device (no torch) must quantize and
+decode exactly as training did. Tokens are raster order (row, column), channels
+interleaved per pixel; level = round(x / 255 * (levels - 1)). Rounding is done
+in integer arithmetic (half up) so every platform gets the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from devices.errors import ProjectableEdgeError
+
+_IMAGE_DTYPES = "uint8 (0..255)"
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    height: int
+    width: int
+    channels: int  # 1 gray or 3 rgb
+    levels: int
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ProjectableEdgeError(
+                    f"tokenizer spec field '{f.name}' must be an integer, got {v!r} ({type(v).__name__})")
+        if self.height < 1 or self.width < 1:
+            raise ProjectableEdgeError(
+                f"tokenizer spec 'height'/'width' must be >= 1, got {self.height}x{self.width}")
+        if self.channels not in (1, 3):
+            raise ProjectableEdgeError(
+                f"tokenizer spec field 'channels' must be 1 (gray) or 3 (rgb), got {self.channels}")
+        if not 2 <= self.levels <= 256:
+            raise ProjectableEdgeError(
+                f"tokenizer spec field 'levels' must be in 2..256, got {self.levels}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.height * self.width * self.channels
+
+    @property
+    def vocab_size(self) -> int:
+        return self.levels
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one decoded image: (H, W) gray, (H, W, 3) rgb."""
+        return (self.height, self.width) if self.channels == 1 else (self.height, self.width, 3)
+
+    def to_dict(self) -> dict:
+        return {k: int(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenizerSpec":
+        if not isinstance(d, dict):
+            raise ProjectableEdgeError(f"tokenizer spec must be a JSON object, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        unknown = sorted(set(d) - set(names))
+        if missing:
+            raise ProjectableEdgeError(
+                f"tokenizer spec is missing field(s) {missing}; it needs {names}")
+        if unknown:
+            raise ProjectableEdgeError(
+                f"tokenizer spec has unknown field(s) {unknown}; valid fields are {names}")
+        return cls(**{n: d[n] for n in names})
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def encode(self, images) -> np.ndarray:
+        """uint8 images [N,H,W] (gray) or [N,H,W,C] -> int64 tokens [N, seq_len]."""
+        x = np.asarray(images)
+        if x.dtype != np.uint8:
+            if not np.issubdtype(x.dtype, np.integer) or (x.size and (x.min() < 0 or x.max() > 255)):
+                raise ProjectableEdgeError(
+                    f"images must be {_IMAGE_DTYPES}, got dtype {x.dtype}"
+                    + (f" with values {x.min()}..{x.max()}" if x.size and np.issubdtype(x.dtype, np.number) else "")
+                    + "; convert with np.clip(x, 0, 255).astype(np.uint8)")
+        if self.channels == 1 and x.ndim == 4 and x.shape[-1] == 1:
+            x = x[..., 0]
+        want = (self.height, self.width) if self.channels == 1 else (self.height, self.width, self.channels)
+        if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
+            raise ProjectableEdgeError(
+                f"images have shape {tuple(x.shape)}, expected [N, {', '.join(map(str, want))}] "
+                f"({'gray' if self.channels == 1 else 'rgb'} {self.height}x{self.width}); "
+                "resize with load_images() or wrap a single image as images[None]")
+        v = x.astype(np.int64).reshape(len(x), self.seq_len)
+        return (v * (2 * (self.levels - 1)) + 255) // 510  # floor(x*(L-1)/255 + 1/2)
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        """Raise unless tokens are integer [seq_len] or [N, seq_len] in 0..levels-1; return int64."""
+        t = np.asarray(tokens)
+        if t.ndim not in (1, 2) or t.shape[-1] != self.seq_len:
+            raise ProjectableEdgeError(
+                f"tokens have shape {tuple(t.shape)}, expected [{self.seq_len}] or [N, {self.seq_len}] "
+                f"(seq_len = {self.height}x{self.width}x{self.channels})")
+        if not np.issubdtype(t.dtype, np.integer):
+            raise ProjectableEdgeError(f"tokens must be integers, got dtype {t.dtype}; cast with .astype(np.int64)")
+        if t.size:
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= self.levels:
+                raise ProjectableEdgeError(
+                    f"tokens out of range: found min {lo}, max {hi}; valid range is 0..{self.levels - 1} "
+                    f"(levels = {self.levels})")
+        return t.astype(np.int64, copy=False)
+
+    def decode(self, tokens) -> np.ndarray:
+        """Tokens [N, seq_len] -> uint8 [N,H,W] / [N,H,W,3]; a single [seq_len] -> one image."""
+        t = self.check_tokens(tokens)
+        v = (t * 510 + (self.levels - 1)) // (2 * (self.levels - 1))  # round(level/(L-1)*255)
+        return v.astype(np.uint8).reshape(t.shape[:-1] + self.image_shape)
+
+    # -- files ------------------------------------------------------------------------------
+
+    def load_images(self, paths: Iterable[str | Path]) -> np.ndarray:
+        """Read image files into uint8 [N,H,W(,3)] at this spec's size and colour mode.
+
+        Pillow is imported here, not at module import, so a device that only scores
+        tokens never needs it.
+        """
+        from PIL import Image, ImageOps
+
+        paths = [Path(p) for p in paths]
+        out = np.empty((len(paths),) + self.image_shape, dtype=np.uint8)
+        for i, p in enumerate(paths):
+            try:
+                with Image.open(p) as im:
+                    im.load()
+                    out[i] = np.asarray(self._prepare(im, Image, ImageOps))
+            except ProjectableEdgeError:
+                raise
+            except Exception as e:  # Pillow raises many types for a bad file
+                raise ProjectableEdgeError(
+                    f"cannot read image '{p}': {type(e).__name__}: {e}; "
+                    "replace or delete the file (PNG, JPEG, BMP, GIF, TIFF, WebP are supported)") from e
+        return out
+
+    def _prepare(self, im, Image, ImageOps):
+        im = ImageOps.exif_transpose(im)
+        if "A" in im.getbands() or "transparency" in im.info:  # flatten onto white, not onto junk RGB
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        im = im.convert("L" if self.channels == 1 else "RGB")
+        if im.size != (self.width, self.height):
+            shrinking = im.width >= self.width and im.height >= self.height
+            # BOX averages the covered pixels (no ringing on tiny targets); BICUBIC when enlarging.
+            im = im.resize((self.width, self.height),
+                           Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
+        return im
+
+
+def encode(spec: TokenizerSpec, images) -> np.ndarray:
+    return spec.encode(images)
+
+
+def decode(spec: TokenizerSpec, tokens) -> np.ndarray:
+    return spec.decode(tokens)
+
+
+def check_tokens(spec: TokenizerSpec, tokens) -> np.ndarray:
+    return spec.check_tokens(tokens)
+
+
+def load_images(spec: TokenizerSpec, paths: Iterable[str | Path]) -> np.ndarray:
+    return spec.load_images(paths)

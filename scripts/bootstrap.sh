@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv and installs projectable-edge with its test extras, on a fresh machine.
+# Where no NVIDIA GPU is present it installs the CPU build of torch first, so the
+# loose `torch` requirement never drags in a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    .venv/bin/pip install -q torch
+  else
+    .venv/bin/pip install -q "torch==${TORCH_CPU_VERSION:-2.13.0}" \
+      || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+.venv/bin/pip install -q -e ".[dev]"

@@ -1,0 +1,180 @@
+"""Compilation for targets: TensorRT (deferred here) with build_engine.sh, the static TensorRT
+check, and ONNX Runtime's optimized graph + ORT format."""
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from devices.errors import ProjectableEdgeError
+from exporters.compile import compile_for_target
+from exporters.onnx_io import make_session, sha256_file
+from exporters.ort_compile import compile_onnxruntime
+from exporters.tensorrt import TensorRTSettings, compile_tensorrt
+from exporters.testing import TINY, tiny_export, tiny_variant
+from exporters.trt_check import check_tensorrt_compat
+
+try:
+    import tensorrt  # noqa: F401
+    HAVE_TRT = True
+except ImportError:
+    HAVE_TRT = False
+
+DLA = TensorRTSettings(fp16=True, int8=True, dla_core=0, workspace_mb=512, min_shapes={"batch": 1, "seq": 1},
+                       opt_shapes={"batch": 4, "seq": 64}, max_shapes={"batch": 16, "seq": 64},
+                       tensorrt_version="10.3", target="test-orin")
+
+
+@pytest.fixture(scope="module")
+def ex():
+    return tiny_export()
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the deferred path; TensorRT is installed here")
+def test_tensorrt_deferred_script_carries_profile_flags(tmp_path, ex):
+    qdq, _ = tiny_variant("scoring", "int8-static")
+    artifact, rep = compile_tensorrt(qdq, DLA, tmp_path / "trt")
+    assert rep["status"] == "deferred" and "not importable" in rep["reason"]
+    assert artifact == tmp_path / "trt" / "build_engine.sh" and artifact.stat().st_mode & 0o111
+    script = artifact.read_text()
+    for flag in ("--onnx=scoring_int8-static_int8.onnx", "--saveEngine=scoring_int8-static_int8.plan", "--fp16",
+                 "--int8", "--useDLACore=0", "--allowGPUFallback", "--memPoolSize=workspace:512M",
+                 "--minShapes=tokens:1x1", "--optShapes=tokens:4x64", "--maxShapes=tokens:16x64"):
+        assert flag in script and flag in rep["command"], flag
+    assert 'EXPECTED_TRT="10.3"' in script
+    subprocess.run(["bash", "-n", str(artifact)], check=True)  # the script at least parses
+    assert (tmp_path / "trt" / qdq.name).read_bytes() == qdq.read_bytes()  # self-contained folder
+    saved = json.loads((tmp_path / "trt" / "compile_report.json").read_text())
+    assert saved["status"] == "deferred" and saved["files"][qdq.name]["sha256"] == sha256_file(qdq)
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the deferred path")
+def test_tensorrt_fp32_graph_gets_no_int8_and_decode_gets_cache_shapes(tmp_path, ex):
+    _, rep = compile_tensorrt(ex.scoring, DLA, tmp_path / "a")
+    assert "--int8" not in rep["command"] and "--fp16" in rep["command"] and "no QDQ" in rep["note"]
+    gpu = TensorRTSettings(fp16=False, dla_core=-1, tensorrt_version="10.3")
+    _, rep = compile_tensorrt(ex.decode, gpu, tmp_path / "b")
+    cmd = rep["command_line"]
+    L, H, hd = TINY.n_layer, TINY.n_head, TINY.head_dim
+    assert f"--minShapes=token:1x1,past_keys:{L}x1x{H}x0x{hd},past_values:{L}x1x{H}x0x{hd}" in cmd
+    assert f"past_keys:{L}x32x{H}x63x{hd}" in cmd
+    assert "--fp16" not in cmd and "--useDLACore" not in cmd and "--allowGPUFallback" not in cmd
+
+
+def test_compile_by_profile_name_dispatches_on_backend(tmp_path, ex):
+    _, rep = compile_for_target(ex.scoring, "jetson", tmp_path / "jetson")
+    assert rep["backend"] == "tensorrt" and rep["target"] == "jetson-orin-nano"
+    assert rep["status"] == ("built" if HAVE_TRT else "deferred")
+    assert "--memPoolSize=workspace:1024M" in rep["command"] and "--maxShapes=tokens:32x64" in rep["command"]
+    assert rep["tensorrt_version_expected"] == "10.3" and rep["trt_check"]["ok"]
+    _, rep = compile_for_target(ex.scoring, "x86-64-cpu", tmp_path / "cpu")
+    assert rep["backend"] == "onnxruntime" and rep["status"] == "built"
+
+
+def _graph_with(op: str, domain: str = "") -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    node = helper.make_node(op, ["x"], ["y"], name=f"my_{op.lower()}", domain=domain)
+    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=opsets)
+
+
+def test_trt_check_flags_unsupported_and_custom_ops():
+    rep = check_tensorrt_compat(_graph_with("Det"))
+    assert not rep["ok"] and rep["counts"]["error"] == 1
+    (p,) = [p for p in rep["problems"] if p["severity"] == "error"]
+    assert (p["code"], p["node"], p["op_type"]) == ("unsupported_op", "my_det", "Det")
+    rep = check_tensorrt_compat(_graph_with("FancyOp", "com.example"))
+    assert [p["code"] for p in rep["problems"] if p["severity"] == "error"] == ["custom_domain"]
+    old = check_tensorrt_compat(_graph_with("Abs"), tensorrt_version="8.6")  # parses opset <= 17 only
+    assert [p["code"] for p in old["problems"]] == ["opset"] and old["opset_range"] == [9, 17]
+    assert check_tensorrt_compat(_graph_with("Abs"))["ok"]
+    json.dumps(rep)
+
+
+def test_trt_check_on_exported_and_quantized_graphs(ex):
+    for path in (ex.scoring, ex.decode, tiny_variant("scoring", "int8-static")[0],
+                 tiny_variant("decode", "fp16")[0]):
+        rep = check_tensorrt_compat(path, "10.3")
+        assert rep["ok"], rep["problems"]
+    rep = check_tensorrt_compat(ex.scoring)
+    assert [p["code"] for p in rep["problems"] if p["severity"] == "warning"] == ["int64_io"]
+    dyn = check_tensorrt_compat(tiny_variant("scoring", "int8-dynamic")[0])
+    assert not dyn["ok"] and {"MatMulInteger", "DynamicQuantizeLinear"} <= {p["op_type"] for p in dyn["problems"]}
+    asym = check_tensorrt_compat(tiny_variant("scoring", "int8-static", "uint8")[0])
+    assert not asym["ok"] and {"qdq_not_int8", "qdq_zero_point"} <= {p["code"] for p in asym["problems"]}
+
+
+def test_trt_check_flags_dangling_quantize():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.INT8, [2, 2])
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])]
+    q = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], name="q_alone")
+    m = helper.make_model(helper.make_graph([q], "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)])
+    rep = check_tensorrt_compat(m)
+    assert [p["code"] for p in rep["problems"] if p["severity"] == "error"] == ["qdq_dangling_q"]
+
+
+def test_compile_refuses_graph_tensorrt_cannot_parse(tmp_path):
+    dyn, _ = tiny_variant("scoring", "int8-dynamic")
+    with pytest.raises(ProjectableEdgeError, match="MatMulInteger"):
+        compile_tensorrt(dyn, DLA, tmp_path / "x")
+    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("graph", ["scoring", "decode"])
+def test_onnxruntime_compile_writes_loadable_optimized_and_ort_format(tmp_path, ex, graph):
+    src = getattr(ex, graph)
+    artifact, rep = compile_onnxruntime(src, None, tmp_path / "ort")
+    d = tmp_path / "ort"
+    assert artifact == d / f"{graph}.ort"
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [f"{graph}.optimized.onnx", f"{graph}.ort", f"{graph}.required_operators.config", "compile_report.json"])
+    assert all(v < 1e-4 for v in rep["max_abs_diff"].values())
+    assert str(tmp_path) not in (d / f"{graph}.required_operators.config").read_text()  # no temp paths shipped
+    assert "MatMul" in (d / f"{graph}.required_operators.config").read_text()
+    assert artifact.read_bytes()[4:8] == b"ORTM"  # flatbuffer file identifier of the ORT format
+    if graph == "scoring":  # the .ort really runs and scores like the source graph
+        x = ex.heldout[:4]
+        got = make_session(artifact).run(None, {"tokens": x})[0]
+        np.testing.assert_allclose(got, make_session(src).run(None, {"tokens": x})[0], atol=1e-4)
+    assert rep["files"][f"{graph}.ort"]["sha256"] == sha256_file(artifact)
+
+
+def test_compile_errors(tmp_path, ex):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ProjectableEdgeError, match="already exists"):
+        compile_onnxruntime(ex.scoring, None, tmp_path / "taken")
+    with pytest.raises(ProjectableEdgeError, match="unknown target"):
+        compile_for_target(ex.scoring, "toaster-9000", tmp_path / "t")
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not onnx at all")
+    with pytest.raises(ProjectableEdgeError, match="ONNX"):
+        compile_for_target(junk, "x86-64-cpu", tmp_path / "j")
+    with pytest.raises(ProjectableEdgeError, match="optimized_level"):
+        compile_onnxruntime(ex.scoring, {"optimized_level": "max"}, tmp_path / "l")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.onnx", "taken"]
+    # overwrite=True replaces an existing output in one step
+    shutil.rmtree(tmp_path / "taken")
+    compile_onnxruntime(ex.scoring, None, tmp_path / "taken")
+    _, rep = compile_onnxruntime(ex.scoring, {"optimized_level": "basic"}, tmp_path / "taken", overwrite=True)
+    assert rep["levels"]["optimized_onnx"] == "basic"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.onnx", "taken"]
+
+
+def test_cli_compile_json(tmp_path, ex):
+    from typer.testing import CliRunner
+
+    import projectable_edge.cli_export  # noqa: F401
+    from projectable_edge.cli_common import app
+
+    r = CliRunner().invoke(app, ["compile", str(ex.scoring), "--target", "jetson", "--out", str(tmp_path / "o"),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["artifact"].endswith("build_engine.sh" if not HAVE_TRT else "scoring.plan")
+    bad = CliRunner().invoke(app, ["compile", str(ex.scoring), "--target", "nope", "--out", str(tmp_path / "n")])
+    assert bad.exit_code == 2 and "unknown target" in bad.output

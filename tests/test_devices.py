@@ -1,0 +1,163 @@
+"""Device profiles: the shipped TOML files, the loader, and its error messages."""
+import json
+from pathlib import Path
+
+import pytest
+
+from devices import (
+    DEFAULT_TARGET,
+    DeviceProfile,
+    ProjectableEdgeError,
+    list_profiles,
+    load_profile,
+    profile_dir,
+)
+
+SHIPPED = {"jetson-orin-nano", "jetson-agx-orin", "raspberry-pi-5", "x86-64-cpu"}
+NANO_TEXT = (profile_dir() / "jetson-orin-nano.toml").read_text()
+
+
+def write_variant(tmp_path: Path, old: str, new: str, name: str = "jetson-orin-nano") -> Path:
+    """The Orin Nano profile with one edit, written to tmp_path/<name>.toml."""
+    assert old in NANO_TEXT, f"test setup: {old!r} not in the shipped profile"
+    path = tmp_path / f"{name}.toml"
+    path.write_text(NANO_TEXT.replace(old, new, 1))
+    return path
+
+
+def test_shipped_profiles_load_and_validate():
+    profiles = list_profiles()
+    assert {p.name for p in profiles} == SHIPPED
+    for p in profiles:
+        assert Path(p.source_file).name == f"{p.name}.toml"
+        assert p.precisions and p.execution_providers and p.budgets.p99_latency_ms > 0
+        assert p.budgets.memory_mb <= p.memory_mb
+        assert (p.tensorrt is not None) == (p.compile_backend == "tensorrt")
+    assert load_profile(DEFAULT_TARGET).arch == "x86_64"
+
+
+@pytest.mark.parametrize("alias, name", [("jetson", "jetson-orin-nano"), ("JETSON", "jetson-orin-nano"),
+                                         ("host", "x86-64-cpu"), ("cpu", "x86-64-cpu"),
+                                         ("jetson-agx-orin", "jetson-agx-orin")])
+def test_names_and_aliases_resolve(alias, name):
+    assert load_profile(alias).name == name
+
+
+def test_jetson_asks_for_tensorrt_fp16_int8():
+    p = load_profile("jetson")
+    assert p.compile_backend == "tensorrt"
+    assert {"fp16", "int8"} <= set(p.precisions)
+    assert p.tensorrt.fp16 and p.tensorrt.int8
+    assert p.tensorrt.dla_core == -1 and p.tensorrt.dla_cores == 0  # no DLA on Orin Nano
+    assert p.execution_providers[0] == "TensorrtExecutionProvider"
+    assert p.software["tensorrt"].startswith("10.")
+    assert load_profile("jetson-agx-orin").tensorrt.dla_cores == 2
+
+
+def test_cpu_profiles_use_onnxruntime():
+    pi, host = load_profile("raspberry-pi-5"), load_profile("host")
+    assert pi.compile_backend == host.compile_backend == "onnxruntime"
+    assert pi.precisions[0] == "int8" and host.precisions[0] == "fp32"
+    assert pi.tensorrt is None and pi.arch == "aarch64" and pi.threads == 4
+
+
+def test_unknown_target_lists_names_and_how_to_add_one():
+    with pytest.raises(ProjectableEdgeError) as e:
+        load_profile("jetson-thor")
+    msg = str(e.value)
+    assert "'jetson-thor'" in msg
+    for word in [*SHIPPED, "jetson", "host", "cpu"]:
+        assert word in msg
+    assert "add a TOML file to devices/" in msg
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ('precisions = ["int8", "fp16", "fp32"]', 'precisions = ["int4", "fp16"]',
+     "field 'precisions' has unknown value 'int4' (allowed: fp32, fp16, int8)"),
+    ("threads = 6\n", "", "field 'threads' is missing"),
+    ("memory_mb = 8192", 'memory_mb = "8GB"', "field 'memory_mb' must be an integer, got str '8GB'"),
+    ("threads = 6", "threads = true", "field 'threads' must be an integer"),
+    ("threads = 6", "threads = -2", "field 'threads' must be >= 0"),
+    ('"CUDAExecutionProvider"', '"CudaExecutionProvider"',
+     "field 'execution_providers' has unknown value 'CudaExecutionProvider'"),
+    ('compile_backend = "tensorrt"', 'compile_backend = "openvino"', "field 'compile_backend'"),
+    ('arch = "aarch64"', 'arch = "arm64"', "field 'arch' has unknown value 'arm64'"),
+    ('name = "jetson-orin-nano"', 'name = "Jetson Orin"', "field 'name' must be lower-case"),
+    ("threads = 6", "threads = 6\nprecision = 1", "field 'precision' is not a known field"),
+    ('tensorrt = "10.3"', "tensorrt = 10.3", "field 'software.tensorrt' must be a string"),
+    ('tensorrt = "10.3"', 'trt = "10.3"', "field 'software.tensorrt' is missing"),
+    ("workspace_mb = 1024", "workspace_mb = 0", "field 'tensorrt.workspace_mb' must be >= 1"),
+    ("fp16 = true", "fp16 = false", "field 'tensorrt.fp16' is false but precisions lists 'fp16'"),
+    ("dla_core = -1", "dla_core = 0", "field 'tensorrt.dla_core'"),
+    ("max_shapes = { batch = 32, seq = 64 }", "max_shapes = { batch = 32, seq = 16 }",
+     "field 'tensorrt.opt_shapes.seq' must satisfy min <= opt <= max"),
+    ("opt_shapes = { batch = 1, seq = 64 }", "opt_shapes = { batch = 1 }", "field 'tensorrt.opt_shapes'"),
+    ("min_shapes = { batch = 1, seq = 1 }", "min_shapes = { batch = 0, seq = 1 }",
+     "field 'tensorrt.min_shapes.batch' must be >= 1"),
+    ("p99_latency_ms = 25.0", "p99_latency_ms = 0.0", "field 'budgets.p99_latency_ms' must be > 0"),
+    ("p99_latency_ms = 25.0", "p99_latency_ms = nan", "field 'budgets.p99_latency_ms' must be > 0"),
+    ("memory_mb = 512", "memory_mb = 9000", "field 'budgets.memory_mb' (9000) exceeds"),
+])
+def test_malformed_profile_names_file_and_field(tmp_path, old, new, expected):
+    path = write_variant(tmp_path, old, new)
+    with pytest.raises(ProjectableEdgeError) as e:
+        load_profile(str(path))
+    assert str(path) in str(e.value)
+    assert expected in str(e.value)
+
+
+def test_tensorrt_backend_requires_tensorrt_table(tmp_path):
+    start, end = NANO_TEXT.index("[tensorrt]"), NANO_TEXT.index("[budgets]")
+    path = write_variant(tmp_path, NANO_TEXT[start:end], "")
+    with pytest.raises(ProjectableEdgeError, match="field 'tensorrt' is missing") as e:
+        load_profile(path)
+    assert str(path) in str(e.value)
+
+
+def test_toml_syntax_error_names_file(tmp_path):
+    path = write_variant(tmp_path, "threads = 6", "threads = = 6")
+    with pytest.raises(ProjectableEdgeError, match="not valid TOML") as e:
+        load_profile(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_profile_file_names_path(tmp_path):
+    path = tmp_path / "nowhere.toml"
+    with pytest.raises(ProjectableEdgeError, match="not found") as e:
+        load_profile(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_to_dict_round_trips_through_json():
+    for p in list_profiles():
+        d = json.loads(json.dumps(p.to_dict()))
+        assert d == p.to_dict()
+        assert d["name"] == p.name and "source_file" not in d
+        back = DeviceProfile.from_dict(d)
+        assert back == p
+        assert back.precisions == p.precisions and back.tensorrt == p.tensorrt
+
+
+def test_custom_profile_by_path(tmp_path):
+    path = write_variant(tmp_path, 'aliases = ["jetson"]', 'aliases = ["my-jetson"]', name="my-board")
+    path.write_text(path.read_text().replace('name = "jetson-orin-nano"', 'name = "my-board"'))
+    for ref in (str(path), path):
+        p = load_profile(ref)
+        assert p.name == "my-board" and p.aliases == ("my-jetson",)
+        assert p.source_file == str(path)
+    # the same file found by name or alias in a custom profile directory
+    assert load_profile("my-jetson", directory=tmp_path).name == "my-board"
+
+
+def test_duplicate_alias_across_files_names_both(tmp_path):
+    first = write_variant(tmp_path, 'name = "jetson-orin-nano"', 'name = "board-a"', name="board-a")
+    second = write_variant(tmp_path, 'name = "jetson-orin-nano"', 'name = "board-b"', name="board-b")
+    with pytest.raises(ProjectableEdgeError, match="'jetson'") as e:
+        list_profiles(tmp_path)
+    assert str(first) in str(e.value) and str(second) in str(e.value)
+
+
+def test_file_name_must_match_profile_name(tmp_path):
+    write_variant(tmp_path, 'name = "jetson-orin-nano"', 'name = "other"', name="board")
+    with pytest.raises(ProjectableEdgeError, match="board.toml.*name the file other.toml"):
+        list_profiles(tmp_path)

@@ -1,0 +1,170 @@
+"""ONNX export: graph contract, parity with PyTorch, KV-cache decoding, atomic outputs, CLI."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from devices.errors import ProjectableEdgeError
+from exporters.onnx_export import ExportSettings, export_onnx
+from exporters.onnx_io import check_tokens, load_onnx, make_session, tokens_sha256
+from exporters.parity import check_parity
+from exporters.sampling import sample_decode, sample_recompute
+from exporters.spec import ExportSpec, read_spec
+from exporters.testing import TINY, tiny_export, tiny_trained_model
+
+
+@pytest.fixture(scope="module")
+def ex():
+    return tiny_export()
+
+
+def test_trained_fixture_is_far_from_uniform(ex):
+    # quantization tests are only meaningful if the model's predictions are peaked
+    bits = ex.report["graphs"]["scoring"]["parity"]["bits_per_dim"]["pytorch"]
+    assert bits < 0.5 * np.log2(TINY.vocab_size)
+
+
+def test_graphs_have_the_declared_contract(ex):
+    for graph, path in (("scoring", ex.scoring), ("decode", ex.decode)):
+        model = load_onnx(path)  # onnx.checker full check inside
+        spec = read_spec(model)
+        assert spec.graph == graph and spec.opset >= 17
+        assert spec.to_dict() == ex.report["graphs"][graph]["spec"]
+        assert ExportSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+        assert len(model.graph.value_info) > 0  # shapes were inferred
+        assert not any(n.metadata_props for n in model.graph.node)  # no stack traces / local paths shipped
+    s = read_spec(load_onnx(ex.scoring))
+    assert [(t.name, t.dtype, t.shape) for t in s.inputs] == [("tokens", "int64", ("batch", "seq"))]
+    assert [(t.name, t.dtype, t.shape) for t in s.outputs] == [("logits", "float32", ("batch", "seq", 17))]
+    d = read_spec(load_onnx(ex.decode))
+    L, H, hd = TINY.n_layer, TINY.n_head, TINY.head_dim
+    cache = (L, "batch", H, "past", hd)
+    assert [(t.name, t.shape) for t in d.inputs] == [("token", ("batch", 1)), ("past_keys", cache),
+                                                     ("past_values", cache)]
+    assert [(t.name, t.shape) for t in d.outputs] == [
+        ("logits", ("batch", 17)), ("present_keys", (L, "batch", H, "past + 1", hd)),
+        ("present_values", (L, "batch", H, "past + 1", hd))]
+    assert d.bos_id == TINY.vocab_size and d.to_dict()["inputs"][1]["dynamic_axes"] == {"1": "batch", "3": "past"}
+
+
+def test_scoring_parity_meets_acceptance(ex):
+    p = ex.report["graphs"]["scoring"]["parity"]
+    assert p["ok"] and p["outputs"]["logits"]["max_abs"] < 1e-4
+    assert {c["case"] for c in p["cases"]} >= {"heldout", "batch1_full_length", "single_token"}
+    assert p["tokens"]["sha256"] == tokens_sha256(ex.heldout)
+    b = p["bits_per_dim"]
+    assert abs(b["onnx"] - b["pytorch"]) < 1e-4
+    assert len(p["lines"]) == 2 and "max abs" in p["lines"][0]
+
+
+def test_decode_parity_covers_every_output(ex):
+    p = ex.report["graphs"]["decode"]["parity"]
+    assert p["ok"] and set(p["outputs"]) == {"logits", "present_keys", "present_values"}
+    assert all(o["max_abs"] < 1e-4 for o in p["outputs"].values())
+    # teacher-forced decode scores the held-out set exactly like the one-pass scoring graph
+    assert p["bits_per_dim"]["onnx"] == pytest.approx(
+        ex.report["graphs"]["scoring"]["parity"]["bits_per_dim"]["onnx"], abs=1e-5)
+
+
+@pytest.mark.parametrize("batch,past", [(1, 0), (3, 0), (2, 5), (1, TINY.block_size - 1)])
+def test_decode_graph_runs_any_past_length_in_ort(ex, batch, past):
+    sess = make_session(ex.decode)
+    g = torch.Generator().manual_seed(past)
+    tok = torch.randint(0, TINY.vocab_size + 1, (batch, 1), generator=g)
+    pk = torch.randn(TINY.n_layer, batch, TINY.n_head, past, TINY.head_dim, generator=g)
+    pv = torch.randn(pk.shape, generator=g)
+    logits, k, v = sess.run(None, {"token": tok.numpy(), "past_keys": pk.numpy(), "past_values": pv.numpy()})
+    assert logits.shape == (batch, TINY.vocab_size) and k.shape[3] == past + 1 and v.shape == k.shape
+    with torch.no_grad():
+        ref = ex.model.decode_step(tok, pk, pv)
+    for got, want in zip((logits, k, v), ref):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+
+
+def test_scoring_graph_accepts_dynamic_batch_and_length(ex):
+    sess = make_session(ex.scoring)
+    for shape in [(1, 1), (5, 17), (2, TINY.block_size)]:
+        x = ex.heldout[: shape[0], : shape[1]]
+        assert sess.run(None, {"tokens": x})[0].shape == (*shape, TINY.vocab_size)
+
+
+@pytest.mark.parametrize("greedy,seed", [(True, 0), (False, 0), (False, 7)])
+def test_kv_cache_sampling_equals_full_recompute(ex, greedy, seed):
+    dec = sample_decode(ex.decode, 6, seed=seed, greedy=greedy)
+    full = sample_recompute(ex.scoring, 6, seed=seed, greedy=greedy)
+    assert dec.shape == (6, TINY.block_size)
+    np.testing.assert_array_equal(dec, full)
+    if not greedy:  # seeded sampling really samples: another seed gives other images
+        assert not np.array_equal(dec, sample_decode(ex.decode, 6, seed=seed + 1))
+
+
+def test_parity_error_lists_every_failing_output(ex):
+    other = tiny_trained_model(steps=5, seed=1)  # a different model: every output disagrees
+    lines = []
+    with pytest.raises(ProjectableEdgeError) as e:
+        check_parity(ex.decode, other, ex.heldout[:4], log=lines.append)
+    msg = str(e.value)
+    for name in ("logits", "present_keys", "present_values", "bits_per_dim"):
+        assert name in msg
+    assert len(lines) == 4 and sum("FAILED" in x for x in lines) == 4
+
+
+def test_failed_export_leaves_nothing_and_existing_output_is_kept(tmp_path, ex):
+    out = tmp_path / "exp"
+    strict = ExportSettings(graphs=("scoring",), tolerances={"logits": {"atol": 0.0, "rtol": 0.0}})
+    with pytest.raises(ProjectableEdgeError, match="parity check"):
+        export_onnx(ex.model, strict, out, heldout=ex.heldout[:4], log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []  # no folder, no temp leftovers
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ProjectableEdgeError, match="already exists"):
+        export_onnx(ex.model, ExportSettings(graphs=("scoring",)), out, log=lambda s: None)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, ex):
+    with pytest.raises(ProjectableEdgeError, match="not a readable ONNX"):
+        bad = tmp_path / "bad.onnx"
+        bad.write_bytes(b"\x08\x07garbage\xff\xfe" * 10)
+        load_onnx(bad)
+    with pytest.raises(ProjectableEdgeError, match="no ONNX graph|not a readable ONNX"):
+        txt = tmp_path / "notes.onnx"
+        txt.write_text("hello, not onnx")
+        load_onnx(txt)
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(ex.scoring.read_bytes()[:5000])
+    with pytest.raises(ProjectableEdgeError):
+        load_onnx(trunc)
+    with pytest.raises(ProjectableEdgeError, match="not found"):
+        load_onnx(tmp_path / "missing.onnx")
+    with pytest.raises(ProjectableEdgeError, match="vocabulary"):
+        check_tokens(np.full((2, 4), 99), 17, 64)
+    with pytest.raises(ProjectableEdgeError, match="at most"):
+        check_tokens(np.zeros((2, 65), np.int64), 17, 64)
+    with pytest.raises(ProjectableEdgeError, match="opset"):
+        ExportSettings(opset=13)
+    with pytest.raises(ProjectableEdgeError, match="SpecialisedModel"):
+        export_onnx(torch.nn.Linear(2, 2), None, tmp_path / "x")
+
+
+def test_cli_export_json(tmp_path, ex):
+    from typer.testing import CliRunner
+
+    import projectable_edge.cli_export  # noqa: F401 - registers the commands
+    from projectable_edge.cli_common import app
+    from projectable_edge.project import save_projected
+
+    stem = tmp_path / "proj"
+    save_projected(stem, ex.model, {"model": TINY.to_dict(), "task": "synthetic"})
+    np.save(tmp_path / "held.npy", ex.heldout[:8])
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(stem), "--out", str(tmp_path / "out"), "--heldout",
+                            str(tmp_path / "held.npy"), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["graphs"]["scoring"]["parity"]["ok"] and (tmp_path / "out" / "decode.onnx").is_file()
+    again = runner.invoke(app, ["export", str(stem), "--out", str(tmp_path / "out")])
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert onnx.load(str(tmp_path / "out" / "scoring.onnx")).graph.input[0].name == "tokens"

@@ -1,0 +1,122 @@
+"""The Transformer and the projection operator."""
+
+import pytest
+import torch
+
+from projectable_edge.model import (ModelConfig, SpecialisedModel, bits_per_dim, count_params, forward,
+                                    init_weights, weight_shapes)
+from projectable_edge.projection import ProjectionConfig, Projector, selection_indices
+
+SRC = ModelConfig(vocab_size=17, block_size=64, n_layer=2, n_head=4, d_model=32, d_attn=32, d_mlp=64)
+SMALL = ModelConfig(vocab_size=17, block_size=64, n_layer=2, n_head=2, d_model=16, d_attn=8, d_mlp=24)
+
+
+def _weights(cfg, seed=0, std=None):
+    w = init_weights(cfg, torch.Generator().manual_seed(seed))
+    if std:  # larger weights make every position matter, so causality tests have teeth
+        w = {k: torch.randn_like(v) * std if v.dim() == 2 else v for k, v in w.items()}
+    return w
+
+
+def test_shapes_and_param_count():
+    w = _weights(SRC)
+    assert {k: tuple(v.shape) for k, v in w.items()} == weight_shapes(SRC)
+    assert count_params(SRC) == sum(v.numel() for v in w.values())
+    tokens = torch.randint(0, 17, (3, 64))
+    logits = forward(w, SRC, tokens, torch.zeros(3, SRC.d_model))
+    assert logits.shape == (3, 64, 17)
+    assert forward(w, SRC, tokens[:, :5], torch.zeros(3, SRC.d_model)).shape == (3, 5, 17)
+
+
+def test_causality():
+    """logits[:, i] must depend on tokens[:, :i] only."""
+    w = _weights(SRC, std=0.3)
+    bos = torch.randn(1, SRC.d_model)
+    a = torch.randint(0, 17, (1, 64))
+    b = a.clone()
+    b[0, 20] = (a[0, 20] + 5) % 17
+    la, lb = forward(w, SRC, a, bos), forward(w, SRC, b, bos)
+    assert torch.equal(la[:, :21], lb[:, :21])  # positions <= 20 never see token 20
+    assert not torch.allclose(la[:, 21:], lb[:, 21:])  # later ones do
+
+
+def test_per_sample_weights_match_shared_weights():
+    """Stacked per-sample weights (used to train every task in one batch) equal running each alone."""
+    w1, w2 = _weights(SMALL, 1), _weights(SMALL, 2)
+    stacked = {k: torch.stack([w1[k], w2[k], w1[k]]) for k in w1}
+    tokens = torch.randint(0, 17, (3, 64))
+    bos = torch.randn(3, SMALL.d_model)
+    out = forward(stacked, SMALL, tokens, bos)
+    assert torch.allclose(out[0], forward(w1, SMALL, tokens[:1], bos[:1])[0], atol=1e-6)
+    assert torch.allclose(out[1], forward(w2, SMALL, tokens[1:2], bos[1:2])[0], atol=1e-6)
+
+
+def test_kv_cache_decode_matches_full_forward():
+    m = SpecialisedModel(SMALL, _weights(SMALL, std=0.2), torch.randn(SMALL.d_model))
+    tokens = torch.randint(0, 17, (2, 64))
+    full = m(tokens)
+    k, v = m.empty_cache(2)
+    tok = torch.full((2, 1), m.bos_id)
+    steps = []
+    for i in range(64):
+        logits, k, v = m.decode_step(tok, k, v)
+        steps.append(logits)
+        tok = tokens[:, i: i + 1]
+    assert k.shape == (SMALL.n_layer, 2, SMALL.n_head, 64, SMALL.head_dim)
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
+
+
+def test_bits_per_dim_of_uniform_model():
+    logits = torch.zeros(2, 64, 16)
+    tokens = torch.randint(0, 16, (2, 64))
+    assert torch.allclose(bits_per_dim(logits, tokens), torch.full((2,), 4.0))
+
+
+def test_projection_at_init_is_a_slice_of_the_source():
+    src_w = _weights(SRC, std=0.1)
+    src_w = {k: v + torch.randn_like(v) * 0.1 for k, v in src_w.items()}  # non-trivial norms and biases
+    proj = Projector(SRC, SMALL, ProjectionConfig(n_basis=3))
+    task_emb = torch.randn(4, SRC.d_model)
+    small, bos = proj(src_w, task_emb)
+    idx = selection_indices(SRC, SMALL)
+    r, a, m = idx["res"], idx["attn"], idx["mlp"]
+    inner = {"wq": a, "wk": a, "wv": a, "bq": a, "bk": a, "bv": a, "w1": m, "b1": m}
+    for name, w in src_w.items():
+        leaf = name.split(".", 1)[-1] if name.startswith("h") else name
+        if name in ("wte", "wpe"):
+            expect = w[:, r]
+        elif name == "head":
+            expect = w[r]
+        elif name == "head_b":
+            expect = w
+        elif leaf in ("wq", "wk", "wv", "w1"):
+            expect = w[r][:, inner[leaf]]
+        elif leaf == "wo":
+            expect = w[a][:, r]
+        elif leaf == "w2":
+            expect = w[m][:, r]
+        elif leaf in inner:
+            expect = w[inner[leaf]]
+        else:  # norms, bo, b2: residual space
+            expect = w[r]
+        for t in range(4):
+            assert torch.allclose(small[name][t], expect, atol=1e-6), name
+    assert torch.allclose(bos, task_emb[:, r])
+    # and the projected model computes exactly what the sliced model computes
+    tokens = torch.randint(0, 17, (1, 64))
+    sliced = {k: small[k][0] for k in small}
+    assert torch.allclose(forward(sliced, SMALL, tokens, bos[:1]),
+                          forward({k: v[:1] for k, v in small.items()}, SMALL, tokens, bos[:1]), atol=1e-6)
+
+
+def test_projection_is_task_dependent_after_the_coefficients_move():
+    proj = Projector(SRC, SMALL, ProjectionConfig(n_basis=3, init_noise=0.05), torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(proj.coef.weight, std=1.0)
+    src_w = _weights(SRC)
+    small, _ = proj(src_w, torch.randn(2, SRC.d_model))
+    assert not torch.allclose(small["h0.wq"][0], small["h0.wq"][1])
+
+
+def test_projection_rejects_a_wider_small_model():
+    with pytest.raises(ValueError, match="narrower"):
+        selection_indices(SMALL, SRC)

@@ -1,0 +1,161 @@
+"""Quantization: FP16 / INT8 dynamic / INT8 static QDQ variants, their structure, accuracy and errors."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from devices.errors import ProjectableEdgeError
+from exporters.onnx_io import make_session, tokens_sha256
+from exporters.quantize import QuantizeSettings, quantize
+from exporters.sampling import sample_decode
+from exporters.testing import TINY, tiny_export, tiny_variant
+
+
+@pytest.fixture(scope="module")
+def ex():
+    return tiny_export()
+
+
+def _consumers(model):
+    prod = {o: n for n in model.graph.node for o in n.output}
+    return prod, {i.name: i for i in model.graph.initializer}
+
+
+def test_fp16_within_half_percent_and_keeps_io_types(ex):
+    path, rep = tiny_variant("scoring", "fp16")
+    b = rep["bits_per_dim"]
+    assert abs(b["rel_vs_fp32"]) < 0.005 and abs(b["rel_vs_pytorch"]) < 0.005 and b["within_budget"]
+    model = onnx.load(str(path))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
+    ch = rep["fp16_choice"]  # the fp32-kept ops were measured, with the numbers in the report
+    assert set(ch["candidates"]) >= {"LayerNormalization", "Softmax"}
+    assert {"bits_fp32", "bits_all_fp16", "bits_sensitive_ops_fp32"} <= set(ch)
+    kept = set(ch["kept_fp32_op_types"])
+    assert kept in (set(), set(ch["candidates"]))
+    assert len(rep["float_layers"]["fp32_nodes"]) == sum(n.op_type in kept for n in model.graph.node)
+    assert rep["parity"]["ok"] and rep["parity"]["outputs"]["logits"]["max_abs"] > 0  # really changed numerics
+
+
+def test_fp16_keep_list_is_honoured(tmp_path, ex):
+    s = QuantizeSettings(precision="fp16", fp16_keep_fp32=("LayerNormalization", "Softmax"))
+    path, rep = quantize(ex.scoring, s, tmp_path / "f16.onnx", heldout=ex.heldout[:16])
+    names = rep["float_layers"]["fp32_nodes"]
+    assert len(names) == 2 * TINY.n_layer + 1 + TINY.n_layer  # 2 LN per block + final LN, 1 softmax per block
+    assert any("attn_softmax" in n for n in names)
+    assert rep["validation"]["source"] == "heldout"
+
+
+def test_int8_static_is_qdq_around_the_matmuls(ex):
+    path, rep = tiny_variant("scoring", "int8-static")
+    model = onnx.load(str(path))
+    prod, inits = _consumers(model)
+    weight_mms = [n for n in model.graph.node if n.op_type == "MatMul" and "attn_" not in n.name]
+    assert len(weight_mms) == 6 * TINY.n_layer + 1
+    for n in weight_mms:
+        dqs = [prod[i] for i in n.input]
+        assert all(d.op_type == "DequantizeLinear" for d in dqs), n.name
+        act, w = dqs
+        assert prod[act.input[0]].op_type == "QuantizeLinear"  # activation: Q -> DQ pair
+        q_w = numpy_helper.to_array(inits[w.input[0]])  # weight: int8 initializer, per-channel, symmetric
+        assert q_w.dtype == np.int8
+        assert numpy_helper.to_array(inits[w.input[1]]).shape == (q_w.shape[1],)
+        assert not numpy_helper.to_array(inits[w.input[2]]).any()
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            assert numpy_helper.to_array(inits[n.input[2]]).dtype == np.int8  # symmetric int8 activations
+    fl = rep["float_layers"]
+    assert sorted(fl["float_matmuls"]) == sorted(f"h{i}_attn_{k}/MatMul" for i in range(TINY.n_layer)
+                                                  for k in ("scores", "values"))
+    assert fl["other_float_ops"]["LayerNormalization"] == 2 * TINY.n_layer + 1
+
+
+def test_int8_static_accuracy_and_calibration_fingerprint(ex):
+    _, rep = tiny_variant("scoring", "int8-static")
+    b = rep["bits_per_dim"]
+    assert abs(b["rel_vs_fp32"]) < 0.03 and b["within_budget"] and b["variant"] != b["fp32"]
+    c = rep["calibration"]
+    assert c["sha256"] == tokens_sha256(ex.train) and c["used"] == len(ex.train)
+    assert c["used_sha256"] == tokens_sha256(ex.train[: c["used"]])
+    json.dumps(rep)  # plain data
+
+
+def test_int8_dynamic_reported_next_to_static(ex):
+    path, rep = tiny_variant("scoring", "int8-dynamic")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    assert rep["calibration"]["sha256"] == tokens_sha256(ex.train)  # recorded even if unused
+    assert abs(rep["bits_per_dim"]["rel_vs_fp32"]) < 0.03
+    assert len(rep["float_layers"]["int8_matmuls"]) == 6 * TINY.n_layer + 1
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8-static"])
+def test_decode_variants_validate_and_sample_from_bos(ex, precision):
+    path, rep = tiny_variant("decode", precision)
+    assert rep["graph"] == "decode" and rep["bits_per_dim"]["within_budget"]
+    if precision == "int8-static":  # calibrated on every step of teacher-forced decoding
+        assert rep["calibration"]["used"] == QuantizeSettings("int8-static").decode_calibration_sequences
+    sess = make_session(path)
+    assert [i.type for i in sess.get_inputs()] == ["tensor(int64)", "tensor(float)", "tensor(float)"]
+    out = sample_decode(sess, 3, seed=0, greedy=True)  # starts from past length 0
+    assert out.shape == (3, TINY.block_size) and out.max() < TINY.vocab_size
+
+
+def test_uint8_activations_option(ex):
+    path, _ = tiny_variant("scoring", "int8-static", "uint8")
+    zps = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer if i.name.endswith("zero_point")]
+    assert any(z.dtype == np.uint8 for z in zps)
+
+
+def test_bad_quantize_inputs_write_nothing(tmp_path, ex):
+    out = tmp_path / "q.onnx"
+    with pytest.raises(ProjectableEdgeError, match="non-empty"):
+        quantize(ex.scoring, "int8-static", out, calibration=np.zeros((0, 64), np.int64))
+    with pytest.raises(ProjectableEdgeError, match="needs calibration"):
+        quantize(ex.scoring, "int8-static", out)
+    with pytest.raises(ProjectableEdgeError, match="unknown precision"):
+        quantize(ex.scoring, "int4", out)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"definitely not a protobuf \xff\x00")
+    with pytest.raises(ProjectableEdgeError, match="ONNX"):
+        quantize(bad, "fp16", out)
+    q_path, _ = tiny_variant("scoring", "int8-dynamic")
+    with pytest.raises(ProjectableEdgeError, match="already quantized"):
+        quantize(q_path, "fp16", out)
+    with pytest.raises(ProjectableEdgeError, match="exclude_nodes"):
+        quantize(ex.scoring, QuantizeSettings("int8-dynamic", exclude_nodes=("nope",)), out)
+    # a variant over its accuracy budget is refused and nothing is written
+    with pytest.raises(ProjectableEdgeError, match="budget"):
+        quantize(ex.scoring, QuantizeSettings("int8-dynamic", budget_rel=-1.0), out, heldout=ex.heldout[:8])
+    assert list(tmp_path.iterdir()) == [bad]
+    out.write_bytes(b"existing")
+    with pytest.raises(ProjectableEdgeError, match="already exists"):
+        quantize(ex.scoring, "fp16", out)
+    assert out.read_bytes() == b"existing"
+
+
+def test_cli_quantize(tmp_path, ex):
+    from typer.testing import CliRunner
+
+    import projectable_edge.cli_export  # noqa: F401
+    from projectable_edge.cli_common import app
+
+    np.save(tmp_path / "calib.npy", ex.train[:32])
+    np.save(tmp_path / "empty.npy", np.zeros((0, 64), np.int64))
+    runner = CliRunner()
+    r = runner.invoke(app, ["quantize", str(ex.scoring), "--precision", "int8-static", "--calibration",
+                            str(tmp_path / "calib.npy"), "--out", str(tmp_path / "s8.onnx"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["calibration"]["sha256"] == tokens_sha256(ex.train[:32])
+    assert rep["validation"]["source"].startswith("calibration")
+    bad = runner.invoke(app, ["quantize", str(ex.scoring), "--precision", "int8-static", "--calibration",
+                              str(tmp_path / "empty.npy"), "--out", str(tmp_path / "e.onnx")])
+    assert bad.exit_code == 2 and "non-empty" in bad.output and not (tmp_path / "e.onnx").exists()
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    pick = runner.invoke(app, ["quantize", str(ex.scoring), "--precision", "int8-static", "--calibration",
+                               str(tmp_path / "obj.npy"), "--out", str(tmp_path / "p.onnx")])
+    assert pick.exit_code == 2 and "not a readable .npy" in " ".join(pick.output.split())

@@ -1,0 +1,382 @@
+"""The torch-free runtime: bundle format, verification, scoring, sampling, validation, benchmark, CLI.
+
+Bundles come from the `rt_bundle` fixture (tests/conftest.py): a tiny SpecialisedModel exported
+with torch.onnx, written with the runtime's own staged_bundle + write_manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import runtime
+from devices.errors import ProjectableEdgeError
+from devices.profiles import Budgets
+from runtime import sampler
+from runtime.__main__ import main
+from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest, staged_bundle, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rt_model(rt_bundle):
+    return runtime.load(rt_bundle)
+
+
+def _edit_manifest(bundle, fn):
+    path = bundle / MANIFEST_NAME
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+# ----------------------------------------------------------------------------- load + verify
+
+
+def test_load_picks_selected_variant_and_reports_providers(rt_model):
+    assert rt_model.variant == "fp32"
+    assert rt_model.backend["backend"] == "onnxruntime"
+    assert rt_model.backend["providers"] == ["CPUExecutionProvider"]
+    assert rt_model.decode_runner is not None and rt_model.load_time_s > 0
+    assert rt_model.info()["variants"] == ["fp32", "int8-static"]
+
+
+def test_precision_prefix_and_unknown_precision(rt_bundle):
+    assert runtime.load(rt_bundle, precision="int8").variant == "int8-static"
+    with pytest.raises(ProjectableEdgeError, match=r"precision 'fp16'.*fp32, int8-static"):
+        runtime.load(rt_bundle, precision="fp16")
+
+
+def test_write_manifest_hashes_every_file_but_itself(rt_bundle):
+    m = read_manifest(rt_bundle)
+    on_disk = {p.relative_to(rt_bundle).as_posix() for p in rt_bundle.rglob("*") if p.is_file()}
+    assert set(m["files"]) == on_disk - {MANIFEST_NAME}
+    g = rt_bundle / "goldens.npz"
+    assert m["files"]["goldens.npz"] == {"sha256": hashlib.sha256(g.read_bytes()).hexdigest(),
+                                         "bytes": g.stat().st_size}
+    assert m["schema_version"] == SCHEMA_VERSION
+
+
+def test_tampered_file_is_named(rt_bundle_copy):
+    p = rt_bundle_copy / "graphs" / "int8-static" / "decode.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash can catch it
+    p.write_bytes(bytes(data))
+    with pytest.raises(ProjectableEdgeError, match=r"graphs/int8-static/decode\.onnx.*sha256"):
+        runtime.load(rt_bundle_copy)  # even a variant that is not selected is checked
+
+
+def test_truncated_and_missing_files_are_named(rt_bundle_copy):
+    g = rt_bundle_copy / "goldens.npz"
+    g.write_bytes(g.read_bytes()[:-10])
+    with pytest.raises(ProjectableEdgeError, match=r"'goldens\.npz' has \d+ bytes"):
+        runtime.load(rt_bundle_copy)
+    g.unlink()
+    with pytest.raises(ProjectableEdgeError, match=r"'goldens\.npz' listed in the manifest is missing"):
+        runtime.load(rt_bundle_copy)
+
+
+def test_missing_manifest_and_bad_json(rt_bundle_copy, tmp_path):
+    with pytest.raises(ProjectableEdgeError, match="does not exist"):
+        runtime.load(tmp_path / "nope")
+    (rt_bundle_copy / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ProjectableEdgeError, match="not valid JSON"):
+        runtime.load(rt_bundle_copy)
+    (rt_bundle_copy / MANIFEST_NAME).unlink()
+    with pytest.raises(ProjectableEdgeError, match="has no manifest.json"):
+        runtime.load(rt_bundle_copy)
+
+
+def test_newer_schema_asks_for_upgrade(rt_bundle_copy):
+    _edit_manifest(rt_bundle_copy, lambda m: m.update(schema_version=SCHEMA_VERSION + 1))
+    with pytest.raises(ProjectableEdgeError, match="newer than this runtime.*upgrade the runtime"):
+        runtime.load(rt_bundle_copy)
+
+
+def test_missing_field_is_named(rt_bundle_copy):
+    _edit_manifest(rt_bundle_copy, lambda m: m.pop("graphs"))
+    with pytest.raises(ProjectableEdgeError, match=r"missing field\(s\) \['graphs'\]"):
+        runtime.load(rt_bundle_copy)
+
+
+def test_manifest_cannot_point_outside_or_at_unhashed_files(rt_bundle_copy):
+    _edit_manifest(rt_bundle_copy, lambda m: m["graphs"]["fp32"].update(score="../evil.onnx"))
+    with pytest.raises(ProjectableEdgeError, match="outside the bundle"):
+        runtime.load(rt_bundle_copy)
+    _edit_manifest(rt_bundle_copy, lambda m: m["graphs"]["fp32"].update(score="graphs/fp32/score.onnx"))
+    _edit_manifest(rt_bundle_copy, lambda m: m["files"].pop("graphs/fp32/score.onnx"))
+    with pytest.raises(ProjectableEdgeError, match=r"'graphs/fp32/score\.onnx' is used by the manifest but has no"):
+        runtime.load(rt_bundle_copy)
+
+
+# ----------------------------------------------------------------------------- atomic writing
+
+
+def test_staged_bundle_is_atomic(tmp_path):
+    dest = tmp_path / "b"
+    with pytest.raises(RuntimeError):
+        with staged_bundle(dest) as tmp:
+            (tmp / "half.onnx").write_bytes(b"x")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []  # no dest, no temp dir left behind
+    with pytest.raises(ProjectableEdgeError, match="no manifest.json"):
+        with staged_bundle(dest) as tmp:
+            (tmp / "a.onnx").write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_bundle_needs_overwrite(rt_graphs, rt_build, tmp_path):
+    dest = rt_build(tmp_path / "b", rt_graphs, variants=("fp32",))
+    with pytest.raises(ProjectableEdgeError, match="already exists.*overwrite"):
+        rt_build(dest, rt_graphs)
+    rt_build(dest, rt_graphs, variants=("fp32", "fp16"), overwrite=True)
+    assert sorted(read_manifest(dest)["graphs"]) == ["fp16", "fp32"]
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_write_manifest_rejects_missing_graph(tmp_path):
+    with pytest.raises(ProjectableEdgeError, match="selected"):
+        write_manifest(tmp_path, {"task": {}, "target": {}, "tokenizer": {}, "model": {
+            k: 1 for k in ("n_layer", "n_head", "head_dim", "vocab_size", "block_size", "bos_id")},
+            "graphs": {"fp32": {"score": "s.onnx"}}, "selected": "fp16", "engine": {"status": "built"},
+            "accuracy": {}})
+    assert not (tmp_path / MANIFEST_NAME).exists()
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_score_matches_pytorch_reference(rt_model, rt_graphs):
+    bits = rt_model.score(rt_graphs["goldens"])
+    assert bits.dtype == np.float64 and bits.shape == (len(rt_graphs["goldens"]),)
+    np.testing.assert_allclose(bits, rt_graphs["ref_bits"], atol=1e-4)
+    np.testing.assert_allclose(rt_model.score(rt_graphs["goldens"][0]), bits[:1])  # one sequence
+    rt_model.max_batch = 5  # chunked scoring must give the same numbers
+    try:
+        np.testing.assert_allclose(rt_model.score(rt_graphs["goldens"]), bits, rtol=1e-6)
+    finally:
+        rt_model.max_batch = 256
+
+
+def test_score_images_equals_score_tokens(rt_model, rt_graphs):
+    tokens = rt_graphs["goldens"][:4]
+    images = rt_model.decode_images(tokens)
+    assert images.dtype == np.uint8 and images.shape == (4, 8, 8)
+    np.testing.assert_array_equal(rt_model.score(images), rt_model.score(tokens))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((2, 7, 7), np.uint8), r"images have shape \(2, 7, 7\), expected \[N, 8, 8\]"),
+    (np.zeros((2, 8, 8, 3), np.uint8), r"expected \[N, 8, 8\]"),
+    (np.full((2, 64), 17, np.int64), r"out of range.*0\.\.16"),
+    (np.full((2, 64), -1, np.int64), "out of range"),
+    (np.zeros((2, 63), np.int64), r"tokens have shape \(2, 63\)"),
+    (np.zeros((2, 64), np.float32), "must be integers"),
+])
+def test_bad_inputs_raise_clear_errors(rt_model, bad, match):
+    with pytest.raises(ProjectableEdgeError, match=match):
+        rt_model.score(bad)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _greedy_by_recompute(score_path, n, length):
+    """Independent reference: full-sequence scoring graph, argmax, one position at a time."""
+    sess = ort.InferenceSession(str(score_path), providers=["CPUExecutionProvider"])
+    out = np.zeros((n, length), np.int64)
+    for i in range(length):
+        out[:, i] = sess.run(["logits"], {"tokens": out})[0][:, i].argmax(-1)
+    return out
+
+
+def test_kv_cache_greedy_equals_full_recompute(rt_model, rt_graphs):
+    kv = rt_model.sample(3, temperature=0)
+    assert kv.shape == (3, 64) and kv.dtype == np.int64
+    np.testing.assert_array_equal(kv, _greedy_by_recompute(rt_graphs["score"], 3, 64))
+    assert len(np.unique(kv[0])) > 3  # the comparison is not vacuous (not one repeated token)
+
+
+def test_kv_cache_sampling_equals_recompute_with_same_seed(rt_model):
+    kv = rt_model.sample(4, temperature=1.0, top_k=8, seed=7)
+    rc = sampler.sample_recompute(rt_model.score_runner, 4, 64, None, 1.0, 8, 7)
+    np.testing.assert_array_equal(kv, rc)
+
+
+def test_sampling_is_seeded_and_in_range(rt_model):
+    a, b, c = rt_model.sample(4, seed=1), rt_model.sample(4, seed=1), rt_model.sample(4, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.min() >= 0 and a.max() < 17
+    np.testing.assert_array_equal(rt_model.sample(2, top_k=1, seed=5), rt_model.sample(2, temperature=0))
+
+
+def test_first_token_frequencies_follow_the_model(rt_model):
+    n = 2000
+    res = rt_model.decode_runner.run({"token": np.full((1, 1), 17, np.int64),
+                                      "past_keys": np.zeros((2, 1, 2, 0, 8), np.float32),
+                                      "past_values": np.zeros((2, 1, 2, 0, 8), np.float32)})
+    z = res["logits"][0].astype(np.float64)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    draws = np.stack([sampler.choose(res["logits"].repeat(n, 0), np.random.default_rng(s), 1.0, None)
+                      for s in range(3)]).ravel()
+    freq = np.bincount(draws, minlength=17) / draws.size
+    assert 0.5 * np.abs(freq - p).sum() < 0.03  # total variation distance
+
+
+def test_complete_keeps_prefix_and_matches_greedy(rt_model, rt_graphs):
+    prefix = rt_graphs["goldens"][:3, :16]
+    out = rt_model.complete(prefix, seed=3)
+    np.testing.assert_array_equal(out[:, :16], prefix)
+    assert out.shape == (3, 64) and out.max() < 17
+    greedy = rt_model.sample(2, temperature=0)
+    np.testing.assert_array_equal(rt_model.complete(greedy[:, :20], temperature=0), greedy)
+    with pytest.raises(ProjectableEdgeError, match="out of range"):
+        rt_model.complete(np.full((1, 4), 99))
+
+
+@pytest.mark.parametrize("kw,match", [({"n": 0}, "integer >= 1"), ({"n": 2, "temperature": -1}, "temperature"),
+                                      ({"n": 2, "top_k": 0}, "top_k"), ({"n": 2, "top_k": 18}, "top_k")])
+def test_bad_sampling_args(rt_model, kw, match):
+    with pytest.raises(ProjectableEdgeError, match=match):
+        rt_model.sample(**kw)
+
+
+def test_bundle_without_decode_graph_samples_by_recompute(rt_graphs, rt_build, rt_model, tmp_path):
+    m = runtime.load(rt_build(tmp_path / "b", rt_graphs, variants=("fp32",), decode=False))
+    assert m.decode_runner is None
+    np.testing.assert_array_equal(m.sample(2, seed=4, top_k=5), rt_model.sample(2, seed=4, top_k=5))
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def test_tensorrt_engine_falls_back_to_ort_and_says_why(rt_graphs, rt_build, tmp_path, monkeypatch):
+    engine = {"status": "built", "path": "engine/score.plan", "variant": "fp32", "tensorrt_version": "10.3",
+              "command": "bash build_engine.sh"}
+    b = rt_build(tmp_path / "b", rt_graphs, target="jetson-orin-nano", variants=("fp32",), engine=engine,
+                 extra_files={"engine/score.plan": b"not a real engine", "build_engine.sh": b"#!/bin/sh\n"})
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, as on a CPU host
+    m = runtime.load(b)
+    assert m.backend["backend"] == "onnxruntime" and "tensorrt is not importable" in m.backend["reason"]
+    assert m.backend["providers"] == ["CPUExecutionProvider"]
+    assert {"TensorrtExecutionProvider", "CUDAExecutionProvider"} <= set(m.backend["providers_missing"])
+    with pytest.raises(ProjectableEdgeError, match="TensorRT backend requested but unusable"):
+        runtime.load(b, backend="tensorrt")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
+    m = runtime.load(b)
+    assert m.backend["backend"] == "onnxruntime"
+    assert "built with TensorRT 10.3 but this device has 8.6.1" in m.backend["reason"]
+
+
+def test_deferred_engine_names_build_command(rt_graphs, rt_build, tmp_path):
+    engine = {"status": "deferred", "path": "engine/score.plan", "command": "bash build_engine.sh"}
+    m = runtime.load(rt_build(tmp_path / "b", rt_graphs, target="jetson", variants=("fp32",), engine=engine))
+    assert "not built yet" in m.backend["reason"] and "bash build_engine.sh" in m.backend["reason"]
+    assert m.score(np.zeros((1, 64), np.int64)).shape == (1,)
+
+
+def test_explicit_providers_are_filtered_to_available(rt_bundle):
+    m = runtime.load(rt_bundle, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert m.backend["providers"] == ["CPUExecutionProvider"]
+    assert m.backend["providers_missing"] == ["CUDAExecutionProvider"]
+
+
+# ----------------------------------------------------------------------------- validate + benchmark
+
+
+def test_validate_passes_then_fails_on_drift(rt_model, rt_bundle_copy):
+    r = runtime.validate(rt_model)
+    assert r["verdict"] == "pass" and r["passed"] and abs(r["delta"]) < 1e-4 and r["n_images"] == 12
+    assert r["max_abs_diff_per_image"] < 1e-4
+    def drift(m):
+        m["accuracy"]["variants"]["fp32"]["bits"] += 0.5
+    _edit_manifest(rt_bundle_copy, drift)
+    r = runtime.validate(runtime.load(rt_bundle_copy))
+    assert r["verdict"] == "fail" and r["delta"] == pytest.approx(-0.5, abs=1e-3) and r["tolerance"] == 0.01
+    assert runtime.validate(runtime.load(rt_bundle_copy), tolerance=0.6)["verdict"] == "pass"
+
+
+def test_benchmark_report(rt_model):
+    r = runtime.benchmark(rt_model, runs=8, warmup=1, batch=4, sample_runs=2)
+    assert set(r["results"]) == {"score_batch1", "score_batch4", "sample_full_image"}
+    for res in r["results"].values():
+        assert 0 < res["min_ms"] <= res["p50_ms"] <= res["p90_ms"] <= res["p99_ms"] <= res["max_ms"]
+        assert res["throughput_per_s"] > 0 and res["std_ms"] >= 0
+    assert r["results"]["score_batch1"]["runs"] == 8
+    assert r["verdict"] in ("pass", "fail") and len(r["checks"]) == 2
+    assert r["verdict"] == ("pass" if all(c["passed"] for c in r["checks"]) else "fail")
+    assert r["peak_rss_mb"] > 10 and r["load_time_ms"] > 0 and r["providers"] == ["CPUExecutionProvider"]
+
+
+def test_benchmark_fails_a_budget_it_cannot_meet(rt_bundle):
+    m = runtime.load(rt_bundle)
+    m.profile = dataclasses.replace(m.profile, budgets=Budgets(p99_latency_ms=1e-6, memory_mb=1))
+    r = runtime.benchmark(m, runs=3, warmup=0, batch=2, sample_runs=2)
+    assert r["verdict"] == "fail" and not any(c["passed"] for c in r["checks"])
+
+
+def test_benchmark_rejects_bad_args(rt_model):
+    with pytest.raises(ProjectableEdgeError, match="'runs'"):
+        runtime.benchmark(rt_model, runs=1)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_validate_and_benchmark_json(rt_bundle, capsys):
+    assert main(["validate", str(rt_bundle), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "pass"
+    code = main(["benchmark", str(rt_bundle), "--json", "--runs", "4", "--warmup", "1", "--batch", "2",
+                 "--sample-runs", "2"])
+    r = json.loads(capsys.readouterr().out)
+    assert code == (0 if r["verdict"] == "pass" else 1) and "p99_ms" in r["results"]["score_batch1"]
+    assert main(["benchmark", str(rt_bundle), "--runs", "3", "--warmup", "0", "--batch", "2"]) in (0, 1)
+    assert "verdict:" in capsys.readouterr().out
+
+
+def test_cli_sample_writes_png_and_score_reads_it(rt_bundle, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(rt_bundle), "-n", "4", "--out", str(out), "--seed", "1",
+                 "--tokens-out", str(tmp_path / "t.npy")]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tokens = np.load(tmp_path / "t.npy")
+    assert tokens.shape == (4, 64)
+    from runtime.png import write_png
+    m = runtime.load(rt_bundle)
+    img = tmp_path / "one.png"
+    write_png(img, m.decode_images(tokens)[0])
+    capsys.readouterr()
+    assert main(["score", str(rt_bundle), str(img), str(tmp_path / "t.npy"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    expected = m.score(tokens)
+    assert r["bits_per_dim"][str(img)] == pytest.approx(expected[0], rel=1e-6)
+    assert r["bits_per_dim"][f"{tmp_path / 't.npy'}[3]"] == pytest.approx(expected[3], rel=1e-6)
+
+
+def test_python_dash_m_runtime(rt_bundle, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "runtime", "info", str(rt_bundle), "--json"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["backend"]["providers"] == ["CPUExecutionProvider"]
+    bad = subprocess.run([sys.executable, "-m", "runtime", "score", str(tmp_path / "nope"), "x.png"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "does not exist" in bad.stderr
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert main(["validate", str(tmp_path / "missing"), "--verbose"]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -1,0 +1,182 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from devices.errors import ProjectableEdgeError
+from runtime.png import image_grid, png_bytes, write_png
+from runtime.tokenizer import TokenizerSpec, check_tokens, decode, encode
+
+GRAY = TokenizerSpec(4, 5, 1, 17)
+RGB = TokenizerSpec(3, 2, 3, 8)
+
+
+def test_spec_properties_and_dict_round_trip():
+    assert GRAY.seq_len == 20 and GRAY.vocab_size == 17
+    assert RGB.seq_len == 18 and RGB.vocab_size == 8
+    d = json.loads(json.dumps(RGB.to_dict()))
+    assert d == {"height": 3, "width": 2, "channels": 3, "levels": 8}
+    assert TokenizerSpec.from_dict(d) == RGB
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"height": 8, "width": 8, "channels": 2, "levels": 17}, "channels"),
+    ({"height": "8", "width": 8, "channels": 1, "levels": 17}, "height"),
+    ({"height": 8, "width": 8, "channels": 1, "levels": 1}, "levels"),
+    ({"height": 8, "width": 8, "channels": 1}, "levels"),
+    ({"height": 8, "width": 8, "channels": 1, "levels": 17, "depth": 3}, "depth"),
+])
+def test_spec_from_dict_names_bad_field(bad, field):
+    with pytest.raises(ProjectableEdgeError, match=field):
+        TokenizerSpec.from_dict(bad)
+
+
+@pytest.mark.parametrize("spec", [GRAY, RGB, TokenizerSpec(2, 2, 1, 256), TokenizerSpec(2, 3, 3, 2)])
+def test_tokens_decode_encode_round_trip(spec):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, spec.levels, (7, spec.seq_len))
+    images = decode(spec, tokens)
+    assert images.dtype == np.uint8 and images.shape == (7,) + spec.image_shape
+    assert np.array_equal(encode(spec, images), tokens)
+    ends = decode(spec, np.array([[0] * (spec.seq_len - 1) + [spec.levels - 1]]))
+    assert ends.reshape(-1)[0] == 0 and ends.reshape(-1)[-1] == 255
+
+
+def test_encode_quantization_and_error_bound():
+    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    spec = TokenizerSpec(16, 16, 1, 17)
+    t = encode(spec, x)
+    assert t.dtype == np.int64 and t.shape == (1, 256)
+    assert np.array_equal(t[0], np.floor(np.arange(256) / 255 * 16 + 0.5).astype(np.int64))
+    assert t[0, 0] == 0 and t[0, 255] == 16
+    err = np.abs(decode(spec, t).astype(int) - x.astype(int))
+    assert err.max() <= 255 / 16 / 2 + 0.5
+
+
+def test_rgb_raster_order_channels_interleaved():
+    spec = TokenizerSpec(1, 2, 3, 256)  # 256 levels: token == pixel value
+    img = np.array([[[[10, 20, 30], [40, 50, 60]]]], dtype=np.uint8)  # [N=1, H=1, W=2, C=3]
+    assert encode(spec, img).tolist() == [[10, 20, 30, 40, 50, 60]]
+    assert np.array_equal(decode(spec, np.array([10, 20, 30, 40, 50, 60])), img[0])  # single sequence
+
+
+def test_decode_single_sequence_gray():
+    t = np.arange(20) % 17
+    assert decode(GRAY, t).shape == (4, 5)
+    assert np.array_equal(decode(GRAY, t), decode(GRAY, t[None])[0])
+
+
+def test_encode_accepts_gray_with_channel_axis():
+    x = np.full((2, 4, 5, 1), 255, np.uint8)
+    assert (encode(GRAY, x) == 16).all()
+
+
+@pytest.mark.parametrize("images, needle", [
+    (np.zeros((2, 4, 6), np.uint8), "expected [N, 4, 5]"),  # wrong width
+    (np.zeros((2, 4, 5, 3), np.uint8), "(2, 4, 5, 3)"),  # rgb into gray spec
+    (np.zeros((4, 5), np.uint8), "images[None]"),  # single image without batch axis
+    (np.zeros((2, 4, 5), np.float32), "float32"),
+    (np.full((2, 4, 5), 300, np.int64), "300"),
+])
+def test_encode_bad_input_says_expected_and_got(images, needle):
+    with pytest.raises(ProjectableEdgeError) as e:
+        encode(GRAY, images)
+    assert needle in str(e.value)
+
+
+def test_encode_rgb_wrong_channels():
+    with pytest.raises(ProjectableEdgeError, match=r"\(1, 3, 2, 4\).*expected \[N, 3, 2, 3\]"):
+        encode(RGB, np.zeros((1, 3, 2, 4), np.uint8))
+
+
+def test_check_tokens_out_of_range_names_min_max_and_range():
+    t = np.zeros((2, 20), np.int64)
+    t[0, 3], t[1, 7] = -2, 19
+    with pytest.raises(ProjectableEdgeError) as e:
+        check_tokens(GRAY, t)
+    msg = str(e.value)
+    assert "min -2" in msg and "max 19" in msg and "0..16" in msg
+    with pytest.raises(ProjectableEdgeError, match="0..16"):
+        decode(GRAY, np.full(20, 17))
+
+
+def test_check_tokens_wrong_length_and_dtype():
+    with pytest.raises(ProjectableEdgeError, match=r"\(3, 21\).*\[N, 20\]"):
+        check_tokens(GRAY, np.zeros((3, 21), np.int64))
+    with pytest.raises(ProjectableEdgeError, match="float"):
+        check_tokens(GRAY, np.zeros(20, np.float64))
+    ok = check_tokens(GRAY, np.zeros((1, 20), np.int32))
+    assert ok.dtype == np.int64
+
+
+def test_load_images_resizes_converts_and_names_bad_file(tmp_path):
+    Image.new("RGB", (10, 8), (255, 0, 0)).save(tmp_path / "red.png")
+    Image.new("L", (2, 2), 255).save(tmp_path / "white.png")
+    rgb = RGB.load_images([tmp_path / "red.png", tmp_path / "white.png"])
+    assert rgb.shape == (2, 3, 2, 3) and rgb.dtype == np.uint8
+    assert (rgb[0] == [255, 0, 0]).all() and (rgb[1] == 255).all()
+    gray = GRAY.load_images([tmp_path / "red.png"])
+    assert gray.shape == (1, 4, 5) and (gray == 76).all()  # ITU-R 601 luma of pure red
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ProjectableEdgeError, match="broken.png"):
+        GRAY.load_images([tmp_path / "red.png", tmp_path / "broken.png"])
+
+
+def test_load_images_flattens_transparency_onto_white(tmp_path):
+    Image.new("RGBA", (4, 5), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert (GRAY.load_images([tmp_path / "clear.png"]) == 255).all()
+
+
+def test_runtime_modules_import_without_torch_or_pillow():
+    code = ("import sys, runtime.tokenizer, runtime.png; "
+            "bad = [m for m in ('torch', 'PIL') if m in sys.modules]; "
+            "assert not bad, bad")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 3, 3), (1, 1)])
+def test_write_png_reads_back_identical(tmp_path, shape):
+    img = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    out = write_png(tmp_path / "sub" / "x.png", img)
+    with Image.open(out) as im:
+        assert im.mode == ("RGB" if len(shape) == 3 else "L")
+        assert np.array_equal(np.asarray(im), img)
+    assert [p.name for p in out.parent.iterdir()] == ["x.png"]  # no temp file left behind
+
+
+def test_write_png_rejects_bad_input_and_leaves_nothing(tmp_path):
+    with pytest.raises(ProjectableEdgeError, match="uint8"):
+        write_png(tmp_path / "a.png", np.zeros((2, 2), np.float32))
+    with pytest.raises(ProjectableEdgeError, match=r"\(2, 2, 4\)"):
+        png_bytes(np.zeros((2, 2, 4), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_grid_layout_scale_and_padding():
+    imgs = np.stack([np.full((2, 3), v, np.uint8) for v in (10, 20, 30)])
+    imgs[0, 0, 0] = 99
+    g = image_grid(imgs, cols=2, pad=1, scale=2, pad_value=7)
+    assert g.shape == (2 * 4 + 3, 2 * 6 + 3)
+    assert (g[1:5, 1:7][:2, :2] == 99).all()  # one source pixel -> a 2x2 block
+    assert (g[1:5, 8:14] == 20).all()  # row 0, col 1
+    assert (g[6:10, 1:7] == 30).all()  # row 1, col 0
+    assert (g[6:10, 8:14] == 7).all()  # empty cell stays padding
+    assert (g[0] == 7).all() and (g[:, 7] == 7).all() and (g[5] == 7).all()
+
+
+def test_image_grid_rgb_and_bad_args():
+    imgs = np.zeros((4, 2, 2, 3), np.uint8)
+    imgs[3] = [1, 2, 3]
+    g = image_grid(imgs, cols=4, pad=0)
+    assert g.shape == (2, 8, 3) and (g[:, 6:8] == [1, 2, 3]).all()
+    assert image_grid(imgs, cols=10, pad=0).shape == (2, 8, 3)  # cols clamp to N
+    with pytest.raises(ProjectableEdgeError, match="scale"):
+        image_grid(imgs, cols=2, scale=0)
+    with pytest.raises(ProjectableEdgeError, match=r"\(2, 2\)"):
+        image_grid(np.zeros((2, 2), np.uint8), cols=1)

@@ -1,0 +1,165 @@
+"""Training, checkpoints, evaluation and the core CLI on the tiny preset."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from devices.errors import ProjectableEdgeError
+from projectable_edge.config import preset
+from projectable_edge.data import DataConfig
+from projectable_edge.evaluate import evaluate_run
+from projectable_edge.project import load_projected, project_task, save_projected
+from projectable_edge.train import load_run, partial_dir, train
+
+UNIFORM_BITS = math.log2(17)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(preset("tiny"), DataConfig(), out, progress=False)
+    return out
+
+
+def test_training_lowers_every_loss(tiny_run):
+    history = json.loads((tiny_run / "history.json").read_text())["history"]
+    first, last = history[0], history[-1]
+    for role in ("source", "projected", "universal", "scratch"):
+        assert last["val_bits"][role] < first["val_bits"][role], role
+        assert last["val_bits"][role] < UNIFORM_BITS - 0.5, role
+    assert not partial_dir(tiny_run).exists()
+    assert not (tiny_run / "state.safetensors").exists()
+
+
+def test_run_round_trips_through_safetensors(tiny_run):
+    meta, model, data = load_run(tiny_run)
+    assert meta["task_names"] == [str(i) for i in range(10)]
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    from projectable_edge.train import evaluate_roles
+
+    val = evaluate_roles(model, *data.splits["val"], data.n_tasks, roles=("projected", "universal"))
+    for role in ("projected", "universal"):  # the saved weights reproduce the best validation numbers
+        assert float(val[role].mean()) == pytest.approx(summary["best_val_bits"][role], abs=1e-5)
+
+
+def test_evaluate_reports_every_role_with_sizes(tiny_run):
+    report = evaluate_run(tiny_run)
+    assert len(report["tasks"]) == 10
+    for t in report["tasks"]:
+        assert set(t["bits_per_dim"]) == {"source", "projected", "universal", "scratch"}
+        assert all(0 < v < UNIFORM_BITS for v in t["bits_per_dim"].values())
+    m = report["models"]
+    assert abs(m["projected"]["params"] - m["universal"]["params"]) / m["universal"]["params"] < 0.05
+    assert abs(m["projected"]["params"] - m["universal"]["params_total"]) / m["universal"]["params_total"] < 0.05
+    assert m["source"]["params"] > 2 * m["projected"]["params"]
+    assert m["source"]["flops_per_image"] > m["projected"]["flops_per_image"]
+    macro = np.mean([t["bits_per_dim"]["projected"] for t in report["tasks"]])
+    assert report["macro_bits_per_dim"]["projected"] == pytest.approx(macro)
+
+
+def test_project_writes_a_model_that_scores_like_the_run(tiny_run, tmp_path):
+    small, info = project_task(tiny_run, "3")
+    st, js = save_projected(tmp_path / "p3", small, info)
+    loaded, info2 = load_projected(st)
+    assert info2["task"] == "3"
+    tokens = torch.from_numpy(load_run(tiny_run)[2].split("test", 3))
+    assert torch.allclose(loaded(tokens), small(tokens), atol=1e-6)
+    # the projected model is the projected role of the run, task 3
+    _, model, _ = load_run(tiny_run)
+    tid = torch.full((len(tokens),), 3)
+    assert torch.allclose(loaded(tokens), model.logits("projected", tokens, tid), atol=1e-5)
+
+
+def test_resume_continues_an_interrupted_run(tmp_path):
+    cfg = replace(preset("tiny"), steps=40, checkpoint_every=20, eval_every=20)
+    out = tmp_path / "r"
+    full = train(cfg, DataConfig(), tmp_path / "full", progress=False)
+    # simulate an interruption after the step-20 checkpoint: train a 20-step prefix, keep its state
+    work = partial_dir(out)
+    import projectable_edge.train as tr
+
+    calls = {"n": 0}
+    real = tr._save_state
+
+    def save_then_stop(*a, **k):
+        real(*a, **k)
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    tr._save_state = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, DataConfig(), out, progress=False)
+    finally:
+        tr._save_state = real
+    assert (work / "state.safetensors").exists() and not out.exists()
+    with pytest.raises(ProjectableEdgeError, match="--resume"):
+        train(cfg, DataConfig(), out, progress=False)
+    resumed = train(cfg, DataConfig(), out, resume=True, progress=False)
+    for role, v in full["best_val_bits"].items():
+        assert resumed["best_val_bits"][role] == pytest.approx(v, abs=1e-4), role
+
+
+def test_torchrun_ddp_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "projectable_edge.cli", "train",
+           "--preset", "tiny", "--steps", "20", "--out", str(out), "--no-progress", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert all(v < UNIFORM_BITS for v in summary["best_val_bits"].values())
+
+
+def test_frozen_source_keeps_the_source_fixed(tmp_path):
+    cfg = replace(preset("tiny"), steps=10, freeze_source=True, eval_every=10)
+    train(cfg, DataConfig(), tmp_path / "f", progress=False)
+    _, model, _ = load_run(tmp_path / "f")
+    from projectable_edge.train import build
+    from projectable_edge.data import load_dataset
+
+    init = build(cfg, load_dataset(DataConfig()))
+    assert torch.equal(model.source.weights()["h0.wq"], init.source.weights()["h0.wq"])
+    assert not torch.equal(model.projector.coef.weight, init.projector.coef.weight)
+
+
+def test_bad_inputs_leave_nothing_behind(tmp_path):
+    with pytest.raises(ProjectableEdgeError, match="no-such-set"):
+        train(preset("tiny"), DataConfig(dataset="no-such-set"), tmp_path / "a", progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ProjectableEdgeError, match="empty"):
+        train(preset("tiny"), DataConfig(dataset=str(empty)), tmp_path / "b", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    with pytest.raises(ProjectableEdgeError, match="preset"):
+        preset("huge")
+
+
+def test_unknown_task_and_bad_checkpoints(tiny_run, tmp_path):
+    with pytest.raises(ProjectableEdgeError, match="unknown task|not a task|valid"):
+        project_task(tiny_run, "eleven")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ProjectableEdgeError, match="truncated"):
+        load_run(broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ProjectableEdgeError, match="model.safetensors"):
+        load_run(broken)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(broken / "model.safetensors"))  # foreign safetensors
+    with pytest.raises(ProjectableEdgeError, match="not a projectable-edge"):
+        load_run(broken)
