@@ -124,3 +124,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Command modules register themselves on the shared app when imported.
+from projectable_edge import cli_device, cli_export  # noqa: E402,F401

@@ -64,7 +64,7 @@ PRESETS: dict[str, TrainConfig] = {
                         steps=60, batch_size=32, eval_every=20, checkpoint_every=20, warmup_steps=10),
     # a few minutes on 2 CPU cores: the demo default
     "small": TrainConfig(preset="small", source=Widths(4, 4, 128, 128, 512), small=Widths(4, 4, 32, 32, 128),
-                         steps=1000, batch_size=64),
+                         steps=700, batch_size=32),
     # meant for a GPU
     "base": TrainConfig(preset="base", source=Widths(8, 8, 512, 512, 2048), small=Widths(4, 4, 64, 64, 256),
                         steps=20000, batch_size=256, lr=1e-3, projector_lr=1e-4, eval_every=500,

@@ -115,7 +115,7 @@ def evaluate_roles(model: Trainables, tokens: np.ndarray, task_ids: np.ndarray, 
     for role in roles:
         bits = torch.cat([bits_per_dim(model.logits(role, x_all[i:i + batch], t_all[i:i + batch]), x_all[i:i + batch])
                           for i in range(0, len(x_all), batch)]).numpy()
-        out[role] = np.array([bits[task_ids == t].mean() for t in range(n_task)])
+        out[role] = np.array([bits[task_ids == t].mean() if (task_ids == t).any() else np.nan for t in range(n_task)])
     model.train(was)
     return out
 

@@ -85,6 +85,22 @@ def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+def print_benchmark(out: dict) -> None:
+    """The human-readable benchmark table (shared with `projectable-edge benchmark`)."""
+    print(f"benchmark {out['variant']} on {', '.join(out['providers'])} ({out['backend']}: "
+          f"{out['backend_reason']}); load {out['load_time_ms']:.1f} ms")
+    rows = [("case", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "p99/p50", "items/s")]
+    for k, r in out["results"].items():
+        rows.append((k, *(_fmt(r[f]) for f in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
+                                                "spread_p99_over_p50", "throughput_per_s"))))
+    _print_table(rows)
+    if out.get("peak_rss_mb") is not None:
+        print(f"  peak memory (RSS): {out['peak_rss_mb']:.1f} MB")
+    for c in out["checks"]:
+        print(f"  {c['name']}: {c['value']:.2f} (budget {c['budget']}) {'ok' if c['passed'] else 'OVER'}")
+    print(f"verdict: {out['verdict'].upper()}" + (f"  [{out['host']['note']}]" if out["host"]["note"] else ""))
+
+
 def run(args) -> int:
     from runtime.bundle import load  # imported here so `--help` stays instant
 
@@ -114,16 +130,7 @@ def run(args) -> int:
         out = benchmark(model, runs=args.runs, warmup=args.warmup, batch=args.batch, sample_runs=args.sample_runs)
         code = 0 if out["verdict"] == "pass" else 1
         if not args.json:
-            print(f"benchmark {out['variant']} on {', '.join(out['providers'])} ({out['backend']}: "
-                  f"{out['backend_reason']}); load {out['load_time_ms']:.1f} ms")
-            rows = [("case", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "p99/p50", "items/s")]
-            for k, r in out["results"].items():
-                rows.append((k, *(_fmt(r[f]) for f in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
-                                                        "spread_p99_over_p50", "throughput_per_s"))))
-            _print_table(rows)
-            for c in out["checks"]:
-                print(f"  {c['name']}: {c['value']:.2f} (budget {c['budget']}) {'ok' if c['passed'] else 'OVER'}")
-            print(f"verdict: {out['verdict'].upper()}" + (f"  [{out['host']['note']}]" if out["host"]["note"] else ""))
+            print_benchmark(out)
             return code
     elif args.command == "sample":
         from runtime.png import image_grid, write_png

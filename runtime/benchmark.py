@@ -35,7 +35,7 @@ def peak_rss_mb() -> float | None:
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB else
 
 
-def stats(times_s: list[float], items: int) -> dict[str, float]:
+def stats(times_s: list[float], items: int, raw: bool = False) -> dict[str, Any]:
     """Percentiles and spread of per-call times, in ms; throughput in items/s."""
     ms = np.asarray(times_s, dtype=np.float64) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
@@ -43,7 +43,8 @@ def stats(times_s: list[float], items: int) -> dict[str, float]:
             "mean_ms": float(ms.mean()), "std_ms": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
             "min_ms": float(ms.min()), "max_ms": float(ms.max()),
             "spread_p99_over_p50": float(p99 / p50) if p50 > 0 else float("inf"),
-            "throughput_per_s": float(items * 1e3 / ms.mean()) if ms.mean() > 0 else float("inf")}
+            "throughput_per_s": float(items * 1e3 / ms.mean()) if ms.mean() > 0 else float("inf"),
+            **({"times_ms": ms.tolist()} if raw else {})}
 
 
 def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
@@ -69,8 +70,11 @@ def _inputs(model, batch: int) -> np.ndarray:
 
 
 def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_runs: int | None = None,
-              sample_batch: int = 1) -> dict[str, Any]:
-    """Score batch 1, score `batch`, sample full images; percentiles, memory and a budget verdict."""
+              sample_batch: int = 1, raw: bool = False) -> dict[str, Any]:
+    """Score batch 1, score `batch`, sample full images; percentiles, memory and a budget verdict.
+
+    raw=True also returns every timing (`times_ms`), e.g. for a latency histogram.
+    """
     for name, v, lo in (("runs", runs, 2), ("warmup", warmup, 0), ("batch", batch, 1),
                         ("sample_batch", sample_batch, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -78,10 +82,10 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
     sample_runs = max(2, runs // 10) if sample_runs is None else int(sample_runs)
     x1, xb = _inputs(model, 1), _inputs(model, batch)
     results = {
-        "score_batch1": stats(time_calls(lambda: model.score(x1), runs, warmup), 1),
-        f"score_batch{batch}": stats(time_calls(lambda: model.score(xb), runs, warmup), batch),
+        "score_batch1": stats(time_calls(lambda: model.score(x1), runs, warmup), 1, raw),
+        f"score_batch{batch}": stats(time_calls(lambda: model.score(xb), runs, warmup), batch, raw),
         "sample_full_image": stats(time_calls(lambda: model.sample(sample_batch, seed=0), sample_runs,
-                                              min(warmup, 2)), sample_batch),
+                                              min(warmup, 2)), sample_batch, raw),
     }
     results["sample_full_image"]["tokens_per_image"] = model.seq_len
     results["sample_full_image"]["batch"] = sample_batch

@@ -114,3 +114,15 @@ def rt_bundle_copy(rt_bundle, tmp_path) -> Path:
 def rt_build():
     """The bundle builder, for tests that need a bundle with other settings (target, engine, ...)."""
     return build_rt_bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished tiny-preset run on digits (a few seconds), shared by training and pipeline tests."""
+    from projectable_edge.config import preset
+    from projectable_edge.data import DataConfig
+    from projectable_edge.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(preset("tiny"), DataConfig(), out, progress=False)
+    return out

@@ -23,13 +23,6 @@ from projectable_edge.train import load_run, partial_dir, train
 UNIFORM_BITS = math.log2(17)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    train(preset("tiny"), DataConfig(), out, progress=False)
-    return out
-
-
 def test_training_lowers_every_loss(tiny_run):
     history = json.loads((tiny_run / "history.json").read_text())["history"]
     first, last = history[0], history[-1]

@@ -1,0 +1,149 @@
+"""CLI commands for targets and bundles: targets, generate, benchmark, sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from projectable_edge.cli_common import command, emit_json, err, out
+
+
+@command
+def targets(as_json: bool = typer.Option(False, "--json")):
+    """List the device profiles in devices/ (add a TOML file there to add a target)."""
+    from devices.profiles import list_profiles
+
+    profiles = list_profiles()
+    if as_json:
+        emit_json({"targets": [p.to_dict() for p in profiles]})
+        return
+    table = Table(title="targets")
+    for c in ("name", "aliases", "arch", "backend", "precisions", "p99 budget (ms)", "memory budget (MB)"):
+        table.add_column(c)
+    for p in profiles:
+        table.add_row(p.name, ", ".join(p.aliases), p.arch, p.compile_backend, ", ".join(p.precisions),
+                      f"{p.budgets.p99_latency_ms:g}", f"{p.budgets.memory_mb}")
+    out.print(table)
+
+
+@command
+def generate(
+    task: str = typer.Option(..., help="Task name or index known to the source run."),
+    target: str = typer.Option("x86-64-cpu", help="Device profile name or alias (see `targets`), or a TOML path."),
+    source: Path = typer.Option(Path("runs/digits"), help="Run folder written by `train`."),
+    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | int8 (auto: the profile's order)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Bundle folder (default bundles/<task>__<target>)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle (atomically)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+):
+    """Project, export, quantize, compile and validate one task for one device: writes a bundle."""
+    from projectable_edge.pipeline import GenerateSettings
+    from projectable_edge.pipeline import generate as run_generate
+
+    settings = GenerateSettings(task=task, target=target, source=str(source), precision=precision,
+                                out=str(out_dir) if out_dir else None, overwrite=overwrite)
+    path, manifest = _with_progress(lambda log: run_generate(settings, log=log), quiet=as_json)
+    if as_json:
+        emit_json({"bundle": str(path), "manifest": manifest})
+        return
+    acc = manifest["accuracy"]["variants"]
+    lat = manifest["latency_host"]
+    table = Table(title=f"{path}  (selected: {manifest['selected']}, engine: {manifest['engine']['status']})")
+    for c in ("variant", "bits/dim", "vs fp32", "host p50 b1 (ms)", "host p99 b1 (ms)"):
+        table.add_column(c, justify="right")
+    for v, a in acc.items():
+        s = lat[v]["score_batch1"]
+        table.add_row(v, f"{a['bits']:.4f}", f"{a['delta']:+.4f}", f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}")
+    out.print(table)
+    for line in manifest["exercised"]["not_done"]:
+        err.print(f"[yellow]not exercised here:[/] {line}")
+
+
+def _with_progress(fn, quiet: bool):
+    """Run fn(log) under a spinner that shows the current step."""
+    if quiet:
+        return fn(lambda m: None)
+    import time
+
+    start = time.perf_counter()
+    with err.status("generating") as status:
+        def log(m):
+            err.print(f"  [{time.perf_counter() - start:5.1f}s] {m}", highlight=False)
+            status.update(m)
+
+        return fn(log)
+
+
+@command
+def benchmark(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `generate`."),
+    runs: int = typer.Option(100, help="Timed runs per measurement (after warm-up)."),
+    warmup: int = typer.Option(10),
+    batch: int = typer.Option(16, help="Batch size of the throughput measurement."),
+    precision: Optional[str] = typer.Option(None, help="Graph variant (default: the bundle's selected one)."),
+    histogram: Optional[Path] = typer.Option(None, help="Also write a PNG latency histogram."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Latency p50/p90/p99, throughput and peak memory of a bundle, against the target's budgets."""
+    import runtime
+    from runtime.__main__ import print_benchmark
+
+    with runtime.load(bundle, precision=precision) as model:
+        report = runtime.benchmark(model, runs=runs, warmup=warmup, batch=batch, raw=histogram is not None)
+    if histogram:
+        _histogram(report, histogram)
+        for s in report["results"].values():
+            s.pop("times_ms", None)
+    if as_json:
+        emit_json(report)
+    else:
+        print_benchmark(report)
+    if report["verdict"] != "pass":
+        raise typer.Exit(1)
+
+
+def _histogram(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(report["results"]), figsize=(4 * len(report["results"]), 3))
+    for ax, (k, s) in zip(axes, report["results"].items()):
+        ax.hist(s["times_ms"], bins=30)
+        ax.axvline(s["p99_ms"], color="r", ls="--", label="p99")
+        ax.set_title(k)
+        ax.set_xlabel("ms")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@command
+def sample(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `generate`."),
+    n: int = typer.Option(16, "-n", help="Number of images."),
+    out_path: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write."),
+    seed: int = typer.Option(0),
+    temperature: float = typer.Option(1.0),
+    top_k: Optional[int] = typer.Option(None),
+    scale: int = typer.Option(4, help="Pixels per image pixel in the grid."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Sample new images of the bundle's task with the small model (KV-cache decode) into a PNG grid."""
+    import runtime
+    from runtime.png import image_grid, write_png
+
+    with runtime.load(bundle) as model:
+        tokens = model.sample(n, temperature=temperature, top_k=top_k, seed=seed)
+        bits = model.score(tokens)
+        write_png(out_path, image_grid(model.decode_images(tokens), cols=min(8, n), scale=scale))
+    res = {"out": str(out_path), "n": n, "seed": seed, "mean_bits_per_dim": float(bits.mean())}
+    if as_json:
+        emit_json(res)
+    else:
+        err.print(f"wrote {n} samples to {out_path} (mean bits/dim under the model {res['mean_bits_per_dim']:.3f})")
