@@ -16,7 +16,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,17 +28,11 @@ from exporters.quantize import QuantizeSettings, quantize  # noqa: E402
 from exporters.sampling import sample_decode, sample_recompute  # noqa: E402
 from exporters.testing import synthetic_tokens, tiny_trained_model  # noqa: E402
 from projectable_edge.model import ModelConfig  # noqa: E402
+from runtime.benchmark import time_calls  # noqa: E402
 
 
 def timed(fn, warmup: int, runs: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1000)
-    ts.sort()
+    ts = sorted(t * 1000 for t in time_calls(fn, runs, warmup))
     return {"median_ms": statistics.median(ts), "p10_ms": ts[len(ts) // 10], "p90_ms": ts[(9 * len(ts)) // 10],
             "runs": runs}
 

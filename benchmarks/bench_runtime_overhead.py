@@ -92,12 +92,14 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 def measure(bundle: Path, runs: int, warmup: int, threads: int | None, batches=(1, 16)) -> dict:
     model = runtime.load(bundle, precision="fp32", backend="onnxruntime", threads=threads)
     so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as OrtRunner: like for like
     if model.backend["threads"] > 0:
         so.intra_op_num_threads = model.backend["threads"]
     sess = ort.InferenceSession(str(model.score_runner.path), sess_options=so, providers=["CPUExecutionProvider"])
     out = {"bundle": str(bundle), "runs": runs, "threads": model.backend["threads"],
            "providers": model.backend["providers"], "cases": {}}
-    golden = np.load(bundle / model.manifest.get("goldens", "goldens.npz"))["tokens"].astype(np.int64)
+    goldens = bundle / model.manifest.get("goldens", "goldens.npz")
+    golden = np.load(goldens, allow_pickle=False)["tokens"].astype(np.int64)
     for b in batches:
         x = np.ascontiguousarray(np.tile(golden, (-(-b // len(golden)), 1))[:b])
         ref = bits_per_dim(sess.run(["logits"], {"tokens": x})[0], x)

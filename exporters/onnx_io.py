@@ -14,14 +14,7 @@ import numpy as np
 import onnx
 
 from devices.errors import ProjectableEdgeError
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from runtime.manifest import sha256_file  # noqa: F401  (re-exported: the bundle's one file hash)
 
 
 def file_info(path: str | os.PathLike) -> dict:

@@ -17,8 +17,7 @@ import torch
 from devices.errors import ProjectableEdgeError
 from exporters.onnx_io import check_tokens, graph_kind, load_onnx, make_session, tokens_sha256
 from exporters.spec import read_spec
-
-LN2 = math.log(2.0)
+from runtime.scoring import bits_per_dim
 BATCH = 64  # sequences per ORT call when scoring
 
 
@@ -102,12 +101,11 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 
 def bits_from_logits(logits: np.ndarray, tokens: np.ndarray) -> float:
-    """Mean over all tokens of -log2 p(token), computed in float64."""
-    x = logits.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    logz = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
-    picked = np.take_along_axis(x, tokens[..., None], -1)[..., 0]
-    return float(np.mean(logz - picked) / LN2)
+    """Mean over all tokens of -log2 p(token), in float64: the runtime's bits/dim, averaged over images.
+
+    Every sequence has the same length T, so the mean of per-image means is the mean over all tokens.
+    """
+    return float(bits_per_dim(logits, tokens).mean())
 
 
 def bits_per_dim_onnx(session, tokens: np.ndarray, spec) -> float:

@@ -1,8 +1,9 @@
 """A minimal numpy sampler over the exported graphs, to prove the KV-cache decode graph samples
 exactly what full recomputation through the scoring graph samples (same seed, same tokens).
 
-Both paths draw the same uniform numbers in the same order and invert the float64 CDF, so
-they can only disagree if the graphs' logits disagree. The torch-free runtime has its own sampler.
+Both paths draw the same uniform numbers in the same order and pick each token with the
+runtime's `runtime.sampler.choose` (one float64 inverse-CDF rule for exporters and runtime),
+so they can only disagree if the graphs' logits disagree.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from devices.errors import ProjectableEdgeError
 from exporters.onnx_io import make_session
 from exporters.spec import META_KEY, ExportSpec
+from runtime.sampler import choose
 
 
 def session_spec(session) -> ExportSpec:
@@ -30,16 +32,15 @@ def _open(session_or_path):
 
 def pick(logits: np.ndarray, rng: np.random.Generator | None, temperature: float = 1.0,
          greedy: bool = False) -> np.ndarray:
-    """Next token per row of logits [B, V]: argmax, or inverse-CDF sampling of softmax(logits / T)."""
+    """Next token per row of logits [B, V]: argmax, or inverse-CDF sampling of softmax(logits / T).
+
+    The runtime's `choose` with no top-k; greedy is its temperature 0 (and draws nothing from rng).
+    """
     if greedy:
-        return logits.argmax(-1).astype(np.int64)
+        return choose(logits, rng, 0, None)
     if temperature <= 0:
         raise ProjectableEdgeError(f"temperature must be > 0 (or use greedy), got {temperature}")
-    x = logits.astype(np.float64) / temperature
-    p = np.exp(x - x.max(-1, keepdims=True))
-    cdf = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
-    u = rng.random(len(x))
-    return np.minimum((cdf < u[:, None]).sum(-1), x.shape[-1] - 1).astype(np.int64)
+    return choose(logits, rng, temperature, None)
 
 
 def sample_decode(decode, n: int, *, seed: int = 0, temperature: float = 1.0, greedy: bool = False,

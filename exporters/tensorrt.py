@@ -207,10 +207,20 @@ def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, o
             if log:
                 log(f"TensorRT not available here: wrote {SCRIPT} to build {engine} on {settings.target}")
         else:
-            secs = _build_with_api(trt, tmp / src.name, tmp / engine, settings, spec, quantized, log)
-            report.update(status="built", tensorrt_version_host=trt.__version__, build_seconds=secs,
-                          reason="built with the TensorRT Python API on this host")
-            if settings.tensorrt_version and not trt.__version__.startswith(settings.tensorrt_version):
+            try:
+                secs = _build_with_api(trt, tmp / src.name, tmp / engine, settings, spec, quantized, log)
+            except Exception as e:  # tensorrt imports but cannot build here (no usable GPU, driver, ...)
+                (tmp / engine).unlink(missing_ok=True)
+                report.update(status="deferred", tensorrt_version_host=trt.__version__, build_seconds=None,
+                              reason=f"TensorRT {trt.__version__} could not build here ({type(e).__name__}: {e}); "
+                                     f"run {SCRIPT} on the device")
+                if log:
+                    log(report["reason"])
+            else:
+                report.update(status="built", tensorrt_version_host=trt.__version__, build_seconds=secs,
+                              reason="built with the TensorRT Python API on this host")
+            expected = settings.tensorrt_version
+            if report["status"] == "built" and expected and not trt.__version__.startswith(expected):
                 report["version_warning"] = (f"built with TensorRT {trt.__version__} but {settings.target} ships "
                                      f"{settings.tensorrt_version}: the engine will not load there; "
                                      f"run {SCRIPT} on the device instead")

@@ -43,7 +43,7 @@ def train(
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
                           channels=3 if rgb else 1, levels=levels)
     summary = run_train(cfg, data_cfg, out, resume=resume, progress=progress and not as_json,
-                        log=lambda m: err.print(m))
+                        log=lambda m: err.print(m, markup=False))
     if as_json:
         emit_json({"run": str(out), **summary})
     else:
@@ -103,13 +103,14 @@ def project(
     run: Path = typer.Argument(..., help="Run folder written by `train`."),
     task: str = typer.Option(..., help="Task name or index."),
     out_path: Path = typer.Option(..., "--out", help="Output stem: writes STEM.safetensors and STEM.json."),
+    overwrite: bool = typer.Option(False, help="Replace existing files."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Project the source model to one task (no data, no training) and write the small model."""
     from projectable_edge.project import project_task, save_projected
 
     small, info = project_task(run, task)
-    st, js = save_projected(out_path, small, info)
+    st, js = save_projected(out_path, small, info, overwrite=overwrite)
     res = {"task": info["task"], "weights": str(st), "config": str(js), "projection_ms": info["projection_ms"],
            "params": sum(v.numel() for v in small.weights.values()) + small.cfg.d_model}
     if as_json:
@@ -118,13 +119,13 @@ def project(
         err.print(f"projected task {res['task']} in {res['projection_ms']:.2f} ms -> {st} ({res['params']:,} params)")
 
 
+# Command modules register themselves on the shared app when imported.
+from projectable_edge import cli_device, cli_export  # noqa: E402,F401
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
     main()
-
-
-# Command modules register themselves on the shared app when imported.
-from projectable_edge import cli_device, cli_export  # noqa: E402,F401

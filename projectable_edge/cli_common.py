@@ -13,6 +13,7 @@ import traceback
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from devices.errors import ProjectableEdgeError
 
@@ -38,7 +39,7 @@ def command(fn):
         except ProjectableEdgeError as e:
             if _state["verbose"]:
                 traceback.print_exc()
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            err.print("[bold red]error:[/] " + escape(str(e)), highlight=False)
             raise typer.Exit(2) from None
 
     return app.command()(wrapper)

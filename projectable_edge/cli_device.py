@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from projectable_edge.cli_common import command, emit_json, err, out
@@ -59,7 +60,7 @@ def generate(
         table.add_row(v, f"{a['bits']:.4f}", f"{a['delta']:+.4f}", f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}")
     out.print(table)
     for line in manifest["exercised"]["not_done"]:
-        err.print(f"[yellow]not exercised here:[/] {line}")
+        err.print("[yellow]not exercised here:[/] " + escape(line))
 
 
 def _with_progress(fn, quiet: bool):
@@ -71,7 +72,7 @@ def _with_progress(fn, quiet: bool):
     start = time.perf_counter()
     with err.status("generating") as status:
         def log(m):
-            err.print(f"  [{time.perf_counter() - start:5.1f}s] {m}", highlight=False)
+            err.print(f"  {time.perf_counter() - start:5.1f}s  {m}", highlight=False, markup=False)
             status.update(m)
 
         return fn(log)
@@ -119,6 +120,7 @@ def _histogram(report: dict, path: Path) -> None:
         ax.set_xlabel("ms")
         ax.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -15,7 +15,7 @@ from projectable_edge.cli_common import command, emit_json, err, out
 
 
 def _log(quiet: bool):
-    return (lambda s: None) if quiet else (lambda s: err.print(s, highlight=False))
+    return (lambda s: None) if quiet else (lambda s: err.print(s, highlight=False, markup=False))
 
 
 @command

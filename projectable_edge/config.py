@@ -42,10 +42,23 @@ class TrainConfig:
     warmup_steps: int = 50
     shift: int = 1  # random +-shift pixels applied to every model's training batches
     n_basis: int = 4
+    coef_init: float = 1.0  # std of the operator's mixture logits at init (see ProjectionConfig)
     freeze_source: bool = False
     eval_every: int = 100  # validation + best-checkpoint selection (same rule for every model)
     checkpoint_every: int = 200  # resumable state written atomically this often
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "n_basis"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ProjectableEdgeError(f"training option '{name}' must be a whole number >= 1, got {v!r}")
+        for name in ("lr", "projector_lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ProjectableEdgeError(f"training option '{name}' must be > 0, got {getattr(self, name)!r}")
+        if self.lam < 0 or self.weight_decay < 0 or self.shift < 0 or self.warmup_steps < 0:
+            raise ProjectableEdgeError("training options 'lam', 'weight_decay', 'shift' and 'warmup_steps' "
+                                       "must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

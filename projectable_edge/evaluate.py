@@ -74,6 +74,7 @@ def plot_bits(report: dict, path: Path) -> Path:
     ax.set_ylabel(f"bits/dim ({report['split']})")
     ax.legend(ncol=len(roles), fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)

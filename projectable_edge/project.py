@@ -6,7 +6,6 @@ vector) next to `<name>.json` (model config, tokenizer spec, task, provenance).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -15,14 +14,7 @@ from projectable_edge.checkpoint import load_json, load_tensors, save_json, save
 from projectable_edge.model import ModelConfig, SpecialisedModel
 from projectable_edge.train import load_run
 from projectable_edge.trainables import ROLES, Trainables
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from runtime.manifest import sha256_file
 
 
 def specialise(model: Trainables, role: str, task: int) -> SpecialisedModel:
@@ -48,18 +40,20 @@ def project_task(run: Path, task: str | int, role: str = "projected") -> tuple[S
         "tokenizer": meta["tokenizer"],
         "task_names": meta["task_names"],
         "projection_ms": ms,
-        "source_run": {"config": meta, "weights_sha256": file_sha256(Path(run) / "model.safetensors")},
+        "source_run": {"config": meta, "weights_sha256": sha256_file(Path(run) / "model.safetensors")},
     }
     return small, info
 
 
-def save_projected(out: Path, small: SpecialisedModel, info: dict) -> tuple[Path, Path]:
+def save_projected(out: Path, small: SpecialisedModel, info: dict, overwrite: bool = False) -> tuple[Path, Path]:
     """Write `<out>.safetensors` + `<out>.json` (each atomically)."""
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
     weights = dict(small.weights)
     weights["bos"] = small.wte_ext[small.cfg.vocab_size]
     st, js = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not overwrite and (st.exists() or js.exists()):
+        raise ProjectableEdgeError(f"{st} or {js} already exists: choose another --out or pass --overwrite")
     save_tensors(st, weights, kind="projected")
     save_json(js, {"format": "projectable-edge-projected", **info})
     return st, js

@@ -16,6 +16,7 @@ the same selection matrix, so at step 0 every projected model is a slice of the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,13 +29,18 @@ from projectable_edge.model import ModelConfig, Weights
 class ProjectionConfig:
     n_basis: int = 4  # K basis maps per space
     init_noise: float = 0.0  # std of Gaussian noise added to the selection init
+    # std of the mixture logits at init. With identical bases and uniform coefficients the K
+    # bases get identical gradients forever (nothing is task-specific); random coefficients
+    # break that symmetry while the mixture of identical selections is still exactly a slice.
+    coef_init: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProjectionConfig":
-        return cls(n_basis=int(d["n_basis"]), init_noise=float(d["init_noise"]))
+        return cls(n_basis=int(d["n_basis"]), init_noise=float(d["init_noise"]),
+                   coef_init=float(d.get("coef_init", 0.0)))
 
 
 def selection(n_in: int, n_out: int, index: list[int]) -> torch.Tensor:
@@ -74,9 +80,9 @@ class Projector(nn.Module):
             if cfg.init_noise > 0:
                 base += cfg.init_noise * torch.randn(base.shape, generator=generator)
             self.bases[name.replace(".", "_")] = nn.Parameter(base)  # [K, in, out]
-        # zero init -> uniform mixture at step 0, whatever the task embedding
+        # task embeddings start at N(0, 0.02^2) (Trainables), so logits start at N(0, coef_init^2)
         self.coef = nn.Linear(src.d_model, cfg.n_basis)
-        nn.init.zeros_(self.coef.weight)
+        nn.init.normal_(self.coef.weight, std=cfg.coef_init / (0.02 * math.sqrt(src.d_model)), generator=generator)
         nn.init.zeros_(self.coef.bias)
 
     def maps(self, task_emb: torch.Tensor) -> dict[str, torch.Tensor]:

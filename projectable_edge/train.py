@@ -51,14 +51,14 @@ def run_config(cfg: TrainConfig, data_cfg: DataConfig, data: TaskData) -> dict:
         "dataset_fingerprint": data.fingerprint,
         "source_model": cfg.source.model(data.spec).to_dict(),
         "small_model": cfg.small.model(data.spec).to_dict(),
-        "projection": ProjectionConfig(n_basis=cfg.n_basis).to_dict(),
+        "projection": ProjectionConfig(n_basis=cfg.n_basis, coef_init=cfg.coef_init).to_dict(),
     }
 
 
 def build(cfg: TrainConfig, data: TaskData) -> Trainables:
     try:
         return Trainables(cfg.source.model(data.spec), cfg.small.model(data.spec), data.n_tasks,
-                          ProjectionConfig(n_basis=cfg.n_basis), seed=cfg.seed)
+                          ProjectionConfig(n_basis=cfg.n_basis, coef_init=cfg.coef_init), seed=cfg.seed)
     except ValueError as e:
         raise ProjectableEdgeError(f"model sizes do not fit the projection: {e}") from None
 
@@ -111,10 +111,11 @@ def evaluate_roles(model: Trainables, tokens: np.ndarray, task_ids: np.ndarray, 
     was = model.training
     model.eval()
     out = {}
-    x_all, t_all = torch.from_numpy(tokens), torch.from_numpy(task_ids)
+    device = next(model.parameters()).device
+    x_all, t_all = torch.from_numpy(tokens).to(device), torch.from_numpy(task_ids).to(device)
     for role in roles:
         bits = torch.cat([bits_per_dim(model.logits(role, x_all[i:i + batch], t_all[i:i + batch]), x_all[i:i + batch])
-                          for i in range(0, len(x_all), batch)]).numpy()
+                          for i in range(0, len(x_all), batch)]).cpu().numpy()
         out[role] = np.array([bits[task_ids == t].mean() if (task_ids == t).any() else np.nan for t in range(n_task)])
     model.train(was)
     return out
@@ -144,6 +145,7 @@ def _save_state(path: Path, model, opts, best, step: int) -> None:
     for role, snap in best.items():
         t.update({f"best/{role}/{k}": v for k, v in snap["weights"].items()})
         t[f"bestval/{role}"] = torch.tensor(snap["val"])
+        t[f"beststep/{role}"] = torch.tensor(snap["step"])
     names = {id(p): n for n, p in model.named_parameters()}
     for oname, opt in opts.items():
         for p, st in opt.state.items():
@@ -160,9 +162,10 @@ def _load_state(path: Path, model, opts, best) -> int:
     for key, v in t.items():
         parts = key.split("/")
         if parts[0] == "opt":
-            opts[parts[1]].state[params[parts[2]]][parts[3]] = v
+            p = params[parts[2]]
+            opts[parts[1]].state[p][parts[3]] = v if parts[3] == "step" else v.to(p.device)
         elif parts[0] == "bestval":
-            best[parts[1]] = {"val": float(v), "weights": {}}
+            best[parts[1]] = {"val": float(v), "step": int(t[f"beststep/{parts[1]}"]), "weights": {}}
     for key, v in t.items():
         parts = key.split("/", 2)
         if parts[0] == "best":

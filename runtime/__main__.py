@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--batch", type=int, default=16)
     b.add_argument("--sample-runs", type=int, default=None)
+    b.add_argument("--raw", action="store_true", help="include every timing (times_ms) in the JSON")
     s = sub.add_parser("sample", parents=[c], help="generate images and write a PNG grid")
     s.add_argument("-n", type=int, default=16)
     s.add_argument("--out", default="samples.png")
@@ -127,7 +128,8 @@ def run(args) -> int:
             return code
     elif args.command == "benchmark":
         from runtime.benchmark import benchmark
-        out = benchmark(model, runs=args.runs, warmup=args.warmup, batch=args.batch, sample_runs=args.sample_runs)
+        out = benchmark(model, runs=args.runs, warmup=args.warmup, batch=args.batch, sample_runs=args.sample_runs,
+                        raw=args.raw)
         code = 0 if out["verdict"] == "pass" else 1
         if not args.json:
             print_benchmark(out)

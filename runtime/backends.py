@@ -44,6 +44,8 @@ class OrtRunner:
         chosen, self.missing_providers = resolve_providers(providers)
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only; the report says which providers ran
+        # idle ORT threads sleep instead of busy-waiting, so they do not starve other processes on small CPUs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads > 0:
             so.intra_op_num_threads = int(threads)
         try:

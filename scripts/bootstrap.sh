@@ -12,8 +12,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     .venv/bin/pip install -q torch
   else
-    .venv/bin/pip install -q "torch==${TORCH_CPU_VERSION:-2.13.0}" \
-      || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    # the +cpu local version: from a local wheel cache when pip has one, else from PyTorch's CPU index
+    TORCH_CPU="torch==${TORCH_CPU_VERSION:-2.13.0}+cpu"
+    .venv/bin/pip install -q "$TORCH_CPU" 2>/dev/null \
+      || .venv/bin/pip install -q "$TORCH_CPU" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 .venv/bin/pip install -q -e ".[dev]"

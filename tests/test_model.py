@@ -120,3 +120,19 @@ def test_projection_is_task_dependent_after_the_coefficients_move():
 def test_projection_rejects_a_wider_small_model():
     with pytest.raises(ValueError, match="narrower"):
         selection_indices(SMALL, SRC)
+
+
+def test_training_makes_the_projection_task_specific():
+    """Identical bases + random mixture coefficients: one gradient step already separates tasks."""
+    from projectable_edge.trainables import Trainables
+
+    model = Trainables(SRC, SMALL, n_task=3, pcfg=ProjectionConfig(n_basis=4), seed=0)
+    w0, _ = model.projected_all()
+    assert torch.allclose(w0["h0.w1"][0], w0["h0.w1"][1])  # a slice for every task at init
+    opt = torch.optim.SGD(model.projector.parameters(), lr=0.5)
+    tokens = torch.randint(0, 17, (6, 64))
+    tasks = torch.tensor([0, 0, 1, 1, 2, 2])
+    model(tokens, tasks)["projected"].backward()
+    opt.step()
+    w1, _ = model.projected_all()
+    assert not torch.allclose(w1["h0.w1"][0], w1["h0.w1"][1], atol=1e-6)

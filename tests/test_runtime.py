@@ -350,7 +350,7 @@ def test_cli_sample_writes_png_and_score_reads_it(rt_bundle, tmp_path, capsys):
     assert main(["sample", str(rt_bundle), "-n", "4", "--out", str(out), "--seed", "1",
                  "--tokens-out", str(tmp_path / "t.npy")]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    tokens = np.load(tmp_path / "t.npy")
+    tokens = np.load(tmp_path / "t.npy", allow_pickle=False)
     assert tokens.shape == (4, 64)
     from runtime.png import write_png
     m = runtime.load(rt_bundle)

@@ -30,7 +30,7 @@ from runtime.__main__ import main
 bundle = sys.argv[1]
 model = runtime.load(bundle)
 v = runtime.validate(model)
-g = np.load(f"{bundle}/goldens.npz")["tokens"]
+g = np.load(f"{bundle}/goldens.npz", allow_pickle=False)["tokens"]
 bits = model.score(model.decode_images(g[:3]))
 toks = model.sample(2, seed=0)
 b = runtime.benchmark(model, runs=3, warmup=0, batch=2, sample_runs=2)
