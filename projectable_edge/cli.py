@@ -25,7 +25,9 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Override the preset's batch size."),
     lam: Optional[float] = typer.Option(None, help="Weight of NLL(projected) in the joint loss."),
     freeze_source: Optional[bool] = typer.Option(None, "--freeze-source/--tune-source",
-                                                 help="Keep the source fixed (project a pre-trained model)."),
+                                                 help="Keep the source fixed (with --init-source: project a "
+                                                      "pre-trained model)."),
+    init_source: Optional[Path] = typer.Option(None, help="Start the source model from this finished run."),
     seed: int = typer.Option(0, help="Seed for splits, init and batches."),
     image_size: int = typer.Option(8, help="Image folders: resize to this height and width."),
     rgb: bool = typer.Option(False, help="Image folders: keep colour (3 channels)."),
@@ -42,7 +44,9 @@ def train(
     cfg = get_preset(preset, steps=steps, batch_size=batch_size, lam=lam, freeze_source=freeze_source, seed=seed)
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
                           channels=3 if rgb else 1, levels=levels)
-    summary = run_train(cfg, data_cfg, out, resume=resume, progress=progress and not as_json,
+    if freeze_source and init_source is None:
+        err.print("[yellow]note:[/] --freeze-source without --init-source keeps a randomly initialised source")
+    summary = run_train(cfg, data_cfg, out, resume=resume, init_source=init_source, progress=progress and not as_json,
                         log=lambda m: err.print(m, markup=False))
     if as_json:
         emit_json({"run": str(out), **summary})

@@ -89,7 +89,8 @@ def generate(settings: GenerateSettings, log=print) -> tuple[Path, dict]:
     t0 = time.perf_counter()
     small = specialise(trainables, "projected", t)
     projection_ms = (time.perf_counter() - t0) * 1000
-    log(f"projected task {task_name} in {projection_ms:.2f} ms ({sum(v.numel() for v in small.weights.values()):,} params)")
+    n_params = sum(v.numel() for v in small.weights.values()) + small.cfg.d_model
+    log(f"projected task {task_name} in {projection_ms:.2f} ms ({n_params:,} params)")
     test = data.split("test", t)
     goldens = test[: settings.goldens]
     calibration = data.split("train", t)
@@ -152,7 +153,7 @@ def generate(settings: GenerateSettings, log=print) -> tuple[Path, dict]:
             "model": {"n_layer": small.cfg.n_layer, "n_head": small.cfg.n_head, "head_dim": small.cfg.head_dim,
                       "vocab_size": small.cfg.vocab_size, "block_size": small.cfg.block_size,
                       "bos_id": small.bos_id, "d_model": small.cfg.d_model,
-                      "params": sum(v.numel() for v in small.weights.values()) + small.cfg.d_model},
+                      "params": n_params},
             "io": {k: s.to_dict() for k, s in graphs.specs.items()},
             "graphs": files,
             "selected": selected,
@@ -179,7 +180,8 @@ def generate(settings: GenerateSettings, log=print) -> tuple[Path, dict]:
     return out, manifest
 
 
-def _compile(compile_for_target, profile: DeviceProfile, tmp: Path, files: dict, variant: str, log) -> tuple[dict, dict]:
+def _compile(compile_for_target, profile: DeviceProfile, tmp: Path, files: dict, variant: str,
+             log) -> tuple[dict, dict]:
     """Compile (or defer) both graphs of the selected variant; the manifest's `engine` entry."""
     reports = {}
     base = "engine" if profile.compile_backend == "tensorrt" else "ort"

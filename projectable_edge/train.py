@@ -32,6 +32,7 @@ from projectable_edge.data import DataConfig, TaskData, load_dataset, shift_augm
 from projectable_edge.model import bits_per_dim
 from projectable_edge.projection import ProjectionConfig
 from projectable_edge.trainables import ROLES, Trainables
+from runtime.manifest import sha256_file
 
 RUN_FORMAT = 1
 
@@ -173,6 +174,16 @@ def _load_state(path: Path, model, opts, best) -> int:
     return int(t["step"])
 
 
+def _source_weights(run: Path, cfg: TrainConfig, data: TaskData) -> dict[str, torch.Tensor]:
+    """The source M (weights + task embeddings) of a finished run, checked to fit this run."""
+    meta = load_json(run / "config.json")
+    if meta.get("task_names") != data.task_names or meta.get("source_model") != cfg.source.model(data.spec).to_dict():
+        raise ProjectableEdgeError(f"--init-source {run}: its source model or tasks differ from this run's "
+                                   "(use the same preset and dataset)")
+    t = load_tensors(run / "model.safetensors", kind="run")
+    return {k: v for k, v in t.items() if k.startswith(("source.", "source_task"))}
+
+
 def _dist_setup() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
@@ -186,10 +197,15 @@ def _dist_setup() -> tuple[int, int, torch.device]:
 
 
 def train(cfg: TrainConfig, data_cfg: DataConfig, out: Path, *, resume: bool = False,
-          progress: bool = True, log=print) -> dict:
-    """Train one run into `out`. Returns the final summary (val bits per role, timing)."""
+          init_source: Path | None = None, progress: bool = True, log=print) -> dict:
+    """Train one run into `out`. Returns the final summary (val bits per role, timing).
+
+    init_source: a finished run whose source model M (weights + task embeddings) this run
+    starts from; with cfg.freeze_source the operator then learns to project that fixed M.
+    """
     out = Path(out)
     data = load_dataset(data_cfg)  # bad input fails here, before anything is written
+    source_init = _source_weights(Path(init_source), cfg, data) if init_source else None
     if out.exists():
         raise ProjectableEdgeError(f"run folder {out} already exists: choose another --out or delete it")
     work = partial_dir(out)
@@ -198,7 +214,12 @@ def train(cfg: TrainConfig, data_cfg: DataConfig, out: Path, *, resume: bool = F
             f"an interrupted run was found at {work}: pass --resume to continue it, or delete that folder")
     rank, world, device = _dist_setup()
     meta = run_config(cfg, data_cfg, data)
-    model = build(cfg, data).to(device)
+    model = build(cfg, data)
+    if source_init is not None:
+        model.load_state_dict(source_init, strict=False)
+        meta["init_source"] = {"run": str(init_source),
+                               "weights_sha256": sha256_file(Path(init_source) / "model.safetensors")}
+    model = model.to(device)
     opts = _optimizers(model, cfg)
     best: dict[str, dict] = {}
     start = 0
@@ -295,7 +316,8 @@ def load_run(run: Path) -> tuple[dict, Trainables, TaskData]:
     """Load a finished run: its config, the best weights of every role, and its dataset."""
     run = Path(run)
     if not run.is_dir():
-        hint = f" (an interrupted run is at {partial_dir(run)}: resume it with --resume)" if partial_dir(run).exists() else ""
+        hint = (f" (an interrupted run is at {partial_dir(run)}: resume it with --resume)"
+                if partial_dir(run).exists() else "")
         raise ProjectableEdgeError(f"run folder {run} not found{hint}")
     meta = load_json(run / "config.json")
     if meta.get("format") != "projectable-edge-run":

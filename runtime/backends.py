@@ -8,6 +8,8 @@ one and says why, so a silent CPU fallback never passes for a TensorRT run.
 """
 from __future__ import annotations
 
+import os
+
 import ctypes
 import ctypes.util
 from pathlib import Path
@@ -228,7 +230,10 @@ def make_runners(bundle_dir: Path, manifest: dict[str, Any], variant: str, profi
     graphs = manifest["graphs"][variant]
     engine = manifest["engine"]
     requested = list(providers) if providers else list(profile.execution_providers)
-    threads = int(profile.threads if threads is None else threads)
+    if threads is None:
+        # the profile's count is the device's; never ask for more threads than this machine has cores
+        threads = min(int(profile.threads), os.cpu_count() or 1) if profile.threads else 0
+    threads = int(threads)
     if threads < 0:
         raise ProjectableEdgeError(f"threads must be >= 0 (0 = onnxruntime default), got {threads}")
     engine_path, reason = choose_engine(bundle_dir, engine, variant, backend)

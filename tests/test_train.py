@@ -115,16 +115,19 @@ def test_torchrun_ddp_on_cpu(tmp_path):
     assert all(v < UNIFORM_BITS for v in summary["best_val_bits"].values())
 
 
-def test_frozen_source_keeps_the_source_fixed(tmp_path):
+def test_frozen_pretrained_source_is_projected_as_is(tiny_run, tmp_path):
+    """--init-source + --freeze-source: the operator learns to project a fixed, pre-trained M."""
     cfg = replace(preset("tiny"), steps=10, freeze_source=True, eval_every=10)
-    train(cfg, DataConfig(), tmp_path / "f", progress=False)
+    train(cfg, DataConfig(), tmp_path / "f", init_source=tiny_run, progress=False)
     _, model, _ = load_run(tmp_path / "f")
-    from projectable_edge.train import build
-    from projectable_edge.data import load_dataset
-
-    init = build(cfg, load_dataset(DataConfig()))
-    assert torch.equal(model.source.weights()["h0.wq"], init.source.weights()["h0.wq"])
-    assert not torch.equal(model.projector.coef.weight, init.projector.coef.weight)
+    _, pre, _ = load_run(tiny_run)
+    assert torch.equal(model.source.weights()["h0.wq"], pre.source.weights()["h0.wq"])
+    assert torch.equal(model.source_task, pre.source_task)
+    assert not torch.equal(model.projector.coef.weight, pre.projector.coef.weight)
+    with pytest.raises(ProjectableEdgeError, match="init-source"):
+        train(replace(cfg, source=replace(cfg.source, d_mlp=128)), DataConfig(), tmp_path / "g",
+              init_source=tiny_run, progress=False)
+    assert not (tmp_path / "g").exists()
 
 
 def test_bad_inputs_leave_nothing_behind(tmp_path):
