@@ -272,6 +272,12 @@ def train(cfg: TrainConfig, data_cfg: DataConfig, out: Path, *, resume: bool = F
                "train_seconds": time.time() - t0,
                "best_val_bits": {r: b["val"] for r, b in best.items()},
                "best_step": {r: b.get("step") for r, b in best.items()}}
+    if world > 1:  # DDP must have kept every rank's weights identical; check rather than assume
+        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        sums = [torch.zeros_like(total) for _ in range(world)]
+        dist.all_gather(sums, total)
+        summary["rank_weight_sums"] = [float(x) for x in sums]
+        summary["ranks_in_sync"] = all(torch.equal(x, sums[0]) for x in sums)
     if rank == 0:
         # The shipped pair (source, operator) is the projected role's best step; the source
         # role's own best step is kept under "source_best/" for its row of the table.

@@ -112,6 +112,7 @@ def test_torchrun_ddp_on_cpu(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
+    assert summary["ranks_in_sync"], summary["rank_weight_sums"]  # each rank saw other batches
     assert all(v < UNIFORM_BITS for v in summary["best_val_bits"].values())
 
 
