@@ -20,17 +20,11 @@ import torch
 from projectable_edge.data import shift_augment
 from projectable_edge.model import bits_per_dim, forward, init_weights, nll
 from projectable_edge.train import load_run
+from runtime.benchmark import time_calls
 
 
 def time_projection(model, task: int, repeats: int = 200) -> float:
-    for _ in range(10):
-        model.specialise("projected", task)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.specialise("projected", task)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(time_calls(lambda: model.specialise("projected", task), repeats, warmup=10)))
 
 
 def source_vs_small(model, task: int, tokens: torch.Tensor, repeats: int = 30) -> dict:
@@ -44,14 +38,7 @@ def source_vs_small(model, task: int, tokens: torch.Tensor, repeats: int = 30) -
     out = {}
     with torch.no_grad():
         for name, fn in runs.items():
-            for _ in range(3):
-                fn()
-            ts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            out[f"{name}_ms"] = float(np.median(ts)) * 1e3
+            out[f"{name}_ms"] = float(np.median(time_calls(fn, repeats, warmup=3))) * 1e3
     out["source_over_projected"] = out["source_ms"] / out["projected_ms"]
     out["batch"] = len(x)
     return out
