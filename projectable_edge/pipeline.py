@@ -26,15 +26,14 @@ import torch
 
 from devices.errors import ProjectableEdgeError
 from devices.profiles import DeviceProfile, load_profile
-from runtime.benchmark import _ARCH
-from runtime.validate import DEFAULT_TOLERANCE
 from projectable_edge.model import bits_per_dim
 from projectable_edge.project import specialise
-from runtime.manifest import sha256_file
 from projectable_edge.train import evaluate_roles, load_run, source_best
+from runtime.benchmark import _ARCH
+from runtime.manifest import sha256_file
+from runtime.validate import DEFAULT_TOLERANCE  # |bits(goldens) - manifest| the runtime allows
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
-BITS_TOLERANCE = DEFAULT_TOLERANCE  # runtime validation: |bits(goldens) - manifest| allowed, in bits/dim
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def generate(settings: GenerateSettings, log=print) -> tuple[Path, dict]:
             a["delta"] = a["bits"] - fp32_bits
             a["delta_vs_pytorch"] = a["bits"] - float(ref_bits.mean())
             a.setdefault("within_budget", True)
-            a["tolerance"] = BITS_TOLERANCE
+            a["tolerance"] = DEFAULT_TOLERANCE
         usable = [v for v in variants if v in accuracy and accuracy[v]["within_budget"]]
         selected = usable[0] if usable else "fp32"
         if settings.precision != "auto":
@@ -159,7 +158,7 @@ def generate(settings: GenerateSettings, log=print) -> tuple[Path, dict]:
             "selected": selected,
             "selection": {"reason": why, "built": list(files), "rejected": rejected},
             "engine": engine,
-            "accuracy": {"reference_bits": float(ref_bits.mean()), "tolerance": BITS_TOLERANCE,
+            "accuracy": {"reference_bits": float(ref_bits.mean()), "tolerance": DEFAULT_TOLERANCE,
                          "n_goldens": int(len(goldens)), "variants": accuracy,
                          "task_test_bits": reference},
             "latency_host": {},
