@@ -20,15 +20,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/tiny_models.py: the synthetic model and tokens
 
 from exporters.onnx_export import export_onnx  # noqa: E402
-from exporters.onnx_io import make_session  # noqa: E402
 from exporters.quantize import QuantizeSettings, quantize  # noqa: E402
-from exporters.sampling import sample_decode, sample_recompute  # noqa: E402
-from exporters.testing import synthetic_tokens, tiny_trained_model  # noqa: E402
 from projectable_edge.model import ModelConfig  # noqa: E402
 from runtime.benchmark import time_calls  # noqa: E402
+from runtime.graphs import CacheLayout  # noqa: E402
+from runtime.runners import OrtRunner, ort_session  # noqa: E402
+from runtime.sampler import sample_kv, sample_recompute  # noqa: E402
+from tiny_models import synthetic_tokens, tiny_trained_model  # noqa: E402
 
 
 def timed(fn, warmup: int, runs: int) -> dict:
@@ -97,11 +99,12 @@ def main() -> None:
             with torch.no_grad():
                 lat[f"pytorch_b{b}"] = timed(lambda: model(xt), a.warmup, a.runs)
             for name, path in variants.items():
-                s = make_session(path, threads=a.threads)
+                s = ort_session(path, threads=a.threads)
                 lat[f"{name}_b{b}"] = timed(lambda: s.run(None, {"tokens": x}), a.warmup, a.runs)
-        dec, sco = make_session(art.decode, threads=a.threads), make_session(art.scoring, threads=a.threads)
-        lat["sample_kv_cache"] = timed(lambda: sample_decode(dec, 1, seed=0), 2, a.sample_runs)
-        lat["sample_recompute"] = timed(lambda: sample_recompute(sco, 1, seed=0), 2, a.sample_runs)
+        dec, sco = OrtRunner(art.decode, threads=a.threads), OrtRunner(art.scoring, threads=a.threads)
+        layout, length = CacheLayout.of(art.specs["decode"]), cfg.block_size
+        lat["sample_kv_cache"] = timed(lambda: sample_kv(dec, layout, 1, length, seed=0), 2, a.sample_runs)
+        lat["sample_recompute"] = timed(lambda: sample_recompute(sco, 1, length, seed=0), 2, a.sample_runs)
         res["latency"] = lat
 
     m = {k: v["median_ms"] for k, v in lat.items()}

@@ -23,11 +23,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime  # noqa: E402
+from runtime.runners import ort_session  # noqa: E402
 from runtime.scoring import bits_per_dim  # noqa: E402
 
 
@@ -91,11 +91,8 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def measure(bundle: Path, runs: int, warmup: int, threads: int | None, batches=(1, 16)) -> dict:
     model = runtime.load(bundle, precision="fp32", backend="onnxruntime", threads=threads)
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as OrtRunner: like for like
-    if model.backend["threads"] > 0:
-        so.intra_op_num_threads = model.backend["threads"]
-    sess = ort.InferenceSession(str(model.score_runner.path), sess_options=so, providers=["CPUExecutionProvider"])
+    # the bare side: a plain session with the same options as the runtime's (the one session factory)
+    sess = ort_session(model.score_runner.path, threads=model.backend["threads"])
     out = {"bundle": str(bundle), "runs": runs, "threads": model.backend["threads"],
            "providers": model.backend["providers"], "cases": {}}
     goldens = bundle / model.manifest.get("goldens", "goldens.npz")

@@ -5,7 +5,8 @@
 For each task: project, export (scoring graph), check parity with PyTorch on the task's test
 images, then FP16, INT8 dynamic and INT8 static (QDQ, calibrated on the task's training images)
 with their bits/dim against fp32. Prints one line per task and the worst case of each check
-against the acceptance bounds (fp32 logits within 1e-4; fp16 within 0.5%; int8 static within 3%).
+against the variant registry's bounds (devices/variants.py: fp32 logits tolerance, each precision's
+relative bits/dim budget).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devices import variants as registry  # noqa: E402
 from exporters.onnx_export import ExportSettings, export_onnx  # noqa: E402
 from exporters.quantize import quantize  # noqa: E402
 from projectable_edge.project import specialise  # noqa: E402
@@ -60,9 +62,10 @@ def main() -> None:
                   f"int8-static {row['int8-static_rel']:+.3%}", flush=True)
     worst = {"fp32_max_abs_logits": max(r["fp32_max_abs_logits"] for r in rows),
              **{f"{v}_max_abs_rel": max(abs(r[f"{v}_rel"]) for r in rows) for v in VARIANTS}}
-    checks = {"fp32 logits <= 1e-4": worst["fp32_max_abs_logits"] <= 1e-4,
-              "fp16 within 0.5%": worst["fp16_max_abs_rel"] <= 0.005,
-              "int8-static within 3%": worst["int8-static_max_abs_rel"] <= 0.03}
+    atol, budget = registry.FP32.tolerance("logits").atol, {v: registry.get(v).budget_rel for v in VARIANTS}
+    checks = {f"fp32 logits <= {atol:g}": worst["fp32_max_abs_logits"] <= atol,
+              **{f"{v} within {budget[v]:.1%}": worst[f"{v}_max_abs_rel"] <= budget[v]
+                 for v in ("fp16", "int8-static")}}
     report = {"run": args.run, "tasks": rows, "worst": worst, "checks": checks}
     print("worst case: " + ", ".join(f"{k} {v:.3g}" for k, v in worst.items()))
     print("checks: " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in checks.items()))

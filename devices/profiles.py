@@ -16,13 +16,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from devices.choices import Arch, CompileBackend, values
 from devices.errors import ProjectableEdgeError
+from devices.variants import profile_precisions
 
 DEFAULT_TARGET = "x86-64-cpu"
-
-PRECISIONS = ("fp32", "fp16", "int8")
-COMPILE_BACKENDS = ("tensorrt", "onnxruntime")
-ARCHES = ("aarch64", "x86_64")
 EXECUTION_PROVIDERS = (
     "TensorrtExecutionProvider",
     "CUDAExecutionProvider",
@@ -69,7 +67,7 @@ class DeviceProfile:
     arch: str
     memory_mb: int
     precisions: tuple[str, ...]  # preference order
-    compile_backend: str
+    compile_backend: CompileBackend
     execution_providers: tuple[str, ...]  # ONNX Runtime providers, in order
     threads: int  # 0 = ONNX Runtime default (all physical cores)
     software: dict[str, str]  # versions the device ships (jetpack, tensorrt, ...)
@@ -86,7 +84,7 @@ class DeviceProfile:
             "arch": self.arch,
             "memory_mb": self.memory_mb,
             "precisions": list(self.precisions),
-            "compile_backend": self.compile_backend,
+            "compile_backend": str(self.compile_backend),
             "execution_providers": list(self.execution_providers),
             "threads": self.threads,
             "software": dict(self.software),
@@ -221,13 +219,13 @@ def _parse(data: dict[str, Any], source: str) -> DeviceProfile:
     name = _name(c, "name", c.get("name", str))
     aliases = tuple(_name(c, "aliases", a) for a in c.get("aliases", list, []))
     memory_mb = c.positive("memory_mb")
-    precisions = c.choices("precisions", PRECISIONS)
-    backend = c.choice("compile_backend", COMPILE_BACKENDS)
+    precisions = c.choices("precisions", profile_precisions())
+    backend = CompileBackend(c.choice("compile_backend", values(CompileBackend)))
     software = c.sub("software") if "software" in data else _Checker(source, {}, "software.")
     versions = {k: software.text(k) for k in software.table}
 
     trt = None
-    if backend == "tensorrt":
+    if backend is CompileBackend.TENSORRT:
         if "tensorrt" not in data:
             raise c.fail("tensorrt", "is missing (required when compile_backend = \"tensorrt\")")
         if "tensorrt" not in versions:
@@ -241,7 +239,7 @@ def _parse(data: dict[str, Any], source: str) -> DeviceProfile:
         if trt.workspace_mb >= memory_mb:
             raise t.fail("workspace_mb", f"({trt.workspace_mb}) must be below memory_mb ({memory_mb})")
     elif "tensorrt" in data:
-        raise c.fail("tensorrt", f"is only allowed with compile_backend = \"tensorrt\" (got {backend!r})")
+        raise c.fail("tensorrt", f"is only allowed with compile_backend = \"tensorrt\" (got {str(backend)!r})")
 
     b = c.sub("budgets")
     b.only(("p99_latency_ms", "memory_mb"))
@@ -251,7 +249,7 @@ def _parse(data: dict[str, Any], source: str) -> DeviceProfile:
         raise b.fail("memory_mb", f"({budgets.memory_mb}) exceeds the device's memory_mb ({memory_mb})")
 
     return DeviceProfile(
-        name=name, aliases=aliases, description=c.text("description"), arch=c.choice("arch", ARCHES),
+        name=name, aliases=aliases, description=c.text("description"), arch=c.choice("arch", values(Arch)),
         memory_mb=memory_mb, precisions=precisions, compile_backend=backend,
         execution_providers=c.choices("execution_providers", EXECUTION_PROVIDERS),
         threads=c.positive("threads", int, minimum=0), software=versions, tensorrt=trt,

@@ -1,4 +1,4 @@
-"""ONNX export of a SpecialisedModel: a scoring graph and a KV-cache decode graph.
+"""ONNX export of a model (exporters.protocol.ExportableModel): a scoring graph and a KV-cache decode graph.
 
 Uses torch.onnx's dynamo exporter (torch.export + onnxscript): the TorchScript path
 cannot export the causal mask's data-dependent `tril` diagonal, and dynamo gives clean
@@ -20,13 +20,14 @@ import onnx
 import torch
 
 from devices.errors import ProjectableEdgeError
-from exporters.atomic import atomic_dir
 from exporters.onnx_io import check_tokens, file_info
+from exporters.protocol import DecodeStep, ExportableModel
 from exporters.spec import GRAPHS, ExportSpec, attach_spec, spec_from_onnx
-from projectable_edge.model import DecodeWrapper, SpecialisedModel
+from runtime.atomic import atomic_output
+from runtime.graphs import GraphKind
 
 MIN_OPSET = 17
-FILES = {"scoring": "scoring.onnx", "decode": "decode.onnx"}
+FILES = {str(k): k.file_name for k in GraphKind}
 REPORT_FILE = "export_report.json"
 
 
@@ -36,7 +37,7 @@ class ExportSettings:
     graphs: tuple[str, ...] = GRAPHS
     max_batch: int = 4096  # upper bound declared for the dynamic batch axis
     parity: bool = True
-    tolerances: dict | None = None  # {output: {"atol":, "rtol":}} overriding parity.DEFAULT_TOLERANCES['fp32']
+    tolerances: dict | None = None  # {output: {"atol":, "rtol":}} overriding the fp32 variant's tolerances
 
     def __post_init__(self):
         if self.opset < MIN_OPSET:
@@ -66,15 +67,13 @@ class ExportedGraphs:
         return self.paths["decode"]
 
 
-# Dim names written into the graphs; the sampler and the runtime read them from ExportSpec.
-_IO = {
-    "scoring": (["tokens"], ["logits"],
-                {"tokens": ["batch", "seq"], "logits": ["batch", "seq", None]}),
-    "decode": (["token", "past_keys", "past_values"], ["logits", "present_keys", "present_values"],
-               {"token": ["batch", None], "past_keys": [None, "batch", None, "past", None],
-                "past_values": [None, "batch", None, "past", None], "logits": ["batch", None],
-                "present_keys": [None, "batch", None, "past + 1", None],
-                "present_values": [None, "batch", None, "past + 1", None]}),
+# Dim names written into the graphs' I/O (and so into each graph's ExportSpec).
+_DIMS = {
+    "scoring": {"tokens": ["batch", "seq"], "logits": ["batch", "seq", None]},
+    "decode": {"token": ["batch", None], "past_keys": [None, "batch", None, "past", None],
+               "past_values": [None, "batch", None, "past", None], "logits": ["batch", None],
+               "present_keys": [None, "batch", None, "past + 1", None],
+               "present_values": [None, "batch", None, "past + 1", None]},
 }
 
 
@@ -96,7 +95,7 @@ def _quiet_exporter():
 
 def _name_dims(model: onnx.ModelProto, graph: str) -> None:
     """Give the graph I/O our dim names (dynamo derives them from torch's symbols)."""
-    dims = _IO[graph][2]
+    dims = _DIMS[graph]
     for vi in [*model.graph.input, *model.graph.output]:
         for d, name in zip(vi.type.tensor_type.shape.dim, dims[vi.name]):
             if name is not None:
@@ -136,28 +135,30 @@ def _tidy(model: onnx.ModelProto) -> None:
             used.add(n.name)
 
 
-def _export_one(model: SpecialisedModel, graph: str, settings: ExportSettings) -> onnx.ModelProto:
+def _export_one(model: ExportableModel, graph: str, settings: ExportSettings) -> onnx.ModelProto:
     cfg = model.cfg
-    inputs, outputs, _ = _IO[graph]
+    inputs, outputs = GraphKind(graph).inputs, GraphKind(graph).outputs
     batch = torch.export.Dim("batch", min=1, max=settings.max_batch)
     if graph == "scoring":
         module, args = model, (torch.zeros(2, cfg.block_size, dtype=torch.long),)
         dyn = {"tokens": {0: batch, 1: torch.export.Dim("seq", min=1, max=cfg.block_size)}}
     else:
-        module = DecodeWrapper(model)
+        module = DecodeStep(model)
         cache = torch.zeros(cfg.n_layer, 2, cfg.n_head, 3, cfg.head_dim)
         args = (torch.zeros(2, 1, dtype=torch.long), cache, cache.clone())
         past = torch.export.Dim("past", min=0, max=cfg.block_size - 1)
         dyn = {"token": {0: batch}, "past_keys": {1: batch, 3: past}, "past_values": {1: batch, 3: past}}
     try:
         with _quiet_exporter(), torch.no_grad():
-            prog = torch.onnx.export(module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs,
+            prog = torch.onnx.export(module.eval(), args, dynamo=True, input_names=list(inputs),
+                                     output_names=list(outputs),
                                      dynamic_shapes=dyn, opset_version=settings.opset, optimize=True,
                                      verbose=False)
     except Exception as e:  # torch.export failures are long; keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ProjectableEdgeError(f"torch.onnx could not export the {graph} graph ({first}); "
-                                   "check that the model is a SpecialisedModel from projectable_edge") from None
+                                   "check that the model implements exporters.protocol.ExportableModel (e.g. a "
+                                   "projectable_edge SpecialisedModel)") from None
     proto = prog.model_proto
     _tidy(proto)
     _name_dims(proto, graph)
@@ -170,7 +171,7 @@ def _export_one(model: SpecialisedModel, graph: str, settings: ExportSettings) -
     return proto
 
 
-def export_onnx(model: SpecialisedModel, settings: ExportSettings | dict | None, out_dir: str | Path, *,
+def export_onnx(model: ExportableModel, settings: ExportSettings | dict | None, out_dir: str | Path, *,
                 heldout: np.ndarray | None = None, overwrite: bool = False,
                 log=None) -> tuple[ExportedGraphs, dict]:
     """Export scoring.onnx + decode.onnx into out_dir and parity-check both against PyTorch.
@@ -183,9 +184,10 @@ def export_onnx(model: SpecialisedModel, settings: ExportSettings | dict | None,
     if isinstance(settings, dict):
         settings = ExportSettings(**settings)
     settings = settings or ExportSettings()
-    if not isinstance(model, SpecialisedModel):
-        raise ProjectableEdgeError(f"export needs a SpecialisedModel, got {type(model).__name__}; load one with "
-                                   "projectable_edge.project.load_projected")
+    if not isinstance(model, ExportableModel):
+        raise ProjectableEdgeError(f"export needs a model implementing exporters.protocol.ExportableModel (a "
+                                   f"projectable_edge SpecialisedModel), got {type(model).__name__}; load one "
+                                   "with projectable_edge.project.load_projected")
     cfg = model.cfg
     if heldout is not None:
         heldout = check_tokens(heldout, cfg.vocab_size, cfg.block_size, "held-out tokens")
@@ -194,7 +196,7 @@ def export_onnx(model: SpecialisedModel, settings: ExportSettings | dict | None,
                     "torch_version": torch.__version__, "onnx_version": onnx.__version__, "graphs": {}}
     paths, specs = {}, {}
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
         for graph in settings.graphs:
             if log:
                 log(f"exporting the {graph} graph")

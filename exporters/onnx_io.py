@@ -1,7 +1,9 @@
-"""Loading ONNX files and opening ONNX Runtime sessions with errors a user can act on.
+"""Loading ONNX files, token files and fingerprints with errors a user can act on.
 
 Every later step (parity, quantization, compile) takes a path a user typed, so a
 missing, corrupt or foreign file must become one ProjectableEdgeError, not a protobuf trace.
+Sessions are opened by runtime.runners (the one session factory); tokens are checked by
+runtime.tokenizer.validate_tokens (the one token validator).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import numpy as np
 import onnx
 
 from devices.errors import ProjectableEdgeError
-from runtime.manifest import sha256_file  # noqa: F401  (re-exported: the bundle's one file hash)
+from devices.variants import FP32, VARIANTS
+from runtime.graphs import GraphKind, kind_of
+from runtime.manifest import sha256_file
+from runtime.tokenizer import validate_tokens
 
 
 def file_info(path: str | os.PathLike) -> dict:
@@ -44,57 +49,26 @@ def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     return model
 
 
-def graph_kind(model: onnx.ModelProto) -> str:
-    """'scoring' (tokens -> logits) or 'decode' (token + KV cache); anything else is an error."""
-    names = {i.name for i in model.graph.input}
-    if names == {"tokens"}:
-        return "scoring"
-    if names == {"token", "past_keys", "past_values"}:
-        return "decode"
-    raise ProjectableEdgeError(f"ONNX graph inputs {sorted(names)} are neither a scoring graph ('tokens') nor "
-                               "a decode graph ('token', 'past_keys', 'past_values'); use a graph written by "
-                               "`projectable-edge export`")
+def graph_kind(model: onnx.ModelProto) -> GraphKind:
+    """SCORING (tokens -> logits) or DECODE (token + KV cache); anything else is an error."""
+    return kind_of(i.name for i in model.graph.input)
 
 
-def make_session(path_or_bytes, threads: int = 1, providers: list[str] | None = None,
-                 optimization: str = "all"):
-    """An ONNX Runtime session. One thread by default: validation runs tiny graphs on shared CPUs."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-    src = str(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else path_or_bytes
-    try:
-        return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
-    except Exception as e:
-        where = src if isinstance(src, str) else "<in-memory model>"
-        raise ProjectableEdgeError(f"ONNX Runtime cannot load {where} ({e}); "
-                                   "re-export it or pick a precision this build supports") from None
+def variant_of(model: onnx.ModelProto) -> str:
+    """Which registry variant a graph is: the one whose marker ops it holds, else fp16 by its weights, else fp32."""
+    ops = {n.op_type for n in model.graph.node}
+    for v in VARIANTS.values():
+        if ops & set(v.marker_ops):
+            return v.name
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        return next(v.name for v in VARIANTS.values() if v.family == "fp16")
+    return FP32.name
 
 
 def check_tokens(tokens, vocab_size: int, block_size: int, what: str = "tokens") -> np.ndarray:
-    """Validate a token array ([N, T] ints in [0, vocab)); returns it as contiguous int64."""
-    arr = np.asarray(tokens)
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ProjectableEdgeError(f"{what} must be a non-empty [N, T] array of token ids, got shape "
-                                   f"{arr.shape}; pass the task's token array (e.g. np.save of data tokens)")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ProjectableEdgeError(f"{what} must hold integer token ids, got dtype {arr.dtype}")
-    if arr.shape[1] > block_size:
-        raise ProjectableEdgeError(f"{what} has sequences of {arr.shape[1]} tokens; the model takes at most "
-                                   f"{block_size}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ProjectableEdgeError(f"{what} holds ids in [{lo}, {hi}] but the model's vocabulary is "
-                                   f"[0, {vocab_size - 1}]; use tokens from the same tokenizer")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    """A non-empty [N, T] array of ids in [0, vocab) with T <= block_size, as contiguous int64."""
+    arr = validate_tokens(tokens, vocab_size, max_length=block_size, allow_empty=False, what=what)
+    return np.ascontiguousarray(arr)
 
 
 def tokens_sha256(tokens: np.ndarray) -> str:

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from devices.choices import choose
 from devices.errors import ProjectableEdgeError
-from exporters.atomic import atomic_dir
-from exporters.onnx_io import file_info, load_onnx, make_session
+from exporters.onnx_io import file_info, load_onnx
 from exporters.spec import read_spec
+from runtime.atomic import atomic_output
+from runtime.runners import OptLevel, OrtRunner, ort_session
 
-LEVELS = ("basic", "extended", "all")
 REPORT_FILE = "compile_report.json"
 
 
@@ -35,8 +36,10 @@ class OrtCompileSettings:
 
     def __post_init__(self):
         for k in ("optimized_level", "ort_format_level"):
-            if getattr(self, k) not in LEVELS:
-                raise ProjectableEdgeError(f"{k} must be one of {', '.join(LEVELS)}, got {getattr(self, k)!r}")
+            level = choose(OptLevel, getattr(self, k), f"ONNX Runtime {k}")
+            if level is OptLevel.DISABLE:
+                raise ProjectableEdgeError(f"{k} 'disable' writes an unoptimized graph; choose basic, extended or all")
+            object.__setattr__(self, k, level)
 
     @classmethod
     def from_profile(cls, profile) -> "OrtCompileSettings":
@@ -45,23 +48,12 @@ class OrtCompileSettings:
                    execution_providers=tuple(d.get("execution_providers") or ("CPUExecutionProvider",)))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "execution_providers": list(self.execution_providers)}
+        return {**asdict(self), "optimized_level": str(self.optimized_level),
+                "ort_format_level": str(self.ort_format_level), "execution_providers": list(self.execution_providers)}
 
 
 def _save_optimized(src: Path, dst: Path, level: str, ort_format: bool) -> None:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.optimized_model_filepath = str(dst)
-    if ort_format:
-        so.add_session_config_entry("session.save_model_format", "ORT")
-    try:
-        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ProjectableEdgeError(f"ONNX Runtime could not optimize {src} ({e}); re-export it") from None
+    ort_session(src, optimization=level, save_optimized=dst, ort_format=ort_format)
 
 
 def _smoke(path: Path, reference: Path, spec) -> float:
@@ -72,8 +64,8 @@ def _smoke(path: Path, reference: Path, spec) -> float:
     else:
         cache = rng.standard_normal((spec.n_layer, 2, spec.n_head, 3, spec.head_dim)).astype(np.float32)
         feed = {"token": np.array([[spec.bos_id], [1]], np.int64), "past_keys": cache, "past_values": cache * 0.5}
-    got = make_session(path, optimization="disable").run(["logits"], feed)[0]
-    ref = make_session(reference).run(["logits"], feed)[0]
+    got = OrtRunner(path, threads=1, optimization="disable").run(feed)["logits"]
+    ref = OrtRunner(reference, threads=1).run(feed)["logits"]
     return float(np.abs(got - ref).max())
 
 
@@ -94,7 +86,7 @@ def compile_onnxruntime(onnx_path: str | Path, settings: OrtCompileSettings | di
     names = {"optimized_onnx": f"{stem}.optimized.onnx", "ort_format": f"{stem}.ort",
              "required_operators": f"{stem}.required_operators.config"}
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
         if log:
             log(f"optimizing {src.name} for ONNX Runtime ({settings.optimized_level}) and writing the ORT format "
                 f"({settings.ort_format_level})")
@@ -115,7 +107,8 @@ def compile_onnxruntime(onnx_path: str | Path, settings: OrtCompileSettings | di
         opt = onnx.load(str(tmp / names["optimized_onnx"]))
         report = {"backend": "onnxruntime", "status": "built", "target": settings.target,
                   "settings": settings.to_dict(), **names,
-                  "levels": {"optimized_onnx": settings.optimized_level, "ort_format": settings.ort_format_level},
+                  "levels": {"optimized_onnx": str(settings.optimized_level),
+                             "ort_format": str(settings.ort_format_level)},
                   "max_abs_diff": diffs, "op_types": sorted({f"{n.domain + '::' if n.domain else ''}{n.op_type}"
                                                              for n in opt.graph.node}),
                   "onnxruntime_version": __import__("onnxruntime").__version__}

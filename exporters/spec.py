@@ -1,7 +1,8 @@
 """ExportSpec: the I/O contract of an exported graph, read back from the graph itself.
 
-The bundle manifest carries it so the torch-free runtime knows input names, dtypes,
-dynamic axes and how to build an empty KV cache without opening the ONNX protobuf.
+It is stored in the graph's metadata, so a lone .onnx file still knows its BOS id and cache
+shape (what parity, quantization and compilation need), and the manifest's `io` field records
+it for people. The runtime itself reads the manifest's `model` field, not this.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from dataclasses import dataclass
 
 import onnx
 
+from devices.choices import values
 from devices.errors import ProjectableEdgeError
+from runtime.graphs import CacheLayout, GraphKind
 
-GRAPHS = ("scoring", "decode")
+GRAPHS = values(GraphKind)
 _DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
            onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
 
@@ -47,8 +50,16 @@ class ExportSpec:
     n_head: int
     head_dim: int
 
+    @property
+    def kind(self) -> GraphKind:
+        return GraphKind(self.graph)
+
+    @property
+    def layout(self) -> CacheLayout:
+        return CacheLayout.of(self)
+
     def to_dict(self) -> dict:
-        return {"graph": self.graph, "opset": self.opset,
+        return {"graph": str(self.graph), "opset": self.opset,
                 "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id, "block_size": self.block_size,
                 "n_layer": self.n_layer, "n_head": self.n_head, "head_dim": self.head_dim}
@@ -77,8 +88,8 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 
 def spec_from_onnx(model: onnx.ModelProto, graph: str, cfg) -> ExportSpec:
-    """Build the spec from the graph's declared I/O (so it cannot drift from the file)."""
-    return ExportSpec(graph=graph, opset=opset_of(model),
+    """Build the spec from the graph's declared I/O (so it cannot drift from the file); cfg: a ModelShape."""
+    return ExportSpec(graph=str(graph), opset=opset_of(model),
                       inputs=tuple(_tensor_spec(v) for v in model.graph.input),
                       outputs=tuple(_tensor_spec(v) for v in model.graph.output),
                       vocab_size=cfg.vocab_size, bos_id=cfg.vocab_size, block_size=cfg.block_size,

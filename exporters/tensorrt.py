@@ -15,11 +15,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from devices import variants
 from devices.errors import ProjectableEdgeError
-from exporters.atomic import atomic_dir
-from exporters.onnx_io import file_info, load_onnx
+from exporters.onnx_io import file_info, load_onnx, variant_of
 from exporters.spec import read_spec
 from exporters.trt_check import check_tensorrt_compat
+from runtime.atomic import atomic_output
+from runtime.manifest import EngineStatus
 
 SCRIPT = "build_engine.sh"
 REPORT_FILE = "compile_report.json"
@@ -68,13 +70,19 @@ def _shape_arg(shapes: dict[str, list[int]]) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
 
 
-def trtexec_command(onnx_name: str, engine_name: str, settings: TensorRTSettings, spec, quantized: bool) -> list[str]:
+def builder_flags(settings: TensorRTSettings, variant: variants.Variant) -> tuple[str, ...]:
+    """Builder precision flags: fp16 kernels wherever the profile allows them (TensorRT picks per
+    layer), plus what the variant needs and the profile enables (int8 only for a graph that carries
+    its own QDQ scales: there is no calibration cache on the device)."""
+    flags = ["fp16"] if settings.fp16 else []
+    return tuple(flags + [f for f in variant.tensorrt_flags if f not in flags and getattr(settings, f, False)])
+
+
+def trtexec_command(onnx_name: str, engine_name: str, settings: TensorRTSettings, spec,
+                    variant: variants.Variant) -> list[str]:
     """The trtexec argv that builds the engine: precision, DLA, workspace and the optimization profile."""
     cmd = ["trtexec", f"--onnx={onnx_name}", f"--saveEngine={engine_name}"]
-    if settings.fp16:
-        cmd.append("--fp16")
-    if settings.int8 and quantized:  # explicit (QDQ) quantization only; no calibration cache on the device
-        cmd.append("--int8")
+    cmd += [f"--{f}" for f in builder_flags(settings, variant)]
     if settings.dla_core >= 0:
         cmd += [f"--useDLACore={settings.dla_core}", "--allowGPUFallback"]
     cmd.append(f"--memPoolSize=workspace:{settings.workspace_mb}M")
@@ -118,7 +126,7 @@ echo "built {engine}"
 """
 
 
-def _build_with_api(trt, onnx_path: Path, engine_path: Path, settings: TensorRTSettings, spec, quantized, log):
+def _build_with_api(trt, onnx_path: Path, engine_path: Path, settings: TensorRTSettings, spec, variant, log):
     """Build and serialize the engine with the TensorRT Python API (same settings as the script)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -132,10 +140,8 @@ def _build_with_api(trt, onnx_path: Path, engine_path: Path, settings: TensorRTS
         raise ProjectableEdgeError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    if settings.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if settings.int8 and quantized:
-        config.set_flag(trt.BuilderFlag.INT8)
+    for flag in builder_flags(settings, variant):
+        config.set_flag(getattr(trt.BuilderFlag, flag.upper()))
     if settings.dla_core >= 0:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = settings.dla_core
@@ -156,17 +162,8 @@ def _build_with_api(trt, onnx_path: Path, engine_path: Path, settings: TensorRTS
     return time.perf_counter() - start
 
 
-def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, out_dir: str | Path, *,
-                     overwrite: bool = False, log=None) -> tuple[Path, dict]:
-    """Write out_dir/{<graph>.onnx, build_engine.sh, <graph>.plan if built, compile_report.json}.
-
-    Report keys: backend, status ('built' | 'deferred'), reason, target, onnx, engine, script,
-    command (argv), command_line, flags, shapes{min,opt,max}, tensorrt_version_expected,
-    tensorrt_version_host, build_seconds, trt_check, files{name: {sha256, bytes}}.
-    """
-    if isinstance(settings, dict):
-        settings = TensorRTSettings(**settings)
-    src = Path(onnx_path)
+def _plan(src: Path, settings: TensorRTSettings) -> tuple[dict, list[str], object, variants.Variant]:
+    """Check the graph and write down how its engine is built: (report so far, trtexec argv, spec, variant)."""
     proto = load_onnx(src)
     spec = read_spec(proto, str(src))
     check = check_tensorrt_compat(proto, settings.tensorrt_version)
@@ -175,12 +172,14 @@ def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, o
                          for p in check["problems"] if p["severity"] == "error")
         raise ProjectableEdgeError(f"{src} will not build with TensorRT {check['tensorrt_version']}: {errs}. "
                                    "Use the fp32/fp16 graph or int8-static (QDQ) for TensorRT targets")
-    quantized = check["quantized"]
+    variant = variants.get(variant_of(proto))
     engine = src.with_suffix(".plan").name
-    cmd = trtexec_command(src.name, engine, settings, spec, quantized)
+    cmd = trtexec_command(src.name, engine, settings, spec, variant)
+    flags = builder_flags(settings, variant)
     report = {"backend": "tensorrt", "target": settings.target, "settings": settings.to_dict(), "onnx": src.name,
-              "engine": engine, "script": SCRIPT, "command": cmd, "command_line": shlex.join(cmd),
-              "flags": {"fp16": settings.fp16, "int8": settings.int8 and quantized, "dla_core": settings.dla_core,
+              "variant": variant.name, "engine": engine, "script": SCRIPT, "command": cmd,
+              "command_line": shlex.join(cmd),
+              "flags": {"fp16": "fp16" in flags, "int8": "int8" in flags, "dla_core": settings.dla_core,
                         "workspace_mb": settings.workspace_mb},
               "shapes": {k: input_shapes(spec, d, spec.block_size) for k, d in
                          (("min", settings.min_shapes), ("opt", settings.opt_shapes), ("max", settings.max_shapes))},
@@ -188,43 +187,60 @@ def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, o
     if settings.dla_core >= 0 and settings.min_shapes != settings.max_shapes:
         report["warning"] = ("DLA runs static shapes only: with dynamic min/max shapes TensorRT places these "
                              "layers on the GPU (--allowGPUFallback); set min = opt = max shapes to use the DLA")
-    if settings.int8 and not quantized:
+    if settings.int8 and "int8" not in flags:
         report["note"] = ("profile enables int8 but this graph has no QDQ nodes: built without --int8 "
                           "(quantize with int8-static first for an int8 engine)")
+    return report, cmd, spec, variant
+
+
+def _build(tmp: Path, src: Path, settings: TensorRTSettings, spec, variant, report: dict, log) -> None:
+    """Build the engine here when TensorRT can; otherwise record why it is deferred to the device."""
     try:
         import tensorrt as trt
     except ImportError:  # the usual case on an x86 host without NVIDIA's wheels
-        trt = None
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        report.update(status=str(EngineStatus.DEFERRED), tensorrt_version_host=None, build_seconds=None,
+                      reason="tensorrt is not importable on this host; run build_engine.sh on the device")
+        if log:
+            log(f"TensorRT not available here: wrote {SCRIPT} to build {report['engine']} on {settings.target}")
+        return
+    engine = tmp / report["engine"]
+    try:
+        secs = _build_with_api(trt, tmp / src.name, engine, settings, spec, variant, log)
+    except Exception as e:  # tensorrt imports but cannot build here (no usable GPU, driver, ...)
+        engine.unlink(missing_ok=True)
+        report.update(status=str(EngineStatus.DEFERRED), tensorrt_version_host=trt.__version__, build_seconds=None,
+                      reason=f"TensorRT {trt.__version__} could not build here ({type(e).__name__}: {e}); "
+                             f"run {SCRIPT} on the device")
+        if log:
+            log(report["reason"])
+        return
+    report.update(status=str(EngineStatus.BUILT), tensorrt_version_host=trt.__version__, build_seconds=secs,
+                  reason="built with the TensorRT Python API on this host")
+    expected = settings.tensorrt_version
+    if expected and not trt.__version__.startswith(expected):
+        report["version_warning"] = (f"built with TensorRT {trt.__version__} but {settings.target} ships "
+                                     f"{expected}: the engine will not load there; run {SCRIPT} on the device instead")
+
+
+def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, out_dir: str | Path, *,
+                     overwrite: bool = False, log=None) -> tuple[Path, dict]:
+    """Write out_dir/{<graph>.onnx, build_engine.sh, <graph>.plan if built, compile_report.json}.
+
+    Report keys: backend, status ('built' | 'deferred'), reason, target, onnx, variant, engine, script,
+    command (argv), command_line, flags, shapes{min,opt,max}, tensorrt_version_expected,
+    tensorrt_version_host, build_seconds, trt_check, files{name: {sha256, bytes}}.
+    """
+    if isinstance(settings, dict):
+        settings = TensorRTSettings(**settings)
+    src, out_dir = Path(onnx_path), Path(out_dir)
+    report, cmd, spec, variant = _plan(src, settings)
+    with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
         shutil.copyfile(src, tmp / src.name)
         script = tmp / SCRIPT
-        script.write_text(_script(cmd, settings, engine))
+        script.write_text(_script(cmd, settings, report["engine"]))
         script.chmod(0o755)
-        if trt is None:
-            report.update(status="deferred", tensorrt_version_host=None, build_seconds=None,
-                          reason="tensorrt is not importable on this host; run build_engine.sh on the device")
-            if log:
-                log(f"TensorRT not available here: wrote {SCRIPT} to build {engine} on {settings.target}")
-        else:
-            try:
-                secs = _build_with_api(trt, tmp / src.name, tmp / engine, settings, spec, quantized, log)
-            except Exception as e:  # tensorrt imports but cannot build here (no usable GPU, driver, ...)
-                (tmp / engine).unlink(missing_ok=True)
-                report.update(status="deferred", tensorrt_version_host=trt.__version__, build_seconds=None,
-                              reason=f"TensorRT {trt.__version__} could not build here ({type(e).__name__}: {e}); "
-                                     f"run {SCRIPT} on the device")
-                if log:
-                    log(report["reason"])
-            else:
-                report.update(status="built", tensorrt_version_host=trt.__version__, build_seconds=secs,
-                              reason="built with the TensorRT Python API on this host")
-            expected = settings.tensorrt_version
-            if report["status"] == "built" and expected and not trt.__version__.startswith(expected):
-                report["version_warning"] = (f"built with TensorRT {trt.__version__} but {settings.target} ships "
-                                     f"{settings.tensorrt_version}: the engine will not load there; "
-                                     f"run {SCRIPT} on the device instead")
+        _build(tmp, src, settings, spec, variant, report, log)
         report["files"] = {p.name: file_info(p) for p in sorted(tmp.iterdir())}
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
-    artifact = out_dir / engine if report["status"] == "built" else out_dir / SCRIPT
-    return artifact, report
+    built = report["status"] == EngineStatus.BUILT
+    return (out_dir / report["engine"] if built else out_dir / SCRIPT), report

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,26 +10,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from devices.errors import ProjectableEdgeError
+from runtime.atomic import atomic_output
 
 FORMAT = "projectable-edge"
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], kind: str) -> None:
     """Write a safetensors file tagged with our format and its kind (e.g. 'run', 'projected')."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(flat, tmp, metadata={"format": FORMAT, "kind": kind}))
+    with atomic_output(path, overwrite=True) as tmp:
+        save_file(flat, str(tmp), metadata={"format": FORMAT, "kind": kind})
 
 
 def load_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -58,7 +46,8 @@ def load_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
 
 def save_json(path: Path, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True)
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(text + "\n")
 
 
 def load_json(path: Path) -> dict:

@@ -1,7 +1,8 @@
 """The `projectable-edge` command line: a thin typer layer over the Python API.
 
 Every command that reports numbers takes `--json`. Errors the user can fix print one
-line and exit with status 2; `--verbose` (before the command) adds the traceback.
+line and exit with status 2, anything unexpected one line and status 1; `--verbose`
+(before the command) adds the traceback. Commands are registered explicitly in COMMANDS.
 """
 
 from __future__ import annotations
@@ -12,24 +13,32 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from devices.errors import ProjectableEdgeError
-from projectable_edge.cli_common import app, command, emit_json, err, out
+from projectable_edge import cli_device, cli_export
+from projectable_edge.cli_common import choice_enum, emit_json, err, make_app, out
+
+Split = choice_enum("Split", ("test", "val", "train"))
 
 
-@command
 def train(
-    dataset: str = typer.Option("digits", help="'digits' (built in) or an image folder with one sub-folder per task."),
+    dataset: str = typer.Option("digits", help="'digits' or 'mnist' (built in), or an image folder with one "
+                                                 "sub-folder per task."),
     preset: str = typer.Option("small", help="tiny (tests) | small (CPU demo) | base (GPU)."),
     out: Path = typer.Option(Path("runs/digits"), help="Run folder to create."),
     steps: Optional[int] = typer.Option(None, help="Override the preset's optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override the preset's batch size."),
     lam: Optional[float] = typer.Option(None, help="Weight of NLL(projected) in the joint loss."),
+    small: Optional[str] = typer.Option(None, help="Main small size WIDTH[xLAYERS] (default: the preset's)."),
+    ladder: Optional[str] = typer.Option(None, help="Extra small sizes, comma-separated WIDTH[xLAYERS] "
+                                                    "(e.g. 16,64,32x2), each with its own universal baseline."),
+    n_basis: Optional[int] = typer.Option(None, help="K basis maps per projection space."),
+    mixture: Optional[str] = typer.Option(None, help="per_space (default) | shared: mixture coefficients."),
+    distill: Optional[float] = typer.Option(None, help="Weight of KL(source || small) for every small model alike."),
     freeze_source: Optional[bool] = typer.Option(None, "--freeze-source/--tune-source",
                                                  help="Keep the source fixed (with --init-source: project a "
                                                       "pre-trained model)."),
     init_source: Optional[Path] = typer.Option(None, help="Start the source model from this finished run."),
     seed: int = typer.Option(0, help="Seed for splits, init and batches."),
-    image_size: int = typer.Option(8, help="Image folders: resize to this height and width."),
+    image_size: int = typer.Option(8, help="mnist and image folders: resize to this height and width."),
     rgb: bool = typer.Option(False, help="Image folders: keep colour (3 channels)."),
     levels: int = typer.Option(17, help="Image folders: gray/colour levels per channel (vocabulary size)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
@@ -41,7 +50,9 @@ def train(
     from projectable_edge.data import DataConfig
     from projectable_edge.train import train as run_train
 
-    cfg = get_preset(preset, steps=steps, batch_size=batch_size, lam=lam, freeze_source=freeze_source, seed=seed)
+    cfg = get_preset(preset, steps=steps, batch_size=batch_size, lam=lam, freeze_source=freeze_source, seed=seed,
+                     small=small, n_basis=n_basis, mixture=mixture, distill=distill,
+                     ladder=tuple(s for s in ladder.split(",") if s.strip()) if ladder is not None else None)
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
                           channels=3 if rgb else 1, levels=levels)
     if freeze_source and init_source is None:
@@ -55,25 +66,28 @@ def train(
         err.print(f"wrote {out} in {summary['train_seconds']:.0f}s; best val bits/dim: {out_s}")
 
 
-@command
 def evaluate(
     run: Path = typer.Argument(..., help="Run folder written by `train`."),
-    split: str = typer.Option("test", help="test | val | train"),
+    split: Split = typer.Option("test", help="Which split of every task to score."),
     plot: Optional[Path] = typer.Option(None, help="Also write a PNG bar chart of bits/dim per task."),
+    plot_ladder: Optional[Path] = typer.Option(None, help="Also write a PNG of bits/dim against parameters, "
+                                                          "projected vs universal, for every small size."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Per-task and macro bits/dim of source, projected, universal and scratch models."""
     from projectable_edge.evaluate import evaluate_run, plot_bits
+    from projectable_edge.evaluate import plot_ladder as draw_ladder
 
-    if split not in ("test", "val", "train"):
-        raise ProjectableEdgeError(f"unknown split '{split}': choose test, val or train")
+    split = str(split)
     report = evaluate_run(run, split)
     if plot:
         plot_bits(report, plot)
+    if plot_ladder:
+        draw_ladder(report, plot_ladder)
     if as_json:
         emit_json(report)
         return
-    roles = list(report["macro_bits_per_dim"])
+    roles = [r for r in report["macro_bits_per_dim"] if "@" not in r]
     table = Table(title=f"bits/dim on the {split} split of {run} (lower is better)")
     table.add_column("task")
     for r in roles:
@@ -85,11 +99,18 @@ def evaluate(
     table.add_row("params/task", *(f"{m[r]['params']:,}" for r in roles))
     table.add_row("MFLOPs/image", *(f"{m[r]['flops_per_image'] / 1e6:.1f}" for r in roles))
     out.print(table)
+    if len(report["ladder"]) > 1:
+        lad = Table(title="size ladder: projected vs universal of the same size (macro bits/dim)")
+        for c in ("size", "params/task", "MFLOPs/image", "projected", "universal", "P / U", "tasks won"):
+            lad.add_column(c, justify="right")
+        for r in report["ladder"]:
+            lad.add_row(r["size"], f"{r['params']:,}", f"{r['flops_per_image'] / 1e6:.1f}", f"{r['projected']:.4f}",
+                        f"{r['universal']:.4f}", f"{r['ratio']:.3f}", f"{r['wins']}/{len(report['tasks'])}")
+        out.print(lad)
     out.print(f"projected beats universal on {report['projected_wins']}/{len(report['tasks'])} tasks; "
               f"one projection takes {report['projection_ms']:.2f} ms")
 
 
-@command
 def tasks(run: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
     """List the tasks a run knows."""
     from projectable_edge.checkpoint import load_json
@@ -102,7 +123,6 @@ def tasks(run: Path = typer.Argument(...), as_json: bool = typer.Option(False, "
             out.print(f"{i}\t{n}")
 
 
-@command
 def project(
     run: Path = typer.Argument(..., help="Run folder written by `train`."),
     task: str = typer.Option(..., help="Task name or index."),
@@ -111,20 +131,21 @@ def project(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Project the source model to one task (no data, no training) and write the small model."""
-    from projectable_edge.project import project_task, save_projected
+    from projectable_edge.project import n_params, project_task, save_projected
 
     small, info = project_task(run, task)
     st, js = save_projected(out_path, small, info, overwrite=overwrite)
     res = {"task": info["task"], "weights": str(st), "config": str(js), "projection_ms": info["projection_ms"],
-           "params": sum(v.numel() for v in small.weights.values()) + small.cfg.d_model}
+           "params": n_params(small)}
     if as_json:
         emit_json(res)
     else:
         err.print(f"projected task {res['task']} in {res['projection_ms']:.2f} ms -> {st} ({res['params']:,} params)")
 
 
-# Command modules register themselves on the shared app when imported.
-from projectable_edge import cli_device, cli_export  # noqa: E402,F401
+COMMANDS = (train, evaluate, tasks, project, cli_device.targets, cli_device.generate, cli_device.benchmark,
+            cli_device.sample, cli_export.export, cli_export.quantize, cli_export.compile)
+app = make_app(COMMANDS)
 
 
 def main() -> None:

@@ -9,10 +9,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from projectable_edge.cli_common import command, emit_json, err, out
+from devices.profiles import DEFAULT_TARGET
+from projectable_edge.cli_common import choice_enum, emit_json, err, out
+from projectable_edge.pipeline.plan import precision_choices
+
+GeneratePrecision = choice_enum("GeneratePrecision", precision_choices())
 
 
-@command
 def targets(as_json: bool = typer.Option(False, "--json")):
     """List the device profiles in devices/ (add a TOML file there to add a target)."""
     from devices.profiles import list_profiles
@@ -30,22 +33,24 @@ def targets(as_json: bool = typer.Option(False, "--json")):
     out.print(table)
 
 
-@command
 def generate(
     task: str = typer.Option(..., help="Task name or index known to the source run."),
-    target: str = typer.Option("x86-64-cpu", help="Device profile name or alias (see `targets`), or a TOML path."),
+    target: str = typer.Option(DEFAULT_TARGET, help="Device profile name or alias (see `targets`), or a TOML path."),
     source: Path = typer.Option(Path("runs/digits"), help="Run folder written by `train`."),
-    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | int8 (auto: the profile's order)."),
+    precision: GeneratePrecision = typer.Option("auto", help="auto: every precision of the profile, in its order."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Bundle folder (default bundles/<task>__<target>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle (atomically)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Step cache (default: .cache beside the bundle folder)."),
+    cache: bool = typer.Option(True, help="Reuse the export and quantization of identical inputs."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Project, export, quantize, compile and validate one task for one device: writes a bundle."""
     from projectable_edge.pipeline import GenerateSettings
     from projectable_edge.pipeline import generate as run_generate
 
-    settings = GenerateSettings(task=task, target=target, source=str(source), precision=precision,
-                                out=str(out_dir) if out_dir else None, overwrite=overwrite)
+    settings = GenerateSettings(task=task, target=target, source=str(source), precision=str(precision),
+                                out=str(out_dir) if out_dir else None, overwrite=overwrite,
+                                cache_dir=str(cache_dir) if cache_dir else None, cache=cache)
     path, manifest = _with_progress(lambda log: run_generate(settings, log=log), quiet=as_json)
     if as_json:
         emit_json({"bundle": str(path), "manifest": manifest})
@@ -78,7 +83,6 @@ def _with_progress(fn, quiet: bool):
         return fn(log)
 
 
-@command
 def benchmark(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `generate`."),
     runs: int = typer.Option(100, help="Timed runs per measurement (after warm-up)."),
@@ -90,7 +94,7 @@ def benchmark(
 ):
     """Latency p50/p90/p99, throughput and peak memory of a bundle, against the target's budgets."""
     import runtime
-    from runtime.__main__ import print_benchmark
+    from runtime.console import benchmark_text
 
     with runtime.load(bundle, precision=precision) as model:
         report = runtime.benchmark(model, runs=runs, warmup=warmup, batch=batch, raw=histogram is not None)
@@ -101,7 +105,7 @@ def benchmark(
     if as_json:
         emit_json(report)
     else:
-        print_benchmark(report)
+        print(benchmark_text(report))
     if report["verdict"] != "pass":
         raise typer.Exit(1)
 
@@ -125,7 +129,6 @@ def _histogram(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-@command
 def sample(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `generate`."),
     n: int = typer.Option(16, "-n", help="Number of images."),
@@ -133,18 +136,17 @@ def sample(
     seed: int = typer.Option(0),
     temperature: float = typer.Option(1.0),
     top_k: Optional[int] = typer.Option(None),
+    cols: Optional[int] = typer.Option(None, help="Images per row (default: up to 8)."),
     scale: int = typer.Option(4, help="Pixels per image pixel in the grid."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Sample new images of the bundle's task with the small model (KV-cache decode) into a PNG grid."""
     import runtime
-    from runtime.png import image_grid, write_png
+    from runtime.console import sample_grid
 
     with runtime.load(bundle) as model:
-        tokens = model.sample(n, temperature=temperature, top_k=top_k, seed=seed)
-        bits = model.score(tokens)
-        write_png(out_path, image_grid(model.decode_images(tokens), cols=min(8, n), scale=scale))
-    res = {"out": str(out_path), "n": n, "seed": seed, "mean_bits_per_dim": float(bits.mean())}
+        res = sample_grid(model, n, out_path, seed=seed, temperature=temperature, top_k=top_k, cols=cols,
+                          scale=scale)
     if as_json:
         emit_json(res)
     else:

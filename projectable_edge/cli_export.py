@@ -11,14 +11,16 @@ from typing import Optional
 
 import typer
 
-from projectable_edge.cli_common import command, emit_json, err, out
+from devices.variants import converted
+from projectable_edge.cli_common import choice_enum, emit_json, err, out
+
+QuantizePrecision = choice_enum("QuantizePrecision", converted())
 
 
 def _log(quiet: bool):
     return (lambda s: None) if quiet else (lambda s: err.print(s, highlight=False, markup=False))
 
 
-@command
 def export(
     projected: Path = typer.Argument(..., help="Projected model stem (STEM.safetensors + STEM.json from `project`)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder to create: scoring.onnx, decode.onnx, export_report.json."),
@@ -42,10 +44,9 @@ def export(
             out.print(f"{art.dir / e['file']}: parity ok, bits/dim {b['onnx']:.4f} (PyTorch {b['pytorch']:.4f})")
 
 
-@command
 def quantize(
     onnx_path: Path = typer.Argument(..., metavar="ONNX", help="An fp32 graph written by `export`."),
-    precision: str = typer.Option(..., help="fp16 | int8-dynamic | int8-static"),
+    precision: QuantizePrecision = typer.Option(..., help="A converted variant of the registry."),
     out_path: Path = typer.Option(..., "--out", help="Output .onnx file."),
     calibration: Optional[Path] = typer.Option(None, help="Training tokens (.npy, int [N, T]) for int8-static."),
     heldout: Optional[Path] = typer.Option(None, help="Held-out tokens (.npy) to validate bits/dim on."),
@@ -58,7 +59,7 @@ def quantize(
     from exporters.quantize import QuantizeSettings
     from exporters.quantize import quantize as run_quantize
 
-    settings = QuantizeSettings(precision=precision, on_budget_fail="report" if report_only else "raise")
+    settings = QuantizeSettings(precision=str(precision), on_budget_fail="report" if report_only else "raise")
     calib = load_tokens_npy(calibration, "calibration tokens") if calibration else None
     held = load_tokens_npy(heldout, "held-out tokens") if heldout else None
     path, report = run_quantize(onnx_path, settings, out_path, calibration=calib, heldout=held,
@@ -71,7 +72,6 @@ def quantize(
         out.print(f"{path}: {report['line']}; left in float: {', '.join(floats) or 'none'}")
 
 
-@command
 def compile(  # noqa: A001 - the subcommand is called `compile`
     onnx_path: Path = typer.Argument(..., metavar="ONNX", help="A graph written by `export` or `quantize`."),
     target: str = typer.Option(..., help="Device profile name, alias or .toml path (e.g. jetson, x86-64-cpu)."),

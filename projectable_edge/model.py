@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 Weights = dict[str, torch.Tensor]
+FUSED_ATTENTION = True  # benchmarks/bench_train_speed.py turns it off to measure the difference
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,21 @@ def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
     return x.view(b, t, n_head, a // n_head).transpose(1, 2)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention: q [B, H, T, hd], k/v [B, H, S, hd] (S >= T, the last T are the queries) -> [B, H, T, hd].
+
+    Training and eager scoring use PyTorch's fused scaled_dot_product_attention; ONNX export
+    traces the plain matmul-softmax form, whose ops every backend (TensorRT included) knows.
+    """
+    t, s = q.shape[2], k.shape[2]
+    if FUSED_ATTENTION and t == s and not torch.onnx.is_in_onnx_export():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, T, S]
+    # query i sits at absolute position s - t + i and sees keys 0..s - t + i
+    causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+    return att.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v
+
+
 def _block(w: Weights, p: str, cfg: ModelConfig, x: torch.Tensor,
            past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
     """One pre-norm block. With past_k/past_v [B, H, P, hd] it attends to the cache too.
@@ -137,12 +153,8 @@ def _block(w: Weights, p: str, cfg: ModelConfig, x: torch.Tensor,
     if past_k is not None:
         k = torch.cat([past_k, k], dim=2)
         v = torch.cat([past_v, v], dim=2)
-    t, s = q.shape[2], k.shape[2]
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(cfg.head_dim))  # [B, H, T, S]
-    # query i sits at absolute position s - t + i and sees keys 0..s - t + i
-    causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)
-    att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    y = (att @ v).transpose(1, 2).reshape(x.shape[0], t, cfg.d_attn)  # [B, T, A]
+    t = q.shape[2]
+    y = _attend(q, k, v).transpose(1, 2).reshape(x.shape[0], t, cfg.d_attn)  # [B, T, A]
     x = x + _linear(y, w[p + "wo"], w[p + "bo"])
     h = _layer_norm(x, w[p + "ln2.w"], w[p + "ln2.b"])
     x = x + _linear(F.gelu(_linear(h, w[p + "w1"], w[p + "b1"])), w[p + "w2"], w[p + "b2"])
@@ -180,6 +192,8 @@ def bits_per_dim(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 class SpecialisedModel(nn.Module):
     """A single-task model (a projected P_t, or one task of a baseline) ready to export.
+
+    It implements exporters.protocol.ExportableModel (cfg, bos_id, forward, decode_step).
 
     The task's BOS vector is stored as row `vocab_size` of the token embedding, so
     both graphs take plain token ids: scoring `tokens [B, T] -> logits [B, T, V]`,
@@ -225,14 +239,3 @@ class SpecialisedModel(nn.Module):
         c = self.cfg
         z = torch.zeros(c.n_layer, batch, c.n_head, 0, c.head_dim)
         return z, z.clone()
-
-
-class DecodeWrapper(nn.Module):
-    """Exposes SpecialisedModel.decode_step as forward, for torch.onnx.export."""
-
-    def __init__(self, model: SpecialisedModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, token, past_keys, past_values):
-        return self.model.decode_step(token, past_keys, past_values)

@@ -13,14 +13,18 @@ from devices.errors import ProjectableEdgeError
 from projectable_edge.checkpoint import load_json, load_tensors, save_json, save_tensors
 from projectable_edge.model import ModelConfig, SpecialisedModel
 from projectable_edge.train import load_run
-from projectable_edge.trainables import ROLES, Trainables
+from projectable_edge.trainables import Trainables
 from runtime.manifest import sha256_file
 
 
+def n_params(small: SpecialisedModel) -> int:
+    """Parameters of a deployable model: its weights plus the task's BOS vector."""
+    return sum(v.numel() for v in small.weights.values()) + small.cfg.d_model
+
+
 def specialise(model: Trainables, role: str, task: int) -> SpecialisedModel:
-    """The deployable single-task model of a role; for 'projected' this is project(M, t)."""
-    if role not in ROLES:
-        raise ProjectableEdgeError(f"unknown model role '{role}': choose one of {', '.join(ROLES)}")
+    """The deployable single-task model of a role ('projected', 'universal', ..., 'projected@16x4'); for
+    'projected' this is project(M, t). The role is checked by the model's role registry."""
     cfg, w, bos = model.specialise(role, task)
     return SpecialisedModel(cfg, w, bos)
 

@@ -1,11 +1,11 @@
 """The trainer: source + projection operator jointly, and the baselines, in one run.
 
 One optimizer step trains every role on the same batch (same splits, same step count):
-    joint:     NLL(M) + lam * NLL(P_t)   -> source and operator (operator at a lower lr)
-    universal: NLL(universal small)      -> its own weights
-    scratch:   NLL(per-task small)       -> each task's own weights
-The roles share no parameters, so one backward of the summed losses gives each role exactly
-the gradient of its own objective.
+    joint:     NLL(M) + lam * mean over sizes NLL(P_t)  -> source and operators (operators at a lower lr)
+    universal: NLL(universal small), per size           -> its own weights
+    scratch:   NLL(per-task small)                      -> each task's own weights
+The baselines share no parameters with anything, so one backward of the summed losses gives
+each exactly the gradient of its own objective; each unit's gradient norm is clipped on its own.
 
 Runs under plain `python` (one process) or `torchrun` (PyTorch DDP: gloo on CPU, NCCL on GPU).
 The run folder is built as `.<name>.partial` next to its destination and renamed when
@@ -19,6 +19,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,11 @@ from projectable_edge.checkpoint import load_json, load_tensors, save_json, save
 from projectable_edge.config import TrainConfig
 from projectable_edge.data import DataConfig, TaskData, load_dataset, shift_augment
 from projectable_edge.model import bits_per_dim
-from projectable_edge.projection import ProjectionConfig
-from projectable_edge.trainables import ROLES, Trainables
+from projectable_edge.train_state import Progress, load_state, save_state, snapshot
+from projectable_edge.trainables import Trainables
 from runtime.manifest import sha256_file
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2  # 2: per-role generators, per-space mixtures, ladder
 
 
 def partial_dir(out: Path) -> Path:
@@ -52,25 +53,23 @@ def run_config(cfg: TrainConfig, data_cfg: DataConfig, data: TaskData) -> dict:
         "dataset_fingerprint": data.fingerprint,
         "source_model": cfg.source.model(data.spec).to_dict(),
         "small_model": cfg.small.model(data.spec).to_dict(),
-        "projection": ProjectionConfig(n_basis=cfg.n_basis, coef_init=cfg.coef_init).to_dict(),
+        "projection": cfg.projection.to_dict(),
+        "ladder_models": {n: w.model(data.spec).to_dict() for n, w in cfg.rungs().items()},
     }
 
 
 def build(cfg: TrainConfig, data: TaskData) -> Trainables:
-    try:
-        return Trainables(cfg.source.model(data.spec), cfg.small.model(data.spec), data.n_tasks,
-                          ProjectionConfig(n_basis=cfg.n_basis, coef_init=cfg.coef_init), seed=cfg.seed)
-    except ValueError as e:
-        raise ProjectableEdgeError(f"model sizes do not fit the projection: {e}") from None
+    ladder = {n: w.model(data.spec) for n, w in cfg.rungs().items()}
+    return Trainables(cfg.source.model(data.spec), cfg.small.model(data.spec), data.n_tasks, cfg.projection,
+                      seed=cfg.seed, ladder=ladder)
 
 
 def _optimizers(model: Trainables, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
     p = model.role_params()
-    groups = {
-        "joint": [{"params": p["projector"], "lr": cfg.projector_lr, "weight_decay": 0.0}],
-        "universal": [{"params": p["universal"], "lr": cfg.lr}],
-        "scratch": [{"params": p["scratch"], "lr": cfg.lr}],
-    }
+    groups = {"joint": [{"params": q, "lr": cfg.projector_lr, "weight_decay": 0.0}
+                        for unit, q in p.items() if unit.startswith("projector")]}
+    groups.update({unit: [{"params": q, "lr": cfg.lr}] for unit, q in p.items()
+                   if unit.startswith(("universal", "scratch"))})
     if not cfg.freeze_source:
         groups["joint"].insert(0, {"params": p["source"], "lr": cfg.lr})
     else:
@@ -95,8 +94,9 @@ def _lr_scale(step: int, cfg: TrainConfig) -> float:
 def _clip(model: Trainables, cfg: TrainConfig) -> None:
     """Clip each role's gradient norm on its own; scratch per task, as separate models would be."""
     p = model.role_params()
-    for role in ("source", "projector", "universal"):
-        torch.nn.utils.clip_grad_norm_([q for q in p[role] if q.grad is not None], cfg.grad_clip)
+    for unit, params in p.items():
+        if unit != "scratch":
+            torch.nn.utils.clip_grad_norm_([q for q in params if q.grad is not None], cfg.grad_clip)
     grads = [q.grad for q in p["scratch"] if q.grad is not None]
     if grads:
         norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)  # [n_task]
@@ -107,14 +107,14 @@ def _clip(model: Trainables, cfg: TrainConfig) -> None:
 
 @torch.no_grad()
 def evaluate_roles(model: Trainables, tokens: np.ndarray, task_ids: np.ndarray, n_task: int,
-                   roles=ROLES, batch: int = 256) -> dict[str, np.ndarray]:
+                   roles=None, batch: int = 256) -> dict[str, np.ndarray]:
     """Per-task mean bits/dim of each role on a split: {role: [n_task]}."""
     was = model.training
     model.eval()
     out = {}
     device = next(model.parameters()).device
     x_all, t_all = torch.from_numpy(tokens).to(device), torch.from_numpy(task_ids).to(device)
-    for role in roles:
+    for role in roles or model.roles:
         bits = torch.cat([bits_per_dim(model.logits(role, x_all[i:i + batch], t_all[i:i + batch]), x_all[i:i + batch])
                           for i in range(0, len(x_all), batch)]).cpu().numpy()
         out[role] = np.array([bits[task_ids == t].mean() if (task_ids == t).any() else np.nan for t in range(n_task)])
@@ -133,45 +133,20 @@ def _batch(data: TaskData, cfg: TrainConfig, step: int, rank: int, world: int):
     return x, torch.from_numpy(task_ids)[idx]
 
 
-def _snapshot(model: Trainables, role: str) -> dict[str, torch.Tensor]:
-    """The parameters a role's best checkpoint must keep (projected needs source + operator)."""
-    sd = model.state_dict()
-    prefix = {"source": ("source.", "source_task"), "projected": ("source.", "source_task", "projector."),
-              "universal": ("universal.", "universal_task"), "scratch": ("scratch.", "scratch_bos")}[role]
-    return {k: v.detach().clone() for k, v in sd.items() if k.startswith(prefix)}
+def checkpointed_roles(model: Trainables) -> tuple[str, ...]:
+    """Roles that keep their own best-validation weights (ladder projectors ride with 'projected')."""
+    return tuple(r for r in model.roles if not r.startswith("projected@"))
 
 
-def _save_state(path: Path, model, opts, best, step: int) -> None:
-    t = {f"model/{k}": v for k, v in model.state_dict().items()}
-    for role, snap in best.items():
-        t.update({f"best/{role}/{k}": v for k, v in snap["weights"].items()})
-        t[f"bestval/{role}"] = torch.tensor(snap["val"])
-        t[f"beststep/{role}"] = torch.tensor(snap["step"])
-    names = {id(p): n for n, p in model.named_parameters()}
-    for oname, opt in opts.items():
-        for p, st in opt.state.items():
-            for k, v in st.items():
-                t[f"opt/{oname}/{names[id(p)]}/{k}"] = torch.as_tensor(v)
-    t["step"] = torch.tensor(step)
-    save_tensors(path, t, kind="train-state")
+def joint_loss(losses: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
+    """NLL(M) + lam * mean over sizes of NLL(P_t), plus every baseline's own loss.
 
-
-def _load_state(path: Path, model, opts, best) -> int:
-    t = load_tensors(path, kind="train-state")
-    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model/")})
-    params = dict(model.named_parameters())
-    for key, v in t.items():
-        parts = key.split("/")
-        if parts[0] == "opt":
-            p = params[parts[2]]
-            opts[parts[1]].state[p][parts[3]] = v if parts[3] == "step" else v.to(p.device)
-        elif parts[0] == "bestval":
-            best[parts[1]] = {"val": float(v), "step": int(t[f"beststep/{parts[1]}"]), "weights": {}}
-    for key, v in t.items():
-        parts = key.split("/", 2)
-        if parts[0] == "best":
-            best[parts[1]]["weights"][parts[2]] = v
-    return int(t["step"])
+    The roles share no parameters except source <- projected, so one backward gives each
+    baseline exactly the gradient of its own objective.
+    """
+    projected = [v for r, v in losses.items() if r.startswith("projected")]
+    baselines = [v for r, v in losses.items() if r.startswith(("universal", "scratch"))]
+    return losses["source"] + lam * torch.stack(projected).mean() + torch.stack(baselines).sum()
 
 
 def _source_weights(run: Path, cfg: TrainConfig, data: TaskData) -> dict[str, torch.Tensor]:
@@ -196,14 +171,26 @@ def _dist_setup() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def train(cfg: TrainConfig, data_cfg: DataConfig, out: Path, *, resume: bool = False,
-          init_source: Path | None = None, progress: bool = True, log=print) -> dict:
-    """Train one run into `out`. Returns the final summary (val bits per role, timing).
+@dataclass
+class _Session:
+    """One process's view of a run being trained."""
 
-    init_source: a finished run whose source model M (weights + task embeddings) this run
-    starts from; with cfg.freeze_source the operator then learns to project that fixed M.
-    """
-    out = Path(out)
+    cfg: TrainConfig
+    data: TaskData
+    work: Path
+    meta: dict
+    model: Trainables
+    opts: dict[str, torch.optim.Optimizer]
+    rank: int
+    world: int
+    device: torch.device
+    start: int = 0
+    best: dict[str, dict] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def _open(cfg: TrainConfig, data_cfg: DataConfig, out: Path, resume: bool, init_source, log) -> _Session:
+    """Check every input, then build the model and its optimizers, fresh or from the saved state."""
     data = load_dataset(data_cfg)  # bad input fails here, before anything is written
     source_init = _source_weights(Path(init_source), cfg, data) if init_source else None
     if out.exists():
@@ -220,102 +207,104 @@ def train(cfg: TrainConfig, data_cfg: DataConfig, out: Path, *, resume: bool = F
         meta["init_source"] = {"run": str(init_source),
                                "weights_sha256": sha256_file(Path(init_source) / "model.safetensors")}
     model = model.to(device)
-    opts = _optimizers(model, cfg)
-    best: dict[str, dict] = {}
-    start = 0
+    s = _Session(cfg, data, work, meta, model, _optimizers(model, cfg), rank, world, device)
     if resume and (work / "state.safetensors").exists():
         saved = load_json(work / "config.json")
         if saved.get("train") != meta["train"] or saved.get("dataset_fingerprint") != data.fingerprint:
             raise ProjectableEdgeError(f"{work} was started with another config or dataset; "
                                        "resume with the same options or delete it")
-        start = _load_state(work / "state.safetensors", model, opts, best)
-        log(f"resuming {work} from step {start}")
+        s.start = load_state(work / "state.safetensors", model, s.opts, s.best)
+        if (work / "history.json").exists():
+            s.history = list(load_json(work / "history.json")["history"])
+        log(f"resuming {work} from step {s.start}")
     elif rank == 0:
         work.mkdir(parents=True, exist_ok=True)
         save_json(work / "config.json", meta)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    val_x, val_t = data.splits["val"]
-    history = list(load_json(work / "history.json")["history"]) if start and (work / "history.json").exists() else []
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    t0 = time.time()
-    bar = _progress(progress and rank == 0, cfg.steps, start)
-    for step in range(start, cfg.steps):
-        x, tid = _batch(data, cfg, step, rank, world)
-        with amp:
-            losses = ddp(x.to(device), tid.to(device))
-            total = losses["source"] + cfg.lam * losses["projected"] + losses["universal"] + losses["scratch"]
-        for opt in opts.values():
-            opt.zero_grad(set_to_none=True)
-        total.backward()
-        _clip(model, cfg)
-        scale = _lr_scale(step, cfg)
-        for opt in opts.values():
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
-            opt.step()
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            val = evaluate_roles(model, val_x, val_t, data.n_tasks)
-            macro = {r: float(v.mean()) for r, v in val.items()}
-            history.append({"step": done, "train_nats": {k: float(v.detach()) for k, v in losses.items()},
-                            "val_bits": macro, "seconds": time.time() - t0})
-            # one rule for every role: keep the weights of its best validation step
-            for role, v in macro.items():
-                if role not in best or v < best[role]["val"]:
-                    best[role] = {"val": v, "step": done, "weights": _snapshot(model, role)}
-            bar.update(done, macro)
-        if rank == 0 and (done % cfg.checkpoint_every == 0) and done < cfg.steps:
-            _save_state(work / "state.safetensors", model, opts, best, done)
-            save_json(work / "history.json", {"history": history})
-    bar.close()
-    summary = {"steps": cfg.steps, "world_size": world, "device": str(device),
-               "train_seconds": time.time() - t0,
-               "best_val_bits": {r: b["val"] for r, b in best.items()},
-               "best_step": {r: b.get("step") for r, b in best.items()}}
-    if world > 1:  # DDP must have kept every rank's weights identical; check rather than assume
-        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-        sums = [torch.zeros_like(total) for _ in range(world)]
+    return s
+
+
+def _step(s: _Session, ddp, step: int, amp) -> dict[str, torch.Tensor]:
+    """One optimizer step of every role on the same batch; returns the training losses."""
+    x, tid = _batch(s.data, s.cfg, step, s.rank, s.world)
+    with amp:
+        losses = ddp(x.to(s.device), tid.to(s.device), s.cfg.distill)
+        total = joint_loss(losses, s.cfg.lam)
+    for opt in s.opts.values():
+        opt.zero_grad(set_to_none=True)
+    total.backward()
+    _clip(s.model, s.cfg)
+    scale = _lr_scale(step, s.cfg)
+    for opt in s.opts.values():
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        opt.step()
+    return losses
+
+
+def _validate(s: _Session, done: int, losses: dict, seconds: float) -> dict[str, float]:
+    """Validation bits/dim of every role; one rule for all: keep the weights of its best step."""
+    val = evaluate_roles(s.model, *s.data.splits["val"], s.data.n_tasks)
+    macro = {r: float(v.mean()) for r, v in val.items()}
+    s.history.append({"step": done, "train_nats": {k: float(v.detach()) for k, v in losses.items()},
+                      "val_bits": macro, "seconds": seconds})
+    for role in checkpointed_roles(s.model):
+        if role not in s.best or macro[role] < s.best[role]["val"]:
+            s.best[role] = {"val": macro[role], "step": done, "weights": snapshot(s.model, role)}
+    return macro
+
+
+def _finish(s: _Session, out: Path, seconds: float) -> dict:
+    """Write the best weights and the summary, then rename the partial folder into place (rank 0)."""
+    summary = {"steps": s.cfg.steps, "world_size": s.world, "device": str(s.device), "train_seconds": seconds,
+               "best_val_bits": {r: b["val"] for r, b in s.best.items()},
+               "best_step": {r: b.get("step") for r, b in s.best.items()}}
+    if s.world > 1:  # DDP must have kept every rank's weights identical; check rather than assume
+        total = torch.stack([p.detach().double().sum() for p in s.model.parameters()]).sum().reshape(1)
+        sums = [torch.zeros_like(total) for _ in range(s.world)]
         dist.all_gather(sums, total)
         summary["rank_weight_sums"] = [float(x) for x in sums]
         summary["ranks_in_sync"] = all(torch.equal(x, sums[0]) for x in sums)
-    if rank == 0:
+    if s.rank == 0:
         # The shipped pair (source, operator) is the projected role's best step; the source
         # role's own best step is kept under "source_best/" for its row of the table.
         final = {}
-        for role in ("universal", "scratch", "projected"):
-            final.update(best[role]["weights"])
-        final.update({f"source_best/{k}": v for k, v in best["source"]["weights"].items()})
-        save_tensors(work / "model.safetensors", final, kind="run")
-        save_json(work / "history.json", {"history": history})
-        save_json(work / "summary.json", summary)
-        (work / "state.safetensors").unlink(missing_ok=True)
-        os.replace(work, out)
-    if world > 1:
+        for role in checkpointed_roles(s.model):
+            if role != "source":
+                final.update(s.best[role]["weights"])
+        final.update({f"source_best/{k}": v for k, v in s.best["source"]["weights"].items()})
+        save_tensors(s.work / "model.safetensors", final, kind="run")
+        save_json(s.work / "history.json", {"history": s.history})
+        save_json(s.work / "summary.json", summary)
+        (s.work / "state.safetensors").unlink(missing_ok=True)
+        os.replace(s.work, out)
+    if s.world > 1:
         dist.barrier()
     return summary
 
 
-class _progress:
-    """A rich progress bar (or nothing), showing the latest validation bits/dim."""
+def train(cfg: TrainConfig, data_cfg: DataConfig, out: Path, *, resume: bool = False,
+          init_source: Path | None = None, progress: bool = True, log=print) -> dict:
+    """Train one run into `out`. Returns the final summary (val bits per role, timing).
 
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.p = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                              TextColumn("{task.fields[info]}"), transient=False)
-            self.p.start()
-            self.task = self.p.add_task("train", total=total, completed=start, info="")
-
-    def update(self, done: int, macro: dict) -> None:
-        if self.p:
-            info = " ".join(f"{k[:4]} {v:.3f}" for k, v in macro.items())
-            self.p.update(self.task, completed=done, info=f"val bits/dim: {info}")
-
-    def close(self) -> None:
-        if self.p:
-            self.p.stop()
+    init_source: a finished run whose source model M (weights + task embeddings) this run
+    starts from; with cfg.freeze_source the operator then learns to project that fixed M.
+    """
+    out = Path(out)
+    s = _open(cfg, data_cfg, out, resume, init_source, log)
+    ddp = torch.nn.parallel.DistributedDataParallel(s.model) if s.world > 1 else s.model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if s.device.type == "cuda" else nullcontext()
+    t0 = time.time()
+    bar = Progress(progress and s.rank == 0, cfg.steps, s.start)
+    for step in range(s.start, cfg.steps):
+        losses = _step(s, ddp, step, amp)
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            bar.update(done, _validate(s, done, losses, time.time() - t0))
+        if s.rank == 0 and (done % cfg.checkpoint_every == 0) and done < cfg.steps:
+            save_state(s.work / "state.safetensors", s.model, s.opts, s.best, done)
+            save_json(s.work / "history.json", {"history": s.history})
+    bar.close()
+    return _finish(s, out, time.time() - t0)
 
 
 def load_run(run: Path) -> tuple[dict, Trainables, TaskData]:

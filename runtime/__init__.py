@@ -1,7 +1,7 @@
 """The torch-free runtime an app embeds: numpy + onnxruntime only (tensorrt optional, lazy).
 
     import runtime
-    model = runtime.load("bundles/digit-3__jetson")   # verifies every file's sha256 first
+    model = runtime.load("bundles/3__jetson-orin-nano")  # verifies every file's sha256 first
     bits = model.score(images)                           # bits/dim per image
     tokens = model.sample(16, seed=0); images = model.decode_images(tokens)
     runtime.validate(model); runtime.benchmark(model)

@@ -13,9 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from devices.choices import host_arch
 from devices.errors import ProjectableEdgeError
-
-_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
 def peak_rss_mb() -> float | None:
@@ -97,8 +96,8 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
     if rss is not None:
         checks.append({"name": "peak RSS (MB)", "value": rss, "budget": budgets.memory_mb,
                        "passed": rss <= budgets.memory_mb})
-    host_arch = _ARCH.get(platform.machine().lower(), platform.machine().lower())
-    on_target = host_arch == model.profile.arch
+    arch = host_arch()
+    on_target = arch == model.profile.arch
     return {
         "bundle": str(model.bundle_dir), "task": model.task, "target": model.profile.name,
         "variant": model.variant, "backend": model.backend["backend"],
@@ -108,8 +107,8 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
         "runs": runs, "warmup": warmup, "batch": batch, "results": results,
         "budgets": {"p99_latency_ms": budgets.p99_latency_ms, "memory_mb": budgets.memory_mb},
         "checks": checks, "verdict": "pass" if all(c["passed"] for c in checks) else "fail",
-        "host": {"machine": platform.machine(), "arch": host_arch, "cpus": os.cpu_count(),
+        "host": {"machine": platform.machine(), "arch": arch, "cpus": os.cpu_count(),
                  "python": platform.python_version(), "on_target_arch": on_target,
-                 "note": "" if on_target else f"measured on a {host_arch} host, not on the "
+                 "note": "" if on_target else f"measured on a {arch} host, not on the "
                                               f"{model.profile.arch} target; rerun on the device"},
     }

@@ -11,25 +11,25 @@ from typing import Any
 
 import numpy as np
 
+from devices import variants
 from devices.errors import ProjectableEdgeError
 from devices.profiles import DeviceProfile
 from runtime import sampler
-from runtime.backends import TrtRunner, make_runners
+from runtime.backends import Backend, make_runners
+from runtime.graphs import CacheLayout
 from runtime.manifest import read_manifest, verify_files
 from runtime.scoring import score_tokens
-from runtime.tokenizer import TokenizerSpec
+from runtime.tokenizer import TokenizerSpec, validate_tokens
 
 
 def pick_variant(manifest: dict[str, Any], precision: str | None) -> str:
-    """Exact variant name, else a unique variant starting with it ('int8' -> 'int8-static')."""
+    """Exact variant name, else what the variant registry says the word means ('int8' -> 'int8-static')."""
     graphs = manifest["graphs"]
     if precision is None:
         return manifest["selected"]
-    if precision in graphs:
-        return precision
-    matches = [g for g in graphs if g.split("-")[0] == precision]
-    if len(matches) == 1:
-        return matches[0]
+    found = variants.resolve(precision, graphs)
+    if found is not None:
+        return found
     raise ProjectableEdgeError(f"precision {precision!r} is not in this bundle; available variants: "
                                f"{', '.join(sorted(graphs))} (selected for the target: {manifest['selected']})")
 
@@ -50,10 +50,12 @@ class Model:
         self.backend = backend
         self.load_time_s = load_time_s
         self.meta = dict(manifest["model"])
+        self.layout = CacheLayout.of(self.meta)
         self._what = f"variant '{variant}'"
         trt = profile.tensorrt
         # a TensorRT engine has a fixed max batch; ORT just needs bounded memory
-        self.max_batch = (trt.max_shapes.get("batch", 256) if trt and isinstance(score_runner, TrtRunner) else 256)
+        on_trt = backend["backend"] == Backend.TENSORRT
+        self.max_batch = trt.max_shapes.get("batch", 256) if trt and on_trt else 256
 
     @property
     def seq_len(self) -> int:
@@ -94,11 +96,6 @@ class Model:
             t = np.ascontiguousarray(t)
         return score_tokens(self.score_runner, t, self.max_batch, what=self._what)
 
-    def logits(self, tokens) -> np.ndarray:
-        """Raw scoring-graph output [N, T, V] for tokens [N, T] (for parity checks)."""
-        t = np.ascontiguousarray(self.to_tokens(tokens))
-        return self.score_runner.run({"tokens": t})["logits"]
-
     # -- sampling -----------------------------------------------------------------------------
 
     def sample(self, n: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
@@ -109,22 +106,14 @@ class Model:
                  seed: int = 0) -> np.ndarray:
         """Keep prefix_tokens [n, k] (e.g. the top rows) and sample the remaining T-k tokens."""
         p = np.asarray(prefix_tokens)
-        if p.ndim == 1:
-            p = p[None]
-        if p.ndim != 2 or not 0 <= p.shape[1] <= self.seq_len or not np.issubdtype(p.dtype, np.integer):
-            raise ProjectableEdgeError(f"prefix tokens have shape {p.shape} dtype {p.dtype}; expected integers "
-                                       f"[n, k] with k <= {self.seq_len}")
-        if p.size and (p.min() < 0 or p.max() >= self.tokenizer.vocab_size):
-            raise ProjectableEdgeError(f"prefix tokens out of range: found {int(p.min())}..{int(p.max())}; "
-                                       f"valid range is 0..{self.tokenizer.vocab_size - 1}")
-        return self._generate(len(p), p.astype(np.int64), temperature, top_k, seed)
+        p = validate_tokens(p[None] if p.ndim == 1 else p, self.tokenizer.vocab_size, max_length=self.seq_len,
+                            what="prefix tokens")
+        return self._generate(len(p), p, temperature, top_k, seed)
 
     def _generate(self, n, prefix, temperature, top_k, seed) -> np.ndarray:
         sampler.check_args(n, temperature, top_k, self.tokenizer.vocab_size)
-        if self.decode_runner is not None:
-            return sampler.sample_kv(self.decode_runner, self.meta, int(n), self.seq_len, prefix,
-                                     temperature, top_k, seed)
-        return sampler.sample_recompute(self.score_runner, int(n), self.seq_len, prefix, temperature, top_k, seed)
+        runner = self.decode_runner if self.decode_runner is not None else self.score_runner
+        return sampler.sample(runner, self.layout, int(n), self.seq_len, prefix, temperature, top_k, seed)
 
     def close(self) -> None:
         self.score_runner = self.decode_runner = None
@@ -154,7 +143,7 @@ def load(bundle_dir: str | Path, precision: str | None = None, providers=None, b
          threads: int | None = None) -> Model:
     """Verify and open a bundle.
 
-    precision: graph variant ('fp32', 'fp16', 'int8-static', or a prefix like 'int8');
+    precision: graph variant ('fp32', 'fp16', 'int8-static', or a profile word like 'int8');
     default: the variant the manifest selected for the target.
     providers: onnxruntime execution providers (default: the target profile's, filtered by
     what this onnxruntime build has). backend: 'auto' (TensorRT engine when usable), or

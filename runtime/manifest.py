@@ -11,7 +11,7 @@ manifest.json (schema_version 1):
   target          device profile dict (devices.DeviceProfile.to_dict())
   tokenizer       runtime.tokenizer.TokenizerSpec dict
   model           {n_layer, n_head, head_dim, vocab_size, block_size, bos_id}
-  io              {graph kind: ExportSpec dict} (informational)
+  io              {graph kind: the graph's I/O spec} (informational; the runtime reads `model`)
   graphs          {variant: {"score": relpath, "decode": relpath | null}}
   selected        the variant chosen for the target
   engine          {status: built|deferred|not-applicable, path?, decode_path?, variant?,
@@ -26,18 +26,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from devices.choices import StrEnum, values
 from devices.errors import ProjectableEdgeError
+from runtime.atomic import atomic_output
+from runtime.graphs import GraphKind
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DEFAULT_GOLDENS = "goldens.npz"
-ENGINE_STATUSES = ("built", "deferred", "not-applicable")
+
+
+class EngineStatus(StrEnum):
+    BUILT = "built"  # a TensorRT engine is in the bundle
+    DEFERRED = "deferred"  # build_engine.sh builds it on the device
+    NOT_APPLICABLE = "not-applicable"  # the target runs ONNX Runtime
+
+
+ENGINE_STATUSES = values(EngineStatus)
+GRAPH_KEYS = tuple(k.key for k in GraphKind)  # {"score": path, "decode": path | null} per variant
 REQUIRED_FIELDS = ("schema_version", "task", "target", "tokenizer", "model", "graphs", "selected",
                    "engine", "files", "accuracy")
 OPTIONAL_DICTS = ("io", "latency_host", "tools", "provenance")
@@ -125,7 +134,7 @@ def check_manifest(m: Any, bundle_dir: str | Path = "<manifest>") -> dict[str, A
     for key in ("path", "decode_path"):
         if m["engine"].get(key) is not None:
             _relpath(d, f"engine.{key}", m["engine"][key])
-    if status == "built" and not m["engine"].get("path"):
+    if status == EngineStatus.BUILT and not m["engine"].get("path"):
         raise _fail(d, "manifest field 'engine.path' is required when engine.status is 'built'")
     _relpath(d, "goldens", m["goldens"])
     for rel, entry in m["files"].items():
@@ -161,8 +170,8 @@ def verify_files(bundle_dir: str | Path, manifest: dict[str, Any]) -> None:
     """Check every listed file's size and sha256, and that every referenced file is listed."""
     d = Path(bundle_dir)
     files = manifest["files"]
-    referenced = [g[k] for g in manifest["graphs"].values() for k in ("score", "decode") if g.get(k)]
-    if manifest["engine"].get("status") == "built":
+    referenced = [g[k] for g in manifest["graphs"].values() for k in GRAPH_KEYS if g.get(k)]
+    if manifest["engine"].get("status") == EngineStatus.BUILT:
         referenced += [manifest["engine"][k] for k in ("path", "decode_path") if manifest["engine"].get(k)]
     for rel in referenced:
         if rel not in files:
@@ -183,19 +192,6 @@ def verify_files(bundle_dir: str | Path, manifest: dict[str, Any]) -> None:
                            "bundle again or regenerate it")
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file in the folder into `files`, validate, write manifest.json; return it."""
     d = Path(bundle_dir)
@@ -203,47 +199,25 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str
     m.setdefault("schema_version", SCHEMA_VERSION)
     m["files"] = hash_files(d)
     m = check_manifest(m, d)
-    needed = [g[k] for g in m["graphs"].values() for k in ("score", "decode") if g.get(k)] + [m["goldens"]]
+    needed = [g[k] for g in m["graphs"].values() for k in GRAPH_KEYS if g.get(k)] + [m["goldens"]]
     for rel in needed:
         if rel not in m["files"]:
             raise _fail(d, f"file '{rel}' named in the manifest is not in the bundle; write it before "
                            "write_manifest")
-    _write_json_atomic(d / MANIFEST_NAME, m)
+    with atomic_output(d / MANIFEST_NAME, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(m, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return m
 
 
 @contextlib.contextmanager
 def staged_bundle(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `dest`; on success rename it to `dest`, on error delete it.
+    """Yield a temp dir beside `dest`; on success (with a manifest written) it becomes `dest`.
 
     Nothing half-written is ever visible at `dest`. With overwrite=True an existing bundle is
     replaced (moved aside, then deleted after the rename succeeds).
     """
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise ProjectableEdgeError(f"bundle '{dest}' already exists; pass overwrite=True (--overwrite) "
-                                   "or choose another output directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+    with atomic_output(dest, directory=True, overwrite=overwrite, what="bundle") as tmp:
         yield tmp
         if not (tmp / MANIFEST_NAME).is_file():
             raise ProjectableEdgeError(f"bundle staged for '{dest}' has no {MANIFEST_NAME}; call "
                                        "write_manifest() inside the staged_bundle block")
-        old = None
-        if dest.exists():
-            if not overwrite:
-                raise ProjectableEdgeError(f"bundle '{dest}' appeared while writing; choose another directory")
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.rename(dest, old)
-        try:
-            os.rename(tmp, dest)
-        except BaseException:
-            if old is not None:
-                os.rename(old, dest)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

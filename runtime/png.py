@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from devices.errors import ProjectableEdgeError
+from runtime.atomic import atomic_output
 
 
 def _check_image(image) -> np.ndarray:
@@ -45,16 +44,8 @@ def write_png(path: str | Path, image) -> Path:
     """Write atomically (temp file + os.replace): a crash never leaves a truncated PNG."""
     path = Path(path)
     data = png_bytes(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

@@ -3,7 +3,8 @@
 `sample_kv` drives the single-step decode graph with a KV cache (one step per token);
 `sample_recompute` re-runs the full scoring graph each step (O(T^2)) and is the fallback
 for bundles without a decode graph. Both draw from one numpy Generator in the same order,
-so a seed gives the same images on every backend that computes the same logits.
+so a seed gives the same images on every backend that computes the same logits. This is the
+project's one sampler: the exporters' KV-cache-vs-recompute checks and the benchmarks use it too.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 import numpy as np
 
 from devices.errors import ProjectableEdgeError
+from runtime.graphs import CacheLayout, GraphKind, cache_dtype, kind_of
 
 
 def check_args(n: int, temperature: float, top_k: int | None, vocab: int) -> None:
@@ -43,33 +45,40 @@ def _prefix(prefix: np.ndarray | None, n: int) -> np.ndarray:
     return np.zeros((n, 0), np.int64) if prefix is None else prefix
 
 
-def sample_kv(runner, meta: dict, n: int, length: int, prefix: np.ndarray | None = None,
+def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarray | None = None,
               temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
     """Tokens [n, length]; the first prefix.shape[1] columns are copied from `prefix`."""
     rng = np.random.default_rng(seed)
     fixed = _prefix(prefix, n)
-    dt = runner.input_dtypes.get("past_keys", np.dtype(np.float32))
-    shape = (meta["n_layer"], n, meta["n_head"], 0, meta["head_dim"])
-    feeds = {"token": np.full((n, 1), meta["bos_id"], np.int64),
-             "past_keys": np.zeros(shape, dt), "past_values": np.zeros(shape, dt)}
+    dt = cache_dtype(runner)
+    feed = {"token": np.full((n, 1), layout.bos_id, np.int64),
+            "past_keys": layout.empty(n, dt), "past_values": layout.empty(n, dt)}
     out = np.empty((n, length), np.int64)
     for i in range(length):
-        res = runner.run(feeds)
-        nxt = fixed[:, i] if i < fixed.shape[1] else choose(res["logits"], rng, temperature, top_k)
-        out[:, i] = nxt
-        feeds = {"token": np.ascontiguousarray(out[:, i:i + 1]),
-                 "past_keys": res["present_keys"], "past_values": res["present_values"]}
+        res = runner.run(feed)
+        out[:, i] = fixed[:, i] if i < fixed.shape[1] else choose(res["logits"], rng, temperature, top_k)
+        feed = {"token": np.ascontiguousarray(out[:, i:i + 1]),
+                "past_keys": res["present_keys"], "past_values": res["present_values"]}
     return out
 
 
 def sample_recompute(runner, n: int, length: int, prefix: np.ndarray | None = None,
                      temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
-    """Same contract as sample_kv, via the full-sequence scoring graph (causal: later zeros are ignored)."""
+    """Same contract as sample_kv, via the scoring graph on the prefix so far (logits[:, i] depends on
+    tokens[:, :i] only, so position i's own value is a placeholder)."""
     rng = np.random.default_rng(seed)
     fixed = _prefix(prefix, n)
     out = np.zeros((n, length), np.int64)
     out[:, :fixed.shape[1]] = fixed
     for i in range(fixed.shape[1], length):
-        logits = runner.run({"tokens": out})["logits"][:, i]
+        logits = runner.run({"tokens": np.ascontiguousarray(out[:, :i + 1])})["logits"][:, i]
         out[:, i] = choose(logits, rng, temperature, top_k)
     return out
+
+
+def sample(runner, layout: CacheLayout | None, n: int, length: int, prefix: np.ndarray | None = None,
+           temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sample through whichever graph `runner` holds: KV-cache decode, else scoring recompute."""
+    if kind_of(runner.input_names) is GraphKind.DECODE:
+        return sample_kv(runner, layout, n, length, prefix, temperature, top_k, seed)
+    return sample_recompute(runner, n, length, prefix, temperature, top_k, seed)

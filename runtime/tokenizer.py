@@ -19,6 +19,34 @@ from devices.errors import ProjectableEdgeError
 _IMAGE_DTYPES = "uint8 (0..255)"
 
 
+def validate_tokens(tokens, vocab_size: int, *, length: int | None = None, max_length: int | None = None,
+                    allow_1d: bool = False, allow_empty: bool = True, what: str = "tokens",
+                    hint: str = "") -> np.ndarray:
+    """The one token validator: integer ids in 0..vocab_size-1, shaped [N, T] (or [T]); returns int64.
+
+    length: T must equal it; max_length: T must not exceed it; allow_empty: N == 0 / T == 0 are fine.
+    """
+    t = np.asarray(tokens)
+    want = f"[{length}] or [N, {length}]" if allow_1d and length else f"[N, {length or 'T'}]"
+    if t.ndim not in ((1, 2) if allow_1d else (2,)) or (length is not None and t.shape[-1] != length):
+        raise ProjectableEdgeError(f"{what} have shape {tuple(t.shape)}, expected {want}{hint}")
+    if not allow_empty and (t.shape[0] == 0 or t.shape[-1] == 0):
+        raise ProjectableEdgeError(f"{what} must be a non-empty [N, T] array of token ids, got shape "
+                                   f"{t.shape}; pass the task's token array (e.g. np.save of data tokens)")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ProjectableEdgeError(f"{what} must be integers, got dtype {t.dtype}; cast with .astype(np.int64)")
+    if max_length is not None and t.shape[-1] > max_length:
+        raise ProjectableEdgeError(f"{what} has sequences of {t.shape[-1]} tokens; the model takes at most "
+                                   f"{max_length}")
+    if t.size:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ProjectableEdgeError(
+                f"{what} out of range: found min {lo}, max {hi}; valid range is 0..{vocab_size - 1} (the "
+                f"model's vocabulary, levels = {vocab_size}); use tokens from the same tokenizer")
+    return t.astype(np.int64, copy=False)
+
+
 @dataclass(frozen=True)
 class TokenizerSpec:
     height: int
@@ -97,20 +125,8 @@ class TokenizerSpec:
 
     def check_tokens(self, tokens) -> np.ndarray:
         """Raise unless tokens are integer [seq_len] or [N, seq_len] in 0..levels-1; return int64."""
-        t = np.asarray(tokens)
-        if t.ndim not in (1, 2) or t.shape[-1] != self.seq_len:
-            raise ProjectableEdgeError(
-                f"tokens have shape {tuple(t.shape)}, expected [{self.seq_len}] or [N, {self.seq_len}] "
-                f"(seq_len = {self.height}x{self.width}x{self.channels})")
-        if not np.issubdtype(t.dtype, np.integer):
-            raise ProjectableEdgeError(f"tokens must be integers, got dtype {t.dtype}; cast with .astype(np.int64)")
-        if t.size:
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= self.levels:
-                raise ProjectableEdgeError(
-                    f"tokens out of range: found min {lo}, max {hi}; valid range is 0..{self.levels - 1} "
-                    f"(levels = {self.levels})")
-        return t.astype(np.int64, copy=False)
+        return validate_tokens(tokens, self.levels, length=self.seq_len, allow_1d=True,
+                               hint=f" (seq_len = {self.height}x{self.width}x{self.channels})")
 
     def decode(self, tokens) -> np.ndarray:
         """Tokens [N, seq_len] -> uint8 [N,H,W] / [N,H,W,3]; a single [seq_len] -> one image."""
@@ -142,6 +158,12 @@ class TokenizerSpec:
                     f"cannot read image '{p}': {type(e).__name__}: {e}; "
                     "replace or delete the file (PNG, JPEG, BMP, GIF, TIFF, WebP are supported)") from e
         return out
+
+    def prepare_image(self, im):
+        """One Pillow image -> this spec's size and colour mode (what load_images does per file)."""
+        from PIL import Image, ImageOps
+
+        return self._prepare(im, Image, ImageOps)
 
     def _prepare(self, im, Image, ImageOps):
         im = ImageOps.exif_transpose(im)

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from devices.errors import ProjectableEdgeError
-
-DEFAULT_TOLERANCE = 0.02  # bits/dim, when the manifest records none
+from devices.variants import DEVICE_DRIFT_REL
 
 
 def load_goldens(model) -> tuple[np.ndarray, np.ndarray | None]:
@@ -39,32 +38,40 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
+def _baseline(model, acc: dict, ref) -> tuple[str, float, float | None, float | None]:
+    """(what we compare with, its bits/dim, recorded bits of this variant, reference bits)."""
+    rec = (acc.get("variants") or {}).get(model.variant) or {}
+    recorded, reference = _num(rec.get("bits")), _num(acc.get("reference_bits"))
+    if recorded is not None:
+        return "recorded bits for this variant", recorded, recorded, reference
+    if reference is not None:
+        return "reference bits (no record for this variant)", reference, recorded, reference
+    if ref is not None:
+        return "goldens ref_bits (manifest records no accuracy)", float(ref.mean()), recorded, reference
+    raise ProjectableEdgeError(f"bundle {model.bundle_dir} records no accuracy to validate against; "
+                               "regenerate the bundle")
+
+
+def _tolerance(model, acc: dict, tolerance: float | None, baseline: float) -> tuple[float, str]:
+    """Absolute bits/dim tolerance and where it came from (argument, manifest, else the registry's drift)."""
+    rec = (acc.get("variants") or {}).get(model.variant) or {}
+    if tolerance is not None:
+        return float(tolerance), "argument"
+    if _num(rec.get("tolerance")) is not None:
+        return float(rec["tolerance"]), f"manifest accuracy.variants.{model.variant}.tolerance"
+    if _num(acc.get("tolerance")) is not None:
+        return float(acc["tolerance"]), "manifest accuracy.tolerance"
+    return DEVICE_DRIFT_REL * abs(baseline), f"runtime default ({DEVICE_DRIFT_REL:.0%} of the expected bits)"
+
+
 def validate(model, tolerance: float | None = None) -> dict[str, Any]:
     """Score the goldens with the loaded variant; pass if within tolerance of the recorded bits."""
     tokens, ref = load_goldens(model)
     bits = model.score(tokens)
     acc = model.manifest["accuracy"]
-    rec = (acc.get("variants") or {}).get(model.variant) or {}
-    recorded = _num(rec.get("bits"))
-    reference = _num(acc.get("reference_bits"))
-    if tolerance is not None:
-        tol, tol_src = float(tolerance), "argument"
-    elif _num(rec.get("tolerance")) is not None:
-        tol, tol_src = float(rec["tolerance"]), f"manifest accuracy.variants.{model.variant}.tolerance"
-    elif _num(acc.get("tolerance")) is not None:
-        tol, tol_src = float(acc["tolerance"]), "manifest accuracy.tolerance"
-    else:
-        tol, tol_src = DEFAULT_TOLERANCE, "runtime default"
+    against, baseline, recorded, reference = _baseline(model, acc, ref)
+    tol, tol_src = _tolerance(model, acc, tolerance, baseline)
     measured = float(bits.mean())
-    if recorded is not None:
-        against, baseline = "recorded bits for this variant", recorded
-    elif reference is not None:
-        against, baseline = "reference bits (no record for this variant)", reference
-    elif ref is not None:
-        against, baseline = "goldens ref_bits (manifest records no accuracy)", float(ref.mean())
-    else:
-        raise ProjectableEdgeError(f"bundle {model.bundle_dir} records no accuracy to validate against; "
-                                   "regenerate the bundle")
     delta = measured - baseline
     passed = bool(abs(delta) <= tol)
     return {

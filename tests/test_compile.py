@@ -11,10 +11,11 @@ from onnx import TensorProto, helper
 
 from devices.errors import ProjectableEdgeError
 from exporters.compile import compile_for_target
-from exporters.onnx_io import make_session, sha256_file
+from exporters.onnx_io import sha256_file
 from exporters.ort_compile import compile_onnxruntime
 from exporters.tensorrt import TensorRTSettings, compile_tensorrt
-from exporters.testing import TINY, tiny_export, tiny_variant
+from runtime.runners import ort_session
+from tiny_models import TINY, tiny_export, tiny_variant
 from exporters.trt_check import check_tensorrt_compat
 
 try:
@@ -139,8 +140,8 @@ def test_onnxruntime_compile_writes_loadable_optimized_and_ort_format(tmp_path, 
     assert artifact.read_bytes()[4:8] == b"ORTM"  # flatbuffer file identifier of the ORT format
     if graph == "scoring":  # the .ort really runs and scores like the source graph
         x = ex.heldout[:4]
-        got = make_session(artifact).run(None, {"tokens": x})[0]
-        np.testing.assert_allclose(got, make_session(src).run(None, {"tokens": x})[0], atol=1e-4)
+        got = ort_session(artifact).run(None, {"tokens": x})[0]
+        np.testing.assert_allclose(got, ort_session(src).run(None, {"tokens": x})[0], atol=1e-4)
     assert rep["files"][f"{graph}.ort"]["sha256"] == sha256_file(artifact)
 
 
@@ -168,8 +169,7 @@ def test_compile_errors(tmp_path, ex):
 def test_cli_compile_json(tmp_path, ex):
     from typer.testing import CliRunner
 
-    import projectable_edge.cli_export  # noqa: F401
-    from projectable_edge.cli_common import app
+    from projectable_edge.cli import app
 
     r = CliRunner().invoke(app, ["compile", str(ex.scoring), "--target", "jetson", "--out", str(tmp_path / "o"),
                                  "--json"])

@@ -107,8 +107,8 @@ def test_image_folder_gray_spec(tmp_path):
 
 def test_unknown_dataset_name():
     with pytest.raises(ProjectableEdgeError) as e:
-        load_dataset(DataConfig(dataset="mnist"))
-    assert "mnist" in str(e.value) and "digits" in str(e.value) and "sub-folder" in str(e.value)
+        load_dataset(DataConfig(dataset="cifar10"))
+    assert "cifar10" in str(e.value) and "digits, mnist" in str(e.value) and "sub-folder" in str(e.value)
 
 
 def test_missing_folder(tmp_path):
@@ -184,3 +184,30 @@ def test_shift_rgb_channels_move_together():
     for a, b in zip(x.numpy().reshape(-1, 5, 6, 3), y.reshape(-1, 5, 6, 3)):
         fits = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if np.array_equal(_edge_shift(a, dy, dx), b)]
         assert len(fits) == 1  # random pixels: exactly one shift explains the output
+
+
+def test_mnist_is_read_like_an_image_folder_of_its_pngs(tmp_path, monkeypatch):
+    """--dataset mnist == the same MNIST images saved as PNGs and read through the folder loader."""
+    from projectable_edge.data import _mnist_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    mn = load_dataset(DataConfig("mnist", height=8, width=8))
+    assert mn.n_tasks == 10 and mn.spec == TokenizerSpec(8, 8, 1, 17)
+    assert sum(len(mn.splits[s][0]) for s in ("train", "val", "test")) == 5000
+    assert [int((mn.splits["train"][1] == t).sum()) for t in range(10)] == [400] * 10
+    assert list((tmp_path / "cache" / "projectable-edge").glob("mnist5k-*-8x8x1-17.npz"))  # cached
+    raw = np.loadtxt(_mnist_file(), delimiter=",", max_rows=40)
+    folder = tmp_path / "mnist_pngs"
+    for i, row in enumerate(raw):
+        d = folder / str(int(row[-1]))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(row[:-1].reshape(28, 28).astype(np.uint8), mode="L").save(d / f"{i:03d}.png")
+    spec = TokenizerSpec(8, 8, 1, 17)
+    pngs = sorted(folder.glob("*/*.png"))
+    from_folder = spec.encode(spec.load_images(pngs))
+    all_mnist = {r.tobytes() for s in ("train", "val", "test") for r in mn.splits[s][0]}
+    assert all(r.tobytes() in all_mnist for r in from_folder)
+    again = load_dataset(DataConfig("mnist", height=8, width=8))  # from the cache: identical
+    assert again.fingerprint == mn.fingerprint
+    bigger = load_dataset(DataConfig("mnist", height=14, width=14, levels=9))
+    assert bigger.splits["test"][0].shape[1] == 196 and bigger.splits["test"][0].max() <= 8

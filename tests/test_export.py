@@ -8,11 +8,11 @@ import torch
 
 from devices.errors import ProjectableEdgeError
 from exporters.onnx_export import ExportSettings, export_onnx
-from exporters.onnx_io import check_tokens, load_onnx, make_session, tokens_sha256
+from exporters.onnx_io import check_tokens, load_onnx, tokens_sha256
 from exporters.parity import check_parity
-from exporters.sampling import sample_decode, sample_recompute
 from exporters.spec import ExportSpec, read_spec
-from exporters.testing import TINY, tiny_export, tiny_trained_model
+from runtime.runners import ort_session
+from tiny_models import TINY, sample_graph, tiny_export, tiny_trained_model
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_decode_parity_covers_every_output(ex):
 
 @pytest.mark.parametrize("batch,past", [(1, 0), (3, 0), (2, 5), (1, TINY.block_size - 1)])
 def test_decode_graph_runs_any_past_length_in_ort(ex, batch, past):
-    sess = make_session(ex.decode)
+    sess = ort_session(ex.decode)
     g = torch.Generator().manual_seed(past)
     tok = torch.randint(0, TINY.vocab_size + 1, (batch, 1), generator=g)
     pk = torch.randn(TINY.n_layer, batch, TINY.n_head, past, TINY.head_dim, generator=g)
@@ -84,7 +84,7 @@ def test_decode_graph_runs_any_past_length_in_ort(ex, batch, past):
 
 
 def test_scoring_graph_accepts_dynamic_batch_and_length(ex):
-    sess = make_session(ex.scoring)
+    sess = ort_session(ex.scoring)
     for shape in [(1, 1), (5, 17), (2, TINY.block_size)]:
         x = ex.heldout[: shape[0], : shape[1]]
         assert sess.run(None, {"tokens": x})[0].shape == (*shape, TINY.vocab_size)
@@ -92,12 +92,13 @@ def test_scoring_graph_accepts_dynamic_batch_and_length(ex):
 
 @pytest.mark.parametrize("greedy,seed", [(True, 0), (False, 0), (False, 7)])
 def test_kv_cache_sampling_equals_full_recompute(ex, greedy, seed):
-    dec = sample_decode(ex.decode, 6, seed=seed, greedy=greedy)
-    full = sample_recompute(ex.scoring, 6, seed=seed, greedy=greedy)
+    temperature = 0.0 if greedy else 1.0
+    dec = sample_graph(ex.decode, 6, seed=seed, temperature=temperature)
+    full = sample_graph(ex.scoring, 6, seed=seed, temperature=temperature)
     assert dec.shape == (6, TINY.block_size)
     np.testing.assert_array_equal(dec, full)
     if not greedy:  # seeded sampling really samples: another seed gives other images
-        assert not np.array_equal(dec, sample_decode(ex.decode, 6, seed=seed + 1))
+        assert not np.array_equal(dec, sample_graph(ex.decode, 6, seed=seed + 1))
 
 
 def test_parity_error_lists_every_failing_output(ex):
@@ -145,15 +146,14 @@ def test_bad_inputs_are_clear_errors(tmp_path, ex):
         check_tokens(np.zeros((2, 65), np.int64), 17, 64)
     with pytest.raises(ProjectableEdgeError, match="opset"):
         ExportSettings(opset=13)
-    with pytest.raises(ProjectableEdgeError, match="SpecialisedModel"):
+    with pytest.raises(ProjectableEdgeError, match="ExportableModel"):
         export_onnx(torch.nn.Linear(2, 2), None, tmp_path / "x")
 
 
 def test_cli_export_json(tmp_path, ex):
     from typer.testing import CliRunner
 
-    import projectable_edge.cli_export  # noqa: F401 - registers the commands
-    from projectable_edge.cli_common import app
+    from projectable_edge.cli import app
     from projectable_edge.project import save_projected
 
     stem = tmp_path / "proj"

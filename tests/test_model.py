@@ -72,41 +72,72 @@ def test_bits_per_dim_of_uniform_model():
     assert torch.allclose(bits_per_dim(logits, tokens), torch.full((2,), 4.0))
 
 
-def test_projection_at_init_is_a_slice_of_the_source():
-    src_w = _weights(SRC, std=0.1)
-    src_w = {k: v + torch.randn_like(v) * 0.1 for k, v in src_w.items()}  # non-trivial norms and biases
-    proj = Projector(SRC, SMALL, ProjectionConfig(n_basis=3))
-    task_emb = torch.randn(4, SRC.d_model)
-    small, bos = proj(src_w, task_emb)
-    idx = selection_indices(SRC, SMALL)
+def _expected_slice(src_w, idx, layers):
+    """What a pure selection projection must produce, written out by hand from the source."""
     r, a, m = idx["res"], idx["attn"], idx["mlp"]
     inner = {"wq": a, "wk": a, "wv": a, "bq": a, "bk": a, "bv": a, "w1": m, "b1": m}
+    out = {}
     for name, w in src_w.items():
-        leaf = name.split(".", 1)[-1] if name.startswith("h") else name
+        if name[0] == "h" and name[1].isdigit():
+            layer, leaf = name.split(".", 1)
+            if int(layer[1:]) not in layers:
+                continue
+            name = f"h{layers.index(int(layer[1:]))}.{leaf}"
+        else:
+            leaf = name
         if name in ("wte", "wpe"):
-            expect = w[:, r]
+            out[name] = w[:, r]
         elif name == "head":
-            expect = w[r]
+            out[name] = w[r]
         elif name == "head_b":
-            expect = w
+            out[name] = w
         elif leaf in ("wq", "wk", "wv", "w1"):
-            expect = w[r][:, inner[leaf]]
+            out[name] = w[r][:, inner[leaf]]
         elif leaf == "wo":
-            expect = w[a][:, r]
+            out[name] = w[a][:, r]
         elif leaf == "w2":
-            expect = w[m][:, r]
+            out[name] = w[m][:, r]
         elif leaf in inner:
-            expect = w[inner[leaf]]
+            out[name] = w[inner[leaf]]
         else:  # norms, bo, b2: residual space
-            expect = w[r]
+            out[name] = w[r]
+    return out
+
+
+@pytest.mark.parametrize("mixture", ["per_space", "shared"])
+@pytest.mark.parametrize("small_layers", [2, 1])
+def test_projection_at_init_is_a_slice_of_the_source(mixture, small_layers):
+    small_cfg = SMALL.__class__(**{**SMALL.to_dict(), "n_layer": small_layers})
+    src_w = _weights(SRC, std=0.1)
+    src_w = {k: v + torch.randn_like(v) * 0.1 for k, v in src_w.items()}  # non-trivial norms and biases
+    proj = Projector(SRC, small_cfg, ProjectionConfig(n_basis=3, mixture=mixture))
+    assert proj.layers == ([0, 1] if small_layers == 2 else [0])
+    task_emb = torch.randn(4, SRC.d_model)
+    small, bos = proj(src_w, task_emb)
+    expect = _expected_slice(src_w, selection_indices(SRC, small_cfg), proj.layers)
+    assert set(small) == set(expect) == set(weight_shapes(small_cfg))
+    for name, e in expect.items():
         for t in range(4):
-            assert torch.allclose(small[name][t], expect, atol=1e-6), name
-    assert torch.allclose(bos, task_emb[:, r])
-    # and the projected model computes exactly what the sliced model computes
+            assert torch.allclose(small[name][t], e, atol=1e-6), name
+    assert torch.allclose(bos, task_emb[:, selection_indices(SRC, small_cfg)["res"]])
+    # and the projected model computes what the hand-sliced source weights compute
     tokens = torch.randint(0, 17, (1, 64))
-    sliced = {k: small[k][0] for k in small}
-    assert torch.allclose(forward(sliced, SMALL, tokens, bos[:1]),
-                          forward({k: v[:1] for k, v in small.items()}, SMALL, tokens, bos[:1]), atol=1e-6)
+    assert torch.allclose(forward({k: v[0] for k, v in small.items()}, small_cfg, tokens, bos[:1]),
+                          forward(expect, small_cfg, tokens, bos[:1]), atol=1e-5)
+
+
+def test_per_space_mixtures_are_independent():
+    """Per-space: each space has its own softmax; shared: one softmax for all spaces."""
+    emb = torch.randn(3, SRC.d_model)
+    per = Projector(SRC, SMALL, ProjectionConfig(n_basis=4, mixture="per_space"), torch.Generator().manual_seed(0))
+    shared = Projector(SRC, SMALL, ProjectionConfig(n_basis=4, mixture="shared"), torch.Generator().manual_seed(0))
+    mp, ms = per.mixtures(emb), shared.mixtures(emb)
+    n_spaces = 1 + 2 * SMALL.n_layer
+    assert mp.shape == ms.shape == (3, n_spaces, 4)
+    assert torch.allclose(mp.sum(-1), torch.ones(3, n_spaces)) and torch.allclose(ms.sum(-1), torch.ones(3, n_spaces))
+    assert not torch.allclose(mp[:, 0], mp[:, 1])  # spaces differ
+    assert torch.equal(ms[:, 0], ms[:, 1])  # one mixture for all
+    assert per.coef.out_features == n_spaces * 4 and shared.coef.out_features == 4
 
 
 def test_projection_is_task_dependent_after_the_coefficients_move():
@@ -117,9 +148,28 @@ def test_projection_is_task_dependent_after_the_coefficients_move():
     assert not torch.allclose(small["h0.wq"][0], small["h0.wq"][1])
 
 
-def test_projection_rejects_a_wider_small_model():
-    with pytest.raises(ValueError, match="narrower"):
+def test_projection_rejects_sizes_the_source_cannot_project_to():
+    from devices.errors import ProjectableEdgeError
+
+    with pytest.raises(ProjectableEdgeError, match=r"width 32.*wider than the source"):
         selection_indices(SMALL, SRC)
+    deeper = SMALL.__class__(**{**SMALL.to_dict(), "n_layer": 3})
+    with pytest.raises(ProjectableEdgeError, match="3 layers.*more layers than the source"):
+        Projector(SRC, deeper, ProjectionConfig())
+
+
+def test_every_role_has_its_own_generator():
+    """Changing the operator (mixture, K) or adding a ladder size never moves a baseline's init."""
+    from projectable_edge.trainables import Trainables
+
+    a = Trainables(SRC, SMALL, 3, ProjectionConfig(n_basis=4, mixture="shared"), seed=5)
+    b = Trainables(SRC, SMALL, 3, ProjectionConfig(n_basis=8, mixture="per_space"), seed=5,
+                   ladder={"8x2": SMALL.__class__(**{**SMALL.to_dict(), "d_model": 8, "d_attn": 8, "d_mlp": 16})})
+    c = Trainables(SRC, SMALL, 3, ProjectionConfig(), seed=6)
+    for name in ("universal.h0__wq", "universal_task", "scratch.h1__w1", "source.wte", "source_task"):
+        assert torch.equal(a.state_dict()[name], b.state_dict()[name]), name
+        assert not torch.equal(a.state_dict()[name], c.state_dict()[name]), name
+    assert "ladder.8x2.universal.h0__wq" in b.state_dict()
 
 
 def test_training_makes_the_projection_task_specific():
@@ -136,3 +186,16 @@ def test_training_makes_the_projection_task_specific():
     opt.step()
     w1, _ = model.projected_all()
     assert not torch.allclose(w1["h0.w1"][0], w1["h0.w1"][1], atol=1e-6)
+
+
+def test_distillation_adds_the_same_teacher_term_to_every_small_role():
+    from projectable_edge.trainables import Trainables
+
+    model = Trainables(SRC, SMALL, n_task=3, pcfg=ProjectionConfig(), seed=0)
+    tokens, tasks = torch.randint(0, 17, (6, 64)), torch.tensor([0, 0, 1, 1, 2, 2])
+    plain, kd = model(tokens, tasks), model(tokens, tasks, distill=1.0)
+    assert torch.equal(plain["source"], kd["source"])  # the teacher's own loss is untouched
+    for role in ("projected", "universal", "scratch"):
+        assert kd[role] > plain[role], role  # + KL(source || small) > 0 for two different models
+    kd["universal"].backward()
+    assert all(p.grad is None for p in model.source.parameters())  # the teacher is detached

@@ -7,10 +7,10 @@ import pytest
 from onnx import numpy_helper
 
 from devices.errors import ProjectableEdgeError
-from exporters.onnx_io import make_session, tokens_sha256
+from exporters.onnx_io import tokens_sha256
 from exporters.quantize import QuantizeSettings, quantize
-from exporters.sampling import sample_decode
-from exporters.testing import TINY, tiny_export, tiny_variant
+from runtime.runners import ort_session
+from tiny_models import TINY, sample_graph, tiny_export, tiny_variant
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,9 @@ def test_decode_variants_validate_and_sample_from_bos(ex, precision):
     assert rep["graph"] == "decode" and rep["bits_per_dim"]["within_budget"]
     if precision == "int8-static":  # calibrated on every step of teacher-forced decoding
         assert rep["calibration"]["used"] == QuantizeSettings("int8-static").decode_calibration_sequences
-    sess = make_session(path)
+    sess = ort_session(path)
     assert [i.type for i in sess.get_inputs()] == ["tensor(int64)", "tensor(float)", "tensor(float)"]
-    out = sample_decode(sess, 3, seed=0, greedy=True)  # starts from past length 0
+    out = sample_graph(path, 3, seed=0, temperature=0)  # starts from past length 0
     assert out.shape == (3, TINY.block_size) and out.max() < TINY.vocab_size
 
 
@@ -140,8 +140,7 @@ def test_bad_quantize_inputs_write_nothing(tmp_path, ex):
 def test_cli_quantize(tmp_path, ex):
     from typer.testing import CliRunner
 
-    import projectable_edge.cli_export  # noqa: F401
-    from projectable_edge.cli_common import app
+    from projectable_edge.cli import app
 
     np.save(tmp_path / "calib.npy", ex.train[:32])
     np.save(tmp_path / "empty.npy", np.zeros((0, 64), np.int64))
@@ -159,3 +158,20 @@ def test_cli_quantize(tmp_path, ex):
     pick = runner.invoke(app, ["quantize", str(ex.scoring), "--precision", "int8-static", "--calibration",
                                str(tmp_path / "obj.npy"), "--out", str(tmp_path / "p.onnx")])
     assert pick.exit_code == 2 and "not a readable .npy" in " ".join(pick.output.split())
+
+
+def test_a_new_precision_is_one_registry_entry_plus_one_converter(tmp_path, ex, monkeypatch):
+    """What the README's "Adding a precision" promises: nothing else needs to change."""
+    from devices import variants
+    from exporters import converters
+
+    entry = variants.Variant(name="fp32-copy", family="fp32", profile_name=None, budget_rel=1e-6,
+                             converter="fp32-copy", tensorrt_flags=(), tensorrt_buildable=True,
+                             description="test: the graph unchanged", tolerances=dict(variants.FP32.tolerances))
+    monkeypatch.setitem(variants.VARIANTS, entry.name, entry)
+    monkeypatch.setitem(converters.CONVERTERS, "fp32-copy", lambda job: (job.proto, {}))
+    assert "fp32-copy" in variants.converted()
+    path, rep = quantize(ex.scoring, "fp32-copy", tmp_path / "copy.onnx", heldout=ex.heldout[:8], model=ex.model)
+    b = rep["bits_per_dim"]
+    assert b["rel_vs_fp32"] == 0 and b["within_budget"] and b["budget_rel"] == 1e-6
+    assert rep["parity"]["ok"] and rep["parity"]["outputs"]["logits"]["max_abs"] < 1e-4

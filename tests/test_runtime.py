@@ -307,15 +307,17 @@ def test_validate_passes_then_fails_on_drift(rt_model, rt_bundle_copy):
     assert runtime.validate(runtime.load(rt_bundle_copy), tolerance=0.6)["verdict"] == "pass"
 
 
-def test_benchmark_report(rt_model):
-    r = runtime.benchmark(rt_model, runs=8, warmup=1, batch=4, sample_runs=2)
+def test_benchmark_report(rt_bundle):
+    m = runtime.load(rt_bundle)
+    m.profile = dataclasses.replace(m.profile, budgets=Budgets(p99_latency_ms=1e6, memory_mb=10**6))
+    r = runtime.benchmark(m, runs=8, warmup=1, batch=4, sample_runs=2)
     assert set(r["results"]) == {"score_batch1", "score_batch4", "sample_full_image"}
     for res in r["results"].values():
         assert 0 < res["min_ms"] <= res["p50_ms"] <= res["p90_ms"] <= res["p99_ms"] <= res["max_ms"]
         assert res["throughput_per_s"] > 0 and res["std_ms"] >= 0
     assert r["results"]["score_batch1"]["runs"] == 8
-    assert r["verdict"] in ("pass", "fail") and len(r["checks"]) == 2
-    assert r["verdict"] == ("pass" if all(c["passed"] for c in r["checks"]) else "fail")
+    assert r["verdict"] == "pass" and [c["passed"] for c in r["checks"]] == [True, True]
+    assert [c["budget"] for c in r["checks"]] == [1e6, 10**6]
     assert r["peak_rss_mb"] > 10 and r["load_time_ms"] > 0 and r["providers"] == ["CPUExecutionProvider"]
 
 
@@ -334,15 +336,19 @@ def test_benchmark_rejects_bad_args(rt_model):
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_validate_and_benchmark_json(rt_bundle, capsys):
-    assert main(["validate", str(rt_bundle), "--json"]) == 0
+def test_cli_validate_and_benchmark_json(rt_graphs, rt_build, tmp_path, capsys):
+    roomy = rt_build(tmp_path / "roomy", rt_graphs, variants=("fp32",), budgets={"p99_latency_ms": 1e6})
+    tight = rt_build(tmp_path / "tight", rt_graphs, variants=("fp32",), budgets={"p99_latency_ms": 1e-6})
+    assert main(["validate", str(roomy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verdict"] == "pass"
-    code = main(["benchmark", str(rt_bundle), "--json", "--runs", "4", "--warmup", "1", "--batch", "2",
-                 "--sample-runs", "2"])
+    args = ["--json", "--runs", "4", "--warmup", "1", "--batch", "2", "--sample-runs", "2"]
+    code = main(["benchmark", str(roomy), *args])
     r = json.loads(capsys.readouterr().out)
-    assert code == (0 if r["verdict"] == "pass" else 1) and "p99_ms" in r["results"]["score_batch1"]
-    assert main(["benchmark", str(rt_bundle), "--runs", "3", "--warmup", "0", "--batch", "2"]) in (0, 1)
-    assert "verdict:" in capsys.readouterr().out
+    assert "p99_ms" in r["results"]["score_batch1"] and r["checks"][0]["passed"]
+    assert code == (0 if r["checks"][1]["passed"] else 1)  # memory: the host's, against the profile's budget
+    assert main(["benchmark", str(tight), "--runs", "3", "--warmup", "0", "--batch", "2"]) == 1
+    text = capsys.readouterr().out
+    assert "verdict: FAIL" in text and "OVER" in text
 
 
 def test_cli_sample_writes_png_and_score_reads_it(rt_bundle, tmp_path, capsys):
@@ -372,6 +378,28 @@ def test_python_dash_m_runtime(rt_bundle, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "runtime", "score", str(tmp_path / "nope"), "x.png"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "does not exist" in bad.stderr
+
+
+def test_unexpected_errors_are_one_line_exit_1_in_both_clis(rt_bundle, monkeypatch, capsys):
+    """One error boundary: a bug is one line with the --verbose hint and status 1, in both CLIs."""
+    import runtime.bundle
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(runtime.bundle, "load", broken)
+    assert main(["info", str(rt_bundle)]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: RuntimeError: simulated bug (rerun with --verbose for the traceback)\n"
+    monkeypatch.setattr(runtime, "load", broken)
+    res = CliRunner().invoke(app, ["sample", str(rt_bundle)])
+    assert res.exit_code == 1 and "simulated bug" in res.output and "--verbose" in res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["--verbose", "sample", str(rt_bundle)])
+    assert res.exit_code == 1 and "Traceback" in res.output
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):

@@ -37,7 +37,7 @@ b = runtime.benchmark(model, runs=3, warmup=0, batch=2, sample_runs=2)
 cli = main(["validate", bundle, "--json"])
 print("RESULT" + json.dumps({
     "verdict": v["verdict"], "bits": bits.tolist(), "sample_shape": list(toks.shape),
-    "bench_verdict": b["verdict"], "cli": cli, "attempts": attempts,
+    "bench_verdict": b["verdict"], "bench_checks": [c["passed"] for c in b["checks"]], "cli": cli, "attempts": attempts,
     "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
 """
 
@@ -51,7 +51,8 @@ def test_runtime_runs_without_torch(rt_bundle):
     assert r["attempts"] == [] and r["loaded"] == []
     assert r["verdict"] == "pass" and r["cli"] == 0
     assert len(r["bits"]) == 3 and all(0 < x < 20 for x in r["bits"])
-    assert r["sample_shape"] == [2, 64] and r["bench_verdict"] in ("pass", "fail")
+    assert r["sample_shape"] == [2, 64] and len(r["bench_checks"]) == 2
+    assert r["bench_verdict"] == ("pass" if all(r["bench_checks"]) else "fail")
 
 
 def test_blocker_really_blocks_torch():

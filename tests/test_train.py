@@ -81,19 +81,19 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     import projectable_edge.train as tr
 
     calls = {"n": 0}
-    real = tr._save_state
+    real = tr.save_state
 
     def save_then_stop(*a, **k):
         real(*a, **k)
         calls["n"] += 1
         raise KeyboardInterrupt
 
-    tr._save_state = save_then_stop
+    tr.save_state = save_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
             train(cfg, DataConfig(), out, progress=False)
     finally:
-        tr._save_state = real
+        tr.save_state = real
     assert (work / "state.safetensors").exists() and not out.exists()
     with pytest.raises(ProjectableEdgeError, match="--resume"):
         train(cfg, DataConfig(), out, progress=False)
@@ -160,3 +160,102 @@ def test_unknown_task_and_bad_checkpoints(tiny_run, tmp_path):
     save_file({"x": torch.zeros(2)}, str(broken / "model.safetensors"))  # foreign safetensors
     with pytest.raises(ProjectableEdgeError, match="not a projectable-edge"):
         load_run(broken)
+
+
+def test_ladder_and_fewer_layers_train_and_evaluate(tmp_path):
+    """One run trains several small sizes (one with fewer layers), each beside its own universal."""
+    from projectable_edge.evaluate import plot_ladder
+
+    cfg = preset("tiny", steps=20, eval_every=10, ladder=("8", "16x1"))
+    summary = train(cfg, DataConfig(), tmp_path / "lad", progress=False)
+    assert {"universal@8x2", "universal@16x1"} <= set(summary["best_val_bits"])
+    report = evaluate_run(tmp_path / "lad")
+    sizes = [r["size"] for r in report["ladder"]]
+    assert sizes == ["8x2", "16x1", "16x2"]  # sorted by parameters
+    params = [r["params"] for r in report["ladder"]]
+    assert params == sorted(params) and len(set(params)) == 3
+    for row in report["ladder"]:
+        assert 0 < row["projected"] < UNIFORM_BITS and 0 < row["universal"] < UNIFORM_BITS
+        assert row["ratio"] == pytest.approx(row["projected"] / row["universal"])
+    _, model, _ = load_run(tmp_path / "lad")
+    cfg16, w, _ = model.specialise("projected@16x1", 3)
+    assert cfg16.n_layer == 1 and "h1.wq" not in w
+    png = plot_ladder(report, tmp_path / "ladder.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ladder_sizes_the_source_cannot_hold_are_refused(tmp_path):
+    with pytest.raises(ProjectableEdgeError, match=r"width 64.*wider than the source"):
+        preset("tiny", ladder=("64",))
+    with pytest.raises(ProjectableEdgeError, match="3 layers.*more layers than the source"):
+        preset("tiny", ladder=("16x3",))
+    with pytest.raises(ProjectableEdgeError, match="bad small size"):
+        preset("tiny", ladder=("wide",))
+    with pytest.raises(ProjectableEdgeError, match="more layers"):
+        preset("tiny", small="16x5")
+    assert not any(tmp_path.iterdir())
+
+
+def test_changing_the_operator_never_moves_a_baseline(tmp_path):
+    """Each role has its own generator and its own optimizer: the universal's training is bit-identical
+    across operator designs, while the projected model does change."""
+    runs = {}
+    for mixture, k in (("shared", 4), ("per_space", 6)):
+        cfg = preset("tiny", steps=6, eval_every=3, mixture=mixture, n_basis=k)
+        runs[mixture] = train(cfg, DataConfig(), tmp_path / mixture, progress=False)["best_val_bits"]
+    for role in ("universal", "scratch"):
+        assert runs["shared"][role] == runs["per_space"][role], role
+    assert runs["shared"]["projected"] != runs["per_space"]["projected"]
+
+
+def test_base_preset_smoke(tmp_path):
+    """The GPU preset (source 8 layers, small 4: fewer layers) builds and takes a few steps on the CPU."""
+    cfg = preset("base", steps=2, batch_size=4, eval_every=2, warmup_steps=1)
+    assert cfg.source.n_layer == 8 and cfg.small.n_layer == 4
+    summary = train(cfg, DataConfig(), tmp_path / "base", progress=False)
+    assert all(np.isfinite(v) for v in summary["best_val_bits"].values())
+    _, model, _ = load_run(tmp_path / "base")
+    assert model.projector.layers == [0, 2, 4, 6]
+    c, w, _ = model.specialise("projected", 0)
+    assert c.n_layer == 4 and set(w) == set(__import__("projectable_edge.model").model.weight_shapes(c))
+
+
+def test_mnist_trains(tmp_path):
+    cfg = preset("tiny", steps=20, eval_every=10)
+    summary = train(cfg, DataConfig("mnist"), tmp_path / "mn", progress=False)
+    assert all(v < UNIFORM_BITS - 0.5 for v in summary["best_val_bits"].values())
+    meta, _, data = load_run(tmp_path / "mn")
+    assert meta["data"]["dataset"] == "mnist" and data.n_tasks == 10
+
+
+@pytest.mark.slow
+def test_fewer_layers_projected_model_is_bundled_like_any_other(tmp_path):
+    """A small size with fewer layers than the source goes through export, quantization and generate."""
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
+    run = tmp_path / "shallow"
+    train(preset("tiny", steps=10, eval_every=10, small="16x1"), DataConfig(), run, progress=False)
+    res = CliRunner().invoke(app, ["generate", "--task", "3", "--target", "x86-64-cpu", "--source", str(run),
+                                   "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["model"]["n_layer"] == 1
+    import runtime
+
+    model = runtime.load(tmp_path / "b")
+    bits = model.score(load_run(run)[2].split("test", 3)[:4])
+    assert bits.shape == (4,) and np.all((bits > 0) & (bits < UNIFORM_BITS))
+
+
+def test_cli_refuses_a_ladder_size_the_source_cannot_hold(tmp_path):
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--ladder", "16,64", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())  # rich wraps long lines
+    assert "width 64" in text and "wider than the source" in text and "Traceback" not in text
+    assert not (tmp_path / "x").exists() and not partial_dir(tmp_path / "x").exists()

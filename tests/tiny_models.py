@@ -1,7 +1,8 @@
-"""Tiny trained models and synthetic task tokens, for the exporters' tests and benchmarks.
+"""Tiny models, synthetic task tokens and their exported graphs, shared by the tests and benchmarks.
 
 Random-init models give near-uniform logits, which hide quantization error; a few dozen
 Adam steps on structured synthetic images give peaked, realistic logits in about a second.
+Test support, so it lives with the tests (benchmarks put this folder on sys.path).
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ def synthetic_tokens(n: int, seed: int = 0, side: int = 8, levels: int = 17) -> 
                 img[i][e] = np.maximum(img[i][e], top // 2)
     img += rng.integers(-1, 2, img.shape) * (rng.random(img.shape) < 0.1)
     return np.clip(img, 0, top).astype(np.int64).reshape(n, side * side)
+
+
+def peaked_model(cfg: ModelConfig = TINY, seed: int = 0) -> SpecialisedModel:
+    """A random model with sharpened embeddings and head: peaked logits, so greedy decoding varies."""
+    g = torch.Generator().manual_seed(seed)
+    w = init_weights(cfg, g)
+    w["head"] = w["head"] * 40
+    w["wte"] = w["wte"] * 20
+    for k, v in w.items():  # distinct gains and biases, as after training (identical initializers get merged)
+        if v.dim() == 1:
+            w[k] = v + 0.05 * torch.randn(v.shape, generator=g)
+    return SpecialisedModel(cfg, w, torch.randn(cfg.d_model, generator=g)).eval()
 
 
 def tiny_trained_model(cfg: ModelConfig = TINY, steps: int = 60, seed: int = 0,
@@ -110,3 +123,38 @@ def tiny_variant(graph: str, precision: str, activation_type: str = "int8") -> t
     out = _workdir() / f"{graph}_{precision}_{activation_type}.onnx"
     return quantize(getattr(ex, graph), QuantizeSettings(precision=precision, activation_type=activation_type),
                     out, calibration=ex.train, heldout=ex.heldout, model=ex.model)
+
+
+@functools.lru_cache(maxsize=None)
+def peaked_export() -> TinyExport:
+    """peaked_model() exported (with parity) once per process: the graphs of the runtime's test bundles."""
+    from exporters.onnx_export import export_onnx
+
+    model = peaked_model()
+    g = torch.Generator().manual_seed(1)
+    heldout = torch.randint(0, TINY.vocab_size, (12, TINY.block_size), generator=g).numpy()
+    art, report = export_onnx(model, None, _workdir() / "peaked", heldout=heldout, log=lambda s: None)
+    return TinyExport(model, heldout, heldout, art.dir, art.scoring, art.decode, report)
+
+
+@functools.lru_cache(maxsize=None)
+def peaked_variant(graph: str, precision: str) -> Path:
+    """A registry variant of peaked_export()'s graph, built by the real converter (cached)."""
+    from exporters.quantize import QuantizeSettings, quantize
+
+    ex = peaked_export()
+    out = _workdir() / f"peaked_{graph}_{precision}.onnx"
+    path, _ = quantize(getattr(ex, graph), QuantizeSettings(precision=precision, on_budget_fail="report"), out,
+                       calibration=ex.train, heldout=ex.heldout)
+    return path
+
+
+def sample_graph(path: Path, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+    """n full sequences sampled through a graph file (decode: KV cache; scoring: recompute) by the runtime's sampler."""
+    from exporters.onnx_io import load_onnx
+    from exporters.spec import read_spec
+    from runtime.runners import OrtRunner
+    from runtime.sampler import sample
+
+    spec = read_spec(load_onnx(path))
+    return sample(OrtRunner(path, threads=1), spec.layout, n, spec.block_size, temperature=temperature, seed=seed)

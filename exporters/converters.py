@@ -1,0 +1,163 @@
+"""One converter per graph variant: fp32 graph in, converted graph out. Registered by variant name.
+
+Each registry entry in devices/variants.py with a `converter` names a function here. A
+converter gets a `Conversion` (the fp32 graph, its spec, calibration and validation tokens,
+settings, nodes to leave in float) and returns (converted ModelProto, report extras).
+Validation against the accuracy budget happens in exporters.quantize, the same for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from exporters.calibration import calibration_reader
+from exporters.parity import mean_bits
+from runtime.graphs import GraphKind, graph_logits
+
+# Ops whose fp16 evaluation can overflow or lose mass (variance, exp, sums); candidates to keep fp32.
+FP16_SENSITIVE_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp", "Log")
+
+
+@dataclass(frozen=True)
+class Conversion:
+    src: Path  # the fp32 graph file
+    proto: onnx.ModelProto
+    spec: Any  # exporters.spec.ExportSpec
+    settings: Any  # exporters.quantize.QuantizeSettings
+    calibration: np.ndarray | None
+    validation: np.ndarray
+    exclude: list[str]  # node names left in float
+    workdir: Path | None = None  # an empty folder for intermediate files (set by `convert`)
+
+
+CONVERTERS: dict[str, Callable[[Conversion], tuple[onnx.ModelProto, dict]]] = {}
+
+
+def converter(name: str):
+    """Register a converter under a variant registry's `converter` key."""
+    def register(fn):
+        CONVERTERS[name] = fn
+        return fn
+    return register
+
+
+@contextlib.contextmanager
+def quiet():
+    """onnxruntime.quantization logs advice on the root logger and prints calibration progress."""
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+# ----------------------------------------------------------------------------- fp16
+
+
+def to_fp16(model: onnx.ModelProto, keep: tuple[str, ...]) -> onnx.ModelProto:
+    from onnxconverter_common import float16
+
+    with quiet():
+        return float16.convert_float_to_float16(model, keep_io_types=True,
+                                                op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(keep))
+
+
+class ReferenceRunner:
+    """onnx.reference (numpy, every op in its declared dtype) behind the runner contract."""
+
+    def __init__(self, model: onnx.ModelProto):
+        from onnx.reference import ReferenceEvaluator
+
+        self.evaluator = ReferenceEvaluator(model)
+        self.name, self.providers = "onnx.reference", ["numpy"]
+        self.input_names = [i.name for i in model.graph.input]
+        self.output_names = [o.name for o in model.graph.output]
+        self.input_dtypes = {n: np.dtype(np.int64 if n.startswith("token") else np.float32) for n in self.input_names}
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.evaluator.run(None, feed)))
+
+
+def _emulated_bits(model: onnx.ModelProto, spec, tokens: np.ndarray) -> float:
+    return mean_bits(graph_logits(ReferenceRunner(model), spec.kind, spec.layout, tokens), tokens)
+
+
+@converter("fp16")
+def fp16(job: Conversion) -> tuple[onnx.ModelProto, dict]:
+    """Which sensitive ops stay fp32 is measured, not assumed: each candidate runs under true fp16
+    arithmetic (onnx.reference) because ONNX Runtime's CPU provider computes most fp16 ops in fp32."""
+    if job.settings.fp16_keep_fp32 is not None:
+        keep, choice = tuple(job.settings.fp16_keep_fp32), {"method": "given by settings"}
+    else:
+        present = {n.op_type for n in job.proto.graph.node}
+        candidates = tuple(op for op in FP16_SENSITIVE_OPS if op in present)
+        x = job.validation[: (32 if job.spec.kind is GraphKind.SCORING else 8)]
+        ref = _emulated_bits(job.proto, job.spec, x)
+        all16 = _emulated_bits(to_fp16(job.proto, ()), job.spec, x)
+        kept = _emulated_bits(to_fp16(job.proto, candidates), job.spec, x)
+        matters = abs(all16 - ref) - abs(kept - ref) > job.settings.fp16_matter_rel * ref
+        keep = candidates if matters else ()
+        choice = {"method": "numpy fp16 emulation (onnx.reference) on held-out tokens", "sequences": int(len(x)),
+                  "bits_fp32": ref, "bits_all_fp16": all16, "bits_sensitive_ops_fp32": kept,
+                  "candidates": list(candidates), "threshold_rel": job.settings.fp16_matter_rel,
+                  "sensitive_ops_matter": bool(matters)}
+    return to_fp16(job.proto, keep), {"fp16_choice": {"kept_fp32_op_types": list(keep), **choice}}
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+@converter("int8-static")
+def int8_static(job: Conversion) -> tuple[onnx.ModelProto, dict]:
+    """Static QDQ (per-channel symmetric weights, activations calibrated on the task's training
+    tokens): the explicit-precision form TensorRT builds int8 engines from."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    s = job.settings
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[str(s.calibrate_method)]
+    act = QuantType.QInt8 if s.activation_type == "int8" else QuantType.QUInt8
+    pre, out = job.workdir / "pre.onnx", job.workdir / "int8-static.onnx"
+    with quiet():
+        # ORT's recommended pre-pass (shape inference + basic folding); symbolic shape inference
+        # cannot resolve the dynamic past axis, ONNX shape inference can.
+        quant_pre_process(str(job.src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), calibration_reader(job.src, job.spec, job.calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=s.per_channel, activation_type=act,
+                        weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                        nodes_to_exclude=job.exclude, calibrate_method=method,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": s.activation_type == "int8"})
+    return onnx.load(str(out)), {}
+
+
+@converter("int8-dynamic")
+def int8_dynamic(job: Conversion) -> tuple[onnx.ModelProto, dict]:
+    """Dynamic int8 MatMuls (weights quantized offline, activations per call): ONNX Runtime only."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = job.workdir / "int8-dynamic.onnx"
+    with quiet():
+        quantize_dynamic(str(job.src), str(out), op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=job.settings.per_channel, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=job.exclude, extra_options={"MatMulConstBOnly": True})
+    return onnx.load(str(out)), {}
+
+
+def convert(name: str, job: Conversion) -> tuple[onnx.ModelProto, dict]:
+    """Run the converter registered as `name` in a scratch folder of its own."""
+    with tempfile.TemporaryDirectory() as td:
+        return CONVERTERS[name](replace(job, workdir=Path(td)))

@@ -1,0 +1,51 @@
+"""What the exporters need of a model, as a Protocol they own: no import of projectable_edge.
+
+The dependency points one way (devices <- runtime <- exporters <- projectable_edge): the
+exporters describe the model they can export, and projectable_edge's SpecialisedModel
+implements it. Any torch module with these members exports the same way.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+class ModelShape(Protocol):
+    """The sizes a graph's I/O contract is built from."""
+
+    vocab_size: int  # token ids 0..vocab_size-1; id vocab_size is BOS
+    block_size: int  # longest sequence
+    n_layer: int
+    n_head: int
+    head_dim: int
+    d_model: int
+
+
+@runtime_checkable
+class ExportableModel(Protocol):
+    """A single-task autoregressive model over token ids, with a KV-cache decode step."""
+
+    cfg: ModelShape
+
+    @property
+    def bos_id(self) -> int: ...
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Scoring: tokens [B, T] int64 -> logits [B, T, V]; logits[:, i] predicts tokens[:, i]."""
+
+    def decode_step(self, token: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
+        """token [B, 1], past [L, B, H, P, hd] x2 -> logits [B, V], present [L, B, H, P+1, hd] x2."""
+
+    def eval(self): ...
+
+
+class DecodeStep(torch.nn.Module):
+    """A model's decode_step as `forward`, which is what torch.onnx exports."""
+
+    def __init__(self, model: ExportableModel):
+        super().__init__()
+        self.model = model  # weights appear in the graph as "model.<name>"
+
+    def forward(self, token, past_keys, past_values):
+        return self.model.decode_step(token, past_keys, past_values)

@@ -1,0 +1,69 @@
+"""The one task's inputs to every later step: its projected model, goldens, calibration and references."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from projectable_edge.model import SpecialisedModel, bits_per_dim
+from projectable_edge.project import n_params, specialise
+from projectable_edge.train import evaluate_roles, load_run, source_best
+from runtime.manifest import sha256_file
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    meta: dict  # the run's config.json
+    tokenizer: dict
+    task: int
+    task_name: str
+    model: SpecialisedModel
+    model_sha256: str  # of its weights and config: the cache key of everything built from it
+    n_params: int
+    projection_ms: float
+    goldens: np.ndarray  # held-out task sequences shipped with the bundle
+    calibration: np.ndarray  # the task's training sequences
+    ref_bits: np.ndarray  # PyTorch bits/dim of each golden
+    reference: dict[str, float]  # this task's test bits/dim per role (source, projected, universal, scratch)
+    source_sha256: str
+
+
+def model_sha256(model: SpecialisedModel) -> str:
+    h = hashlib.sha256(repr(sorted(model.cfg.to_dict().items())).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _reference(run: Path, trainables, test: np.ndarray, t: int, n_tasks: int) -> dict[str, float]:
+    """This task's test bits/dim of each role: the same numbers as `evaluate`."""
+    tid = np.full(len(test), t)
+    roles = evaluate_roles(trainables, test, tid, n_tasks, roles=("projected", "universal", "scratch"))
+    roles["source"] = evaluate_roles(source_best(run, trainables), test, tid, n_tasks, roles=("source",))["source"]
+    return {r: float(v[t]) for r, v in roles.items()}
+
+
+def prepare(source: str, task: str, n_goldens: int, log) -> TaskInputs:
+    """Load the run, project the task (timed) and gather its data; fails on a bad run or task."""
+    meta, trainables, data = load_run(Path(source))
+    t = data.task_index(task)
+    start = time.perf_counter()
+    small = specialise(trainables, "projected", t)
+    projection_ms = (time.perf_counter() - start) * 1000
+    log(f"projected task {data.task_names[t]} in {projection_ms:.2f} ms ({n_params(small):,} params)")
+    test = data.split("test", t)
+    goldens = test[:n_goldens]
+    with torch.no_grad():
+        x = torch.from_numpy(goldens)
+        ref_bits = bits_per_dim(small(x), x).numpy().astype(np.float64)
+    return TaskInputs(meta=meta, tokenizer=data.spec.to_dict(), task=t, task_name=data.task_names[t], model=small,
+                      model_sha256=model_sha256(small), n_params=n_params(small), projection_ms=projection_ms,
+                      goldens=goldens, calibration=data.split("train", t), ref_bits=ref_bits,
+                      reference=_reference(Path(source), trainables, test, t, data.n_tasks),
+                      source_sha256=sha256_file(Path(source) / "model.safetensors"))

@@ -1,0 +1,68 @@
+"""What `generate` will build, decided before anything is read or written: settings, target, variants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from devices import variants
+from devices.choices import CompileBackend
+from devices.errors import ProjectableEdgeError
+from devices.profiles import DEFAULT_TARGET, DeviceProfile, load_profile
+
+AUTO = "auto"
+
+
+def precision_choices() -> tuple[str, ...]:
+    """What `generate --precision` accepts: auto (the profile's order) or a profile's word for a variant."""
+    return (AUTO, *variants.profile_precisions())
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    task: str
+    target: str = DEFAULT_TARGET
+    source: str = "runs/digits"
+    precision: str = AUTO  # auto = every precision the profile lists, select the first that passes
+    out: str | None = None  # default bundles/<task>__<target>
+    overwrite: bool = False
+    goldens: int = 64  # held-out sequences shipped for on-device validation
+    bench_runs: int = 50  # host latency runs per variant (after warm-up)
+    samples: int = 16
+    cache_dir: str | None = None  # step cache (default: .cache beside the bundle folder)
+    cache: bool = True  # reuse export/quantization outputs of identical inputs and settings
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: GenerateSettings
+    profile: DeviceProfile
+    variants: tuple[str, ...]  # registry names to build, in the order they are preferred for the target
+
+    def out_dir(self, task_name: str) -> Path:
+        s = self.settings
+        return Path(s.out) if s.out else Path("bundles") / f"{task_name}__{self.profile.name}"
+
+    def cache_dir(self, out: Path) -> Path | None:
+        if not self.settings.cache:
+            return None
+        return Path(self.settings.cache_dir) if self.settings.cache_dir else out.parent / ".cache"
+
+
+def plan_variants(profile: DeviceProfile, precision: str) -> list[str]:
+    """Which graph variants to build, in the order they are preferred for this target."""
+    if precision not in precision_choices():
+        raise ProjectableEdgeError(f"unknown precision '{precision}': choose one of {', '.join(precision_choices())}")
+    names = [variants.get(p).name for p in (profile.precisions if precision == AUTO else (precision,))]
+    if profile.compile_backend == CompileBackend.TENSORRT:
+        unbuildable = [n for n in names if not variants.get(n).tensorrt_buildable]
+        if unbuildable:
+            raise ProjectableEdgeError(f"TensorRT cannot build {', '.join(unbuildable)} for {profile.name}; "
+                                       "pick another precision")
+    return names
+
+
+def make_plan(settings: GenerateSettings) -> Plan:
+    """Fails on a bad target or precision before anything is read."""
+    profile = load_profile(settings.target)
+    return Plan(settings, profile, tuple(plan_variants(profile, settings.precision)))

@@ -1,0 +1,113 @@
+"""What both command lines share: the error boundary, JSON and table output, and the `sample` command.
+
+`python -m runtime` (argparse, on the device) and `projectable-edge` (typer, on the host) both
+print through these, so a command looks and fails the same way whichever CLI runs it:
+a ProjectableEdgeError is one line and exit 2; anything else is one line with a hint to rerun
+with --verbose, and exit 1; --verbose adds the traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from devices.errors import ProjectableEdgeError
+
+EXIT_OK, EXIT_FAILED_CHECK, EXIT_ERROR = 0, 1, 2
+VERBOSE_HINT = "rerun with --verbose for the traceback"
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def error_boundary(fn: Callable[[], Any], *, verbose: bool = False, say: Callable[[str], None] = _stderr,
+                   passthrough: tuple[type[BaseException], ...] = ()) -> int:
+    """Run fn; return its int exit code (None = 0), or the exit code of the error it raised."""
+    try:
+        result = fn()
+    except passthrough:
+        raise
+    except ProjectableEdgeError as e:
+        if verbose:
+            traceback.print_exc()
+        say(f"error: {e}")
+        return EXIT_ERROR
+    except Exception as e:  # an unexpected failure still gets one readable line
+        if verbose:
+            traceback.print_exc()
+        say(f"error: {type(e).__name__}: {e} ({VERBOSE_HINT})")
+        return EXIT_FAILED_CHECK
+    return int(result or 0)
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def table(rows: list[tuple]) -> str:
+    """Left-aligned columns, first row as header."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def benchmark_text(out: dict) -> str:
+    """The human-readable benchmark report."""
+    lines = [f"benchmark {out['variant']} on {', '.join(out['providers'])} ({out['backend']}: "
+             f"{out['backend_reason']}); load {out['load_time_ms']:.1f} ms"]
+    rows = [("case", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "p99/p50", "items/s")]
+    for k, r in out["results"].items():
+        rows.append((k, *(fmt(r[f]) for f in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
+                                              "spread_p99_over_p50", "throughput_per_s"))))
+    lines.append(table(rows))
+    if out.get("peak_rss_mb") is not None:
+        lines.append(f"  peak memory (RSS): {out['peak_rss_mb']:.1f} MB")
+    for c in out["checks"]:
+        lines.append(f"  {c['name']}: {c['value']:.2f} (budget {c['budget']}) {'ok' if c['passed'] else 'OVER'}")
+    note = out["host"]["note"]
+    lines.append(f"verdict: {out['verdict'].upper()}" + (f"  [{note}]" if note else ""))
+    return "\n".join(lines)
+
+
+def validate_text(out: dict) -> str:
+    head = f"validate {out['variant']} ({out['backend']}, {', '.join(out['providers'])}): {out['verdict'].upper()}"
+    rows = [("bits/dim", "expected", "delta", "tolerance", "images"),
+            tuple(fmt(out[k]) for k in ("bits", "expected_bits", "delta", "tolerance", "n_images"))]
+    return f"{head}\n{table(rows)}\n  expected = {out['compared_with']}"
+
+
+def info_text(model) -> str:
+    b = model.backend
+    text = f"{model!r}\n  variants: {', '.join(sorted(model.manifest['graphs']))}\n  backend reason: {b['reason']}"
+    if b["providers_missing"]:
+        text += f"\n  providers not in this onnxruntime build: {', '.join(b['providers_missing'])}"
+    return text
+
+
+def score_text(names: list[str], bits: np.ndarray, variant: str) -> str:
+    rows = [("input", "bits/dim")] + [(n, f"{b:.4f}") for n, b in zip(names, bits)]
+    return f"{table(rows)}\nmean {bits.mean():.4f} bits/dim ({variant})"
+
+
+def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: float = 1.0,
+                top_k: int | None = None, cols: int | None = None, scale: int = 4,
+                tokens_out: str | None = None) -> dict[str, Any]:
+    """Sample n images, write them as one PNG grid (8 per row by default); the command's JSON result."""
+    from runtime.png import image_grid, write_png
+
+    tokens = model.sample(n, temperature=temperature, top_k=top_k, seed=seed)
+    path = write_png(out, image_grid(model.decode_images(tokens), cols=cols or min(8, len(tokens)), scale=scale))
+    if tokens_out:
+        np.save(tokens_out, tokens)
+    bits = model.score(tokens)
+    return {"png": str(path), "n": int(len(tokens)), "seed": seed, "variant": model.variant,
+            "backend": model.backend["backend"], "providers": model.backend["providers"],
+            "tokens_out": tokens_out, "mean_bits_per_dim": float(bits.mean())}

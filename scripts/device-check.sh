@@ -1,0 +1,382 @@
+#!/usr/bin/env bash
+# Device stand-ins for a bundle: run the torch-free runtime where users run it.
+#
+#   bash scripts/device-check.sh BUNDLE [--py310] [--aarch64] [--runtime-from DIR] [--keep]
+#
+#   --py310     a venv on Python 3.10 (JetPack 6) with only numpy + the minimum onnxruntime
+#               (default when neither --py310 nor --aarch64 is given)
+#   --aarch64   a Debian arm64 userland (debootstrap) run under qemu-user-static, with numpy +
+#               onnxruntime aarch64 wheels from PyPI (needs root: debootstrap, chroot, unshare)
+#   --runtime-from DIR
+#               folder holding the runtime/ and devices/ packages to install (default: this
+#               repository). They are copied to a temporary folder and put on PYTHONPATH.
+#   --keep      keep the temporary work folder (samples, JSON outputs) and print where it is
+#
+# Each stand-in runs, from an empty folder: info, validate (every variant in the bundle), score
+# (the bundle's goldens), sample, benchmark, and an import check (nothing outside the stdlib,
+# numpy, onnxruntime and the runtime itself may be imported). With both stand-ins, the per-image
+# bits/dim of aarch64 are compared with those of x86-64.
+#
+# Latency under qemu emulation is NOT device latency; the script says so and never fails on a
+# benchmark budget verdict (exit 1 of `benchmark`), only on errors.
+#
+# Environment (all optional):
+#   PE_CACHE_DIR      cache for the venv and the arm64 userland
+#                     (default ${XDG_CACHE_HOME:-$HOME/.cache}/projectable-edge)
+#   PE_ORT_VERSION    onnxruntime to install (default 1.19.0, the lowest that runs the bundles)
+#   PE_NUMPY_SPEC     numpy requirement (default: numpy, i.e. whatever pip pairs with it)
+#   PE_PYTHON310      a python3.10 interpreter (default: python3.10 on PATH, then pyenv's)
+#   PE_DEBIAN_SUITE   (default bookworm)    PE_DEBIAN_MIRROR (default http://deb.debian.org/debian)
+#   PE_CMD_TIMEOUT    seconds per runtime command (default 900)
+#
+# Exit status: 0 every check passed; 1 a check failed; 2 usage or setup error.
+set -uo pipefail
+
+usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "device-check: error: $*" >&2; exit 2; }
+say() { printf '\n== %s\n' "$*"; }
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+
+BUNDLE="" DO_PY310=0 DO_AARCH64=0 RUNTIME_FROM="$REPO_ROOT" KEEP=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --py310) DO_PY310=1 ;;
+        --aarch64) DO_AARCH64=1 ;;
+        --runtime-from) [ $# -ge 2 ] || die "--runtime-from needs a folder"; RUNTIME_FROM=$2; shift ;;
+        --runtime-from=*) RUNTIME_FROM=${1#*=} ;;
+        --keep) KEEP=1 ;;
+        -h|--help) usage; exit 0 ;;
+        -*) die "unknown option '$1' (see --help)" ;;
+        *) [ -z "$BUNDLE" ] || die "one bundle at a time (got '$BUNDLE' and '$1')"; BUNDLE=$1 ;;
+    esac
+    shift
+done
+[ -n "$BUNDLE" ] || { usage >&2; exit 2; }
+[ "$DO_PY310$DO_AARCH64" = "00" ] && DO_PY310=1
+
+# Resolve every path before work starts.
+[ -d "$BUNDLE" ] || die "bundle folder '$BUNDLE' not found; pass the folder \`projectable-edge generate\` wrote"
+[ -f "$BUNDLE/manifest.json" ] || die "'$BUNDLE' has no manifest.json; pass a bundle folder"
+BUNDLE=$(cd "$BUNDLE" && pwd -P)
+[ -d "$RUNTIME_FROM/runtime" ] && [ -d "$RUNTIME_FROM/devices" ] \
+    || die "'$RUNTIME_FROM' does not hold runtime/ and devices/; pass --runtime-from with the folder that does"
+RUNTIME_FROM=$(cd "$RUNTIME_FROM" && pwd -P)
+
+CACHE=${PE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/projectable-edge}
+ORT_VERSION=${PE_ORT_VERSION:-1.19.0}
+NUMPY_SPEC=${PE_NUMPY_SPEC:-numpy}
+SUITE=${PE_DEBIAN_SUITE:-bookworm}
+MIRROR=${PE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+CMD_TIMEOUT=${PE_CMD_TIMEOUT:-900}
+mkdir -p "$CACHE" || die "cannot create the cache folder '$CACHE' (set PE_CACHE_DIR)"
+CACHE=$(cd "$CACHE" && pwd -P)
+NPTAG=$(printf '%s' "$NUMPY_SPEC" | tr -c 'A-Za-z0-9.' '_')
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/pe-device-check.XXXXXX") || die "cannot create a temporary folder"
+cleanup() {
+    if [ "$KEEP" = 1 ]; then echo "work folder kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+# The runtime to install. Phase 1: the runtime/ and devices/ source folders, copied (the device
+# install must need nothing from the repository). Later: the wheel the bundle carries.
+copy_runtime() {  # DEST
+    mkdir -p "$1"
+    (cd "$RUNTIME_FROM" && tar -cf - --exclude='__pycache__' --exclude='*.pyc' runtime devices) | tar -xf - -C "$1"
+}
+
+# The checks' Python helper: numpy + onnxruntime + the runtime only.
+cat > "$WORK/check_helper.py" <<'PY'
+"""device-check helper: score the goldens with every variant, sample, report providers and imports."""
+import json
+import sys
+
+bundle, out_path = sys.argv[1], sys.argv[2]
+import numpy as np
+import onnxruntime as ort
+
+import runtime
+from runtime.bundle import load
+
+with open(f"{bundle}/manifest.json", encoding="utf-8") as fh:
+    manifest = json.load(fh)
+with np.load(f"{bundle}/goldens.npz", allow_pickle=False) as z:
+    tokens, ref = z["tokens"], z["ref_bits"] if "ref_bits" in z.files else None
+recorded = {k: v.get("bits") for k, v in (manifest.get("accuracy", {}).get("variants") or {}).items()}
+out = {"python": sys.version.split()[0], "numpy": np.__version__, "onnxruntime": ort.__version__,
+       "providers_available": ort.get_available_providers(), "variants": {}}
+for variant in sorted(manifest.get("graphs") or {}):
+    m = load(bundle, precision=variant, backend="onnxruntime")
+    bits = m.score(tokens)
+    r = {"providers": m.backend["providers"], "mean_bits": float(bits.mean()),
+         "per_image": [float(b) for b in bits], "recorded_bits": recorded.get(variant)}
+    if r["recorded_bits"] is not None:
+        r["delta_vs_recorded"] = r["mean_bits"] - float(r["recorded_bits"])
+    if ref is not None:
+        r["max_abs_vs_goldens_ref_per_image"] = float(np.abs(bits - ref).max())
+    out["variants"][variant] = r
+m.sample(2, seed=0)
+ignorable = {"__main__", "_distutils_hack", "cython_runtime", "sitecustomize", "usercustomize"}
+allowed = {"numpy", "onnxruntime", "runtime", "devices", "projectable_edge_runtime"}
+mods = {k.split(".")[0] for k in sys.modules} - set(sys.stdlib_module_names) - ignorable
+mods = {k for k in mods if not k.startswith("_cython_")}
+out["imported_outside_stdlib"] = sorted(mods)
+out["unexpected_imports"] = sorted(mods - allowed)
+with open(out_path, "w", encoding="utf-8") as fh:
+    json.dump(out, fh, indent=1)
+print(f"python {out['python']}, numpy {out['numpy']}, onnxruntime {out['onnxruntime']}; "
+      f"providers available: {', '.join(out['providers_available'])}")
+for v, r in out["variants"].items():
+    extra = "" if ref is None else f", max |image - goldens ref| {r['max_abs_vs_goldens_ref_per_image']:.5f}"
+    d = r.get("delta_vs_recorded")
+    print(f"  {v:12s} {r['mean_bits']:.5f} bits/dim on {', '.join(r['providers'])}"
+          + ("" if d is None else f" (vs recorded {d:+.2e})") + extra)
+print("imported outside the stdlib: " + ", ".join(out["imported_outside_stdlib"]))
+if out["unexpected_imports"]:
+    print("UNEXPECTED imports: " + ", ".join(out["unexpected_imports"]))
+    sys.exit(1)
+PY
+
+# Results: "stage|check|status|note" lines.
+RESULTS=()
+FAILED=0
+record() {  # stage check rc [note]; rc 0 = ok
+    local st=ok; [ "$3" = 0 ] || { st=FAIL; FAILED=1; }
+    RESULTS+=("$1|$2|$st|${4:-}")
+}
+
+# run_checks STAGE RUNNER BUNDLE_PATH WORK_DIR(for the runner) HOST_WORK_DIR
+#   RUNNER: a function that runs "python ARGS..." in the stand-in, cwd = an empty folder.
+run_checks() {
+    local stage=$1 runner=$2 b=$3 wd=$4 hwd=$5 rc v variants
+    variants=$(python_json_keys "$BUNDLE/manifest.json" graphs)
+    say "[$stage] python -m runtime info"
+    $runner -m runtime info "$b"; record "$stage" info $?
+    say "[$stage] python -m runtime info (relative bundle path)"
+    RELATIVE=1 $runner -m runtime info "$(basename "$b")" >/dev/null; record "$stage" "info (relative path)" $?
+    for v in $variants; do
+        say "[$stage] python -m runtime validate --precision $v"
+        $runner -m runtime validate "$b" --precision "$v"; record "$stage" "validate $v" $?
+    done
+    say "[$stage] python -m runtime validate (the target's selected variant)"
+    $runner -m runtime validate "$b"; record "$stage" "validate (selected)" $?
+    say "[$stage] python -m runtime score (the goldens as .npy)"
+    $runner -c "import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1] + '/goldens.npz')['tokens'])" \
+        "$b" "$wd/goldens_tokens.npy" && $runner -m runtime score "$b" "$wd/goldens_tokens.npy" | tail -n 3
+    record "$stage" score $?
+    say "[$stage] python -m runtime sample"
+    $runner -m runtime sample "$b" -n 8 --out "$wd/samples.png"; rc=$?
+    [ $rc = 0 ] && [ -s "$hwd/samples.png" ] || rc=1
+    record "$stage" sample $rc
+    say "[$stage] python -m runtime benchmark"
+    $runner -m runtime benchmark "$b" "${BENCH_ARGS[@]}" 2>&1 | tee "$WORK/$stage-benchmark.txt"; rc=${PIPESTATUS[0]}
+    [ "$stage" = aarch64 ] && echo "^^ EMULATED under qemu: these latencies and the budget verdict are NOT device numbers"
+    # exit 1 is the budget verdict only when the runtime printed one (a crash also exits 1)
+    if [ $rc = 1 ] && grep -q '^verdict: FAIL' "$WORK/$stage-benchmark.txt"; then
+        record "$stage" benchmark 0 "budget verdict FAIL (not counted: not a device measurement)"
+    else
+        record "$stage" benchmark $rc "$BENCH_NOTE"
+    fi
+    say "[$stage] every variant on the goldens + import check"
+    $runner "$wd/check_helper.py" "$b" "$wd/scores.json"; record "$stage" "scores + imports" $?
+}
+
+python_json_keys() {  # FILE KEY -> the keys of a JSON object, one per line (host python3 or any python)
+    local py
+    py=$(command -v python3 || command -v python) || { echo "fp32"; return; }
+    "$py" -c 'import json,sys; print("\n".join(sorted(json.load(open(sys.argv[1]))[sys.argv[2]])))' "$1" "$2"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Python 3.10 stand-in
+# ---------------------------------------------------------------------------------------------
+find_python310() {  # the first candidate that really is Python 3.10 (pyenv shims may not be)
+    local root=${PYENV_ROOT:-$HOME/.pyenv} c
+    for c in ${PE_PYTHON310:+"$PE_PYTHON310"} "$(command -v python3.10 2>/dev/null)" \
+             $(ls -d "$root"/versions/3.10*/bin/python3.10 2>/dev/null | sort -rV); do
+        [ -n "$c" ] && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1 \
+            && { echo "$c"; return 0; }
+    done
+    return 1
+}
+
+PY310_VENV=""
+py310_runner() {
+    local dir=$WORK/py310/cwd
+    if [ "${RELATIVE:-0}" = 1 ]; then dir=$(dirname "$PY310_BUNDLE"); fi
+    (cd "$dir" && PYTHONPATH="$WORK/py310/site" PYTHONNOUSERSITE=1 \
+        timeout "$CMD_TIMEOUT" "$PY310_VENV/bin/python" "$@")
+}
+
+stage_py310() {
+    local py t0 ver
+    py=$(find_python310) \
+        || die "no Python 3.10 found; install one (e.g. \`pyenv install 3.10\`) or set PE_PYTHON310"
+    ver=$("$py" -c 'import platform; print(platform.python_version())')
+    PY310_VENV=$CACHE/py310-$ver-ort$ORT_VERSION-$NPTAG
+    if [ ! -f "$PY310_VENV/.pe-ok" ]; then
+        say "[py310] creating $PY310_VENV (Python $ver, onnxruntime==$ORT_VERSION, $NUMPY_SPEC)"
+        t0=$SECONDS
+        rm -rf "$PY310_VENV"
+        "$py" -m venv "$PY310_VENV" \
+            && "$PY310_VENV/bin/python" -m pip install -q --disable-pip-version-check \
+                   "onnxruntime==$ORT_VERSION" "$NUMPY_SPEC" \
+            || die "could not build the Python 3.10 venv (see pip's output above)"
+        "$PY310_VENV/bin/python" -m pip freeze > "$PY310_VENV/.pe-ok"
+        echo "venv ready in $((SECONDS - t0)) s"
+    else
+        say "[py310] reusing $PY310_VENV"
+    fi
+    mkdir -p "$WORK/py310/cwd" "$WORK/py310/bundles"
+    copy_runtime "$WORK/py310/site"
+    cp "$WORK/check_helper.py" "$WORK/py310/cwd/"
+    PY310_BUNDLE=$BUNDLE
+    BENCH_ARGS=(--runs 50 --warmup 5)
+    BENCH_NOTE="host latency (x86-64), not device latency"
+    run_checks py310 py310_runner "$BUNDLE" "$WORK/py310/cwd" "$WORK/py310/cwd"
+}
+
+# ---------------------------------------------------------------------------------------------
+# aarch64 stand-in: Debian arm64 userland under qemu-user-static
+# ---------------------------------------------------------------------------------------------
+ROOTFS=""
+CHROOT_ENV=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+            PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1)
+for var in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY PIP_INDEX_URL; do
+    [ -n "${!var:-}" ] && CHROOT_ENV+=("$var=${!var}")
+done
+
+in_rootfs() {  # run a command inside the arm64 userland; /proc, /sys, /dev mounted in a private namespace
+    unshare --mount --propagation private -- sh -c '
+        r=$1; shift
+        mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" \
+            || { echo "device-check: cannot mount /proc, /sys, /dev in $r" >&2; exit 97; }
+        exec chroot "$r" /usr/bin/env -i "$@"' sh "$ROOTFS" "${CHROOT_ENV[@]}" "$@"
+}
+
+AARCH64_VENV=/opt/pe/venv-ort$ORT_VERSION-$NPTAG
+aarch64_runner() {
+    local dir=/pe-work/cwd
+    if [ "${RELATIVE:-0}" = 1 ]; then dir=/pe-work; fi
+    in_rootfs /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$dir" \
+        env PYTHONPATH=/pe-work/site timeout "$CMD_TIMEOUT" "$AARCH64_VENV/bin/python" "$@"
+}
+
+ensure_binfmt() {
+    command -v qemu-aarch64-static >/dev/null \
+        || die "qemu-aarch64-static not found; install Debian's qemu-user-static (apt-get install qemu-user-static binfmt-support)"
+    local f=/proc/sys/fs/binfmt_misc/qemu-aarch64
+    if [ ! -e "$f" ]; then
+        [ -e /proc/sys/fs/binfmt_misc/register ] \
+            || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true
+        command -v update-binfmts >/dev/null && update-binfmts --enable qemu-aarch64 2>/dev/null || true
+    fi
+    [ -e "$f" ] && head -n 1 "$f" | grep -q enabled \
+        || die "aarch64 binaries cannot run here: no binfmt_misc entry for qemu-aarch64; run \`mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc && update-binfmts --enable qemu-aarch64\` as root"
+}
+
+build_rootfs() {
+    local partial=$1.partial t0=$SECONDS keyring=()
+    command -v debootstrap >/dev/null || die "debootstrap not found; apt-get install debootstrap"
+    [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] \
+        && keyring=(--keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
+    say "[aarch64] building a Debian $SUITE arm64 userland in $1 (first time only; tens of minutes)"
+    rm -rf "$partial"
+    debootstrap --arch=arm64 --foreign --variant=minbase "${keyring[@]}" \
+        --include=python3,python3-venv,python3-pip,ca-certificates "$SUITE" "$partial" "$MIRROR" \
+        || die "debootstrap (first stage) failed; see above"
+    echo "first stage done in $((SECONDS - t0)) s"
+    cp /usr/bin/qemu-aarch64-static "$partial/usr/bin/"  # for binfmt entries without the F flag
+    ROOTFS=$partial
+    in_rootfs /debootstrap/debootstrap --second-stage || die "debootstrap (second stage, emulated) failed; see above"
+    echo "second stage done; userland built in $((SECONDS - t0)) s"
+    mv "$partial" "$1"
+}
+
+stage_aarch64() {
+    local t0=$SECONDS base=$CACHE/aarch64-$SUITE
+    [ "$(id -u)" = 0 ] || die "--aarch64 needs root (debootstrap, chroot, mounts); rerun with sudo"
+    command -v unshare >/dev/null || die "unshare (util-linux) not found"
+    ensure_binfmt
+    [ -x "$base/rootfs/usr/bin/python3" ] || build_rootfs "$base/rootfs"
+    ROOTFS=$base/rootfs
+    cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf" 2>/dev/null || true
+    # pip inside trusts what the host's pip trusts (a proxy's CA lives only in the host's bundle)
+    local ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
+    if [ -f "$ca" ]; then
+        cp -L "$ca" "$ROOTFS/etc/pe-host-ca.crt" && CHROOT_ENV+=(PIP_CERT=/etc/pe-host-ca.crt)
+    fi
+    if ! in_rootfs test -f "$AARCH64_VENV/.pe-ok"; then
+        say "[aarch64] creating $AARCH64_VENV in the userland (onnxruntime==$ORT_VERSION, $NUMPY_SPEC)"
+        in_rootfs /bin/sh -c 'rm -rf "$1" && python3 -m venv "$1" && "$1/bin/python" -m pip install -q "onnxruntime==$2" "$3" \
+                              && "$1/bin/python" -m pip freeze > "$1/.pe-ok"' sh "$AARCH64_VENV" "$ORT_VERSION" "$NUMPY_SPEC" \
+            || die "pip could not install onnxruntime==$ORT_VERSION and $NUMPY_SPEC in the arm64 userland (network? wheel?)"
+    else
+        say "[aarch64] reusing $ROOTFS ($AARCH64_VENV)"
+    fi
+    echo "userland ready after $((SECONDS - t0)) s; uname -m inside: $(in_rootfs uname -m), $(in_rootfs "$AARCH64_VENV/bin/python" -V)"
+    # A fresh work folder inside the userland: the runtime and a copy of the bundle.
+    rm -rf "$ROOTFS/pe-work"
+    mkdir -p "$ROOTFS/pe-work/cwd"
+    copy_runtime "$ROOTFS/pe-work/site"
+    cp -a "$BUNDLE" "$ROOTFS/pe-work/bundle"
+    cp "$WORK/check_helper.py" "$ROOTFS/pe-work/cwd/"
+    echo "NOTE: under qemu emulation every latency below is the emulator's, NOT device latency."
+    BENCH_ARGS=(--runs 10 --warmup 2 --sample-runs 1)
+    BENCH_NOTE="EMULATED: latency meaningless (not device latency)"
+    run_checks aarch64 aarch64_runner /pe-work/bundle /pe-work/cwd "$ROOTFS/pe-work/cwd"
+    mkdir -p "$WORK/aarch64"
+    cp "$ROOTFS/pe-work/cwd/scores.json" "$WORK/aarch64/scores.json" 2>/dev/null
+    cp "$ROOTFS/pe-work/cwd/samples.png" "$WORK/aarch64/samples.png" 2>/dev/null
+    [ "$KEEP" = 1 ] || rm -rf "$ROOTFS/pe-work"
+    echo "aarch64 stage took $((SECONDS - t0)) s"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Bundle readable by another user (an app's service account)
+# ---------------------------------------------------------------------------------------------
+check_permissions() {
+    say "bundle readable by other users (folders 0755, files 0644)"
+    local bad
+    bad=$(find "$BUNDLE" \( -type d ! -perm -0005 \) -o \( -type f ! -perm -0004 \) 2>/dev/null)
+    if [ -n "$bad" ]; then
+        echo "not readable by other users:"; echo "$bad" | sed 's/^/  /'
+        record bundle "world-readable" 1 "$(echo "$bad" | wc -l | tr -d ' ') paths not readable by others"
+    else
+        echo "ok"; record bundle "world-readable" 0
+    fi
+}
+
+echo "device-check: bundle $BUNDLE"
+echo "  runtime from $RUNTIME_FROM (runtime/, devices/); onnxruntime==$ORT_VERSION, $NUMPY_SPEC; cache $CACHE"
+T_ALL=$SECONDS
+check_permissions
+[ "$DO_PY310" = 1 ] && stage_py310
+[ "$DO_AARCH64" = 1 ] && stage_aarch64
+
+if [ -f "$WORK/py310/cwd/scores.json" ] && [ -f "$WORK/aarch64/scores.json" ]; then
+    say "aarch64 vs x86-64 (py310): per-image bits/dim on the same goldens"
+    "$PY310_VENV/bin/python" - "$WORK/py310/cwd/scores.json" "$WORK/aarch64/scores.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+worst = 0.0
+for v in sorted(set(a["variants"]) & set(b["variants"])):
+    d = max(abs(x - y) for x, y in zip(a["variants"][v]["per_image"], b["variants"][v]["per_image"]))
+    m = abs(a["variants"][v]["mean_bits"] - b["variants"][v]["mean_bits"])
+    worst = max(worst, d)
+    print(f"  {v:12s} max per-image |diff| {d:.2e}, mean |diff| {m:.2e} bits/dim")
+print(f"  largest per-image difference: {worst:.2e} bits/dim")
+PY
+fi
+
+say "summary ($((SECONDS - T_ALL)) s)"
+for r in "${RESULTS[@]}"; do
+    IFS='|' read -r stage check st note <<<"$r"
+    printf '  %-8s %-22s %-4s %s\n' "$stage" "$check" "$st" "$note"
+done
+[ "$DO_AARCH64" = 1 ] && echo "  (aarch64 ran under qemu emulation: its latencies are not device latencies)"
+if [ "$FAILED" = 0 ]; then echo "device-check: PASS"; exit 0; fi
+echo "device-check: FAIL"
+exit 1
