@@ -23,13 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/tiny_models.py: the synthetic model and tokens
 
-from exporters.onnx_export import export_onnx  # noqa: E402
-from exporters.quantize import QuantizeSettings, quantize  # noqa: E402
+from projectable_edge.exporters.onnx_export import export_onnx  # noqa: E402
+from projectable_edge.exporters.quantize import QuantizeSettings, quantize  # noqa: E402
 from projectable_edge.model import ModelConfig  # noqa: E402
-from runtime.benchmark import time_calls  # noqa: E402
-from runtime.graphs import CacheLayout  # noqa: E402
-from runtime.runners import OrtRunner, ort_session  # noqa: E402
-from runtime.sampler import sample_kv, sample_recompute  # noqa: E402
+from projectable_edge_runtime.benchmark import time_calls  # noqa: E402
+from projectable_edge_runtime.graphs import CacheLayout  # noqa: E402
+from projectable_edge_runtime.runners import OrtRunner, ort_session  # noqa: E402
+from projectable_edge_runtime.sampler import sample_kv, sample_recompute  # noqa: E402
 from tiny_models import synthetic_tokens, tiny_trained_model  # noqa: E402
 
 

@@ -26,17 +26,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import runtime  # noqa: E402
-from runtime.runners import ort_session  # noqa: E402
-from runtime.scoring import bits_per_dim  # noqa: E402
+import projectable_edge_runtime as runtime  # noqa: E402
+from projectable_edge_runtime.runners import ort_session  # noqa: E402
+from projectable_edge_runtime.scoring import bits_per_dim  # noqa: E402
 
 
 def _tiny_bundle(dest: Path) -> Path:
     import torch
 
-    from devices.profiles import load_profile
+    from projectable_edge_runtime.devices.profiles import load_profile
     from projectable_edge.model import ModelConfig, SpecialisedModel, init_weights
-    from runtime.manifest import staged_bundle, write_manifest
+    from projectable_edge_runtime.manifest import staged_bundle, write_manifest
 
     cfg = ModelConfig(vocab_size=17, block_size=64, n_layer=2, n_head=2, d_model=16, d_attn=16, d_mlp=32)
     g = torch.Generator().manual_seed(0)

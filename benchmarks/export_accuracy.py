@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devices import variants as registry  # noqa: E402
-from exporters.onnx_export import ExportSettings, export_onnx  # noqa: E402
-from exporters.quantize import quantize  # noqa: E402
+from projectable_edge_runtime.devices import variants as registry  # noqa: E402
+from projectable_edge.exporters.onnx_export import ExportSettings, export_onnx  # noqa: E402
+from projectable_edge.exporters.quantize import quantize  # noqa: E402
 from projectable_edge.project import specialise  # noqa: E402
 from projectable_edge.train import load_run  # noqa: E402
 

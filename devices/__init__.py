@@ -1,6 +1,6 @@
 """Device profiles: one TOML file per target; a tiny stdlib loader."""
-from devices.errors import ProjectableEdgeError
-from devices.profiles import (
+from .errors import ProjectableEdgeError
+from .profiles import (
     DEFAULT_TARGET,
     Budgets,
     DeviceProfile,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import TypeVar
 
-from devices.errors import ProjectableEdgeError
+from .errors import ProjectableEdgeError
 
 E = TypeVar("E", bound=Enum)
 

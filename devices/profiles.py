@@ -1,7 +1,9 @@
 """Device profiles: one TOML file per target in this directory, loaded and validated here.
 
-Adding a device = adding a TOML file next to this module. Standard library only, so the
-torch-free runtime can read profiles on the device itself.
+Adding a device = adding a TOML file next to this module. Standard library only. TOML is read
+only on the host (`tomllib`, or `tomli` on Python 3.10, imported inside `_load_file`): on the
+device the runtime builds its profile from the manifest's JSON (`DeviceProfile.from_dict`), so
+importing this module needs no TOML reader.
 """
 from __future__ import annotations
 
@@ -11,14 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-from devices.choices import Arch, CompileBackend, values
-from devices.errors import ProjectableEdgeError
-from devices.variants import profile_precisions
+from .choices import Arch, CompileBackend, values
+from .errors import ProjectableEdgeError
+from .variants import profile_precisions
 
 DEFAULT_TARGET = "x86-64-cpu"
 EXECUTION_PROVIDERS = (
@@ -264,7 +261,20 @@ def profile_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
+def _toml():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the host package depends on tomli there
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ProjectableEdgeError("reading device profiles (TOML) on Python 3.10 needs tomli: "
+                                       "pip install tomli (the runtime itself needs no TOML)") from None
+    return tomllib
+
+
 def _load_file(path: Path) -> DeviceProfile:
+    tomllib = _toml()
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)

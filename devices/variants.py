@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from devices.errors import ProjectableEdgeError
+from .errors import ProjectableEdgeError
 
 # How far a re-measurement of the same variant on the device may drift from what the bundle
 # recorded, relative to the recorded bits/dim (kernels differ between hosts, not the model).

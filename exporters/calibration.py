@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.graphs import GraphKind, rollout
-from runtime.runners import OrtRunner
+from projectable_edge_runtime.graphs import GraphKind, rollout
+from projectable_edge_runtime.runners import OrtRunner
 
 
 def calibration_feeds(fp32_path: Path, spec, tokens: np.ndarray, batch: int = 32) -> list[dict]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from devices.choices import CompileBackend, choose
-from devices.profiles import DeviceProfile, load_profile
+from projectable_edge_runtime.devices.choices import CompileBackend, choose
+from projectable_edge_runtime.devices.profiles import DeviceProfile, load_profile
 
 
 def _profile(target) -> DeviceProfile:
@@ -20,11 +20,11 @@ def compile_for_target(onnx_path: str | Path, target, out_dir: str | Path, *, ov
     profile = _profile(target)
     backend = choose(CompileBackend, profile.compile_backend, f"compile backend of profile {profile.name!r}")
     if backend is CompileBackend.TENSORRT:
-        from exporters.tensorrt import TensorRTSettings, compile_tensorrt
+        from projectable_edge.exporters.tensorrt import TensorRTSettings, compile_tensorrt
 
         return compile_tensorrt(onnx_path, TensorRTSettings.from_profile(profile), out_dir, overwrite=overwrite,
                                 log=log)
-    from exporters.ort_compile import OrtCompileSettings, compile_onnxruntime
+    from projectable_edge.exporters.ort_compile import OrtCompileSettings, compile_onnxruntime
 
     return compile_onnxruntime(onnx_path, OrtCompileSettings.from_profile(profile), out_dir, overwrite=overwrite,
                                log=log)

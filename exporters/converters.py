@@ -20,9 +20,9 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from exporters.calibration import calibration_reader
-from exporters.parity import mean_bits
-from runtime.graphs import GraphKind, graph_logits
+from projectable_edge.exporters.calibration import calibration_reader
+from projectable_edge.exporters.parity import mean_bits
+from projectable_edge_runtime.graphs import GraphKind, graph_logits
 
 # Ops whose fp16 evaluation can overflow or lose mass (variance, exp, sums); candidates to keep fp32.
 FP16_SENSITIVE_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp", "Log")

@@ -19,12 +19,12 @@ import numpy as np
 import onnx
 import torch
 
-from devices.errors import ProjectableEdgeError
-from exporters.onnx_io import check_tokens, file_info
-from exporters.protocol import DecodeStep, ExportableModel
-from exporters.spec import GRAPHS, ExportSpec, attach_spec, spec_from_onnx
-from runtime.atomic import atomic_output
-from runtime.graphs import GraphKind
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge.exporters.onnx_io import check_tokens, file_info
+from projectable_edge.exporters.protocol import DecodeStep, ExportableModel
+from projectable_edge.exporters.spec import GRAPHS, ExportSpec, attach_spec, spec_from_onnx
+from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.graphs import GraphKind
 
 MIN_OPSET = 17
 FILES = {str(k): k.file_name for k in GraphKind}
@@ -179,7 +179,7 @@ def export_onnx(model: ExportableModel, settings: ExportSettings | dict | None, 
     heldout: the task's held-out tokens [N, T] for parity and bits/dim (random tokens if None).
     Report keys: settings, opset, graphs{name: {file, sha256, bytes, spec, op_types, parity}}.
     """
-    from exporters.parity import check_parity
+    from projectable_edge.exporters.parity import check_parity
 
     if isinstance(settings, dict):
         settings = ExportSettings(**settings)

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from devices.errors import ProjectableEdgeError
-from devices.variants import FP32, VARIANTS
-from runtime.graphs import GraphKind, kind_of
-from runtime.manifest import sha256_file
-from runtime.tokenizer import validate_tokens
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.variants import FP32, VARIANTS
+from projectable_edge_runtime.graphs import GraphKind, kind_of
+from projectable_edge_runtime.manifest import sha256_file
+from projectable_edge_runtime.tokenizer import validate_tokens
 
 
 def file_info(path: str | os.PathLike) -> dict:

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from devices.choices import choose
-from devices.errors import ProjectableEdgeError
-from exporters.onnx_io import file_info, load_onnx
-from exporters.spec import read_spec
-from runtime.atomic import atomic_output
-from runtime.runners import OptLevel, OrtRunner, ort_session
+from projectable_edge_runtime.devices.choices import choose
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge.exporters.onnx_io import file_info, load_onnx
+from projectable_edge.exporters.spec import read_spec
+from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.runners import OptLevel, OrtRunner, ort_session
 
 REPORT_FILE = "compile_report.json"
 

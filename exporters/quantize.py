@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from devices import variants
-from devices.choices import StrEnum, choose
-from devices.errors import ProjectableEdgeError
-from exporters.converters import Conversion, convert
-from exporters.onnx_io import check_tokens, file_info, graph_kind, load_onnx, tokens_sha256, variant_of
-from exporters.parity import graph_bits
-from exporters.spec import attach_spec, read_spec
-from runtime.atomic import atomic_output
-from runtime.runners import OrtRunner
+from projectable_edge_runtime.devices import variants
+from projectable_edge_runtime.devices.choices import StrEnum, choose
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge.exporters.converters import Conversion, convert
+from projectable_edge.exporters.onnx_io import check_tokens, file_info, graph_kind, load_onnx, tokens_sha256, variant_of
+from projectable_edge.exporters.parity import graph_bits
+from projectable_edge.exporters.spec import attach_spec, read_spec
+from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.runners import OrtRunner
 
 COMPUTE_OPS = ("MatMul", "Gemm", "LayerNormalization", "Softmax", "Erf", "Add", "Mul", "Div", "Sub",
                "Exp", "Log", "Pow", "Sqrt", "ReduceMean", "ReduceSum", "Tanh", "Sigmoid")
@@ -178,7 +178,7 @@ def _measure(path: Path, src: Path, spec, val: np.ndarray, settings: QuantizeSet
     bits = {"variant": variant, "fp32": fp32, "rel_vs_fp32": (variant - fp32) / fp32, "budget_rel": settings.budget}
     extra = {}
     if model is not None:
-        from exporters.parity import bits_per_dim_torch, check_parity
+        from projectable_edge.exporters.parity import bits_per_dim_torch, check_parity
 
         torch_bits = bits_per_dim_torch(model, val)
         bits.update(pytorch=torch_bits, rel_vs_pytorch=(variant - torch_bits) / torch_bits)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import onnx
 
-from devices.choices import values
-from devices.errors import ProjectableEdgeError
-from runtime.graphs import CacheLayout, GraphKind
+from projectable_edge_runtime.devices.choices import values
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.graphs import CacheLayout, GraphKind
 
 GRAPHS = values(GraphKind)
 _DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",

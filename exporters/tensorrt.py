@@ -15,13 +15,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from devices import variants
-from devices.errors import ProjectableEdgeError
-from exporters.onnx_io import file_info, load_onnx, variant_of
-from exporters.spec import read_spec
-from exporters.trt_check import check_tensorrt_compat
-from runtime.atomic import atomic_output
-from runtime.manifest import EngineStatus
+from projectable_edge_runtime.devices import variants
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge.exporters.onnx_io import file_info, load_onnx, variant_of
+from projectable_edge.exporters.spec import read_spec
+from projectable_edge.exporters.trt_check import check_tensorrt_compat
+from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.manifest import EngineStatus
 
 SCRIPT = "build_engine.sh"
 REPORT_FILE = "compile_report.json"
@@ -33,9 +33,11 @@ class TensorRTSettings:
     int8: bool = False
     dla_core: int = -1  # -1 = GPU only
     workspace_mb: int = 1024
-    min_shapes: dict = field(default_factory=lambda: {"batch": 1, "seq": 1})
-    opt_shapes: dict = field(default_factory=lambda: {"batch": 1, "seq": 64})
-    max_shapes: dict = field(default_factory=lambda: {"batch": 32, "seq": 64})
+    # batch limits of the optimization profile (the profile's); sequence and cache lengths come from
+    # the graph's block size (input_shapes), never from here
+    min_shapes: dict = field(default_factory=lambda: {"batch": 1})
+    opt_shapes: dict = field(default_factory=lambda: {"batch": 1})
+    max_shapes: dict = field(default_factory=lambda: {"batch": 32})
     tensorrt_version: str | None = None  # what the device ships (profile software.tensorrt)
     target: str = "unknown"
 
@@ -48,46 +50,101 @@ class TensorRTSettings:
             raise ProjectableEdgeError(f"device profile {d.get('name')!r} has no [tensorrt] options; "
                                        "its compile backend is not tensorrt")
         return cls(fp16=bool(t["fp16"]), int8=bool(t["int8"]), dla_core=int(t.get("dla_core", -1)),
-                   workspace_mb=int(t["workspace_mb"]), min_shapes=dict(t["min_shapes"]),
-                   opt_shapes=dict(t["opt_shapes"]), max_shapes=dict(t["max_shapes"]),
+                   workspace_mb=int(t["workspace_mb"]), min_shapes=_batch(t["min_shapes"]),
+                   opt_shapes=_batch(t["opt_shapes"]), max_shapes=_batch(t["max_shapes"]),
                    tensorrt_version=(d.get("software") or {}).get("tensorrt"), target=d.get("name", "unknown"))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def input_shapes(spec, dims: dict, block_size: int) -> dict[str, list[int]]:
-    """Concrete input shapes for one profile point {batch, seq}: the decode graph's past = seq - 1."""
+def _batch(dims: dict) -> dict:
+    """Only the batch limit comes from the profile; lengths come from the model (seq_points)."""
+    return {"batch": int(dims.get("batch", 1))}
+
+
+POINTS = ("min", "opt", "max")
+
+
+def seq_points(block_size: int) -> dict[str, dict[str, int]]:
+    """Sequence lengths of the optimization profile, from the model's block size.
+
+    scoring: 1 .. block_size tokens, optimised for a full image (what scoring sees);
+    decode: past (cache) length 0 .. block_size - 1, optimised for a typical step (half the
+    image), not the longest one."""
+    b = int(block_size)
+    return {"min": {"tokens": 1, "past": 0}, "opt": {"tokens": b, "past": max(0, b // 2)},
+            "max": {"tokens": b, "past": b - 1}}
+
+
+def input_shapes(spec, dims: dict, block_size: int, point: str = "max") -> dict[str, list[int]]:
+    """Concrete input shapes for one profile point: batch from the profile's dims, lengths from the model.
+
+    Input names are the graph's own (spec.inputs), in its order."""
     b = int(dims.get("batch", 1))
-    s = min(int(dims.get("seq", block_size)), block_size)
+    lengths = seq_points(block_size)[point]
     if spec.graph == "scoring":
-        return {"tokens": [b, s]}
-    cache = [spec.n_layer, b, spec.n_head, s - 1, spec.head_dim]
-    return {"token": [b, 1], "past_keys": cache, "past_values": list(cache)}
+        shapes = {"tokens": [b, lengths["tokens"]]}
+    else:
+        cache = [spec.n_layer, b, spec.n_head, lengths["past"], spec.head_dim]
+        shapes = {"token": [b, 1], "past_keys": cache, "past_values": list(cache)}
+    names = [i["name"] if isinstance(i, dict) else getattr(i, "name", str(i))
+             for i in (getattr(spec, "inputs", None) or [])]
+    if names and set(names) != set(shapes):
+        raise ProjectableEdgeError(f"{spec.graph} graph inputs {names} are not the contract's {sorted(shapes)}; "
+                                   "re-export the graph with `projectable-edge export`")
+    return {n: shapes[n] for n in names} if names else shapes
+
+
+def profile_shapes(spec, settings: "TensorRTSettings") -> dict[str, dict[str, list[int]]]:
+    """{min, opt, max: {input name: shape}} of the graph's TensorRT optimization profile."""
+    dims = {"min": settings.min_shapes, "opt": settings.opt_shapes, "max": settings.max_shapes}
+    return {p: input_shapes(spec, dims[p], spec.block_size, p) for p in POINTS}
 
 
 def _shape_arg(shapes: dict[str, list[int]]) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
 
 
+STRONGLY_TYPED_SINCE = (10, 0)  # trtexec --stronglyTyped / NetworkDefinitionCreationFlag.STRONGLY_TYPED
+
+
+def explicitly_quantized(variant: variants.Variant) -> bool:
+    """A graph that carries its own QDQ scales (the int8 flag is what the registry says it needs)."""
+    return "int8" in variant.tensorrt_flags
+
+
+def strongly_typed(settings: TensorRTSettings, variant: variants.Variant) -> bool:
+    """NVIDIA's guidance for explicitly quantized graphs: strongly typed, no precision flags
+    (weakly-typed --fp16/--int8 on QDQ graphs is deprecated from 10.12 and removed in 11)."""
+    return explicitly_quantized(variant) and _version_tuple(settings.tensorrt_version) >= STRONGLY_TYPED_SINCE
+
+
 def builder_flags(settings: TensorRTSettings, variant: variants.Variant) -> tuple[str, ...]:
-    """Builder precision flags: fp16 kernels wherever the profile allows them (TensorRT picks per
+    """Builder precision flags. Strongly typed (QDQ graph, TensorRT >= 10): none, the graph's types
+    rule. Otherwise (weakly typed): fp16 kernels wherever the profile allows them (TensorRT picks per
     layer), plus what the variant needs and the profile enables (int8 only for a graph that carries
     its own QDQ scales: there is no calibration cache on the device)."""
+    if strongly_typed(settings, variant):
+        return ()
     flags = ["fp16"] if settings.fp16 else []
     return tuple(flags + [f for f in variant.tensorrt_flags if f not in flags and getattr(settings, f, False)])
 
 
 def trtexec_command(onnx_name: str, engine_name: str, settings: TensorRTSettings, spec,
                     variant: variants.Variant) -> list[str]:
-    """The trtexec argv that builds the engine: precision, DLA, workspace and the optimization profile."""
+    """The trtexec argv that builds the engine: typing/precision, DLA, workspace and the optimization profile."""
     cmd = ["trtexec", f"--onnx={onnx_name}", f"--saveEngine={engine_name}"]
+    if strongly_typed(settings, variant):
+        cmd.append("--stronglyTyped")
     cmd += [f"--{f}" for f in builder_flags(settings, variant)]
     if settings.dla_core >= 0:
         cmd += [f"--useDLACore={settings.dla_core}", "--allowGPUFallback"]
     cmd.append(f"--memPoolSize=workspace:{settings.workspace_mb}M")
-    for flag, dims in (("min", settings.min_shapes), ("opt", settings.opt_shapes), ("max", settings.max_shapes)):
-        cmd.append(f"--{flag}Shapes={_shape_arg(input_shapes(spec, dims, spec.block_size))}")
+    for point, shapes in profile_shapes(spec, settings).items():
+        cmd.append(f"--{point}Shapes={_shape_arg(shapes)}")
+    # the test inference runs after the build, on the bundle's goldens (engine_record), not on
+    # trtexec's random tokens, which may fall outside the vocabulary
     if _version_tuple(settings.tensorrt_version) >= (8, 6):  # older trtexec only knows --buildOnly
         cmd.append("--skipInference")
     return cmd
@@ -117,7 +174,7 @@ if [ -n "$EXPECTED_TRT" ] && command -v python3 >/dev/null; then
   case "$FOUND" in
     "$EXPECTED_TRT"*) ;;
     "") echo "note: cannot read the TensorRT version from python3; expected $EXPECTED_TRT" >&2 ;;
-    *) echo "warning: this device has TensorRT $FOUND but the profile expects $EXPECTED_TRT" >&2 ;;
+    *) echo "note: this device has TensorRT $FOUND (the profile says $EXPECTED_TRT); the engine record keeps $FOUND" >&2 ;;
   esac
 fi
 "$TRTEXEC" \\
@@ -133,6 +190,8 @@ def _build_with_api(trt, onnx_path: Path, engine_path: Path, settings: TensorRTS
     flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # TensorRT < 10
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strongly_typed(settings, variant) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -147,8 +206,8 @@ def _build_with_api(trt, onnx_path: Path, engine_path: Path, settings: TensorRTS
         config.DLA_core = settings.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     profile = builder.create_optimization_profile()
-    lo, opt, hi = (input_shapes(spec, d, spec.block_size)
-                   for d in (settings.min_shapes, settings.opt_shapes, settings.max_shapes))
+    pts = profile_shapes(spec, settings)
+    lo, opt, hi = pts["min"], pts["opt"], pts["max"]
     for name in lo:
         profile.set_shape(name, lo[name], opt[name], hi[name])
     config.add_optimization_profile(profile)
@@ -181,10 +240,10 @@ def _plan(src: Path, settings: TensorRTSettings) -> tuple[dict, list[str], objec
               "command_line": shlex.join(cmd),
               "flags": {"fp16": "fp16" in flags, "int8": "int8" in flags, "dla_core": settings.dla_core,
                         "workspace_mb": settings.workspace_mb},
-              "shapes": {k: input_shapes(spec, d, spec.block_size) for k, d in
-                         (("min", settings.min_shapes), ("opt", settings.opt_shapes), ("max", settings.max_shapes))},
+              "shapes": profile_shapes(spec, settings), "block_size": spec.block_size,
+              "typing": "strong" if strongly_typed(settings, variant) else "weak",
               "tensorrt_version_expected": settings.tensorrt_version, "trt_check": check}
-    if settings.dla_core >= 0 and settings.min_shapes != settings.max_shapes:
+    if settings.dla_core >= 0:
         report["warning"] = ("DLA runs static shapes only: with dynamic min/max shapes TensorRT places these "
                              "layers on the GPU (--allowGPUFallback); set min = opt = max shapes to use the DLA")
     if settings.int8 and "int8" not in flags:

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from exporters.protocol import ExportableModel
-from runtime.graphs import GraphKind
+from projectable_edge.exporters.protocol import ExportableModel
+from projectable_edge_runtime.graphs import GraphKind
 
 
 @contextmanager

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from exporters.onnx_io import load_onnx
-from exporters.spec import opset_of
+from projectable_edge.exporters.onnx_io import load_onnx
+from projectable_edge.exporters.spec import opset_of
 
 # ONNX ops the TensorRT 10 ONNX parser (onnx-tensorrt) imports, from its operator support matrix.
 TENSORRT_SUPPORTED_OPS = frozenset("""

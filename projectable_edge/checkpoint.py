@@ -9,8 +9,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from devices.errors import ProjectableEdgeError
-from runtime.atomic import atomic_output
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.atomic import atomic_output
 
 FORMAT = "projectable-edge"
 

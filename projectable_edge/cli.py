@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from projectable_edge import cli_device, cli_export
-from projectable_edge.cli_common import choice_enum, emit_json, err, make_app, out
+from projectable_edge.cli_common import check_out_writable, choice_enum, emit_json, err, make_app, out
 
 Split = choice_enum("Split", ("test", "val", "train"))
 
@@ -23,7 +23,7 @@ def train(
     dataset: str = typer.Option("digits", help="'digits' or 'mnist' (built in), or an image folder with one "
                                                  "sub-folder per task."),
     preset: str = typer.Option("small", help="tiny (tests) | small (CPU demo) | base (GPU)."),
-    out: Path = typer.Option(Path("runs/digits"), help="Run folder to create."),
+    out: Path = typer.Option(Path("runs/digits"), help="Run folder to create.", resolve_path=True),
     steps: Optional[int] = typer.Option(None, help="Override the preset's optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override the preset's batch size."),
     lam: Optional[float] = typer.Option(None, help="Weight of NLL(projected) in the joint loss."),
@@ -36,7 +36,7 @@ def train(
     freeze_source: Optional[bool] = typer.Option(None, "--freeze-source/--tune-source",
                                                  help="Keep the source fixed (with --init-source: project a "
                                                       "pre-trained model)."),
-    init_source: Optional[Path] = typer.Option(None, help="Start the source model from this finished run."),
+    init_source: Optional[Path] = typer.Option(None, help="Start the source model from this finished run.", resolve_path=True),
     seed: int = typer.Option(0, help="Seed for splits, init and batches."),
     image_size: int = typer.Option(8, help="mnist and image folders: resize to this height and width."),
     rgb: bool = typer.Option(False, help="Image folders: keep colour (3 channels)."),
@@ -57,6 +57,7 @@ def train(
                           channels=3 if rgb else 1, levels=levels)
     if freeze_source and init_source is None:
         err.print("[yellow]note:[/] --freeze-source without --init-source keeps a randomly initialised source")
+    check_out_writable(out)
     summary = run_train(cfg, data_cfg, out, resume=resume, init_source=init_source, progress=progress and not as_json,
                         log=lambda m: err.print(m, markup=False))
     if as_json:
@@ -67,11 +68,11 @@ def train(
 
 
 def evaluate(
-    run: Path = typer.Argument(..., help="Run folder written by `train`."),
+    run: Path = typer.Argument(..., help="Run folder written by `train`.", resolve_path=True),
     split: Split = typer.Option("test", help="Which split of every task to score."),
-    plot: Optional[Path] = typer.Option(None, help="Also write a PNG bar chart of bits/dim per task."),
+    plot: Optional[Path] = typer.Option(None, help="Also write a PNG bar chart of bits/dim per task.", resolve_path=True),
     plot_ladder: Optional[Path] = typer.Option(None, help="Also write a PNG of bits/dim against parameters, "
-                                                          "projected vs universal, for every small size."),
+                                                          "projected vs universal, for every small size.", resolve_path=True),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Per-task and macro bits/dim of source, projected, universal and scratch models."""
@@ -111,7 +112,7 @@ def evaluate(
               f"one projection takes {report['projection_ms']:.2f} ms")
 
 
-def tasks(run: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
+def tasks(run: Path = typer.Argument(..., resolve_path=True), as_json: bool = typer.Option(False, "--json")):
     """List the tasks a run knows."""
     from projectable_edge.checkpoint import load_json
 
@@ -124,9 +125,9 @@ def tasks(run: Path = typer.Argument(...), as_json: bool = typer.Option(False, "
 
 
 def project(
-    run: Path = typer.Argument(..., help="Run folder written by `train`."),
+    run: Path = typer.Argument(..., help="Run folder written by `train`.", resolve_path=True),
     task: str = typer.Option(..., help="Task name or index."),
-    out_path: Path = typer.Option(..., "--out", help="Output stem: writes STEM.safetensors and STEM.json."),
+    out_path: Path = typer.Option(..., "--out", help="Output stem: writes STEM.safetensors and STEM.json.", resolve_path=True),
     overwrite: bool = typer.Option(False, help="Replace existing files."),
     as_json: bool = typer.Option(False, "--json"),
 ):

@@ -2,7 +2,7 @@
 
 Commands are plain functions in cli.py, cli_device.py and cli_export.py; `make_app` registers
 the list it is given (explicit, no import side effects). The error boundary and the JSON and
-table formatting are runtime.console's, the same as `python -m runtime`: a
+table formatting are runtime.console's, the same as `python -m projectable_edge_runtime`: a
 ProjectableEdgeError prints one line and exits 2, anything else one line with a hint to rerun
 with --verbose and exits 1; `--verbose` (before the command) adds the traceback.
 """
@@ -10,16 +10,19 @@ with --verbose and exits 1; `--verbose` (before the command) adds the traceback.
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+from pathlib import Path
 
 import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from devices.choices import StrEnum
-from runtime.console import emit_json, error_boundary
+from projectable_edge_runtime.devices.choices import StrEnum
+from projectable_edge_runtime.console import emit_json, error_boundary
 
-__all__ = ["choice_enum", "emit_json", "err", "make_app", "out"]
+__all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out"]
 
 _state = {"verbose": False}
 err = Console(stderr=True)
@@ -47,6 +50,33 @@ def guarded(fn):
             raise typer.Exit(code)
 
     return wrapper
+
+
+def _probe(folder: Path) -> None:
+    """Create and remove a temp folder in `folder` (os.access alone is wrong for root and some mounts)."""
+    tempfile.TemporaryDirectory(dir=folder, prefix=".pe-write-probe-").cleanup()
+
+
+def check_out_writable(path, what: str = "--out") -> None:
+    """Fail before any work when `path` cannot be created: the nearest existing parent must be a folder
+    this user can write. Creates nothing (the probe is removed at once)."""
+    from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+
+    target = Path(path).expanduser().absolute()
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ProjectableEdgeError(f"cannot write {what} '{path}': '{parent}' is a file, not a folder; "
+                                   f"choose another {what}")
+    try:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"no write permission on '{parent}'")
+        _probe(parent)
+    except OSError as e:
+        raise ProjectableEdgeError(f"cannot write {what} '{path}': the folder '{parent}' is not writable by this "
+                                   f"user ({e.strerror or e}); choose another {what} or fix the folder's "
+                                   "permissions") from None
 
 
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.")):

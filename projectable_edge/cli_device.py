@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from devices.profiles import DEFAULT_TARGET
-from projectable_edge.cli_common import choice_enum, emit_json, err, out
+from projectable_edge_runtime.devices.profiles import DEFAULT_TARGET
+from projectable_edge.cli_common import check_out_writable, choice_enum, emit_json, err, out
 from projectable_edge.pipeline.plan import precision_choices
 
 GeneratePrecision = choice_enum("GeneratePrecision", precision_choices())
@@ -18,7 +18,7 @@ GeneratePrecision = choice_enum("GeneratePrecision", precision_choices())
 
 def targets(as_json: bool = typer.Option(False, "--json")):
     """List the device profiles in devices/ (add a TOML file there to add a target)."""
-    from devices.profiles import list_profiles
+    from projectable_edge_runtime.devices.profiles import list_profiles
 
     profiles = list_profiles()
     if as_json:
@@ -36,12 +36,14 @@ def targets(as_json: bool = typer.Option(False, "--json")):
 def generate(
     task: str = typer.Option(..., help="Task name or index known to the source run."),
     target: str = typer.Option(DEFAULT_TARGET, help="Device profile name or alias (see `targets`), or a TOML path."),
-    source: Path = typer.Option(Path("runs/digits"), help="Run folder written by `train`."),
+    source: Path = typer.Option(Path("runs/digits"), help="Run folder written by `train`.", resolve_path=True),
     precision: GeneratePrecision = typer.Option("auto", help="auto: every precision of the profile, in its order."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Bundle folder (default bundles/<task>__<target>)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Bundle folder (default bundles/<task>__<target>).", resolve_path=True),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle (atomically)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Step cache (default: .cache beside the bundle folder)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Step cache (default: .cache beside the bundle folder).", resolve_path=True),
     cache: bool = typer.Option(True, help="Reuse the export and quantization of identical inputs."),
+    sign_key: Optional[Path] = typer.Option(None, help="Ed25519 private key (PEM) that signs the manifest; "
+                                                       "devices check it with --public-key.", resolve_path=True),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Project, export, quantize, compile and validate one task for one device: writes a bundle."""
@@ -50,7 +52,9 @@ def generate(
 
     settings = GenerateSettings(task=task, target=target, source=str(source), precision=str(precision),
                                 out=str(out_dir) if out_dir else None, overwrite=overwrite,
-                                cache_dir=str(cache_dir) if cache_dir else None, cache=cache)
+                                cache_dir=str(cache_dir) if cache_dir else None, cache=cache,
+                                sign_key=str(sign_key) if sign_key else None)
+    check_out_writable(out_dir if out_dir else Path("bundles") / "bundle")
     path, manifest = _with_progress(lambda log: run_generate(settings, log=log), quiet=as_json)
     if as_json:
         emit_json({"bundle": str(path), "manifest": manifest})
@@ -84,17 +88,17 @@ def _with_progress(fn, quiet: bool):
 
 
 def benchmark(
-    bundle: Path = typer.Argument(..., help="Bundle folder written by `generate`."),
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `generate`.", resolve_path=True),
     runs: int = typer.Option(100, help="Timed runs per measurement (after warm-up)."),
     warmup: int = typer.Option(10),
     batch: int = typer.Option(16, help="Batch size of the throughput measurement."),
     precision: Optional[str] = typer.Option(None, help="Graph variant (default: the bundle's selected one)."),
-    histogram: Optional[Path] = typer.Option(None, help="Also write a PNG latency histogram."),
+    histogram: Optional[Path] = typer.Option(None, help="Also write a PNG latency histogram.", resolve_path=True),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Latency p50/p90/p99, throughput and peak memory of a bundle, against the target's budgets."""
-    import runtime
-    from runtime.console import benchmark_text
+    import projectable_edge_runtime as runtime
+    from projectable_edge_runtime.console import benchmark_text
 
     with runtime.load(bundle, precision=precision) as model:
         report = runtime.benchmark(model, runs=runs, warmup=warmup, batch=batch, raw=histogram is not None)
@@ -124,15 +128,17 @@ def _histogram(report: dict, path: Path) -> None:
         ax.set_xlabel("ms")
         ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from projectable_edge_runtime.atomic import atomic_output
+
+    with atomic_output(path, overwrite=True, what="histogram") as tmp:  # world-readable, never half-written
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 def sample(
-    bundle: Path = typer.Argument(..., help="Bundle folder written by `generate`."),
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `generate`.", resolve_path=True),
     n: int = typer.Option(16, "-n", help="Number of images."),
-    out_path: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write."),
+    out_path: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write.", resolve_path=True),
     seed: int = typer.Option(0),
     temperature: float = typer.Option(1.0),
     top_k: Optional[int] = typer.Option(None),
@@ -141,8 +147,8 @@ def sample(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Sample new images of the bundle's task with the small model (KV-cache decode) into a PNG grid."""
-    import runtime
-    from runtime.console import sample_grid
+    import projectable_edge_runtime as runtime
+    from projectable_edge_runtime.console import sample_grid
 
     with runtime.load(bundle) as model:
         res = sample_grid(model, n, out_path, seed=seed, temperature=temperature, top_k=top_k, cols=cols,

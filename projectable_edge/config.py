@@ -8,10 +8,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
-from devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.model import ModelConfig
 from projectable_edge.projection import ProjectionConfig, check_fits
-from runtime.tokenizer import TokenizerSpec
+from projectable_edge_runtime.tokenizer import TokenizerSpec
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from devices.errors import ProjectableEdgeError
-from runtime.tokenizer import TokenizerSpec
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.tokenizer import TokenizerSpec
 
 DIGITS_SPEC = TokenizerSpec(8, 8, 1, 17)
 BUILTIN = ("digits", "mnist")
@@ -193,12 +194,9 @@ def _load_mnist(spec: TokenizerSpec) -> tuple[list[str], list[np.ndarray]]:
 
 def _write_cache(path: Path, **arrays) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_output(path, overwrite=True, what="dataset cache") as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError:
+    except (OSError, ProjectableEdgeError):
         pass  # a read-only home only costs the parse next time
 
 

@@ -41,13 +41,22 @@ def ladder_rows(report: dict) -> list[dict]:
     return sorted(rows, key=lambda r: r["params"])
 
 
+def role_bits(run: Path, model, tokens: np.ndarray, task_ids: np.ndarray, n_tasks: int,
+              roles=None) -> dict[str, np.ndarray]:
+    """Per-task bits/dim of each role; the source row uses the source's own best checkpoint."""
+    roles = list(roles or model.roles)
+    bits = evaluate_roles(model, tokens, task_ids, n_tasks, roles=[r for r in roles if r != "source"])
+    if "source" in roles:
+        bits["source"] = evaluate_roles(source_best(run, model), tokens, task_ids, n_tasks, roles=("source",))["source"]
+    return bits
+
+
 def evaluate_run(run: Path, split: str = "test") -> dict:
     """The table `projectable-edge evaluate` prints: per-task and macro bits/dim per role."""
     meta, model, data = load_run(run)
     x, t = data.splits[split]
     roles = model.roles
-    bits = evaluate_roles(model, x, t, data.n_tasks, roles=[r for r in roles if r != "source"])
-    bits["source"] = evaluate_roles(source_best(run, model), x, t, data.n_tasks, roles=("source",))["source"]
+    bits = role_bits(run, model, x, t, data.n_tasks)
     start = time.perf_counter()
     for task in range(data.n_tasks):
         model.specialise("projected", task)
@@ -87,6 +96,8 @@ def plot_ladder(report: dict, path: Path) -> Path:
     src = report["macro_bits_per_dim"]["source"]
     ax.axhline(src, color="gray", lw=0.8, ls=":", label=f"source ({report['models']['source']['params']:,} params)")
     ax.set_xscale("log")
+    ax.set_xticks([r["params"] for r in rows], [f"{r['params'] / 1000:.0f}k" for r in rows])
+    ax.minorticks_off()
     ax.set_xlabel("parameters per task model")
     ax.set_ylabel(f"macro bits/dim ({report['split']})")
     ax.set_title(Path(report["run"]).name, fontsize=9)

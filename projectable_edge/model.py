@@ -234,8 +234,3 @@ class SpecialisedModel(nn.Module):
             ks.append(k)
             vs.append(v)
         return _head(w, x)[:, -1], torch.stack(ks), torch.stack(vs)
-
-    def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cfg
-        z = torch.zeros(c.n_layer, batch, c.n_head, 0, c.head_dim)
-        return z, z.clone()

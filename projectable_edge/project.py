@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.checkpoint import load_json, load_tensors, save_json, save_tensors
 from projectable_edge.model import ModelConfig, SpecialisedModel
 from projectable_edge.train import load_run
 from projectable_edge.trainables import Trainables
-from runtime.manifest import sha256_file
+from projectable_edge_runtime.manifest import sha256_file
 
 
 def n_params(small: SpecialisedModel) -> int:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.model import ModelConfig, Weights
 
 MIXTURES = ("shared", "per_space")

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.checkpoint import load_json, load_tensors, save_json, save_tensors
 from projectable_edge.config import TrainConfig
 from projectable_edge.data import DataConfig, TaskData, load_dataset, shift_augment
 from projectable_edge.model import bits_per_dim
 from projectable_edge.train_state import Progress, load_state, save_state, snapshot
 from projectable_edge.trainables import Trainables
-from runtime.manifest import sha256_file
+from projectable_edge_runtime.manifest import sha256_file
 
 RUN_FORMAT = 2  # 2: per-role generators, per-space mixtures, ladder
 

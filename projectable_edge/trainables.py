@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.model import ModelConfig, Weights, forward, init_weights, nll
 from projectable_edge.projection import ProjectionConfig, Projector
 

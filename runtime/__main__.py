@@ -1,4 +1,4 @@
-"""`python -m runtime {info,validate,benchmark,sample,score} BUNDLE ...` — the on-device CLI.
+"""`python -m projectable_edge_runtime {info,validate,benchmark,sample,score} BUNDLE ...` — the on-device CLI.
 
 Stdlib argparse only (the device has no typer/rich). Exit codes: 0 ok, 1 a check failed
 (validate / benchmark verdict) or an unexpected error, 2 an error the user can fix (one line;
@@ -7,30 +7,38 @@ traceback with --verbose). Output and errors go through runtime.console, shared 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
-from devices.choices import values
-from devices.errors import ProjectableEdgeError
-from runtime import console
-from runtime.backends import Backend
+from .devices.choices import values
+from .devices.errors import ProjectableEdgeError
+from . import console
+from .backends import Backend
+
+
+def _abspath(text: str) -> str:
+    """Every path is made absolute when parsed, before any work: nothing depends on a later cwd."""
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("bundle", help="bundle directory (bundles/<task>__<target>)")
+    p.add_argument("bundle", type=_abspath, help="bundle directory (bundles/<task>__<target>)")
     p.add_argument("--precision",
                    help="graph variant, e.g. fp32, fp16, int8 (default: the one selected for the target)")
     p.add_argument("--providers", help="comma-separated onnxruntime execution providers (default: the target's)")
     p.add_argument("--backend", default="auto", choices=values(Backend))
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--public-key", help="Ed25519 public key (PEM): refuse a bundle not signed with it "
+                                        "(needs the cryptography package)")
     p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m runtime", description="Torch-free projectable-edge runtime.")
+    ap = argparse.ArgumentParser(prog="python -m projectable_edge_runtime", description="Torch-free projectable-edge runtime.")
     sub = ap.add_subparsers(dest="command", required=True)
     c = _common()
     sub.add_parser("info", parents=[c], help="show what the bundle holds and which backend runs it")
@@ -44,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--raw", action="store_true", help="include every timing (times_ms) in the JSON")
     s = sub.add_parser("sample", parents=[c], help="generate images and write a PNG grid")
     s.add_argument("-n", type=int, default=16)
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--out", type=_abspath, default="samples.png")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--cols", type=int, default=None, help="images per row (default: up to 8)")
     s.add_argument("--scale", type=int, default=4)
-    s.add_argument("--tokens-out", help="also save the sampled tokens as .npy")
+    s.add_argument("--tokens-out", type=_abspath, help="also save the sampled tokens as .npy")
     sc = sub.add_parser("score", parents=[c], help="bits/dim of image files (or .npy arrays of images/tokens)")
     sc.add_argument("images", nargs="+")
     return ap
@@ -83,14 +91,14 @@ def _info(model, args):
 
 
 def _validate(model, args):
-    from runtime.validate import validate
+    from .validate import validate
 
     out = validate(model, args.tolerance)
     return out, 0 if out["passed"] else 1, console.validate_text
 
 
 def _benchmark(model, args):
-    from runtime.benchmark import benchmark
+    from .benchmark import benchmark
 
     out = benchmark(model, runs=args.runs, warmup=args.warmup, batch=args.batch, sample_runs=args.sample_runs,
                     raw=args.raw)
@@ -115,10 +123,11 @@ COMMANDS = {"info": _info, "validate": _validate, "benchmark": _benchmark, "samp
 
 
 def run(args) -> int:
-    from runtime.bundle import load  # imported here so `--help` stays instant
+    from .bundle import load  # imported here so `--help` stays instant
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
-    with load(args.bundle, precision=args.precision, providers=providers, backend=args.backend) as model:
+    with load(args.bundle, precision=args.precision, providers=providers, backend=args.backend,
+              public_key=args.public_key) as model:
         out, code, text = COMMANDS[args.command](model, args)
     if args.json:
         console.emit_json(out)

@@ -1,9 +1,15 @@
 """The one atomic-write helper: build an output in a temp sibling, rename it into place when complete.
 
 A crash or a failed check part-way leaves nothing at the destination and no temp leftovers;
-an existing output is never clobbered unless the caller says so; finished outputs get the
-usual permissions (0644 files, 0755 folders under a 022 umask), not mkstemp's private 0600.
-Stdlib only, in the runtime, so every layer above (exporters, checkpoints, bundles) uses it.
+an existing output is never clobbered unless the caller says so; folders the call had to create
+for it are removed again when it fails.
+
+Finished outputs are world-readable with explicit modes: folders 0755, files 0644, files with
+an exec bit (build_engine.sh) 0755, for the output and everything inside a folder output. These
+are artefacts (bundles, PNGs, run folders, reports) that an app or service account running as
+another user must read, so the modes do not follow a private umask (077 would give 0700/0600):
+`_publish` is the one place that sets them. Stdlib only, in the runtime, so every layer above
+(exporters, checkpoints, bundles) uses it.
 """
 from __future__ import annotations
 
@@ -14,13 +20,67 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from devices.errors import ProjectableEdgeError
+from .devices.errors import ProjectableEdgeError
 
 
-def _umask_mode(mode: int) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
+DIR_MODE, FILE_MODE, EXEC_MODE = 0o755, 0o644, 0o755
+
+
+def _publish(path: Path) -> None:
+    """Make a finished output readable by every user: folders 0755, files 0644 (0755 if executable)."""
+    def fix(p: Path, is_dir: bool) -> None:
+        if is_dir:
+            os.chmod(p, DIR_MODE)
+        else:
+            os.chmod(p, EXEC_MODE if os.stat(p).st_mode & 0o111 else FILE_MODE)
+
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        fix(path, False)
+        return
+    fix(path, True)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            if not os.path.islink(os.path.join(root, d)):
+                fix(Path(root, d), True)
+        for f in files:
+            if not os.path.islink(os.path.join(root, f)):
+                fix(Path(root, f), False)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; return the folders this created, deepest first (to undo on failure)."""
+    created = []
+    p = folder
+    while not p.exists():
+        created.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(created):
+        try:
+            d.mkdir()
+            os.chmod(d, DIR_MODE)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ProjectableEdgeError(f"cannot create folder {d} ({e.strerror}); choose another path") from None
+    return created
+
+
+def ensure_folder(path: str | os.PathLike) -> Path:
+    """mkdir -p with world-readable (0755) folders whatever the umask; for folders filled in place."""
+    _make_parents(Path(path))
+    return Path(path)
+
+
+def _remove_created(created: list[Path]) -> None:
+    for d in created:  # deepest first; only if still empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def _remove(path: Path) -> None:
@@ -46,20 +106,26 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
     if path.exists() and path.is_dir() != directory:
         raise ProjectableEdgeError(f"{what} {path} exists and is a {'file' if directory else 'folder'}; "
                                    "choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+    created = _make_parents(path.parent)
+    ok = False
     try:
-        yield tmp
-        os.chmod(tmp, _umask_mode(0o777 if directory else 0o666))
-        _swap(tmp, path, what)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+        try:
+            yield tmp
+            _publish(tmp)
+            _swap(tmp, path, what)
+            ok = True
+        finally:
+            if tmp.exists():
+                _remove(tmp)
     finally:
-        if tmp.exists():
-            _remove(tmp)
+        if not ok:
+            _remove_created(created)
 
 
 def _swap(tmp: Path, path: Path, what: str) -> None:

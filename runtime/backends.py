@@ -9,13 +9,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
+from .devices.choices import StrEnum, choose
+from .devices.errors import ProjectableEdgeError
+from .graphs import GraphKind, check_io
+from .hardware import execution_report
+from .manifest import EngineStatus
+from .runners import OrtRunner
+from .requirements import import_onnxruntime
 
-from devices.choices import StrEnum, choose
-from devices.errors import ProjectableEdgeError
-from runtime.graphs import GraphKind, check_io
-from runtime.manifest import EngineStatus
-from runtime.runners import OrtRunner
+ort = import_onnxruntime()  # one clear error when onnxruntime cannot import (e.g. <1.19 with numpy 2)
 
 
 class Backend(StrEnum):
@@ -36,9 +38,17 @@ def _major_minor(v: str) -> str:
     return ".".join(str(v).split(".")[:2])
 
 
-def choose_engine(bundle_dir: Path, engine: dict[str, Any], variant: str,
-                  backend: Backend) -> tuple[Path | None, str]:
-    """(engine path to use or None, why). Never raises for a missing TensorRT: ORT is the fallback."""
+def _rebuild(bundle_dir: Path) -> str:
+    """The command that rebuilds the engines (the script cds to its own folder, so it runs from anywhere)."""
+    return f"bash {bundle_dir.resolve() / 'build_engine.sh'}"
+
+
+def choose_engine(bundle_dir: Path, engine: dict[str, Any], variant: str, backend: Backend,
+                  records: dict[str, dict[str, Any]] | None = None) -> tuple[Path | None, str]:
+    """(engine path to use or None, why). Never raises for a missing TensorRT: ORT is the fallback.
+
+    A device-built engine is described by its own record (written by build_engine.sh, hash-checked by
+    the loader): the TensorRT version that actually built it is the record's, not the profile's."""
     status = engine.get("status")
     if backend is Backend.ONNXRUNTIME:
         return None, "onnxruntime backend requested"
@@ -49,16 +59,23 @@ def choose_engine(bundle_dir: Path, engine: dict[str, Any], variant: str,
                       f"but variant '{variant}' was requested")
     path = bundle_dir / engine["path"] if engine.get("path") else None
     if path is None or not path.is_file():
-        cmd = engine.get("command") or "bash build_engine.sh"
-        return None, f"TensorRT engine not built yet ({status}); build it on the device with `{cmd}`"
+        return None, f"TensorRT engine not built yet ({status}); build it on the device with `{_rebuild(bundle_dir)}`"
+    record = (records or {}).get(engine["path"])
+    if status == EngineStatus.DEFERRED and record is None:
+        return None, f"the TensorRT engine has no build record; rebuild it with `{_rebuild(bundle_dir)}`"
+    test = (record or {}).get("test_inference") or {}
+    if record is not None and test.get("passed") is not True:
+        return None, (f"the device build's test inference did not pass ({test.get('reason', 'not run')}); "
+                      f"rebuild with `{_rebuild(bundle_dir)}`")
     version, why = _tensorrt_version()
     if version is None:
         return None, why
-    built = engine.get("tensorrt_version")
+    built = record["tensorrt_version"] if record is not None else engine.get("tensorrt_version")
     if built and _major_minor(built) != _major_minor(version):
         return None, (f"the engine was built with TensorRT {built} but this device has {version}; engines "
-                      "are locked to the TensorRT version — rebuild with the bundle's build_engine.sh")
-    return path, f"TensorRT {version} engine '{engine['path']}'"
+                      f"are locked to the TensorRT version — rebuild with `{_rebuild(bundle_dir)}`")
+    origin = f"built on {record.get('device', 'the device')}" if record is not None else "built on the host"
+    return path, f"TensorRT {version} engine '{engine['path']}' ({origin} with TensorRT {built})"
 
 
 def _threads(profile, threads: int | None) -> int:
@@ -72,7 +89,7 @@ def _threads(profile, threads: int | None) -> int:
 
 def _trt_runners(bundle_dir: Path, engine: dict[str, Any], path: Path):
     """(score, decode or None) TensorRT runners, or (None, None, why) when the engine is unusable here."""
-    from runtime.trt_runner import TrtRunner
+    from .trt_runner import TrtRunner
 
     try:
         score = TrtRunner(path, name=f"tensorrt:{engine['path']}")
@@ -85,13 +102,13 @@ def _trt_runners(bundle_dir: Path, engine: dict[str, Any], path: Path):
 
 
 def make_runners(bundle_dir: Path, manifest: dict[str, Any], variant: str, profile,
-                 providers=None, backend: str = "auto", threads: int | None = None):
+                 providers=None, backend: str = "auto", threads: int | None = None, records=None):
     """(score runner, decode runner or None, report dict) for one graph variant."""
     backend = choose(Backend, backend, "backend")
     graphs, engine = manifest["graphs"][variant], manifest["engine"]
     requested = list(providers) if providers else list(profile.execution_providers)
     threads = _threads(profile, threads)
-    engine_path, reason = choose_engine(bundle_dir, engine, variant, backend)
+    engine_path, reason = choose_engine(bundle_dir, engine, variant, backend, records)
     score = decode = None
     if engine_path is not None:
         score, decode, failure = _trt_runners(bundle_dir, engine, engine_path)
@@ -116,5 +133,7 @@ def make_runners(bundle_dir: Path, manifest: dict[str, Any], variant: str, profi
         "providers_missing": missing, "providers": list(score.providers),
         "decode_providers": list(decode.providers) if decode is not None else [],
         "onnxruntime_version": ort.__version__, "threads": threads,
+        "execution": execution_report(ort.get_available_providers(), requested, {
+            "score": list(score.providers), "decode": list(decode.providers) if decode is not None else []}),
     }
     return score, decode, report

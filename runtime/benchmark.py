@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from devices.choices import host_arch
-from devices.errors import ProjectableEdgeError
+from .devices.choices import host_arch
+from .devices.errors import ProjectableEdgeError
 
 
 def peak_rss_mb() -> float | None:
@@ -60,7 +60,7 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
 def _inputs(model, batch: int) -> np.ndarray:
     """Real held-out task tokens when the bundle has them (realistic values), else random ones."""
     try:
-        from runtime.validate import load_goldens
+        from .validate import load_goldens
         tokens, _ = load_goldens(model)
     except ProjectableEdgeError:
         tokens = np.random.default_rng(0).integers(0, model.tokenizer.vocab_size, (batch, model.seq_len))
@@ -97,18 +97,23 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
         checks.append({"name": "peak RSS (MB)", "value": rss, "budget": budgets.memory_mb,
                        "passed": rss <= budgets.memory_mb})
     arch = host_arch()
-    on_target = arch == model.profile.arch
+    execution = model.backend.get("execution") or {}
+    is_emulated = bool(execution.get("emulated"))
+    on_target = arch == model.profile.arch and not is_emulated
+    note = ("" if on_target else
+            f"emulated {arch} (qemu on an x86 CPU): latency is not a device measurement; rerun on the device"
+            if is_emulated else
+            f"measured on a {arch} host, not on the {model.profile.arch} target; rerun on the device")
     return {
         "bundle": str(model.bundle_dir), "task": model.task, "target": model.profile.name,
         "variant": model.variant, "backend": model.backend["backend"],
         "backend_reason": model.backend["reason"], "providers": model.backend["providers"],
-        "providers_missing": model.backend["providers_missing"],
+        "providers_missing": model.backend["providers_missing"], "execution": execution,
         "load_time_ms": model.load_time_s * 1e3, "peak_rss_mb": rss,
         "runs": runs, "warmup": warmup, "batch": batch, "results": results,
         "budgets": {"p99_latency_ms": budgets.p99_latency_ms, "memory_mb": budgets.memory_mb},
         "checks": checks, "verdict": "pass" if all(c["passed"] for c in checks) else "fail",
         "host": {"machine": platform.machine(), "arch": arch, "cpus": os.cpu_count(),
-                 "python": platform.python_version(), "on_target_arch": on_target,
-                 "note": "" if on_target else f"measured on a {arch} host, not on the "
-                                              f"{model.profile.arch} target; rerun on the device"},
+                 "python": platform.python_version(), "on_target_arch": on_target, "emulated": is_emulated,
+                 "note": note},
     }

@@ -11,15 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from devices import variants
-from devices.errors import ProjectableEdgeError
-from devices.profiles import DeviceProfile
-from runtime import sampler
-from runtime.backends import Backend, make_runners
-from runtime.graphs import CacheLayout
-from runtime.manifest import read_manifest, verify_files
-from runtime.scoring import score_tokens
-from runtime.tokenizer import TokenizerSpec, validate_tokens
+from .devices import variants
+from .devices.errors import ProjectableEdgeError
+from .devices.profiles import DeviceProfile
+from . import sampler
+from .backends import Backend, make_runners
+from .graphs import CacheLayout
+from .manifest import read_manifest, verify_files
+from .requirements import check_requirements
+from .scoring import score_tokens
+from .tokenizer import TokenizerSpec, validate_tokens
 
 
 def pick_variant(manifest: dict[str, Any], precision: str | None) -> str:
@@ -53,9 +54,10 @@ class Model:
         self.layout = CacheLayout.of(self.meta)
         self._what = f"variant '{variant}'"
         trt = profile.tensorrt
-        # a TensorRT engine has a fixed max batch; ORT just needs bounded memory
+        # a TensorRT engine has a fixed max batch (the profile's, which built it): scoring and
+        # sampling split larger batches; ORT just needs bounded memory
         on_trt = backend["backend"] == Backend.TENSORRT
-        self.max_batch = trt.max_shapes.get("batch", 256) if trt and on_trt else 256
+        self.max_batch = int(trt.max_shapes.get("batch", 256)) if trt and on_trt else 256
 
     @property
     def seq_len(self) -> int:
@@ -111,9 +113,10 @@ class Model:
         return self._generate(len(p), p, temperature, top_k, seed)
 
     def _generate(self, n, prefix, temperature, top_k, seed) -> np.ndarray:
-        sampler.check_args(n, temperature, top_k, self.tokenizer.vocab_size)
+        sampler.check_args(n, temperature, top_k, self.tokenizer.vocab_size, seed)
         runner = self.decode_runner if self.decode_runner is not None else self.score_runner
-        return sampler.sample(runner, self.layout, int(n), self.seq_len, prefix, temperature, top_k, seed)
+        return sampler.sample(runner, self.layout, int(n), self.seq_len, prefix, temperature, top_k, seed,
+                              max_batch=self.max_batch)
 
     def close(self) -> None:
         self.score_runner = self.decode_runner = None
@@ -140,7 +143,7 @@ def _check_consistency(d: Path, manifest: dict[str, Any], tok: TokenizerSpec) ->
 
 
 def load(bundle_dir: str | Path, precision: str | None = None, providers=None, backend: str = "auto",
-         threads: int | None = None) -> Model:
+         threads: int | None = None, public_key=None) -> Model:
     """Verify and open a bundle.
 
     precision: graph variant ('fp32', 'fp16', 'int8-static', or a profile word like 'int8');
@@ -152,11 +155,13 @@ def load(bundle_dir: str | Path, precision: str | None = None, providers=None, b
     """
     t0 = time.perf_counter()
     d = Path(bundle_dir)
-    manifest = read_manifest(d)
-    verify_files(d, manifest)
+    manifest = read_manifest(d, public_key=public_key)
+    check_requirements(d, manifest)  # onnxruntime/python floors, before any session
+    records = verify_files(d, manifest)
     profile = DeviceProfile.from_dict(manifest["target"], source=f"{d}/manifest.json 'target'")
     tok = TokenizerSpec.from_dict(manifest["tokenizer"])
     _check_consistency(d, manifest, tok)
     variant = pick_variant(manifest, precision)
-    score, decode, report = make_runners(d, manifest, variant, profile, providers, backend, threads)
+    score, decode, report = make_runners(d, manifest, variant, profile, providers, backend, threads,
+                                          records=records)
     return Model(d, manifest, variant, profile, tok, score, decode, report, time.perf_counter() - t0)

@@ -1,6 +1,6 @@
 """What both command lines share: the error boundary, JSON and table output, and the `sample` command.
 
-`python -m runtime` (argparse, on the device) and `projectable-edge` (typer, on the host) both
+`python -m projectable_edge_runtime` (argparse, on the device) and `projectable-edge` (typer, on the host) both
 print through these, so a command looks and fails the same way whichever CLI runs it:
 a ProjectableEdgeError is one line and exit 2; anything else is one line with a hint to rerun
 with --verbose, and exit 1; --verbose adds the traceback.
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from devices.errors import ProjectableEdgeError
+from .devices.errors import ProjectableEdgeError
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_ERROR = 0, 1, 2
 VERBOSE_HINT = "rerun with --verbose for the traceback"
@@ -59,6 +59,25 @@ def table(rows: list[tuple]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def execution_lines(execution: dict | None) -> list[str]:
+    """The execution-provider report (available / used) and the GPU fix when one applies."""
+    if not execution:
+        return []
+    used = execution.get("used", {})
+    lines = [f"  providers: available {', '.join(execution['available']) or '-'}; ran "
+             + "; ".join(f"{g}: {', '.join(p)}" for g, p in used.items() if p)]
+    if execution.get("missing"):
+        lines.append(f"  requested but not in this onnxruntime build: {', '.join(execution['missing'])}")
+    if execution.get("gpu_visible"):
+        lines.append(f"  GPU visible: {execution['gpu_visible']}; tensorrt importable: "
+                     f"{'yes' if execution.get('tensorrt_importable') else 'no'}")
+    if execution.get("emulated"):
+        lines.append("  running under emulation (ARM on an x86 CPU): timings are not device timings")
+    if execution.get("gpu_hint"):
+        lines.append(f"  hint: {execution['gpu_hint']}")
+    return lines
+
+
 def benchmark_text(out: dict) -> str:
     """The human-readable benchmark report."""
     lines = [f"benchmark {out['variant']} on {', '.join(out['providers'])} ({out['backend']}: "
@@ -72,6 +91,7 @@ def benchmark_text(out: dict) -> str:
         lines.append(f"  peak memory (RSS): {out['peak_rss_mb']:.1f} MB")
     for c in out["checks"]:
         lines.append(f"  {c['name']}: {c['value']:.2f} (budget {c['budget']}) {'ok' if c['passed'] else 'OVER'}")
+    lines += execution_lines(out.get("execution"))
     note = out["host"]["note"]
     lines.append(f"verdict: {out['verdict'].upper()}" + (f"  [{note}]" if note else ""))
     return "\n".join(lines)
@@ -81,15 +101,17 @@ def validate_text(out: dict) -> str:
     head = f"validate {out['variant']} ({out['backend']}, {', '.join(out['providers'])}): {out['verdict'].upper()}"
     rows = [("bits/dim", "expected", "delta", "tolerance", "images"),
             tuple(fmt(out[k]) for k in ("bits", "expected_bits", "delta", "tolerance", "n_images"))]
-    return f"{head}\n{table(rows)}\n  expected = {out['compared_with']}"
+    return "\n".join([head, table(rows), f"  expected = {out['compared_with']}",
+                      *execution_lines(out.get("execution"))])
 
 
 def info_text(model) -> str:
     b = model.backend
     text = f"{model!r}\n  variants: {', '.join(sorted(model.manifest['graphs']))}\n  backend reason: {b['reason']}"
-    if b["providers_missing"]:
-        text += f"\n  providers not in this onnxruntime build: {', '.join(b['providers_missing'])}"
-    return text
+    lines = execution_lines(b.get("execution"))
+    if b["providers_missing"] and not b.get("execution"):
+        lines.append(f"  providers not in this onnxruntime build: {', '.join(b['providers_missing'])}")
+    return "\n".join([text, *lines])
 
 
 def score_text(names: list[str], bits: np.ndarray, variant: str) -> str:
@@ -101,7 +123,7 @@ def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: f
                 top_k: int | None = None, cols: int | None = None, scale: int = 4,
                 tokens_out: str | None = None) -> dict[str, Any]:
     """Sample n images, write them as one PNG grid (8 per row by default); the command's JSON result."""
-    from runtime.png import image_grid, write_png
+    from .png import image_grid, write_png
 
     tokens = model.sample(n, temperature=temperature, top_k=top_k, seed=seed)
     path = write_png(out, image_grid(model.decode_images(tokens), cols=cols or min(8, len(tokens)), scale=scale))

@@ -5,7 +5,8 @@ size, so the runtime can refuse a bundle that was corrupted or tampered with in
 transit. The pipeline writes bundles with `staged_bundle` + `write_manifest`; the
 runtime reads them with `read_manifest` + `verify_files`.
 
-manifest.json (schema_version 1):
+manifest.json (schema_version 2; every field is described in runtime/manifest.schema.json and
+docs/manifest.md):
   schema_version  int; a runtime refuses a newer one
   task            {name, index}
   target          device profile dict (devices.DeviceProfile.to_dict())
@@ -17,7 +18,10 @@ manifest.json (schema_version 1):
   engine          {status: built|deferred|not-applicable, path?, decode_path?, variant?,
                    command?, tensorrt_version?}
   goldens         relpath of goldens.npz (default "goldens.npz")
-  files           {relpath: {sha256, bytes}} for every file but manifest.json
+  files           {relpath: {sha256, bytes, optional?}} for every file but manifest.json; optional
+                  files (report, figures) may be absent, nothing unlisted may be present
+  integrity       {algorithm, canonical, manifest_sha256, signature?}: the sha256 of the canonical
+                  manifest without `integrity` (and, optionally, an Ed25519 signature of it)
   accuracy        {reference_bits, tolerance, variants: {variant: {bits, delta, tolerance?}}}
   latency_host, tools, provenance   free-form dicts
 """
@@ -26,17 +30,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from devices.choices import StrEnum, values
-from devices.errors import ProjectableEdgeError
-from runtime.atomic import atomic_output
-from runtime.graphs import GraphKind
+from .devices.choices import StrEnum, values
+from .devices.errors import ProjectableEdgeError
+from .atomic import atomic_output
+from .graphs import GraphKind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 DEFAULT_GOLDENS = "goldens.npz"
+SCHEMA_FILE = "manifest.schema.json"  # shipped beside this module (package data)
+CANONICAL = "json: sorted keys, separators (',', ':'), UTF-8, without the 'integrity' field"
+RECORD_SUFFIX = ".record.json"  # a device-built engine's own record, next to its plan
 
 
 class EngineStatus(StrEnum):
@@ -48,9 +56,14 @@ class EngineStatus(StrEnum):
 ENGINE_STATUSES = values(EngineStatus)
 GRAPH_KEYS = tuple(k.key for k in GraphKind)  # {"score": path, "decode": path | null} per variant
 REQUIRED_FIELDS = ("schema_version", "task", "target", "tokenizer", "model", "graphs", "selected",
-                   "engine", "files", "accuracy")
+                   "engine", "files", "accuracy", "integrity")
 OPTIONAL_DICTS = ("io", "latency_host", "tools", "provenance")
 MODEL_FIELDS = ("n_layer", "n_head", "head_dim", "vocab_size", "block_size", "bos_id")
+
+
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema of manifest.json, shipped with the runtime (documented in docs/manifest.md)."""
+    return json.loads(Path(__file__).with_name(SCHEMA_FILE).read_text(encoding="utf-8"))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -61,18 +74,37 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def hash_files(bundle_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """{posix relpath: {sha256, bytes}} for every regular file except manifest.json."""
+def hash_files(bundle_dir: str | Path, optional: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """{posix relpath: {sha256, bytes[, optional]}} for every regular file except manifest.json.
+
+    A symlink anywhere in the folder is refused: the bundle must hold its own bytes."""
     root = Path(bundle_dir)
     out: dict[str, dict[str, Any]] = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if rel == MANIFEST_NAME or not p.is_file():
+    for rel in walk_bundle(root):
+        if rel == MANIFEST_NAME:
             continue
-        if p.is_symlink():
-            raise ProjectableEdgeError(f"bundle file '{rel}' is a symlink; copy the real file into the bundle")
-        out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        out[rel] = {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+        if rel in optional:
+            out[rel]["optional"] = True
     return out
+
+
+def walk_bundle(root: Path) -> list[str]:
+    """Sorted posix relpaths of the regular files under root; a symlink (file or folder) or a special
+    file is an error naming it (os.walk never follows links, so nothing outside is ever read)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                raise _fail(root, f"'{rel}' is a symlink; a bundle must hold real files (no links) — copy "
+                                  "the file itself into the bundle, or copy the bundle again without links")
+            if name in filenames:
+                if not p.is_file():
+                    raise _fail(root, f"'{rel}' is not a regular file; remove it")
+                found.append(rel)
+    return sorted(found)
 
 
 def _fail(bundle_dir: Path, what: str) -> ProjectableEdgeError:
@@ -145,12 +177,58 @@ def check_manifest(m: Any, bundle_dir: str | Path = "<manifest>") -> dict[str, A
     return m
 
 
-def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+def canonical_bytes(m: dict[str, Any]) -> bytes:
+    """The bytes the manifest digest (and signature) cover: every field but `integrity`, canonically."""
+    body = {k: v for k, v in m.items() if k != "integrity"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def manifest_digest(m: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_bytes(m)).hexdigest()
+
+
+def seal(m: dict[str, Any], sign_key: Any = None) -> dict[str, Any]:
+    """Return m with a fresh `integrity` field: its canonical digest, signed with sign_key when given
+    (an Ed25519 private key: PEM path or key object; needs `cryptography`)."""
+    m = {k: v for k, v in m.items() if k != "integrity"}
+    digest = manifest_digest(m)
+    integrity: dict[str, Any] = {"algorithm": "sha256", "canonical": CANONICAL, "manifest_sha256": digest}
+    if sign_key is not None:
+        from .signing import sign_digest  # lazy: cryptography only when signing
+
+        integrity["signature"] = sign_digest(sign_key, digest)
+    m["integrity"] = integrity
+    return m
+
+
+def _check_integrity(d: Path, raw: dict[str, Any], public_key: Any) -> None:
+    """The manifest is what was written: its canonical digest matches, and (with a key) is signed by it."""
+    integ = raw.get("integrity")
+    if not isinstance(integ, dict) or not isinstance(integ.get("manifest_sha256"), str):
+        raise _fail(d, f"{MANIFEST_NAME} has no valid 'integrity.manifest_sha256' digest; regenerate the bundle")
+    if integ.get("algorithm", "sha256") != "sha256":
+        raise _fail(d, f"{MANIFEST_NAME}: unknown integrity algorithm {integ.get('algorithm')!r}; upgrade the runtime")
+    digest = manifest_digest(raw)
+    if digest != integ["manifest_sha256"]:
+        raise _fail(d, f"{MANIFEST_NAME} was edited after the bundle was written (its canonical sha256 "
+                       f"{digest[:12]}… differs from integrity.manifest_sha256 {integ['manifest_sha256'][:12]}…); "
+                       "copy the bundle again or regenerate it")
+    if public_key is not None:
+        from .signing import verify_signature  # lazy: cryptography only when a key is given
+
+        verify_signature(public_key, digest, integ.get("signature"), f"bundle {d}: {MANIFEST_NAME}")
+
+
+def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> dict[str, Any]:
+    """Parse, check and verify manifest.json (its digest; its signature when public_key is given)."""
     d = Path(bundle_dir)
     if not d.is_dir():
         raise ProjectableEdgeError(f"bundle directory '{d}' does not exist; pass the folder "
                                    "`projectable-edge generate` wrote (bundles/<task>__<target>)")
     path = d / MANIFEST_NAME
+    if path.is_symlink():
+        raise _fail(d, f"'{MANIFEST_NAME}' is a symlink; a bundle must hold real files — copy the bundle again")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -159,46 +237,118 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise _fail(d, f"cannot read {MANIFEST_NAME} ({e}); copy the bundle again") from None
     try:
-        m = json.loads(text)
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise _fail(d, f"{MANIFEST_NAME} is not valid JSON ({e}); the file is corrupt, copy the "
                        "bundle again") from None
-    return check_manifest(m, d)
+    m = check_manifest(raw, d)
+    _check_integrity(d, raw, public_key)
+    return m
 
 
-def verify_files(bundle_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Check every listed file's size and sha256, and that every referenced file is listed."""
+def record_path(plan_rel: str) -> str:
+    """Where build_engine.sh writes the record of a device-built engine: next to the plan."""
+    return plan_rel + RECORD_SUFFIX
+
+
+def _check_entry(d: Path, rel: str, entry: dict, what: str) -> None:
+    p = d / rel
+    size = p.stat().st_size
+    if size != entry["bytes"]:
+        raise _fail(d, f"file '{rel}' has {size} bytes, {what} says {entry['bytes']}; it is "
+                       "truncated or modified — copy the bundle again or regenerate it")
+    digest = sha256_file(p)
+    if digest != entry["sha256"]:
+        raise _fail(d, f"file '{rel}' does not match its sha256 in {what} (got {digest[:12]}…, "
+                       f"expected {entry['sha256'][:12]}…); it is corrupt or was modified — copy the "
+                       "bundle again or regenerate it")
+
+
+def device_engine_plans(manifest: dict[str, Any]) -> list[str]:
+    """Plans build_engine.sh may add on the device (not listed in `files`: built after the manifest)."""
+    engine = manifest["engine"]
+    if engine.get("status") != EngineStatus.DEFERRED:
+        return []
+    return [engine[k] for k in ("path", "decode_path") if engine.get(k)]
+
+
+def read_engine_record(d: Path, plan_rel: str, present: set[str]) -> dict[str, Any]:
+    """A device-built engine's record, checked: it names the plan and every file the build wrote, with
+    their sha256 and size; those files may then sit in the bundle unlisted by the manifest."""
+    rec_rel = record_path(plan_rel)
+    if rec_rel not in present:
+        raise _fail(d, f"file '{plan_rel}' is not listed in the manifest and has no engine record "
+                       f"'{rec_rel}'; rebuild it with `bash {d}/build_engine.sh` (which writes the record) "
+                       "or delete it")
+    try:
+        rec = json.loads((d / rec_rel).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(d, f"engine record '{rec_rel}' is unreadable ({e}); rebuild with `bash {d}/build_engine.sh`") \
+            from None
+    ok = (isinstance(rec, dict) and isinstance(rec.get("tensorrt_version"), str)
+          and isinstance(rec.get("files"), dict) and plan_rel in rec["files"]
+          and all(isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+                  for e in rec["files"].values()))
+    if not ok:
+        raise _fail(d, f"engine record '{rec_rel}' must hold tensorrt_version and files{{'{plan_rel}': "
+                       f"{{sha256, bytes}}}}; rebuild with `bash {d}/build_engine.sh`")
+    for rel, entry in rec["files"].items():
+        _relpath(d, f"{rec_rel} files[{rel!r}]", rel)
+        if rel not in present:
+            raise _fail(d, f"file '{rel}' named by engine record '{rec_rel}' is missing; rebuild with "
+                           f"`bash {d}/build_engine.sh`")
+        _check_entry(d, rel, entry, f"engine record '{rec_rel}'")
+    return rec
+
+
+def verify_files(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Strict check of the folder against the manifest; returns the device-built engines' records.
+
+    Every listed file has its size and sha256 (optional ones may be absent); every referenced file is
+    listed; nothing is a symlink; nothing unlisted is present, except a device-built engine with its
+    own record (the record's hashes are checked too)."""
     d = Path(bundle_dir)
     files = manifest["files"]
-    referenced = [g[k] for g in manifest["graphs"].values() for k in GRAPH_KEYS if g.get(k)]
+    referenced = [g[k] for g in manifest["graphs"].values() for k in GRAPH_KEYS if g.get(k)] + [manifest["goldens"]]
     if manifest["engine"].get("status") == EngineStatus.BUILT:
         referenced += [manifest["engine"][k] for k in ("path", "decode_path") if manifest["engine"].get(k)]
     for rel in referenced:
         if rel not in files:
             raise _fail(d, f"file '{rel}' is used by the manifest but has no hash in 'files'; "
                            "regenerate the bundle (write_manifest hashes every file)")
+        if files[rel].get("optional"):
+            raise _fail(d, f"file '{rel}' is needed to run the bundle but marked optional; regenerate the bundle")
+    present = set(walk_bundle(d)) - {MANIFEST_NAME}
     for rel, entry in files.items():
-        p = d / rel
-        if not p.is_file():
+        if rel not in present:
+            if entry.get("optional"):
+                continue
             raise _fail(d, f"file '{rel}' listed in the manifest is missing; copy the whole bundle again")
-        size = p.stat().st_size
-        if size != entry["bytes"]:
-            raise _fail(d, f"file '{rel}' has {size} bytes, the manifest says {entry['bytes']}; it is "
-                           "truncated or modified — copy the bundle again or regenerate it")
-        digest = sha256_file(p)
-        if digest != entry["sha256"]:
-            raise _fail(d, f"file '{rel}' does not match its sha256 in the manifest (got {digest[:12]}…, "
-                           f"expected {entry['sha256'][:12]}…); it is corrupt or was modified — copy the "
-                           "bundle again or regenerate it")
+        _check_entry(d, rel, entry, "the manifest")
+    records: dict[str, dict[str, Any]] = {}
+    allowed = set(files)
+    for plan in device_engine_plans(manifest):
+        if plan in present and plan not in files:
+            records[plan] = read_engine_record(d, plan, present)
+            allowed |= set(records[plan]["files"]) | {record_path(plan)}
+    extra = sorted(present - allowed)
+    if extra:
+        raise _fail(d, f"file '{extra[0]}' is not listed in the manifest" + (f" (nor {extra[1:]})" if extra[1:] else "")
+                    + "; a bundle holds only what generate wrote (and device-built engines with their record) "
+                      "— delete it or regenerate the bundle")
+    return records
 
 
-def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file in the folder into `files`, validate, write manifest.json; return it."""
+def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any], optional: tuple[str, ...] = (),
+                   sign_key: Any = None) -> dict[str, Any]:
+    """Hash every file in the folder into `files` (marking `optional` ones), validate, seal (digest,
+    and an Ed25519 signature with sign_key), write manifest.json; return it."""
     d = Path(bundle_dir)
     m = dict(manifest)
     m.setdefault("schema_version", SCHEMA_VERSION)
-    m["files"] = hash_files(d)
-    m = check_manifest(m, d)
+    m["files"] = hash_files(d, tuple(optional))
+    m = json.loads(json.dumps(m))  # exactly what a reader will parse (str keys, lists), so digests agree
+    m = seal(check_manifest(seal(m), d), sign_key)
     needed = [g[k] for g in m["graphs"].values() for k in GRAPH_KEYS if g.get(k)] + [m["goldens"]]
     for rel in needed:
         if rel not in m["files"]:

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import onnxruntime as ort
 
-from devices.choices import StrEnum, choose
-from devices.errors import ProjectableEdgeError
+from .devices.choices import StrEnum, choose
+from .devices.errors import ProjectableEdgeError
+from .requirements import import_onnxruntime
+
+ort = import_onnxruntime()  # one clear error when onnxruntime cannot import (e.g. <1.19 with numpy 2)
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(double)": np.float64}

@@ -12,13 +12,24 @@ import math
 
 import numpy as np
 
-from devices.errors import ProjectableEdgeError
-from runtime.graphs import CacheLayout, GraphKind, cache_dtype, kind_of
+from .devices.errors import ProjectableEdgeError
+from .graphs import CacheLayout, GraphKind, cache_dtype, kind_of
 
 
-def check_args(n: int, temperature: float, top_k: int | None, vocab: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ProjectableEdgeError(f"number of samples must be an integer >= 1, got {n!r}")
+MAX_SAMPLES = 65536  # per call: bounded memory ([n, T] tokens and an [L, n, H, T, hd] cache)
+MAX_SEED = 2**63 - 1
+
+
+def _is_int(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, np.integer))
+
+
+def check_args(n: int, temperature: float, top_k: int | None, vocab: int, seed=0) -> None:
+    if not _is_int(n) or not 1 <= n <= MAX_SAMPLES:
+        raise ProjectableEdgeError(f"number of samples must be an integer in 1..{MAX_SAMPLES}, got {n!r}; "
+                                   "sample more in several calls with different seeds")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ProjectableEdgeError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise ProjectableEdgeError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
@@ -46,39 +57,55 @@ def _prefix(prefix: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarray | None = None,
-              temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
-    """Tokens [n, length]; the first prefix.shape[1] columns are copied from `prefix`."""
+              temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+              max_batch: int | None = None) -> np.ndarray:
+    """Tokens [n, length]; the first prefix.shape[1] columns are copied from `prefix`.
+
+    Rows run in chunks of at most max_batch (a TensorRT engine's batch limit) in lockstep, one draw
+    per step for all n rows, so the tokens do not depend on the chunking."""
     rng = np.random.default_rng(seed)
     fixed = _prefix(prefix, n)
     dt = cache_dtype(runner)
-    feed = {"token": np.full((n, 1), layout.bos_id, np.int64),
-            "past_keys": layout.empty(n, dt), "past_values": layout.empty(n, dt)}
+    step = n if not max_batch else max(1, int(max_batch))
+    spans = [(a, min(a + step, n)) for a in range(0, n, step)]
+    feeds = [{"token": np.full((b - a, 1), layout.bos_id, np.int64),
+              "past_keys": layout.empty(b - a, dt), "past_values": layout.empty(b - a, dt)} for a, b in spans]
     out = np.empty((n, length), np.int64)
     for i in range(length):
-        res = runner.run(feed)
-        out[:, i] = fixed[:, i] if i < fixed.shape[1] else choose(res["logits"], rng, temperature, top_k)
-        feed = {"token": np.ascontiguousarray(out[:, i:i + 1]),
-                "past_keys": res["present_keys"], "past_values": res["present_values"]}
+        results = [runner.run(f) for f in feeds]
+        if i < fixed.shape[1]:
+            out[:, i] = fixed[:, i]
+        else:
+            logits = results[0]["logits"] if len(results) == 1 else np.concatenate([r["logits"] for r in results])
+            out[:, i] = choose(logits, rng, temperature, top_k)
+        feeds = [{"token": np.ascontiguousarray(out[a:b, i:i + 1]),
+                  "past_keys": r["present_keys"], "past_values": r["present_values"]}
+                 for (a, b), r in zip(spans, results)]
     return out
 
 
 def sample_recompute(runner, n: int, length: int, prefix: np.ndarray | None = None,
-                     temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
+                     temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+                     max_batch: int | None = None) -> np.ndarray:
     """Same contract as sample_kv, via the scoring graph on the prefix so far (logits[:, i] depends on
     tokens[:, :i] only, so position i's own value is a placeholder)."""
     rng = np.random.default_rng(seed)
     fixed = _prefix(prefix, n)
     out = np.zeros((n, length), np.int64)
     out[:, :fixed.shape[1]] = fixed
+    step = n if not max_batch else max(1, int(max_batch))
     for i in range(fixed.shape[1], length):
-        logits = runner.run({"tokens": np.ascontiguousarray(out[:, :i + 1])})["logits"][:, i]
+        logits = np.concatenate([runner.run({"tokens": np.ascontiguousarray(out[a:a + step, :i + 1])})["logits"][:, i]
+                                 for a in range(0, n, step)])
         out[:, i] = choose(logits, rng, temperature, top_k)
     return out
 
 
 def sample(runner, layout: CacheLayout | None, n: int, length: int, prefix: np.ndarray | None = None,
-           temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
-    """Sample through whichever graph `runner` holds: KV-cache decode, else scoring recompute."""
+           temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+           max_batch: int | None = None) -> np.ndarray:
+    """Sample through whichever graph `runner` holds: KV-cache decode, else scoring recompute; batches
+    above max_batch (a TensorRT engine's limit) are split."""
     if kind_of(runner.input_names) is GraphKind.DECODE:
-        return sample_kv(runner, layout, n, length, prefix, temperature, top_k, seed)
-    return sample_recompute(runner, n, length, prefix, temperature, top_k, seed)
+        return sample_kv(runner, layout, n, length, prefix, temperature, top_k, seed, max_batch)
+    return sample_recompute(runner, n, length, prefix, temperature, top_k, seed, max_batch)

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from devices.errors import ProjectableEdgeError
+from .devices.errors import ProjectableEdgeError
 
 _IMAGE_DTYPES = "uint8 (0..255)"
 

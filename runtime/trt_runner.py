@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.errors import ProjectableEdgeError
+from .devices.errors import ProjectableEdgeError
 
 
 class _CudaRuntime:

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from devices.errors import ProjectableEdgeError
-from devices.variants import DEVICE_DRIFT_REL
+from .devices.errors import ProjectableEdgeError
+from .devices.variants import DEVICE_DRIFT_REL
 
 
 def load_goldens(model) -> tuple[np.ndarray, np.ndarray | None]:
@@ -77,6 +77,7 @@ def validate(model, tolerance: float | None = None) -> dict[str, Any]:
     return {
         "bundle": str(model.bundle_dir), "task": model.task, "variant": model.variant,
         "backend": model.backend["backend"], "providers": model.backend["providers"],
+        "execution": model.backend.get("execution"),
         "n_images": int(len(tokens)),
         "bits": measured,
         "compared_with": against, "expected_bits": baseline, "delta": delta,

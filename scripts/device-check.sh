@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Device stand-ins for a bundle: run the torch-free runtime where users run it.
 #
-#   bash scripts/device-check.sh BUNDLE [--py310] [--aarch64] [--runtime-from DIR] [--keep]
+#   bash scripts/device-check.sh BUNDLE [--py310] [--aarch64] [--wheel FILE] [--keep]
 #
 #   --py310     a venv on Python 3.10 (JetPack 6) with only numpy + the minimum onnxruntime
 #               (default when neither --py310 nor --aarch64 is given)
 #   --aarch64   a Debian arm64 userland (debootstrap) run under qemu-user-static, with numpy +
 #               onnxruntime aarch64 wheels from PyPI (needs root: debootstrap, chroot, unshare)
-#   --runtime-from DIR
-#               folder holding the runtime/ and devices/ packages to install (default: this
-#               repository). They are copied to a temporary folder and put on PYTHONPATH.
+#   --wheel FILE
+#               the runtime wheel to install (default: the one the bundle carries, named by
+#               manifest.json's runtime_wheel). It is pip-installed (--no-index) into the stand-in's
+#               venv, whose numpy and onnxruntime must satisfy its requirements (`pip check`).
+#               Nothing is taken from the repository.
 #   --keep      keep the temporary work folder (samples, JSON outputs) and print where it is
 #
-# Each stand-in runs, from an empty folder: info, validate (every variant in the bundle), score
+# Each stand-in runs, from an empty folder, `python -m projectable_edge_runtime`: info, validate (every variant in the bundle), score
 # (the bundle's goldens), sample, benchmark, and an import check (nothing outside the stdlib,
 # numpy, onnxruntime and the runtime itself may be imported). With both stand-ins, the per-image
 # bits/dim of aarch64 are compared with those of x86-64.
@@ -32,20 +34,20 @@
 # Exit status: 0 every check passed; 1 a check failed; 2 usage or setup error.
 set -uo pipefail
 
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "device-check: error: $*" >&2; exit 2; }
 say() { printf '\n== %s\n' "$*"; }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 
-BUNDLE="" DO_PY310=0 DO_AARCH64=0 RUNTIME_FROM="$REPO_ROOT" KEEP=0
+BUNDLE="" DO_PY310=0 DO_AARCH64=0 WHEEL="" KEEP=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --py310) DO_PY310=1 ;;
         --aarch64) DO_AARCH64=1 ;;
-        --runtime-from) [ $# -ge 2 ] || die "--runtime-from needs a folder"; RUNTIME_FROM=$2; shift ;;
-        --runtime-from=*) RUNTIME_FROM=${1#*=} ;;
+        --wheel) [ $# -ge 2 ] || die "--wheel needs a .whl file"; WHEEL=$2; shift ;;
+        --wheel=*) WHEEL=${1#*=} ;;
         --keep) KEEP=1 ;;
         -h|--help) usage; exit 0 ;;
         -*) die "unknown option '$1' (see --help)" ;;
@@ -60,9 +62,14 @@ done
 [ -d "$BUNDLE" ] || die "bundle folder '$BUNDLE' not found; pass the folder \`projectable-edge generate\` wrote"
 [ -f "$BUNDLE/manifest.json" ] || die "'$BUNDLE' has no manifest.json; pass a bundle folder"
 BUNDLE=$(cd "$BUNDLE" && pwd -P)
-[ -d "$RUNTIME_FROM/runtime" ] && [ -d "$RUNTIME_FROM/devices" ] \
-    || die "'$RUNTIME_FROM' does not hold runtime/ and devices/; pass --runtime-from with the folder that does"
-RUNTIME_FROM=$(cd "$RUNTIME_FROM" && pwd -P)
+if [ -z "$WHEEL" ]; then
+    rel=$(python3 -c 'import json,sys; print((json.load(open(sys.argv[1])).get("runtime_wheel") or {}).get("path", ""))' \
+          "$BUNDLE/manifest.json" 2>/dev/null)
+    [ -n "$rel" ] || die "bundle '$BUNDLE' carries no runtime wheel (manifest.json has no runtime_wheel); regenerate it with \`projectable-edge generate\`, or pass --wheel"
+    WHEEL=$BUNDLE/$rel
+fi
+[ -f "$WHEEL" ] || die "runtime wheel '$WHEEL' not found"
+WHEEL=$(cd "$(dirname "$WHEEL")" && pwd -P)/$(basename "$WHEEL")
 
 CACHE=${PE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/projectable-edge}
 ORT_VERSION=${PE_ORT_VERSION:-1.19.0}
@@ -80,11 +87,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The runtime to install. Phase 1: the runtime/ and devices/ source folders, copied (the device
-# install must need nothing from the repository). Later: the wheel the bundle carries.
-copy_runtime() {  # DEST
-    mkdir -p "$1"
-    (cd "$RUNTIME_FROM" && tar -cf - --exclude='__pycache__' --exclude='*.pyc' runtime devices) | tar -xf - -C "$1"
+# The runtime is the bundle's wheel, pip-installed into the stand-in's venv (numpy + onnxruntime
+# already there): --no-index, so its requirements must be met by what is installed; `pip check` says so.
+install_wheel() {  # PYTHON WHEEL [runner prefix...]
+    local py=$1 whl=$2; shift 2
+    "$@" "$py" -m pip install -q --no-index --no-deps --force-reinstall "$whl" \
+        && "$@" "$py" -m pip check
 }
 
 # The checks' Python helper: numpy + onnxruntime + the runtime only.
@@ -97,8 +105,8 @@ bundle, out_path = sys.argv[1], sys.argv[2]
 import numpy as np
 import onnxruntime as ort
 
-import runtime
-from runtime.bundle import load
+import projectable_edge_runtime
+from projectable_edge_runtime.bundle import load
 
 with open(f"{bundle}/manifest.json", encoding="utf-8") as fh:
     manifest = json.load(fh)
@@ -119,11 +127,13 @@ for variant in sorted(manifest.get("graphs") or {}):
     out["variants"][variant] = r
 m.sample(2, seed=0)
 ignorable = {"__main__", "_distutils_hack", "cython_runtime", "sitecustomize", "usercustomize"}
-allowed = {"numpy", "onnxruntime", "runtime", "devices", "projectable_edge_runtime"}
+allowed = {"numpy", "onnxruntime", "projectable_edge_runtime"}
 mods = {k.split(".")[0] for k in sys.modules} - set(sys.stdlib_module_names) - ignorable
 mods = {k for k in mods if not k.startswith("_cython_")}
 out["imported_outside_stdlib"] = sorted(mods)
 out["unexpected_imports"] = sorted(mods - allowed)
+out["runtime_file"] = projectable_edge_runtime.__file__
+out["runtime_installed_in_venv"] = projectable_edge_runtime.__file__.startswith(sys.prefix)
 with open(out_path, "w", encoding="utf-8") as fh:
     json.dump(out, fh, indent=1)
 print(f"python {out['python']}, numpy {out['numpy']}, onnxruntime {out['onnxruntime']}; "
@@ -134,6 +144,10 @@ for v, r in out["variants"].items():
     print(f"  {v:12s} {r['mean_bits']:.5f} bits/dim on {', '.join(r['providers'])}"
           + ("" if d is None else f" (vs recorded {d:+.2e})") + extra)
 print("imported outside the stdlib: " + ", ".join(out["imported_outside_stdlib"]))
+print(f"runtime imported from {out['runtime_file']}")
+if not out["runtime_installed_in_venv"]:
+    print("the runtime was NOT imported from the venv's installed wheel")
+    sys.exit(1)
 if out["unexpected_imports"]:
     print("UNEXPECTED imports: " + ", ".join(out["unexpected_imports"]))
     sys.exit(1)
@@ -152,26 +166,26 @@ record() {  # stage check rc [note]; rc 0 = ok
 run_checks() {
     local stage=$1 runner=$2 b=$3 wd=$4 hwd=$5 rc v variants
     variants=$(python_json_keys "$BUNDLE/manifest.json" graphs)
-    say "[$stage] python -m runtime info"
-    $runner -m runtime info "$b"; record "$stage" info $?
-    say "[$stage] python -m runtime info (relative bundle path)"
-    RELATIVE=1 $runner -m runtime info "$(basename "$b")" >/dev/null; record "$stage" "info (relative path)" $?
+    say "[$stage] python -m projectable_edge_runtime info"
+    $runner -m projectable_edge_runtime info "$b"; record "$stage" info $?
+    say "[$stage] python -m projectable_edge_runtime info (relative bundle path)"
+    RELATIVE=1 $runner -m projectable_edge_runtime info "$(basename "$b")" >/dev/null; record "$stage" "info (relative path)" $?
     for v in $variants; do
-        say "[$stage] python -m runtime validate --precision $v"
-        $runner -m runtime validate "$b" --precision "$v"; record "$stage" "validate $v" $?
+        say "[$stage] python -m projectable_edge_runtime validate --precision $v"
+        $runner -m projectable_edge_runtime validate "$b" --precision "$v"; record "$stage" "validate $v" $?
     done
-    say "[$stage] python -m runtime validate (the target's selected variant)"
-    $runner -m runtime validate "$b"; record "$stage" "validate (selected)" $?
-    say "[$stage] python -m runtime score (the goldens as .npy)"
+    say "[$stage] python -m projectable_edge_runtime validate (the target's selected variant)"
+    $runner -m projectable_edge_runtime validate "$b"; record "$stage" "validate (selected)" $?
+    say "[$stage] python -m projectable_edge_runtime score (the goldens as .npy)"
     $runner -c "import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1] + '/goldens.npz')['tokens'])" \
-        "$b" "$wd/goldens_tokens.npy" && $runner -m runtime score "$b" "$wd/goldens_tokens.npy" | tail -n 3
+        "$b" "$wd/goldens_tokens.npy" && $runner -m projectable_edge_runtime score "$b" "$wd/goldens_tokens.npy" | tail -n 3
     record "$stage" score $?
-    say "[$stage] python -m runtime sample"
-    $runner -m runtime sample "$b" -n 8 --out "$wd/samples.png"; rc=$?
+    say "[$stage] python -m projectable_edge_runtime sample"
+    $runner -m projectable_edge_runtime sample "$b" -n 8 --out "$wd/samples.png"; rc=$?
     [ $rc = 0 ] && [ -s "$hwd/samples.png" ] || rc=1
     record "$stage" sample $rc
-    say "[$stage] python -m runtime benchmark"
-    $runner -m runtime benchmark "$b" "${BENCH_ARGS[@]}" 2>&1 | tee "$WORK/$stage-benchmark.txt"; rc=${PIPESTATUS[0]}
+    say "[$stage] python -m projectable_edge_runtime benchmark"
+    $runner -m projectable_edge_runtime benchmark "$b" "${BENCH_ARGS[@]}" 2>&1 | tee "$WORK/$stage-benchmark.txt"; rc=${PIPESTATUS[0]}
     [ "$stage" = aarch64 ] && echo "^^ EMULATED under qemu: these latencies and the budget verdict are NOT device numbers"
     # exit 1 is the budget verdict only when the runtime printed one (a crash also exits 1)
     if [ $rc = 1 ] && grep -q '^verdict: FAIL' "$WORK/$stage-benchmark.txt"; then
@@ -206,7 +220,7 @@ PY310_VENV=""
 py310_runner() {
     local dir=$WORK/py310/cwd
     if [ "${RELATIVE:-0}" = 1 ]; then dir=$(dirname "$PY310_BUNDLE"); fi
-    (cd "$dir" && PYTHONPATH="$WORK/py310/site" PYTHONNOUSERSITE=1 \
+    (cd "$dir" && PYTHONNOUSERSITE=1 \
         timeout "$CMD_TIMEOUT" "$PY310_VENV/bin/python" "$@")
 }
 
@@ -230,7 +244,8 @@ stage_py310() {
         say "[py310] reusing $PY310_VENV"
     fi
     mkdir -p "$WORK/py310/cwd" "$WORK/py310/bundles"
-    copy_runtime "$WORK/py310/site"
+    say "[py310] pip install $(basename "$WHEEL") (the bundle's runtime wheel)"
+    install_wheel "$PY310_VENV/bin/python" "$WHEEL"; record py310 "install wheel" $? "pip install + pip check"
     cp "$WORK/check_helper.py" "$WORK/py310/cwd/"
     PY310_BUNDLE=$BUNDLE
     BENCH_ARGS=(--runs 50 --warmup 5)
@@ -261,7 +276,7 @@ aarch64_runner() {
     local dir=/pe-work/cwd
     if [ "${RELATIVE:-0}" = 1 ]; then dir=/pe-work; fi
     in_rootfs /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$dir" \
-        env PYTHONPATH=/pe-work/site timeout "$CMD_TIMEOUT" "$AARCH64_VENV/bin/python" "$@"
+        env timeout "$CMD_TIMEOUT" "$AARCH64_VENV/bin/python" "$@"
 }
 
 ensure_binfmt() {
@@ -320,8 +335,12 @@ stage_aarch64() {
     # A fresh work folder inside the userland: the runtime and a copy of the bundle.
     rm -rf "$ROOTFS/pe-work"
     mkdir -p "$ROOTFS/pe-work/cwd"
-    copy_runtime "$ROOTFS/pe-work/site"
     cp -a "$BUNDLE" "$ROOTFS/pe-work/bundle"
+    cp "$WHEEL" "$ROOTFS/pe-work/"
+    say "[aarch64] pip install $(basename "$WHEEL") (the bundle's runtime wheel)"
+    in_rootfs "$AARCH64_VENV/bin/python" -m pip install -q --no-index --no-deps --force-reinstall "/pe-work/$(basename "$WHEEL")" \
+        && in_rootfs "$AARCH64_VENV/bin/python" -m pip check
+    record aarch64 "install wheel" $? "pip install + pip check"
     cp "$WORK/check_helper.py" "$ROOTFS/pe-work/cwd/"
     echo "NOTE: under qemu emulation every latency below is the emulator's, NOT device latency."
     BENCH_ARGS=(--runs 10 --warmup 2 --sample-runs 1)
@@ -350,7 +369,7 @@ check_permissions() {
 }
 
 echo "device-check: bundle $BUNDLE"
-echo "  runtime from $RUNTIME_FROM (runtime/, devices/); onnxruntime==$ORT_VERSION, $NUMPY_SPEC; cache $CACHE"
+echo "  runtime wheel $WHEEL; onnxruntime==$ORT_VERSION, $NUMPY_SPEC; cache $CACHE"
 T_ALL=$SECONDS
 check_permissions
 [ "$DO_PY310" = 1 ] && stage_py310

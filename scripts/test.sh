@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-.venv/bin/lint-imports
+bash scripts/lint-imports.sh
 exec .venv/bin/python -m pytest "$@"

@@ -31,7 +31,7 @@ def _export_rt_graphs() -> dict:
 
 def _variant_graph(graphs: dict, variant: str, graph: str) -> Path:
     """fp32: the exported graph; a registry variant: built by its real converter; any other name: a copy."""
-    from devices.variants import VARIANTS
+    from projectable_edge_runtime.devices.variants import VARIANTS
     from tiny_models import peaked_variant
 
     if variant in VARIANTS and variant != "fp32":
@@ -41,8 +41,8 @@ def _variant_graph(graphs: dict, variant: str, graph: str) -> Path:
 
 def _measured(bundle: Path, entries: dict, graphs: dict, ref: float) -> dict:
     """Each variant's bits/dim on the goldens, as generate records it."""
-    from runtime.runners import OrtRunner
-    from runtime.scoring import score_tokens
+    from projectable_edge_runtime.runners import OrtRunner
+    from projectable_edge_runtime.scoring import score_tokens
 
     out = {}
     for v, e in entries.items():
@@ -59,8 +59,8 @@ def build_rt_bundle(dest: Path, graphs: dict, target: str = "x86-64-cpu", varian
     Every variant holds the graphs the exporter wrote for it (tests/tiny_models.py); bits and
     tolerances recorded in the manifest are measured, so validation means something.
     """
-    from devices.profiles import load_profile
-    from runtime.manifest import staged_bundle, write_manifest
+    from projectable_edge_runtime.devices.profiles import load_profile
+    from projectable_edge_runtime.manifest import staged_bundle, write_manifest
 
     cfg = graphs["cfg"]
     ref = float(graphs["ref_bits"].mean())

@@ -9,14 +9,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from devices.errors import ProjectableEdgeError
-from exporters.compile import compile_for_target
-from exporters.onnx_io import sha256_file
-from exporters.ort_compile import compile_onnxruntime
-from exporters.tensorrt import TensorRTSettings, compile_tensorrt
-from runtime.runners import ort_session
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge.exporters.compile import compile_for_target
+from projectable_edge.exporters.onnx_io import sha256_file
+from projectable_edge.exporters.ort_compile import compile_onnxruntime
+from projectable_edge.exporters.tensorrt import TensorRTSettings, compile_tensorrt
+from projectable_edge_runtime.runners import ort_session
 from tiny_models import TINY, tiny_export, tiny_variant
-from exporters.trt_check import check_tensorrt_compat
+from projectable_edge.exporters.trt_check import check_tensorrt_compat
 
 try:
     import tensorrt  # noqa: F401
@@ -41,8 +41,9 @@ def test_tensorrt_deferred_script_carries_profile_flags(tmp_path, ex):
     assert rep["status"] == "deferred" and "not importable" in rep["reason"]
     assert artifact == tmp_path / "trt" / "build_engine.sh" and artifact.stat().st_mode & 0o111
     script = artifact.read_text()
-    for flag in ("--onnx=scoring_int8-static_int8.onnx", "--saveEngine=scoring_int8-static_int8.plan", "--fp16",
-                 "--int8", "--useDLACore=0", "--allowGPUFallback", "--memPoolSize=workspace:512M",
+    assert "--fp16" not in rep["command"] and "--int8" not in rep["command"] and rep["typing"] == "strong"
+    for flag in ("--onnx=scoring_int8-static_int8.onnx", "--saveEngine=scoring_int8-static_int8.plan",
+                 "--stronglyTyped", "--useDLACore=0", "--allowGPUFallback", "--memPoolSize=workspace:512M",
                  "--minShapes=tokens:1x1", "--optShapes=tokens:4x64", "--maxShapes=tokens:16x64"):
         assert flag in script and flag in rep["command"], flag
     assert 'EXPECTED_TRT="10.3"' in script

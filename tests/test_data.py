@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.data import DIGITS_SPEC, DataConfig, TaskData, load_dataset, shift_augment
-from runtime.tokenizer import TokenizerSpec
+from projectable_edge_runtime.tokenizer import TokenizerSpec
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from devices import (
+from projectable_edge_runtime.devices import (
     DEFAULT_TARGET,
     DeviceProfile,
     ProjectableEdgeError,

@@ -55,7 +55,7 @@ def test_kv_cache_decode_matches_full_forward():
     m = SpecialisedModel(SMALL, _weights(SMALL, std=0.2), torch.randn(SMALL.d_model))
     tokens = torch.randint(0, 17, (2, 64))
     full = m(tokens)
-    k, v = m.empty_cache(2)
+    k = v = torch.zeros(SMALL.n_layer, 2, SMALL.n_head, 0, SMALL.head_dim)  # an empty cache
     tok = torch.full((2, 1), m.bos_id)
     steps = []
     for i in range(64):
@@ -149,7 +149,7 @@ def test_projection_is_task_dependent_after_the_coefficients_move():
 
 
 def test_projection_rejects_sizes_the_source_cannot_project_to():
-    from devices.errors import ProjectableEdgeError
+    from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
     with pytest.raises(ProjectableEdgeError, match=r"width 32.*wider than the source"):
         selection_indices(SMALL, SRC)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import runtime
-from devices.errors import ProjectableEdgeError
+import projectable_edge_runtime as runtime
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.cli import app
 from projectable_edge.pipeline import GenerateSettings, generate
-from runtime.manifest import sha256_file
+from projectable_edge_runtime.manifest import sha256_file
 
 cli = CliRunner()
 pytestmark = pytest.mark.slow  # end to end: a trained run, exports, quantization, subprocess benchmarks
@@ -46,7 +46,8 @@ def test_jetson_bundle_is_complete_and_honest(jetson_bundle):
     # TensorRT: deferred here, with the exact command, and said so
     assert m["engine"]["status"] == "deferred"
     script = (jetson_bundle / "engine" / "build_engine.sh").read_text()
-    for flag in ("--fp16", "--int8", "--minShapes=tokens:1x1", "--maxShapes=tokens:32x64",
+    assert m["engine"]["typing"] == "strong" and "--int8" not in script  # QDQ graph, TensorRT 10.3
+    for flag in ("--stronglyTyped", "--minShapes=tokens:1x1", "--maxShapes=tokens:32x64",
                  "--memPoolSize=workspace:1024M"):
         assert flag in script, flag
     assert "--useDLACore" not in script  # the Orin Nano has no DLA
@@ -93,7 +94,7 @@ def test_bad_inputs_write_nothing(tiny_run, tmp_path):
 
 
 def test_interrupted_generate_leaves_no_bundle(tiny_run, tmp_path, tmp_path_factory, monkeypatch):
-    import exporters.quantize as q
+    import projectable_edge.exporters.quantize as q
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -6,10 +6,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from devices.errors import ProjectableEdgeError
-from exporters.onnx_io import tokens_sha256
-from exporters.quantize import QuantizeSettings, quantize
-from runtime.runners import ort_session
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge.exporters.onnx_io import tokens_sha256
+from projectable_edge.exporters.quantize import QuantizeSettings, quantize
+from projectable_edge_runtime.runners import ort_session
 from tiny_models import TINY, sample_graph, tiny_export, tiny_variant
 
 
@@ -162,8 +162,8 @@ def test_cli_quantize(tmp_path, ex):
 
 def test_a_new_precision_is_one_registry_entry_plus_one_converter(tmp_path, ex, monkeypatch):
     """What the README's "Adding a precision" promises: nothing else needs to change."""
-    from devices import variants
-    from exporters import converters
+    from projectable_edge_runtime.devices import variants
+    from projectable_edge.exporters import converters
 
     entry = variants.Variant(name="fp32-copy", family="fp32", profile_name=None, budget_rel=1e-6,
                              converter="fp32-copy", tensorrt_flags=(), tensorrt_buildable=True,

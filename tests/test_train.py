@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.config import preset
 from projectable_edge.data import DataConfig
 from projectable_edge.evaluate import evaluate_run
@@ -102,6 +102,7 @@ def test_resume_continues_an_interrupted_run(tmp_path):
         assert resumed["best_val_bits"][role] == pytest.approx(v, abs=1e-4), role
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
@@ -242,7 +243,7 @@ def test_fewer_layers_projected_model_is_bundled_like_any_other(tmp_path):
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["model"]["n_layer"] == 1
-    import runtime
+    import projectable_edge_runtime as runtime
 
     model = runtime.load(tmp_path / "b")
     bits = model.score(load_run(run)[2].split("test", 3)[:4])

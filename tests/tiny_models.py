@@ -106,7 +106,7 @@ def _workdir() -> Path:
 @functools.lru_cache(maxsize=None)
 def tiny_export() -> TinyExport:
     """The trained TINY model exported (with parity) once per process."""
-    from exporters.onnx_export import export_onnx
+    from projectable_edge.exporters.onnx_export import export_onnx
 
     model = tiny_trained_model(steps=120)
     train, heldout = synthetic_tokens(256, seed=5), synthetic_tokens(64, seed=99)
@@ -117,7 +117,7 @@ def tiny_export() -> TinyExport:
 @functools.lru_cache(maxsize=None)
 def tiny_variant(graph: str, precision: str, activation_type: str = "int8") -> tuple[Path, dict]:
     """A quantized variant of tiny_export()'s graph, validated against the model (cached)."""
-    from exporters.quantize import QuantizeSettings, quantize
+    from projectable_edge.exporters.quantize import QuantizeSettings, quantize
 
     ex = tiny_export()
     out = _workdir() / f"{graph}_{precision}_{activation_type}.onnx"
@@ -128,7 +128,7 @@ def tiny_variant(graph: str, precision: str, activation_type: str = "int8") -> t
 @functools.lru_cache(maxsize=None)
 def peaked_export() -> TinyExport:
     """peaked_model() exported (with parity) once per process: the graphs of the runtime's test bundles."""
-    from exporters.onnx_export import export_onnx
+    from projectable_edge.exporters.onnx_export import export_onnx
 
     model = peaked_model()
     g = torch.Generator().manual_seed(1)
@@ -140,7 +140,7 @@ def peaked_export() -> TinyExport:
 @functools.lru_cache(maxsize=None)
 def peaked_variant(graph: str, precision: str) -> Path:
     """A registry variant of peaked_export()'s graph, built by the real converter (cached)."""
-    from exporters.quantize import QuantizeSettings, quantize
+    from projectable_edge.exporters.quantize import QuantizeSettings, quantize
 
     ex = peaked_export()
     out = _workdir() / f"peaked_{graph}_{precision}.onnx"
@@ -151,10 +151,10 @@ def peaked_variant(graph: str, precision: str) -> Path:
 
 def sample_graph(path: Path, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
     """n full sequences sampled through a graph file (decode: KV cache; scoring: recompute) by the runtime's sampler."""
-    from exporters.onnx_io import load_onnx
-    from exporters.spec import read_spec
-    from runtime.runners import OrtRunner
-    from runtime.sampler import sample
+    from projectable_edge.exporters.onnx_io import load_onnx
+    from projectable_edge.exporters.spec import read_spec
+    from projectable_edge_runtime.runners import OrtRunner
+    from projectable_edge_runtime.sampler import sample
 
     spec = read_spec(load_onnx(path))
     return sample(OrtRunner(path, threads=1), spec.layout, n, spec.block_size, temperature=temperature, seed=seed)

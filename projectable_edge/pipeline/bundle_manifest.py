@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from devices import variants
-from devices.choices import host_arch
-from devices.variants import DEVICE_DRIFT_REL
+from projectable_edge_runtime.devices import variants
+from projectable_edge_runtime.devices.choices import host_arch
+from projectable_edge_runtime.devices.variants import DEVICE_DRIFT_REL
 from projectable_edge.pipeline.cache import StepCache
 from projectable_edge.pipeline.inputs import TaskInputs
 from projectable_edge.pipeline.measure import MeasureStep
 from projectable_edge.pipeline.plan import Plan
 from projectable_edge.pipeline.steps import CompileStep, ExportStep, QuantizeStep, Selection, tool_versions
-from runtime.manifest import EngineStatus
+from projectable_edge_runtime.manifest import EngineStatus
 
 
 def accuracy(export: ExportStep, quantized: dict[str, QuantizeStep], inputs: TaskInputs) -> dict:
@@ -36,7 +36,7 @@ def exercised(engine: dict, plan: Plan, built: list[str]) -> dict:
     done = ["projection", "ONNX export + parity vs PyTorch (onnxruntime CPU)"]
     if len(built) > 1:
         done.append(f"quantization + validation on held-out task images: {', '.join(v for v in built if v != 'fp32')}")
-    done += ["runtime validation on goldens (onnxruntime CPU)", "host latency (python -m runtime, onnxruntime CPU)"]
+    done += ["runtime validation on goldens (onnxruntime CPU)", "host latency (python -m projectable_edge_runtime, onnxruntime CPU)"]
     not_done = []
     if engine["status"] == EngineStatus.DEFERRED:
         not_done.append("TensorRT engine build: tensorrt not importable on this host; run build_engine.sh on "
@@ -45,7 +45,7 @@ def exercised(engine: dict, plan: Plan, built: list[str]) -> dict:
         done.append("ONNX Runtime offline optimization + .ort conversion (files in ort/, for ORT minimal/mobile "
                     "builds; the runtime loads the standard .onnx graphs)")
     if engine["status"] == EngineStatus.DEFERRED or profile.arch != host_arch():
-        not_done.append(f"latency on the {profile.name} itself: run `python -m runtime benchmark` there")
+        not_done.append(f"latency on the {profile.name} itself: run `python -m projectable_edge_runtime benchmark` there")
     return {"done": done, "not_done": not_done}
 
 
@@ -65,7 +65,7 @@ def build_manifest(plan: Plan, inputs: TaskInputs, export: ExportStep, quantized
     files = {variants.FP32.name: export.files, **{v: q.files for v, q in quantized.items()}}
     provenance = {"source_run": str(plan.settings.source), "source_config": inputs.meta,
                   "source_weights_sha256": inputs.source_sha256, "projection_ms": inputs.projection_ms,
-                  "generate_settings": asdict(plan.settings), "steps": _steps(export, quantized, compiled),
+                  "generate_settings": {**asdict(plan.settings), "sign_key": bool(plan.settings.sign_key)}, "steps": _steps(export, quantized, compiled),
                   "cache": cache.summary()}
     if seconds is not None:
         provenance["generate_seconds"] = seconds

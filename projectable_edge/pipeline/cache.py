@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from runtime.atomic import atomic_output
+from projectable_edge_runtime.atomic import atomic_output
 
 SCHEMA = 1  # bump when a step's outputs change meaning
 RESULT = "result.json"

@@ -12,8 +12,9 @@ import torch
 
 from projectable_edge.model import SpecialisedModel, bits_per_dim
 from projectable_edge.project import n_params, specialise
-from projectable_edge.train import evaluate_roles, load_run, source_best
-from runtime.manifest import sha256_file
+from projectable_edge.evaluate import role_bits
+from projectable_edge.train import load_run
+from projectable_edge_runtime.manifest import sha256_file
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,8 @@ def model_sha256(model: SpecialisedModel) -> str:
 
 def _reference(run: Path, trainables, test: np.ndarray, t: int, n_tasks: int) -> dict[str, float]:
     """This task's test bits/dim of each role: the same numbers as `evaluate`."""
-    tid = np.full(len(test), t)
-    roles = evaluate_roles(trainables, test, tid, n_tasks, roles=("projected", "universal", "scratch"))
-    roles["source"] = evaluate_roles(source_best(run, trainables), test, tid, n_tasks, roles=("source",))["source"]
+    roles = role_bits(run, trainables, test, np.full(len(test), t), n_tasks,
+                      roles=("source", "projected", "universal", "scratch"))
     return {r: float(v[t]) for r, v in roles.items()}
 
 

@@ -1,6 +1,6 @@
 """Measure a staged bundle the way a device will: validate every variant and time it with the runtime.
 
-Timing runs in a fresh `python -m runtime` process, so its latency and peak memory are the
+Timing runs in a fresh `python -m projectable_edge_runtime` process, so its latency and peak memory are the
 torch-free runtime's own, not those of this process (which holds torch and the run).
 """
 
@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,12 @@ class MeasureStep:
 
 
 def _runtime_benchmark(bundle: Path, variant: str, runs: int) -> dict:
-    import runtime
-
-    cmd = [sys.executable, "-m", "runtime", "benchmark", str(bundle), "--precision", variant, "--backend",
-           "onnxruntime", "--runs", str(runs), "--warmup", "5", "--batch", "16", "--sample-runs", "5",
-           "--raw", "--json"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(runtime.__file__).resolve().parents[1])
+    # The installed runtime by its unique import name and an absolute bundle path: the result
+    # does not depend on the working folder (no cwd= needed, none given).
+    cmd = [sys.executable, "-m", "projectable_edge_runtime", "benchmark", str(Path(bundle).resolve()),
+           "--precision", variant, "--backend", "onnxruntime", "--runs", str(runs), "--warmup", "5",
+           "--batch", "16", "--sample-runs", "5", "--raw", "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode not in (0, 1):  # 1 = over a budget: still a full report
         raise ProjectableEdgeError(f"benchmarking {variant} failed: {res.stderr.strip()[-500:]}")
     return json.loads(res.stdout)
@@ -36,13 +36,14 @@ def _runtime_benchmark(bundle: Path, variant: str, runs: int) -> dict:
 
 def measure(bundle: Path, built: list[str], selected: str, bench_runs: int, log) -> MeasureStep:
     """Validate and time every built variant side by side on this host; the selected one must validate."""
-    import runtime
+    import projectable_edge_runtime as runtime
 
     latency, validation, bench = {}, {}, None
     for v in built:
-        log(f"validating and timing {v} on this host (python -m runtime)")
+        log(f"validating and timing {v} on this host (python -m projectable_edge_runtime)")
         with runtime.load(bundle, precision=v, backend="onnxruntime") as model:
-            validation[v] = runtime.validate(model)
+            # the bundle path is the staging folder, gone after the rename: not recorded
+            validation[v] = {k: x for k, x in runtime.validate(model).items() if k != "bundle"}
         r = _runtime_benchmark(bundle, v, bench_runs)
         latency[v] = {k: {m: x for m, x in s.items() if m != "times_ms"} for k, s in r["results"].items()}
         latency[v]["peak_rss_mb"] = r["peak_rss_mb"]

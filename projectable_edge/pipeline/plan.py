@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from devices import variants
-from devices.choices import CompileBackend
-from devices.errors import ProjectableEdgeError
-from devices.profiles import DEFAULT_TARGET, DeviceProfile, load_profile
+from projectable_edge_runtime.devices import variants
+from projectable_edge_runtime.devices.choices import CompileBackend
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.devices.profiles import DEFAULT_TARGET, DeviceProfile, load_profile
 
 AUTO = "auto"
 
@@ -31,6 +31,15 @@ class GenerateSettings:
     samples: int = 16
     cache_dir: str | None = None  # step cache (default: .cache beside the bundle folder)
     cache: bool = True  # reuse export/quantization outputs of identical inputs and settings
+    sign_key: str | None = None  # Ed25519 private key (PEM) that signs the manifest digest
+
+    def resolved(self) -> "GenerateSettings":
+        """Every path absolute (the default --out included), fixed before any work: nothing depends on the cwd later."""
+        def ab(p: str | None) -> str | None:
+            return None if p is None else str(Path(p).expanduser().resolve())
+
+        return replace(self, source=ab(self.source), out=ab(self.out), cache_dir=ab(self.cache_dir),
+                       sign_key=ab(self.sign_key))
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,7 @@ class Plan:
 
     def out_dir(self, task_name: str) -> Path:
         s = self.settings
-        return Path(s.out) if s.out else Path("bundles") / f"{task_name}__{self.profile.name}"
+        return Path(s.out) if s.out else Path("bundles").resolve() / f"{task_name}__{self.profile.name}"
 
     def cache_dir(self, out: Path) -> Path | None:
         if not self.settings.cache:
@@ -65,4 +74,8 @@ def plan_variants(profile: DeviceProfile, precision: str) -> list[str]:
 def make_plan(settings: GenerateSettings) -> Plan:
     """Fails on a bad target or precision before anything is read."""
     profile = load_profile(settings.target)
+    if settings.sign_key is not None:  # a bad key fails now, not after minutes of building
+        from projectable_edge_runtime.signing import load_private_key
+
+        load_private_key(settings.sign_key)
     return Plan(settings, profile, tuple(plan_variants(profile, settings.precision)))

@@ -66,8 +66,8 @@ def _markdown(manifest: dict, measured: MeasureStep) -> str:
 
 
 def write_report(tmp: Path, manifest: dict, measured: MeasureStep, samples: int, log) -> ReportStep:
-    import runtime
-    from runtime.console import sample_grid
+    import projectable_edge_runtime as runtime
+    from projectable_edge_runtime.console import sample_grid
 
     with runtime.load(tmp) as model:
         sample_grid(model, samples, tmp / "samples.png", seed=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devices import variants
+from projectable_edge_runtime.devices import variants
 from projectable_edge.pipeline import steps
 from projectable_edge.pipeline.bundle_manifest import build_manifest
 from projectable_edge.pipeline.cache import StepCache
@@ -16,7 +16,8 @@ from projectable_edge.pipeline.inputs import TaskInputs, prepare
 from projectable_edge.pipeline.measure import measure
 from projectable_edge.pipeline.plan import GenerateSettings, Plan, make_plan
 from projectable_edge.pipeline.report import write_report
-from runtime.manifest import staged_bundle, write_manifest
+from projectable_edge.pipeline.wheel import graph_requires, write_runtime_wheel
+from projectable_edge_runtime.manifest import staged_bundle, write_manifest
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,21 @@ def generate(settings: GenerateSettings, log=print) -> tuple[Path, dict]:
     built in a staging folder renamed into place at the end, so a failed run leaves no bundle.
     """
     start = time.perf_counter()
+    settings = settings.resolved()
     plan = make_plan(settings)
     inputs = prepare(settings.source, settings.task, settings.goldens, log)
     out = plan.out_dir(inputs.task_name)
     cache = StepCache(plan.cache_dir(out))
     with staged_bundle(out, overwrite=settings.overwrite) as tmp:
         built = build(plan, inputs, tmp, cache, log)
+        graph_files = [*built.export.files.values(), *(f for q in built.quantized.values() for f in q.files.values())]
+        device = {"requires": graph_requires(tmp, graph_files), "runtime_wheel": write_runtime_wheel(tmp, log)}
         parts = (plan, inputs, built.export, built.quantized, built.selection, built.compiled, cache)
-        manifest = write_manifest(tmp, build_manifest(*parts))
+        manifest = write_manifest(tmp, {**build_manifest(*parts), **device})
         measured = measure(tmp, built.selection.built, built.selection.selected, settings.bench_runs, log)
-        write_report(tmp, manifest, measured, settings.samples, log)
-        manifest = write_manifest(tmp, build_manifest(*parts, measured, time.perf_counter() - start))
+        report = write_report(tmp, manifest, measured, settings.samples, log)
+        manifest = write_manifest(tmp, {**build_manifest(*parts, measured, time.perf_counter() - start), **device},
+                                  optional=report.files, sign_key=settings.sign_key)
     if cache.hits:
         log(f"step cache: reused {', '.join(cache.hits)} (saved {cache.saved_seconds:.1f}s of building)")
     log(f"wrote {out} in {time.perf_counter() - start:.1f}s (selected {built.selection.selected}, "

@@ -10,17 +10,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import exporters.quantize as quantize_mod
-from devices import variants
-from devices.choices import CompileBackend
-from devices.profiles import DeviceProfile
-from exporters.onnx_export import REPORT_FILE, ExportSettings, export_onnx
-from exporters.onnx_io import tokens_sha256
-from exporters.quantize import QuantizeSettings
+import projectable_edge.exporters.quantize as quantize_mod
+from projectable_edge_runtime.devices import variants
+from projectable_edge_runtime.devices.choices import CompileBackend
+from projectable_edge_runtime.devices.profiles import DeviceProfile
+from projectable_edge.exporters.onnx_export import REPORT_FILE, ExportSettings, export_onnx
+from projectable_edge.exporters.onnx_io import tokens_sha256
+from projectable_edge.exporters.quantize import QuantizeSettings
 from projectable_edge.pipeline.cache import StepCache, content_key
 from projectable_edge.pipeline.inputs import TaskInputs
-from runtime.graphs import GraphKind
-from runtime.manifest import EngineStatus, sha256_file
+from projectable_edge_runtime.graphs import GraphKind
+from projectable_edge_runtime.manifest import RECORD_SUFFIX, EngineStatus, sha256_file
 
 GRAPHS = tuple(GraphKind)
 
@@ -183,7 +183,7 @@ def select(plan_variants: tuple[str, ...], quantized: dict[str, QuantizeStep], p
 
 def compile_step(profile: DeviceProfile, tmp: Path, files: dict[str, str], variant: str, log) -> CompileStep:
     """Compile (or defer) both graphs of the selected variant for the target."""
-    from exporters.compile import compile_for_target
+    from projectable_edge.exporters.compile import compile_for_target
 
     trt = profile.compile_backend == CompileBackend.TENSORRT
     base = "engine" if trt else "ort"
@@ -197,14 +197,22 @@ def compile_step(profile: DeviceProfile, tmp: Path, files: dict[str, str], varia
                             "reason": f"{profile.name} runs ONNX Runtime; ort/ holds the offline-optimized and .ort "
                                       "graphs", "ort": {k: reports[k].get("files") for k in reports}}, summaries)
     script = tmp / "build_engine.sh"
-    script.write_text("#!/usr/bin/env bash\n# Builds both TensorRT engines of this bundle on the device.\n"
+    script.write_text("#!/usr/bin/env bash\n# Builds both TensorRT engines of this bundle on the device, then records\n"
+                      "# them (TensorRT version, device, sha256, a test inference on the goldens) beside each plan:\n"
+                      "# the runtime uses a device-built engine only with its record. Run from anywhere.\n"
                       "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n"
-                      "bash engine/build_engine.sh\nbash engine_decode/build_engine.sh\n")
+                      "bash engine/build_engine.sh\nbash engine_decode/build_engine.sh\n"
+                      "\"${PYTHON:-python3}\" -m projectable_edge_runtime.engine_record .\n")
     script.chmod(0o755)
     r, d = reports["score"], reports["decode"]
     return CompileStep({"status": r["status"], "variant": variant, "path": f"engine/{r['engine']}",
                         "decode_path": f"engine_decode/{d['engine']}", "command": "bash build_engine.sh",
                         "trtexec": r["command_line"], "trtexec_decode": d["command_line"],
                         "tensorrt_version": r["tensorrt_version_host"] or r["tensorrt_version_expected"],
+                        "tensorrt_version_source": "host build" if r["tensorrt_version_host"] and
+                        r["status"] == EngineStatus.BUILT else "profile (a device build records its own)",
+                        "typing": r["typing"], "shapes": {"score": r["shapes"], "decode": d["shapes"]},
+                        "records": {p: p + RECORD_SUFFIX for p in (f"engine/{r['engine']}",
+                                                                   f"engine_decode/{d['engine']}")},
                         "reason": r["reason"], "trt_check": {k: reports[k]["trt_check"]["ok"] for k in reports}},
                        summaries)

@@ -1,0 +1,27 @@
+"""The `projectable-edge` console script: a one-line error, not a traceback, when host dependencies are missing.
+
+(`pip install --no-deps projectable-edge` on a device gives the command without typer, rich or torch;
+devices use the bundle's runtime wheel and `python -m projectable_edge_runtime` instead.)
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    try:
+        from projectable_edge.cli import main as cli_main
+    except ModuleNotFoundError as e:
+        name = (e.name or "").split(".")[0]
+        if not name or name.startswith("projectable_edge"):
+            raise
+        print(f"error: projectable-edge (the host toolchain) needs the package '{name}', which is not installed: "
+              "pip install projectable-edge (with its dependencies). On a device, install the bundle's runtime "
+              "wheel instead (pip install BUNDLE/runtime/*.whl) and run `python -m projectable_edge_runtime`.",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The runtime-only wheel every bundle carries, and the manifest's `requires` field.
+
+`python -m pip wheel` builds a pure-Python wheel of the installed runtime (runtime/ as
+`projectable_edge_runtime`, devices/ as its `devices` subpackage; modules only, no TOML
+profiles: the device reads its profile from the manifest) from a staged project with its own
+pyproject.toml. Dependencies: numpy and onnxruntime at the runtime's declared floors; Pillow
+only as the `images` extra. SOURCE_DATE_EPOCH is fixed, so the same sources give the same bytes.
+Device setup: `python3 -m venv pe && pe/bin/pip install BUNDLE/runtime/*.whl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import projectable_edge_runtime
+import projectable_edge_runtime.devices
+from projectable_edge import __version__
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.requirements import MIN_NUMPY, MIN_ONNXRUNTIME, MIN_PYTHON, requires_for
+
+DIST = "projectable-edge-runtime"
+WHEEL_DIR = "runtime"  # folder inside the bundle
+_PATTERNS = ("*.py", "*.json")  # modules and the JSON schema; never caches or TOML
+
+_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{dist}"
+version = "{version}"
+description = "Torch-free runtime for projectable-edge bundles (numpy + onnxruntime only)."
+requires-python = ">={python}"
+license = {{ text = "Apache-2.0" }}
+dependencies = ["numpy>={numpy}", "onnxruntime>={ort}"]
+
+[project.optional-dependencies]
+images = ["pillow>=10"]
+
+[project.scripts]
+projectable-edge-runtime = "projectable_edge_runtime.__main__:main"
+
+[tool.setuptools]
+packages = ["projectable_edge_runtime", "projectable_edge_runtime.devices"]
+"""
+
+_memo: dict[str, bytes] = {}  # sources digest -> wheel bytes (one build per process)
+
+
+def _sources() -> dict[str, Path]:
+    """{path inside the wheel's source tree: file} for the installed runtime and devices modules."""
+    out = {}
+    for pkg, mod in (("projectable_edge_runtime", projectable_edge_runtime),
+                     ("projectable_edge_runtime/devices", projectable_edge_runtime.devices)):
+        folder = Path(mod.__file__).resolve().parent
+        for pattern in _PATTERNS:
+            for f in sorted(folder.glob(pattern)):
+                out[f"{pkg}/{f.name}"] = f
+    return out
+
+
+def wheel_name() -> str:
+    return f"{DIST.replace('-', '_')}-{__version__}-py3-none-any.whl"
+
+
+def _build(sources: dict[str, Path], log) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="pe-wheel-") as tmp:
+        proj, dist = Path(tmp, "project"), Path(tmp, "dist")
+        for rel, f in sources.items():
+            dst = proj / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+            os.chmod(dst, 0o644)
+        (proj / "pyproject.toml").write_text(_PYPROJECT.format(
+            dist=DIST, version=__version__, python=MIN_PYTHON, numpy=MIN_NUMPY, ort=MIN_ONNXRUNTIME))
+        env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+               "-q", "-w", str(dist), str(proj)]
+        log(f"building the runtime wheel {wheel_name()} (pip wheel)")
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+        wheels = list(dist.glob("*.whl"))
+        if res.returncode != 0 or len(wheels) != 1:
+            raise ProjectableEdgeError("building the runtime wheel failed (needs pip and setuptools>=68 in this "
+                                       f"environment): {(res.stderr or res.stdout).strip()[-800:]}")
+        return wheels[0].read_bytes()
+
+
+def write_runtime_wheel(bundle: Path, log) -> dict:
+    """Put the runtime wheel into `bundle`/runtime/; return the manifest's `runtime_wheel` field."""
+    sources = _sources()
+    h = hashlib.sha256()
+    for rel, f in sources.items():
+        h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+    key = h.hexdigest()
+    if key not in _memo:
+        _memo[key] = _build(sources, log)
+    rel = f"{WHEEL_DIR}/{wheel_name()}"
+    (bundle / WHEEL_DIR).mkdir(exist_ok=True)
+    (bundle / rel).write_bytes(_memo[key])
+    return {"path": rel, "distribution": DIST, "version": __version__, "import_name": "projectable_edge_runtime",
+            "requires": [f"numpy>={MIN_NUMPY}", f"onnxruntime>={MIN_ONNXRUNTIME}"], "extras": {"images": ["pillow>=10"]},
+            "install": f"python3 -m venv pe && pe/bin/pip install {rel}",
+            "run": "pe/bin/python -m projectable_edge_runtime validate ."}
+
+
+def graph_requires(bundle: Path, graph_files: list[str]) -> dict:
+    """The manifest's `requires`: the runtime's floors, plus the graphs' IR version and opsets."""
+    import onnx  # host only
+
+    ir, opsets = 0, {}
+    for rel in graph_files:
+        m = onnx.load(str(bundle / rel), load_external_data=False)
+        ir = max(ir, int(m.ir_version))
+        for o in m.opset_import:
+            dom = o.domain or "ai.onnx"
+            opsets[dom] = max(opsets.get(dom, 0), int(o.version))
+    return requires_for(ir or None, opsets)

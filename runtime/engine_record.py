@@ -1,0 +1,136 @@
+"""The record of a TensorRT engine built on the device: `python -m projectable_edge_runtime.engine_record BUNDLE`.
+
+`build_engine.sh` runs this after trtexec. The manifest cannot list engines built after it was
+sealed (and signed), so each plan gets its own record beside it (`<plan>.record.json`): the TensorRT
+version that actually built it, the device, the sha256 and size of the plan (and of the build log),
+and a test inference of the plan on the bundle's goldens against the accuracy the manifest recorded.
+The loader accepts an unlisted plan only with such a record, checks the hashes it names, and trusts
+the record's TensorRT version (not the profile's expectation) when it decides whether the engine
+can run here. Running it again after a rebuild replaces the records.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import numpy as np
+
+from .atomic import atomic_output
+from .devices.errors import ProjectableEdgeError
+from .devices.variants import DEVICE_DRIFT_REL
+from .graphs import CacheLayout, GraphKind, graph_logits
+from .manifest import device_engine_plans, read_manifest, record_path, sha256_file
+from .scoring import bits_per_dim
+
+RECORD_SCHEMA = 1
+LOG_NAME = "build_engine.log"  # trtexec's output, tee'd by the per-graph script
+
+
+def device_name() -> str:
+    """What this machine calls itself: the Jetson model string when there is one."""
+    for p in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
+        try:
+            text = Path(p).read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return f"{platform.node()} ({platform.machine()})"
+
+
+def _tensorrt_version() -> str:
+    try:
+        import tensorrt as trt  # lazy: device only
+    except Exception as e:
+        raise ProjectableEdgeError(f"cannot read the TensorRT version ({type(e).__name__}: {e}); install TensorRT's "
+                                   "Python bindings (JetPack ships them) or pass --tensorrt-version") from None
+    return str(trt.__version__)
+
+
+def _goldens(d: Path, manifest: dict) -> np.ndarray:
+    with np.load(d / manifest.get("goldens", "goldens.npz"), allow_pickle=False) as z:
+        return z["tokens"].astype(np.int64)
+
+
+def _test_inference(runner, kind: GraphKind, manifest: dict, tokens: np.ndarray, max_batch: int) -> dict[str, Any]:
+    """bits/dim of the plan on the goldens vs what the manifest recorded for its variant."""
+    variant = manifest["engine"].get("variant") or manifest["selected"]
+    rec = manifest["accuracy"].get("variants", {}).get(variant, {})
+    key = "decode_bits" if kind is GraphKind.DECODE and rec.get("decode_bits") is not None else "bits"
+    expected = rec.get(key, manifest["accuracy"].get("reference_bits"))
+    logits = graph_logits(runner, kind, CacheLayout.of(manifest["model"]), tokens, chunk=max_batch)
+    bits = float(bits_per_dim(logits, tokens).mean())
+    tol = float(rec.get("tolerance") or DEVICE_DRIFT_REL * abs(expected or bits))
+    passed = expected is not None and np.isfinite(bits) and abs(bits - float(expected)) <= tol
+    out = {"passed": bool(passed), "graph": str(kind), "variant": variant, "n_images": int(len(tokens)),
+           "bits": bits, "expected_bits": expected, "tolerance": tol}
+    if not passed:
+        out["reason"] = f"bits/dim {bits:.4f} vs recorded {expected} (tolerance {tol:.4f})"
+    return out
+
+
+def write_records(bundle_dir: str | Path, tensorrt_version: str | None = None, device: str | None = None,
+                  runner_factory: Callable[[Path], Any] | None = None, log=print) -> dict[str, dict]:
+    """Write `<plan>.record.json` for every device-built plan in the bundle; {plan: record}."""
+    d = Path(bundle_dir)
+    manifest = read_manifest(d)  # the manifest itself must be intact
+    plans = [p for p in device_engine_plans(manifest) if (d / p).is_file()]
+    if not plans:
+        raise ProjectableEdgeError(f"bundle {d}: no device-built TensorRT plan to record (engine.status is "
+                                   f"{manifest['engine'].get('status')!r}); run build_engine.sh first")
+    version = tensorrt_version or _tensorrt_version()
+    device = device or device_name()
+    if runner_factory is None:
+        from .trt_runner import TrtRunner
+
+        runner_factory = TrtRunner
+    tokens = _goldens(d, manifest)
+    max_batch = int(((manifest["target"].get("tensorrt") or {}).get("max_shapes") or {}).get("batch", 1))
+    records = {}
+    for plan in plans:
+        kind = GraphKind.DECODE if plan == manifest["engine"].get("decode_path") else GraphKind.SCORING
+        try:
+            test = _test_inference(runner_factory(d / plan), kind, manifest, tokens, max_batch)
+        except Exception as e:  # the engine does not load or run here: record why
+            test = {"passed": False, "graph": str(kind), "reason": f"{type(e).__name__}: {e}"}
+        files = {plan: {"sha256": sha256_file(d / plan), "bytes": (d / plan).stat().st_size}}
+        log_rel = str(PurePosixPath(plan).parent / LOG_NAME)
+        if (d / log_rel).is_file():
+            files[log_rel] = {"sha256": sha256_file(d / log_rel), "bytes": (d / log_rel).stat().st_size}
+        rec = {"schema": RECORD_SCHEMA, "plan": plan, "tensorrt_version": version, "device": device,
+               "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "profile_tensorrt_version": (manifest["target"].get("software") or {}).get("tensorrt"),
+               "files": files, "test_inference": test}
+        with atomic_output(d / record_path(plan), overwrite=True) as tmp:
+            tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
+        log(f"{record_path(plan)}: TensorRT {version} on {device}, test inference "
+            f"{'passed' if test['passed'] else 'FAILED: ' + test.get('reason', '')}")
+        records[plan] = rec
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import console
+
+    ap = argparse.ArgumentParser(prog="python -m projectable_edge_runtime.engine_record",
+                                 description="Record device-built TensorRT engines of a bundle (run by build_engine.sh).")
+    ap.add_argument("bundle")
+    ap.add_argument("--tensorrt-version", help="default: tensorrt.__version__")
+    ap.add_argument("--device", help="default: /proc/device-tree/model, else the host name")
+    ap.add_argument("--verbose", "-v", action="store_true")
+    args = ap.parse_args(argv)
+
+    def run() -> int:
+        recs = write_records(args.bundle, args.tensorrt_version, args.device)
+        return 0 if all(r["test_inference"]["passed"] for r in recs.values()) else 1
+
+    return console.error_boundary(run, verbose=args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

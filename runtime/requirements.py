@@ -1,0 +1,112 @@
+"""What a bundle needs of the machine that runs it, and the check `load` makes before any session.
+
+MIN_ONNXRUNTIME was measured, not guessed (issue 7): the bundles are ONNX IR 10 graphs whose
+causal mask is `Trilu` on a bool tensor. onnxruntime 1.17 cannot read IR 10 ("Unsupported model
+IR version: 10"), 1.18.x has no Trilu kernel for bool, and the PyPI builds before 1.19 do not import
+with numpy 2. 1.19.0 runs every variant (fp32, fp16, int8-static) with numpy 1.24 to 2.x, on
+x86-64 and aarch64. pyproject.toml declares the same floors (a test keeps them equal).
+
+`generate` writes `manifest["requires"]` (see `requires_for`); bundles written before that
+field existed are checked against the constants here.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+from .devices.errors import ProjectableEdgeError
+
+MIN_ONNXRUNTIME = "1.19.0"
+MIN_NUMPY = "1.24"
+MIN_PYTHON = "3.10"
+WHY_ONNXRUNTIME = "ONNX IR 10 graphs with Trilu on bool tensors"
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'1.19.2' -> (1, 19, 2); local/dev/rc suffixes ('1.20.0+cu118', '1.21.0.dev2024') are dropped."""
+    nums = []
+    for part in str(text).split("+")[0].split("."):
+        m = re.match(r"\d+", part)
+        if not m:
+            break
+        nums.append(int(m.group()))
+        if m.end() != len(part):  # '0rc1', '0dev': the number ends the usable version
+            break
+    return tuple(nums) or (0,)
+
+
+def _at_least(spec: str) -> str:
+    """'>=1.19.0' -> '1.19.0' (the only form `generate` writes)."""
+    s = str(spec).strip()
+    if not s.startswith(">="):
+        raise ValueError(spec)
+    return s[2:].strip()
+
+
+def requires_for(ir_version: int | None = None, opsets: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest's `requires` field for graphs of this IR version / opset imports."""
+    req: dict[str, Any] = {"python": f">={MIN_PYTHON}", "onnxruntime": f">={MIN_ONNXRUNTIME}",
+                           "numpy": f">={MIN_NUMPY}", "onnxruntime_reason": WHY_ONNXRUNTIME}
+    if ir_version is not None:
+        req["onnx_ir_version"] = int(ir_version)
+    if opsets:
+        req["opsets"] = {k: int(v) for k, v in sorted(opsets.items())}
+    return req
+
+
+def installed_onnxruntime_version() -> str:
+    import onnxruntime as ort  # only called once onnxruntime imported fine
+    return str(getattr(ort, "__version__", "0"))
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:
+        return None
+
+
+def import_onnxruntime():
+    """`import onnxruntime`, or one error naming the installed onnxruntime/numpy and the fix."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        ort_v = _dist_version("onnxruntime") or _dist_version("onnxruntime-gpu")
+        np_v = _dist_version("numpy")
+        if ort_v is None:
+            raise ProjectableEdgeError(f"onnxruntime is not installed; pip install 'onnxruntime>={MIN_ONNXRUNTIME}' "
+                                       "(or NVIDIA's onnxruntime-gpu build on a Jetson)") from None
+        hint = ""
+        if parse_version(ort_v) < parse_version(MIN_ONNXRUNTIME):
+            hint = (f"; onnxruntime {ort_v} is below this runtime's minimum {MIN_ONNXRUNTIME} "
+                    f"(builds before 1.19 need numpy<2)")
+        raise ProjectableEdgeError(f"onnxruntime {ort_v} does not import with numpy {np_v} "
+                                   f"({type(e).__name__}: {str(e).strip() or 'no message'}){hint}: "
+                                   f"pip install 'onnxruntime>={MIN_ONNXRUNTIME}' 'numpy>={MIN_NUMPY}'") from None
+    return onnxruntime
+
+
+def check_requirements(bundle_dir, manifest: dict[str, Any], ort_version: str | None = None) -> None:
+    """Raise one clear error when this machine is below what the bundle declares (or the minimum)."""
+    req = manifest.get("requires") or {}
+    if not isinstance(req, dict):
+        raise ProjectableEdgeError(f"bundle {bundle_dir}: manifest field 'requires' must be an object")
+    try:
+        need_ort = _at_least(req.get("onnxruntime", f">={MIN_ONNXRUNTIME}"))
+        need_py = _at_least(req.get("python", f">={MIN_PYTHON}"))
+    except ValueError as e:
+        raise ProjectableEdgeError(f"bundle {bundle_dir}: manifest field 'requires' has {e.args[0]!r}; "
+                                   "expected '>=X.Y.Z'") from None
+    if parse_version(need_ort) < parse_version(MIN_ONNXRUNTIME):
+        need_ort = MIN_ONNXRUNTIME  # this runtime's own graphs never run below it
+    if sys.version_info[:3] < parse_version(need_py):
+        raise ProjectableEdgeError(f"bundle {bundle_dir} needs Python >= {need_py}; this is "
+                                   f"{sys.version.split()[0]}: use a newer python3 for the runtime's venv")
+    have = ort_version if ort_version is not None else installed_onnxruntime_version()
+    if parse_version(have) < parse_version(need_ort):
+        why = req.get("onnxruntime_reason", WHY_ONNXRUNTIME)
+        raise ProjectableEdgeError(f"bundle {bundle_dir} needs onnxruntime >= {need_ort} ({why}); installed: "
+                                   f"onnxruntime {have}. Upgrade: pip install 'onnxruntime>={need_ort}' "
+                                   "(on a Jetson, NVIDIA's onnxruntime-gpu of that version or newer)")

@@ -1,0 +1,124 @@
+"""Optional Ed25519 signing of the manifest digest (the `cryptography` package, imported only here).
+
+The host signs with a private key (`generate --sign-key KEY.pem`); an app that passes a public key to
+`load(bundle, public_key=...)` (or `--public-key` on the device CLI) refuses a bundle that is unsigned
+or signed with another key. Nothing here is imported unless a key is given, so the runtime stays
+numpy + onnxruntime. Keys: PEM files (`openssl genpkey -algorithm ed25519 -out key.pem`,
+`openssl pkey -in key.pem -pubout -out key.pub.pem`), raw 32-byte keys, or cryptography key objects.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from .devices.errors import ProjectableEdgeError
+
+ALGORITHM = "ed25519"
+_HINT = "pip install cryptography (needed only to sign or to check signatures)"
+
+
+def _crypto():
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise ProjectableEdgeError(f"Ed25519 signatures need the 'cryptography' package: {_HINT}") from None
+    return ed25519, serialization, InvalidSignature
+
+
+def _key_bytes(key: Any, what: str) -> bytes | None:
+    """Raw bytes of a key given as bytes or a path (None for key objects)."""
+    if isinstance(key, (bytes, bytearray)):
+        return bytes(key)
+    if isinstance(key, (str, Path)):
+        p = Path(key).expanduser()
+        try:
+            return p.read_bytes()
+        except OSError as e:
+            raise ProjectableEdgeError(f"cannot read the {what} '{p}' ({e.strerror or e}); pass a PEM file") from None
+    return None
+
+
+def load_private_key(key: Any):
+    ed25519, serialization, _ = _crypto()
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key
+    data = _key_bytes(key, "signing key")
+    if data is None:
+        raise ProjectableEdgeError(f"signing key must be a PEM file path, raw 32 bytes or an Ed25519 private key, "
+                                   f"got {type(key).__name__}")
+    try:
+        if len(data) == 32:
+            return ed25519.Ed25519PrivateKey.from_private_bytes(data)
+        k = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise ProjectableEdgeError(f"signing key {key if isinstance(key, (str, Path)) else ''} is not an "
+                                   f"unencrypted Ed25519 private key in PEM ({e}); create one with "
+                                   "`openssl genpkey -algorithm ed25519 -out key.pem`") from None
+    if not isinstance(k, ed25519.Ed25519PrivateKey):
+        raise ProjectableEdgeError(f"signing key is a {type(k).__name__}, not Ed25519; create one with "
+                                   "`openssl genpkey -algorithm ed25519 -out key.pem`")
+    return k
+
+
+def load_public_key(key: Any):
+    ed25519, serialization, _ = _crypto()
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.public_key()
+    data = _key_bytes(key, "public key")
+    if data is None:
+        raise ProjectableEdgeError(f"public key must be a PEM file path, raw 32 bytes or an Ed25519 public key, "
+                                   f"got {type(key).__name__}")
+    try:
+        if len(data) == 32:
+            return ed25519.Ed25519PublicKey.from_public_bytes(data)
+        k = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as e:
+        raise ProjectableEdgeError(f"public key {key if isinstance(key, (str, Path)) else ''} is not an Ed25519 "
+                                   f"public key in PEM ({e}); export it with "
+                                   "`openssl pkey -in key.pem -pubout -out key.pub.pem`") from None
+    if not isinstance(k, ed25519.Ed25519PublicKey):
+        raise ProjectableEdgeError(f"public key is a {type(k).__name__}, not Ed25519")
+    return k
+
+
+def _raw_public(pub) -> bytes:
+    _, serialization, _ = _crypto()
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(pub) -> str:
+    """A short fingerprint of a public key: sha256 of its 32 raw bytes, first 16 hex digits."""
+    return hashlib.sha256(_raw_public(pub)).hexdigest()[:16]
+
+
+def sign_digest(key: Any, digest_hex: str) -> dict[str, str]:
+    """The manifest's `integrity.signature`: Ed25519 over the 32 bytes of the sha256 digest."""
+    k = load_private_key(key)
+    sig = k.sign(bytes.fromhex(digest_hex))
+    return {"algorithm": ALGORITHM, "key_id": key_id(k.public_key()), "value": base64.b64encode(sig).decode("ascii")}
+
+
+def verify_signature(public_key: Any, digest_hex: str, signature: Any, what: str) -> None:
+    """Raise unless `signature` is a valid Ed25519 signature of the digest by public_key."""
+    _, _, invalid = _crypto()
+    pub = load_public_key(public_key)
+    if not signature:
+        raise ProjectableEdgeError(f"{what} is not signed, but a public key was given; regenerate the bundle "
+                                   "with `projectable-edge generate --sign-key KEY.pem`")
+    if not isinstance(signature, dict) or signature.get("algorithm") != ALGORITHM \
+            or not isinstance(signature.get("value"), str):
+        raise ProjectableEdgeError(f"{what}: integrity.signature must be {{algorithm: 'ed25519', value: base64}}")
+    try:
+        sig = base64.b64decode(signature["value"], validate=True)
+        pub.verify(sig, bytes.fromhex(digest_hex))
+    except (invalid, ValueError):
+        raise ProjectableEdgeError(
+            f"{what} signature does not verify with the given public key (key id {key_id(pub)}; signed by "
+            f"{signature.get('key_id', '?')}): the bundle was signed with another key or altered — do not use "
+            "it; get the bundle from its publisher again") from None

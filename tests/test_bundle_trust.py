@@ -1,0 +1,350 @@
+"""Trusting a bundle (issue 8): the manifest's digest and optional signature, strict loading (no
+symlinks, no unlisted files, optional files), device-built TensorRT engines with their own record,
+TensorRT shapes from the model, batch splitting, and the manifest's JSON Schema."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import projectable_edge_runtime as runtime
+from projectable_edge_runtime import engine_record, trt_runner
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.manifest import MANIFEST_NAME, load_schema, read_manifest, seal, write_manifest
+from projectable_edge_runtime.runners import OrtRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _raw(bundle: Path) -> dict:
+    return json.loads((bundle / MANIFEST_NAME).read_text())
+
+
+def _write_raw(bundle: Path, m: dict) -> None:
+    (bundle / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
+
+
+def _rewrite(bundle: Path, optional=(), sign_key=None) -> dict:
+    """Rewrite the manifest the way generate does (re-hash, seal), e.g. to mark files optional or sign."""
+    m = {k: v for k, v in _raw(bundle).items() if k not in ("files", "integrity")}
+    return write_manifest(bundle, m, optional=optional, sign_key=sign_key)
+
+
+# ----------------------------------------------------------------------------- protected manifest
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["model"].update(bos_id=99),
+    lambda m: m["accuracy"].update(tolerance=10.0),
+    lambda m: m["accuracy"]["variants"]["fp32"].update(bits=0.5),
+    lambda m: m["task"].update(name="other"),
+    lambda m: m.update(extra_field=1),
+], ids=["bos_id", "tolerance", "accuracy", "task", "added-field"])
+def test_editing_any_manifest_field_is_refused(rt_bundle_copy, edit):
+    m = _raw(rt_bundle_copy)
+    edit(m)
+    _write_raw(rt_bundle_copy, m)
+    with pytest.raises(ProjectableEdgeError, match=r"manifest\.json was edited"):
+        runtime.load(rt_bundle_copy)
+
+
+def test_reformatting_the_manifest_is_not_an_edit(rt_bundle_copy):
+    m = _raw(rt_bundle_copy)
+    (rt_bundle_copy / MANIFEST_NAME).write_text(json.dumps(m, sort_keys=True))  # canonical form ignores layout
+    runtime.load(rt_bundle_copy)
+
+
+def test_a_manifest_without_integrity_is_refused(rt_bundle_copy):
+    m = _raw(rt_bundle_copy)
+    m.pop("integrity")
+    _write_raw(rt_bundle_copy, m)
+    with pytest.raises(ProjectableEdgeError, match="integrity"):
+        runtime.load(rt_bundle_copy)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    d = tmp_path_factory.mktemp("keys")
+    out = {}
+    for name in ("mine", "other"):
+        k = ed25519.Ed25519PrivateKey.generate()
+        (d / f"{name}.pem").write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+        (d / f"{name}.pub.pem").write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+        out[name] = (d / f"{name}.pem", d / f"{name}.pub.pem")
+    return out
+
+
+def test_signed_bundle_loads_with_its_key_and_only_with_it(rt_bundle_copy, keys, tmp_path):
+    mine, mine_pub = keys["mine"]
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(rt_bundle_copy, unsigned)
+    with pytest.raises(ProjectableEdgeError, match="not signed"):
+        runtime.load(unsigned, public_key=mine_pub)
+
+    _rewrite(rt_bundle_copy, sign_key=mine)
+    assert _raw(rt_bundle_copy)["integrity"]["signature"]["algorithm"] == "ed25519"
+    runtime.load(rt_bundle_copy, public_key=mine_pub)  # correctly signed: loads
+    runtime.load(rt_bundle_copy, public_key=mine_pub.read_bytes())  # PEM bytes work too
+    runtime.load(rt_bundle_copy)  # without a key the digest is still checked, the signature is not needed
+
+    resigned = tmp_path / "resigned"
+    shutil.copytree(rt_bundle_copy, resigned)
+    _rewrite(resigned, sign_key=keys["other"][0])
+    with pytest.raises(ProjectableEdgeError, match="signature does not verify"):
+        runtime.load(resigned, public_key=mine_pub)
+
+    # an edit + a recomputed digest (the attacker has no key) still fails the signature
+    m = _raw(rt_bundle_copy)
+    m["model"]["bos_id"] = 3
+    sig = m["integrity"]["signature"]
+    m = seal(m)
+    m["integrity"]["signature"] = sig
+    _write_raw(rt_bundle_copy, m)
+    runtime.load(rt_bundle_copy)  # a consistent but unsigned-by-me manifest passes the digest alone...
+    with pytest.raises(ProjectableEdgeError, match="signature does not verify"):
+        runtime.load(rt_bundle_copy, public_key=mine_pub)  # ...not the signature
+
+
+def test_device_cli_public_key(rt_bundle_copy, keys, capsys):
+    from projectable_edge_runtime.__main__ import main
+
+    assert main(["info", str(rt_bundle_copy), "--public-key", str(keys["mine"][1])]) == 2
+    assert "not signed" in capsys.readouterr().err
+    _rewrite(rt_bundle_copy, sign_key=keys["mine"][0])
+    assert main(["info", str(rt_bundle_copy), "--public-key", str(keys["mine"][1]), "--json"]) == 0
+
+
+def test_runtime_imports_no_crypto_without_a_key(rt_bundle):
+    code = ("import sys, projectable_edge_runtime as r; r.load(sys.argv[1]).score([[0]*64]); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('cryptography', 'torch', 'onnx')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code, str(rt_bundle)], check=True, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------- strict loading
+
+
+def test_symlinked_file_is_refused_even_when_identical(rt_bundle_copy, tmp_path):
+    g = rt_bundle_copy / "goldens.npz"
+    outside = tmp_path / "outside.npz"
+    shutil.copyfile(g, outside)
+    g.unlink()
+    g.symlink_to(outside)  # same bytes, same hash: still refused
+    with pytest.raises(ProjectableEdgeError, match=r"'goldens\.npz' is a symlink"):
+        runtime.load(rt_bundle_copy)
+
+
+def test_symlinked_folder_is_refused(rt_bundle_copy, tmp_path):
+    d = rt_bundle_copy / "graphs" / "int8-static"
+    shutil.move(d, tmp_path / "moved")
+    d.symlink_to(tmp_path / "moved", target_is_directory=True)
+    with pytest.raises(ProjectableEdgeError, match=r"'graphs/int8-static' is a symlink"):
+        runtime.load(rt_bundle_copy)
+
+
+def test_unlisted_file_is_refused(rt_bundle_copy):
+    shutil.copyfile(rt_bundle_copy / "graphs" / "fp32" / "score.onnx", rt_bundle_copy / "extra.onnx")
+    with pytest.raises(ProjectableEdgeError, match=r"'extra\.onnx' is not listed in the manifest"):
+        runtime.load(rt_bundle_copy)
+
+
+def test_optional_files_may_be_absent(rt_graphs, rt_build, tmp_path):
+    b = rt_build(tmp_path / "b", rt_graphs, extra_files={"samples.png": b"png", "report.md": b"# report"})
+    with pytest.raises(ProjectableEdgeError, match=r"'samples\.png' listed in the manifest is missing"):
+        (b / "samples.png").unlink()
+        runtime.load(b)
+    (b / "samples.png").write_bytes(b"png")
+    m = _rewrite(b, optional=("samples.png", "report.md"))
+    assert m["files"]["samples.png"]["optional"] is True and "optional" not in m["files"]["goldens.npz"]
+    (b / "samples.png").unlink()
+    (b / "report.md").unlink()
+    runtime.load(b).score(np.zeros((1, 64), np.int64))  # slimmed bundle still loads
+    (b / "report.md").write_text("# edited")  # an optional file that is present must still match
+    with pytest.raises(ProjectableEdgeError, match=r"report\.md"):
+        runtime.load(b)
+
+
+# ----------------------------------------------------------------------------- device-built engines
+
+
+class _OrtAsTrt(OrtRunner):
+    """Stands in for TrtRunner: the stub 'plan' is an ONNX graph, so ONNX Runtime can run it."""
+
+    calls: list[int] = []
+
+    def __init__(self, path, name=None):
+        super().__init__(path, ["CPUExecutionProvider"], 1, name=name or f"tensorrt:{Path(path).name}")
+
+    def run(self, feed):
+        _OrtAsTrt.calls.append(len(next(iter(feed.values()))))
+        return super().run(feed)
+
+
+def _deferred_jetson_bundle(rt_build, rt_graphs, dest: Path) -> Path:
+    engine = {"status": "deferred", "variant": "fp32", "path": "engine/score.plan",
+              "decode_path": "engine_decode/decode.plan", "tensorrt_version": "10.3",
+              "command": "bash build_engine.sh"}
+    return rt_build(dest, rt_graphs, target="jetson-orin-nano", variants=("fp32",), engine=engine,
+                    extra_files={"build_engine.sh": b"#!/usr/bin/env bash\n"})
+
+
+def _stub_device_build(b: Path, version: str) -> None:
+    """What build_engine.sh does on a device, with trtexec replaced by a copy: plans, a log, records."""
+    (b / "engine").mkdir(exist_ok=True)
+    (b / "engine_decode").mkdir(exist_ok=True)
+    shutil.copyfile(b / "graphs/fp32/score.onnx", b / "engine/score.plan")
+    shutil.copyfile(b / "graphs/fp32/decode.onnx", b / "engine_decode/decode.plan")
+    (b / "engine" / "build_engine.log").write_text(f"&&&& PASSED TensorRT.trtexec [TensorRT v{version}]\n")
+    engine_record.write_records(b, tensorrt_version=version, device="stub Jetson Orin Nano",
+                                runner_factory=_OrtAsTrt, log=lambda _: None)
+
+
+def test_device_built_engine_with_another_tensorrt_version_is_accepted(rt_graphs, rt_build, tmp_path, monkeypatch):
+    b = _deferred_jetson_bundle(rt_build, rt_graphs, tmp_path / "b")
+    assert read_manifest(b)["target"]["software"]["tensorrt"] == "10.3"
+    _stub_device_build(b, "10.7.0")  # the device has TensorRT 10.7, the profile said 10.3
+    rec = json.loads((b / "engine/score.plan.record.json").read_text())
+    assert rec["tensorrt_version"] == "10.7.0" and rec["test_inference"]["passed"]
+    assert set(rec["files"]) == {"engine/score.plan", "engine/build_engine.log"}
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.7.0"))
+    monkeypatch.setattr(trt_runner, "TrtRunner", _OrtAsTrt)
+    m = runtime.load(b)  # no "rebuild" loop: the record, not the profile, says which TensorRT built it
+    assert m.backend["backend"] == "tensorrt", m.backend["reason"]
+    assert "10.7.0" in m.backend["reason"] and "stub Jetson" in m.backend["reason"]
+    assert runtime.validate(m)["passed"]
+
+    # batches above the engine's limit (the profile's max batch, 32) are split, with the same tokens
+    _OrtAsTrt.calls.clear()
+    tokens = m.sample(40, seed=3)
+    assert max(_OrtAsTrt.calls) == 32
+    ort_tokens = runtime.load(b, backend="onnxruntime").sample(40, seed=3)
+    np.testing.assert_array_equal(tokens, ort_tokens)
+    _OrtAsTrt.calls.clear()
+    assert m.score(np.zeros((70, 64), np.int64)).shape == (70,) and max(_OrtAsTrt.calls) == 32
+
+    # another TensorRT on the device: ONNX Runtime, with a rebuild command that works from anywhere
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    m = runtime.load(b)
+    assert m.backend["backend"] == "onnxruntime"
+    assert f"bash {(b / 'build_engine.sh').resolve()}" in m.backend["reason"]
+
+
+def test_device_built_engine_is_hash_checked_and_needs_its_record(rt_graphs, rt_build, tmp_path):
+    b = _deferred_jetson_bundle(rt_build, rt_graphs, tmp_path / "b")
+    (b / "engine").mkdir()
+    (b / "engine/score.plan").write_bytes(b"plan without a record")
+    with pytest.raises(ProjectableEdgeError, match=r"'engine/score\.plan' is not listed.*no engine record"):
+        runtime.load(b)
+    shutil.rmtree(b / "engine")
+    _stub_device_build(b, "10.7.0")
+    runtime.load(b)
+    with open(b / "engine/score.plan", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ProjectableEdgeError, match=r"engine/score\.plan.*engine record"):
+        runtime.load(b)
+
+
+def test_failed_test_inference_falls_back(rt_graphs, rt_build, tmp_path, monkeypatch):
+    b = _deferred_jetson_bundle(rt_build, rt_graphs, tmp_path / "b")
+    (b / "engine").mkdir()
+    shutil.copyfile(b / "graphs/fp32/decode.onnx", b / "engine/score.plan")  # wrong graph: cannot score
+    engine_record.write_records(b, tensorrt_version="10.3.1", device="stub", runner_factory=_OrtAsTrt,
+                                log=lambda _: None)
+    assert not json.loads((b / "engine/score.plan.record.json").read_text())["test_inference"]["passed"]
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.1"))
+    m = runtime.load(b)
+    assert m.backend["backend"] == "onnxruntime" and "test inference did not pass" in m.backend["reason"]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n=10**12), r"1\.\.65536"),
+    (dict(n=2.5), r"1\.\.65536"),
+    (dict(n=2, seed=1.5), r"seed must be an integer in 0\.\."),
+    (dict(n=2, seed="7"), r"seed must be an integer in 0\.\."),
+    (dict(n=2, seed=-1), r"seed must be an integer in 0\.\."),
+])
+def test_sample_refuses_bad_n_and_seed(rt_bundle, kw, match):
+    with pytest.raises(ProjectableEdgeError, match=match):
+        runtime.load(rt_bundle).sample(**kw)
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def test_schema_ships_with_the_runtime_and_accepts_test_bundles(rt_bundle):
+    import jsonschema
+
+    schema = load_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(_raw(rt_bundle), schema)
+    bad = _raw(rt_bundle)
+    bad["model"]["bos_id"] = "99"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad = _raw(rt_bundle)
+    bad["files"]["../evil"] = {"sha256": "0" * 64, "bytes": 1}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+# ----------------------------------------------------------------------------- unwritable --out
+
+
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_out_in_an_unwritable_folder_is_one_clear_error(command, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from projectable_edge import cli_common
+    from projectable_edge.cli import app
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def refuse(folder):
+        if Path(folder) == locked:
+            raise PermissionError(13, "Permission denied")
+        return None
+
+    if os.geteuid() == 0:  # root writes anywhere: simulate the permission check failing
+        monkeypatch.setattr(cli_common, "_probe", refuse)
+    else:
+        locked.chmod(0o555)
+    args = {"train": ["train", "--preset", "tiny", "--steps", "2", "--out", str(locked / "run")],
+            "generate": ["generate", "--task", "3", "--target", "jetson", "--source", str(tmp_path / "no-run"),
+                         "--out", str(locked / "sub" / "b")]}[command]
+    res = CliRunner().invoke(app, args)
+    locked.chmod(0o755)
+    assert res.exit_code == 2, res.output
+    flat = res.output.replace("\n", "")
+    assert re.search(r"not\s*writable", flat) and str(locked) in flat and "Traceback" not in flat
+    assert list(locked.iterdir()) == []
+    # a file where a folder should be
+    (tmp_path / "afile").write_text("x")
+    res = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "afile" / "run")])
+    assert res.exit_code == 2 and re.search(r"not\s*a\s*folder", res.output)
+
+
+def test_every_schema_field_is_documented():
+    doc = (ROOT / "docs" / "manifest.md").read_text()
+    schema = load_schema()
+    missing = [k for k in schema["properties"] if f"`{k}`" not in doc]
+    missing += [f"engine.{k}" for k in schema["properties"]["engine"]["properties"] if f"`{k}`" not in doc]
+    assert not missing, f"document these manifest fields in docs/manifest.md: {missing}"
