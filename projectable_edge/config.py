@@ -87,7 +87,8 @@ class TrainConfig:
             raise ProjectableEdgeError("training options 'lam', 'weight_decay', 'shift', 'warmup_steps' and "
                                        "'distill' must be >= 0")
         ProjectionConfig(n_basis=self.n_basis, coef_init=self.coef_init, mixture=self.mixture)
-        object.__setattr__(self, "ladder", tuple(self.ladder))
+        ladder = self.ladder.split(",") if isinstance(self.ladder, str) else self.ladder  # "16,64" too
+        object.__setattr__(self, "ladder", tuple(str(x).strip() for x in ladder if str(x).strip()))
         for w in (self.small, *self.rungs().values()):  # every small size must fit in the source
             check_fits(self.source.model(_SHAPE_ONLY), w.model(_SHAPE_ONLY))
         if self.small.name in self.rungs():

@@ -9,6 +9,7 @@ import numpy as np
 
 from projectable_edge.model import count_params, flops_per_image
 from projectable_edge.train import evaluate_roles, load_run, source_best
+from projectable_edge_runtime.atomic import atomic_output
 
 
 def model_sizes(model) -> dict[str, dict]:
@@ -103,8 +104,15 @@ def plot_ladder(report: dict, path: Path) -> Path:
     ax.set_title(Path(report["run"]).name, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path) -> Path:
+    """Write a figure atomically, world-readable, replacing an older plot at `path`."""
+    import matplotlib.pyplot as plt
+
+    with atomic_output(path, overwrite=True, what="plot") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return Path(path)
 
@@ -129,7 +137,4 @@ def plot_bits(report: dict, path: Path) -> Path:
     ax.set_ylabel(f"bits/dim ({report['split']})")
     ax.legend(ncol=len(roles), fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save_png(fig, path)

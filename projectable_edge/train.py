@@ -33,6 +33,7 @@ from projectable_edge.data import DataConfig, TaskData, load_dataset, shift_augm
 from projectable_edge.model import bits_per_dim
 from projectable_edge.train_state import Progress, load_state, save_state, snapshot
 from projectable_edge.trainables import Trainables
+from projectable_edge_runtime.atomic import ensure_folder
 from projectable_edge_runtime.manifest import sha256_file
 
 RUN_FORMAT = 2  # 2: per-role generators, per-space mixtures, ladder
@@ -218,7 +219,7 @@ def _open(cfg: TrainConfig, data_cfg: DataConfig, out: Path, resume: bool, init_
             s.history = list(load_json(work / "history.json")["history"])
         log(f"resuming {work} from step {s.start}")
     elif rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
+        ensure_folder(work)  # 0755 whatever the umask: other users may read the run
         save_json(work / "config.json", meta)
     return s
 
