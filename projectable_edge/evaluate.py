@@ -25,7 +25,7 @@ def model_sizes(model) -> dict[str, dict]:
         out[role] = {"params": one, "params_total": total, "flops_per_image": flops_per_image(cfg),
                      "size": f"{cfg.d_model}x{cfg.n_layer}"}
         if base == "projected":
-            out[role]["operator_params"] = model._parts(role)[0].n_params()
+            out[role]["operator_params"] = model.operator(role).n_params()
     return out
 
 

@@ -128,9 +128,16 @@ class Trainables(nn.Module):
             return None, self.universal.weights(), self.universal_task
         return None, self.scratch.weights(), self.scratch_bos
 
+    def operator(self, role: str = "projected") -> Projector:
+        """The projector behind a projected role (the main size's, or a ladder size's)."""
+        projector = self._parts(role)[0]
+        if projector is None:
+            raise ProjectableEdgeError(f"role {role!r} is not a projected model; it has no operator")
+        return projector
+
     def projected_all(self, role: str = "projected") -> tuple[Weights, torch.Tensor]:
         """Project the source for every task at once: weights [n_task, ...], bos [n_task, d_s]."""
-        return self._parts(role)[0](self.source.weights(), self.source_task)
+        return self.operator(role)(self.source.weights(), self.source_task)
 
     def logits(self, role: str, tokens: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """tokens [B, T], task_ids [B] -> logits [B, T, V] of one role."""

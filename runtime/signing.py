@@ -42,49 +42,42 @@ def _key_bytes(key: Any, what: str) -> bytes | None:
     return None
 
 
-def load_private_key(key: Any):
+def _load_key(key: Any, private: bool):
+    """An Ed25519 key object from a key object, a PEM file path, PEM bytes or 32 raw bytes."""
     ed25519, serialization, _ = _crypto()
-    if isinstance(key, ed25519.Ed25519PrivateKey):
+    cls = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
+    if isinstance(key, cls):
         return key
-    data = _key_bytes(key, "signing key")
+    if not private and isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.public_key()
+    what = "signing key" if private else "public key"
+    data = _key_bytes(key, what)
     if data is None:
-        raise ProjectableEdgeError(f"signing key must be a PEM file path, raw 32 bytes or an Ed25519 private key, "
-                                   f"got {type(key).__name__}")
+        raise ProjectableEdgeError(f"{what} must be a PEM file path, raw 32 bytes or an Ed25519 "
+                                   f"{'private' if private else 'public'} key, got {type(key).__name__}")
+    if private:
+        hint, kind = "create one with `openssl genpkey -algorithm ed25519 -out key.pem`", "unencrypted Ed25519 private key"
+    else:
+        hint, kind = "export it with `openssl pkey -in key.pem -pubout -out key.pub.pem`", "Ed25519 public key"
     try:
         if len(data) == 32:
-            return ed25519.Ed25519PrivateKey.from_private_bytes(data)
-        k = serialization.load_pem_private_key(data, password=None)
+            return cls.from_private_bytes(data) if private else cls.from_public_bytes(data)
+        k = (serialization.load_pem_private_key(data, password=None) if private
+             else serialization.load_pem_public_key(data))
     except (ValueError, TypeError) as e:
-        raise ProjectableEdgeError(f"signing key {key if isinstance(key, (str, Path)) else ''} is not an "
-                                   f"unencrypted Ed25519 private key in PEM ({e}); create one with "
-                                   "`openssl genpkey -algorithm ed25519 -out key.pem`") from None
-    if not isinstance(k, ed25519.Ed25519PrivateKey):
-        raise ProjectableEdgeError(f"signing key is a {type(k).__name__}, not Ed25519; create one with "
-                                   "`openssl genpkey -algorithm ed25519 -out key.pem`")
+        name = key if isinstance(key, (str, Path)) else ""
+        raise ProjectableEdgeError(f"{what} {name} is not an {kind} in PEM ({e}); {hint}") from None
+    if not isinstance(k, cls):
+        raise ProjectableEdgeError(f"{what} is a {type(k).__name__}, not Ed25519" + (f"; {hint}" if private else ""))
     return k
+
+
+def load_private_key(key: Any):
+    return _load_key(key, private=True)
 
 
 def load_public_key(key: Any):
-    ed25519, serialization, _ = _crypto()
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return key
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.public_key()
-    data = _key_bytes(key, "public key")
-    if data is None:
-        raise ProjectableEdgeError(f"public key must be a PEM file path, raw 32 bytes or an Ed25519 public key, "
-                                   f"got {type(key).__name__}")
-    try:
-        if len(data) == 32:
-            return ed25519.Ed25519PublicKey.from_public_bytes(data)
-        k = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as e:
-        raise ProjectableEdgeError(f"public key {key if isinstance(key, (str, Path)) else ''} is not an Ed25519 "
-                                   f"public key in PEM ({e}); export it with "
-                                   "`openssl pkey -in key.pem -pubout -out key.pub.pem`") from None
-    if not isinstance(k, ed25519.Ed25519PublicKey):
-        raise ProjectableEdgeError(f"public key is a {type(k).__name__}, not Ed25519")
-    return k
+    return _load_key(key, private=False)
 
 
 def _raw_public(pub) -> bytes:
