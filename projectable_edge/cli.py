@@ -15,6 +15,7 @@ from rich.table import Table
 
 from projectable_edge import cli_device, cli_export
 from projectable_edge.cli_common import check_out_writable, choice_enum, emit_json, err, make_app, out
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 Split = choice_enum("Split", ("test", "val", "train"))
 
@@ -41,6 +42,8 @@ def train(
     image_size: int = typer.Option(8, help="mnist and image folders: resize to this height and width."),
     rgb: bool = typer.Option(False, help="Image folders: keep colour (3 channels)."),
     levels: int = typer.Option(17, help="Image folders: gray/colour levels per channel (vocabulary size)."),
+    hold_out_task: Optional[str] = typer.Option(None, help="Task name(s), comma-separated, the run never sees "
+                                                           "(for `adapt` and its leave-one-out benchmark)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -54,7 +57,7 @@ def train(
                      small=small, n_basis=n_basis, mixture=mixture, distill=distill,
                      ladder=tuple(s for s in ladder.split(",") if s.strip()) if ladder is not None else None)
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
-                          channels=3 if rgb else 1, levels=levels)
+                          channels=3 if rgb else 1, levels=levels, hold_out=hold_out_task or ())
     if freeze_source and init_source is None:
         err.print("[yellow]note:[/] --freeze-source without --init-source keeps a randomly initialised source")
     check_out_writable(out)
@@ -108,20 +111,57 @@ def evaluate(
             lad.add_row(r["size"], f"{r['params']:,}", f"{r['flops_per_image'] / 1e6:.1f}", f"{r['projected']:.4f}",
                         f"{r['universal']:.4f}", f"{r['ratio']:.3f}", f"{r['wins']}/{len(report['tasks'])}")
         out.print(lad)
+    for a in report["adapted"]:
+        out.print(f"adapted task {a['task']} ({a['n_images']} images): projected {a['projected']:.4f} bits/dim on "
+                  f"{a['n_scored']} {'held-out' if a['held_out'] else 'fitted'} images; nearest trained task "
+                  f"{a['nearest_task']}: {a['nearest_projected']:.4f}")
     out.print(f"projected beats universal on {report['projected_wins']}/{len(report['tasks'])} tasks; "
               f"one projection takes {report['projection_ms']:.2f} ms")
 
 
 def tasks(run: Path = typer.Argument(..., resolve_path=True), as_json: bool = typer.Option(False, "--json")):
-    """List the tasks a run knows."""
+    """List the tasks a run knows: those it was trained on, then those added by `adapt`."""
     from projectable_edge.checkpoint import load_json
+    from projectable_edge.task_registry import adapted_names, load_adapted
 
+    if not (Path(run) / "config.json").is_file():
+        raise ProjectableEdgeError(f"{run} is not a finished run (no config.json); give a folder written by `train`")
     names = load_json(Path(run) / "config.json").get("task_names", [])
+    rows = [{"index": i, "name": n, "kind": "trained"} for i, n in enumerate(names)]
+    for n in adapted_names(run):
+        r = load_adapted(run, n).record
+        rows.append({"index": None, "name": n, "kind": "adapted", "n_images": r["n_images"],
+                     "nearest_task": r["nearest_task"], "bits": r["bits"]})
     if as_json:
-        emit_json({"tasks": [{"index": i, "name": n} for i, n in enumerate(names)]})
+        emit_json({"tasks": rows})
     else:
-        for i, n in enumerate(names):
-            out.print(f"{i}\t{n}")
+        for r in rows:
+            extra = (f"\tadapted from {r['n_images']} images (nearest trained task {r['nearest_task']})"
+                     if r["kind"] == "adapted" else "")
+            out.print(f"{'-' if r['index'] is None else r['index']}\t{r['name']}{extra}")
+
+
+def adapt(
+    run: Path = typer.Argument(..., help="Run folder written by `train`.", resolve_path=True),
+    images: Path = typer.Option(..., help="Folder of the new task's images (any size or colour).", resolve_path=True),
+    name: str = typer.Option(..., help="The new task's name (not one of the run's trained tasks)."),
+    fit: str = typer.Option("all", help="What is fitted: 'embedding' (the operator makes the whole model), "
+                                         "'norms' (+ its norm gains and biases) or 'all' (+ every small weight)."),
+    steps: int = typer.Option(200, help="Adam steps."),
+    lr: float = typer.Option(3e-3, help="Adam learning rate of the task embedding."),
+    seed: int = typer.Option(0, help="Seed for the held-out draw and the augmentation."),
+    force: bool = typer.Option(False, help="Replace a task of that name, or register a fit that is no better "
+                                           "than the nearest trained task."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Add a task from a handful of images: fit its embedding (source and operator frozen) and register it."""
+    from projectable_edge.adapt import AdaptConfig
+    from projectable_edge.new_task import adapt as run_adapt
+
+    res = run_adapt(run, images, name, AdaptConfig(steps=steps, lr=lr, fit=fit, seed=seed), force=force,
+                    log=lambda m: err.print(m, markup=False))
+    if as_json:
+        emit_json(res)
 
 
 def project(
@@ -144,7 +184,7 @@ def project(
         err.print(f"projected task {res['task']} in {res['projection_ms']:.2f} ms -> {st} ({res['params']:,} params)")
 
 
-COMMANDS = (train, evaluate, tasks, project, cli_device.targets, cli_device.generate, cli_device.benchmark,
+COMMANDS = (train, evaluate, tasks, adapt, project, cli_device.targets, cli_device.generate, cli_device.benchmark,
             cli_device.sample, cli_export.export, cli_export.quantize, cli_export.compile)
 app = make_app(COMMANDS)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +37,13 @@ class DataConfig:
     width: int = 8
     channels: int = 1
     levels: int = 17
+    # tasks the run never sees (by name): split like the others, then set aside in TaskData.held_out,
+    # so a later `adapt` and its benchmark score them on the same test images a full run would use
+    hold_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        held = self.hold_out.split(",") if isinstance(self.hold_out, str) else self.hold_out
+        object.__setattr__(self, "hold_out", tuple(str(t).strip() for t in held if str(t).strip()))
         if isinstance(self.dataset, os.PathLike):
             object.__setattr__(self, "dataset", os.fspath(self.dataset))
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -65,7 +70,7 @@ class DataConfig:
         return TokenizerSpec(self.height, self.width, self.channels, self.levels)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "hold_out": list(self.hold_out)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataConfig":
@@ -82,6 +87,7 @@ class TaskData:
     spec: TokenizerSpec
     splits: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (tokens int64 [N, T], task_ids int64 [N])
     fingerprint: str
+    held_out: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # name -> split -> tokens
 
     @property
     def n_tasks(self) -> int:
@@ -243,7 +249,29 @@ def load_dataset(cfg: DataConfig) -> TaskData:
         spec = cfg.spec
         names, per_task = _load_folder(root, spec)
     splits = _make_splits(per_task, cfg)
-    return TaskData(names, spec, splits, _fingerprint(names, spec, cfg, splits))
+    names, splits, held_out = _set_aside(names, splits, cfg.hold_out)
+    return TaskData(names, spec, splits, _fingerprint(names, spec, cfg, splits), held_out)
+
+
+def _set_aside(names: list[str], splits, hold_out: tuple[str, ...]):
+    """Remove the held-out tasks from the splits (renumbering the rest); return their tokens apart."""
+    unknown = [t for t in hold_out if t not in names]
+    if unknown:
+        raise ProjectableEdgeError(f"cannot hold out task(s) {unknown}: the dataset's tasks are {names}")
+    if len(names) - len(set(hold_out)) < 2:
+        raise ProjectableEdgeError(f"holding out {list(hold_out)} leaves fewer than 2 of the {len(names)} tasks; "
+                                   "hold out fewer tasks")
+    if not hold_out:
+        return names, splits, {}
+    keep = [i for i, n in enumerate(names) if n not in hold_out]
+    renumber = np.full(len(names), -1, dtype=np.int64)
+    renumber[keep] = np.arange(len(keep))
+    held = {n: {s: splits[s][0][splits[s][1] == i] for s in SPLITS} for i, n in enumerate(names) if n in hold_out}
+    kept = {}
+    for s, (tok, ids) in splits.items():
+        mask = renumber[ids] >= 0
+        kept[s] = (np.ascontiguousarray(tok[mask]), renumber[ids[mask]])
+    return [names[i] for i in keep], kept, held
 
 
 def shift_augment(tokens: torch.Tensor, spec: TokenizerSpec, generator: torch.Generator,

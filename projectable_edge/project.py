@@ -29,17 +29,31 @@ def specialise(model: Trainables, role: str, task: int) -> SpecialisedModel:
     return SpecialisedModel(cfg, w, bos)
 
 
+def adapted_provenance(t) -> dict:
+    """What a bundle or file says about an adapted task: from how many images, fitted how."""
+    r = t.record
+    return {"n_images": r["n_images"], "n_check": r["n_check"], "nearest_task": r["nearest_task"],
+            "bits_check": r["bits"], "nearest_bits_check": r["nearest_bits"], "fit": r["fit"],
+            "images_sha256": [i["sha256"] for i in r["images"]]}
+
+
 def project_task(run: Path, task: str | int, role: str = "projected") -> tuple[SpecialisedModel, dict]:
     """Load a run and produce one task's small model, with the metadata a file or bundle needs."""
+    from projectable_edge.task_registry import resolve
+
     meta, model, data = load_run(run)
-    t = data.task_index(task)
+    t = resolve(run, data, task)
+    adapted = not isinstance(t, int)
+    if adapted and role != "projected":
+        raise ProjectableEdgeError(f"adapted task {t.name!r} exists for the projected role only, not {role!r}")
     start = time.perf_counter()
-    small = specialise(model, role, t)
+    small = t.model(model) if adapted else specialise(model, role, t)
     ms = (time.perf_counter() - start) * 1000
     info = {
         "role": role,
-        "task": data.task_names[t],
-        "task_index": t,
+        "task": t.name if adapted else data.task_names[t],
+        "task_index": None if adapted else t,
+        "adapted": adapted_provenance(t) if adapted else None,
         "model": small.cfg.to_dict(),
         "tokenizer": meta["tokenizer"],
         "task_names": meta["task_names"],

@@ -69,6 +69,8 @@ def build_manifest(plan: Plan, inputs: TaskInputs, export: ExportStep, quantized
                   "cache": cache.summary()}
     if seconds is not None:
         provenance["generate_seconds"] = seconds
+    if inputs.adapted:  # a task added by `adapt`: from how many images, fitted how
+        provenance["adapted"] = inputs.adapted
     manifest = {
         "task": {"name": inputs.task_name, "index": inputs.task},
         "target": plan.profile.to_dict(),

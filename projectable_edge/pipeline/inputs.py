@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from projectable_edge.model import SpecialisedModel, bits_per_dim
-from projectable_edge.project import n_params, specialise
+from projectable_edge.project import adapted_provenance, n_params, specialise
+from projectable_edge.task_registry import resolve
 from projectable_edge.evaluate import role_bits
 from projectable_edge.train import load_run
 from projectable_edge_runtime.manifest import sha256_file
@@ -21,7 +22,7 @@ from projectable_edge_runtime.manifest import sha256_file
 class TaskInputs:
     meta: dict  # the run's config.json
     tokenizer: dict
-    task: int
+    task: int | None  # None for a task added by `adapt`
     task_name: str
     model: SpecialisedModel
     model_sha256: str  # of its weights and config: the cache key of everything built from it
@@ -32,6 +33,7 @@ class TaskInputs:
     ref_bits: np.ndarray  # PyTorch bits/dim of each golden
     reference: dict[str, float]  # this task's test bits/dim per role (source, projected, universal, scratch)
     source_sha256: str
+    adapted: dict | None = None  # an adapted task's provenance (project.adapted_provenance)
 
 
 def model_sha256(model: SpecialisedModel) -> str:
@@ -52,18 +54,32 @@ def _reference(run: Path, trainables, test: np.ndarray, t: int, n_tasks: int) ->
 def prepare(source: str, task: str, n_goldens: int, log) -> TaskInputs:
     """Load the run, project the task (timed) and gather its data; fails on a bad run or task."""
     meta, trainables, data = load_run(Path(source))
-    t = data.task_index(task)
+    t = resolve(Path(source), data, task)
+    adapted = not isinstance(t, int)
     start = time.perf_counter()
-    small = specialise(trainables, "projected", t)
+    small = t.model(trainables) if adapted else specialise(trainables, "projected", t)
     projection_ms = (time.perf_counter() - start) * 1000
-    log(f"projected task {data.task_names[t]} in {projection_ms:.2f} ms ({n_params(small):,} params)")
-    test = data.split("test", t)
+    name = t.name if adapted else data.task_names[t]
+    log(f"projected {'adapted ' if adapted else ''}task {name} in {projection_ms:.2f} ms ({n_params(small):,} params)")
+    test = t.goldens() if adapted else data.split("test", t)
     goldens = test[:n_goldens]
     with torch.no_grad():
         x = torch.from_numpy(goldens)
         ref_bits = bits_per_dim(small(x), x).numpy().astype(np.float64)
-    return TaskInputs(meta=meta, tokenizer=data.spec.to_dict(), task=t, task_name=data.task_names[t], model=small,
-                      model_sha256=model_sha256(small), n_params=n_params(small), projection_ms=projection_ms,
-                      goldens=goldens, calibration=data.split("train", t), ref_bits=ref_bits,
-                      reference=_reference(Path(source), trainables, test, t, data.n_tasks),
-                      source_sha256=sha256_file(Path(source) / "model.safetensors"))
+    reference = _adapted_reference(trainables, t, small) if adapted else \
+        _reference(Path(source), trainables, test, t, data.n_tasks)
+    return TaskInputs(meta=meta, tokenizer=data.spec.to_dict(), task=None if adapted else t, task_name=name,
+                      model=small, model_sha256=model_sha256(small), n_params=n_params(small),
+                      projection_ms=projection_ms, goldens=goldens,
+                      calibration=t.tokens if adapted else data.split("train", t), ref_bits=ref_bits,
+                      reference=reference, source_sha256=sha256_file(Path(source) / "model.safetensors"),
+                      adapted=adapted_provenance(t) if adapted else None)
+
+
+def _adapted_reference(trainables, t, small) -> dict[str, float]:
+    """An adapted task has no test split: its held-out images, under it and under the nearest trained task."""
+    x = torch.from_numpy(t.goldens())
+    near = specialise(trainables, "projected", t.adapted.nearest)
+    with torch.no_grad():
+        return {"projected": float(bits_per_dim(small(x), x).mean()),
+                "nearest trained task (projected)": float(bits_per_dim(near(x), x).mean())}

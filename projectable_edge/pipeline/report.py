@@ -7,7 +7,6 @@ from pathlib import Path
 
 from projectable_edge.pipeline.measure import MeasureStep
 
-ROLES = ("projected", "universal", "source")
 
 
 @dataclass(frozen=True)
@@ -22,10 +21,11 @@ def _figures(tmp: Path, manifest: dict, bench: dict) -> None:
     import matplotlib.pyplot as plt
 
     acc = manifest["accuracy"]
-    names = list(acc["variants"]) + [f"{r} (PyTorch)" for r in ROLES]
-    vals = [a["bits"] for a in acc["variants"].values()] + [acc["task_test_bits"][r] for r in ROLES]
+    refs = acc["task_test_bits"]  # every role for a trained task; projected + nearest for an adapted one
+    names = list(acc["variants"]) + [f"{r} (PyTorch)" for r in refs]
+    vals = [a["bits"] for a in acc["variants"].values()] + list(refs.values())
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.barh(names, vals, color=["C0"] * len(acc["variants"]) + ["C2", "C1", "C3"])
+    ax.barh(names, vals, color=["C0"] * len(acc["variants"]) + [f"C{i + 1}" for i in range(len(refs))])
     ax.set_xlim(min(vals) * 0.95, max(vals) * 1.02)
     ax.set_xlabel("bits/dim (held-out images of the task; lower is better)")
     fig.tight_layout()
@@ -57,8 +57,8 @@ def _markdown(manifest: dict, measured: MeasureStep) -> str:
         lines.append(f"| {v} | {a['bits']:.4f} | {a['delta']:+.4f} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | "
                      f"{'pass' if ok else 'FAIL'} |")
     ref = acc["task_test_bits"]
-    lines += ["", "Reference (PyTorch, this task's test split): " +
-              ", ".join(f"{r} {ref[r]:.4f}" for r in ("source", "projected", "universal", "scratch")), "",
+    lines += ["", "Reference (PyTorch, this task's held-out images): " +
+              ", ".join(f"{r} {v:.4f}" for r, v in ref.items()), "",
               "Exercised on this host: " + "; ".join(manifest["exercised"]["done"]) + ".",
               "Not exercised here: " + ("; ".join(manifest["exercised"]["not_done"]) or "nothing") + ".", "",
               "![samples](samples.png)", "", "![bits/dim](bits.png)", "", "![latency](latency.png)", ""]

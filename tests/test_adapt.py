@@ -1,0 +1,195 @@
+"""`adapt`: a new task from a handful of images, on a tiny run that never saw it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from projectable_edge import ProjectableEdgeError
+from projectable_edge.adapt import AdaptConfig, fit, score
+from projectable_edge.checkpoint import load_tensors
+from projectable_edge.cli import app
+from projectable_edge.config import preset
+from projectable_edge.data import DataConfig, load_dataset
+from projectable_edge.new_task import adapt
+from projectable_edge.task_registry import adapted_names, load_adapted
+from projectable_edge.train import load_run, train
+
+HELD = "7"
+
+
+@pytest.fixture(scope="module")
+def held_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adapt") / "run"
+    train(preset("tiny"), DataConfig(hold_out=(HELD,)), out, progress=False)
+    return out
+
+
+def _write_pngs(folder: Path, tokens: np.ndarray, spec, mode: str = "L", size: int = 8) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(spec.decode(tokens)):
+        Image.fromarray(img).resize((size, size)).convert(mode).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _held_images(n: int) -> np.ndarray:
+    data = load_dataset(DataConfig(hold_out=(HELD,)))
+    return data.held_out[HELD]["train"][:n]
+
+
+def test_hold_out_removes_the_task_and_keeps_the_others_splits():
+    full, held = load_dataset(DataConfig()), load_dataset(DataConfig(hold_out=(HELD,)))
+    assert HELD not in held.task_names and held.n_tasks == full.n_tasks - 1
+    for s in ("train", "test"):  # the remaining tasks keep exactly their images, renumbered
+        assert np.array_equal(held.split(s, "8"), full.split(s, "8"))
+        assert np.array_equal(held.held_out[HELD][s], full.split(s, HELD))
+    assert set(held.splits["train"][1].tolist()) == set(range(held.n_tasks))
+    with pytest.raises(ProjectableEdgeError, match="cannot hold out"):
+        load_dataset(DataConfig(hold_out=("eleven",)))
+
+
+def test_adapt_registers_a_task_that_tasks_lists_and_generate_accepts(held_run, tmp_path):
+    from projectable_edge.pipeline import GenerateSettings, generate
+    from projectable_edge_runtime import load
+
+    spec = load_dataset(DataConfig()).spec
+    imgs = _write_pngs(tmp_path / "sevens", _held_images(20), spec, mode="RGB", size=28)
+    _, model, _ = load_run(held_run)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_bytes = (held_run / "model.safetensors").read_bytes()
+
+    res = CliRunner().invoke(app, ["adapt", str(held_run), "--images", str(imgs), "--name", "sevens", "--json",
+                                   "--force"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec["n_images"] == 20 and rec["n_check"] == 4 and "RGB 28x28" in rec["conversion"]
+    assert rec["bits"] <= rec["nearest_bits"]  # early stopping starts at the nearest task: never worse
+    # the run's files and every weight of source and operator are bit-identical afterwards
+    assert (held_run / "model.safetensors").read_bytes() == run_bytes
+    _, model_after, _ = load_run(held_run)
+    after = model_after.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    listed = json.loads(CliRunner().invoke(app, ["tasks", str(held_run), "--json"]).stdout)["tasks"]
+    assert [t["name"] for t in listed if t["kind"] == "adapted"] == ["sevens"]
+    assert HELD not in [t["name"] for t in listed if t["kind"] == "trained"]
+
+    bundle = tmp_path / "bundle"
+    path, manifest = generate(GenerateSettings(task="sevens", target="jetson", source=held_run, out=bundle,
+                                               bench_runs=3, samples=4, cache=False), log=lambda m: None)
+    assert manifest["task"]["name"] == "sevens"
+    assert manifest["provenance"]["adapted"]["n_images"] == 20
+    at = load_adapted(held_run, "sevens")
+    t = load_tensors(held_run / "tasks" / "sevens" / "task.safetensors", kind="adapted-task")
+    assert torch.equal(t["vector"], at.adapted.vector) and at.tokens.shape == (20, 64)
+    # the bundle's fp32 graph scores the held-out images as the registered model does in PyTorch
+    got = float(load(path, precision="fp32").score(at.goldens()).mean())
+    assert abs(got - manifest["accuracy"]["task_test_bits"]["projected"]) < 1e-3
+
+
+def test_adapted_embedding_beats_its_start_on_held_out_images(held_run):
+    """The fit moves the embedding and scores the check images no worse than where it started."""
+    _, model, data = load_run(held_run)
+    x = _held_images(40)
+    a = fit(model, "projected", x, data.spec, AdaptConfig(steps=60))
+    assert len(a.check) == 8 and a.bits <= a.nearest_bits
+    assert not torch.equal(a.vector, model.source_task[a.nearest]) or a.bits == a.nearest_bits
+    others = load_dataset(DataConfig(hold_out=(HELD,))).held_out[HELD]["test"]
+    assert np.isfinite(score(model, "projected", a, others))
+
+
+@pytest.mark.parametrize("case", ["clash", "too_few", "empty", "not_images", "bad_name", "exists"])
+def test_bad_input_is_refused_and_registers_nothing(held_run, tmp_path, case):
+    spec = load_dataset(DataConfig()).spec
+    imgs = _write_pngs(tmp_path / "imgs", _held_images(10), spec)
+    name, expect = "newtask", ""
+    if case == "clash":
+        name, expect = "3", "clashes with a task"
+    elif case == "too_few":
+        for p in sorted(imgs.iterdir())[2:]:
+            p.unlink()
+        expect = "at least 3"
+    elif case == "empty":
+        shutil.rmtree(imgs)
+        imgs.mkdir()
+        expect = "has no images"
+    elif case == "not_images":
+        (imgs / "000.png").write_bytes(b"not a png")
+        expect = "cannot read image"
+    elif case == "bad_name":
+        name, expect = "../escape", "is not usable"
+    elif case == "exists":
+        (held_run / "tasks" / "taken").mkdir(parents=True, exist_ok=True)
+        (held_run / "tasks" / "taken" / "task.json").write_text("{}")
+        name, expect = "taken", "already has an adapted task"
+    before = adapted_names(held_run)
+    res = CliRunner().invoke(app, ["adapt", str(held_run), "--images", str(imgs), "--name", name])
+    assert res.exit_code == 2, res.output
+    assert expect in res.output and "Traceback" not in res.output
+    assert adapted_names(held_run) == before
+    assert not list((held_run / "tasks").glob(".*")) if (held_run / "tasks").exists() else True  # no temp leftovers
+    if case == "exists":
+        shutil.rmtree(held_run / "tasks" / "taken")
+
+
+def test_an_unknown_task_names_the_adapted_ones(held_run):
+    _, _, data = load_run(held_run)
+    from projectable_edge.project import project_task
+
+    with pytest.raises(ProjectableEdgeError, match="valid tasks"):
+        project_task(held_run, "nope")
+
+
+
+@pytest.mark.parametrize("what", ["embedding", "norms", "all"])
+def test_fit_never_touches_the_run_and_restores_its_grad_flags(held_run, what):
+    _, model, data = load_run(held_run)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = fit(model, "projected", _held_images(10), data.spec, AdaptConfig(steps=20, fit=what))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert a.curve[0]["step"] == 0 and a.curve[-1]["step"] == 20
+    assert a.bits == min(c["check"] for c in a.curve)  # early stopping keeps the best checked step
+    if what == "embedding":
+        assert not a.deltas
+    if what == "norms":  # only norm gains and biases may get a delta (none if the weights never helped)
+        assert all(k.split(".")[-1] in ("w", "b", "head_b") or k.endswith(("bq", "bk", "bv", "bo", "b1", "b2"))
+                   for k in a.deltas)
+        assert "h0.wq" not in a.deltas and "wte" not in a.deltas
+
+
+def test_an_interrupted_register_leaves_nothing(held_run, tmp_path, monkeypatch):
+    import projectable_edge.task_registry as reg
+
+    spec = load_dataset(DataConfig()).spec
+    imgs = _write_pngs(tmp_path / "imgs", _held_images(6), spec)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reg, "save_json", boom)
+    before = adapted_names(held_run)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(held_run, imgs, "halfway", AdaptConfig(steps=5), log=lambda m: None)
+    assert adapted_names(held_run) == before
+    assert not (held_run / "tasks" / "halfway").exists() and not list((held_run / "tasks").glob(".*"))
+
+
+def test_evaluate_reports_adapted_tasks(held_run, tmp_path):
+    from projectable_edge.evaluate import evaluate_run
+
+    spec = load_dataset(DataConfig()).spec
+    imgs = _write_pngs(tmp_path / "imgs", _held_images(10), spec)
+    adapt(held_run, imgs, "evalme", AdaptConfig(steps=10), force=True, log=lambda m: None)
+    rows = {r["task"]: r for r in evaluate_run(held_run)["adapted"]}
+    at = load_adapted(held_run, "evalme")
+    assert rows["evalme"]["n_scored"] == len(at.check) == 2
+    assert rows["evalme"]["projected"] == pytest.approx(at.record["bits"], abs=1e-4)  # re-measured, same number
+    assert rows["evalme"]["nearest_projected"] == pytest.approx(at.record["nearest_bits"], abs=1e-4)
