@@ -90,6 +90,14 @@ def table(rows: list[dict], ks: list[int]) -> str:
                 v = [r["bits"] for r in sel if r["method"] == m and r["k"] == k]
                 cells.append(f"{np.mean(v):.4f}" if v else "-")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        for mine in ("projected fine-tuned", "projected adapted"):
+            wins = []
+            for k in ks:
+                by = {(r["task"], r["seed"], r["method"]): r["bits"] for r in sel if r["k"] == k}
+                ok = [by[(t, s, mine)] < min(by[(t, s, "universal adapted")], by[(t, s, "universal fine-tuned")])
+                      for t, s in pairs if all((t, s, m) in by for m in (mine, "universal adapted", "universal fine-tuned"))]
+                wins.append(f"{sum(ok)}/{len(ok)}" if ok else "-")
+            lines.append(f"| {mine} beats the better universal, pairs | " + " | ".join(wins) + " |")
     return "\n".join(lines)
 
 
@@ -114,13 +122,13 @@ def main() -> None:
             sys.exit(f"{run} is not a finished run")
         rows += run_one(run, ks, args.steps, methods, lambda m: print(m, file=sys.stderr, flush=True),
                         weight_lr=args.weight_lr)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     print(table(rows, ks))
     fits = [r["seconds"] for r in rows if r["method"] == "projected adapted" and r["k"] == 20]
     if fits:
         print(f"\nprojected adapt wall time at k = 20 (fit only, {args.steps} steps): "
               f"median {np.median(fits):.1f} s over {len(fits)} fits; benchmark took {time.time() - t0:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

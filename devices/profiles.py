@@ -57,6 +57,22 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class Performance:
+    """Published peak numbers of the device, for host-side latency *estimates* only (never a measurement)."""
+
+    fp32_gflops: float
+    fp16_gflops: float
+    int8_gops: float  # dense (no structured sparsity)
+    memory_bandwidth_gbs: float
+    source: str  # where the numbers come from (datasheet, or how they were derived)
+
+    def peak_ops(self, family: str) -> float:
+        """Peak operations per second of one numeric family (fp32 | fp16 | int8)."""
+        per = {"fp32": self.fp32_gflops, "fp16": self.fp16_gflops, "int8": self.int8_gops}
+        return per.get(family, self.fp32_gflops) * 1e9
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     name: str
     aliases: tuple[str, ...]
@@ -70,6 +86,7 @@ class DeviceProfile:
     software: dict[str, str]  # versions the device ships (jetpack, tensorrt, ...)
     tensorrt: TensorRTOptions | None
     budgets: Budgets
+    performance: Performance | None = None  # optional: only latency estimates need it
     source_file: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +104,7 @@ class DeviceProfile:
             "software": dict(self.software),
             "tensorrt": asdict(self.tensorrt) if self.tensorrt is not None else None,
             "budgets": asdict(self.budgets),
+            **({"performance": asdict(self.performance)} if self.performance is not None else {}),
         }
 
     @classmethod
@@ -209,10 +227,17 @@ def _parse_tensorrt(c: _Checker) -> TensorRTOptions:
                            min_shapes=lo, opt_shapes=opt, max_shapes=hi)
 
 
+def _parse_performance(c: _Checker) -> Performance:
+    c.only(("fp32_gflops", "fp16_gflops", "int8_gops", "memory_bandwidth_gbs", "source"))
+    return Performance(fp32_gflops=c.positive("fp32_gflops", float), fp16_gflops=c.positive("fp16_gflops", float),
+                       int8_gops=c.positive("int8_gops", float),
+                       memory_bandwidth_gbs=c.positive("memory_bandwidth_gbs", float), source=c.text("source"))
+
+
 def _parse(data: dict[str, Any], source: str) -> DeviceProfile:
     c = _Checker(source, data)
     c.only(("name", "aliases", "description", "arch", "memory_mb", "precisions", "compile_backend",
-            "execution_providers", "threads", "software", "tensorrt", "budgets"))
+            "execution_providers", "threads", "software", "tensorrt", "budgets", "performance"))
     name = _name(c, "name", c.get("name", str))
     aliases = tuple(_name(c, "aliases", a) for a in c.get("aliases", list, []))
     memory_mb = c.positive("memory_mb")
@@ -246,6 +271,7 @@ def _parse(data: dict[str, Any], source: str) -> DeviceProfile:
         raise b.fail("memory_mb", f"({budgets.memory_mb}) exceeds the device's memory_mb ({memory_mb})")
 
     return DeviceProfile(
+        performance=_parse_performance(c.sub("performance")) if "performance" in data else None,
         name=name, aliases=aliases, description=c.text("description"), arch=c.choice("arch", values(Arch)),
         memory_mb=memory_mb, precisions=precisions, compile_backend=backend,
         execution_providers=c.choices("execution_providers", EXECUTION_PROVIDERS),

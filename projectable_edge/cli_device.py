@@ -44,6 +44,8 @@ def generate(
     cache: bool = typer.Option(True, help="Reuse the export and quantization of identical inputs."),
     sign_key: Optional[Path] = typer.Option(None, help="Ed25519 private key (PEM) that signs the manifest; "
                                                        "devices check it with --public-key.", resolve_path=True),
+    ladder: bool = typer.Option(False, "--ladder", help="Put every (size, precision) of the run's size ladder "
+                                                          "in the bundle, for `tune` on the device to choose."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Project, export, quantize, compile and validate one task for one device: writes a bundle."""
@@ -53,7 +55,7 @@ def generate(
     settings = GenerateSettings(task=task, target=target, source=str(source), precision=str(precision),
                                 out=str(out_dir) if out_dir else None, overwrite=overwrite,
                                 cache_dir=str(cache_dir) if cache_dir else None, cache=cache,
-                                sign_key=str(sign_key) if sign_key else None)
+                                sign_key=str(sign_key) if sign_key else None, ladder=ladder)
     check_out_writable(out_dir if out_dir else Path("bundles") / "bundle")
     path, manifest = _with_progress(lambda log: run_generate(settings, log=log), quiet=as_json)
     if as_json:
@@ -68,8 +70,26 @@ def generate(
         s = lat[v]["score_batch1"]
         table.add_row(v, f"{a['bits']:.4f}", f"{a['delta']:+.4f}", f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}")
     out.print(table)
+    if manifest.get("candidates"):
+        _candidates_table(manifest)
     for line in manifest["exercised"]["not_done"]:
         err.print("[yellow]not exercised here:[/] " + escape(line))
+
+
+def _candidates_table(manifest: dict) -> None:
+    """The ladder's candidates: accuracy, host latency and the labelled device-latency estimate."""
+    lad = manifest["ladder"]
+    table = Table(title=f"candidates, {lad['order']} (device latency is an ESTIMATE)")
+    for c in ("candidate", "bits/dim", "vs fp32", "vs universal", "host p99 b1 (ms)", "device p50 ESTIMATE (ms)",
+              "estimate error"):
+        table.add_column(c, justify="right")
+    for n, c in manifest["candidates"].items():
+        a, e = c["accuracy"], c["estimate"]
+        dev = "n/a" if e.get("device_p50_ms") is None else f"{e['device_p50_ms']:.4f}"
+        table.add_row(n, f"{a['bits']:.4f}", f"{a['vs_fp32']:+.4f}", f"{a['vs_universal']:+.4f}",
+                      f"{c['latency_host']['p99_ms']:.3f}", dev, f"{e['error_ratio']:.2f}x")
+    out.print(table)
+    err.print(escape(f"host pick: {lad['host_pick']['explanation']} ({lad['host_pick']['note']})"))
 
 
 def _with_progress(fn, quiet: bool):

@@ -1,4 +1,4 @@
-"""`python -m projectable_edge_runtime {info,validate,benchmark,sample,score} BUNDLE ...` — the on-device CLI.
+"""`python -m projectable_edge_runtime {info,validate,benchmark,sample,score,tune,serve} BUNDLE ...` — the on-device CLI.
 
 Stdlib argparse only (the device has no typer/rich). Exit codes: 0 ok, 1 a check failed
 (validate / benchmark verdict) or an unexpected error, 2 an error the user can fix (one line;
@@ -28,6 +28,8 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=_abspath, help="bundle directory (bundles/<task>__<target>)")
     p.add_argument("--precision",
                    help="graph variant, e.g. fp32, fp16, int8 (default: the one selected for the target)")
+    p.add_argument("--candidate", help="a (size, precision) candidate SIZE/VARIANT of a ladder bundle (default: "
+                                       "the tuned choice next to the bundle, else the one selected for the target)")
     p.add_argument("--providers", help="comma-separated onnxruntime execution providers (default: the target's)")
     p.add_argument("--backend", default="auto", choices=values(Backend))
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -61,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens-out", type=_abspath, help="also save the sampled tokens as .npy")
     sc = sub.add_parser("score", parents=[c], help="bits/dim of image files (or .npy arrays of images/tokens)")
     sc.add_argument("images", nargs="+")
+    t = sub.add_parser("tune", parents=[c], help="measure every candidate here, pick the most accurate within "
+                                                 "budget, record it next to the bundle (exit 1: none fits)")
+    t.add_argument("--p99-ms", type=float, help="p99 latency budget, score batch 1 (default: the profile's)")
+    t.add_argument("--max-mb", type=float, help="peak memory budget in MB (default: the profile's)")
+    t.add_argument("--runs", type=int, default=200)
+    t.add_argument("--warmup", type=int, default=20)
+    t.add_argument("--record", type=_abspath, help="where to write the record (default: BUNDLE.tuned.json beside it)")
+    t.add_argument("--reuse", action="store_true", help="pick again from the record's measurements (new budgets, "
+                                                        "no re-measuring)")
+    from . import serve  # stdlib + numpy only
+    serve.add_arguments(sub.add_parser("serve", parents=[c], help="serve /score, /sample, /healthz over HTTP (JSON)"))
     return ap
 
 
@@ -119,15 +132,26 @@ def _score(model, args):
     return out, 0, lambda o: console.score_text(names, bits, model.variant)
 
 
-COMMANDS = {"info": _info, "validate": _validate, "benchmark": _benchmark, "sample": _sample, "score": _score}
+def _serve(model, args):
+    from .serve import command
+
+    return command(model, args)
+
+
+COMMANDS = {"info": _info, "validate": _validate, "benchmark": _benchmark, "sample": _sample, "score": _score,
+            "serve": _serve}
 
 
 def run(args) -> int:
     from .bundle import load  # imported here so `--help` stays instant
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    if args.command == "tune":  # measures each candidate in its own process: nothing to load here
+        from .tune import run_cli
+
+        return run_cli(args, providers)
     with load(args.bundle, precision=args.precision, providers=providers, backend=args.backend,
-              public_key=args.public_key) as model:
+              public_key=args.public_key, candidate=args.candidate) as model:
         out, code, text = COMMANDS[args.command](model, args)
     if args.json:
         console.emit_json(out)

@@ -68,6 +68,16 @@ def _inputs(model, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.tile(tokens, (reps, 1))[:batch].astype(np.int64))
 
 
+def _candidates(model) -> dict[str, Any] | None:
+    """A ladder bundle's candidate data (the report's accuracy-vs-latency chart), with the loaded one marked."""
+    from .candidates import summary
+
+    out = summary(model.manifest, getattr(model, "tuned", None))
+    if out is not None:
+        out["loaded"] = getattr(model, "candidate", None)
+    return out
+
+
 def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_runs: int | None = None,
               sample_batch: int = 1, raw: bool = False) -> dict[str, Any]:
     """Score batch 1, score `batch`, sample full images; percentiles, memory and a budget verdict.
@@ -104,7 +114,9 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
             f"emulated {arch} (qemu on an x86 CPU): latency is not a device measurement; rerun on the device"
             if is_emulated else
             f"measured on a {arch} host, not on the {model.profile.arch} target; rerun on the device")
+    ladder = _candidates(model)
     return {
+        **({"candidates": ladder} if ladder else {}),
         "bundle": str(model.bundle_dir), "task": model.task, "target": model.profile.name,
         "variant": model.variant, "backend": model.backend["backend"],
         "backend_reason": model.backend["reason"], "providers": model.backend["providers"],

@@ -18,6 +18,7 @@ from . import sampler
 from .backends import Backend, make_runners
 from .graphs import CacheLayout
 from .manifest import read_manifest, verify_files
+from . import candidates as cands
 from .requirements import check_requirements
 from .scoring import score_tokens
 from .tokenizer import TokenizerSpec, validate_tokens
@@ -40,8 +41,10 @@ class Model:
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], variant: str, profile: DeviceProfile,
                  tokenizer: TokenizerSpec, score_runner, decode_runner, backend: dict[str, Any],
-                 load_time_s: float):
+                 load_time_s: float, candidate: str | None = None, tuned: dict[str, Any] | None = None):
         self.bundle_dir = bundle_dir
+        self.candidate = candidate  # "SIZE/VARIANT" when a candidate was opened (by name or by a tuned record)
+        self.tuned = tuned or {}  # what load() did with the tuned record next to the bundle
         self.manifest = manifest
         self.variant = variant
         self.profile = profile
@@ -70,8 +73,10 @@ class Model:
     def info(self) -> dict[str, Any]:
         return {"bundle": str(self.bundle_dir), "task": self.task, "target": self.profile.name,
                 "variant": self.variant, "selected": self.manifest["selected"],
-                "variants": sorted(self.manifest["graphs"]), "tokenizer": self.tokenizer.to_dict(),
-                "model": self.meta, "backend": self.backend, "load_time_ms": self.load_time_s * 1e3}
+                "variants": sorted(self.manifest["graphs"]), "candidate": self.candidate,
+                "candidates": list(cands.table(self.manifest)), "tuned": self.tuned,
+                "tokenizer": self.tokenizer.to_dict(), "model": self.meta, "backend": self.backend,
+                "load_time_ms": self.load_time_s * 1e3}
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -142,8 +147,25 @@ def _check_consistency(d: Path, manifest: dict[str, Any], tok: TokenizerSpec) ->
                                    f"{m['block_size']}; regenerate the bundle")
 
 
+def _which(d: Path, manifest: dict[str, Any], precision: str | None, candidate: str | None,
+           tuned) -> tuple[str | None, dict[str, Any]]:
+    """The candidate to open (None: the classic variant choice) and what happened with the tuned record.
+
+    An explicit precision or candidate wins; otherwise a matching tuned record next to the bundle."""
+    if candidate is not None:
+        if precision is not None:
+            raise ProjectableEdgeError("pass either precision= or candidate= (a candidate names its precision: "
+                                       "SIZE/VARIANT), not both")
+        return cands.resolve(manifest, candidate), {"used": False, "reason": "candidate given explicitly"}
+    if precision is not None or tuned is False:
+        return None, {"used": False, "reason": "precision given explicitly" if precision else "tuned=False"}
+    from .tune import tuned_choice
+
+    return tuned_choice(d, manifest, None if tuned is True else tuned)
+
+
 def load(bundle_dir: str | Path, precision: str | None = None, providers=None, backend: str = "auto",
-         threads: int | None = None, public_key=None) -> Model:
+         threads: int | None = None, public_key=None, candidate: str | None = None, tuned=True) -> Model:
     """Verify and open a bundle.
 
     precision: graph variant ('fp32', 'fp16', 'int8-static', or a profile word like 'int8');
@@ -152,6 +174,10 @@ def load(bundle_dir: str | Path, precision: str | None = None, providers=None, b
     what this onnxruntime build has). backend: 'auto' (TensorRT engine when usable), or
     force 'onnxruntime' / 'tensorrt'. threads: onnxruntime intra-op threads (default: the
     profile's; 0 = onnxruntime's choice), e.g. to leave cores to the rest of the app.
+    candidate: a (size, precision) candidate "SIZE/VARIANT" of the bundle (see `tune`).
+    tuned: True = use the choice of `<bundle>.tuned.json` (written by `tune`) when neither precision nor
+    candidate is given and the record still matches the bundle (a stale one is ignored with a
+    TunedRecordWarning); False = ignore it; a path = read the record from there.
     """
     t0 = time.perf_counter()
     d = Path(bundle_dir)
@@ -161,7 +187,13 @@ def load(bundle_dir: str | Path, precision: str | None = None, providers=None, b
     profile = DeviceProfile.from_dict(manifest["target"], source=f"{d}/manifest.json 'target'")
     tok = TokenizerSpec.from_dict(manifest["tokenizer"])
     _check_consistency(d, manifest, tok)
-    variant = pick_variant(manifest, precision)
+    name, tuned_info = _which(d, manifest, precision, candidate, tuned)
+    if name is not None:
+        manifest, variant = cands.view(manifest, name)
+        _check_consistency(d, manifest, tok)  # the candidate's own model facts
+    else:
+        variant = pick_variant(manifest, precision)
     score, decode, report = make_runners(d, manifest, variant, profile, providers, backend, threads,
                                           records=records)
-    return Model(d, manifest, variant, profile, tok, score, decode, report, time.perf_counter() - t0)
+    return Model(d, manifest, variant, profile, tok, score, decode, report, time.perf_counter() - t0,
+                 candidate=name, tuned=tuned_info)

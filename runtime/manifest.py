@@ -5,7 +5,7 @@ size, so the runtime can refuse a bundle that was corrupted or tampered with in
 transit. The pipeline writes bundles with `staged_bundle` + `write_manifest`; the
 runtime reads them with `read_manifest` + `verify_files`.
 
-manifest.json (schema_version 2; every field is described in runtime/manifest.schema.json and
+manifest.json (schema_version 3; every field is described in runtime/manifest.schema.json and
 docs/manifest.md):
   schema_version  int; a runtime refuses a newer one
   task            {name, index}
@@ -23,6 +23,10 @@ docs/manifest.md):
   integrity       {algorithm, canonical, manifest_sha256, signature?}: the sha256 of the canonical
                   manifest without `integrity` (and, optionally, an Ed25519 signature of it)
   accuracy        {reference_bits, tolerance, variants: {variant: {bits, delta, tolerance?}}}
+  candidates      (3) optional {"SIZE/VARIANT": candidate}: every (size, precision) of a
+                  `generate --ladder` bundle, each with its own model, graphs, goldens, accuracy,
+                  host latency and a labelled device-latency estimate (runtime.candidates)
+  ladder          (3) optional: the ladder's sizes, the estimate's method and calibration, the host pick
   latency_host, tools, provenance   free-form dicts
 """
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .devices.errors import ProjectableEdgeError
 from .atomic import atomic_output
 from .graphs import GraphKind
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: optional `candidates` + `ladder` (size ladder bundles)
 MANIFEST_NAME = "manifest.json"
 DEFAULT_GOLDENS = "goldens.npz"
 SCHEMA_FILE = "manifest.schema.json"  # shipped beside this module (package data)
@@ -169,12 +173,44 @@ def check_manifest(m: Any, bundle_dir: str | Path = "<manifest>") -> dict[str, A
     if status == EngineStatus.BUILT and not m["engine"].get("path"):
         raise _fail(d, "manifest field 'engine.path' is required when engine.status is 'built'")
     _relpath(d, "goldens", m["goldens"])
+    _check_candidates(d, m)
     for rel, entry in m["files"].items():
         _relpath(d, f"files[{rel!r}]", rel)
         if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
                 or isinstance(entry.get("bytes"), bool) or not isinstance(entry.get("bytes"), int)):
             raise _fail(d, f"manifest field 'files[{rel!r}]' must be {{\"sha256\": hex, \"bytes\": int}}")
     return m
+
+
+def _check_candidates(d: Path, m: dict[str, Any]) -> None:
+    """A ladder bundle's candidates: each names its size, variant, model facts and graph paths inside the bundle."""
+    cands = m.get("candidates")
+    if cands is None:
+        return
+    if not isinstance(cands, dict) or not cands:
+        raise _fail(d, "manifest field 'candidates' must be a non-empty object {\"SIZE/VARIANT\": candidate}")
+    for name, c in cands.items():
+        where = f"candidates.{name}"
+        if not isinstance(c, dict) or not all(isinstance(c.get(k), dict) for k in ("model", "graphs")):
+            raise _fail(d, f"manifest field '{where}' must hold 'model' and 'graphs' objects; regenerate the bundle")
+        if not isinstance(c.get("size"), str) or not isinstance(c.get("variant"), str):
+            raise _fail(d, f"manifest field '{where}' must name its 'size' and 'variant'")
+        for f in MODEL_FIELDS:
+            x = c["model"].get(f)
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise _fail(d, f"manifest field '{where}.model.{f}' must be a positive integer, got {x!r}")
+        _relpath(d, f"{where}.graphs.score", c["graphs"].get("score"))
+        if c["graphs"].get("decode") is not None:
+            _relpath(d, f"{where}.graphs.decode", c["graphs"]["decode"])
+        _relpath(d, f"{where}.goldens", c.get("goldens", m["goldens"]))
+
+
+def used_files(m: dict[str, Any]) -> list[str]:
+    """Every file the manifest runs from: each variant's graphs, the goldens, and each candidate's."""
+    out = [g[k] for g in m["graphs"].values() for k in GRAPH_KEYS if g.get(k)] + [m["goldens"]]
+    for c in (m.get("candidates") or {}).values():
+        out += [c["graphs"][k] for k in GRAPH_KEYS if c["graphs"].get(k)] + [c.get("goldens", m["goldens"])]
+    return list(dict.fromkeys(out))
 
 
 def canonical_bytes(m: dict[str, Any]) -> bytes:
@@ -309,7 +345,7 @@ def verify_files(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, 
     own record (the record's hashes are checked too)."""
     d = Path(bundle_dir)
     files = manifest["files"]
-    referenced = [g[k] for g in manifest["graphs"].values() for k in GRAPH_KEYS if g.get(k)] + [manifest["goldens"]]
+    referenced = used_files(manifest)
     if manifest["engine"].get("status") == EngineStatus.BUILT:
         referenced += [manifest["engine"][k] for k in ("path", "decode_path") if manifest["engine"].get(k)]
     for rel in referenced:
@@ -349,8 +385,7 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any], optional: t
     m["files"] = hash_files(d, tuple(optional))
     m = json.loads(json.dumps(m))  # exactly what a reader will parse (str keys, lists), so digests agree
     m = seal(check_manifest(seal(m), d), sign_key)
-    needed = [g[k] for g in m["graphs"].values() for k in GRAPH_KEYS if g.get(k)] + [m["goldens"]]
-    for rel in needed:
+    for rel in used_files(m):
         if rel not in m["files"]:
             raise _fail(d, f"file '{rel}' named in the manifest is not in the bundle; write it before "
                            "write_manifest")

@@ -2,6 +2,7 @@
 # Device stand-ins for a bundle: run the torch-free runtime where users run it.
 #
 #   bash scripts/device-check.sh BUNDLE [--py310] [--aarch64] [--wheel FILE] [--keep]
+#                                [--also BUNDLE ...] [--no-apps]
 #
 #   --py310     a venv on Python 3.10 (JetPack 6) with only numpy + the minimum onnxruntime
 #               (default when neither --py310 nor --aarch64 is given)
@@ -13,11 +14,17 @@
 #               venv, whose numpy and onnxruntime must satisfy its requirements (`pip check`).
 #               Nothing is taken from the repository.
 #   --keep      keep the temporary work folder (samples, JSON outputs) and print where it is
+#   --also BUNDLE
+#               another task's bundle from the same run (repeatable): the classifier app runs over
+#               BUNDLE and these (it needs two tasks at least; without --also it is skipped)
+#   --no-apps   skip the example apps (py310 stand-in only): the anomaly app (examples/anomaly),
+#               the classifier (examples/classify) and a serve round trip (`serve` + examples/serve)
 #
 # Each stand-in runs, from an empty folder, `python -m projectable_edge_runtime`: info, validate (every variant in the bundle), score
 # (the bundle's goldens), sample, benchmark, and an import check (nothing outside the stdlib,
 # numpy, onnxruntime and the runtime itself may be imported). With both stand-ins, the per-image
-# bits/dim of aarch64 are compared with those of x86-64.
+# bits/dim of aarch64 are compared with those of x86-64. The py310 stand-in then runs the example
+# apps as a user deploys them (their .py files copied beside the bundle, only the wheel installed).
 #
 # Latency under qemu emulation is NOT device latency; the script says so and never fails on a
 # benchmark budget verdict (exit 1 of `benchmark`), only on errors.
@@ -34,14 +41,14 @@
 # Exit status: 0 every check passed; 1 a check failed; 2 usage or setup error.
 set -uo pipefail
 
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "device-check: error: $*" >&2; exit 2; }
 say() { printf '\n== %s\n' "$*"; }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 
-BUNDLE="" DO_PY310=0 DO_AARCH64=0 WHEEL="" KEEP=0
+BUNDLE="" DO_PY310=0 DO_AARCH64=0 WHEEL="" KEEP=0 DO_APPS=1 ALSO=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --py310) DO_PY310=1 ;;
@@ -49,6 +56,9 @@ while [ $# -gt 0 ]; do
         --wheel) [ $# -ge 2 ] || die "--wheel needs a .whl file"; WHEEL=$2; shift ;;
         --wheel=*) WHEEL=${1#*=} ;;
         --keep) KEEP=1 ;;
+        --no-apps) DO_APPS=0 ;;
+        --also) [ $# -ge 2 ] || die "--also needs a bundle folder"; ALSO+=("$2"); shift ;;
+        --also=*) ALSO+=("${1#*=}") ;;
         -h|--help) usage; exit 0 ;;
         -*) die "unknown option '$1' (see --help)" ;;
         *) [ -z "$BUNDLE" ] || die "one bundle at a time (got '$BUNDLE' and '$1')"; BUNDLE=$1 ;;
@@ -62,6 +72,16 @@ done
 [ -d "$BUNDLE" ] || die "bundle folder '$BUNDLE' not found; pass the folder \`projectable-edge generate\` wrote"
 [ -f "$BUNDLE/manifest.json" ] || die "'$BUNDLE' has no manifest.json; pass a bundle folder"
 BUNDLE=$(cd "$BUNDLE" && pwd -P)
+for i in "${!ALSO[@]}"; do
+    [ -f "${ALSO[$i]}/manifest.json" ] || die "--also '${ALSO[$i]}' is not a bundle folder (no manifest.json)"
+    ALSO[$i]=$(cd "${ALSO[$i]}" && pwd -P)
+done
+APPS_DIR=$REPO_ROOT/examples
+if [ "$DO_APPS" = 1 ]; then
+    for f in anomaly/anomaly.py classify/classify.py serve/client.py; do
+        [ -f "$APPS_DIR/$f" ] || die "example app '$APPS_DIR/$f' not found; run from a full checkout or pass --no-apps"
+    done
+fi
 if [ -z "$WHEEL" ]; then
     rel=$(python3 -c 'import json,sys; print((json.load(open(sys.argv[1])).get("runtime_wheel") or {}).get("path", ""))' \
           "$BUNDLE/manifest.json" 2>/dev/null)
@@ -251,6 +271,77 @@ stage_py310() {
     BENCH_ARGS=(--runs 50 --warmup 5)
     BENCH_NOTE="host latency (x86-64), not device latency"
     run_checks py310 py310_runner "$BUNDLE" "$WORK/py310/cwd" "$WORK/py310/cwd"
+    [ "$DO_APPS" = 1 ] && run_apps py310 py310_runner "$WORK/py310/cwd"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The example apps in a stand-in: copied as a user deploys them, run against the installed wheel
+# ---------------------------------------------------------------------------------------------
+run_apps() {  # STAGE RUNNER WORK_DIR (holds goldens_tokens.npy from run_checks)
+    local stage=$1 runner=$2 wd=$3 n lines rc port pid i
+    mkdir -p "$wd/apps"
+    cp "$APPS_DIR/anomaly/anomaly.py" "$APPS_DIR/classify/classify.py" "$APPS_DIR/serve/client.py" "$wd/apps/"
+    n=$($runner -c "import numpy as np, sys; print(len(np.load(sys.argv[1])))" "$wd/goldens_tokens.npy")
+
+    say "[$stage] anomaly app: calibrate on the goldens, score them from a file and from stdin"
+    $runner "$wd/apps/anomaly.py" calibrate "$BUNDLE" --config "$wd/anomaly.json" --false-alarm-rate 0.1 \
+        && $runner "$wd/apps/anomaly.py" score --config "$wd/anomaly.json" "$wd/goldens_tokens.npy" > "$wd/anomaly.out" \
+        && $runner "$wd/apps/anomaly.py" score --config "$wd/anomaly.json" - < "$wd/goldens_tokens.npy" > "$wd/anomaly-stdin.out"
+    rc=$?
+    lines=$(grep -c '"verdict"' "$wd/anomaly.out" 2>/dev/null); lines=${lines:-0}
+    head -n 2 "$wd/anomaly.out" 2>/dev/null
+    echo "$lines JSON lines for $n goldens; flagged: $(grep -c '"anomaly"' "$wd/anomaly.out" 2>/dev/null)"
+    [ "$rc" = 0 ] && [ "$lines" = "$n" ] && [ "$(grep -c '"verdict"' "$wd/anomaly-stdin.out")" = "$n" ] || rc=1
+    record "$stage" "app: anomaly" $rc "calibrate + score (file, stdin)"
+    if [ ${#ALSO[@]} -gt 0 ]; then
+        say "[$stage] anomaly app with --reference (the --also bundles)"
+        $runner "$wd/apps/anomaly.py" calibrate "$BUNDLE" --config "$wd/anomaly-ref.json" --reference "${ALSO[@]}" \
+            && $runner "$wd/apps/anomaly.py" score --config "$wd/anomaly-ref.json" "$wd/goldens_tokens.npy" > "$wd/anomaly-ref.out"
+        rc=$?
+        lines=$(grep -c '"verdict"' "$wd/anomaly-ref.out" 2>/dev/null); lines=${lines:-0}
+        echo "$lines JSON lines for $n goldens; flagged: $(grep -c '"anomaly"' "$wd/anomaly-ref.out" 2>/dev/null)"
+        [ "$rc" = 0 ] && [ "$lines" = "$n" ] || rc=1
+        record "$stage" "app: anomaly --ref" $rc "$((${#ALSO[@]})) reference bundles"
+    fi
+
+    if [ ${#ALSO[@]} -gt 0 ]; then
+        say "[$stage] classifier app over $((1 + ${#ALSO[@]})) task bundles (the goldens of $(basename "$BUNDLE"))"
+        $runner "$wd/apps/classify.py" "$BUNDLE" "${ALSO[@]}" --images "$wd/goldens_tokens.npy" > "$wd/classify.out"
+        rc=$?
+        lines=$(grep -c '"task"' "$wd/classify.out" 2>/dev/null); lines=${lines:-0}
+        head -n 1 "$wd/classify.out" 2>/dev/null | cut -c 1-200
+        $runner -c 'import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+task = json.load(open(sys.argv[2] + "/manifest.json"))["task"]["name"]
+ok = sum(r["task"] == task for r in rows)
+print(f"{ok}/{len(rows)} goldens of task {task} classified as {task}")' "$wd/classify.out" "$BUNDLE"
+        [ "$rc" = 0 ] && [ "$lines" = "$n" ] || rc=1
+        record "$stage" "app: classify" $rc "$((1 + ${#ALSO[@]})) bundles"
+    else
+        echo "classifier app skipped: it needs bundles of two tasks at least (pass --also BUNDLE)"
+        RESULTS+=("$stage|app: classify|skip|needs --also BUNDLE")
+    fi
+
+    say "[$stage] serve: python -m projectable_edge_runtime serve --port 0, then a client round trip"
+    (cd "$wd" && exec "$PY310_VENV/bin/python" -m projectable_edge_runtime serve "$BUNDLE" --port 0 --json \
+        > "$wd/serve.out" 2> "$wd/serve.err") &
+    pid=$!
+    port=""
+    for i in $(seq 1 300); do
+        port=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$wd/serve.out" 2>/dev/null | head -n 1 | sed 's/.*://')
+        [ -n "$port" ] && break
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.2
+    done
+    if [ -n "$port" ]; then
+        head -n 1 "$wd/serve.out"
+        $runner "$wd/apps/client.py" "http://127.0.0.1:$port" roundtrip "$wd/goldens_tokens.npy"; rc=$?
+        kill -TERM $pid 2>/dev/null; wait $pid; [ $? = 0 ] || rc=1
+        tail -n +2 "$wd/serve.out" | tr -d '\n' | cut -c 1-200; echo
+    else
+        echo "the server did not start:"; cat "$wd/serve.out" "$wd/serve.err"; kill $pid 2>/dev/null; rc=1
+    fi
+    record "$stage" "app: serve round trip" $rc "every route; bad input gets 4xx; SIGTERM exits 0"
 }
 
 # ---------------------------------------------------------------------------------------------

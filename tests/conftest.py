@@ -53,7 +53,8 @@ def _measured(bundle: Path, entries: dict, graphs: dict, ref: float) -> dict:
 
 def build_rt_bundle(dest: Path, graphs: dict, target: str = "x86-64-cpu", variants=("fp32", "int8-static"),
                     selected: str = "fp32", engine: dict | None = None, extra_files: dict | None = None,
-                    decode: bool = True, overwrite: bool = False, budgets: dict | None = None) -> Path:
+                    decode: bool = True, overwrite: bool = False, budgets: dict | None = None,
+                    task: dict | None = None) -> Path:
     """Write a bundle with the runtime's own writer (staged_bundle + write_manifest).
 
     Every variant holds the graphs the exporter wrote for it (tests/tiny_models.py); bits and
@@ -79,7 +80,7 @@ def build_rt_bundle(dest: Path, graphs: dict, target: str = "x86-64-cpu", varian
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
         write_manifest(tmp, {
-            "task": {"name": "tiny-task", "index": 3},
+            "task": task or {"name": "tiny-task", "index": 3},
             "target": profile,
             "tokenizer": {"height": 8, "width": 8, "channels": 1, "levels": cfg["vocab_size"]},
             "model": {"n_layer": cfg["n_layer"], "n_head": cfg["n_head"], "head_dim": cfg["d_attn"] // cfg["n_head"],

@@ -81,6 +81,13 @@ def test_adapt_registers_a_task_that_tasks_lists_and_generate_accepts(held_run, 
     assert [t["name"] for t in listed if t["kind"] == "adapted"] == ["sevens"]
     assert HELD not in [t["name"] for t in listed if t["kind"] == "trained"]
 
+    from projectable_edge.project import project_task
+
+    small, info = project_task(held_run, "sevens")
+    assert info["task_index"] is None and info["adapted"]["n_images"] == 20
+    x = torch.from_numpy(load_adapted(held_run, "sevens").goldens())
+    assert torch.equal(small(x), load_adapted(held_run, "sevens").model(model_after)(x))
+
     bundle = tmp_path / "bundle"
     path, manifest = generate(GenerateSettings(task="sevens", target="jetson", source=held_run, out=bundle,
                                                bench_runs=3, samples=4, cache=False), log=lambda m: None)

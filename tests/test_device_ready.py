@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -251,6 +252,9 @@ def test_device_check_python310_stand_in(cwd_bundle):
     assert "device-check: PASS" in out
     assert "imported outside the stdlib: numpy, onnxruntime, projectable_edge_runtime" in out
     assert "python 3.10." in out and "onnxruntime 1.19.0" in out
+    # the example apps as deployed (issue 13): anomaly app and a serve round trip in the stand-in
+    for check in ("app: anomaly", "app: serve round trip"):
+        assert re.search(rf"py310\s+{check}\s+ok", out), check
     print(f"device-check --py310 took {time.perf_counter() - t0:.1f}s")
 
 

@@ -32,6 +32,7 @@ class GenerateSettings:
     cache_dir: str | None = None  # step cache (default: .cache beside the bundle folder)
     cache: bool = True  # reuse export/quantization outputs of identical inputs and settings
     sign_key: str | None = None  # Ed25519 private key (PEM) that signs the manifest digest
+    ladder: bool = False  # every (size, precision) of the run's size ladder in one bundle (pipeline/ladder.py)
 
     def resolved(self) -> "GenerateSettings":
         """Every path absolute (the default --out included), fixed before any work: nothing depends on the cwd later."""

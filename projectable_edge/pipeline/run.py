@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from projectable_edge_runtime.devices import variants
-from projectable_edge.pipeline import steps
+from projectable_edge.pipeline import ladder, steps
 from projectable_edge.pipeline.bundle_manifest import build_manifest
 from projectable_edge.pipeline.cache import StepCache
 from projectable_edge.pipeline.inputs import TaskInputs, prepare
@@ -40,6 +40,14 @@ def build(plan: Plan, inputs: TaskInputs, tmp: Path, cache: StepCache, log) -> B
     return Built(export, quantized, selection, compiled)
 
 
+def _ladder_builds(plan: Plan, sizes: list, built: Built, tmp: Path, cache: StepCache, log) -> list:
+    """The main size (already built) plus every extra size of the ladder; [] without --ladder."""
+    if not sizes:
+        return []
+    main = ladder.main_build(sizes[0], built.export, built.quantized)
+    return [main, *(ladder.build_size(plan, s, tmp, cache, log) for s in sizes[1:])]
+
+
 def generate(settings: GenerateSettings, log=print) -> tuple[Path, dict]:
     """Write one bundle for one task and target; returns its path and manifest.
 
@@ -52,16 +60,28 @@ def generate(settings: GenerateSettings, log=print) -> tuple[Path, dict]:
     inputs = prepare(settings.source, settings.task, settings.goldens, log)
     out = plan.out_dir(inputs.task_name)
     cache = StepCache(plan.cache_dir(out))
+    sizes = ladder.prepare_sizes(settings.source, inputs, log) if settings.ladder else []
     with staged_bundle(out, overwrite=settings.overwrite) as tmp:
         built = build(plan, inputs, tmp, cache, log)
-        graph_files = [*built.export.files.values(), *(f for q in built.quantized.values() for f in q.files.values())]
+        builds = _ladder_builds(plan, sizes, built, tmp, cache, log)
+        graph_files = [*built.export.files.values(), *(f for q in built.quantized.values() for f in q.files.values()),
+                       *ladder.graph_files(builds)]
         device = {"requires": graph_requires(tmp, graph_files), "runtime_wheel": write_runtime_wheel(tmp, log)}
+        if builds:
+            device["candidates"] = ladder.candidates(plan, builds)
         parts = (plan, inputs, built.export, built.quantized, built.selection, built.compiled, cache)
         manifest = write_manifest(tmp, {**build_manifest(*parts), **device})
         measured = measure(tmp, built.selection.built, built.selection.selected, settings.bench_runs, log)
+        if builds:
+            lm = ladder.measure(tmp, plan, manifest, max(20, settings.bench_runs), log)
+            device.update(candidates=lm.candidates, ladder=lm.ladder)
+            manifest = {**manifest, **device}
         report = write_report(tmp, manifest, measured, settings.samples, log)
-        manifest = write_manifest(tmp, {**build_manifest(*parts, measured, time.perf_counter() - start), **device},
-                                  optional=report.files, sign_key=settings.sign_key)
+        body = build_manifest(*parts, measured, time.perf_counter() - start)
+        if builds:
+            body["exercised"] = ladder.note_exercised(body["exercised"], device["ladder"], len(device["candidates"]),
+                                                      plan.profile.name)
+        manifest = write_manifest(tmp, {**body, **device}, optional=report.files, sign_key=settings.sign_key)
     if cache.hits:
         log(f"step cache: reused {', '.join(cache.hits)} (saved {cache.saved_seconds:.1f}s of building)")
     log(f"wrote {out} in {time.perf_counter() - start:.1f}s (selected {built.selection.selected}, "

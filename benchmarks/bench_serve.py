@@ -1,0 +1,199 @@
+"""Load test of `python -m projectable_edge_runtime serve`, side by side with the runtime in-process.
+
+N concurrent clients for T seconds, each sending one image per request (POST /score, JSON tokens,
+keep-alive connections) to a server started here on loopback; then the same N client threads call
+`Model.score` in-process on the same images for T seconds. Every answer is checked against the
+in-process score (a wrong or failed answer is an error). Reports requests, errors, throughput and
+latency percentiles (p50/p90/p99/max) per mode, and the serving overhead (HTTP p50 - in-process p50).
+
+    python benchmarks/bench_serve.py BUNDLE [--clients 32] [--seconds 30] [--precision P] [--json]
+
+Bounded: loopback only, at most 256 clients and 600 s per phase. The clients are threads of one
+Python process, so at high client counts part of the HTTP latency is the clients' own (GIL)
+work; the server runs in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import projectable_edge_runtime as runtime
+
+MAX_CLIENTS, MAX_SECONDS = 256, 600
+
+
+def start_server(bundle: Path, precision: str | None, clients: int, workers: int) -> tuple[subprocess.Popen, str, int]:
+    """The CLI server on 127.0.0.1 and a free port, with room for every client's connection."""
+    cmd = [sys.executable, "-m", "projectable_edge_runtime", "serve", str(bundle), "--host", "127.0.0.1",
+           "--port", "0", "--max-connections", str(clients + 8), "--workers", str(workers), "--json"]
+    if precision:
+        cmd += ["--precision", precision]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    line = p.stdout.readline()
+    if "http://" not in line:
+        p.kill()
+        raise SystemExit(f"server did not start: {line}{p.stderr.read()}")
+    host, port = line.split("http://")[1].split()[0].rsplit(":", 1)
+    return p, host, int(port)
+
+
+def stop_server(p: subprocess.Popen) -> dict:
+    p.terminate()
+    out, err = p.communicate(timeout=30)
+    try:
+        return json.loads(out)
+    except ValueError:
+        return {"stdout": out[-500:], "stderr": err[-2000:]}
+
+
+def http_client(host: str, port: int, bodies: list[bytes], expected: np.ndarray, stop_at: float, k: int):
+    """One keep-alive client: (latencies_ms, errors, first error)."""
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    lat, errors, first, n = [], 0, None, 0
+    while time.perf_counter() < stop_at:
+        i = (k * 7 + n) % len(bodies)
+        n += 1
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", "/score", body=bodies[i], headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            data = r.read()
+            dt = (time.perf_counter() - t0) * 1e3
+            ok = r.status == 200 and abs(json.loads(data)["bits_per_dim"][0] - expected[i]) < 1e-6
+        except (OSError, http.client.HTTPException, ValueError, KeyError) as e:
+            ok, data = False, repr(e).encode()
+            conn.close()
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+        if ok:
+            lat.append(dt)
+        else:
+            errors += 1
+            first = first or data[:300].decode("utf-8", "replace")
+    conn.close()
+    return lat, errors, first
+
+
+def inproc_client(model, tokens: np.ndarray, expected: np.ndarray, stop_at: float, k: int):
+    """The same work without HTTP: model.score on one image per call."""
+    lat, errors, first, n = [], 0, None, 0
+    while time.perf_counter() < stop_at:
+        i = (k * 7 + n) % len(tokens)
+        n += 1
+        t0 = time.perf_counter()
+        try:
+            b = model.score(tokens[i:i + 1])[0]
+            dt = (time.perf_counter() - t0) * 1e3
+            ok = abs(b - expected[i]) < 1e-6
+        except Exception as e:  # counted, never hidden
+            ok, first = False, first or repr(e)
+        if ok:
+            lat.append(dt)
+        else:
+            errors += 1
+    return lat, errors, first
+
+
+def run_phase(name: str, fn, clients: int, seconds: float) -> dict:
+    """Run `clients` threads of fn(stop_at, k) for `seconds`; pooled latency percentiles and errors."""
+    results: list = [None] * clients
+    stop_at = time.perf_counter() + seconds
+
+    def worker(k):
+        results[k] = fn(stop_at, k)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    wall = time.perf_counter() - t0
+    finished = [r for r in results if r is not None]
+    lat = np.array([x for r in finished for x in r[0]])
+    errors = sum(r[1] for r in finished) + (clients - len(finished))
+    firsts = [r[2] for r in finished if r[2]]
+    pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: float("nan"))
+    return {"mode": name, "clients": clients, "seconds": round(wall, 2), "requests": int(lat.size) + errors,
+            "ok": int(lat.size), "errors": int(errors), "first_error": firsts[0] if firsts else None,
+            "throughput_per_s": lat.size / wall, "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+            "max_ms": float(lat.max()) if lat.size else float("nan")}
+
+
+def goldens(bundle: Path) -> np.ndarray:
+    with np.load(bundle / "goldens.npz", allow_pickle=False) as z:
+        return z["tokens"].astype(np.int64)
+
+
+def measure(bundle: Path, clients: int, seconds: float, precision: str | None, workers: int) -> dict:
+    with runtime.load(bundle, precision=precision) as model:
+        tokens = goldens(bundle)
+        expected = model.score(tokens)
+        bodies = [json.dumps({"tokens": tokens[i:i + 1].tolist()}).encode() for i in range(len(tokens))]
+        proc, host, port = start_server(bundle, precision, clients, workers)
+        try:
+            http_client(host, port, bodies, expected, time.perf_counter() + 1.0, 0)  # warm-up
+            phases = [run_phase("http", lambda s, k: http_client(host, port, bodies, expected, s, k), clients, seconds),
+                      run_phase("http", lambda s, k: http_client(host, port, bodies, expected, s, k), 1,
+                                min(seconds, 5.0))]
+        finally:
+            server = stop_server(proc)
+        model.score(tokens)  # warm-up
+        phases += [run_phase("in-process", lambda s, k: inproc_client(model, tokens, expected, s, k), clients, seconds),
+                   run_phase("in-process", lambda s, k: inproc_client(model, tokens, expected, s, k), 1,
+                             min(seconds, 5.0))]
+        variant = model.variant
+    by = {(p["mode"], p["clients"]): p for p in phases}
+    return {"bundle": str(bundle), "variant": variant, "task": model.task.get("name"), "server_workers": workers,
+            "cpu_count": os.cpu_count(), "phases": phases, "server": server,
+            "overhead_p50_ms": {f"{c} clients": by[("http", c)]["p50_ms"] - by[("in-process", c)]["p50_ms"]
+                                for c in sorted({clients, 1})},
+            "passed": by[("http", clients)]["errors"] == 0 and by[("http", 1)]["errors"] == 0}
+
+
+def table(out: dict) -> str:
+    rows = [("mode", "clients", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms")]
+    for p in out["phases"]:
+        rows.append((p["mode"], p["clients"], p["requests"], p["errors"], f"{p['throughput_per_s']:.1f}",
+                     *(f"{p[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))))
+    w = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"bench_serve: task {out['task']} ({out['variant']}), server workers {out['server_workers']}, "
+             f"{out['cpu_count']} CPUs, one image per request"]
+    lines += ["| " + " | ".join(str(c).ljust(x) for c, x in zip(r, w)) + " |" for r in rows[:1]]
+    lines += ["|" + "|".join("-" * (x + 2) for x in w) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(x) for c, x in zip(r, w)) + " |" for r in rows[1:]]
+    lines += [f"HTTP overhead at p50: " + ", ".join(f"{k}: {v:+.3f} ms" for k, v in out["overhead_p50_ms"].items())]
+    for p in out["phases"]:
+        if p["first_error"]:
+            lines.append(f"first error ({p['mode']}, {p['clients']} clients): {p['first_error']}")
+    lines.append("PASS: zero failed valid requests" if out["passed"] else "FAIL: some valid requests failed")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--precision", help="graph variant (default: the bundle's selected one)")
+    ap.add_argument("--workers", type=int, default=4, help="the server's concurrent model calls")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
+        ap.error(f"--clients must be 1..{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
+    out = measure(args.bundle.resolve(), args.clients, args.seconds, args.precision, args.workers)
+    print(json.dumps(out, indent=2) if args.json else table(out))
+    return 0 if out["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
