@@ -95,7 +95,7 @@ class _RoleModel:
         self.cfg = model.config_of(role)
         if self.base == "scratch":  # a fresh small model: no trained task to start from
             self.fresh = init_weights(self.cfg, generator)
-        projector, w, vecs = (None, None, None) if self.base in ("source", "scratch") else model._parts(role)
+        projector, w, vecs = (None, None, None) if self.base in ("source", "scratch") else model.parts(role)
         self.projector, self.weights = projector, w
         self.vectors = model.source_task if self.base in ("source", "projected") else vecs
 

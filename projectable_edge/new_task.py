@@ -73,8 +73,9 @@ def adapt(run: Path, images: Path, name: str, cfg: AdaptConfig = AdaptConfig(), 
     elif a.bits >= a.nearest_bits and not force:
         raise ProjectableEdgeError(
             f"the adapted task is no better than the nearest trained task '{nearest}' on the {len(a.check)} held-out "
-            f"images ({a.bits:.4f} vs {a.nearest_bits:.4f} bits/dim); nothing was registered. Add more images, or "
-            "pass --force to register it anyway")
+            f"images ({a.bits:.4f} vs {a.nearest_bits:.4f} bits/dim); nothing was registered. If these images are of "
+            f"that task, use it (`generate --task {nearest}`); otherwise add more images, or pass --force to "
+            "register it anyway")
     dest = register(run, name, a, tokens, np.asarray(a.check, dtype=np.int64), record, overwrite=force)
     log(f"registered task {name!r} at {dest}: {a.bits:.4f} bits/dim on {len(a.check) or len(files)} "
         f"{'held-out' if a.check else 'fitted'} images (nearest trained task '{nearest}': {a.nearest_bits:.4f}); "

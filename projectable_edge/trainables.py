@@ -115,7 +115,7 @@ class Trainables(nn.Module):
                                        f"{', '.join(self.ladder) or '(none: train with --ladder)'}")
         return self.ladder[size]
 
-    def _parts(self, role: str):
+    def parts(self, role: str):
         """(projector or None, weights, task vectors) of a small role."""
         base, size = split_role(role)
         if size:
@@ -130,7 +130,7 @@ class Trainables(nn.Module):
 
     def operator(self, role: str = "projected") -> Projector:
         """The projector behind a projected role (the main size's, or a ladder size's)."""
-        projector = self._parts(role)[0]
+        projector = self.parts(role)[0]
         if projector is None:
             raise ProjectableEdgeError(f"role {role!r} is not a projected model; it has no operator")
         return projector
@@ -145,7 +145,7 @@ class Trainables(nn.Module):
         if base == "source":
             return forward(self.source.weights(), self.src_cfg, tokens, self.source_task[task_ids])
         cfg = self.config_of(role)
-        projector, w, vecs = self._parts(role)
+        projector, w, vecs = self.parts(role)
         if projector is not None:
             pw, bos = self.projected_all(role)
             return forward(_take(pw, task_ids), cfg, tokens, bos[task_ids])
@@ -201,7 +201,7 @@ class Trainables(nn.Module):
             if base == "source":
                 return self.src_cfg, dict(self.source.weights()), self.source_task[task]
             cfg = self.config_of(role)
-            projector, w, vecs = self._parts(role)
+            projector, w, vecs = self.parts(role)
             if projector is not None:
                 pw, bos = projector(self.source.weights(), self.source_task[task: task + 1])
                 return cfg, {k: v[0] for k, v in pw.items()}, bos[0]
