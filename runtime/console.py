@@ -45,6 +45,18 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False, say: Callabl
     return int(result or 0)
 
 
+def filter_boundary(fn: Callable[[], Any], *, verbose: bool = False) -> int:
+    """error_boundary for a command whose output is piped: a reader that goes away (`... | head`)
+    ends it quietly with status 0, like any Unix filter."""
+    import os
+
+    try:
+        return error_boundary(fn, verbose=verbose, passthrough=(BrokenPipeError,))
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 

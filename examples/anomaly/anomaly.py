@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import projectable_edge_runtime as runtime
 from projectable_edge_runtime import ProjectableEdgeError
 from projectable_edge_runtime.atomic import atomic_output
-from projectable_edge_runtime.console import error_boundary
+from projectable_edge_runtime.console import filter_boundary
 from projectable_edge_runtime.inputs import read_inputs
 
 CONFIG_FORMAT = "projectable-edge-anomaly"
@@ -296,11 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fn = {"calibrate": _cmd_calibrate, "score": _cmd_score}[args.command]
-    try:
-        return error_boundary(lambda: fn(args), verbose=args.verbose, passthrough=(BrokenPipeError,))
-    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, like any filter
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return filter_boundary(lambda: fn(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 import projectable_edge_runtime as runtime
 from projectable_edge_runtime import ProjectableEdgeError
-from projectable_edge_runtime.console import error_boundary
+from projectable_edge_runtime.console import filter_boundary
 from projectable_edge_runtime.inputs import read_inputs
 
 
@@ -126,11 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return error_boundary(lambda: _run(args), verbose=args.verbose, passthrough=(BrokenPipeError,))
-    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, like any filter
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return filter_boundary(lambda: _run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":
