@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,8 @@ def run_one(run: Path, ks: list[int], steps: int, methods, log, **settings) -> l
                              "task": task, "k": k, "method": name, "bits": score(model, role, a, scored),
                              "seconds": a.seconds, "best_step": max(c["step"] for c in a.curve if c["check"] == a.bits)})
                 if what == "embedding" and role in ("projected", "universal") and not extra:
-                    zero = a.__class__(**{**a.__dict__, "vector": (model.source_task if role == "projected"
-                                                                    else model.universal_task)[a.nearest].detach(),
-                                          "deltas": {}})
+                    start = (model.source_task if role == "projected" else model.universal_task)[a.nearest]
+                    zero = replace(a, vector=start.detach(), deltas={})  # the nearest task, unfitted
                     rows.append({**rows[-1], "method": f"nearest task ({role})", "bits": score(model, role, zero, scored),
                                  "seconds": 0.0})
                 log(f"{run.name} task {task} k={k} {name}: {[r for r in rows if r['method'] == name][-1]['bits']:.4f} "

@@ -27,7 +27,7 @@ import torch
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.data import shift_augment
-from projectable_edge.model import Weights, bits_per_dim, forward, init_weights, nll
+from projectable_edge.model import SpecialisedModel, Weights, bits_per_dim, forward, init_weights, nll
 from projectable_edge.trainables import Trainables, role_generator, split_role
 from projectable_edge_runtime.tokenizer import TokenizerSpec
 
@@ -237,7 +237,4 @@ def adapted_model(model: Trainables, role: str, adapted: Adapted):
 
 def score(model: Trainables, role: str, adapted: Adapted, tokens: np.ndarray) -> float:
     """Macro bits/dim of an adapted model on other images of the task."""
-    cfg, w, bos = adapted_model(model, role, adapted)
-    x = torch.as_tensor(tokens, dtype=torch.long)
-    with torch.no_grad():
-        return float(bits_per_dim(forward(w, cfg, x, bos.expand(len(x), -1)), x).mean())
+    return float(SpecialisedModel(*adapted_model(model, role, adapted)).bits(tokens).mean())

@@ -85,19 +85,15 @@ def evaluate_run(run: Path, split: str = "test") -> dict:
 def adapted_rows(run: Path, model, data) -> list[dict]:
     """Tasks added by `adapt`, re-measured: their projected model and the nearest trained task's, on the
     images held out from the fit (an adapted task has no test split)."""
-    import torch
-
-    from projectable_edge.model import bits_per_dim
     from projectable_edge.project import specialise
     from projectable_edge.task_registry import adapted_names, load_adapted
 
     rows = []
     for name in adapted_names(run):
         at = load_adapted(run, name)
-        x = torch.from_numpy(at.goldens())
-        with torch.no_grad():
-            mine = float(bits_per_dim(at.model(model)(x), x).mean())
-            near = float(bits_per_dim(specialise(model, "projected", at.adapted.nearest)(x), x).mean())
+        x = at.goldens()
+        mine = float(at.model(model).bits(x).mean())
+        near = float(specialise(model, "projected", at.adapted.nearest).bits(x).mean())
         rows.append({"task": name, "n_images": at.record["n_images"], "n_scored": int(len(x)),
                      "held_out": bool(len(at.check)), "projected": mine,
                      "nearest_task": data.task_names[at.adapted.nearest], "nearest_projected": near})

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -222,6 +223,13 @@ class SpecialisedModel(nn.Module):
         b = tokens.shape[0]
         bos = self.wte_ext[self.cfg.vocab_size].expand(b, -1)
         return forward(w, self.cfg, tokens, bos)
+
+    def bits(self, tokens: np.ndarray) -> np.ndarray:
+        """Bits/dim of each sequence, tokens int64 [N, T] -> float64 [N]: the PyTorch reference every
+        later step (export parity, goldens, adapted-task checks) compares against."""
+        with torch.no_grad():
+            x = torch.as_tensor(tokens, dtype=torch.long)
+            return bits_per_dim(self(x), x).double().numpy()
 
     def decode_step(self, token: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
         """token [B, 1] (int64), past_k/v [L, B, H, P, hd] -> logits [B, V], present_k/v [L, B, H, P+1, hd]."""

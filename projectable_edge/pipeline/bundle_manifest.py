@@ -58,10 +58,16 @@ def _steps(export: ExportStep, quantized: dict[str, QuantizeStep], compiled: Com
     return out
 
 
+def model_facts(inputs: TaskInputs) -> dict:
+    """The manifest's `model` entry: what the runtime needs to feed the graphs (and the params count)."""
+    m = inputs.model.cfg
+    return {"n_layer": m.n_layer, "n_head": m.n_head, "head_dim": m.head_dim, "vocab_size": m.vocab_size,
+            "block_size": m.block_size, "bos_id": inputs.model.bos_id, "d_model": m.d_model, "params": inputs.n_params}
+
+
 def build_manifest(plan: Plan, inputs: TaskInputs, export: ExportStep, quantized: dict[str, QuantizeStep],
                    selection: Selection, compiled: CompileStep, cache: StepCache,
                    measured: MeasureStep | None = None, seconds: float | None = None) -> dict:
-    m = inputs.model.cfg
     files = {variants.FP32.name: export.files, **{v: q.files for v, q in quantized.items()}}
     provenance = {"source_run": str(plan.settings.source), "source_config": inputs.meta,
                   "source_weights_sha256": inputs.source_sha256, "projection_ms": inputs.projection_ms,
@@ -75,9 +81,7 @@ def build_manifest(plan: Plan, inputs: TaskInputs, export: ExportStep, quantized
         "task": {"name": inputs.task_name, "index": inputs.task},
         "target": plan.profile.to_dict(),
         "tokenizer": inputs.tokenizer,
-        "model": {"n_layer": m.n_layer, "n_head": m.n_head, "head_dim": m.head_dim, "vocab_size": m.vocab_size,
-                  "block_size": m.block_size, "bos_id": inputs.model.bos_id, "d_model": m.d_model,
-                  "params": inputs.n_params},
+        "model": model_facts(inputs),
         "io": export.io,
         "graphs": files,
         "selected": selection.selected,

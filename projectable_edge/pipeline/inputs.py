@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from projectable_edge.model import SpecialisedModel, bits_per_dim
+from projectable_edge.model import SpecialisedModel
 from projectable_edge.project import adapted_provenance, n_params, specialise
 from projectable_edge.task_registry import resolve
 from projectable_edge.evaluate import role_bits
@@ -63,9 +62,7 @@ def prepare(source: str, task: str, n_goldens: int, log) -> TaskInputs:
     log(f"projected {'adapted ' if adapted else ''}task {name} in {projection_ms:.2f} ms ({n_params(small):,} params)")
     test = t.goldens() if adapted else data.split("test", t)
     goldens = test[:n_goldens]
-    with torch.no_grad():
-        x = torch.from_numpy(goldens)
-        ref_bits = bits_per_dim(small(x), x).numpy().astype(np.float64)
+    ref_bits = small.bits(goldens)
     reference = _adapted_reference(trainables, t, small) if adapted else \
         _reference(Path(source), trainables, test, t, data.n_tasks)
     return TaskInputs(meta=meta, tokenizer=data.spec.to_dict(), task=None if adapted else t, task_name=name,
@@ -78,8 +75,6 @@ def prepare(source: str, task: str, n_goldens: int, log) -> TaskInputs:
 
 def _adapted_reference(trainables, t, small) -> dict[str, float]:
     """An adapted task has no test split: its held-out images, under it and under the nearest trained task."""
-    x = torch.from_numpy(t.goldens())
     near = specialise(trainables, "projected", t.adapted.nearest)
-    with torch.no_grad():
-        return {"projected": float(bits_per_dim(small(x), x).mean()),
-                "nearest trained task (projected)": float(bits_per_dim(near(x), x).mean())}
+    return {"projected": float(small.bits(t.goldens()).mean()),
+            "nearest trained task (projected)": float(near.bits(t.goldens()).mean())}

@@ -15,12 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from projectable_edge.model import bits_per_dim
 from projectable_edge.project import n_params, specialise
 from projectable_edge.pipeline import estimate as est
 from projectable_edge.pipeline import steps
+from projectable_edge.pipeline.bundle_manifest import model_facts
 from projectable_edge.pipeline.cache import StepCache
 from projectable_edge.pipeline.inputs import TaskInputs, model_sha256
 from projectable_edge.pipeline.plan import Plan
@@ -53,12 +52,6 @@ def _size_name(cfg) -> str:
     return f"{cfg.d_model}x{cfg.n_layer}"
 
 
-def _bits(model, goldens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        x = torch.from_numpy(goldens)
-        return bits_per_dim(model(x), x).numpy().astype(np.float64)
-
-
 def _rung_inputs(source: str, main: TaskInputs, trainables, role: str, test: np.ndarray, n_tasks: int,
                  log) -> TaskInputs:
     """A ladder size's inputs: the main task's data, this size's projected model and references."""
@@ -72,7 +65,7 @@ def _rung_inputs(source: str, main: TaskInputs, trainables, role: str, test: np.
     tasks = np.full(len(test), main.task)
     ref = role_bits(Path(source), trainables, test, tasks, n_tasks, roles=(role, uni))
     return replace(main, model=small, model_sha256=model_sha256(small), n_params=n_params(small), projection_ms=ms,
-                   ref_bits=_bits(small, main.goldens),
+                   ref_bits=small.bits(main.goldens),
                    reference={"projected": float(ref[role][main.task]), "universal": float(ref[uni][main.task])})
 
 
@@ -91,12 +84,12 @@ def prepare_sizes(source: str, main: TaskInputs, log) -> list[SizeInputs]:
                                    "sizes) or generate without --ladder")
     test = data.split("test", main.task)
     out = [SizeInputs(_size_name(main.model.cfg), "projected", True, main,
-                      float(_bits(specialise(trainables, "universal", main.task), main.goldens).mean()))]
+                      float(specialise(trainables, "universal", main.task).bits(main.goldens).mean()))]
     for name in rungs:
         role = f"projected@{name}"
         inputs = _rung_inputs(source, main, trainables, role, test, data.n_tasks, log)
         uni = specialise(trainables, f"universal@{name}", main.task)
-        out.append(SizeInputs(name, role, False, inputs, float(_bits(uni, main.goldens).mean())))
+        out.append(SizeInputs(name, role, False, inputs, float(uni.bits(main.goldens).mean())))
     return out
 
 
@@ -118,12 +111,6 @@ def main_build(size: SizeInputs, export: steps.ExportStep, quantized: dict[str, 
     return SizeBuild(size, "", export, quantized)
 
 
-def _model_facts(inputs: TaskInputs) -> dict:
-    m = inputs.model.cfg
-    return {"n_layer": m.n_layer, "n_head": m.n_head, "head_dim": m.head_dim, "vocab_size": m.vocab_size,
-            "block_size": m.block_size, "bos_id": inputs.model.bos_id, "d_model": m.d_model, "params": inputs.n_params}
-
-
 def _candidate(b: SizeBuild, variant: str) -> dict:
     """One candidate's manifest entry, before it is measured."""
     fp32_bits = b.export.bits
@@ -132,7 +119,7 @@ def _candidate(b: SizeBuild, variant: str) -> dict:
     files = b.export.files if q is None else q.files
     inp = b.size.inputs
     return {"size": b.size.size, "variant": variant, "role": b.size.role, "main": b.size.main,
-            "model": _model_facts(inp),
+            "model": model_facts(inp),
             "graphs": {k: b.prefix + p for k, p in files.items()},
             "goldens": "goldens.npz" if b.size.main else f"{b.prefix}goldens.npz",
             "accuracy": {"bits": bits, "fp32_bits": fp32_bits, "vs_fp32": bits - fp32_bits,
