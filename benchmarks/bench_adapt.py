@@ -10,6 +10,8 @@ small model), projected adapted + norms (embedding and the small model's norm ga
 projected fine-tuned (embedding and all small weights), universal adapted (its task vector) and
 fine-tuned (all its weights), universal + norms, a small model from scratch, the nearest trained
 task (zero-shot, projected and universal), and the source adapted (its task embedding: the ceiling).
+Runs with a second stage (`--extra-steps`) add the universal model sliced from the source
+(`universal@ws`), adapted and fine-tuned the same way; methods a run lacks are skipped.
 
     python benchmarks/bench_adapt.py RUN [RUN ...] [--k 5,20,100] [--json out.json]
 """
@@ -37,6 +39,8 @@ METHODS = (
     ("universal adapted", "universal", "embedding", {}),
     ("universal + norms", "universal", "norms", {}),
     ("universal fine-tuned", "universal", "all", {}),
+    ("universal@ws adapted", "universal@ws", "embedding", {}),
+    ("universal@ws fine-tuned", "universal@ws", "all", {}),
     ("scratch", "scratch", "all", {}),
     ("source adapted", "source", "embedding", {}),
 )
@@ -59,13 +63,15 @@ def run_one(run: Path, ks: list[int], steps: int, methods, log, **settings) -> l
         for k in ks:
             x = draw[:k]
             for name, role, what, extra in methods:
+                if role not in model.roles:
+                    continue
                 cfg = AdaptConfig(steps=steps, fit=what, seed=meta["train"]["seed"], **{**settings, **extra})
                 a = fit(model, role, x, data.spec, cfg)
                 rows.append({"run": str(run), "dataset": meta["data"]["dataset"], "seed": meta["train"]["seed"],
                              "task": task, "k": k, "method": name, "bits": score(model, role, a, scored),
                              "seconds": a.seconds, "best_step": max(c["step"] for c in a.curve if c["check"] == a.bits)})
                 if what == "embedding" and role in ("projected", "universal") and not extra:
-                    start = (model.source_task if role == "projected" else model.universal_task)[a.nearest]
+                    start = (model.source_task if role == "projected" else model.parts(role)[2])[a.nearest]
                     zero = replace(a, vector=start.detach(), deltas={})  # the nearest task, unfitted
                     rows.append({**rows[-1], "method": f"nearest task ({role})", "bits": score(model, role, zero, scored),
                                  "seconds": 0.0})
@@ -90,14 +96,15 @@ def table(rows: list[dict], ks: list[int]) -> str:
                 v = [r["bits"] for r in sel if r["method"] == m and r["k"] == k]
                 cells.append(f"{np.mean(v):.4f}" if v else "-")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        universal = [m for m in names if m.startswith("universal")]  # every universal model, adapted or fine-tuned
         for mine in ("projected fine-tuned", "projected adapted"):
             wins = []
             for k in ks:
                 by = {(r["task"], r["seed"], r["method"]): r["bits"] for r in sel if r["k"] == k}
-                ok = [by[(t, s, mine)] < min(by[(t, s, "universal adapted")], by[(t, s, "universal fine-tuned")])
-                      for t, s in pairs if all((t, s, m) in by for m in (mine, "universal adapted", "universal fine-tuned"))]
+                ok = [by[(t, s, mine)] < min(by[(t, s, u)] for u in universal)
+                      for t, s in pairs if all((t, s, m) in by for m in (mine, *universal))]
                 wins.append(f"{sum(ok)}/{len(ok)}" if ok else "-")
-            lines.append(f"| {mine} beats the better universal, pairs | " + " | ".join(wins) + " |")
+            lines.append(f"| {mine} beats the best universal, pairs | " + " | ".join(wins) + " |")
     return "\n".join(lines)
 
 

@@ -29,11 +29,10 @@ def _tune(bundle: Path, *extra: str) -> dict:
     return json.loads(res.stdout)
 
 
-def _between_sizes(manifest: dict, rows: list[dict]) -> float | None:
+def _between_sizes(manifest, rows: list[dict]) -> float | None:
     """A p99 budget between the two largest sizes whose fastest measured p99s differ."""
-    cands = manifest["candidates"]
-    sizes = sorted(manifest["ladder"]["sizes"], key=lambda s: next(c["model"]["params"] for c in cands.values()
-                                                                    if c["size"] == s))
+    cands = manifest.candidates
+    sizes = sorted(manifest.ladder.sizes, key=lambda s: next(c.model.params for c in cands.values() if c.size == s))
     best = {s: min(r["p99_ms"] for r in rows if r["size"] == s) for s in sizes}
     for a, b in reversed(list(zip(sizes, sizes[1:]))):
         if best[a] < best[b]:
@@ -54,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ladder-") as tmp:
         out = Path(tmp) / "bundle"
         start = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):  # the exporter prints its parity lines
+        with contextlib.redirect_stdout(sys.stderr):  # nothing of generate's may reach this JSON
             path, m = generate(GenerateSettings(task=args.task, target=args.target, source=str(Path(args.run).resolve()),
                                                 out=str(out), cache=False, ladder=True), log=lambda s: None)
         seconds = time.perf_counter() - start
@@ -63,16 +62,17 @@ def main() -> None:
         budget = _between_sizes(m, tuned["rows"])
         between = _tune(path, "--record", str(Path(tmp) / "t.json"), "--reuse", "--p99-ms", repr(budget)) \
             if budget else None
-    cands = m["candidates"]
+    cands = m.candidates
     report = {
-        "target": m["target"]["name"], "sizes": m["ladder"]["sizes"], "candidates": len(cands),
-        "precisions": sorted({c["variant"] for c in cands.values()}), "generate_seconds": seconds,
+        "target": m.target.name, "sizes": list(m.ladder.sizes), "candidates": len(cands),
+        "precisions": sorted({c.variant for c in cands.values()}), "generate_seconds": seconds,
         "bundle_bytes": size, "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-        "estimate": {n: {"device_p50_ms_ESTIMATE": c["estimate"]["device_p50_ms"],
-                         "host_p50_ms": c["latency_host"]["p50_ms"], "error_ratio": c["estimate"]["error_ratio"],
-                         "bits": c["accuracy"]["bits"], "vs_universal": c["accuracy"]["vs_universal"]}
+        "estimate": {n: {"device_p50_ms_ESTIMATE": c.estimate["device_p50_ms"],
+                         "host_p50_ms": c.latency_host.p50_ms, "error_ratio": c.estimate["error_ratio"],
+                         "bits": c.accuracy.bits, "vs_universal": c.accuracy.vs_universal}
                      for n, c in cands.items()},
-        "host_pick_at_generate": m["ladder"]["host_pick"]["explanation"],
+        "error_ratio_range_out_of_sample": m.ladder.estimate["error_ratio_range"],
+        "host_pick_at_generate": m.ladder.host_pick["explanation"],
         "tune_profile_budget": tuned["explanation"],
         "tune_between_sizes": None if between is None else {"p99_budget_ms": budget, "explanation": between["explanation"],
                                                             "choice": between["choice"]},

@@ -36,7 +36,10 @@ def _tiny_bundle(dest: Path) -> Path:
 
     from projectable_edge_runtime.devices.profiles import load_profile
     from projectable_edge.model import ModelConfig, SpecialisedModel, init_weights
-    from projectable_edge_runtime.manifest import staged_bundle, write_manifest
+    from projectable_edge_runtime.manifest import (SCHEMA_VERSION, Accuracy, Candidate, Engine, EngineStatus, Graphs,
+                                                   Manifest, ModelFacts, Selection, Task, staged_bundle, write_manifest)
+    from projectable_edge_runtime.requirements import requires_for
+    from projectable_edge_runtime.tokenizer import TokenizerSpec
 
     cfg = ModelConfig(vocab_size=17, block_size=64, n_layer=2, n_head=2, d_model=16, d_attn=16, d_mlp=32)
     g = torch.Generator().manual_seed(0)
@@ -48,13 +51,15 @@ def _tiny_bundle(dest: Path) -> Path:
         torch.onnx.export(model, (tokens,), str(tmp / "graphs/score.onnx"), input_names=["tokens"],
                           output_names=["logits"], dynamic_axes={"tokens": {0: "batch"}, "logits": {0: "batch"}},
                           dynamo=True, verbose=False, external_data=False)
-        np.savez(tmp / "goldens.npz", tokens=tokens.numpy())
-        write_manifest(tmp, {
-            "task": {"name": "bench", "index": 0}, "target": load_profile("x86-64-cpu").to_dict(),
-            "tokenizer": {"height": 8, "width": 8, "channels": 1, "levels": 17},
-            "model": {"n_layer": 2, "n_head": 2, "head_dim": 8, "vocab_size": 17, "block_size": 64, "bos_id": 17},
-            "graphs": {"fp32": {"score": "graphs/score.onnx", "decode": None}}, "selected": "fp32",
-            "engine": {"status": "not-applicable"}, "accuracy": {}})
+        ref = model.bits(tokens.numpy())
+        np.savez(tmp / "goldens.npz", tokens=tokens.numpy(), ref_bits=ref)
+        acc = Accuracy(float(ref.mean()), 0.01 * float(ref.mean()), 0.01, True, None, None, None)
+        cand = Candidate("16x2", "fp32", True, "projected", ModelFacts(2, 2, 8, 17, 64, 17, 16, 1),
+                         Graphs("graphs/score.onnx", None), "goldens.npz", acc)
+        write_manifest(tmp, Manifest(SCHEMA_VERSION, Task("bench", 0), load_profile("x86-64-cpu"),
+                                     TokenizerSpec(8, 8, 1, 17), {"16x2/fp32": cand}, "16x2/fp32",
+                                     Selection("benchmark", "benchmark", {}), Engine(EngineStatus.NOT_APPLICABLE, "-"),
+                                     requires_for(), {}))
     return dest
 
 
@@ -95,7 +100,7 @@ def measure(bundle: Path, runs: int, warmup: int, threads: int | None, batches=(
     sess = ort_session(model.score_runner.path, threads=model.backend["threads"])
     out = {"bundle": str(bundle), "runs": runs, "threads": model.backend["threads"],
            "providers": model.backend["providers"], "cases": {}}
-    goldens = bundle / model.manifest.get("goldens", "goldens.npz")
+    goldens = model.goldens_path
     golden = np.load(goldens, allow_pickle=False)["tokens"].astype(np.int64)
     for b in batches:
         x = np.ascontiguousarray(np.tile(golden, (-(-b // len(golden)), 1))[:b])

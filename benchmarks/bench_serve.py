@@ -1,16 +1,20 @@
 """Load test of `python -m projectable_edge_runtime serve`, side by side with the runtime in-process.
 
 N concurrent clients for T seconds, each sending one image per request (POST /score, JSON tokens,
-keep-alive connections) to a server started here on loopback; then the same N client threads call
-`Model.score` in-process on the same images for T seconds. Every answer is checked against the
-in-process score (a wrong or failed answer is an error). Reports requests, errors, throughput and
-latency percentiles (p50/p90/p99/max) per mode, and the serving overhead (HTTP p50 - in-process p50).
+keep-alive connections) to a server started here on loopback; then, where ApacheBench is installed,
+`ab -k` (HTTP/1.0 keep-alive) and plain `ab` (a new connection per request), R requests each with N
+clients, against the same server; then the same N client threads call `Model.score` in-process on
+the same images for T seconds. Every answer of the Python clients is checked against the in-process
+score (a wrong or failed answer is an error); ab counts failed (connect, receive, exceptions) and
+non-2xx answers. Reports requests, errors, throughput, latency percentiles (p50/p90/p99/max; ab's are
+whole milliseconds) and the 1-minute load average before and after each phase, and the serving
+overhead (HTTP p50 - in-process p50).
 
-    python benchmarks/bench_serve.py BUNDLE [--clients 32] [--seconds 30] [--precision P] [--json]
+    python benchmarks/bench_serve.py BUNDLE [--clients 32] [--seconds 30] [--ab-requests 2000] [--json]
 
-Bounded: loopback only, at most 256 clients and 600 s per phase. The clients are threads of one
-Python process, so at high client counts part of the HTTP latency is the clients' own (GIL)
-work; the server runs in its own process.
+Bounded: loopback only, at most 256 clients and 600 s per phase. The Python clients are threads of
+one process, so at high client counts part of their HTTP latency is the clients' own (GIL) work;
+the server runs in its own process.
 """
 from __future__ import annotations
 
@@ -18,8 +22,11 @@ import argparse
 import http.client
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,18 +39,19 @@ MAX_CLIENTS, MAX_SECONDS = 256, 600
 
 
 def start_server(bundle: Path, precision: str | None, clients: int, workers: int) -> tuple[subprocess.Popen, str, int]:
-    """The CLI server on 127.0.0.1 and a free port, with room for every client's connection."""
+    """The CLI server on 127.0.0.1 and a free port (its default connection limit, 512, holds every client)."""
     cmd = [sys.executable, "-m", "projectable_edge_runtime", "serve", str(bundle), "--host", "127.0.0.1",
-           "--port", "0", "--max-connections", str(clients + 8), "--workers", str(workers), "--json"]
+           "--port", "0", "--workers", str(workers), "--json"]
     if precision:
         cmd += ["--precision", precision]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    line = p.stdout.readline()
-    if "http://" not in line:
+    line = p.stdout.readline()  # --json: the first JSON line is the "serving" event with the URL
+    try:
+        host, port = json.loads(line)["url"].removeprefix("http://").rsplit(":", 1)
+    except (ValueError, KeyError):
         p.kill()
-        raise SystemExit(f"server did not start: {line}{p.stderr.read()}")
-    host, port = line.split("http://")[1].split()[0].rsplit(":", 1)
+        raise SystemExit(f"server did not start: {line}{p.stderr.read()}") from None
     return p, host, int(port)
 
 
@@ -51,8 +59,8 @@ def stop_server(p: subprocess.Popen) -> dict:
     p.terminate()
     out, err = p.communicate(timeout=30)
     try:
-        return json.loads(out)
-    except ValueError:
+        return json.loads(out.splitlines()[-1])  # the "stopped" event
+    except (ValueError, IndexError):
         return {"stdout": out[-500:], "stderr": err[-2000:]}
 
 
@@ -112,7 +120,7 @@ def run_phase(name: str, fn, clients: int, seconds: float) -> dict:
         results[k] = fn(stop_at, k)
 
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
-    t0 = time.perf_counter()
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
@@ -126,7 +134,32 @@ def run_phase(name: str, fn, clients: int, seconds: float) -> dict:
     return {"mode": name, "clients": clients, "seconds": round(wall, 2), "requests": int(lat.size) + errors,
             "ok": int(lat.size), "errors": int(errors), "first_error": firsts[0] if firsts else None,
             "throughput_per_s": lat.size / wall, "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
-            "max_ms": float(lat.max()) if lat.size else float("nan")}
+            "max_ms": float(lat.max()) if lat.size else float("nan"), "load": [load0, os.getloadavg()[0]]}
+
+
+def run_ab(url: str, body: bytes, requests: int, clients: int, keep_alive: bool) -> dict:
+    """ApacheBench against POST /score: -l (answers differ in length: latency_ms), -k for keep-alive."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        f.write(body)
+        f.flush()
+        cmd = ["ab", "-n", str(requests), "-c", str(clients), "-s", "60", "-l", "-p", f.name,
+               "-T", "application/json", *(["-k"] if keep_alive else []), url + "/score"]
+        load0 = os.getloadavg()[0]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=MAX_SECONDS)
+    out = proc.stdout
+
+    def num(label: str, default: float = float("nan")) -> float:  # "Label:   123.4 [...]" or " 99%   12"
+        m = re.search(rf"^\s*{re.escape(label)}:?\s+([\d.]+)", out, re.M)
+        return float(m[1]) if m else default
+
+    complete, failed, non2xx = num("Complete requests", 0), num("Failed requests", 0), num("Non-2xx responses", 0)
+    errors = int(failed + non2xx + (requests - complete) + (proc.returncode != 0))
+    return {"mode": "ab -k" if keep_alive else "ab", "clients": clients, "seconds": num("Time taken for tests"),
+            "requests": requests, "ok": int(complete - failed - non2xx), "errors": errors,
+            "first_error": (proc.stderr or out)[-300:] if errors else None,
+            "throughput_per_s": num("Requests per second"), "p50_ms": num("50%"), "p90_ms": num("90%"),
+            "p99_ms": num("99%"), "max_ms": num("100%"), "load": [load0, os.getloadavg()[0]],
+            "command": " ".join(cmd).replace(f.name, "BODY.json").replace(url, "URL")}
 
 
 def goldens(bundle: Path) -> np.ndarray:
@@ -134,7 +167,8 @@ def goldens(bundle: Path) -> np.ndarray:
         return z["tokens"].astype(np.int64)
 
 
-def measure(bundle: Path, clients: int, seconds: float, precision: str | None, workers: int) -> dict:
+def measure(bundle: Path, clients: int, seconds: float, precision: str | None, workers: int,
+            ab_requests: int) -> dict:
     with runtime.load(bundle, precision=precision) as model:
         tokens = goldens(bundle)
         expected = model.score(tokens)
@@ -145,6 +179,9 @@ def measure(bundle: Path, clients: int, seconds: float, precision: str | None, w
             phases = [run_phase("http", lambda s, k: http_client(host, port, bodies, expected, s, k), clients, seconds),
                       run_phase("http", lambda s, k: http_client(host, port, bodies, expected, s, k), 1,
                                 min(seconds, 5.0))]
+            if ab_requests and shutil.which("ab"):
+                phases += [run_ab(f"http://{host}:{port}", bodies[0], ab_requests, clients, keep_alive)
+                           for keep_alive in (True, False)]
         finally:
             server = stop_server(proc)
         model.score(tokens)  # warm-up
@@ -157,14 +194,17 @@ def measure(bundle: Path, clients: int, seconds: float, precision: str | None, w
             "cpu_count": os.cpu_count(), "phases": phases, "server": server,
             "overhead_p50_ms": {f"{c} clients": by[("http", c)]["p50_ms"] - by[("in-process", c)]["p50_ms"]
                                 for c in sorted({clients, 1})},
-            "passed": by[("http", clients)]["errors"] == 0 and by[("http", 1)]["errors"] == 0}
+            "ab": "ran" if any(p["mode"].startswith("ab") for p in phases) else
+                  ("not installed (apt-get install apache2-utils)" if ab_requests else "off (--ab-requests 0)"),
+            "passed": all(p["errors"] == 0 for p in phases)}
 
 
 def table(out: dict) -> str:
-    rows = [("mode", "clients", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms")]
+    rows = [("mode", "clients", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "load avg")]
     for p in out["phases"]:
         rows.append((p["mode"], p["clients"], p["requests"], p["errors"], f"{p['throughput_per_s']:.1f}",
-                     *(f"{p[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))))
+                     *(f"{p[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")),
+                     "{:.1f} -> {:.1f}".format(*p["load"])))
     w = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [f"bench_serve: task {out['task']} ({out['variant']}), server workers {out['server_workers']}, "
              f"{out['cpu_count']} CPUs, one image per request"]
@@ -172,6 +212,7 @@ def table(out: dict) -> str:
     lines += ["|" + "|".join("-" * (x + 2) for x in w) + "|"]
     lines += ["| " + " | ".join(str(c).ljust(x) for c, x in zip(r, w)) + " |" for r in rows[1:]]
     lines += [f"HTTP overhead at p50: " + ", ".join(f"{k}: {v:+.3f} ms" for k, v in out["overhead_p50_ms"].items())]
+    lines += [f"ab: {out['ab']}"] + [f"  {p['mode']}: {p['command']}" for p in out["phases"] if "command" in p]
     for p in out["phases"]:
         if p["first_error"]:
             lines.append(f"first error ({p['mode']}, {p['clients']} clients): {p['first_error']}")
@@ -186,11 +227,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--precision", help="graph variant (default: the bundle's selected one)")
     ap.add_argument("--workers", type=int, default=4, help="the server's concurrent model calls")
+    ap.add_argument("--ab-requests", type=int, default=2000, help="requests per ab run (0: no ab)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
         ap.error(f"--clients must be 1..{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
-    out = measure(args.bundle.resolve(), args.clients, args.seconds, args.precision, args.workers)
+    out = measure(args.bundle.resolve(), args.clients, args.seconds, args.precision, args.workers, args.ab_requests)
     print(json.dumps(out, indent=2) if args.json else table(out))
     return 0 if out["passed"] else 1
 

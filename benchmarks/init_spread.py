@@ -24,7 +24,7 @@ from projectable_edge.trainables import role_generator
 
 
 def train_universal(cfg, data, draw: int) -> float:
-    model = build(cfg, data)
+    model = build(cfg, data.spec, data.n_tasks)
     g = role_generator(10_000 + draw, "universal")  # only the universal's init changes with `draw`
     with torch.no_grad():
         for name, w in init_weights(model.small_cfg, g).items():

@@ -15,6 +15,7 @@ from typing import Any
 
 from .choices import Arch, CompileBackend, values
 from .errors import ProjectableEdgeError
+from . import variants
 from .variants import profile_precisions
 
 DEFAULT_TARGET = "x86-64-cpu"
@@ -38,56 +39,59 @@ EXECUTION_PROVIDERS = (
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
 
+def _doc(text: str, **kw) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
 @dataclass(frozen=True)
 class TensorRTOptions:
-    fp16: bool
-    int8: bool
-    dla_core: int  # -1 = GPU only
-    dla_cores: int  # DLA cores the device has (0 on most)
-    workspace_mb: int
-    min_shapes: dict[str, int]
-    opt_shapes: dict[str, int]
-    max_shapes: dict[str, int]
+    fp16: bool = _doc("Allow fp16 kernels.")
+    int8: bool = _doc("Allow int8 kernels (QDQ graphs carry their scales).")
+    dla_core: int = _doc("DLA core to build for; -1 = GPU only.")
+    dla_cores: int = _doc("DLA cores the device has (0 on most).")
+    workspace_mb: int = _doc("Builder workspace.")
+    min_shapes: dict[str, int] = _doc("`batch` of the optimization profile's minimum (lengths come from the model).")
+    opt_shapes: dict[str, int] = _doc("`batch` it is optimised for.")
+    max_shapes: dict[str, int] = _doc("`batch` limit: the runtime splits larger batches.")
 
 
 @dataclass(frozen=True)
 class Budgets:
-    p99_latency_ms: float  # scoring one image, batch 1
-    memory_mb: int  # peak resident memory of the runtime process
+    p99_latency_ms: float = _doc("p99 latency of scoring one image (batch 1).")
+    memory_mb: int = _doc("Peak resident memory of the runtime process.")
 
 
 @dataclass(frozen=True)
 class Performance:
     """Published peak numbers of the device, for host-side latency *estimates* only (never a measurement)."""
 
-    fp32_gflops: float
-    fp16_gflops: float
-    int8_gops: float  # dense (no structured sparsity)
-    memory_bandwidth_gbs: float
-    source: str  # where the numbers come from (datasheet, or how they were derived)
+    fp32_gflops: float = _doc("Peak fp32 rate.")
+    fp16_gflops: float = _doc("Peak fp16 rate.")
+    int8_gops: float = _doc("Peak dense int8 rate (no structured sparsity).")
+    memory_bandwidth_gbs: float = _doc("Memory bandwidth.")
+    source: str = _doc("Where the numbers come from (datasheet, or how they were derived).")
 
     def peak_ops(self, family: str) -> float:
-        """Peak operations per second of one numeric family (fp32 | fp16 | int8)."""
-        per = {"fp32": self.fp32_gflops, "fp16": self.fp16_gflops, "int8": self.int8_gops}
-        return per.get(family, self.fp32_gflops) * 1e9
+        """Peak operations per second of one numeric family (the variant registry names its field)."""
+        return getattr(self, variants.family(family).peak_field) * 1e9
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    name: str
-    aliases: tuple[str, ...]
-    description: str
-    arch: str
-    memory_mb: int
-    precisions: tuple[str, ...]  # preference order
-    compile_backend: CompileBackend
-    execution_providers: tuple[str, ...]  # ONNX Runtime providers, in order
-    threads: int  # 0 = ONNX Runtime default (all physical cores)
-    software: dict[str, str]  # versions the device ships (jetpack, tensorrt, ...)
-    tensorrt: TensorRTOptions | None
-    budgets: Budgets
-    performance: Performance | None = None  # optional: only latency estimates need it
-    source_file: str = field(default="", compare=False)
+    name: str = _doc("The profile's name (devices/NAME.toml).")
+    aliases: tuple[str, ...] = _doc("Other names `--target` accepts.")
+    description: str = _doc("The device in words.")
+    arch: str = _doc("CPU architecture (`aarch64`, `x86_64`).")
+    memory_mb: int = _doc("Device memory.")
+    precisions: tuple[str, ...] = _doc("Precisions to build, in preference order (the variant registry's words).")
+    compile_backend: CompileBackend = _doc("How graphs are compiled for it.")
+    execution_providers: tuple[str, ...] = _doc("ONNX Runtime execution providers, in order.")
+    threads: int = _doc("ONNX Runtime intra-op threads; 0 = ONNX Runtime's default.")
+    software: dict[str, str] = _doc("Versions the device ships (jetpack, tensorrt, ...).")
+    tensorrt: TensorRTOptions | None = _doc("TensorRT builder options (TensorRT targets).")
+    budgets: Budgets = _doc("What `generate`, `benchmark` and `tune` check against.")
+    performance: Performance | None = _doc("Published peaks, for latency ESTIMATES only.", default=None)
+    source_file: str = field(default="", compare=False, metadata={"json": False})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict for the bundle manifest; `from_dict` reads it back."""
@@ -196,10 +200,10 @@ def _name(c: _Checker, key: str, value: Any) -> str:
 
 
 def _shapes(c: _Checker, key: str) -> dict[str, int]:
+    """Only the batch limit: sequence and cache lengths come from the model's block size."""
     s = c.sub(key)
-    if not s.table:
-        raise c.fail(key, "must name at least one dimension, e.g. { batch = 1, seq = 64 }")
-    return {dim: s.positive(dim) for dim in s.table}
+    s.only(("batch",))
+    return {"batch": s.positive("batch")}
 
 
 def _parse_tensorrt(c: _Checker) -> TensorRTOptions:
@@ -214,10 +218,6 @@ def _parse_tensorrt(c: _Checker) -> TensorRTOptions:
                                  f"got {dla_core}")
     shapes = {k: _shapes(c, k) for k in ("min_shapes", "opt_shapes", "max_shapes")}
     lo, opt, hi = shapes["min_shapes"], shapes["opt_shapes"], shapes["max_shapes"]
-    for k in ("opt_shapes", "max_shapes"):
-        if set(shapes[k]) != set(lo):
-            raise c.fail(k, f"must name the same dimensions as min_shapes ({', '.join(lo)}), "
-                            f"got {', '.join(shapes[k])}")
     for dim in lo:
         if not lo[dim] <= opt[dim] <= hi[dim]:
             raise c.fail(f"opt_shapes.{dim}", f"must satisfy min <= opt <= max, "

@@ -15,15 +15,16 @@ def _profile(target) -> DeviceProfile:
 
 
 def compile_for_target(onnx_path: str | Path, target, out_dir: str | Path, *, overwrite: bool = False,
-                       log=None) -> tuple[Path, dict]:
-    """target: a profile name/alias/path, a DeviceProfile, or its to_dict(). Returns (artifact, report)."""
+                       log=None, copy_onnx: bool = True) -> tuple[Path, dict]:
+    """target: a profile name/alias/path, a DeviceProfile, or its to_dict(). Returns (artifact, report).
+    copy_onnx=False: a TensorRT build script reads the graph where it is (a bundle ships it once)."""
     profile = _profile(target)
     backend = choose(CompileBackend, profile.compile_backend, f"compile backend of profile {profile.name!r}")
     if backend is CompileBackend.TENSORRT:
         from projectable_edge.exporters.tensorrt import TensorRTSettings, compile_tensorrt
 
         return compile_tensorrt(onnx_path, TensorRTSettings.from_profile(profile), out_dir, overwrite=overwrite,
-                                log=log)
+                                log=log, copy_onnx=copy_onnx)
     from projectable_edge.exporters.ort_compile import OrtCompileSettings, compile_onnxruntime
 
     return compile_onnxruntime(onnx_path, OrtCompileSettings.from_profile(profile), out_dir, overwrite=overwrite,

@@ -123,7 +123,11 @@ def fp16(job: Conversion) -> tuple[onnx.ModelProto, dict]:
 @converter("int8-static")
 def int8_static(job: Conversion) -> tuple[onnx.ModelProto, dict]:
     """Static QDQ (per-channel symmetric weights, activations calibrated on the task's training
-    tokens): the explicit-precision form TensorRT builds int8 engines from."""
+    tokens): the explicit-precision form TensorRT builds int8 engines from.
+
+    Only a MatMul's inputs are quantized, not its output (TensorRT's recommended placement): an output
+    Q/DQ pair makes ONNX Runtime run QLinearMatMul + DequantizeLinear and re-quantize every product,
+    slower and less accurate (README, "Speed"); without it each is one MatMulIntegerToFloat kernel."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -138,9 +142,10 @@ def int8_static(job: Conversion) -> tuple[onnx.ModelProto, dict]:
         quant_pre_process(str(job.src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), calibration_reader(job.src, job.spec, job.calibration),
                         quant_format=QuantFormat.QDQ, per_channel=s.per_channel, activation_type=act,
-                        weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                        weight_type=QuantType.QInt8, op_types_to_quantize=list(s.variant.converted_ops),
                         nodes_to_exclude=job.exclude, calibrate_method=method,
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": s.activation_type == "int8"})
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": s.activation_type == "int8",
+                                       "OpTypesToExcludeOutputQuantization": list(s.variant.converted_ops)})
     return onnx.load(str(out)), {}
 
 
@@ -151,7 +156,7 @@ def int8_dynamic(job: Conversion) -> tuple[onnx.ModelProto, dict]:
 
     out = job.workdir / "int8-dynamic.onnx"
     with quiet():
-        quantize_dynamic(str(job.src), str(out), op_types_to_quantize=["MatMul", "Gemm"],
+        quantize_dynamic(str(job.src), str(out), op_types_to_quantize=list(job.settings.variant.converted_ops),
                          per_channel=job.settings.per_channel, weight_type=QuantType.QInt8,
                          nodes_to_exclude=job.exclude, extra_options={"MatMulConstBOnly": True})
     return onnx.load(str(out)), {}

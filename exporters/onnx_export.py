@@ -104,7 +104,7 @@ def _name_dims(model: onnx.ModelProto, graph: str) -> None:
 
 def _tidy(model: onnx.ModelProto) -> None:
     """Drop the exporter's per-node stack traces (bulk, and local paths in a shipped file) and give
-    MatMul / Softmax nodes layer names (h0_wq/MatMul, h0_attn_scores/MatMul, head/MatMul), so
+    MatMul / Softmax nodes layer names (h0_wqkv/MatMul, h0_attn_scores/MatMul, head/MatMul), so
     quantization reports can say which layers stayed in float."""
     inits = {i.name for i in model.graph.initializer}
     layer, seen, used = "", {}, set()
@@ -123,7 +123,7 @@ def _tidy(model: onnx.ModelProto) -> None:
         if n.op_type == "MatMul":
             w = next((i for i in n.input if i in inits), None)
             if w is not None:
-                w = w.rsplit(".", 1)[-1]  # the decode wrapper's weights are "model.h0_wq"
+                w = w.rsplit(".", 1)[-1]  # the decode wrapper's weights are "model.h0_wqkv"
                 n.name = unique(f"{w}/MatMul")
                 layer = w.split("_")[0] + "_" if w.startswith("h") and "_" in w else ""
             else:  # activation x activation: the two attention products of the current block

@@ -101,13 +101,13 @@ def _load_fp32(src: Path):
 def _calibration(calibration, spec, settings: QuantizeSettings) -> tuple[np.ndarray | None, dict | None]:
     """The calibration tokens actually used, and their fingerprint for the report."""
     if calibration is None:
-        if settings.precision == "int8-static":
-            raise ProjectableEdgeError("int8-static needs calibration tokens: pass the task's training tokens "
-                                       "(--calibration TOKENS.npy, an int [N, T] array)")
+        if settings.variant.calibrated:
+            raise ProjectableEdgeError(f"{settings.precision} needs calibration tokens: pass the task's training "
+                                       "tokens (--calibration TOKENS.npy, an int [N, T] array)")
         return None, None
     calibration = check_tokens(calibration, spec.vocab_size, spec.block_size, "calibration tokens")
     info = {"sha256": tokens_sha256(calibration), "n": int(len(calibration)), "seq": int(calibration.shape[1])}
-    if settings.precision == "int8-static":
+    if settings.variant.calibrated:
         calibration = calibration[: settings.calibration_sequences if spec.graph == "scoring"
                                   else settings.decode_calibration_sequences]
         info.update(used=int(len(calibration)), used_sha256=tokens_sha256(calibration),
@@ -151,10 +151,12 @@ def _exclusions(proto: onnx.ModelProto, src: Path, settings: QuantizeSettings) -
 def float_layers(model: onnx.ModelProto, precision: str, fp32_ops: tuple[str, ...] = ()) -> dict:
     """Name what a variant still computes in float32.
 
-    int8: MatMul/Gemm nodes not fed by DequantizeLinear on both inputs (or not turned into
-    MatMulInteger) plus counts of the other float compute ops; fp16: the nodes kept in fp32.
+    A variant that lowers some op types (int8: MatMul/Gemm): those nodes not fed by DequantizeLinear on
+    both inputs (or not turned into MatMulInteger) plus counts of the other float compute ops; one that
+    lowers every op (fp16): the nodes kept in fp32.
     """
-    if variants.get(precision).family == "fp16":
+    lowered = variants.get(precision).converted_ops
+    if lowered is None:
         kept = [n for n in model.graph.node if n.op_type in fp32_ops]
         return {"fp32_op_types": list(fp32_ops), "fp32_nodes": [f"{n.name} ({n.op_type})" for n in kept],
                 "fp16_matmuls": [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]}
@@ -163,7 +165,7 @@ def float_layers(model: onnx.ModelProto, precision: str, fp32_ops: tuple[str, ..
     for n in model.graph.node:
         if n.op_type in ("MatMulInteger", "QLinearMatMul"):
             int8.append(n.name)
-        elif n.op_type in ("MatMul", "Gemm"):
+        elif n.op_type in lowered:
             fed = [prod[i].op_type if i in prod else "" for i in n.input[:2]]
             (int8 if all(f == "DequantizeLinear" for f in fed) else floating).append(n.name)
         elif n.op_type in COMPUTE_OPS:

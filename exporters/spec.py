@@ -7,7 +7,7 @@ it for people. The runtime itself reads the manifest's `model` field, not this.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import onnx
 
@@ -29,10 +29,6 @@ class TensorSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
                 "dynamic_axes": {str(i): d for i, d in enumerate(self.shape) if isinstance(d, str)}}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
 
 @dataclass(frozen=True)
@@ -59,22 +55,16 @@ class ExportSpec:
         return CacheLayout.of(self)
 
     def to_dict(self) -> dict:
-        return {"graph": str(self.graph), "opset": self.opset,
-                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
-                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "block_size": self.block_size,
-                "n_layer": self.n_layer, "n_head": self.n_head, "head_dim": self.head_dim}
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExportSpec":
         try:
-            return cls(graph=d["graph"], opset=int(d["opset"]),
-                       inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-                       outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-                       **{k: int(d[k]) for k in ("vocab_size", "bos_id", "block_size", "n_layer",
-                                                 "n_head", "head_dim")})
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProjectableEdgeError(f"export spec is missing or has a bad field ({e}); "
-                                       "re-export the model") from None
+            io = {k: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d[k]) for k in ("inputs", "outputs")}
+            return cls(**{f.name: d[f.name] for f in fields(cls) if f.name not in io}, **io)
+        except (KeyError, TypeError) as e:
+            raise ProjectableEdgeError(f"export spec is missing or has a bad field ({e}); re-export the model") from None
 
 
 def _tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:

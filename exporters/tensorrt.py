@@ -9,6 +9,7 @@ exports usually cannot build the device's engine; the script builds the same eng
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import time
@@ -43,24 +44,18 @@ class TensorRTSettings:
 
     @classmethod
     def from_profile(cls, profile) -> "TensorRTSettings":
-        """From a devices.profiles.DeviceProfile (or its to_dict()) whose backend is tensorrt."""
-        d = profile.to_dict() if hasattr(profile, "to_dict") else dict(profile)
-        t = d.get("tensorrt")
-        if not t:
-            raise ProjectableEdgeError(f"device profile {d.get('name')!r} has no [tensorrt] options; "
+        """From a devices.profiles.DeviceProfile whose backend is tensorrt (only its batch limits: lengths
+        come from the model, seq_points)."""
+        t = profile.tensorrt
+        if t is None:
+            raise ProjectableEdgeError(f"device profile {profile.name!r} has no [tensorrt] options; "
                                        "its compile backend is not tensorrt")
-        return cls(fp16=bool(t["fp16"]), int8=bool(t["int8"]), dla_core=int(t.get("dla_core", -1)),
-                   workspace_mb=int(t["workspace_mb"]), min_shapes=_batch(t["min_shapes"]),
-                   opt_shapes=_batch(t["opt_shapes"]), max_shapes=_batch(t["max_shapes"]),
-                   tensorrt_version=(d.get("software") or {}).get("tensorrt"), target=d.get("name", "unknown"))
+        return cls(fp16=t.fp16, int8=t.int8, dla_core=t.dla_core, workspace_mb=t.workspace_mb,
+                   min_shapes=dict(t.min_shapes), opt_shapes=dict(t.opt_shapes), max_shapes=dict(t.max_shapes),
+                   tensorrt_version=profile.software.get("tensorrt"), target=profile.name)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _batch(dims: dict) -> dict:
-    """Only the batch limit comes from the profile; lengths come from the model (seq_points)."""
-    return {"batch": int(dims.get("batch", 1))}
 
 
 POINTS = ("min", "opt", "max")
@@ -109,15 +104,10 @@ def _shape_arg(shapes: dict[str, list[int]]) -> str:
 STRONGLY_TYPED_SINCE = (10, 0)  # trtexec --stronglyTyped / NetworkDefinitionCreationFlag.STRONGLY_TYPED
 
 
-def explicitly_quantized(variant: variants.Variant) -> bool:
-    """A graph that carries its own QDQ scales (the int8 flag is what the registry says it needs)."""
-    return "int8" in variant.tensorrt_flags
-
-
 def strongly_typed(settings: TensorRTSettings, variant: variants.Variant) -> bool:
-    """NVIDIA's guidance for explicitly quantized graphs: strongly typed, no precision flags
+    """NVIDIA's guidance for explicitly quantized (QDQ) graphs: strongly typed, no precision flags
     (weakly-typed --fp16/--int8 on QDQ graphs is deprecated from 10.12 and removed in 11)."""
-    return explicitly_quantized(variant) and _version_tuple(settings.tensorrt_version) >= STRONGLY_TYPED_SINCE
+    return variant.qdq and _version_tuple(settings.tensorrt_version) >= STRONGLY_TYPED_SINCE
 
 
 def builder_flags(settings: TensorRTSettings, variant: variants.Variant) -> tuple[str, ...]:
@@ -145,8 +135,7 @@ def trtexec_command(onnx_name: str, engine_name: str, settings: TensorRTSettings
         cmd.append(f"--{point}Shapes={_shape_arg(shapes)}")
     # the test inference runs after the build, on the bundle's goldens (engine_record), not on
     # trtexec's random tokens, which may fall outside the vocabulary
-    if _version_tuple(settings.tensorrt_version) >= (8, 6):  # older trtexec only knows --buildOnly
-        cmd.append("--skipInference")
+    cmd.append("--skipInference" if _version_tuple(settings.tensorrt_version) >= (8, 6) else "--buildOnly")
     return cmd
 
 
@@ -221,7 +210,7 @@ def _build_with_api(trt, onnx_path: Path, engine_path: Path, settings: TensorRTS
     return time.perf_counter() - start
 
 
-def _plan(src: Path, settings: TensorRTSettings) -> tuple[dict, list[str], object, variants.Variant]:
+def _plan(src: Path, settings: TensorRTSettings, onnx_arg: str) -> tuple[dict, list[str], object, variants.Variant]:
     """Check the graph and write down how its engine is built: (report so far, trtexec argv, spec, variant)."""
     proto = load_onnx(src)
     spec = read_spec(proto, str(src))
@@ -233,7 +222,7 @@ def _plan(src: Path, settings: TensorRTSettings) -> tuple[dict, list[str], objec
                                    "Use the fp32/fp16 graph or int8-static (QDQ) for TensorRT targets")
     variant = variants.get(variant_of(proto))
     engine = src.with_suffix(".plan").name
-    cmd = trtexec_command(src.name, engine, settings, spec, variant)
+    cmd = trtexec_command(onnx_arg, engine, settings, spec, variant)
     flags = builder_flags(settings, variant)
     report = {"backend": "tensorrt", "target": settings.target, "settings": settings.to_dict(), "onnx": src.name,
               "variant": variant.name, "engine": engine, "script": SCRIPT, "command": cmd,
@@ -264,7 +253,7 @@ def _build(tmp: Path, src: Path, settings: TensorRTSettings, spec, variant, repo
         return
     engine = tmp / report["engine"]
     try:
-        secs = _build_with_api(trt, tmp / src.name, engine, settings, spec, variant, log)
+        secs = _build_with_api(trt, src, engine, settings, spec, variant, log)
     except Exception as e:  # tensorrt imports but cannot build here (no usable GPU, driver, ...)
         engine.unlink(missing_ok=True)
         report.update(status=str(EngineStatus.DEFERRED), tensorrt_version_host=trt.__version__, build_seconds=None,
@@ -282,8 +271,9 @@ def _build(tmp: Path, src: Path, settings: TensorRTSettings, spec, variant, repo
 
 
 def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, out_dir: str | Path, *,
-                     overwrite: bool = False, log=None) -> tuple[Path, dict]:
-    """Write out_dir/{<graph>.onnx, build_engine.sh, <graph>.plan if built, compile_report.json}.
+                     overwrite: bool = False, log=None, copy_onnx: bool = True) -> tuple[Path, dict]:
+    """Write out_dir/{build_engine.sh, <graph>.plan if built, compile_report.json} (+ <graph>.onnx with
+    copy_onnx; without it the script reads the graph where it is, by its path relative to out_dir).
 
     Report keys: backend, status ('built' | 'deferred'), reason, target, onnx, variant, engine, script,
     command (argv), command_line, flags, shapes{min,opt,max}, tensorrt_version_expected,
@@ -292,9 +282,11 @@ def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, o
     if isinstance(settings, dict):
         settings = TensorRTSettings(**settings)
     src, out_dir = Path(onnx_path), Path(out_dir)
-    report, cmd, spec, variant = _plan(src, settings)
+    onnx_arg = src.name if copy_onnx else os.path.relpath(src.resolve(), out_dir.resolve())
+    report, cmd, spec, variant = _plan(src, settings, onnx_arg)
     with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
-        shutil.copyfile(src, tmp / src.name)
+        if copy_onnx:
+            shutil.copyfile(src, tmp / src.name)
         script = tmp / SCRIPT
         script.write_text(_script(cmd, settings, report["engine"]))
         script.chmod(0o755)

@@ -15,23 +15,32 @@ are bit-identical before and after (tested).
 The task vector starts from the nearest trained task (the one whose model of this role scores
 the given images best), so an adaptation starts where the zero-shot choice ends. When there are
 enough images, a part is held out and the fit keeps its best step on them (early stopping).
+
+`adapt(run, images, name)` (the `adapt` command) reads a folder of images with the run's tokenizer, fits
+the projected role, and registers the task beside the run (task_registry.py), whole or not at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from projectable_edge.choices import Fit
+from projectable_edge_runtime.devices.choices import values
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.data import shift_augment
 from projectable_edge.model import SpecialisedModel, Weights, bits_per_dim, forward, init_weights, nll
 from projectable_edge.trainables import Trainables, role_generator, split_role
+from projectable_edge_runtime.inputs import IMAGE_SUFFIXES
 from projectable_edge_runtime.tokenizer import TokenizerSpec
 
-FITS = ("embedding", "norms", "all")
+FITS = values(Fit)
 MIN_IMAGES = 3
 _NORMS_AND_BIASES = ("ln1.w", "ln1.b", "ln2.w", "ln2.b", "lnf.w", "lnf.b", "bq", "bk", "bv", "bo", "b1", "b2", "head_b")
 
@@ -95,8 +104,8 @@ class _RoleModel:
         self.cfg = model.config_of(role)
         if self.base == "scratch":  # a fresh small model: no trained task to start from
             self.fresh = init_weights(self.cfg, generator)
-        projector, w, vecs = (None, None, None) if self.base in ("source", "scratch") else model.parts(role)
-        self.projector, self.weights = projector, w
+        operator, w, vecs = (None, None, None) if self.base in ("source", "scratch") else model.parts(role)
+        self.operator, self.weights = operator, w
         self.vectors = model.source_task if self.base in ("source", "projected") else vecs
 
     def task_vectors(self) -> torch.Tensor:
@@ -111,13 +120,13 @@ class _RoleModel:
             return self.model.source.weights(), vec
         if self.base == "scratch":
             return self.fresh, vec
-        if self.projector is not None:
-            return self.projector(self.model.source.weights(), vec)
+        if self.operator is not None:
+            return self.operator(self.model.source.weights(), vec)
         return self.weights, vec
 
     def logits(self, vec: torch.Tensor, deltas: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         w, bos = self.build(vec[None])
-        w = {k: (v[0] if self.projector is not None else v) for k, v in w.items()}
+        w = {k: (v[0] if self.operator is not None else v) for k, v in w.items()}
         w = {k: v + deltas[k] if k in deltas else v for k, v in w.items()}
         return forward(w, self.cfg, tokens, bos[0].expand(tokens.shape[0], -1))
 
@@ -140,7 +149,7 @@ def _trainable_deltas(rm: _RoleModel, fit: str) -> dict[str, torch.Tensor]:
         w, _ = rm.build(rm.task_vectors()[:1])
     local = lambda k: k.split(".", 1)[1] if k[0] == "h" and k[1].isdigit() else k  # "h0.ln1.w" -> "ln1.w"  # noqa: E731
     names = [k for k in w if fit == "all" or local(k) in _NORMS_AND_BIASES]
-    shape = lambda k: w[k].shape[1:] if rm.projector is not None else w[k].shape  # noqa: E731
+    shape = lambda k: w[k].shape[1:] if rm.operator is not None else w[k].shape  # noqa: E731
     return {k: torch.zeros(shape(k), requires_grad=True) for k in names}
 
 
@@ -230,7 +239,7 @@ def adapted_model(model: Trainables, role: str, adapted: Adapted):
     rm = _RoleModel(model, role, role_generator(adapted.seed, f"adapt/{role}"))
     with torch.no_grad():
         w, bos = rm.build(adapted.vector[None])
-        w = {k: (v[0] if rm.projector is not None else v) for k, v in w.items()}
+        w = {k: (v[0] if rm.operator is not None else v) for k, v in w.items()}
         w = {k: v + adapted.deltas[k] if k in adapted.deltas else v.clone() for k, v in w.items()}
     return rm.cfg, w, bos[0]
 
@@ -238,3 +247,70 @@ def adapted_model(model: Trainables, role: str, adapted: Adapted):
 def score(model: Trainables, role: str, adapted: Adapted, tokens: np.ndarray) -> float:
     """Macro bits/dim of an adapted model on other images of the task."""
     return float(SpecialisedModel(*adapted_model(model, role, adapted)).bits(tokens).mean())
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly inside a folder, sorted; a clear error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ProjectableEdgeError(f"--images {folder} is not a folder; give a folder of the new task's images")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ProjectableEdgeError(f"--images {folder} has no images with a suffix in {', '.join(IMAGE_SUFFIXES)}")
+    return files
+
+
+def conversions(files: list[Path], spec) -> str:
+    """What reading the files does to them, in words (e.g. '20 RGB 28x28 -> gray 8x8, 17 levels')."""
+    from PIL import Image
+
+    seen = Counter()
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                seen[(im.mode, im.width, im.height)] += 1
+        except OSError as e:
+            raise ProjectableEdgeError(f"cannot read image {f} ({e}); remove it or convert it to PNG") from None
+    target = f"{'gray' if spec.channels == 1 else 'RGB'} {spec.width}x{spec.height}, {spec.levels} levels"
+    return "; ".join(f"{n} {mode} {w}x{h}" for (mode, w, h), n in seen.most_common()) + f" -> {target}"
+
+
+def adapt(run: Path, images: Path, name: str, cfg: AdaptConfig = AdaptConfig(), force: bool = False,
+          log=print) -> dict:
+    """Fit a new task to the images and register it as RUN/tasks/NAME; returns the record."""
+    run = Path(run)
+    from projectable_edge.task_registry import ROLE, check_name, register
+    from projectable_edge.train import load_run
+
+    meta, model, data = load_run(run)
+    check_name(name, data.task_names, run, force)
+    files = image_files(images)
+    if len(files) < cfg.min_images:
+        raise ProjectableEdgeError(f"--images {images} has {len(files)} image(s); adapting needs at least "
+                                   f"{cfg.min_images}")
+    converted = conversions(files, data.spec)
+    tokens = data.spec.encode(data.spec.load_images(files))
+    log(f"read {len(files)} images ({converted})")
+    a = fit(model, ROLE, tokens, data.spec, cfg)
+    nearest = data.task_names[a.nearest]
+    record = {
+        "images": [{"file": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files],
+        "n_images": len(files), "n_check": len(a.check), "conversion": converted, "fit": cfg.to_dict(),
+        "nearest_task": nearest, "nearest_bits": a.nearest_bits, "bits": a.bits, "curve": a.curve,
+        "seconds": a.seconds, "source_run": meta.get("dataset_fingerprint"),
+    }
+    if not a.check:
+        log(f"note: {len(files)} images are too few to hold some out (5 or more are needed), so the fit is not "
+            "checked on unseen images; its numbers are on the images it was fitted to")
+    elif a.bits >= a.nearest_bits and not force:
+        raise ProjectableEdgeError(
+            f"the adapted task is no better than the nearest trained task '{nearest}' on the {len(a.check)} held-out "
+            f"images ({a.bits:.4f} vs {a.nearest_bits:.4f} bits/dim); nothing was registered. If these images are of "
+            f"that task, use it (`generate --task {nearest}`); otherwise add more images, or pass --force to "
+            "register it anyway")
+    dest = register(run, name, a, tokens, np.asarray(a.check, dtype=np.int64), record, overwrite=force)
+    log(f"registered task {name!r} at {dest}: {a.bits:.4f} bits/dim on {len(a.check) or len(files)} "
+        f"{'held-out' if a.check else 'fitted'} images (nearest trained task '{nearest}': {a.nearest_bits:.4f}); "
+        f"fit {a.seconds:.1f} s")
+    return {"task": name, "folder": str(dest), **{k: v for k, v in record.items() if k not in ("curve", "images")}}

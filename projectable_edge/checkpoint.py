@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.atomic import atomic_output
@@ -24,24 +25,32 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], kind: str) -> Non
 
 def load_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
     """Read a safetensors file of ours; a truncated or foreign file gets a clear error."""
+    return read_tensors(path, kind)[0]
+
+
+def read_tensors(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], str]:
+    """load_tensors plus the file's sha256, from one read of the file."""
     path = Path(path)
     if not path.is_file():
         raise ProjectableEdgeError(f"checkpoint not found: {path}")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8:8 + n]).get("__metadata__") or {} if 8 <= len(raw) and n <= len(raw) - 8 else None
+        tensors = load(raw) if meta is not None else None
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError, AttributeError) as e:
+        meta, tensors, why = None, None, f" ({e})"
+    else:
+        why = ""
+    if tensors is None:
         raise ProjectableEdgeError(
-            f"{path} is not a readable safetensors checkpoint ({e}); it may be truncated: "
-            "re-run training or copy the file again") from None
+            f"{path} is not a readable safetensors checkpoint{why}; it may be truncated: "
+            "re-run training or copy the file again")
     if meta.get("format") != FORMAT or meta.get("kind") != kind:
         raise ProjectableEdgeError(
             f"{path} is not a projectable-edge '{kind}' checkpoint (metadata {meta}); "
             "point at a run folder written by `projectable-edge train`")
-    return tensors
+    return tensors, hashlib.sha256(raw).hexdigest()
 
 
 def save_json(path: Path, obj) -> None:

@@ -14,30 +14,45 @@ import typer
 from rich.table import Table
 
 from projectable_edge import cli_device, cli_export
-from projectable_edge.cli_common import check_out_writable, choice_enum, emit_json, err, make_app, out
+from projectable_edge.choices import Fit, Mixture, Preset, Split
+from projectable_edge.cli_common import check_out_writable, emit_json, err, make_app, out
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-
-Split = choice_enum("Split", ("test", "val", "train"))
 
 
 def train(
     dataset: str = typer.Option("digits", help="'digits' or 'mnist' (built in), or an image folder with one "
                                                  "sub-folder per task."),
-    preset: str = typer.Option("small", help="tiny (tests) | small (CPU demo) | base (GPU)."),
+    preset: Preset = typer.Option("small", help="tiny (tests), small (CPU demo), base (GPU)."),
     out: Path = typer.Option(Path("runs/digits"), help="Run folder to create.", resolve_path=True),
     steps: Optional[int] = typer.Option(None, help="Override the preset's optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override the preset's batch size."),
     lam: Optional[float] = typer.Option(None, help="Weight of NLL(projected) in the joint loss."),
+    source_weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay of the source model only."),
     small: Optional[str] = typer.Option(None, help="Main small size WIDTH[xLAYERS] (default: the preset's)."),
     ladder: Optional[str] = typer.Option(None, help="Extra small sizes, comma-separated WIDTH[xLAYERS] "
                                                     "(e.g. 16,64,32x2), each with its own universal baseline."),
     n_basis: Optional[int] = typer.Option(None, help="K basis maps per projection space."),
-    mixture: Optional[str] = typer.Option(None, help="per_space (default) | shared: mixture coefficients."),
+    mixture: Optional[Mixture] = typer.Option(None, help="Mixture coefficients: per_space (default) or shared."),
     distill: Optional[float] = typer.Option(None, help="Weight of KL(source || small) for every small model alike."),
     freeze_source: Optional[bool] = typer.Option(None, "--freeze-source/--tune-source",
                                                  help="Keep the source fixed (with --init-source: project a "
                                                       "pre-trained model)."),
     init_source: Optional[Path] = typer.Option(None, help="Start the source model from this finished run.", resolve_path=True),
+    extra_steps: Optional[int] = typer.Option(None, help="Second stage: this many extra steps for every small model "
+                                                         "on the frozen source (adds universal@ws and universal@ws+kd)."),
+    delta: Optional[bool] = typer.Option(None, "--delta/--no-delta", help="Second stage: the projected model also "
+                                                                         "learns shared small-model weights."),
+    kd: Optional[float] = typer.Option(None, help="Second stage: distillation weight of universal@ws+kd."),
+    projected_kd: Optional[float] = typer.Option(None, help="Second stage: distillation weight of the projected model."),
+    extra_operator: Optional[str] = typer.Option(None, help="Second stage: which operator weights learn: all | "
+                                                            "mixtures | none (the delta learns whenever on)."),
+    projected_lr_scale: Optional[float] = typer.Option(None, help="Second stage: the projected model's learning "
+                                                                  "rates, as a multiple of the first stage's."),
+    sliced_lr_scale: Optional[float] = typer.Option(None, help="Second stage: universal@ws[+kd]'s learning rate, "
+                                                               "as a multiple of --lr's."),
+    from_run: Optional[Path] = typer.Option(None, help="Train only the second stage, from this finished run "
+                                                       "(same options and dataset, no second stage of its own).",
+                                            resolve_path=True),
     seed: int = typer.Option(0, help="Seed for splits, init and batches."),
     image_size: int = typer.Option(8, help="mnist and image folders: resize to this height and width."),
     rgb: bool = typer.Option(False, help="Image folders: keep colour (3 channels)."),
@@ -53,15 +68,18 @@ def train(
     from projectable_edge.data import DataConfig
     from projectable_edge.train import train as run_train
 
-    cfg = get_preset(preset, steps=steps, batch_size=batch_size, lam=lam, freeze_source=freeze_source, seed=seed,
-                     small=small, n_basis=n_basis, mixture=mixture, distill=distill,
+    cfg = get_preset(str(preset), steps=steps, batch_size=batch_size, lam=lam, source_weight_decay=source_weight_decay, freeze_source=freeze_source, seed=seed,
+                     small=small, n_basis=n_basis, mixture=mixture and str(mixture), distill=distill, extra_steps=extra_steps,
+                     delta=delta, kd=kd, projected_kd=projected_kd, extra_operator=extra_operator,
+                     projected_lr_scale=projected_lr_scale, sliced_lr_scale=sliced_lr_scale,
                      ladder=tuple(s for s in ladder.split(",") if s.strip()) if ladder is not None else None)
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
                           channels=3 if rgb else 1, levels=levels, hold_out=hold_out_task or ())
     if freeze_source and init_source is None:
         err.print("[yellow]note:[/] --freeze-source without --init-source keeps a randomly initialised source")
     check_out_writable(out)
-    summary = run_train(cfg, data_cfg, out, resume=resume, init_source=init_source, progress=progress and not as_json,
+    summary = run_train(cfg, data_cfg, out, resume=resume, init_source=init_source, from_run=from_run,
+                        progress=progress and not as_json,
                         log=lambda m: err.print(m, markup=False))
     if as_json:
         emit_json({"run": str(out), **summary})
@@ -91,7 +109,7 @@ def evaluate(
     if as_json:
         emit_json(report)
         return
-    roles = [r for r in report["macro_bits_per_dim"] if "@" not in r]
+    roles = [r for r in report["macro_bits_per_dim"] if "@" not in r or r.endswith(("@ws", "@ws+kd"))]
     table = Table(title=f"bits/dim on the {split} split of {run} (lower is better)")
     table.add_column("task")
     for r in roles:
@@ -115,8 +133,8 @@ def evaluate(
         out.print(f"adapted task {a['task']} ({a['n_images']} images): projected {a['projected']:.4f} bits/dim on "
                   f"{a['n_scored']} {'held-out' if a['held_out'] else 'fitted'} images; nearest trained task "
                   f"{a['nearest_task']}: {a['nearest_projected']:.4f}")
-    out.print(f"projected beats universal on {report['projected_wins']}/{len(report['tasks'])} tasks; "
-              f"one projection takes {report['projection_ms']:.2f} ms")
+    wins = ", ".join(f"{r} on {w}/{len(report['tasks'])}" for r, w in report["wins"].items())
+    out.print(f"projected beats {wins} tasks; one projection takes {report['projection_ms']:.2f} ms")
 
 
 def tasks(run: Path = typer.Argument(..., resolve_path=True), as_json: bool = typer.Option(False, "--json")):
@@ -145,7 +163,7 @@ def adapt(
     run: Path = typer.Argument(..., help="Run folder written by `train`.", resolve_path=True),
     images: Path = typer.Option(..., help="Folder of the new task's images (any size or colour).", resolve_path=True),
     name: str = typer.Option(..., help="The new task's name (not one of the run's trained tasks)."),
-    fit: str = typer.Option("all", help="What is fitted: 'embedding' (the operator makes the whole model), "
+    fit: Fit = typer.Option("all", help="What is fitted: 'embedding' (the operator makes the whole model), "
                                          "'norms' (+ its norm gains and biases) or 'all' (+ every small weight)."),
     steps: int = typer.Option(200, help="Adam steps."),
     lr: float = typer.Option(3e-3, help="Adam learning rate of the task embedding."),
@@ -154,11 +172,11 @@ def adapt(
                                            "than the nearest trained task."),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Add a task from a handful of images: fit its embedding (source and operator frozen) and register it."""
+    """Add a task from a handful of images: fit its embedding (then its weights), source and operator frozen."""
     from projectable_edge.adapt import AdaptConfig
-    from projectable_edge.new_task import adapt as run_adapt
+    from projectable_edge.adapt import adapt as run_adapt
 
-    res = run_adapt(run, images, name, AdaptConfig(steps=steps, lr=lr, fit=fit, seed=seed), force=force,
+    res = run_adapt(run, images, name, AdaptConfig(steps=steps, lr=lr, fit=str(fit), seed=seed), force=force,
                     log=lambda m: err.print(m, markup=False))
     if as_json:
         emit_json(res)

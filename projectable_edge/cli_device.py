@@ -9,11 +9,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.devices.profiles import DEFAULT_TARGET
 from projectable_edge.cli_common import check_out_writable, choice_enum, emit_json, err, out
 from projectable_edge.pipeline.plan import precision_choices
 
 GeneratePrecision = choice_enum("GeneratePrecision", precision_choices())
+BundlePrecision = choice_enum("BundlePrecision", tuple(dict.fromkeys((*variants.profile_precisions(), *variants.VARIANTS))))
 
 
 def targets(as_json: bool = typer.Option(False, "--json")):
@@ -46,50 +48,54 @@ def generate(
                                                        "devices check it with --public-key.", resolve_path=True),
     ladder: bool = typer.Option(False, "--ladder", help="Put every (size, precision) of the run's size ladder "
                                                           "in the bundle, for `tune` on the device to choose."),
+    references: bool = typer.Option(False, "--references", help="Also the source, universal and scratch models' "
+                                                                "test-split rows (builds the run's baseline roles)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
-    """Project, export, quantize, compile and validate one task for one device: writes a bundle."""
+    """Project, export, quantize, measure, compile and validate one task for one device: writes a bundle."""
     from projectable_edge.pipeline import GenerateSettings
     from projectable_edge.pipeline import generate as run_generate
+    from projectable_edge_runtime.manifest import to_json
 
     settings = GenerateSettings(task=task, target=target, source=str(source), precision=str(precision),
                                 out=str(out_dir) if out_dir else None, overwrite=overwrite,
                                 cache_dir=str(cache_dir) if cache_dir else None, cache=cache,
-                                sign_key=str(sign_key) if sign_key else None, ladder=ladder)
+                                sign_key=str(sign_key) if sign_key else None, ladder=ladder, references=references)
     check_out_writable(out_dir if out_dir else Path("bundles") / "bundle")
-    path, manifest = _with_progress(lambda log: run_generate(settings, log=log), quiet=as_json)
+    path, m = _with_progress(lambda log: run_generate(settings, log=log), quiet=as_json)
     if as_json:
-        emit_json({"bundle": str(path), "manifest": manifest})
+        emit_json({"bundle": str(path), "manifest": to_json(m)})
         return
-    acc = manifest["accuracy"]["variants"]
-    lat = manifest["latency_host"]
-    table = Table(title=f"{path}  (selected: {manifest['selected']}, engine: {manifest['engine']['status']})")
-    for c in ("variant", "bits/dim", "vs fp32", "host p50 b1 (ms)", "host p99 b1 (ms)"):
+    table = Table(title=f"{path}  (selected: {m.selected}, engine: {m.engine.status})")
+    for c in ("candidate", "bits/dim", "vs fp32", "vs PyTorch", "host p50 b1 (ms)", "host p99 b1 (ms)", "validation"):
         table.add_column(c, justify="right")
-    for v, a in acc.items():
-        s = lat[v]["score_batch1"]
-        table.add_row(v, f"{a['bits']:.4f}", f"{a['delta']:+.4f}", f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}")
+    for n, c in m.candidates.items():
+        a, lat = c.accuracy, c.latency_host
+        table.add_row(n, f"{a.bits:.4f}", f"{a.vs_fp32:+.4f}", f"{a.bits - a.reference_bits:+.4f}",
+                      f"{lat.p50_ms:.3f}", f"{lat.p99_ms:.3f}", "pass" if a.passed else "FAIL")
     out.print(table)
-    if manifest.get("candidates"):
-        _candidates_table(manifest)
-    for line in manifest["exercised"]["not_done"]:
+    if m.ladder is not None:
+        _candidates_table(m)
+    for n, why in m.selection.passed_over.items():
+        err.print(escape(f"passed over {n}: {why}"))
+    for line in m.exercised.not_done:
         err.print("[yellow]not exercised here:[/] " + escape(line))
 
 
-def _candidates_table(manifest: dict) -> None:
+def _candidates_table(m) -> None:
     """The ladder's candidates: accuracy, host latency and the labelled device-latency estimate."""
-    lad = manifest["ladder"]
-    table = Table(title=f"candidates, {lad['order']} (device latency is an ESTIMATE)")
-    for c in ("candidate", "bits/dim", "vs fp32", "vs universal", "host p99 b1 (ms)", "device p50 ESTIMATE (ms)",
-              "estimate error"):
+    table = Table(title=f"candidates, {m.ladder.order} (device latency is an ESTIMATE)")
+    for c in ("candidate", "bits/dim", "vs universal", "host p99 b1 (ms)", "device p50 ESTIMATE (ms)",
+              "estimate error (out of sample)"):
         table.add_column(c, justify="right")
-    for n, c in manifest["candidates"].items():
-        a, e = c["accuracy"], c["estimate"]
+    for n, c in m.candidates.items():
+        e = c.estimate
         dev = "n/a" if e.get("device_p50_ms") is None else f"{e['device_p50_ms']:.4f}"
-        table.add_row(n, f"{a['bits']:.4f}", f"{a['vs_fp32']:+.4f}", f"{a['vs_universal']:+.4f}",
-                      f"{c['latency_host']['p99_ms']:.3f}", dev, f"{e['error_ratio']:.2f}x")
+        table.add_row(n, f"{c.accuracy.bits:.4f}", f"{c.accuracy.vs_universal:+.4f}", f"{c.latency_host.p99_ms:.3f}",
+                      dev, "n/a" if e["error_ratio"] is None else f"{e['error_ratio']:.2f}x")
     out.print(table)
-    err.print(escape(f"host pick: {lad['host_pick']['explanation']} ({lad['host_pick']['note']})"))
+    pick = m.ladder.host_pick
+    err.print(escape(f"host pick: {pick['explanation']} ({pick['note']})"))
 
 
 def _with_progress(fn, quiet: bool):
@@ -112,7 +118,8 @@ def benchmark(
     runs: int = typer.Option(100, help="Timed runs per measurement (after warm-up)."),
     warmup: int = typer.Option(10),
     batch: int = typer.Option(16, help="Batch size of the throughput measurement."),
-    precision: Optional[str] = typer.Option(None, help="Graph variant (default: the bundle's selected one)."),
+    precision: Optional[BundlePrecision] = typer.Option(None, help="Graph variant of the main size (default: the "
+                                                                    "bundle's selected one)."),
     histogram: Optional[Path] = typer.Option(None, help="Also write a PNG latency histogram.", resolve_path=True),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -120,7 +127,7 @@ def benchmark(
     import projectable_edge_runtime as runtime
     from projectable_edge_runtime.console import benchmark_text
 
-    with runtime.load(bundle, precision=precision) as model:
+    with runtime.load(bundle, precision=None if precision is None else str(precision)) as model:
         report = runtime.benchmark(model, runs=runs, warmup=warmup, batch=batch, raw=histogram is not None)
     if histogram:
         _histogram(report, histogram)

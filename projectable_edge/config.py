@@ -51,6 +51,9 @@ def parse_size(text: str, like: Widths) -> Widths:
     return Widths(layers, n_head, width, width, 4 * width)
 
 
+EXTRA_OPERATOR = ("all", "mixtures", "none")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     preset: str
@@ -62,6 +65,7 @@ class TrainConfig:
     projector_lr: float = 1e-3  # the operator trains 3x slower than the models (see README: what was tried)
     lam: float = 1.0  # weight of NLL(projected) in the joint loss
     weight_decay: float = 0.0
+    source_weight_decay: float = 0.0  # AdamW decay of the source alone (a regulariser of M, not of the small models)
     grad_clip: float = 1.0
     warmup_steps: int = 50
     shift: int = 1  # random +-shift pixels applied to every model's training batches
@@ -71,6 +75,19 @@ class TrainConfig:
     distill: float = 0.0  # weight of KL(source || small) for every small role alike (0: off)
     ladder: tuple[str, ...] = ()  # extra small sizes "WIDTH[xLAYERS]", each with its universal baseline
     freeze_source: bool = False
+    # the second stage: this many extra steps for every small model on the frozen trained source
+    # (projected: its operator; universal and scratch: continued; universal@ws[+kd]: from the slice)
+    extra_steps: int = 0
+    kd: float = 1.0  # weight of KL(source || small) for universal@ws+kd in the second stage
+    projected_kd: float = 0.0  # the same for the projected model in the second stage (0: off)
+    delta: bool = False  # projected = shared learned small weights + the task's projection (ProjectionConfig)
+    # which operator weights learn in the second stage (the delta always does): "all" (the basis maps and
+    # the mixture layer), "mixtures" (the mixture layer only) or "none" (the projections stay as trained)
+    extra_operator: str = "all"
+    # second-stage learning rates as multiples of the first stage's: the projected model (its maps and delta)
+    # and the sliced universal models each get their own, chosen on validation like any design decision
+    projected_lr_scale: float = 1.0
+    sliced_lr_scale: float = 1.0
     eval_every: int = 100  # validation + best-checkpoint selection (same rule for every model)
     checkpoint_every: int = 200  # resumable state written atomically this often
     seed: int = 0
@@ -80,13 +97,18 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ProjectableEdgeError(f"training option '{name}' must be a whole number >= 1, got {v!r}")
-        for name in ("lr", "projector_lr", "grad_clip"):
+        for name in ("lr", "projector_lr", "grad_clip", "projected_lr_scale", "sliced_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ProjectableEdgeError(f"training option '{name}' must be > 0, got {getattr(self, name)!r}")
-        if min(self.lam, self.weight_decay, self.shift, self.warmup_steps, self.distill) < 0:
-            raise ProjectableEdgeError("training options 'lam', 'weight_decay', 'shift', 'warmup_steps' and "
-                                       "'distill' must be >= 0")
-        ProjectionConfig(n_basis=self.n_basis, coef_init=self.coef_init, mixture=self.mixture)
+        names = ("lam", "weight_decay", "source_weight_decay", "shift", "warmup_steps", "distill", "extra_steps", "kd", "projected_kd")
+        if any(isinstance(getattr(self, n), bool) or not getattr(self, n) >= 0 for n in names):
+            raise ProjectableEdgeError(f"training options {', '.join(repr(n) for n in names)} must be >= 0")
+        if self.extra_operator not in EXTRA_OPERATOR:
+            raise ProjectableEdgeError(f"training option 'extra_operator' must be one of {EXTRA_OPERATOR}, "
+                                       f"got {self.extra_operator!r}")
+        if not isinstance(self.extra_steps, int):
+            raise ProjectableEdgeError(f"training option 'extra_steps' must be a whole number, got {self.extra_steps!r}")
+        self.projection.to_dict()  # validates the operator options
         ladder = self.ladder.split(",") if isinstance(self.ladder, str) else self.ladder  # "16,64" too
         object.__setattr__(self, "ladder", tuple(str(x).strip() for x in ladder if str(x).strip()))
         for w in (self.small, *self.rungs().values()):  # every small size must fit in the source
@@ -96,7 +118,7 @@ class TrainConfig:
 
     @property
     def projection(self) -> ProjectionConfig:
-        return ProjectionConfig(n_basis=self.n_basis, coef_init=self.coef_init, mixture=self.mixture)
+        return ProjectionConfig(n_basis=self.n_basis, coef_init=self.coef_init, mixture=self.mixture, delta=self.delta)
 
     def rungs(self) -> dict[str, Widths]:
         """The ladder's extra small sizes by name ("16x4")."""

@@ -274,6 +274,42 @@ def _set_aside(names: list[str], splits, hold_out: tuple[str, ...]):
     return [names[i] for i in keep], kept, held
 
 
+SNAPSHOT = "splits.npz"
+
+
+def save_splits(path: Path, data: TaskData) -> None:
+    """Write the run's exact split tokens beside it (no pickle), so a finished run never needs its data
+    source again: `generate`, `evaluate` and `adapt` read this snapshot, checked by the run's fingerprint."""
+    dtype = np.uint8 if data.spec.vocab_size <= 256 else np.uint16
+    arrays = {}
+    for s, (tok, ids) in data.splits.items():
+        arrays[f"{s}.tokens"], arrays[f"{s}.task"] = tok.astype(dtype), ids.astype(np.int32)
+    for name, by_split in data.held_out.items():
+        for s, tok in by_split.items():
+            arrays[f"held_out.{s}.{name}"] = tok.astype(dtype)
+    with atomic_output(Path(path), overwrite=True, what="split snapshot") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_splits(path: Path, task_names: list[str], spec: TokenizerSpec, cfg: DataConfig, fingerprint: str) -> TaskData:
+    """The snapshot `save_splits` wrote, refused unless it is exactly the data the run trained on."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        splits = {s: (arrays[f"{s}.tokens"].astype(np.int64), arrays[f"{s}.task"].astype(np.int64)) for s in SPLITS}
+    except (OSError, ValueError, KeyError) as e:
+        raise ProjectableEdgeError(f"{path} is not a readable split snapshot ({e}): copy the run folder again") from None
+    held: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in arrays.items():
+        if k.startswith("held_out."):
+            _, s, name = k.split(".", 2)
+            held.setdefault(name, {})[s] = v.astype(np.int64)
+    if _fingerprint(task_names, spec, cfg, splits) != fingerprint:
+        raise ProjectableEdgeError(f"{path} does not hold the data this run trained on (fingerprint differs): "
+                                   "copy the run folder again")
+    return TaskData(list(task_names), spec, splits, fingerprint, held)
+
+
 def shift_augment(tokens: torch.Tensor, spec: TokenizerSpec, generator: torch.Generator,
                   max_shift: int = 1) -> torch.Tensor:
     """Shift each image by a random (dx, dy) in [-max_shift, max_shift], replicating edge pixels.

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from projectable_edge.model import count_params, flops_per_image
-from projectable_edge.train import evaluate_roles, load_run, source_best
+from projectable_edge.trainables import SLICED
+from projectable_edge.train import image_bits, load_run, source_best, task_means
 from projectable_edge_runtime.atomic import atomic_output
 
 
@@ -42,22 +43,29 @@ def ladder_rows(report: dict) -> list[dict]:
     return sorted(rows, key=lambda r: r["params"])
 
 
+def role_image_bits(run: Path, model, tokens: np.ndarray, task_ids: np.ndarray, roles=None) -> dict[str, np.ndarray]:
+    """Per-image bits/dim of each role; the source row uses the source's own best checkpoint."""
+    roles = list(roles or model.roles)
+    bits = image_bits(model, tokens, task_ids, roles=[r for r in roles if r != "source"])
+    if "source" in roles:
+        bits["source"] = image_bits(source_best(run, model), tokens, task_ids, roles=("source",))["source"]
+    return {r: bits[r] for r in roles}
+
+
 def role_bits(run: Path, model, tokens: np.ndarray, task_ids: np.ndarray, n_tasks: int,
               roles=None) -> dict[str, np.ndarray]:
     """Per-task bits/dim of each role; the source row uses the source's own best checkpoint."""
-    roles = list(roles or model.roles)
-    bits = evaluate_roles(model, tokens, task_ids, n_tasks, roles=[r for r in roles if r != "source"])
-    if "source" in roles:
-        bits["source"] = evaluate_roles(source_best(run, model), tokens, task_ids, n_tasks, roles=("source",))["source"]
-    return bits
+    return {r: task_means(b, task_ids, n_tasks) for r, b in role_image_bits(run, model, tokens, task_ids, roles).items()}
 
 
 def evaluate_run(run: Path, split: str = "test") -> dict:
-    """The table `projectable-edge evaluate` prints: per-task and macro bits/dim per role."""
+    """The table `projectable-edge evaluate` prints: per-task and macro bits/dim per role, and every
+    image's bits per role (`per_image`, for paired statistics)."""
     meta, model, data = load_run(run)
     x, t = data.splits[split]
     roles = model.roles
-    bits = role_bits(run, model, x, t, data.n_tasks)
+    per_image = role_image_bits(run, model, x, t)
+    bits = {r: task_means(b, t, data.n_tasks) for r, b in per_image.items()}
     start = time.perf_counter()
     for task in range(data.n_tasks):
         model.specialise("projected", task)
@@ -71,6 +79,9 @@ def evaluate_run(run: Path, split: str = "test") -> dict:
                   for i, name in enumerate(data.task_names)],
         "macro_bits_per_dim": {r: float(np.mean(bits[r])) for r in roles},
         "projected_wins": int(sum(bits["projected"][i] < bits["universal"][i] for i in range(data.n_tasks))),
+        "wins": {r: int((bits["projected"] < bits[r]).sum()) for r in ("universal", "scratch", *SLICED) if r in bits},
+        "per_image": {"task": t.tolist(), "bits_per_dim": {r: [round(float(v), 6) for v in b]
+                                                           for r, b in per_image.items()}},
         "models": model_sizes(model),
         "projection_ms": projection_ms,
     }

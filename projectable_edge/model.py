@@ -105,8 +105,22 @@ def _bias(b: torch.Tensor) -> torch.Tensor:
     return b if b.dim() == 1 else b.unsqueeze(1)
 
 
+def _exporting() -> bool:
+    """ONNX export traces forms that ONNX Runtime fuses into fewer kernels (the same arithmetic up to
+    rounding); eager PyTorch, and so training, keeps its own forms bit for bit."""
+    return torch.onnx.is_in_onnx_export()
+
+
 def _layer_norm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if g.dim() == 1 and _exporting():  # one LayerNormalization node with its scale and bias
+        return F.layer_norm(x, x.shape[-1:], g, b)
     return F.layer_norm(x, x.shape[-1:]) * _bias(g) + _bias(b)
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    if _exporting():  # the erf pattern ONNX Runtime fuses into one Gelu kernel
+        return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    return F.gelu(x)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,39 +141,35 @@ def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention: q [B, H, T, hd], k/v [B, H, S, hd] (S >= T, the last T are the queries) -> [B, H, T, hd].
+    """Causal attention: q, k, v [B, H, T, hd] -> [B, H, T, hd].
 
     Training and eager scoring use PyTorch's fused scaled_dot_product_attention; ONNX export
     traces the plain matmul-softmax form, whose ops every backend (TensorRT included) knows.
     """
-    t, s = q.shape[2], k.shape[2]
-    if FUSED_ATTENTION and t == s and not torch.onnx.is_in_onnx_export():
+    if FUSED_ATTENTION and not _exporting():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, T, S]
-    # query i sits at absolute position s - t + i and sees keys 0..s - t + i
-    causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-    return att.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v
-
-
-def _block(w: Weights, p: str, cfg: ModelConfig, x: torch.Tensor,
-           past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
-    """One pre-norm block. With past_k/past_v [B, H, P, hd] it attends to the cache too.
-
-    Returns (x, k, v) where k, v [B, H, P+T, hd] are the keys/values incl. the past.
-    """
-    h = _layer_norm(x, w[p + "ln1.w"], w[p + "ln1.b"])
-    q = _heads(_linear(h, w[p + "wq"], w[p + "bq"]), cfg.n_head)  # [B, H, T, hd]
-    k = _heads(_linear(h, w[p + "wk"], w[p + "bk"]), cfg.n_head)
-    v = _heads(_linear(h, w[p + "wv"], w[p + "bv"]), cfg.n_head)
-    if past_k is not None:
-        k = torch.cat([past_k, k], dim=2)
-        v = torch.cat([past_v, v], dim=2)
     t = q.shape[2]
-    y = _attend(q, k, v).transpose(1, 2).reshape(x.shape[0], t, cfg.d_attn)  # [B, T, A]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, T, T]
+    # an additive causal mask (0 or -inf: the numbers masked_fill gives) is one broadcast Add in the
+    # graph, built once for all layers
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    return (att + torch.zeros(t, t, dtype=att.dtype, device=q.device).masked_fill(~causal, float("-inf"))
+            ).softmax(dim=-1) @ v
+
+
+def _block(w: Weights, p: str, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """One pre-norm block over x [B, T, d]."""
+    b, t, _ = x.shape
+    h = _layer_norm(x, w[p + "ln1.w"], w[p + "ln1.b"])
+    if p + "wqkv" in w:  # export (SpecialisedModel supplies them): q, k and v from one matmul
+        qkv = _linear(h, w[p + "wqkv"], w[p + "bqkv"]).view(b, t, 3 * cfg.n_head, cfg.head_dim)
+        q, k, v = qkv.transpose(1, 2).split(cfg.n_head, dim=1)  # [B, H, T, hd] each
+    else:
+        q, k, v = (_heads(_linear(h, w[p + f"w{n}"], w[p + f"b{n}"]), cfg.n_head) for n in "qkv")
+    y = _attend(q, k, v).transpose(1, 2).reshape(b, t, cfg.d_attn)  # [B, T, A]
     x = x + _linear(y, w[p + "wo"], w[p + "bo"])
     h = _layer_norm(x, w[p + "ln2.w"], w[p + "ln2.b"])
-    x = x + _linear(F.gelu(_linear(h, w[p + "w1"], w[p + "b1"])), w[p + "w2"], w[p + "b2"])
-    return x, k, v
+    return x + _linear(_gelu(_linear(h, w[p + "w1"], w[p + "b1"])), w[p + "w2"], w[p + "b2"])
 
 
 def _head(w: Weights, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +186,7 @@ def forward(w: Weights, cfg: ModelConfig, tokens: torch.Tensor, bos: torch.Tenso
     pos = w["wpe"][..., :t, :]  # [T, d] or [B, T, d]
     x = x + pos
     for i in range(cfg.n_layer):
-        x, _, _ = _block(w, f"h{i}.", cfg, x)
+        x = _block(w, f"h{i}.", cfg, x)
     return _head(w, x)
 
 
@@ -209,17 +219,25 @@ class SpecialisedModel(nn.Module):
         for name in self.names:
             self.register_buffer(name.replace(".", "_"), weights[name].detach().clone().float())
         self.register_buffer("wte_ext", torch.cat([weights["wte"], bos.view(1, -1)]).detach().clone().float())
+        for i in range(cfg.n_layer):  # the decode step's fused q|k|v weights (derived: not saved)
+            for fused, parts in (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv"))):
+                self.register_buffer(f"h{i}_{fused}", torch.cat([getattr(self, f"h{i}_{n}") for n in parts], -1),
+                                     persistent=False)
 
     @property
     def weights(self) -> Weights:
         return {n: getattr(self, n.replace(".", "_")) for n in self.names}
+
+    def _qkv(self) -> Weights:
+        """Each layer's fused q|k|v weights ("h0.wqkv", "h0.bqkv"): what the exported graphs multiply by."""
+        return {f"h{i}.{n}": getattr(self, f"h{i}_{n}") for i in range(self.cfg.n_layer) for n in ("wqkv", "bqkv")}
 
     @property
     def bos_id(self) -> int:
         return self.cfg.vocab_size
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        w = self.weights
+        w = {**self.weights, **self._qkv()} if _exporting() else self.weights
         b = tokens.shape[0]
         bos = self.wte_ext[self.cfg.vocab_size].expand(b, -1)
         return forward(w, self.cfg, tokens, bos)
@@ -232,13 +250,28 @@ class SpecialisedModel(nn.Module):
             return bits_per_dim(self(x), x).double().numpy()
 
     def decode_step(self, token: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
-        """token [B, 1] (int64), past_k/v [L, B, H, P, hd] -> logits [B, V], present_k/v [L, B, H, P+1, hd]."""
-        w = self.weights
+        """token [B, 1] (int64), past_k/v [L, B, H, P, hd] -> logits [B, V], present_k/v [L, B, H, P+1, hd].
+
+        `forward`'s arithmetic for one query, shaped for a small graph (a decode step is mostly per-kernel
+        overhead): q, k and v from one matmul, no mask (the one query sees every key), and each layer's
+        keys as [1, B, H, P+1, hd] so the present cache is one concatenation. Activations stay [B, 1, d]:
+        as [B, d], a matmul and its bias become a Gemm, whose bias static INT8 quantizes to int32, which
+        TensorRT cannot build."""
+        cfg, w = self.cfg, {**self.weights, **self._qkv()}
+        n_head, hd = cfg.n_head, cfg.head_dim
         p = past_k.shape[3]
-        x = F.embedding(token, self.wte_ext) + w["wpe"][p: p + 1]  # [B, 1, d]
+        x = F.embedding(token, self.wte_ext) + w["wpe"][p]  # [B, 1, d]
         ks, vs = [], []
-        for i in range(self.cfg.n_layer):
-            x, k, v = _block(w, f"h{i}.", self.cfg, x, past_k[i], past_v[i])
+        for i in range(cfg.n_layer):
+            pre = f"h{i}."
+            h = _layer_norm(x, w[pre + "ln1.w"], w[pre + "ln1.b"])
+            qkv = _linear(h, w[pre + "wqkv"], w[pre + "bqkv"])  # [B, 1, 3A]
+            q, k, v = qkv.reshape(1, -1, 3 * n_head, 1, hd).split(n_head, dim=2)  # [1, B, H, 1, hd] each
+            k, v = torch.cat([past_k[i: i + 1], k], dim=3), torch.cat([past_v[i: i + 1], v], dim=3)
+            att = ((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))).softmax(dim=-1)  # [1, B, H, 1, P+1]
+            x = x + _linear((att @ v).reshape(-1, 1, cfg.d_attn), w[pre + "wo"], w[pre + "bo"])
+            h = _layer_norm(x, w[pre + "ln2.w"], w[pre + "ln2.b"])
+            x = x + _linear(_gelu(_linear(h, w[pre + "w1"], w[pre + "b1"])), w[pre + "w2"], w[pre + "b2"])
             ks.append(k)
             vs.append(v)
-        return _head(w, x)[:, -1], torch.stack(ks), torch.stack(vs)
+        return _head(w, x).reshape(-1, cfg.vocab_size), torch.cat(ks), torch.cat(vs)

@@ -39,10 +39,10 @@ def adapted_provenance(t) -> dict:
 
 def project_task(run: Path, task: str | int, role: str = "projected") -> tuple[SpecialisedModel, dict]:
     """Load a run and produce one task's small model, with the metadata a file or bundle needs."""
-    from projectable_edge.task_registry import resolve
+    from projectable_edge.task_registry import lookup_task
 
     meta, model, data = load_run(run)
-    t = resolve(run, data, task)
+    t = lookup_task(run, data, task)
     adapted = not isinstance(t, int)
     if adapted and role != "projected":
         raise ProjectableEdgeError(f"adapted task {t.name!r} exists for the projected role only, not {role!r}")

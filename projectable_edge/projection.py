@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge.model import ModelConfig, Weights
+from projectable_edge.model import ModelConfig, Weights, weight_shapes
 
 MIXTURES = ("shared", "per_space")
 
@@ -41,6 +41,9 @@ class ProjectionConfig:
     # break that symmetry while the mixture of identical selections is still exactly a slice.
     coef_init: float = 1.0
     mixture: str = "per_space"  # one softmax per space, or one "shared" by every space
+    # task-independent small-model weights added to every projection (zero at init, trained with the
+    # operator): the small model = shared weights + the task's projection of M, same deployed size
+    delta: bool = False
 
     def __post_init__(self) -> None:
         if self.mixture not in MIXTURES:
@@ -108,6 +111,9 @@ class Projector(nn.Module):
             if cfg.init_noise > 0:
                 base += cfg.init_noise * torch.randn(base.shape, generator=generator)
             self.bases[name.replace(".", "_")] = nn.Parameter(base)  # [K, in, out]
+        if cfg.delta:
+            self.delta = nn.ParameterDict({n.replace(".", "__"): nn.Parameter(torch.zeros(shape))
+                                           for n, shape in weight_shapes(dst).items()})
         n_mix = len(self.spaces) if cfg.mixture == "per_space" else 1
         # task embeddings start at N(0, 0.02^2) (Trainables), so logits start at N(0, coef_init^2)
         self.coef = nn.Linear(src.d_model, n_mix * cfg.n_basis)
@@ -152,6 +158,8 @@ class Projector(nn.Module):
             out[p + "w1"] = torch.einsum("nds,dm,nmf->nsf", r, w[q + "w1"], mlp)
             out[p + "b1"] = w[q + "b1"] @ mlp
             out[p + "w2"] = torch.einsum("nmf,md,nds->nfs", mlp, w[q + "w2"], r)
+        if self.cfg.delta:
+            out = {k: v + self.delta[k.replace(".", "__")] for k, v in out.items()}
         return out, task_emb.unsqueeze(1).matmul(r).squeeze(1)
 
     def n_params(self) -> int:

@@ -99,7 +99,7 @@ def load_adapted(run: Path, name: str) -> AdaptedTask:
     return AdaptedTask(name=name, adapted=a, tokens=t["tokens"].numpy(), check=t["check"].numpy(), record=rec)
 
 
-def resolve(run: Path, data, task: str | int) -> int | AdaptedTask:
+def lookup_task(run: Path, data, task: str | int) -> int | AdaptedTask:
     """A trained task's index, or an adapted task by name; the error lists both kinds."""
     try:
         return data.task_index(task)

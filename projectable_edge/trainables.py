@@ -29,6 +29,9 @@ from projectable_edge.projection import ProjectionConfig, Projector
 
 ROLES = ("source", "projected", "universal", "scratch")
 LADDER_ROLES = ("projected", "universal")
+# universal models initialised from the trained source by weight selection (the operator's step-0
+# slice, task vectors sliced too) and trained in the run's second stage, without / with distillation
+SLICED = ("universal@ws", "universal@ws+kd")
 
 
 def role_generator(seed: int, role: str) -> torch.Generator:
@@ -38,12 +41,21 @@ def role_generator(seed: int, role: str) -> torch.Generator:
 
 
 def split_role(role: str) -> tuple[str, str | None]:
-    """'projected@16x4' -> ('projected', '16x4'); 'universal' -> ('universal', None)."""
+    """'projected@16x4' -> ('projected', '16x4'); 'universal' -> ('universal', None).
+
+    The sliced universal models ('universal@ws', 'universal@ws+kd') are the main size: (base, None).
+    """
+    if role in SLICED:
+        return "universal", None
     base, _, size = role.partition("@")
     if base not in ROLES or (size and base not in LADDER_ROLES):
-        raise ProjectableEdgeError(f"unknown model role {role!r}: use one of {', '.join(ROLES)}, "
+        raise ProjectableEdgeError(f"unknown model role {role!r}: use one of {', '.join(ROLES + SLICED)}, "
                                    f"or {'/'.join(LADDER_ROLES)}@<size> for a ladder size")
     return base, size or None
+
+
+def _sliced_key(role: str) -> str:
+    return role.split("@")[1].replace("+", "_")  # module names cannot hold '+'
 
 
 class WeightSet(nn.Module):
@@ -68,40 +80,70 @@ def _take(w: Weights, idx: torch.Tensor) -> Weights:
     return {k: v[idx] for k, v in w.items()}
 
 
+class SmallModel(nn.Module):
+    """One small model shared by every task, with a task (BOS) vector per task."""
+
+    def __init__(self, cfg: ModelConfig, n_task: int, g: torch.Generator):
+        super().__init__()
+        self.weights = WeightSet(init_weights(cfg, g))
+        self.task = nn.Parameter(torch.randn(n_task, cfg.d_model, generator=g) * 0.02)
+
+
 class Rung(nn.Module):
     """One extra small size of the ladder: its projector and its equal-size universal model."""
 
     def __init__(self, src: ModelConfig, small: ModelConfig, n_task: int, pcfg: ProjectionConfig,
-                 seed: int, name: str):
+                 seed: int, name: str, baselines: bool = True):
         super().__init__()
         self.cfg = small
         self.projector = Projector(src, small, pcfg, role_generator(seed, f"projected@{name}"))
-        g = role_generator(seed, f"universal@{name}")
-        self.universal = WeightSet(init_weights(small, g))
-        self.universal_task = nn.Parameter(torch.randn(n_task, small.d_model, generator=g) * 0.02)
+        if baselines:
+            g = role_generator(seed, f"universal@{name}")
+            self.universal = WeightSet(init_weights(small, g))
+            self.universal_task = nn.Parameter(torch.randn(n_task, small.d_model, generator=g) * 0.02)
 
 
 class Trainables(nn.Module):
+    """baselines=False builds only the source and the operators: what projecting a task needs."""
+
     def __init__(self, src: ModelConfig, small: ModelConfig, n_task: int, pcfg: ProjectionConfig, seed: int = 0,
-                 ladder: dict[str, ModelConfig] | None = None):
+                 ladder: dict[str, ModelConfig] | None = None, baselines: bool = True, sliced: bool = False):
         super().__init__()
-        self.src_cfg, self.small_cfg, self.n_task = src, small, n_task
+        self.src_cfg, self.small_cfg, self.n_task, self.baselines = src, small, n_task, baselines
         g = role_generator(seed, "source")
         self.source = WeightSet(init_weights(src, g))
         self.source_task = nn.Parameter(torch.randn(n_task, src.d_model, generator=g) * 0.02)
         self.projector = Projector(src, small, pcfg, role_generator(seed, "projected"))
-        g = role_generator(seed, "universal")
-        self.universal = WeightSet(init_weights(small, g))
-        self.universal_task = nn.Parameter(torch.randn(n_task, small.d_model, generator=g) * 0.02)
-        g = role_generator(seed, "scratch")
-        self.scratch = WeightSet(_stack_inits(small, n_task, g))
-        self.scratch_bos = nn.Parameter(torch.randn(n_task, small.d_model, generator=g) * 0.02)
-        self.ladder = nn.ModuleDict({name: Rung(src, cfg, n_task, pcfg, seed, name)
+        if baselines:
+            g = role_generator(seed, "universal")
+            self.universal = WeightSet(init_weights(small, g))
+            self.universal_task = nn.Parameter(torch.randn(n_task, small.d_model, generator=g) * 0.02)
+            g = role_generator(seed, "scratch")
+            self.scratch = WeightSet(_stack_inits(small, n_task, g))
+            self.scratch_bos = nn.Parameter(torch.randn(n_task, small.d_model, generator=g) * 0.02)
+        self.ladder = nn.ModuleDict({name: Rung(src, cfg, n_task, pcfg, seed, name, baselines)
                                      for name, cfg in (ladder or {}).items()})
+        # placeholders until init_sliced() copies the trained source's slice in (second stage)
+        self.sliced = nn.ModuleDict({_sliced_key(r): SmallModel(small, n_task, role_generator(seed, r))
+                                     for r in (SLICED if sliced and baselines else ())})
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return ROLES + tuple(f"{r}@{n}" for n in self.ladder for r in LADDER_ROLES)
+        kept = ROLES if self.baselines else ("source", "projected")
+        rung = LADDER_ROLES if self.baselines else ("projected",)
+        sliced = tuple(r for r in SLICED if _sliced_key(r) in self.sliced)
+        return kept + sliced + tuple(f"{r}@{n}" for n in self.ladder for r in rung)
+
+    @torch.no_grad()
+    def init_sliced(self) -> None:
+        """Start every sliced universal model at the source's weight-selection slice: the projection
+        of the current source through selection maps (the operator at step 0), task vectors included."""
+        select = Projector(self.src_cfg, self.small_cfg, ProjectionConfig(n_basis=1), torch.Generator())
+        w, bos = select(self.source.weights(), self.source_task)  # identical for every task
+        for m in self.sliced.values():
+            for k, p in m.weights.weights().items():
+                p.copy_(w[k][0])
+            m.task.copy_(bos)
 
     def config_of(self, role: str) -> ModelConfig:
         base, size = split_role(role)
@@ -118,6 +160,14 @@ class Trainables(nn.Module):
     def parts(self, role: str):
         """(projector or None, weights, task vectors) of a small role."""
         base, size = split_role(role)
+        if base in ("universal", "scratch") and not self.baselines:
+            raise ProjectableEdgeError(f"role {role!r} was not loaded (this model holds the source and operators only)")
+        if role in SLICED:
+            if _sliced_key(role) not in self.sliced:
+                raise ProjectableEdgeError(f"this run has no {role!r} model: it is trained by the second stage "
+                                           "(train with --extra-steps)")
+            m = self.sliced[_sliced_key(role)]
+            return None, m.weights.weights(), m.task
         if size:
             rung = self._rung(size)
             return (rung.projector, None, None) if base == "projected" else \
@@ -153,39 +203,57 @@ class Trainables(nn.Module):
             return forward(_take(w, task_ids), cfg, tokens, vecs[task_ids])
         return forward(w, cfg, tokens, vecs[task_ids])
 
-    def forward(self, tokens: torch.Tensor, task_ids: torch.Tensor, distill: float = 0.0) -> dict[str, torch.Tensor]:
-        """Training losses (nats/token) of every role on one batch.
+    def forward(self, tokens: torch.Tensor, task_ids: torch.Tensor, roles: tuple[str, ...] | None = None,
+                distill: float = 0.0, kd: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+        """Training losses (nats/token) of `roles` (default: all but the sliced models) on one batch.
 
-        distill > 0 adds distill * KL(source || small) to every small role alike (projected,
-        universal, scratch), the source's logits detached: a teacher for all or for none.
+        distill > 0 adds distill * KL(source || small) to every small role alike, the source's logits
+        detached: a teacher for all or for none. kd {role: w} adds w * the same term to those roles only.
         """
-        src = self.logits("source", tokens, task_ids)
-        out = {"source": nll(src, tokens)}
-        teacher = src.detach().float().log_softmax(-1) if distill > 0 else None
-        for r in self.roles[1:]:
+        def weight(r: str) -> float:
+            return distill + (kd or {}).get(r, 0.0)
+
+        roles = roles or tuple(r for r in self.roles if r not in SLICED)
+        out, teacher = {}, None
+        if "source" in roles:
+            src = self.logits("source", tokens, task_ids)
+            out["source"] = nll(src, tokens)
+        if any(weight(r) > 0 for r in roles if r != "source"):
+            if "source" not in roles:
+                with torch.no_grad():
+                    src = self.logits("source", tokens, task_ids)
+            teacher = src.detach().float().log_softmax(-1)
+        for r in roles:
+            if r == "source":
+                continue
             logits = self.logits(r, tokens, task_ids)
             out[r] = nll(logits, tokens)
-            if teacher is not None:
+            if teacher is not None and weight(r) > 0:
                 kl = F.kl_div(logits.float().log_softmax(-1), teacher, log_target=True, reduction="none").sum(-1)
-                out[r] = out[r] + distill * kl.mean()
+                out[r] = out[r] + weight(r) * kl.mean()
         return out
 
     def role_params(self) -> dict[str, list[nn.Parameter]]:
         """Parameters per optimised unit: source, every projector, every small model."""
-        out = {
-            "source": list(self.source.parameters()) + [self.source_task],
-            "projector": list(self.projector.parameters()),
-            "universal": list(self.universal.parameters()) + [self.universal_task],
-            "scratch": list(self.scratch.parameters()) + [self.scratch_bos],
-        }
+        out = {"source": list(self.source.parameters()) + [self.source_task],
+               "projector": list(self.projector.parameters())}
+        if self.baselines:
+            out["universal"] = list(self.universal.parameters()) + [self.universal_task]
+            out["scratch"] = list(self.scratch.parameters()) + [self.scratch_bos]
         for name, rung in self.ladder.items():
             out[f"projector@{name}"] = list(rung.projector.parameters())
-            out[f"universal@{name}"] = list(rung.universal.parameters()) + [rung.universal_task]
+            if self.baselines:
+                out[f"universal@{name}"] = list(rung.universal.parameters()) + [rung.universal_task]
+        for r in SLICED:
+            if _sliced_key(r) in self.sliced:
+                out[r] = list(self.sliced[_sliced_key(r)].parameters())
         return out
 
     def role_prefixes(self, role: str) -> tuple[str, ...]:
         """State-dict prefixes a role's deployable model depends on (projected needs source + operator)."""
         base, size = split_role(role)
+        if role in SLICED:
+            return (f"sliced.{_sliced_key(role)}.",)
         if base == "source":
             return ("source.", "source_task")
         if base == "projected":

@@ -1,4 +1,4 @@
-"""`python -m projectable_edge_runtime {info,validate,benchmark,sample,score,tune,serve} BUNDLE ...` — the on-device CLI.
+"""`python -m projectable_edge_runtime {info,validate,benchmark,sample,score,tune,serve} BUNDLE ...` (and `schema`): the device CLI.
 
 Stdlib argparse only (the device has no typer/rich). Exit codes: 0 ok, 1 a check failed
 (validate / benchmark verdict) or an unexpected error, 2 an error the user can fix (one line;
@@ -13,7 +13,6 @@ import sys
 import numpy as np
 
 from .devices.choices import values
-from .devices.errors import ProjectableEdgeError
 from . import console
 from .backends import Backend
 
@@ -44,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     c = _common()
     sub.add_parser("info", parents=[c], help="show what the bundle holds and which backend runs it")
-    v = sub.add_parser("validate", parents=[c], help="re-measure bits/dim on the bundle's held-out images")
-    v.add_argument("--tolerance", type=float, help="bits/dim tolerance (default: the manifest's)")
+    v = sub.add_parser("validate", parents=[c], help="bits/dim on the bundle's held-out images vs the PyTorch reference")
+    v.add_argument("--tolerance", type=float, help="bits/dim tolerance (default: the candidate's)")
     b = sub.add_parser("benchmark", parents=[c], help="latency percentiles, throughput, memory, budget verdict")
     b.add_argument("--runs", type=int, default=100)
     b.add_argument("--warmup", type=int, default=10)
@@ -61,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cols", type=int, default=None, help="images per row (default: up to 8)")
     s.add_argument("--scale", type=int, default=4)
     s.add_argument("--tokens-out", type=_abspath, help="also save the sampled tokens as .npy")
-    sc = sub.add_parser("score", parents=[c], help="bits/dim of image files (or .npy arrays of images/tokens)")
+    sub.add_parser("schema", help="print the JSON Schema of manifest.json (derived from the runtime's format)")
+    sc = sub.add_parser("score", parents=[c], help="bits/dim of image files, folders, .npy arrays of images or "
+                                                   "tokens, or '-' (.npy on stdin)")
     sc.add_argument("images", nargs="+")
     t = sub.add_parser("tune", parents=[c], help="measure every candidate here, pick the most accurate within "
                                                  "budget, record it next to the bundle (exit 1: none fits)")
@@ -72,31 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--record", type=_abspath, help="where to write the record (default: BUNDLE.tuned.json beside it)")
     t.add_argument("--reuse", action="store_true", help="pick again from the record's measurements (new budgets, "
                                                         "no re-measuring)")
-    from . import serve  # stdlib + numpy only
-    serve.add_arguments(sub.add_parser("serve", parents=[c], help="serve /score, /sample, /healthz over HTTP (JSON)"))
+    from . import serve  # stdlib + numpy only: the HTTP library is imported when a server is made
+    serve.add_arguments(sub.add_parser("serve", parents=[c], help="serve /score, /sample, /healthz over HTTP (JSON; "
+                                                                  "needs the [serve] extra)"))
     return ap
-
-
-def _read_inputs(model, paths: list[str]) -> tuple[list[str], np.ndarray]:
-    names, tokens = [], []
-    for p in paths:
-        if p.endswith(".npy"):
-            try:
-                a = np.load(p, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise ProjectableEdgeError(f"cannot read '{p}' as a numpy array ({e}); pass a .npy file") from None
-            t = model.to_tokens(a)
-            names += [f"{p}[{i}]" for i in range(len(t))] if len(t) > 1 else [p]
-            tokens.append(t)
-        else:
-            try:
-                imgs = model.tokenizer.load_images([p])
-            except ImportError:
-                raise ProjectableEdgeError("reading image files needs Pillow; `pip install pillow`, or pass "
-                                           ".npy arrays") from None
-            names.append(p)
-            tokens.append(model.tokenizer.encode(imgs))
-    return names, np.concatenate(tokens)
 
 
 def _info(model, args):
@@ -125,8 +105,10 @@ def _sample(model, args):
 
 
 def _score(model, args):
-    names, tokens = _read_inputs(model, args.images)
-    bits = model.score(tokens)
+    from .inputs import read_inputs
+
+    named = read_inputs(model, args.images)
+    names, bits = [n for n, _ in named], model.score(np.concatenate([t for _, t in named]))
     out = {"variant": model.variant, "bits_per_dim": dict(zip(names, map(float, bits))),
            "mean_bits_per_dim": float(bits.mean())}
     return out, 0, lambda o: console.score_text(names, bits, model.variant)
@@ -145,6 +127,11 @@ COMMANDS = {"info": _info, "validate": _validate, "benchmark": _benchmark, "samp
 def run(args) -> int:
     from .bundle import load  # imported here so `--help` stays instant
 
+    if args.command == "schema":
+        from .manifest import json_schema
+
+        console.emit_json(json_schema())
+        return 0
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     if args.command == "tune":  # measures each candidate in its own process: nothing to load here
         from .tune import run_cli
@@ -153,6 +140,8 @@ def run(args) -> int:
     with load(args.bundle, precision=args.precision, providers=providers, backend=args.backend,
               public_key=args.public_key, candidate=args.candidate) as model:
         out, code, text = COMMANDS[args.command](model, args)
+    if text is None:  # the command printed its own output (serve: one line per event, JSON Lines with --json)
+        return code
     if args.json:
         console.emit_json(out)
     else:
@@ -162,7 +151,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return console.error_boundary(lambda: run(args), verbose=args.verbose)
+    return console.error_boundary(lambda: run(args), verbose=getattr(args, "verbose", False))
 
 
 if __name__ == "__main__":

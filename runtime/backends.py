@@ -13,7 +13,7 @@ from .devices.choices import StrEnum, choose
 from .devices.errors import ProjectableEdgeError
 from .graphs import GraphKind, check_io
 from .hardware import execution_report
-from .manifest import EngineStatus
+from .manifest import Engine, EngineStatus, Graphs
 from .runners import OrtRunner
 from .requirements import import_onnxruntime
 
@@ -43,25 +43,26 @@ def _rebuild(bundle_dir: Path) -> str:
     return f"bash {bundle_dir.resolve() / 'build_engine.sh'}"
 
 
-def choose_engine(bundle_dir: Path, engine: dict[str, Any], variant: str, backend: Backend,
+def choose_engine(bundle_dir: Path, engine: Engine | None, variant: str, backend: Backend,
                   records: dict[str, dict[str, Any]] | None = None) -> tuple[Path | None, str]:
     """(engine path to use or None, why). Never raises for a missing TensorRT: ORT is the fallback.
 
     A device-built engine is described by its own record (written by build_engine.sh, hash-checked by
     the loader): the TensorRT version that actually built it is the record's, not the profile's."""
-    status = engine.get("status")
     if backend is Backend.ONNXRUNTIME:
         return None, "onnxruntime backend requested"
-    if status == EngineStatus.NOT_APPLICABLE:
+    if engine is None:
+        return None, "a ladder size: no TensorRT engine is built for it; it runs on ONNX Runtime"
+    if engine.status == EngineStatus.NOT_APPLICABLE:
         return None, "the target compiles with onnxruntime; the bundle has no TensorRT engine"
-    if engine.get("variant") and engine["variant"] != variant:
-        return None, (f"the TensorRT engine was built from variant '{engine['variant']}', "
+    if engine.variant and engine.variant != variant:
+        return None, (f"the TensorRT engine was built from variant '{engine.variant}', "
                       f"but variant '{variant}' was requested")
-    path = bundle_dir / engine["path"] if engine.get("path") else None
+    path = bundle_dir / engine.path if engine.path else None
     if path is None or not path.is_file():
-        return None, f"TensorRT engine not built yet ({status}); build it on the device with `{_rebuild(bundle_dir)}`"
-    record = (records or {}).get(engine["path"])
-    if status == EngineStatus.DEFERRED and record is None:
+        return None, f"TensorRT engine not built yet ({engine.status}); build it on the device with `{_rebuild(bundle_dir)}`"
+    record = (records or {}).get(engine.path)
+    if engine.status == EngineStatus.DEFERRED and record is None:
         return None, f"the TensorRT engine has no build record; rebuild it with `{_rebuild(bundle_dir)}`"
     test = (record or {}).get("test_inference") or {}
     if record is not None and test.get("passed") is not True:
@@ -70,12 +71,12 @@ def choose_engine(bundle_dir: Path, engine: dict[str, Any], variant: str, backen
     version, why = _tensorrt_version()
     if version is None:
         return None, why
-    built = record["tensorrt_version"] if record is not None else engine.get("tensorrt_version")
+    built = record["tensorrt_version"] if record is not None else engine.tensorrt_version
     if built and _major_minor(built) != _major_minor(version):
         return None, (f"the engine was built with TensorRT {built} but this device has {version}; engines "
                       f"are locked to the TensorRT version — rebuild with `{_rebuild(bundle_dir)}`")
     origin = f"built on {record.get('device', 'the device')}" if record is not None else "built on the host"
-    return path, f"TensorRT {version} engine '{engine['path']}' ({origin} with TensorRT {built})"
+    return path, f"TensorRT {version} engine '{engine.path}' ({origin} with TensorRT {built})"
 
 
 def _threads(profile, threads: int | None) -> int:
@@ -87,25 +88,24 @@ def _threads(profile, threads: int | None) -> int:
     return int(threads)
 
 
-def _trt_runners(bundle_dir: Path, engine: dict[str, Any], path: Path):
+def _trt_runners(bundle_dir: Path, engine: Engine, path: Path):
     """(score, decode or None) TensorRT runners, or (None, None, why) when the engine is unusable here."""
     from .trt_runner import TrtRunner
 
     try:
-        score = TrtRunner(path, name=f"tensorrt:{engine['path']}")
+        score = TrtRunner(path, name=f"tensorrt:{engine.path}")
         decode = None
-        if engine.get("decode_path") and (bundle_dir / engine["decode_path"]).is_file():
-            decode = TrtRunner(bundle_dir / engine["decode_path"], name=f"tensorrt:{engine['decode_path']}")
+        if engine.decode_path and (bundle_dir / engine.decode_path).is_file():
+            decode = TrtRunner(bundle_dir / engine.decode_path, name=f"tensorrt:{engine.decode_path}")
         return score, decode, None
     except Exception as e:  # CUDA missing, engine for another GPU, ...
         return None, None, f"TensorRT engine could not be used ({e})"
 
 
-def make_runners(bundle_dir: Path, manifest: dict[str, Any], variant: str, profile,
+def make_runners(bundle_dir: Path, graphs: Graphs, variant: str, engine: Engine | None, profile,
                  providers=None, backend: str = "auto", threads: int | None = None, records=None):
-    """(score runner, decode runner or None, report dict) for one graph variant."""
+    """((score runner, decode runner or None), report dict) for one candidate's graphs."""
     backend = choose(Backend, backend, "backend")
-    graphs, engine = manifest["graphs"][variant], manifest["engine"]
     requested = list(providers) if providers else list(profile.execution_providers)
     threads = _threads(profile, threads)
     engine_path, reason = choose_engine(bundle_dir, engine, variant, backend, records)
@@ -117,11 +117,9 @@ def make_runners(bundle_dir: Path, manifest: dict[str, Any], variant: str, profi
         raise ProjectableEdgeError(f"TensorRT backend requested but unusable: {reason}")
     on_trt = score is not None
     if score is None:
-        key = GraphKind.SCORING.key
-        score = OrtRunner(bundle_dir / graphs[key], requested, threads, name=f"onnxruntime:{graphs[key]}")
-    if decode is None and graphs.get(GraphKind.DECODE.key):
-        rel = graphs[GraphKind.DECODE.key]
-        decode = OrtRunner(bundle_dir / rel, requested, threads, name=f"onnxruntime:{rel}")
+        score = OrtRunner(bundle_dir / graphs.score, requested, threads, name=f"onnxruntime:{graphs.score}")
+    if decode is None and graphs.decode:
+        decode = OrtRunner(bundle_dir / graphs.decode, requested, threads, name=f"onnxruntime:{graphs.decode}")
     check_io(score, GraphKind.SCORING, "score")
     if decode is not None:
         check_io(decode, GraphKind.DECODE)
@@ -136,4 +134,4 @@ def make_runners(bundle_dir: Path, manifest: dict[str, Any], variant: str, profi
         "execution": execution_report(ort.get_available_providers(), requested, {
             "score": list(score.providers), "decode": list(decode.providers) if decode is not None else []}),
     }
-    return score, decode, report
+    return (score, decode), report

@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from typing import Any, Callable
 
 import numpy as np
@@ -69,13 +70,22 @@ def _inputs(model, batch: int) -> np.ndarray:
 
 
 def _candidates(model) -> dict[str, Any] | None:
-    """A ladder bundle's candidate data (the report's accuracy-vs-latency chart), with the loaded one marked."""
-    from .candidates import summary
-
-    out = summary(model.manifest, getattr(model, "tuned", None))
-    if out is not None:
-        out["loaded"] = getattr(model, "candidate", None)
-    return out
+    """A ladder bundle's candidates (the report's accuracy-vs-latency chart), with the loaded one marked."""
+    m = model.manifest
+    if m is None or m.ladder is None:
+        return None
+    rows = []
+    for name, c in m.candidates.items():
+        a, lat, e = c.accuracy, c.latency_host, c.estimate or {}
+        rows.append({"candidate": name, "size": c.size, "variant": c.variant, "params": c.model.params,
+                     "bits": a.bits, "vs_fp32": a.vs_fp32, "vs_universal": a.vs_universal,
+                     "within_budget": a.within_budget, "host_p50_ms": lat and lat.p50_ms,
+                     "host_p99_ms": lat and lat.p99_ms, "host_peak_rss_mb": lat and lat.peak_rss_mb,
+                     "estimated_device_p50_ms": e.get("device_p50_ms"), "estimate_error_ratio": e.get("error_ratio"),
+                     "estimate_label": e.get("label", "estimate")})
+    return {"order": m.ladder.order, "budgets": asdict(m.target.budgets), "rows": rows,
+            "host_pick": m.ladder.host_pick, "estimate": m.ladder.estimate, "tuned": model.tuned,
+            "loaded": model.candidate}
 
 
 def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_runs: int | None = None,
@@ -118,7 +128,7 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
     return {
         **({"candidates": ladder} if ladder else {}),
         "bundle": str(model.bundle_dir), "task": model.task, "target": model.profile.name,
-        "variant": model.variant, "backend": model.backend["backend"],
+        "candidate": model.candidate, "variant": model.variant, "backend": model.backend["backend"],
         "backend_reason": model.backend["reason"], "providers": model.backend["providers"],
         "providers_missing": model.backend["providers_missing"], "execution": execution,
         "load_time_ms": model.load_time_s * 1e3, "peak_rss_mb": rss,

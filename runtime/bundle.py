@@ -1,10 +1,11 @@
 """Load a bundle into a `Model`: the object an app embeds to score and sample on the device.
 
-`load` refuses anything it cannot trust (bad manifest, newer schema, a file whose hash
-differs) before a single graph is opened, then picks the graph variant and backend.
+`load` refuses anything it cannot trust (bad manifest, another schema, a file whose hash differs)
+before a single graph is opened, then opens one candidate (a size and graph variant) on a backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -17,50 +18,50 @@ from .devices.profiles import DeviceProfile
 from . import sampler
 from .backends import Backend, make_runners
 from .graphs import CacheLayout
-from .manifest import read_manifest, verify_files
-from . import candidates as cands
+from .manifest import Candidate, Engine, Manifest, read_manifest, verify_files
 from .requirements import check_requirements
 from .scoring import score_tokens
 from .tokenizer import TokenizerSpec, validate_tokens
 
 
-def pick_variant(manifest: dict[str, Any], precision: str | None) -> str:
-    """Exact variant name, else what the variant registry says the word means ('int8' -> 'int8-static')."""
-    graphs = manifest["graphs"]
+def pick_candidate(manifest: Manifest, precision: str | None) -> str:
+    """The main size's candidate of a variant: its exact name, else what the registry says the word means
+    ('int8' -> 'int8-static'); None = the selected one."""
     if precision is None:
-        return manifest["selected"]
-    found = variants.resolve(precision, graphs)
+        return manifest.selected
+    main = {c.variant: n for n, c in manifest.main_candidates().items()}
+    found = variants.resolve(precision, main)
     if found is not None:
-        return found
+        return main[found]
     raise ProjectableEdgeError(f"precision {precision!r} is not in this bundle; available variants: "
-                               f"{', '.join(sorted(graphs))} (selected for the target: {manifest['selected']})")
+                               f"{', '.join(sorted(main))} (selected for the target: "
+                               f"{manifest.candidates[manifest.selected].variant})")
 
 
 class Model:
-    """A verified bundle with its runners. Use `runtime.load()` to get one."""
+    """One candidate of a bundle with its runners. Use `runtime.load()` to get one."""
 
-    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], variant: str, profile: DeviceProfile,
-                 tokenizer: TokenizerSpec, score_runner, decode_runner, backend: dict[str, Any],
-                 load_time_s: float, candidate: str | None = None, tuned: dict[str, Any] | None = None):
+    def __init__(self, bundle_dir: Path, name: str, candidate: Candidate, profile: DeviceProfile,
+                 tokenizer: TokenizerSpec, runners: tuple, backend: dict[str, Any], load_time_s: float,
+                 manifest: Manifest | None = None, tuned: dict[str, Any] | None = None):
         self.bundle_dir = bundle_dir
-        self.candidate = candidate  # "SIZE/VARIANT" when a candidate was opened (by name or by a tuned record)
+        self.manifest = manifest  # None while generate measures a bundle it has not sealed yet
+        self.candidate = name  # "SIZE/VARIANT"
+        self.entry = candidate
         self.tuned = tuned or {}  # what load() did with the tuned record next to the bundle
-        self.manifest = manifest
-        self.variant = variant
+        self.variant = candidate.variant
         self.profile = profile
         self.tokenizer = tokenizer
-        self.score_runner = score_runner
-        self.decode_runner = decode_runner
+        self.score_runner, self.decode_runner = runners
         self.backend = backend
         self.load_time_s = load_time_s
-        self.meta = dict(manifest["model"])
+        self.meta = dataclasses.asdict(candidate.model)
         self.layout = CacheLayout.of(self.meta)
-        self._what = f"variant '{variant}'"
-        trt = profile.tensorrt
+        self._what = f"candidate '{name}'"
         # a TensorRT engine has a fixed max batch (the profile's, which built it): scoring and
         # sampling split larger batches; ORT just needs bounded memory
-        on_trt = backend["backend"] == Backend.TENSORRT
-        self.max_batch = int(trt.max_shapes.get("batch", 256)) if trt and on_trt else 256
+        trt = profile.tensorrt
+        self.max_batch = int(trt.max_shapes.get("batch", 256)) if trt and backend["backend"] == Backend.TENSORRT else 256
 
     @property
     def seq_len(self) -> int:
@@ -68,13 +69,17 @@ class Model:
 
     @property
     def task(self) -> dict[str, Any]:
-        return self.manifest["task"]
+        return dataclasses.asdict(self.manifest.task) if self.manifest else {}
+
+    @property
+    def goldens_path(self) -> Path:
+        return self.bundle_dir / self.entry.goldens
 
     def info(self) -> dict[str, Any]:
+        m = self.manifest
         return {"bundle": str(self.bundle_dir), "task": self.task, "target": self.profile.name,
-                "variant": self.variant, "selected": self.manifest["selected"],
-                "variants": sorted(self.manifest["graphs"]), "candidate": self.candidate,
-                "candidates": list(cands.table(self.manifest)), "tuned": self.tuned,
+                "candidate": self.candidate, "variant": self.variant, "selected": m.selected if m else None,
+                "candidates": list(m.candidates) if m else [self.candidate], "tuned": self.tuned,
                 "tokenizer": self.tokenizer.to_dict(), "model": self.meta, "backend": self.backend,
                 "load_time_ms": self.load_time_s * 1e3}
 
@@ -94,16 +99,12 @@ class Model:
     def decode_images(self, tokens) -> np.ndarray:
         return self.tokenizer.decode(tokens)
 
-    # -- scoring ------------------------------------------------------------------------------
+    # -- scoring and sampling -----------------------------------------------------------------
 
     def score(self, x) -> np.ndarray:
         """Bits per dimension per image, float64 [N], for tokens [N, T] or uint8 images."""
         t = self.to_tokens(x)
-        if not t.flags.c_contiguous:
-            t = np.ascontiguousarray(t)
-        return score_tokens(self.score_runner, t, self.max_batch, what=self._what)
-
-    # -- sampling -----------------------------------------------------------------------------
+        return score_tokens(self.score_runner, np.ascontiguousarray(t), self.max_batch, what=self._what)
 
     def sample(self, n: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
         """n new images as tokens [n, T]; deterministic for a seed."""
@@ -133,48 +134,52 @@ class Model:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Model(task={self.task.get('name')!r}, target={self.profile.name!r}, variant={self.variant!r}, "
+        return (f"Model(task={self.task.get('name')!r}, target={self.profile.name!r}, candidate={self.candidate!r}, "
                 f"backend={self.backend['backend']!r}, providers={self.backend['providers']})")
 
 
-def _check_consistency(d: Path, manifest: dict[str, Any], tok: TokenizerSpec) -> None:
-    m = manifest["model"]
-    if m["vocab_size"] != tok.vocab_size:
-        raise ProjectableEdgeError(f"bundle {d}: model.vocab_size {m['vocab_size']} != tokenizer levels "
-                                   f"{tok.vocab_size}; the bundle is inconsistent, regenerate it")
-    if tok.seq_len > m["block_size"]:
-        raise ProjectableEdgeError(f"bundle {d}: images have {tok.seq_len} tokens but model.block_size is "
-                                   f"{m['block_size']}; regenerate the bundle")
+def open_candidate(bundle_dir: Path, name: str, candidate: Candidate, profile: DeviceProfile,
+                   tokenizer: TokenizerSpec, engine: Engine | None = None, providers=None, backend: str = "auto",
+                   threads: int | None = None, records=None, manifest: Manifest | None = None,
+                   tuned: dict | None = None, t0: float | None = None) -> Model:
+    """A Model of one candidate of a bundle folder (`load` checks the folder first; generate measures its
+    staged bundle with it before sealing). The engine applies to the main size's engine variant only."""
+    t0 = time.perf_counter() if t0 is None else t0
+    applies = engine is not None and candidate.main
+    runners, report = make_runners(bundle_dir, candidate.graphs, candidate.variant, engine if applies else None,
+                                   profile, providers, backend, threads, records=records)
+    return Model(bundle_dir, name, candidate, profile, tokenizer, runners, report, time.perf_counter() - t0,
+                 manifest=manifest, tuned=tuned)
 
 
-def _which(d: Path, manifest: dict[str, Any], precision: str | None, candidate: str | None,
-           tuned) -> tuple[str | None, dict[str, Any]]:
-    """The candidate to open (None: the classic variant choice) and what happened with the tuned record.
-
-    An explicit precision or candidate wins; otherwise a matching tuned record next to the bundle."""
+def _which(d: Path, manifest: Manifest, precision: str | None, candidate: str | None,
+           tuned) -> tuple[str, dict[str, Any]]:
+    """The candidate to open and what happened with the tuned record: an explicit precision or candidate
+    wins; otherwise a matching tuned record next to the bundle; otherwise the manifest's selection."""
     if candidate is not None:
         if precision is not None:
             raise ProjectableEdgeError("pass either precision= or candidate= (a candidate names its precision: "
                                        "SIZE/VARIANT), not both")
-        return cands.resolve(manifest, candidate), {"used": False, "reason": "candidate given explicitly"}
+        manifest.candidate(candidate)
+        return candidate, {"used": False, "reason": "candidate given explicitly"}
     if precision is not None or tuned is False:
-        return None, {"used": False, "reason": "precision given explicitly" if precision else "tuned=False"}
+        return pick_candidate(manifest, precision), {"used": False, "reason": "precision given explicitly"
+                                                      if precision else "tuned=False"}
     from .tune import tuned_choice
 
-    return tuned_choice(d, manifest, None if tuned is True else tuned)
+    choice, info = tuned_choice(d, manifest, None if tuned is True else tuned)
+    return choice or manifest.selected, info
 
 
 def load(bundle_dir: str | Path, precision: str | None = None, providers=None, backend: str = "auto",
          threads: int | None = None, public_key=None, candidate: str | None = None, tuned=True) -> Model:
     """Verify and open a bundle.
 
-    precision: graph variant ('fp32', 'fp16', 'int8-static', or a profile word like 'int8');
-    default: the variant the manifest selected for the target.
-    providers: onnxruntime execution providers (default: the target profile's, filtered by
-    what this onnxruntime build has). backend: 'auto' (TensorRT engine when usable), or
-    force 'onnxruntime' / 'tensorrt'. threads: onnxruntime intra-op threads (default: the
-    profile's; 0 = onnxruntime's choice), e.g. to leave cores to the rest of the app.
-    candidate: a (size, precision) candidate "SIZE/VARIANT" of the bundle (see `tune`).
+    precision: graph variant of the main size ('fp32', 'fp16', 'int8-static', or a profile word like 'int8');
+    default: the candidate the manifest selected for the target. candidate: any "SIZE/VARIANT" of the bundle.
+    providers: onnxruntime execution providers (default: the target profile's, filtered by what this
+    onnxruntime build has). backend: 'auto' (TensorRT engine when usable), or force 'onnxruntime' /
+    'tensorrt'. threads: onnxruntime intra-op threads (default: the profile's; 0 = onnxruntime's choice).
     tuned: True = use the choice of `<bundle>.tuned.json` (written by `tune`) when neither precision nor
     candidate is given and the record still matches the bundle (a stale one is ignored with a
     TunedRecordWarning); False = ignore it; a path = read the record from there.
@@ -182,18 +187,8 @@ def load(bundle_dir: str | Path, precision: str | None = None, providers=None, b
     t0 = time.perf_counter()
     d = Path(bundle_dir)
     manifest = read_manifest(d, public_key=public_key)
-    check_requirements(d, manifest)  # onnxruntime/python floors, before any session
+    check_requirements(d, manifest.requires)  # onnxruntime/python floors, before any session
     records = verify_files(d, manifest)
-    profile = DeviceProfile.from_dict(manifest["target"], source=f"{d}/manifest.json 'target'")
-    tok = TokenizerSpec.from_dict(manifest["tokenizer"])
-    _check_consistency(d, manifest, tok)
     name, tuned_info = _which(d, manifest, precision, candidate, tuned)
-    if name is not None:
-        manifest, variant = cands.view(manifest, name)
-        _check_consistency(d, manifest, tok)  # the candidate's own model facts
-    else:
-        variant = pick_variant(manifest, precision)
-    score, decode, report = make_runners(d, manifest, variant, profile, providers, backend, threads,
-                                          records=records)
-    return Model(d, manifest, variant, profile, tok, score, decode, report, time.perf_counter() - t0,
-                 candidate=name, tuned=tuned_info)
+    return open_candidate(d, name, manifest.candidates[name], manifest.target, manifest.tokenizer, manifest.engine,
+                          providers, backend, threads, records, manifest, tuned_info, t0)

@@ -119,7 +119,7 @@ def validate_text(out: dict) -> str:
 
 def info_text(model) -> str:
     b = model.backend
-    text = f"{model!r}\n  variants: {', '.join(sorted(model.manifest['graphs']))}\n  backend reason: {b['reason']}"
+    text = f"{model!r}\n  candidates: {', '.join(model.info()['candidates'])}\n  backend reason: {b['reason']}"
     lines = execution_lines(b.get("execution"))
     if b["providers_missing"] and not b.get("execution"):
         lines.append(f"  providers not in this onnxruntime build: {', '.join(b['providers_missing'])}")

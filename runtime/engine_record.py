@@ -3,7 +3,7 @@
 `build_engine.sh` runs this after trtexec. The manifest cannot list engines built after it was
 sealed (and signed), so each plan gets its own record beside it (`<plan>.record.json`): the TensorRT
 version that actually built it, the device, the sha256 and size of the plan (and of the build log),
-and a test inference of the plan on the bundle's goldens against the accuracy the manifest recorded.
+and a test inference of the plan on the bundle's goldens against the fp32 PyTorch reference.
 The loader accepts an unlisted plan only with such a record, checks the hashes it names, and trusts
 the record's TensorRT version (not the profile's expectation) when it decides whether the engine
 can run here. Running it again after a rebuild replaces the records.
@@ -11,6 +11,7 @@ can run here. Running it again after a rebuild replaces the records.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import platform
@@ -22,9 +23,8 @@ import numpy as np
 
 from .atomic import atomic_output
 from .devices.errors import ProjectableEdgeError
-from .devices.variants import DEVICE_DRIFT_REL
 from .graphs import CacheLayout, GraphKind, graph_logits
-from .manifest import device_engine_plans, read_manifest, record_path, sha256_file
+from .manifest import ENGINE_RECORD_SUFFIX, device_engine_plans, read_manifest, sha256_file
 from .scoring import bits_per_dim
 
 RECORD_SCHEMA = 1
@@ -52,25 +52,16 @@ def _tensorrt_version() -> str:
     return str(trt.__version__)
 
 
-def _goldens(d: Path, manifest: dict) -> np.ndarray:
-    with np.load(d / manifest.get("goldens", "goldens.npz"), allow_pickle=False) as z:
-        return z["tokens"].astype(np.int64)
-
-
-def _test_inference(runner, kind: GraphKind, manifest: dict, tokens: np.ndarray, max_batch: int) -> dict[str, Any]:
-    """bits/dim of the plan on the goldens vs what the manifest recorded for its variant."""
-    variant = manifest["engine"].get("variant") or manifest["selected"]
-    rec = manifest["accuracy"].get("variants", {}).get(variant, {})
-    key = "decode_bits" if kind is GraphKind.DECODE and rec.get("decode_bits") is not None else "bits"
-    expected = rec.get(key, manifest["accuracy"].get("reference_bits"))
-    logits = graph_logits(runner, kind, CacheLayout.of(manifest["model"]), tokens, chunk=max_batch)
+def _test_inference(runner, kind: GraphKind, c, tokens: np.ndarray, max_batch: int) -> dict[str, Any]:
+    """bits/dim of the plan on the goldens against the fp32 PyTorch reference, with the candidate's tolerance."""
+    logits = graph_logits(runner, kind, CacheLayout.of(dataclasses.asdict(c.model)), tokens, chunk=max_batch)
     bits = float(bits_per_dim(logits, tokens).mean())
-    tol = float(rec.get("tolerance") or DEVICE_DRIFT_REL * abs(expected or bits))
-    passed = expected is not None and np.isfinite(bits) and abs(bits - float(expected)) <= tol
-    out = {"passed": bool(passed), "graph": str(kind), "variant": variant, "n_images": int(len(tokens)),
+    expected, tol = c.accuracy.reference_bits, c.accuracy.tolerance
+    passed = bool(np.isfinite(bits) and abs(bits - expected) <= tol)
+    out = {"passed": passed, "graph": str(kind), "variant": c.variant, "n_images": int(len(tokens)),
            "bits": bits, "expected_bits": expected, "tolerance": tol}
     if not passed:
-        out["reason"] = f"bits/dim {bits:.4f} vs recorded {expected} (tolerance {tol:.4f})"
+        out["reason"] = f"bits/dim {bits:.4f} vs the PyTorch reference {expected:.4f} (tolerance {tol:.4f})"
     return out
 
 
@@ -82,20 +73,23 @@ def write_records(bundle_dir: str | Path, tensorrt_version: str | None = None, d
     plans = [p for p in device_engine_plans(manifest) if (d / p).is_file()]
     if not plans:
         raise ProjectableEdgeError(f"bundle {d}: no device-built TensorRT plan to record (engine.status is "
-                                   f"{manifest['engine'].get('status')!r}); run build_engine.sh first")
+                                   f"{str(manifest.engine.status)!r}); run build_engine.sh first")
+    c = next(c for c in manifest.main_candidates().values() if c.variant == manifest.engine.variant)
     version = tensorrt_version or _tensorrt_version()
     device = device or device_name()
     if runner_factory is None:
         from .trt_runner import TrtRunner
 
         runner_factory = TrtRunner
-    tokens = _goldens(d, manifest)
-    max_batch = int(((manifest["target"].get("tensorrt") or {}).get("max_shapes") or {}).get("batch", 1))
+    with np.load(d / c.goldens, allow_pickle=False) as z:
+        tokens = z["tokens"].astype(np.int64)
+    trt = manifest.target.tensorrt
+    max_batch = int(trt.max_shapes.get("batch", 1)) if trt else 1
     records = {}
     for plan in plans:
-        kind = GraphKind.DECODE if plan == manifest["engine"].get("decode_path") else GraphKind.SCORING
+        kind = GraphKind.DECODE if plan == manifest.engine.decode_path else GraphKind.SCORING
         try:
-            test = _test_inference(runner_factory(d / plan), kind, manifest, tokens, max_batch)
+            test = _test_inference(runner_factory(d / plan), kind, c, tokens, max_batch)
         except Exception as e:  # the engine does not load or run here: record why
             test = {"passed": False, "graph": str(kind), "reason": f"{type(e).__name__}: {e}"}
         files = {plan: {"sha256": sha256_file(d / plan), "bytes": (d / plan).stat().st_size}}
@@ -104,11 +98,11 @@ def write_records(bundle_dir: str | Path, tensorrt_version: str | None = None, d
             files[log_rel] = {"sha256": sha256_file(d / log_rel), "bytes": (d / log_rel).stat().st_size}
         rec = {"schema": RECORD_SCHEMA, "plan": plan, "tensorrt_version": version, "device": device,
                "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "profile_tensorrt_version": (manifest["target"].get("software") or {}).get("tensorrt"),
+               "profile_tensorrt_version": manifest.target.software.get("tensorrt"),
                "files": files, "test_inference": test}
-        with atomic_output(d / record_path(plan), overwrite=True) as tmp:
+        with atomic_output(d / (plan + ENGINE_RECORD_SUFFIX), overwrite=True) as tmp:
             tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
-        log(f"{record_path(plan)}: TensorRT {version} on {device}, test inference "
+        log(f"{plan + ENGINE_RECORD_SUFFIX}: TensorRT {version} on {device}, test inference "
             f"{'passed' if test['passed'] else 'FAILED: ' + test.get('reason', '')}")
         records[plan] = rec
     return records

@@ -93,21 +93,24 @@ def rollout(runner, layout: CacheLayout, tokens: np.ndarray,
     """Teacher-forced decode of tokens [N, T]: feed BOS, tokens[:, :-1] one step at a time.
 
     Returns (logits [N, T, V], last present keys, last present values); `on_feed` sees every
-    step's feed (calibration collects them).
+    step's feed (calibration collects them). Each step is one graph call: the cache goes from its
+    outputs to the next inputs as is, logits land in one preallocated array.
     """
     n, t = tokens.shape
     dtype = cache_dtype(runner)
-    keys, values = layout.empty(n, dtype), layout.empty(n, dtype)
-    fed = np.concatenate([np.full((n, 1), layout.bos_id, np.int64), tokens[:, :-1]], axis=1)
-    steps = []
+    fed = np.empty((t, n, 1), np.int64)  # step-major, so each step's token column is contiguous
+    fed[0], fed[1:, :, 0] = layout.bos_id, tokens[:, :-1].T
+    keys, values, logits = layout.empty(n, dtype), layout.empty(n, dtype), None
     for i in range(t):
-        feed = {"token": np.ascontiguousarray(fed[:, i:i + 1]), "past_keys": keys, "past_values": values}
+        feed = {"token": fed[i], "past_keys": keys, "past_values": values}
         if on_feed is not None:
             on_feed(feed)
         out = runner.run(feed)
-        steps.append(out["logits"])
+        if logits is None:
+            logits = np.empty((n, t) + out["logits"].shape[1:], out["logits"].dtype)
+        logits[:, i] = out["logits"]
         keys, values = out["present_keys"], out["present_values"]
-    return np.stack(steps, axis=1), keys, values
+    return logits, keys, values
 
 
 def graph_logits(runner, kind: GraphKind, layout: CacheLayout | None, tokens: np.ndarray,

@@ -14,7 +14,7 @@ import numpy as np
 
 from .devices.errors import ProjectableEdgeError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")  # the one list
 
 
 def _token_rows(model, source, name: str) -> np.ndarray:

@@ -1,73 +1,364 @@
-"""The bundle format: manifest.json schema, file hashing, and atomic bundle writing.
+"""The bundle format, described once: the frozen dataclasses below ARE manifest.json.
 
-A bundle is a directory. `manifest.json` names every other file with its sha256 and
-size, so the runtime can refuse a bundle that was corrupted or tampered with in
-transit. The pipeline writes bundles with `staged_bundle` + `write_manifest`; the
-runtime reads them with `read_manifest` + `verify_files`.
-
-manifest.json (schema_version 3; every field is described in runtime/manifest.schema.json and
-docs/manifest.md):
-  schema_version  int; a runtime refuses a newer one
-  task            {name, index}
-  target          device profile dict (devices.DeviceProfile.to_dict())
-  tokenizer       runtime.tokenizer.TokenizerSpec dict
-  model           {n_layer, n_head, head_dim, vocab_size, block_size, bos_id}
-  io              {graph kind: the graph's I/O spec} (informational; the runtime reads `model`)
-  graphs          {variant: {"score": relpath, "decode": relpath | null}}
-  selected        the variant chosen for the target
-  engine          {status: built|deferred|not-applicable, path?, decode_path?, variant?,
-                   command?, tensorrt_version?}
-  goldens         relpath of goldens.npz (default "goldens.npz")
-  files           {relpath: {sha256, bytes, optional?}} for every file but manifest.json; optional
-                  files (report, figures) may be absent, nothing unlisted may be present
-  integrity       {algorithm, canonical, manifest_sha256, signature?}: the sha256 of the canonical
-                  manifest without `integrity` (and, optionally, an Ed25519 signature of it)
-  accuracy        {reference_bits, tolerance, variants: {variant: {bits, delta, tolerance?}}}
-  candidates      (3) optional {"SIZE/VARIANT": candidate}: every (size, precision) of a
-                  `generate --ladder` bundle, each with its own model, graphs, goldens, accuracy,
-                  host latency and a labelled device-latency estimate (runtime.candidates)
-  ladder          (3) optional: the ladder's sizes, the estimate's method and calibration, the host pick
-  latency_host, tools, provenance   free-form dicts
+`parse` validates a manifest against them (an error names the field and the fix), `to_json` writes
+them, `json_schema()` derives the JSON Schema the runtime ships (`python -m projectable_edge_runtime
+schema`), and docs/manifest.md's field tables are rendered from the same fields (tests/test_bundle_trust.py
+keeps that page equal to them). Every field's meaning is its `doc(...)`. A bundle is a folder: `files` names every other file with
+its sha256 and size, `integrity` seals the manifest itself (and signs it when a key is given).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Union
 
-from .devices.choices import StrEnum, values
-from .devices.errors import ProjectableEdgeError
 from .atomic import atomic_output
-from .graphs import GraphKind
+from .devices.choices import StrEnum
+from .devices.errors import ProjectableEdgeError
+from .devices.profiles import DeviceProfile
+from .tokenizer import TokenizerSpec
 
-SCHEMA_VERSION = 3  # 3: optional `candidates` + `ladder` (size ladder bundles)
+SCHEMA_VERSION = 4  # 4: one typed `candidates` table for every bundle; references from PyTorch
 MANIFEST_NAME = "manifest.json"
-DEFAULT_GOLDENS = "goldens.npz"
-SCHEMA_FILE = "manifest.schema.json"  # shipped beside this module (package data)
 CANONICAL = "json: sorted keys, separators (',', ':'), UTF-8, without the 'integrity' field"
-RECORD_SUFFIX = ".record.json"  # a device-built engine's own record, next to its plan
+ENGINE_RECORD_SUFFIX = ".record.json"  # a device-built engine's own record, next to its plan
+
+RelPath = Annotated[str, "relpath"]  # a path inside the bundle: relative, no '..'
+RELPATH_PATTERN = r"^(?!/)(?!(.*/)?\.\.(/|$))[^\\]+$"
+Count = Annotated[int, "positive"]
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **meta) -> Any:
+    """A dataclass field with its documentation (the schema's description and the docs' table)."""
+    kw = {"default_factory": default} if isinstance(default, type) else {"default": default}
+    return field(metadata={"doc": text, **meta}, **({} if default is dataclasses.MISSING else kw))
 
 
 class EngineStatus(StrEnum):
-    BUILT = "built"  # a TensorRT engine is in the bundle
+    BUILT = "built"  # a TensorRT engine built on the host is in the bundle
     DEFERRED = "deferred"  # build_engine.sh builds it on the device
     NOT_APPLICABLE = "not-applicable"  # the target runs ONNX Runtime
 
 
-ENGINE_STATUSES = values(EngineStatus)
-GRAPH_KEYS = tuple(k.key for k in GraphKind)  # {"score": path, "decode": path | null} per variant
-REQUIRED_FIELDS = ("schema_version", "task", "target", "tokenizer", "model", "graphs", "selected",
-                   "engine", "files", "accuracy", "integrity")
-OPTIONAL_DICTS = ("io", "latency_host", "tools", "provenance")
-MODEL_FIELDS = ("n_layer", "n_head", "head_dim", "vocab_size", "block_size", "bos_id")
+@dataclass(frozen=True)
+class Task:
+    name: str = doc("The task's folder or class name, or the name given to `adapt`.")
+    index: int | None = doc("Its index in the source run; null for a task added by `adapt`.")
 
 
-def load_schema() -> dict[str, Any]:
-    """The JSON Schema of manifest.json, shipped with the runtime (documented in docs/manifest.md)."""
-    return json.loads(Path(__file__).with_name(SCHEMA_FILE).read_text(encoding="utf-8"))
+@dataclass(frozen=True)
+class ModelFacts:
+    n_layer: Count = doc("Transformer blocks (KV-cache shape).")
+    n_head: Count = doc("Attention heads (KV-cache shape).")
+    head_dim: Count = doc("Width of one head (KV-cache shape).")
+    vocab_size: Count = doc("Token ids are 0..vocab_size-1 (the tokenizer's levels).")
+    block_size: Count = doc("Longest sequence, in tokens.")
+    bos_id: Count = doc("The start token fed first when sampling.")
+    d_model: Count = doc("Residual width (informational).")
+    params: Count = doc("Parameters of the deployable model, task vector included (informational).")
+
+
+@dataclass(frozen=True)
+class Graphs:
+    score: RelPath = doc("The scoring graph: tokens [N, T] -> logits [N, T, V].")
+    decode: RelPath | None = doc("The KV-cache decode graph (one step), or null: sampling then recomputes.")
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    reference_bits: float = doc("The fp32 PyTorch model's bits/dim on the goldens: what every machine validates "
+                                "against (`validate`, `tune`, a device-built engine's test inference).")
+    tolerance: float = doc("Largest |measured - reference_bits| (bits/dim) a machine accepts for this candidate.")
+    tolerance_rel: float = doc("The same, relative: the variant's accuracy budget plus the device drift (registry).")
+    within_budget: bool = doc("Quantization acceptance: within the variant's budget vs fp32 on the task's "
+                              "validation split (fp32: true).")
+    bits: float | None = doc("Bits/dim of the scoring graph on the goldens, ONNX Runtime on the build host.")
+    passed: bool | None = doc("The build host's validation against reference_bits.")
+    vs_fp32: float | None = doc("bits - the same size's fp32 bits (goldens, build host).")
+    universal_bits: float | None = doc("The same-size universal model's bits/dim on the goldens (PyTorch; ladder).",
+                                       None)
+    vs_universal: float | None = doc("bits - universal_bits (negative: the projected candidate is better).", None)
+    quantization: dict | None = doc("Informational: the quantization report on the validation split (bits vs fp32 "
+                                    "and PyTorch, budget, layers left in float, calibration set sha256).", None)
+
+
+@dataclass(frozen=True)
+class HostLatency:
+    p50_ms: float = doc("Median latency of scoring one golden image on the build host.")
+    p99_ms: float = doc("Its 99th percentile.")
+    peak_rss_mb: float | None = doc("Peak resident memory of the measuring runtime process.")
+    results: dict = doc("Every case measured (`score_batch1`, and for the main size `score_batch16`, "
+                        "`sample_full_image`): runs, percentiles, mean, std, throughput.")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    size: str = doc("The small size, WIDTHxLAYERS.")
+    variant: str = doc("The graph variant (a name of the variant registry: fp32, fp16, int8-static, ...).")
+    main: bool = doc("The run's main size: a TensorRT engine built for the selected variant applies to it.")
+    role: str = doc("The run's role it was projected from (`projected`, or `projected@SIZE` for a ladder size).")
+    model: ModelFacts = doc("What the runtime needs to feed its graphs.")
+    graphs: Graphs = doc("Its graphs.")
+    goldens: RelPath = doc("Held-out task sequences (`tokens`, from the test split) with the fp32 PyTorch "
+                           "model's bits/dim per image (`ref_bits`).")
+    accuracy: Accuracy = doc("Accuracy on the goldens.")
+    cost: dict | None = doc("`flops_per_image`, `bytes_per_image` of scoring one image (informational).", None)
+    latency_host: HostLatency | None = doc("Measured on the build host, one runtime process per candidate.", None)
+    estimate: dict | None = doc("An ESTIMATE of device latency (`label`: estimate): `device_p50_ms`, "
+                                "`host_p50_ms`, `host_measured_p50_ms`, `error_ratio` (leave-one-out).", None)
+
+
+@dataclass(frozen=True)
+class Selection:
+    rule: str = doc("How the target's variant is chosen (and whether host timings may pass one over).")
+    reason: str = doc("Why `selected` won.")
+    passed_over: dict[str, str] = doc("{candidate: why it was not selected}.")
+
+
+@dataclass(frozen=True)
+class Engine:
+    status: EngineStatus = doc("`built` (in the bundle), `deferred` (build_engine.sh builds it on the device) or "
+                               "`not-applicable` (the target runs ONNX Runtime).")
+    reason: str = doc("Why that status.")
+    variant: str | None = doc("The variant it is built from.", None)
+    path: RelPath | None = doc("The scoring plan (built or to be built).", None)
+    decode_path: RelPath | None = doc("The decode plan.", None)
+    command: str | None = doc("How to build on the device: `bash build_engine.sh`, from anywhere.", None)
+    trtexec: str | None = doc("The exact trtexec command of the scoring plan.", None)
+    trtexec_decode: str | None = doc("The exact trtexec command of the decode plan.", None)
+    tensorrt_version: str | None = doc("TensorRT of a host-built engine, else the profile's.", None)
+    tensorrt_version_source: str | None = doc("Where tensorrt_version comes from.", None)
+    typing: str | None = doc("`strong` (QDQ graph, TensorRT >= 10: --stronglyTyped) or `weak`.", None)
+    shapes: dict | None = doc("Optimization profiles {score|decode: {min|opt|max: {input: shape}}}: batch from "
+                              "the profile, lengths from the model's block size.", None)
+    records: dict[str, str] | None = doc("{plan: record}: where build_engine.sh writes each plan's record.", None)
+    trt_check: dict | None = doc("The static TensorRT check per graph (informational).", None)
+    ort: dict | None = doc("ONNX Runtime targets: the offline-optimized and .ort files per graph.", None)
+
+
+@dataclass(frozen=True)
+class Requires:
+    python: str = doc("Python floor, `>=X.Y`.")
+    onnxruntime: str = doc("onnxruntime floor; `load` checks it before any session.")
+    numpy: str = doc("numpy floor.")
+    onnxruntime_reason: str = doc("Why that onnxruntime floor.")
+    onnx_ir_version: int | None = doc("The graphs' ONNX IR version.", None)
+    opsets: dict[str, int] = doc("The graphs' opset imports.", dict)
+
+
+@dataclass(frozen=True)
+class Wheel:
+    path: RelPath = doc("The runtime-only wheel inside the bundle.")
+    distribution: str = doc("Its distribution name.")
+    version: str = doc("Its version.")
+    import_name: str = doc("Its import name.")
+    requires: tuple[str, ...] = doc("Its dependencies (numpy, onnxruntime).")
+    extras: dict[str, tuple[str, ...]] = doc("Optional extras (`images`: Pillow).")
+    install: str = doc("The device's install command.")
+    run: str = doc("The device's first command.")
+
+
+@dataclass(frozen=True)
+class Ladder:
+    sizes: tuple[str, ...] = doc("The sizes, main size first.")
+    order: str = doc("How `candidates` are ordered.")
+    estimate: dict = doc("The device-latency estimate: `label`, `method`, `calibration`, `device_peaks`, "
+                         "`host_peaks`, `error_ratio_range` (out of sample).")
+    host_pick: dict = doc("What `tune` picks from the build host's measurements against the target's budgets "
+                          "(`choice`, `fits`, `closest`, `explanation`, `budget`, `note`): the device's is tune's.")
+
+
+@dataclass(frozen=True)
+class Exercised:
+    done: tuple[str, ...] = doc("What the build host really ran.")
+    not_done: tuple[str, ...] = doc("What it could not (e.g. the TensorRT build, device latency).")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str = doc("Its sha256.")
+    bytes: int = doc("Its size.")
+    optional: bool = doc("It may be deleted (the report and its figures); if present it must match.", False)
+
+
+@dataclass(frozen=True)
+class Integrity:
+    algorithm: str = doc("`sha256`.")
+    canonical: str = doc("How the canonical form is made.")
+    manifest_sha256: str = doc("sha256 of the canonical manifest (every field but `integrity`).")
+    signature: dict | None = doc("Optional Ed25519 signature of the digest: `algorithm`, `key_id`, `value`.", None)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int = doc("Format version; a runtime reads its own and refuses others.")
+    task: Task = doc("The task.")
+    target: DeviceProfile = doc("The device profile the bundle was built for (devices/NAME.toml as JSON).")
+    tokenizer: TokenizerSpec = doc("How images become tokens.")
+    candidates: dict[str, Candidate] = doc("Every (size, variant) the bundle holds, named SIZE/VARIANT; the main "
+                                           "size's first, in the target's preference order.")
+    selected: str = doc("The candidate `load()` opens by default (neither precision, candidate nor tuned record).")
+    selection: Selection = doc("How `selected` was chosen.")
+    engine: Engine = doc("The compiled engine.")
+    requires: Requires = doc("What the device needs.")
+    task_test_bits: dict[str, float] = doc("This task's bits/dim on its whole test split (PyTorch): the projected "
+                                           "model, and the other roles when generate was asked for them.")
+    runtime_wheel: Wheel | None = doc("The runtime wheel the bundle carries.", None)
+    ladder: Ladder | None = doc("Only in `generate --ladder` bundles.", None)
+    io: dict = doc("Informational: each graph kind's exported I/O spec.", dict)
+    tools: dict[str, str] = doc("Informational: tool versions used to build the bundle.", dict)
+    provenance: dict = doc("Informational: source run, its config and weights sha256, projection time, "
+                           "generate settings, step summaries, step-cache hits, generate seconds.", dict)
+    exercised: Exercised | None = doc("What the host ran and what it could not.", None)
+    files: dict[RelPath, FileEntry] = doc("{path: entry} for every file but manifest.json.", dict, required=True)
+    integrity: Integrity | None = doc("The seal.", None, required=True)
+
+    def candidate(self, name: str) -> Candidate:
+        if name in self.candidates:
+            return self.candidates[name]
+        raise ProjectableEdgeError(f"unknown candidate {name!r}; this bundle has: {', '.join(self.candidates)} "
+                                   "(SIZE/VARIANT; `python -m projectable_edge_runtime info BUNDLE --json` lists them)")
+
+    def main_candidates(self) -> dict[str, Candidate]:
+        return {n: c for n, c in self.candidates.items() if c.main}
+
+
+# ----------------------------------------------------------------------------- the codec
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _fields(cls):
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("json", True)]
+
+
+def _unwrap(tp) -> tuple[Any, str | None]:
+    if typing.get_origin(tp) is Annotated:
+        return tp.__origin__, tp.__metadata__[0]
+    return tp, None
+
+
+def _optional(tp) -> Any:
+    """The T of `T | None`, else None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return None
+
+
+def _bad(where: str, want: str, value: Any) -> ProjectableEdgeError:
+    return ProjectableEdgeError(f"manifest field '{where}' must be {want}, got {value!r}")
+
+
+def decode(tp, value: Any, where: str) -> Any:
+    """A JSON value as `tp` (a dataclass, dict/tuple of them, a scalar); an error names the field."""
+    tp, tag = _unwrap(tp)
+    if (inner := _optional(tp)) is not None:
+        return None if value is None else decode(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _bad(where, "an object", value)
+        if hasattr(tp, "from_dict"):  # device profile, tokenizer spec: their own checks
+            return tp.from_dict(value, **({"source": f"manifest field '{where}'"} if tp is DeviceProfile else {}))
+        hints, kw = _hints(tp), {}
+        for f in _fields(tp):
+            if f.name in value:
+                kw[f.name] = decode(hints[f.name], value[f.name], f"{where}.{f.name}" if where else f.name)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProjectableEdgeError(f"manifest.json is missing field '{where + '.' if where else ''}{f.name}'; "
+                                           "regenerate the bundle with `projectable-edge generate`")
+        return tp(**kw)
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(where, "an object", value)
+        kt, vt = typing.get_args(tp)
+        return {decode(kt, k, f"{where} key"): decode(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _bad(where, "a list", value)
+        return tuple(decode(typing.get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        if value not in [m.value for m in tp]:
+            raise _bad(where, f"one of {[m.value for m in tp]}", value)
+        return tp(value)
+    if tp is dict or tp is Any:
+        if tp is dict and not isinstance(value, dict):
+            raise _bad(where, "an object", value)
+        return value
+    ok = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}[tp](value)
+    if not ok:
+        raise _bad(where, {bool: "true or false", str: "a string", int: "an integer", float: "a number"}[tp], value)
+    if tag == "positive" and value < 1:
+        raise _bad(where, "a positive integer", value)
+    if tag == "relpath":
+        p = PurePosixPath(value)
+        if not value or p.is_absolute() or ".." in p.parts or "\\" in value:
+            raise ProjectableEdgeError(f"manifest field '{where}' = {value!r} points outside the bundle; use a "
+                                       "relative path inside the bundle directory")
+    return float(value) if tp is float else value
+
+
+def to_json(obj: Any) -> Any:
+    """A dataclass tree as JSON-ready values (what a reader will parse: str keys, lists)."""
+    if dataclasses.is_dataclass(obj):
+        if hasattr(obj, "to_dict"):
+            return obj.to_dict()
+        return {f.name: to_json(getattr(obj, f.name)) for f in _fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    return obj
+
+
+def _schema(tp) -> dict:
+    tp, tag = _unwrap(tp)
+    if (inner := _optional(tp)) is not None:
+        return {"anyOf": [_schema(inner), {"type": "null"}]}
+    if dataclasses.is_dataclass(tp):
+        hints, props = _hints(tp), {}
+        for f in _fields(tp):
+            props[f.name] = {**_schema(hints[f.name]), "description": f.metadata.get("doc", "")}
+        required = [f.name for f in _fields(tp) if f.metadata.get("required")
+                    or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)]
+        return {"type": "object", "required": required, "properties": props}
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        return {"type": "object", "additionalProperties": _schema(vt),
+                **({"propertyNames": _schema(kt)} if _unwrap(kt)[1] else {})}
+    if origin is tuple:
+        return {"type": "array", "items": _schema(typing.get_args(tp)[0])}
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return {"enum": [m.value for m in tp]}
+    if tp is Any:
+        return {}
+    out = {"type": {dict: "object", bool: "boolean", str: "string", int: "integer", float: "number"}[tp]}
+    return {**out, "minimum": 1} if tag == "positive" else {**out, "pattern": RELPATH_PATTERN} if tag == "relpath" else out
+
+
+def json_schema() -> dict:
+    """The JSON Schema of manifest.json, derived from the dataclasses (the one description)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "projectable-edge bundle manifest",
+            **_schema(Manifest)}
+
+
+# ----------------------------------------------------------------------------- files and integrity
 
 
 def sha256_file(path: str | Path) -> str:
@@ -76,21 +367,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def hash_files(bundle_dir: str | Path, optional: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """{posix relpath: {sha256, bytes[, optional]}} for every regular file except manifest.json.
-
-    A symlink anywhere in the folder is refused: the bundle must hold its own bytes."""
-    root = Path(bundle_dir)
-    out: dict[str, dict[str, Any]] = {}
-    for rel in walk_bundle(root):
-        if rel == MANIFEST_NAME:
-            continue
-        out[rel] = {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
-        if rel in optional:
-            out[rel]["optional"] = True
-    return out
 
 
 def walk_bundle(root: Path) -> list[str]:
@@ -111,113 +387,19 @@ def walk_bundle(root: Path) -> list[str]:
     return sorted(found)
 
 
+def hash_files(root: Path, optional: tuple[str, ...] = ()) -> dict[str, FileEntry]:
+    return {rel: FileEntry(sha256_file(root / rel), (root / rel).stat().st_size, rel in optional)
+            for rel in walk_bundle(root) if rel != MANIFEST_NAME}
+
+
 def _fail(bundle_dir: Path, what: str) -> ProjectableEdgeError:
     return ProjectableEdgeError(f"bundle {bundle_dir}: {what}")
-
-
-def _relpath(bundle_dir: Path, field: str, value: Any) -> str:
-    """A path inside the bundle: relative, no '..' (a manifest must not point outside it)."""
-    if not isinstance(value, str) or not value:
-        raise _fail(bundle_dir, f"manifest field '{field}' must be a relative path string, got {value!r}")
-    p = PurePosixPath(value)
-    if p.is_absolute() or ".." in p.parts or "\\" in value:
-        raise _fail(bundle_dir, f"manifest field '{field}' = {value!r} points outside the bundle; "
-                                "use a relative path inside the bundle directory")
-    return p.as_posix()
-
-
-def check_manifest(m: Any, bundle_dir: str | Path = "<manifest>") -> dict[str, Any]:
-    """Validate structure and consistency; return the manifest with optional fields defaulted."""
-    d = Path(bundle_dir)
-    if not isinstance(m, dict):
-        raise _fail(d, f"manifest.json must hold a JSON object, got {type(m).__name__}; regenerate the bundle")
-    v = m.get("schema_version")
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise _fail(d, f"manifest field 'schema_version' must be a positive integer, got {v!r}")
-    if v > SCHEMA_VERSION:
-        raise _fail(d, f"manifest schema_version {v} is newer than this runtime supports "
-                       f"({SCHEMA_VERSION}); upgrade the runtime (pip install -U projectable-edge)")
-    missing = [f for f in REQUIRED_FIELDS if f not in m]
-    if missing:
-        raise _fail(d, f"manifest.json is missing field(s) {missing}; regenerate the bundle with "
-                       "`projectable-edge generate`")
-    m = dict(m)
-    for f in OPTIONAL_DICTS:
-        m.setdefault(f, {})
-    m.setdefault("goldens", DEFAULT_GOLDENS)
-    for f in ("task", "target", "tokenizer", "model", "graphs", "engine", "files", "accuracy",
-              *OPTIONAL_DICTS):
-        if not isinstance(m[f], dict):
-            raise _fail(d, f"manifest field '{f}' must be an object, got {type(m[f]).__name__}")
-    for f in MODEL_FIELDS:
-        x = m["model"].get(f)
-        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-            raise _fail(d, f"manifest field 'model.{f}' must be a positive integer, got {x!r}")
-    if not m["graphs"]:
-        raise _fail(d, "manifest field 'graphs' lists no graph variant; regenerate the bundle")
-    for name, g in m["graphs"].items():
-        if not isinstance(g, dict) or "score" not in g:
-            raise _fail(d, f"manifest field 'graphs.{name}' must be {{\"score\": path, \"decode\": path|null}}")
-        _relpath(d, f"graphs.{name}.score", g["score"])
-        if g.get("decode") is not None:
-            _relpath(d, f"graphs.{name}.decode", g["decode"])
-    if m["selected"] not in m["graphs"]:
-        raise _fail(d, f"manifest field 'selected' = {m['selected']!r} is not one of the graph variants "
-                       f"{sorted(m['graphs'])}")
-    status = m["engine"].get("status")
-    if status not in ENGINE_STATUSES:
-        raise _fail(d, f"manifest field 'engine.status' must be one of {list(ENGINE_STATUSES)}, got {status!r}")
-    for key in ("path", "decode_path"):
-        if m["engine"].get(key) is not None:
-            _relpath(d, f"engine.{key}", m["engine"][key])
-    if status == EngineStatus.BUILT and not m["engine"].get("path"):
-        raise _fail(d, "manifest field 'engine.path' is required when engine.status is 'built'")
-    _relpath(d, "goldens", m["goldens"])
-    _check_candidates(d, m)
-    for rel, entry in m["files"].items():
-        _relpath(d, f"files[{rel!r}]", rel)
-        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
-                or isinstance(entry.get("bytes"), bool) or not isinstance(entry.get("bytes"), int)):
-            raise _fail(d, f"manifest field 'files[{rel!r}]' must be {{\"sha256\": hex, \"bytes\": int}}")
-    return m
-
-
-def _check_candidates(d: Path, m: dict[str, Any]) -> None:
-    """A ladder bundle's candidates: each names its size, variant, model facts and graph paths inside the bundle."""
-    cands = m.get("candidates")
-    if cands is None:
-        return
-    if not isinstance(cands, dict) or not cands:
-        raise _fail(d, "manifest field 'candidates' must be a non-empty object {\"SIZE/VARIANT\": candidate}")
-    for name, c in cands.items():
-        where = f"candidates.{name}"
-        if not isinstance(c, dict) or not all(isinstance(c.get(k), dict) for k in ("model", "graphs")):
-            raise _fail(d, f"manifest field '{where}' must hold 'model' and 'graphs' objects; regenerate the bundle")
-        if not isinstance(c.get("size"), str) or not isinstance(c.get("variant"), str):
-            raise _fail(d, f"manifest field '{where}' must name its 'size' and 'variant'")
-        for f in MODEL_FIELDS:
-            x = c["model"].get(f)
-            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-                raise _fail(d, f"manifest field '{where}.model.{f}' must be a positive integer, got {x!r}")
-        _relpath(d, f"{where}.graphs.score", c["graphs"].get("score"))
-        if c["graphs"].get("decode") is not None:
-            _relpath(d, f"{where}.graphs.decode", c["graphs"]["decode"])
-        _relpath(d, f"{where}.goldens", c.get("goldens", m["goldens"]))
-
-
-def used_files(m: dict[str, Any]) -> list[str]:
-    """Every file the manifest runs from: each variant's graphs, the goldens, and each candidate's."""
-    out = [g[k] for g in m["graphs"].values() for k in GRAPH_KEYS if g.get(k)] + [m["goldens"]]
-    for c in (m.get("candidates") or {}).values():
-        out += [c["graphs"][k] for k in GRAPH_KEYS if c["graphs"].get(k)] + [c.get("goldens", m["goldens"])]
-    return list(dict.fromkeys(out))
 
 
 def canonical_bytes(m: dict[str, Any]) -> bytes:
     """The bytes the manifest digest (and signature) cover: every field but `integrity`, canonically."""
     body = {k: v for k, v in m.items() if k != "integrity"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def manifest_digest(m: dict[str, Any]) -> str:
@@ -225,8 +407,7 @@ def manifest_digest(m: dict[str, Any]) -> str:
 
 
 def seal(m: dict[str, Any], sign_key: Any = None) -> dict[str, Any]:
-    """Return m with a fresh `integrity` field: its canonical digest, signed with sign_key when given
-    (an Ed25519 private key: PEM path or key object; needs `cryptography`)."""
+    """m (JSON) with a fresh `integrity`: its canonical digest, signed with sign_key when given."""
     m = {k: v for k, v in m.items() if k != "integrity"}
     digest = manifest_digest(m)
     integrity: dict[str, Any] = {"algorithm": "sha256", "canonical": CANONICAL, "manifest_sha256": digest}
@@ -234,8 +415,53 @@ def seal(m: dict[str, Any], sign_key: Any = None) -> dict[str, Any]:
         from .signing import sign_digest  # lazy: cryptography only when signing
 
         integrity["signature"] = sign_digest(sign_key, digest)
-    m["integrity"] = integrity
+    return {**m, "integrity": integrity}
+
+
+def parse(raw: Any, bundle_dir: str | Path = "<manifest>") -> Manifest:
+    """Check a manifest's JSON against the format and its consistency; the typed Manifest."""
+    d = Path(bundle_dir)
+    if not isinstance(raw, dict):
+        raise _fail(d, f"manifest.json must hold a JSON object, got {type(raw).__name__}; regenerate the bundle")
+    v = raw.get("schema_version")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise _fail(d, f"manifest field 'schema_version' must be a positive integer, got {v!r}")
+    if v > SCHEMA_VERSION:
+        raise _fail(d, f"manifest schema_version {v} is newer than this runtime supports ({SCHEMA_VERSION}); "
+                       "upgrade the runtime (pip install -U projectable-edge, or the wheel inside the bundle)")
+    if v < SCHEMA_VERSION:
+        raise _fail(d, f"manifest schema_version {v} was written by an older projectable-edge; this runtime reads "
+                       f"{SCHEMA_VERSION}: regenerate the bundle, or install the runtime wheel inside it "
+                       "(BUNDLE/runtime/*.whl)")
+    try:
+        m = decode(Manifest, raw, "")
+    except ProjectableEdgeError as e:
+        raise _fail(d, str(e)) from None
+    _check(d, m)
     return m
+
+
+def _check(d: Path, m: Manifest) -> None:
+    if not m.candidates:
+        raise _fail(d, "manifest field 'candidates' lists no candidate; regenerate the bundle")
+    m.candidate(m.selected)
+    for name, c in m.candidates.items():
+        if c.model.vocab_size != m.tokenizer.vocab_size:
+            raise _fail(d, f"candidates.{name}.model.vocab_size {c.model.vocab_size} != tokenizer levels "
+                           f"{m.tokenizer.vocab_size}; the bundle is inconsistent, regenerate it")
+        if m.tokenizer.seq_len > c.model.block_size:
+            raise _fail(d, f"images have {m.tokenizer.seq_len} tokens but candidates.{name}.model.block_size is "
+                           f"{c.model.block_size}; regenerate the bundle")
+    if m.engine.status == EngineStatus.BUILT and not m.engine.path:
+        raise _fail(d, "manifest field 'engine.path' is required when engine.status is 'built'")
+
+
+def used_files(m: Manifest) -> list[str]:
+    """Every file the manifest runs from: each candidate's graphs and goldens (and a host-built engine)."""
+    out = [p for c in m.candidates.values() for p in (c.graphs.score, c.graphs.decode, c.goldens) if p]
+    if m.engine.status == EngineStatus.BUILT:
+        out += [p for p in (m.engine.path, m.engine.decode_path) if p]
+    return list(dict.fromkeys(out))
 
 
 def _check_integrity(d: Path, raw: dict[str, Any], public_key: Any) -> None:
@@ -256,7 +482,7 @@ def _check_integrity(d: Path, raw: dict[str, Any], public_key: Any) -> None:
         verify_signature(public_key, digest, integ.get("signature"), f"bundle {d}: {MANIFEST_NAME}")
 
 
-def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> dict[str, Any]:
+def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     """Parse, check and verify manifest.json (its digest; its signature when public_key is given)."""
     d = Path(bundle_dir)
     if not d.is_dir():
@@ -266,107 +492,89 @@ def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> dict[str, A
     if path.is_symlink():
         raise _fail(d, f"'{MANIFEST_NAME}' is a symlink; a bundle must hold real files — copy the bundle again")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise _fail(d, f"has no {MANIFEST_NAME}; it is not a bundle or was copied incompletely — "
                        "copy the whole bundle directory again") from None
     except (OSError, UnicodeDecodeError) as e:
         raise _fail(d, f"cannot read {MANIFEST_NAME} ({e}); copy the bundle again") from None
-    try:
-        raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _fail(d, f"{MANIFEST_NAME} is not valid JSON ({e}); the file is corrupt, copy the "
-                       "bundle again") from None
-    m = check_manifest(raw, d)
+        raise _fail(d, f"{MANIFEST_NAME} is not valid JSON ({e}); the file is corrupt, copy the bundle again") from None
+    m = parse(raw, d)
     _check_integrity(d, raw, public_key)
     return m
 
 
-def record_path(plan_rel: str) -> str:
-    """Where build_engine.sh writes the record of a device-built engine: next to the plan."""
-    return plan_rel + RECORD_SUFFIX
+def _check_entry(d: Path, rel: str, entry: FileEntry, what: str) -> None:
+    size = (d / rel).stat().st_size
+    if size != entry.bytes:
+        raise _fail(d, f"file '{rel}' has {size} bytes, {what} says {entry.bytes}; it is truncated or modified — "
+                       "copy the bundle again or regenerate it")
+    digest = sha256_file(d / rel)
+    if digest != entry.sha256:
+        raise _fail(d, f"file '{rel}' does not match its sha256 in {what} (got {digest[:12]}…, expected "
+                       f"{entry.sha256[:12]}…); it is corrupt or was modified — copy the bundle again or regenerate it")
 
 
-def _check_entry(d: Path, rel: str, entry: dict, what: str) -> None:
-    p = d / rel
-    size = p.stat().st_size
-    if size != entry["bytes"]:
-        raise _fail(d, f"file '{rel}' has {size} bytes, {what} says {entry['bytes']}; it is "
-                       "truncated or modified — copy the bundle again or regenerate it")
-    digest = sha256_file(p)
-    if digest != entry["sha256"]:
-        raise _fail(d, f"file '{rel}' does not match its sha256 in {what} (got {digest[:12]}…, "
-                       f"expected {entry['sha256'][:12]}…); it is corrupt or was modified — copy the "
-                       "bundle again or regenerate it")
-
-
-def device_engine_plans(manifest: dict[str, Any]) -> list[str]:
+def device_engine_plans(m: Manifest) -> list[str]:
     """Plans build_engine.sh may add on the device (not listed in `files`: built after the manifest)."""
-    engine = manifest["engine"]
-    if engine.get("status") != EngineStatus.DEFERRED:
+    if m.engine.status != EngineStatus.DEFERRED:
         return []
-    return [engine[k] for k in ("path", "decode_path") if engine.get(k)]
+    return [p for p in (m.engine.path, m.engine.decode_path) if p]
 
 
 def read_engine_record(d: Path, plan_rel: str, present: set[str]) -> dict[str, Any]:
     """A device-built engine's record, checked: it names the plan and every file the build wrote, with
     their sha256 and size; those files may then sit in the bundle unlisted by the manifest."""
-    rec_rel = record_path(plan_rel)
+    rec_rel = plan_rel + ENGINE_RECORD_SUFFIX
+    rebuild = f"rebuild with `bash {d}/build_engine.sh`"
     if rec_rel not in present:
-        raise _fail(d, f"file '{plan_rel}' is not listed in the manifest and has no engine record "
-                       f"'{rec_rel}'; rebuild it with `bash {d}/build_engine.sh` (which writes the record) "
-                       "or delete it")
+        raise _fail(d, f"file '{plan_rel}' is not listed in the manifest and has no engine record '{rec_rel}'; "
+                       f"{rebuild} (which writes the record) or delete it")
     try:
         rec = json.loads((d / rec_rel).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(d, f"engine record '{rec_rel}' is unreadable ({e}); rebuild with `bash {d}/build_engine.sh`") \
-            from None
-    ok = (isinstance(rec, dict) and isinstance(rec.get("tensorrt_version"), str)
-          and isinstance(rec.get("files"), dict) and plan_rel in rec["files"]
-          and all(isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
-                  for e in rec["files"].values()))
+        files = {rel: decode(FileEntry, e, f"{rec_rel} files.{rel}") for rel, e in rec["files"].items()}
+        ok = isinstance(rec.get("tensorrt_version"), str) and plan_rel in files
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ProjectableEdgeError, KeyError, TypeError,
+            AttributeError) as e:
+        raise _fail(d, f"engine record '{rec_rel}' is unreadable ({e}); {rebuild}") from None
     if not ok:
         raise _fail(d, f"engine record '{rec_rel}' must hold tensorrt_version and files{{'{plan_rel}': "
-                       f"{{sha256, bytes}}}}; rebuild with `bash {d}/build_engine.sh`")
-    for rel, entry in rec["files"].items():
-        _relpath(d, f"{rec_rel} files[{rel!r}]", rel)
+                       f"{{sha256, bytes}}}}; {rebuild}")
+    for rel, entry in files.items():
+        decode(RelPath, rel, f"{rec_rel} files")
         if rel not in present:
-            raise _fail(d, f"file '{rel}' named by engine record '{rec_rel}' is missing; rebuild with "
-                           f"`bash {d}/build_engine.sh`")
+            raise _fail(d, f"file '{rel}' named by engine record '{rec_rel}' is missing; {rebuild}")
         _check_entry(d, rel, entry, f"engine record '{rec_rel}'")
     return rec
 
 
-def verify_files(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def verify_files(bundle_dir: str | Path, m: Manifest) -> dict[str, dict[str, Any]]:
     """Strict check of the folder against the manifest; returns the device-built engines' records.
 
-    Every listed file has its size and sha256 (optional ones may be absent); every referenced file is
-    listed; nothing is a symlink; nothing unlisted is present, except a device-built engine with its
-    own record (the record's hashes are checked too)."""
+    Every listed file has its size and sha256 (optional ones may be absent); every used file is listed
+    and not optional; nothing is a symlink; nothing unlisted is present, except a device-built engine
+    with its own record (whose hashes are checked too)."""
     d = Path(bundle_dir)
-    files = manifest["files"]
-    referenced = used_files(manifest)
-    if manifest["engine"].get("status") == EngineStatus.BUILT:
-        referenced += [manifest["engine"][k] for k in ("path", "decode_path") if manifest["engine"].get(k)]
-    for rel in referenced:
-        if rel not in files:
+    for rel in used_files(m):
+        if rel not in m.files:
             raise _fail(d, f"file '{rel}' is used by the manifest but has no hash in 'files'; "
                            "regenerate the bundle (write_manifest hashes every file)")
-        if files[rel].get("optional"):
+        if m.files[rel].optional:
             raise _fail(d, f"file '{rel}' is needed to run the bundle but marked optional; regenerate the bundle")
     present = set(walk_bundle(d)) - {MANIFEST_NAME}
-    for rel, entry in files.items():
+    for rel, entry in m.files.items():
         if rel not in present:
-            if entry.get("optional"):
+            if entry.optional:
                 continue
             raise _fail(d, f"file '{rel}' listed in the manifest is missing; copy the whole bundle again")
         _check_entry(d, rel, entry, "the manifest")
     records: dict[str, dict[str, Any]] = {}
-    allowed = set(files)
-    for plan in device_engine_plans(manifest):
-        if plan in present and plan not in files:
+    allowed = set(m.files)
+    for plan in device_engine_plans(m):
+        if plan in present and plan not in m.files:
             records[plan] = read_engine_record(d, plan, present)
-            allowed |= set(records[plan]["files"]) | {record_path(plan)}
+            allowed |= set(records[plan]["files"]) | {plan + ENGINE_RECORD_SUFFIX}
     extra = sorted(present - allowed)
     if extra:
         raise _fail(d, f"file '{extra[0]}' is not listed in the manifest" + (f" (nor {extra[1:]})" if extra[1:] else "")
@@ -375,22 +583,21 @@ def verify_files(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict[str, 
     return records
 
 
-def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any], optional: tuple[str, ...] = (),
-                   sign_key: Any = None) -> dict[str, Any]:
-    """Hash every file in the folder into `files` (marking `optional` ones), validate, seal (digest,
-    and an Ed25519 signature with sign_key), write manifest.json; return it."""
+def write_manifest(bundle_dir: str | Path, manifest: Manifest | dict, optional: tuple[str, ...] = (),
+                   sign_key: Any = None) -> Manifest:
+    """Hash every file in the folder into `files` (marking `optional` ones), check, seal (digest, and an
+    Ed25519 signature with sign_key), write manifest.json once; return the written manifest."""
     d = Path(bundle_dir)
-    m = dict(manifest)
-    m.setdefault("schema_version", SCHEMA_VERSION)
-    m["files"] = hash_files(d, tuple(optional))
-    m = json.loads(json.dumps(m))  # exactly what a reader will parse (str keys, lists), so digests agree
-    m = seal(check_manifest(seal(m), d), sign_key)
+    body = to_json(manifest) if isinstance(manifest, Manifest) else dict(manifest)
+    body = {**body, "schema_version": body.get("schema_version", SCHEMA_VERSION),
+            "files": to_json(hash_files(d, tuple(optional)))}
+    raw = seal(body, sign_key)
+    m = parse(raw, d)
     for rel in used_files(m):
-        if rel not in m["files"]:
-            raise _fail(d, f"file '{rel}' named in the manifest is not in the bundle; write it before "
-                           "write_manifest")
+        if rel not in m.files:
+            raise _fail(d, f"file '{rel}' named in the manifest is not in the bundle; write it before write_manifest")
     with atomic_output(d / MANIFEST_NAME, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(m, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
     return m
 
 
@@ -399,8 +606,7 @@ def staged_bundle(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `dest`; on success (with a manifest written) it becomes `dest`.
 
     Nothing half-written is ever visible at `dest`. With overwrite=True an existing bundle is
-    replaced (moved aside, then deleted after the rename succeeds).
-    """
+    replaced (moved aside, then deleted after the rename succeeds)."""
     with atomic_output(dest, directory=True, overwrite=overwrite, what="bundle") as tmp:
         yield tmp
         if not (tmp / MANIFEST_NAME).is_file():

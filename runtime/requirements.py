@@ -1,19 +1,17 @@
 """What a bundle needs of the machine that runs it, and the check `load` makes before any session.
 
-MIN_ONNXRUNTIME was measured, not guessed (issue 7): the bundles are ONNX IR 10 graphs whose
+MIN_ONNXRUNTIME was measured, not guessed: the bundles are ONNX IR 10 graphs whose
 causal mask is `Trilu` on a bool tensor. onnxruntime 1.17 cannot read IR 10 ("Unsupported model
 IR version: 10"), 1.18.x has no Trilu kernel for bool, and the PyPI builds before 1.19 do not import
 with numpy 2. 1.19.0 runs every variant (fp32, fp16, int8-static) with numpy 1.24 to 2.x, on
 x86-64 and aarch64. pyproject.toml declares the same floors (a test keeps them equal).
 
-`generate` writes `manifest["requires"]` (see `requires_for`); bundles written before that
-field existed are checked against the constants here.
+`generate` writes the manifest's `requires` (see `requires_for`); `load` checks it before any session.
 """
 from __future__ import annotations
 
 import re
 import sys
-from typing import Any
 
 from .devices.errors import ProjectableEdgeError
 
@@ -44,15 +42,12 @@ def _at_least(spec: str) -> str:
     return s[2:].strip()
 
 
-def requires_for(ir_version: int | None = None, opsets: dict[str, int] | None = None) -> dict[str, Any]:
-    """The manifest's `requires` field for graphs of this IR version / opset imports."""
-    req: dict[str, Any] = {"python": f">={MIN_PYTHON}", "onnxruntime": f">={MIN_ONNXRUNTIME}",
-                           "numpy": f">={MIN_NUMPY}", "onnxruntime_reason": WHY_ONNXRUNTIME}
-    if ir_version is not None:
-        req["onnx_ir_version"] = int(ir_version)
-    if opsets:
-        req["opsets"] = {k: int(v) for k, v in sorted(opsets.items())}
-    return req
+def requires_for(ir_version: int | None = None, opsets: dict[str, int] | None = None):
+    """The manifest's `requires` for graphs of this IR version / opset imports."""
+    from .manifest import Requires
+
+    return Requires(f">={MIN_PYTHON}", f">={MIN_ONNXRUNTIME}", f">={MIN_NUMPY}", WHY_ONNXRUNTIME,
+                    None if ir_version is None else int(ir_version), {k: int(v) for k, v in sorted((opsets or {}).items())})
 
 
 def installed_onnxruntime_version() -> str:
@@ -88,14 +83,10 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def check_requirements(bundle_dir, manifest: dict[str, Any], ort_version: str | None = None) -> None:
-    """Raise one clear error when this machine is below what the bundle declares (or the minimum)."""
-    req = manifest.get("requires") or {}
-    if not isinstance(req, dict):
-        raise ProjectableEdgeError(f"bundle {bundle_dir}: manifest field 'requires' must be an object")
+def check_requirements(bundle_dir, requires, ort_version: str | None = None) -> None:
+    """Raise one clear error when this machine is below what the bundle declares (`Requires`) or the minimum."""
     try:
-        need_ort = _at_least(req.get("onnxruntime", f">={MIN_ONNXRUNTIME}"))
-        need_py = _at_least(req.get("python", f">={MIN_PYTHON}"))
+        need_ort, need_py = _at_least(requires.onnxruntime), _at_least(requires.python)
     except ValueError as e:
         raise ProjectableEdgeError(f"bundle {bundle_dir}: manifest field 'requires' has {e.args[0]!r}; "
                                    "expected '>=X.Y.Z'") from None
@@ -106,7 +97,6 @@ def check_requirements(bundle_dir, manifest: dict[str, Any], ort_version: str | 
                                    f"{sys.version.split()[0]}: use a newer python3 for the runtime's venv")
     have = ort_version if ort_version is not None else installed_onnxruntime_version()
     if parse_version(have) < parse_version(need_ort):
-        why = req.get("onnxruntime_reason", WHY_ONNXRUNTIME)
-        raise ProjectableEdgeError(f"bundle {bundle_dir} needs onnxruntime >= {need_ort} ({why}); installed: "
-                                   f"onnxruntime {have}. Upgrade: pip install 'onnxruntime>={need_ort}' "
+        raise ProjectableEdgeError(f"bundle {bundle_dir} needs onnxruntime >= {need_ort} ({requires.onnxruntime_reason}); "
+                                   f"installed: onnxruntime {have}. Upgrade: pip install 'onnxruntime>={need_ort}' "
                                    "(on a Jetson, NVIDIA's onnxruntime-gpu of that version or newer)")

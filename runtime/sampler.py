@@ -16,7 +16,7 @@ from .devices.errors import ProjectableEdgeError
 from .graphs import CacheLayout, GraphKind, cache_dtype, kind_of
 
 
-MAX_SAMPLES = 65536  # per call: bounded memory ([n, T] tokens and an [L, n, H, T, hd] cache)
+MAX_SAMPLES = 65536  # per call: bounded memory ([n, T] tokens and uniforms, an [L, n, H, T, hd] cache)
 MAX_SEED = 2**63 - 1
 
 
@@ -37,23 +37,37 @@ def check_args(n: int, temperature: float, top_k: int | None, vocab: int, seed=0
         raise ProjectableEdgeError(f"top_k must be None or an integer in 1..{vocab}, got {top_k!r}")
 
 
-def choose(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None) -> np.ndarray:
-    """Next token ids [n] from logits [n, V]: greedy at temperature 0, else (top-k) sampling."""
-    z = np.asarray(logits, dtype=np.float64)
+def uniforms(seed: int, n: int, steps: int, temperature: float) -> np.ndarray | None:
+    """Every draw of a sampling call up front, [steps, n] float64: the same numbers, in the same order,
+    as one rng.random(n) per sampled step (none at temperature 0)."""
+    return None if temperature == 0 else np.random.default_rng(seed).random((max(steps, 0), n))
+
+
+def choose(logits: np.ndarray, u: np.ndarray | None, temperature: float, top_k: int | None) -> np.ndarray:
+    """Next token ids [n] from logits [n, V]: greedy at temperature 0, else (top-k) sampling that inverts
+    the float64 CDF at the uniforms u [n]: the first id whose CDF exceeds u * total (the last id if none)."""
     if temperature == 0:
-        return z.argmax(axis=-1).astype(np.int64)
-    z = z / temperature
+        return logits.argmax(axis=-1)
+    z = logits.astype(np.float64)
+    if temperature != 1:
+        z /= temperature
     if top_k is not None and top_k < z.shape[-1]:
-        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    cdf = np.cumsum(p, axis=-1)
-    u = rng.random(len(z))[:, None] * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(axis=-1), z.shape[-1] - 1).astype(np.int64)
+        z[z < np.partition(z, -top_k, axis=-1)[:, -top_k, None]] = -np.inf
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    np.add.accumulate(z, axis=-1, out=z)  # the CDF, in place
+    above = z > u[:, None] * z[:, -1:]
+    above[:, -1] = True
+    return above.argmax(axis=-1)
 
 
 def _prefix(prefix: np.ndarray | None, n: int) -> np.ndarray:
     return np.zeros((n, 0), np.int64) if prefix is None else prefix
+
+
+def _spans(n: int, max_batch: int | None) -> list[tuple[int, int]]:
+    step = n if not max_batch else max(1, int(max_batch))
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarray | None = None,
@@ -62,26 +76,28 @@ def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarr
     """Tokens [n, length]; the first prefix.shape[1] columns are copied from `prefix`.
 
     Rows run in chunks of at most max_batch (a TensorRT engine's batch limit) in lockstep, one draw
-    per step for all n rows, so the tokens do not depend on the chunking."""
-    rng = np.random.default_rng(seed)
+    per step for all n rows, so the tokens do not depend on the chunking. A step is one graph call
+    per chunk and a few numpy operations on [n, V]: the cache goes from one call's outputs to the
+    next call's inputs as is, tokens are written in place."""
     fixed = _prefix(prefix, n)
+    u = uniforms(seed, n, length - fixed.shape[1], temperature)
     dt = cache_dtype(runner)
-    step = n if not max_batch else max(1, int(max_batch))
-    spans = [(a, min(a + step, n)) for a in range(0, n, step)]
-    feeds = [{"token": np.full((b - a, 1), layout.bos_id, np.int64),
-              "past_keys": layout.empty(b - a, dt), "past_values": layout.empty(b - a, dt)} for a, b in spans]
-    out = np.empty((n, length), np.int64)
+    spans = _spans(n, max_batch)
+    out = np.empty((length, n), np.int64)  # step-major: row i is contiguous and feeds step i + 1
+    feeds = [{"token": np.full((b - a, 1), layout.bos_id, np.int64), "past_keys": layout.empty(b - a, dt),
+              "past_values": layout.empty(b - a, dt)} for a, b in spans]
     for i in range(length):
         results = [runner.run(f) for f in feeds]
+        logits = results[0]["logits"] if len(results) == 1 else np.concatenate([r["logits"] for r in results])
+        for feed, r in zip(feeds, results):
+            feed["past_keys"], feed["past_values"] = r["present_keys"], r["present_values"]
         if i < fixed.shape[1]:
-            out[:, i] = fixed[:, i]
+            out[i] = fixed[:, i]
         else:
-            logits = results[0]["logits"] if len(results) == 1 else np.concatenate([r["logits"] for r in results])
-            out[:, i] = choose(logits, rng, temperature, top_k)
-        feeds = [{"token": np.ascontiguousarray(out[a:b, i:i + 1]),
-                  "past_keys": r["present_keys"], "past_values": r["present_values"]}
-                 for (a, b), r in zip(spans, results)]
-    return out
+            out[i] = choose(logits, None if u is None else u[i - fixed.shape[1]], temperature, top_k)
+        for (a, b), feed in zip(spans, feeds):
+            feed["token"] = out[i, a:b, None]
+    return np.ascontiguousarray(out.T)
 
 
 def sample_recompute(runner, n: int, length: int, prefix: np.ndarray | None = None,
@@ -89,15 +105,14 @@ def sample_recompute(runner, n: int, length: int, prefix: np.ndarray | None = No
                      max_batch: int | None = None) -> np.ndarray:
     """Same contract as sample_kv, via the scoring graph on the prefix so far (logits[:, i] depends on
     tokens[:, :i] only, so position i's own value is a placeholder)."""
-    rng = np.random.default_rng(seed)
     fixed = _prefix(prefix, n)
+    u = uniforms(seed, n, length - fixed.shape[1], temperature)
     out = np.zeros((n, length), np.int64)
     out[:, :fixed.shape[1]] = fixed
-    step = n if not max_batch else max(1, int(max_batch))
     for i in range(fixed.shape[1], length):
-        logits = np.concatenate([runner.run({"tokens": np.ascontiguousarray(out[a:a + step, :i + 1])})["logits"][:, i]
-                                 for a in range(0, n, step)])
-        out[:, i] = choose(logits, rng, temperature, top_k)
+        logits = np.concatenate([runner.run({"tokens": np.ascontiguousarray(out[a:b, :i + 1])})["logits"][:, i]
+                                 for a, b in _spans(n, max_batch)])
+        out[:, i] = choose(logits, None if u is None else u[i - fixed.shape[1]], temperature, top_k)
     return out
 
 

@@ -8,7 +8,7 @@ in integer arithmetic (half up) so every platform gets the same tokens.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -49,10 +49,10 @@ def validate_tokens(tokens, vocab_size: int, *, length: int | None = None, max_l
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    height: int
-    width: int
-    channels: int  # 1 gray or 3 rgb
-    levels: int
+    height: int = field(metadata={"doc": "Image height in pixels."})
+    width: int = field(metadata={"doc": "Image width in pixels."})
+    channels: int = field(metadata={"doc": "1 (gray) or 3 (rgb), interleaved per pixel."})
+    levels: int = field(metadata={"doc": "Gray/colour levels per channel: the vocabulary size."})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -178,18 +178,3 @@ class TokenizerSpec:
                            Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
         return im
 
-
-def encode(spec: TokenizerSpec, images) -> np.ndarray:
-    return spec.encode(images)
-
-
-def decode(spec: TokenizerSpec, tokens) -> np.ndarray:
-    return spec.decode(tokens)
-
-
-def check_tokens(spec: TokenizerSpec, tokens) -> np.ndarray:
-    return spec.check_tokens(tokens)
-
-
-def load_images(spec: TokenizerSpec, paths: Iterable[str | Path]) -> np.ndarray:
-    return spec.load_images(paths)

@@ -1,14 +1,18 @@
-"""`tune`: measure every candidate of a bundle on this device, pick the most accurate one within budget.
+"""Measuring candidates, and `tune`: pick the most accurate candidate within budget where it runs.
 
-The bundle itself is never changed (it stays verified and signed): the choice and its measurements go
-into a small record NEXT TO the bundle, `<bundle>.tuned.json`, tied to the bundle's manifest digest and
-the chosen candidate's file hashes. `load()` uses the record's choice when it still matches; a stale or
-unreadable record is ignored with a `TunedRecordWarning`.
+`measure` is the one measuring protocol, shared by `generate` (on the build host) and `tune` (on the
+device): each candidate in its own `python -m projectable_edge_runtime.tune` process (so its peak RSS is
+its own; a process's peak never goes down), which validates it on its goldens against the fp32 PyTorch
+reference and times scoring one golden image (warm-up, then percentiles); `full` adds the benchmark's
+batch and sampling cases and sample images for the report.
 
-Each candidate is timed in its own `python -m projectable_edge_runtime.tune --measure` process, so its
-peak memory is its own (a process's peak RSS never goes down). Budgets: p99 latency of scoring one
-image (batch 1) and peak RSS, the profile's by default. When nothing fits, the verdict names the
-candidate that came closest and by how much; the CLI exits 1 (a check failed), like `benchmark`.
+`tune` ranks by what it measured here (bits on the goldens, validation against the reference, p99 and
+peak RSS against the budgets, the profile's by default). The bundle itself is never changed (it stays
+verified and signed): the choice and its measurements go into a record NEXT TO the bundle,
+`<bundle>.tuned.json`, tied to the manifest digest and the chosen candidate's file hashes. `load()` uses
+the record's choice when it still matches; a stale or unreadable record is ignored with a
+`TunedRecordWarning`. When nothing fits, the verdict names the closest candidate and by how much; the CLI
+exits 1 (a check failed), like `benchmark`.
 """
 from __future__ import annotations
 
@@ -24,10 +28,10 @@ from typing import Any
 
 from .atomic import atomic_output
 from .devices.errors import ProjectableEdgeError
-from . import candidates as cands_mod
+from .manifest import Manifest
 
-RECORD_SCHEMA = 1
-RECORD_SUFFIX = ".tuned.json"
+TUNED_RECORD_SCHEMA = 2  # 2: measurements hold the bits measured where tune ran
+TUNED_RECORD_SUFFIX = ".tuned.json"
 DEFAULT_RUNS, DEFAULT_WARMUP = 200, 20
 
 
@@ -41,13 +45,11 @@ class Budget:
     max_mb: float  # peak resident memory of the runtime process
 
     @classmethod
-    def of(cls, manifest: dict[str, Any], p99_ms: float | None = None, max_mb: float | None = None) -> "Budget":
+    def of(cls, manifest: Manifest, p99_ms: float | None = None, max_mb: float | None = None) -> "Budget":
         """The given budgets, else the target profile's; zero, negative or non-finite is an error."""
-        b = manifest["target"]["budgets"]
-        out = cls(float(b["p99_latency_ms"] if p99_ms is None else p99_ms),
-                  float(b["memory_mb"] if max_mb is None else max_mb))
-        checks = (("p99 latency budget", out.p99_ms, "--p99-ms"), ("memory budget", out.max_mb, "--max-mb"))
-        for what, x, flag in checks:
+        b = manifest.target.budgets
+        out = cls(float(b.p99_latency_ms if p99_ms is None else p99_ms), float(b.memory_mb if max_mb is None else max_mb))
+        for what, x, flag in (("p99 latency budget", out.p99_ms, "--p99-ms"), ("memory budget", out.max_mb, "--max-mb")):
             if not (0 < x < math.inf):
                 raise ProjectableEdgeError(f"{what} must be a positive number, got {x!r}; pass e.g. {flag} "
                                            "5 (or leave it out to use the target profile's budget)")
@@ -57,7 +59,7 @@ class Budget:
 def record_path(bundle: str | Path) -> Path:
     """`bundles/3__x86-64-cpu` -> `bundles/3__x86-64-cpu.tuned.json` (beside the bundle, not inside)."""
     b = Path(bundle).resolve()
-    return b.parent / (b.name + RECORD_SUFFIX)
+    return b.parent / (b.name + TUNED_RECORD_SUFFIX)
 
 
 def _check_runs(runs: int, warmup: int) -> None:
@@ -69,55 +71,66 @@ def _check_runs(runs: int, warmup: int) -> None:
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure_here(bundle: str | Path, name: str, runs: int, warmup: int, providers=None,
-                 backend: str = "auto") -> dict[str, Any]:
-    """Load one candidate in this process and time scoring one golden image: percentiles and peak RSS."""
-    from .benchmark import peak_rss_mb, stats, time_calls
-    from .bundle import load
-    from .validate import load_goldens
+def measure_here(request: dict[str, Any]) -> dict[str, Any]:
+    """Open one candidate in this process and measure it (see the module doc). The request names the bundle
+    and the candidate; a `draft` (candidate, target, tokenizer) opens a staged bundle not yet sealed."""
+    from .benchmark import benchmark, peak_rss_mb, stats, time_calls
+    from .bundle import load, open_candidate
+    from .validate import load_goldens, validate
 
-    with load(bundle, candidate=name, providers=providers, backend=backend, tuned=False) as model:
-        tokens, _ = load_goldens(model)
-        x1 = tokens[:1].astype("int64")
-        s = stats(time_calls(lambda: model.score(x1), runs, warmup), 1)
-        return {"candidate": name, "score_batch1": s, "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"],
-                "peak_rss_mb": peak_rss_mb(), "load_time_ms": model.load_time_s * 1e3,
-                "backend": model.backend["backend"], "providers": model.backend["providers"]}
+    name, runs, warmup = request["candidate"], int(request["runs"]), int(request["warmup"])
+    kw = {"providers": request.get("providers") or None, "backend": request.get("backend", "auto")}
+    if request.get("draft"):
+        from .devices.profiles import DeviceProfile
+        from .manifest import Candidate, decode
+        from .tokenizer import TokenizerSpec
+
+        d = request["draft"]
+        model = open_candidate(Path(request["bundle"]), name, decode(Candidate, d["candidate"], name),
+                               DeviceProfile.from_dict(d["target"]), TokenizerSpec.from_dict(d["tokenizer"]), **kw)
+    else:
+        model = load(request["bundle"], candidate=name, tuned=False, **kw)
+    with model:
+        v = validate(model)
+        if request.get("full"):
+            results = benchmark(model, runs=runs, warmup=warmup, batch=16, sample_runs=5, raw=True)["results"]
+        else:
+            x1 = load_goldens(model)[0][:1]
+            results = {"score_batch1": stats(time_calls(lambda: model.score(x1), runs, warmup), 1)}
+        n = int(request.get("samples") or 0)
+        s = results["score_batch1"]
+        return {"candidate": name, "bits": v["bits"], "passed": v["passed"], "expected_bits": v["expected_bits"],
+                "tolerance": v["tolerance"], "bits_per_image": v["bits_per_image"], "score_batch1": s,
+                "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "results": results, "peak_rss_mb": peak_rss_mb(),
+                "load_time_ms": model.load_time_s * 1e3, "backend": model.backend["backend"],
+                "providers": model.backend["providers"],
+                **({"samples": model.sample(n, seed=0).tolist()} if n else {})}
 
 
-def measure(bundle: str | Path, name: str, runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
-            providers=None, backend: str = "auto") -> dict[str, Any]:
+def measure(bundle: str | Path, name: str, runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP, providers=None,
+            backend: str = "auto", **extra) -> dict[str, Any]:
     """measure_here in a fresh runtime process, so the peak memory is this candidate's alone."""
-    cmd = [sys.executable, "-m", "projectable_edge_runtime.tune", "--measure", str(Path(bundle).resolve()), name,
-           str(runs), str(warmup), backend, ",".join(providers or [])]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    request = {"bundle": str(Path(bundle).resolve()), "candidate": name, "runs": runs, "warmup": warmup,
+               "providers": list(providers or []), "backend": backend, **extra}
+    res = subprocess.run([sys.executable, "-m", "projectable_edge_runtime.tune"], input=json.dumps(request),
+                         capture_output=True, text=True)
     if res.returncode != 0:
         raise ProjectableEdgeError(f"measuring candidate {name} failed: {(res.stderr or res.stdout).strip()[-600:]}")
     return json.loads(res.stdout)
 
 
-def measure_all(bundle: str | Path, names, runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
-                providers=None, backend: str = "auto", log=None) -> dict[str, dict[str, Any]]:
-    _check_runs(runs, warmup)
-    out = {}
-    for n in names:
-        if log:
-            log(f"measuring {n} ({warmup} warm-up + {runs} timed runs, own process)")
-        out[n] = measure(bundle, n, runs, warmup, providers, backend)
-    return out
-
-
 # ----------------------------------------------------------------------------- choosing
 
 
-def _row(name: str, c: dict[str, Any], m: dict[str, Any], budget: Budget) -> dict[str, Any]:
-    acc = c.get("accuracy") or {}
+def _row(name: str, within_budget: bool, m: dict[str, Any], budget: Budget) -> dict[str, Any]:
     over_p99 = m["p99_ms"] / budget.p99_ms
     rss = m.get("peak_rss_mb")
     over_mem = None if rss is None else rss / budget.max_mb
-    accurate = acc.get("within_budget", True) is not False and acc.get("bits") is not None
+    accurate = bool(within_budget and m["passed"])
     fits_latency, fits_memory = over_p99 <= 1.0, over_mem is None or over_mem <= 1.0
-    return {"candidate": name, "size": c["size"], "variant": c["variant"], "bits": acc.get("bits"),
+    size, _, variant = name.partition("/")
+    return {"candidate": name, "size": size, "variant": variant, "bits": m["bits"], "passed": m["passed"],
+            "within_budget": within_budget,
             "p99_ms": m["p99_ms"], "p50_ms": m.get("p50_ms"), "peak_rss_mb": rss,
             "p99_over_budget": over_p99, "memory_over_budget": over_mem,
             "accuracy_ok": accurate, "fits_latency": fits_latency, "fits_memory": fits_memory,
@@ -137,14 +150,15 @@ def _closest(rows: list[dict[str, Any]], budget: Budget) -> dict[str, Any] | Non
     if not r["fits_memory"]:
         misses.append(f"peak RSS {r['peak_rss_mb']:.1f} MB vs budget {budget.max_mb:g} MB "
                       f"(+{r['peak_rss_mb'] - budget.max_mb:.1f} MB, {r['memory_over_budget']:.2f}x)")
+    if not r["accuracy_ok"]:
+        misses.append("its accuracy (validation against the PyTorch reference here, or its quantization budget)")
     return {"candidate": r["candidate"], "misses_by": misses}
 
 
-def pick(table: dict[str, dict[str, Any]], measured: dict[str, dict[str, Any]], budget: Budget) -> dict[str, Any]:
-    """The most accurate (lowest bits/dim) candidate that fits the budget; ties go to the faster one.
-
-    Pure: the same measurements and budget always give the same verdict."""
-    rows = [_row(n, table[n], measured[n], budget) for n in table if n in measured]
+def pick(within_budget: dict[str, bool], measured: dict[str, dict[str, Any]], budget: Budget) -> dict[str, Any]:
+    """The most accurate candidate by the bits measured HERE that validated here, met its quantization budget
+    and fits the budget; ties go to the faster one. Pure: the same measurements always give the same verdict."""
+    rows = [_row(n, ok, measured[n], budget) for n, ok in within_budget.items() if n in measured]
     fitting = [r for r in rows if r["fits"]]
     choice = min(fitting, key=lambda r: (r["bits"], r["p99_ms"]))["candidate"] if fitting else None
     verdict = {"choice": choice, "fits": choice is not None, "budget": asdict(budget), "rows": rows}
@@ -163,8 +177,8 @@ def explain(verdict: dict[str, Any], forced: bool = False) -> str:
                 f"peak RSS {r['peak_rss_mb']:.1f} MB)")
     if verdict["choice"]:
         r = next(r for r in verdict["rows"] if r["candidate"] == verdict["choice"])
-        return (f"picked {r['candidate']}: the most accurate candidate ({r['bits']:.4f} bits/dim) within p99 "
-                f"{b['p99_ms']:g} ms and {b['max_mb']:g} MB (measured p99 {r['p99_ms']:.3f} ms, "
+        return (f"picked {r['candidate']}: the most accurate candidate ({r['bits']:.4f} bits/dim measured here) "
+                f"within p99 {b['p99_ms']:g} ms and {b['max_mb']:g} MB (measured p99 {r['p99_ms']:.3f} ms, "
                 f"peak RSS {r['peak_rss_mb']:.1f} MB)")
     c = verdict.get("closest")
     if not c:
@@ -176,21 +190,19 @@ def explain(verdict: dict[str, Any], forced: bool = False) -> str:
 # ----------------------------------------------------------------------------- the record
 
 
-def _hashes(manifest: dict[str, Any], name: str) -> dict[str, str]:
+def _hashes(manifest: Manifest, name: str) -> dict[str, str]:
     """sha256 of every file the candidate runs from, as the manifest lists them."""
-    c = cands_mod.table(manifest)[name]
-    rels = [p for p in (c["graphs"].get("score"), c["graphs"].get("decode"), c.get("goldens", manifest["goldens"]))
-            if p]
-    return {r: manifest["files"][r]["sha256"] for r in rels if r in manifest["files"]}
+    c = manifest.candidates[name]
+    return {r: manifest.files[r].sha256 for r in (c.graphs.score, c.graphs.decode, c.goldens) if r and r in manifest.files}
 
 
-def make_record(bundle: Path, manifest: dict[str, Any], verdict: dict[str, Any], measured: dict[str, Any],
+def make_record(bundle: Path, manifest: Manifest, verdict: dict[str, Any], measured: dict[str, Any],
                 forced: bool) -> dict[str, Any]:
     import platform
 
     choice = verdict["choice"]
-    return {"schema": RECORD_SCHEMA, "kind": "projectable-edge tuned record", "bundle": Path(bundle).name,
-            "manifest_sha256": manifest["integrity"]["manifest_sha256"], "choice": choice, "forced": forced,
+    return {"schema": TUNED_RECORD_SCHEMA, "kind": "projectable-edge tuned record", "bundle": Path(bundle).name,
+            "manifest_sha256": manifest.integrity.manifest_sha256, "choice": choice, "forced": forced,
             "choice_files": _hashes(manifest, choice) if choice else {}, "fits": verdict["fits"],
             "explanation": explain(verdict, forced), "budget": verdict["budget"], "rows": verdict["rows"],
             "closest": verdict.get("closest"), "measurements": measured,
@@ -198,28 +210,23 @@ def make_record(bundle: Path, manifest: dict[str, Any], verdict: dict[str, Any],
             "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    with atomic_output(path, overwrite=True, what="tuned record") as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-def _stale(record: Any, manifest: dict[str, Any]) -> str | None:
+def _stale(record: Any, manifest: Manifest) -> str | None:
     """Why the record does not describe this bundle any more, or None when it does."""
-    if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA:
+    if not isinstance(record, dict) or record.get("schema") != TUNED_RECORD_SCHEMA:
         return "it is not a tuned record this runtime reads"
-    if record.get("manifest_sha256") != manifest["integrity"]["manifest_sha256"]:
+    if record.get("manifest_sha256") != manifest.integrity.manifest_sha256:
         return "the bundle's manifest digest changed since it was tuned (regenerated or replaced)"
     choice = record.get("choice")
     if choice is None:
         return "its verdict was that no candidate fits the budget"
-    if choice not in cands_mod.table(manifest):
+    if choice not in manifest.candidates:
         return f"its choice {choice!r} is not a candidate of this bundle"
     if record.get("choice_files") != _hashes(manifest, choice):
         return f"the files of {choice} no longer match the hashes it recorded"
     return None
 
 
-def tuned_choice(bundle: Path, manifest: dict[str, Any], path: str | Path | None = None) -> tuple[str | None, dict]:
+def tuned_choice(bundle: Path, manifest: Manifest, path: str | Path | None = None) -> tuple[str | None, dict]:
     """(the candidate a valid tuned record chose, info); a stale or unreadable record warns and gives None."""
     p = Path(path) if path is not None else record_path(bundle)
     if not p.is_file():
@@ -242,7 +249,7 @@ def tuned_choice(bundle: Path, manifest: dict[str, Any], path: str | Path | None
 # ----------------------------------------------------------------------------- tune
 
 
-def _reused(path: Path, manifest: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+def _reused(path: Path, manifest: Manifest, names: list[str]) -> dict[str, dict[str, Any]]:
     """The measurements of an earlier tune of this very bundle (`--reuse`): new budgets, no re-measuring."""
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
@@ -250,9 +257,10 @@ def _reused(path: Path, manifest: dict[str, Any], names: list[str]) -> dict[str,
         raise ProjectableEdgeError(f"--reuse needs a tuned record at {path}; run tune without --reuse first") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProjectableEdgeError(f"tuned record {path} is unreadable ({e}); run tune without --reuse") from None
-    if not isinstance(rec, dict) or rec.get("manifest_sha256") != manifest["integrity"]["manifest_sha256"]:
+    if (not isinstance(rec, dict) or rec.get("schema") != TUNED_RECORD_SCHEMA
+            or rec.get("manifest_sha256") != manifest.integrity.manifest_sha256):
         raise ProjectableEdgeError(f"tuned record {path} was made for another version of this bundle (manifest "
-                                   "digest differs); run tune without --reuse to measure again")
+                                   "digest or record schema differs); run tune without --reuse to measure again")
     missing = [n for n in names if n not in (rec.get("measurements") or {})]
     if missing:
         raise ProjectableEdgeError(f"tuned record {path} has no measurements of {missing}; run tune without --reuse")
@@ -276,16 +284,19 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
     verify_files(d, manifest)  # a broken bundle fails here, before minutes of measuring
     budget = Budget.of(manifest, p99_ms, max_mb)
     _check_runs(runs, warmup)
-    table = cands_mod.table(manifest)
-    names = [cands_mod.resolve(manifest, candidate)] if candidate is not None else list(table)
+    names = [manifest.candidate(candidate) and candidate] if candidate is not None else list(manifest.candidates)
     path = Path(record) if record is not None else record_path(d)
-    measured = _reused(path, manifest, names) if reuse else measure_all(d, names, runs, warmup, providers, backend, log)
-    verdict = pick({n: table[n] for n in names}, measured, budget)
+    measured = _reused(path, manifest, names) if reuse else {}
+    for n in [] if reuse else names:
+        if log:
+            log(f"measuring {n} ({warmup} warm-up + {runs} timed runs, own process)")
+        measured[n] = measure(d, n, runs, warmup, providers, backend)
+    verdict = pick({n: manifest.candidates[n].accuracy.within_budget for n in names}, measured, budget)
     if candidate is not None:
         verdict["choice"] = names[0]
-    rec = make_record(d, manifest, verdict, measured, forced=candidate is not None)
-    rec["reused_measurements"] = reuse
-    write_record(path, rec)
+    rec = {**make_record(d, manifest, verdict, measured, forced=candidate is not None), "reused_measurements": reuse}
+    with atomic_output(path, overwrite=True, what="tuned record") as tmp:
+        tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
     return {**rec, "record": str(path)}
 
 
@@ -293,11 +304,11 @@ def tune_text(out: dict[str, Any]) -> str:
     """The measured table, the pick (or the closest miss) and where the record went."""
     from .console import table
 
-    rows = [("candidate", "bits/dim", "p50 ms", "p99 ms", "peak MB", "fits")]
+    rows = [("candidate", "bits/dim here", "p50 ms", "p99 ms", "peak MB", "fits")]
     for r in out["rows"]:
-        rows.append((r["candidate"], f"{r['bits']:.4f}" if r["bits"] is not None else "-", f"{r['p50_ms']:.3f}",
-                     f"{r['p99_ms']:.3f}", f"{r['peak_rss_mb']:.1f}" if r["peak_rss_mb"] is not None else "-",
-                     "yes" if r["fits"] else ("no (accuracy budget)" if not r["accuracy_ok"] else "no")))
+        rows.append((r["candidate"], f"{r['bits']:.4f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                     f"{r['peak_rss_mb']:.1f}" if r["peak_rss_mb"] is not None else "-",
+                     "yes" if r["fits"] else ("no (accuracy)" if not r["accuracy_ok"] else "no")))
     return "\n".join([table(rows), "", out["explanation"], f"record: {out['record']}"])
 
 
@@ -317,15 +328,5 @@ def run_cli(args, providers) -> int:
     return 0 if out["fits"] else 1
 
 
-def _worker(argv: list[str]) -> int:
-    """`python -m projectable_edge_runtime.tune --measure BUNDLE NAME RUNS WARMUP BACKEND PROVIDERS`."""
-    bundle, name, runs, warmup, backend, providers = argv
-    out = measure_here(bundle, name, int(runs), int(warmup), [p for p in providers.split(",") if p] or None, backend)
-    print(json.dumps(out))
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 8 and sys.argv[1] == "--measure":
-        sys.exit(_worker(sys.argv[2:]))
-    sys.exit("usage: python -m projectable_edge_runtime tune BUNDLE (this module's --measure mode is internal)")
+if __name__ == "__main__":  # the measuring worker: one JSON request on stdin, one JSON report on stdout
+    sys.stdout.write(json.dumps(measure_here(json.loads(sys.stdin.read()))))

@@ -18,9 +18,10 @@
 #               another task's bundle from the same run (repeatable): the classifier app runs over
 #               BUNDLE and these (it needs two tasks at least; without --also it is skipped)
 #   --no-apps   skip the example apps (py310 stand-in only): the anomaly app (examples/anomaly),
-#               the classifier (examples/classify) and a serve round trip (`serve` + examples/serve)
+#               the classifier (examples/classify) and a serve round trip (`serve` + examples/serve;
+#               it pip-installs the wheel's [serve] extra, the HTTP server library, into the venv)
 #
-# Each stand-in runs, from an empty folder, `python -m projectable_edge_runtime`: info, validate (every variant in the bundle), score
+# Each stand-in runs, from an empty folder, `python -m projectable_edge_runtime`: info, validate (every candidate), score
 # (the bundle's goldens), sample, benchmark, and an import check (nothing outside the stdlib,
 # numpy, onnxruntime and the runtime itself may be imported). With both stand-ins, the per-image
 # bits/dim of aarch64 are compared with those of x86-64. The py310 stand-in then runs the example
@@ -117,60 +118,44 @@ install_wheel() {  # PYTHON WHEEL [runner prefix...]
 
 # The checks' Python helper: numpy + onnxruntime + the runtime only.
 cat > "$WORK/check_helper.py" <<'PY'
-"""device-check helper: score the goldens with every variant, sample, report providers and imports."""
+"""device-check helper: validate every candidate on the goldens against the PyTorch reference, sample,
+report providers and imports."""
 import json
 import sys
 
-bundle, out_path = sys.argv[1], sys.argv[2]
 import numpy as np
 import onnxruntime as ort
 
-import projectable_edge_runtime
-from projectable_edge_runtime.bundle import load
+import projectable_edge_runtime as rt
 
-with open(f"{bundle}/manifest.json", encoding="utf-8") as fh:
-    manifest = json.load(fh)
-with np.load(f"{bundle}/goldens.npz", allow_pickle=False) as z:
-    tokens, ref = z["tokens"], z["ref_bits"] if "ref_bits" in z.files else None
-recorded = {k: v.get("bits") for k, v in (manifest.get("accuracy", {}).get("variants") or {}).items()}
+bundle, out_path = sys.argv[1], sys.argv[2]
 out = {"python": sys.version.split()[0], "numpy": np.__version__, "onnxruntime": ort.__version__,
-       "providers_available": ort.get_available_providers(), "variants": {}}
-for variant in sorted(manifest.get("graphs") or {}):
-    m = load(bundle, precision=variant, backend="onnxruntime")
-    bits = m.score(tokens)
-    r = {"providers": m.backend["providers"], "mean_bits": float(bits.mean()),
-         "per_image": [float(b) for b in bits], "recorded_bits": recorded.get(variant)}
-    if r["recorded_bits"] is not None:
-        r["delta_vs_recorded"] = r["mean_bits"] - float(r["recorded_bits"])
-    if ref is not None:
-        r["max_abs_vs_goldens_ref_per_image"] = float(np.abs(bits - ref).max())
-    out["variants"][variant] = r
-m.sample(2, seed=0)
-ignorable = {"__main__", "_distutils_hack", "cython_runtime", "sitecustomize", "usercustomize"}
+       "providers_available": ort.get_available_providers(), "candidates": {}}
+for name in rt.read_manifest(bundle).candidates:
+    with rt.load(bundle, candidate=name, backend="onnxruntime", tuned=False) as m:
+        out["candidates"][name] = {k: v for k, v in rt.validate(m).items() if k != "execution"}
+        m.sample(2, seed=0)
 allowed = {"numpy", "onnxruntime", "projectable_edge_runtime"}
-mods = {k.split(".")[0] for k in sys.modules} - set(sys.stdlib_module_names) - ignorable
-mods = {k for k in mods if not k.startswith("_cython_")}
-out["imported_outside_stdlib"] = sorted(mods)
-out["unexpected_imports"] = sorted(mods - allowed)
-out["runtime_file"] = projectable_edge_runtime.__file__
-out["runtime_installed_in_venv"] = projectable_edge_runtime.__file__.startswith(sys.prefix)
+mods = {k.split(".")[0] for k in sys.modules} - set(sys.stdlib_module_names) - {
+    "__main__", "_distutils_hack", "cython_runtime", "sitecustomize", "usercustomize"}
+out["imported_outside_stdlib"] = sorted(k for k in mods if not k.startswith("_cython_"))
+out["unexpected_imports"] = sorted(set(out["imported_outside_stdlib"]) - allowed)
+out["runtime_file"] = rt.__file__
 with open(out_path, "w", encoding="utf-8") as fh:
     json.dump(out, fh, indent=1)
 print(f"python {out['python']}, numpy {out['numpy']}, onnxruntime {out['onnxruntime']}; "
       f"providers available: {', '.join(out['providers_available'])}")
-for v, r in out["variants"].items():
-    extra = "" if ref is None else f", max |image - goldens ref| {r['max_abs_vs_goldens_ref_per_image']:.5f}"
-    d = r.get("delta_vs_recorded")
-    print(f"  {v:12s} {r['mean_bits']:.5f} bits/dim on {', '.join(r['providers'])}"
-          + ("" if d is None else f" (vs recorded {d:+.2e})") + extra)
+for name, r in out["candidates"].items():
+    print(f"  {name:20s} {r['bits']:.5f} bits/dim on {', '.join(r['providers'])} (PyTorch reference "
+          f"{r['expected_bits']:.5f}, tolerance {r['tolerance']:.4f}: {r['verdict']}), max |image - reference| "
+          f"{r['max_abs_diff_per_image']:.5f}")
 print("imported outside the stdlib: " + ", ".join(out["imported_outside_stdlib"]))
 print(f"runtime imported from {out['runtime_file']}")
-if not out["runtime_installed_in_venv"]:
-    print("the runtime was NOT imported from the venv's installed wheel")
-    sys.exit(1)
-if out["unexpected_imports"]:
-    print("UNEXPECTED imports: " + ", ".join(out["unexpected_imports"]))
-    sys.exit(1)
+if not rt.__file__.startswith(sys.prefix):
+    sys.exit("the runtime was NOT imported from the venv's installed wheel")
+if out["unexpected_imports"] or not all(r["passed"] for r in out["candidates"].values()):
+    sys.exit("UNEXPECTED imports: " + ", ".join(out["unexpected_imports"]) if out["unexpected_imports"]
+             else "a candidate failed validation against the PyTorch reference")
 PY
 
 # Results: "stage|check|status|note" lines.
@@ -184,17 +169,17 @@ record() {  # stage check rc [note]; rc 0 = ok
 # run_checks STAGE RUNNER BUNDLE_PATH WORK_DIR(for the runner) HOST_WORK_DIR
 #   RUNNER: a function that runs "python ARGS..." in the stand-in, cwd = an empty folder.
 run_checks() {
-    local stage=$1 runner=$2 b=$3 wd=$4 hwd=$5 rc v variants
-    variants=$(python_json_keys "$BUNDLE/manifest.json" graphs)
+    local stage=$1 runner=$2 b=$3 wd=$4 hwd=$5 rc c candidates
+    candidates=$(python_json_keys "$BUNDLE/manifest.json" candidates)
     say "[$stage] python -m projectable_edge_runtime info"
     $runner -m projectable_edge_runtime info "$b"; record "$stage" info $?
     say "[$stage] python -m projectable_edge_runtime info (relative bundle path)"
     RELATIVE=1 $runner -m projectable_edge_runtime info "$(basename "$b")" >/dev/null; record "$stage" "info (relative path)" $?
-    for v in $variants; do
-        say "[$stage] python -m projectable_edge_runtime validate --precision $v"
-        $runner -m projectable_edge_runtime validate "$b" --precision "$v"; record "$stage" "validate $v" $?
+    for c in $candidates; do
+        say "[$stage] python -m projectable_edge_runtime validate --candidate $c"
+        $runner -m projectable_edge_runtime validate "$b" --candidate "$c"; record "$stage" "validate $c" $?
     done
-    say "[$stage] python -m projectable_edge_runtime validate (the target's selected variant)"
+    say "[$stage] python -m projectable_edge_runtime validate (the target's selected candidate)"
     $runner -m projectable_edge_runtime validate "$b"; record "$stage" "validate (selected)" $?
     say "[$stage] python -m projectable_edge_runtime score (the goldens as .npy)"
     $runner -c "import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1] + '/goldens.npz')['tokens'])" \
@@ -213,7 +198,7 @@ run_checks() {
     else
         record "$stage" benchmark $rc "$BENCH_NOTE"
     fi
-    say "[$stage] every variant on the goldens + import check"
+    say "[$stage] every candidate on the goldens + import check"
     $runner "$wd/check_helper.py" "$b" "$wd/scores.json"; record "$stage" "scores + imports" $?
 }
 
@@ -322,7 +307,11 @@ print(f"{ok}/{len(rows)} goldens of task {task} classified as {task}")' "$wd/cla
         RESULTS+=("$stage|app: classify|skip|needs --also BUNDLE")
     fi
 
-    say "[$stage] serve: python -m projectable_edge_runtime serve --port 0, then a client round trip"
+    say "[$stage] serve: pip install '$(basename "$WHEEL")[serve]' (from the index unless already there)"
+    "$PY310_VENV/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL[serve]" \
+        && "$PY310_VENV/bin/python" -m pip check && "$PY310_VENV/bin/python" -m pip list 2>/dev/null | grep -i '^waitress '
+    record "$stage" "install wheel[serve]" $? "pip install '...whl[serve]' + pip check"
+    say "[$stage] serve: python -m projectable_edge_runtime serve --port 0 --json, then a client round trip"
     (cd "$wd" && exec "$PY310_VENV/bin/python" -m projectable_edge_runtime serve "$BUNDLE" --port 0 --json \
         > "$wd/serve.out" 2> "$wd/serve.err") &
     pid=$!
@@ -337,7 +326,10 @@ print(f"{ok}/{len(rows)} goldens of task {task} classified as {task}")' "$wd/cla
         head -n 1 "$wd/serve.out"
         $runner "$wd/apps/client.py" "http://127.0.0.1:$port" roundtrip "$wd/goldens_tokens.npy"; rc=$?
         kill -TERM $pid 2>/dev/null; wait $pid; [ $? = 0 ] || rc=1
-        tail -n +2 "$wd/serve.out" | tr -d '\n' | cut -c 1-200; echo
+        tail -n +2 "$wd/serve.out" | cut -c 1-200
+        # --json: stdout is JSON Lines, a "serving" event then a "stopped" one
+        $runner -c 'import json, sys; ev = [json.loads(l)["event"] for l in open(sys.argv[1])]
+sys.exit(None if ev == ["serving", "stopped"] else f"serve --json events: {ev}")' "$wd/serve.out" || rc=1
     else
         echo "the server did not start:"; cat "$wd/serve.out" "$wd/serve.err"; kill $pid 2>/dev/null; rc=1
     fi
@@ -472,11 +464,11 @@ if [ -f "$WORK/py310/cwd/scores.json" ] && [ -f "$WORK/aarch64/scores.json" ]; t
 import json, sys
 a, b = (json.load(open(p)) for p in sys.argv[1:3])
 worst = 0.0
-for v in sorted(set(a["variants"]) & set(b["variants"])):
-    d = max(abs(x - y) for x, y in zip(a["variants"][v]["per_image"], b["variants"][v]["per_image"]))
-    m = abs(a["variants"][v]["mean_bits"] - b["variants"][v]["mean_bits"])
+for c in sorted(set(a["candidates"]) & set(b["candidates"])):
+    x, y = a["candidates"][c], b["candidates"][c]
+    d = max(abs(p - q) for p, q in zip(x["bits_per_image"], y["bits_per_image"]))
     worst = max(worst, d)
-    print(f"  {v:12s} max per-image |diff| {d:.2e}, mean |diff| {m:.2e} bits/dim")
+    print(f"  {c:20s} max per-image |diff| {d:.2e}, mean |diff| {abs(x['bits'] - y['bits']):.2e} bits/dim")
 print(f"  largest per-image difference: {worst:.2e} bits/dim")
 PY
 fi
@@ -484,7 +476,7 @@ fi
 say "summary ($((SECONDS - T_ALL)) s)"
 for r in "${RESULTS[@]}"; do
     IFS='|' read -r stage check st note <<<"$r"
-    printf '  %-8s %-22s %-4s %s\n' "$stage" "$check" "$st" "$note"
+    printf '  %-8s %-28s %-4s %s\n' "$stage" "$check" "$st" "$note"
 done
 [ "$DO_AARCH64" = 1 ] && echo "  (aarch64 ran under qemu emulation: its latencies are not device latencies)"
 if [ "$FAILED" = 0 ]; then echo "device-check: PASS"; exit 0; fi

@@ -39,59 +39,67 @@ def _variant_graph(graphs: dict, variant: str, graph: str) -> Path:
     return graphs["score" if graph == "scoring" else "decode"]
 
 
-def _measured(bundle: Path, entries: dict, graphs: dict, ref: float) -> dict:
-    """Each variant's bits/dim on the goldens, as generate records it."""
+def _measured(bundle: Path, rel: str, goldens: np.ndarray) -> float:
+    """A graph's bits/dim on the goldens, as generate records it."""
     from projectable_edge_runtime.runners import OrtRunner
     from projectable_edge_runtime.scoring import score_tokens
 
-    out = {}
-    for v, e in entries.items():
-        bits = float(score_tokens(OrtRunner(bundle / e["score"]), graphs["goldens"]).mean())
-        out[v] = {"bits": bits, "delta": bits - ref}
-    return out
+    return float(score_tokens(OrtRunner(bundle / rel), goldens).mean())
 
 
 def build_rt_bundle(dest: Path, graphs: dict, target: str = "x86-64-cpu", variants=("fp32", "int8-static"),
                     selected: str = "fp32", engine: dict | None = None, extra_files: dict | None = None,
                     decode: bool = True, overwrite: bool = False, budgets: dict | None = None,
-                    task: dict | None = None) -> Path:
-    """Write a bundle with the runtime's own writer (staged_bundle + write_manifest).
+                    task: dict | None = None, recorded: dict | None = None, ref_shift: float = 0.0,
+                    files: dict | None = None) -> Path:
+    """Write a bundle with the runtime's own writer (staged_bundle + write_manifest of a typed Manifest).
 
-    Every variant holds the graphs the exporter wrote for it (tests/tiny_models.py); bits and
-    tolerances recorded in the manifest are measured, so validation means something.
+    Every variant holds the graphs the exporter wrote for it (tests/tiny_models.py); the bits recorded in the
+    manifest are measured (or `recorded`: {variant: bits}), the reference is the PyTorch model's (shifted by
+    `ref_shift` bits/dim), so validation means something. Candidates are named 16x2/VARIANT. `files`:
+    {variant: (scoring graph, decode graph)} to ship other graphs under a variant's name.
     """
+    import dataclasses
+
+    from projectable_edge_runtime.devices import variants as registry
     from projectable_edge_runtime.devices.profiles import load_profile
-    from projectable_edge_runtime.manifest import staged_bundle, write_manifest
+    from projectable_edge_runtime.manifest import (SCHEMA_VERSION, Accuracy, Candidate, Engine, EngineStatus, Graphs,
+                                                   Manifest, ModelFacts, Selection, Task, decode as parse_as,
+                                                   staged_bundle, write_manifest)
+    from projectable_edge_runtime.requirements import requires_for
+    from projectable_edge_runtime.tokenizer import TokenizerSpec
 
     cfg = graphs["cfg"]
-    ref = float(graphs["ref_bits"].mean())
-    profile = load_profile(target).to_dict()
-    profile["budgets"].update(budgets or {})
+    ref_bits = graphs["ref_bits"] + ref_shift
+    ref = float(ref_bits.mean())
+    profile = load_profile(target)
+    profile = dataclasses.replace(profile, budgets=dataclasses.replace(profile.budgets, **(budgets or {})))
+    facts = ModelFacts(cfg["n_layer"], cfg["n_head"], cfg["d_attn"] // cfg["n_head"], cfg["vocab_size"],
+                       cfg["block_size"], cfg["vocab_size"], cfg["d_model"], 1000)
     with staged_bundle(dest, overwrite=overwrite) as tmp:
-        entries = {}
+        cands = {}
         for v in variants:
             (tmp / "graphs" / v).mkdir(parents=True)
-            shutil.copyfile(_variant_graph(graphs, v, "scoring"), tmp / "graphs" / v / "score.onnx")
+            src = (files or {}).get(v) or (_variant_graph(graphs, v, "scoring"), _variant_graph(graphs, v, "decode"))
+            shutil.copyfile(src[0], tmp / "graphs" / v / "score.onnx")
             if decode:
-                shutil.copyfile(_variant_graph(graphs, v, "decode"), tmp / "graphs" / v / "decode.onnx")
-            entries[v] = {"score": f"graphs/{v}/score.onnx", "decode": f"graphs/{v}/decode.onnx" if decode else None}
-        np.savez(tmp / "goldens.npz", tokens=graphs["goldens"], ref_bits=graphs["ref_bits"])
-        for rel, data in (extra_files or {}).items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
-        write_manifest(tmp, {
-            "task": task or {"name": "tiny-task", "index": 3},
-            "target": profile,
-            "tokenizer": {"height": 8, "width": 8, "channels": 1, "levels": cfg["vocab_size"]},
-            "model": {"n_layer": cfg["n_layer"], "n_head": cfg["n_head"], "head_dim": cfg["d_attn"] // cfg["n_head"],
-                      "vocab_size": cfg["vocab_size"], "block_size": cfg["block_size"], "bos_id": cfg["vocab_size"]},
-            "io": {},
-            "graphs": entries,
-            "selected": selected,
-            "engine": engine or {"status": "not-applicable"},
-            "accuracy": {"reference_bits": ref, "tolerance": 0.01, "variants": _measured(tmp, entries, graphs, ref)},
-            "latency_host": {}, "tools": {"onnxruntime": "test"}, "provenance": {"source": "tests/conftest.py"},
-        })
+                shutil.copyfile(src[1], tmp / "graphs" / v / "decode.onnx")
+            g = Graphs(f"graphs/{v}/score.onnx", f"graphs/{v}/decode.onnx" if decode else None)
+            bits = (recorded or {}).get(v, _measured(tmp, g.score, graphs["goldens"]))
+            rel = registry.get(v).tolerance_rel if v in registry.VARIANTS else registry.DEVICE_DRIFT_REL
+            acc = Accuracy(reference_bits=ref, tolerance=rel * ref, tolerance_rel=rel, within_budget=True, bits=bits,
+                           passed=abs(bits - ref) <= rel * ref, vs_fp32=0.0)
+            cands[f"16x2/{v}"] = Candidate("16x2", v, True, "projected", facts, g, "goldens.npz", acc)
+        np.savez(tmp / "goldens.npz", tokens=graphs["goldens"], ref_bits=ref_bits)
+        for rel_path, data in (extra_files or {}).items():
+            (tmp / rel_path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel_path).write_bytes(data)
+        write_manifest(tmp, Manifest(
+            schema_version=SCHEMA_VERSION, task=Task(**(task or {"name": "tiny-task", "index": 3})), target=profile,
+            tokenizer=TokenizerSpec(8, 8, 1, cfg["vocab_size"]), candidates=cands, selected=f"16x2/{selected}",
+            selection=Selection("tests/conftest.py", "chosen by the test", {}),
+            engine=parse_as(Engine, {"reason": "tests", **engine}, "engine") if engine else Engine(EngineStatus.NOT_APPLICABLE, "tests"),
+            requires=requires_for(), task_test_bits={"projected": ref}, provenance={"source": "tests/conftest.py"}))
     return dest
 
 

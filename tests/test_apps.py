@@ -1,4 +1,4 @@
-"""Issue 13: the example apps (examples/anomaly, examples/classify) on real bundles, torch-free.
+"""The example apps (examples/anomaly, examples/classify) on real bundles, torch-free.
 
 Two tiny bundles: `bars` (a model trained on synthetic bar images) and the runtime tests' bundle
 (`tiny-task`, a random peaked model). Numbers asserted here are measured by the apps themselves.

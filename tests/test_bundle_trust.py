@@ -1,4 +1,4 @@
-"""Trusting a bundle (issue 8): the manifest's digest and optional signature, strict loading (no
+"""Trusting a bundle: the manifest's digest and optional signature, strict loading (no
 symlinks, no unlisted files, optional files), device-built TensorRT engines with their own record,
 TensorRT shapes from the model, batch splitting, and the manifest's JSON Schema."""
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import projectable_edge_runtime as runtime
 from projectable_edge_runtime import engine_record, trt_runner
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.manifest import MANIFEST_NAME, load_schema, read_manifest, seal, write_manifest
+from projectable_edge_runtime.manifest import MANIFEST_NAME, json_schema, read_manifest, seal, write_manifest
 from projectable_edge_runtime.runners import OrtRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +42,9 @@ def _rewrite(bundle: Path, optional=(), sign_key=None) -> dict:
 
 
 @pytest.mark.parametrize("edit", [
-    lambda m: m["model"].update(bos_id=99),
-    lambda m: m["accuracy"].update(tolerance=10.0),
-    lambda m: m["accuracy"]["variants"]["fp32"].update(bits=0.5),
+    lambda m: m["candidates"]["16x2/fp32"]["model"].update(bos_id=99),
+    lambda m: m["candidates"]["16x2/fp32"]["accuracy"].update(tolerance=10.0),
+    lambda m: m["candidates"]["16x2/fp32"]["accuracy"].update(reference_bits=0.5),
     lambda m: m["task"].update(name="other"),
     lambda m: m.update(extra_field=1),
 ], ids=["bos_id", "tolerance", "accuracy", "task", "added-field"])
@@ -109,7 +108,7 @@ def test_signed_bundle_loads_with_its_key_and_only_with_it(rt_bundle_copy, keys,
 
     # an edit + a recomputed digest (the attacker has no key) still fails the signature
     m = _raw(rt_bundle_copy)
-    m["model"]["bos_id"] = 3
+    m["candidates"]["16x2/fp32"]["model"]["bos_id"] = 3
     sig = m["integrity"]["signature"]
     m = seal(m)
     m["integrity"]["signature"] = sig
@@ -169,7 +168,7 @@ def test_optional_files_may_be_absent(rt_graphs, rt_build, tmp_path):
         runtime.load(b)
     (b / "samples.png").write_bytes(b"png")
     m = _rewrite(b, optional=("samples.png", "report.md"))
-    assert m["files"]["samples.png"]["optional"] is True and "optional" not in m["files"]["goldens.npz"]
+    assert m.files["samples.png"].optional is True and m.files["goldens.npz"].optional is False
     (b / "samples.png").unlink()
     (b / "report.md").unlink()
     runtime.load(b).score(np.zeros((1, 64), np.int64))  # slimmed bundle still loads
@@ -215,7 +214,7 @@ def _stub_device_build(b: Path, version: str) -> None:
 
 def test_device_built_engine_with_another_tensorrt_version_is_accepted(rt_graphs, rt_build, tmp_path, monkeypatch):
     b = _deferred_jetson_bundle(rt_build, rt_graphs, tmp_path / "b")
-    assert read_manifest(b)["target"]["software"]["tensorrt"] == "10.3"
+    assert read_manifest(b).target.software["tensorrt"] == "10.3"
     _stub_device_build(b, "10.7.0")  # the device has TensorRT 10.7, the profile said 10.3
     rec = json.loads((b / "engine/score.plan.record.json").read_text())
     assert rec["tensorrt_version"] == "10.7.0" and rec["test_inference"]["passed"]
@@ -292,11 +291,11 @@ def test_sample_refuses_bad_n_and_seed(rt_bundle, kw, match):
 def test_schema_ships_with_the_runtime_and_accepts_test_bundles(rt_bundle):
     import jsonschema
 
-    schema = load_schema()
+    schema = json_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(_raw(rt_bundle), schema)
     bad = _raw(rt_bundle)
-    bad["model"]["bos_id"] = "99"
+    bad["candidates"]["16x2/fp32"]["model"]["bos_id"] = "99"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
     bad = _raw(rt_bundle)
@@ -342,9 +341,70 @@ def test_out_in_an_unwritable_folder_is_one_clear_error(command, tmp_path, monke
     assert res.exit_code == 2 and re.search(r"not\s*a\s*folder", res.output)
 
 
-def test_every_schema_field_is_documented():
+def test_the_field_tables_of_the_docs_are_the_format_itself():
+    """docs/manifest.md's tables are generated from the dataclasses, which also give the schema and the checks."""
     doc = (ROOT / "docs" / "manifest.md").read_text()
-    schema = load_schema()
-    missing = [k for k in schema["properties"] if f"`{k}`" not in doc]
-    missing += [f"engine.{k}" for k in schema["properties"]["engine"]["properties"] if f"`{k}`" not in doc]
-    assert not missing, f"document these manifest fields in docs/manifest.md: {missing}"
+    assert field_tables() in doc, ("docs/manifest.md is out of date: replace its field tables with the output of "
+                                   "`python -c 'import sys; sys.path.insert(0, \"tests\"); import test_bundle_trust as t; "
+                                   "print(t.field_tables())'`")
+    schema = json_schema()
+    assert all(p["description"] for p in schema["properties"].values())
+    assert "`selected`" in doc and "`reference_bits`" in doc and "`tolerance`" in doc
+
+
+def test_the_device_cli_prints_the_schema(capsys):
+    from projectable_edge_runtime.__main__ import main
+
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == json_schema()
+
+
+# ----------------------------------------------------------------------------- docs/manifest.md, generated
+
+
+def _type_name(tp) -> str:
+    import dataclasses
+    import typing
+    from enum import Enum
+
+    from projectable_edge_runtime.manifest import _optional, _unwrap
+
+    tp, tag = _unwrap(tp)
+    if (inner := _optional(tp)) is not None:
+        return f"{_type_name(inner)} or null"
+    if dataclasses.is_dataclass(tp):
+        return f"object ({tp.__name__})"
+    if typing.get_origin(tp) is dict:
+        return f"{{string: {_type_name(typing.get_args(tp)[1])}}}"
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return " / ".join(f"`{m.value}`" for m in tp)
+    words = {int: "integer", str: "string", float: "number", bool: "boolean", dict: "object"}
+    return {"positive": "positive integer", "relpath": "path in the bundle"}.get(tag) or words.get(tp, "any")
+
+
+def field_tables() -> str:
+    """docs/manifest.md's field tables, one per dataclass of the format, from the fields' own docs."""
+    import dataclasses
+    import typing
+
+    from projectable_edge_runtime.manifest import Manifest, _fields, _hints, _unwrap
+
+    def nested(tp) -> list:
+        tp = _unwrap(tp)[0]
+        return [tp] if dataclasses.is_dataclass(tp) else [t for a in typing.get_args(tp) for t in nested(a)]
+
+    out, seen, todo = [], set(), [Manifest]
+    while todo:
+        cls = todo.pop(0)
+        if cls in seen:
+            continue
+        seen.add(cls)
+        hints = _hints(cls)
+        out += [f"### `{cls.__name__}`", "", "| field | type | meaning |", "|---|---|---|"]
+        for f in _fields(cls):
+            out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {f.metadata.get('doc', '')} |")
+            todo += [t for t in nested(hints[f.name]) if t not in seen]
+        out.append("")
+    return "\n".join(out)

@@ -12,10 +12,10 @@ from onnx import TensorProto, helper
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.compile import compile_for_target
 from projectable_edge.exporters.onnx_io import sha256_file
-from projectable_edge.exporters.ort_compile import compile_onnxruntime
+from projectable_edge.exporters.ort_compile import compile_onnxruntime, ort_decode_graph
 from projectable_edge.exporters.tensorrt import TensorRTSettings, compile_tensorrt
 from projectable_edge_runtime.runners import ort_session
-from tiny_models import TINY, tiny_export, tiny_variant
+from tiny_models import TINY, peaked_export, sample_graph, tiny_export, tiny_variant
 from projectable_edge.exporters.trt_check import check_tensorrt_compat
 
 try:
@@ -144,6 +144,56 @@ def test_onnxruntime_compile_writes_loadable_optimized_and_ort_format(tmp_path, 
         got = ort_session(artifact).run(None, {"tokens": x})[0]
         np.testing.assert_allclose(got, ort_session(src).run(None, {"tokens": x})[0], atol=1e-4)
     assert rep["files"][f"{graph}.ort"]["sha256"] == sha256_file(artifact)
+
+
+def _kernels(path, tmp_path) -> dict:
+    """{op_type: count} of a graph after ONNX Runtime's own optimizations (what a session runs)."""
+    ort_session(path, threads=1, save_optimized=tmp_path / "k.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "k.onnx")).graph.node]
+    return {op: ops.count(op) for op in set(ops)}
+
+
+@pytest.mark.parametrize("which", ["tiny", "peaked"])
+def test_onnxruntime_decode_graph_is_rebuilt_with_contrib_kernels(tmp_path, ex, which):
+    """An ONNX Runtime target's decode graph: one Attention kernel per layer, about half the kernels, the same
+    I/O and outputs for any batch and past length, and the same sampled tokens as the scoring graph."""
+    src = ex if which == "tiny" else peaked_export()
+    _, rep = compile_onnxruntime(src.decode, None, tmp_path / "ort")
+    assert rep["fusion"]["applied"], rep["fusion"]
+    opt = tmp_path / "ort" / "decode.optimized.onnx"
+    fused, plain = _kernels(opt, tmp_path), _kernels(src.decode, tmp_path)
+    assert fused.get("Attention") == TINY.n_layer and "Softmax" not in fused and "LayerNormalization" not in fused
+    # 8 per layer + 10 (embedding, cache plumbing, head) against about 25 per layer for the standard-op graph
+    assert sum(fused.values()) <= 8 * TINY.n_layer + 10 < 0.55 * sum(plain.values()), (fused, plain)
+    a, b = ort_session(src.decode, threads=1), ort_session(opt, threads=1)
+    assert [i.name for i in a.get_inputs()] == [i.name for i in b.get_inputs()]
+    assert [o.name for o in a.get_outputs()] == [o.name for o in b.get_outputs()]
+    rng = np.random.default_rng(1)
+    for batch, past in ((1, 0), (2, 1), (3, TINY.block_size - 1)):
+        cache = rng.standard_normal((TINY.n_layer, batch, TINY.n_head, past, TINY.head_dim)).astype(np.float32)
+        feed = {"token": rng.integers(0, TINY.vocab_size + 1, (batch, 1)), "past_keys": cache,
+                "past_values": -cache}
+        for want, got in zip(a.run(None, feed), b.run(None, feed)):
+            assert want.shape == got.shape
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+    for seed, temperature in ((0, 0.0), (3, 1.0)):
+        np.testing.assert_array_equal(sample_graph(opt, 3, seed, temperature), sample_graph(src.scoring, 3, seed,
+                                                                                             temperature))
+
+
+def test_onnxruntime_compile_leaves_other_graphs_to_onnxruntime(tmp_path, ex):
+    """Only the exporter's fp32 decode graph is rebuilt: quantized graphs and scoring graphs are optimized as they
+    are, and the compile report says why."""
+    for src, reason in ((tiny_variant("decode", "int8-static")[0], "structure"),
+                        (tiny_variant("decode", "fp16")[0], "fp32"), (ex.scoring, "scoring")):
+        _, rep = compile_onnxruntime(src, None, tmp_path / src.stem)
+        assert not rep["fusion"]["applied"] and reason in rep["fusion"]["reason"], rep["fusion"]
+        assert "com.microsoft::Attention" not in rep["op_types"]
+    _, rep = compile_onnxruntime(ex.decode, {"fuse_decode": False}, tmp_path / "off")
+    assert not rep["fusion"]["applied"]
+    model = onnx.load(str(ex.decode))
+    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "Softmax"))
+    assert ort_decode_graph(model)[0] is None  # not the exporter's structure: no rebuilt graph
 
 
 def test_compile_errors(tmp_path, ex):

@@ -1,4 +1,4 @@
-"""Issue 7: the runtime installs and runs where users are (Python 3.10, any folder, any user, old ORT)."""
+"""The runtime installs and runs where users are (Python 3.10, any folder, any user, old ORT)."""
 from __future__ import annotations
 
 import hashlib
@@ -69,15 +69,18 @@ def test_onnxruntime_below_minimum_is_one_clear_error(rt_bundle, monkeypatch, ca
 
 
 def test_manifest_requires_is_checked_and_never_below_the_floor(tmp_path):
-    m = {"requires": {"onnxruntime": ">=1.22.0", "python": ">=3.10"}}
+    import dataclasses
+
+    floor = requirements.requires_for()
+    m = dataclasses.replace(floor, onnxruntime=">=1.22.0")
     with pytest.raises(ProjectableEdgeError, match=r"needs onnxruntime >= 1\.22\.0 .*installed: onnxruntime 1\.21\.1"):
         requirements.check_requirements(tmp_path, m, ort_version="1.21.1")
     requirements.check_requirements(tmp_path, m, ort_version="1.22.0")
     with pytest.raises(ProjectableEdgeError, match=r">= 1\.19\.0"):  # an older floor never lowers the runtime's
-        requirements.check_requirements(tmp_path, {"requires": {"onnxruntime": ">=1.10"}}, ort_version="1.18.0")
+        requirements.check_requirements(tmp_path, dataclasses.replace(floor, onnxruntime=">=1.10"), ort_version="1.18.0")
     with pytest.raises(ProjectableEdgeError, match="expected '>=X.Y.Z'"):
-        requirements.check_requirements(tmp_path, {"requires": {"onnxruntime": "~=1.19"}}, ort_version="1.19.0")
-    requirements.check_requirements(tmp_path, {}, ort_version="1.19.0")  # bundles without the field
+        requirements.check_requirements(tmp_path, dataclasses.replace(floor, onnxruntime="~=1.19"), ort_version="1.19.0")
+    requirements.check_requirements(tmp_path, floor, ort_version="1.19.0")
 
 
 # ---------------------------------------------------------------------------- TOML only on the host
@@ -252,7 +255,7 @@ def test_device_check_python310_stand_in(cwd_bundle):
     assert "device-check: PASS" in out
     assert "imported outside the stdlib: numpy, onnxruntime, projectable_edge_runtime" in out
     assert "python 3.10." in out and "onnxruntime 1.19.0" in out
-    # the example apps as deployed (issue 13): anomaly app and a serve round trip in the stand-in
+    # the example apps as deployed: anomaly app and a serve round trip in the stand-in
     for check in ("app: anomaly", "app: serve round trip"):
         assert re.search(rf"py310\s+{check}\s+ok", out), check
     print(f"device-check --py310 took {time.perf_counter() - t0:.1f}s")
@@ -272,16 +275,22 @@ def test_installed_import_names_are_unique():
     assert runtime.ProjectableEdgeError is __import__("projectable_edge").ProjectableEdgeError
 
 
-def test_runtime_wheel_is_reproducible(tmp_path):
+def test_runtime_wheel_is_reproducible_and_cached(tmp_path):
     from projectable_edge.pipeline import wheel
+    from projectable_edge.pipeline.cache import StepCache
 
-    digests = []
-    for i in range(2):
-        wheel._memo.clear()
+    digests, logs = [], []
+    for i in range(2):  # built twice without a cache: the same bytes
         (tmp_path / str(i)).mkdir()
-        info = wheel.write_runtime_wheel(tmp_path / str(i), lambda m: None)
-        digests.append(hashlib.sha256((tmp_path / str(i) / info["path"]).read_bytes()).hexdigest())
-    assert digests[0] == digests[1]
+        info = wheel.write_runtime_wheel(tmp_path / str(i), StepCache(None), logs.append)
+        digests.append(hashlib.sha256((tmp_path / str(i) / info.path).read_bytes()).hexdigest())
+    assert digests[0] == digests[1] and len(logs) == 2
+    cache = StepCache(tmp_path / "cache")
+    for i in (2, 3):  # with a cache: built once, then copied
+        (tmp_path / str(i)).mkdir()
+        info = wheel.write_runtime_wheel(tmp_path / str(i), cache, logs.append)
+        assert hashlib.sha256((tmp_path / str(i) / info.path).read_bytes()).hexdigest() == digests[0]
+    assert len(logs) == 3 and cache.hits == ["wheel"]
 
 
 def test_host_command_without_its_dependencies_is_one_line():

@@ -1,7 +1,9 @@
-"""`generate` end to end on a tiny run, its step cache, and the bundle commands of the CLI."""
+"""`generate` end to end on a tiny run (one pass, references that do not come from the thing checked), its
+step cache, its selection rule, and the bundle commands of the CLI."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,6 @@ from projectable_edge.pipeline import GenerateSettings, generate
 from projectable_edge_runtime.manifest import sha256_file
 
 cli = CliRunner()
-pytestmark = pytest.mark.slow  # end to end: a trained run, exports, quantization, subprocess benchmarks
 
 
 @pytest.fixture(scope="module")
@@ -26,41 +27,52 @@ def jetson_bundle(tiny_run, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_jetson_bundle_is_complete_and_honest(jetson_bundle):
-    m = json.loads((jetson_bundle / "manifest.json").read_text())
-    assert m["task"] == {"name": "3", "index": 3}
-    assert m["target"]["name"] == "jetson-orin-nano"
+    m = runtime.read_manifest(jetson_bundle)
+    assert (m.task.name, m.task.index) == ("3", 3) and m.target.name == "jetson-orin-nano"
     on_disk = {p.relative_to(jetson_bundle).as_posix() for p in jetson_bundle.rglob("*")
                if p.is_file() and p.name != "manifest.json"}
-    assert set(m["files"]) == on_disk  # every file listed...
-    for rel, info in m["files"].items():  # ...with its real hash and size
-        assert info["sha256"] == sha256_file(jetson_bundle / rel)
-        assert info["bytes"] == (jetson_bundle / rel).stat().st_size
-    # every precision the profile asks for was built and measured against fp32 and PyTorch
-    assert set(m["graphs"]) == {"fp32", "fp16", "int8-static"}
-    acc = m["accuracy"]["variants"]
-    assert abs(acc["fp16"]["bits"] - acc["fp32"]["bits"]) / acc["fp32"]["bits"] < 0.005
-    assert abs(acc["int8-static"]["bits"] - acc["fp32"]["bits"]) / acc["fp32"]["bits"] < 0.03
-    assert abs(acc["fp32"]["bits"] - m["accuracy"]["reference_bits"]) < 1e-4
-    assert m["selected"] == "int8-static"  # the profile's first choice, within budget
+    assert set(m.files) == on_disk  # every file listed...
+    for rel, info in m.files.items():  # ...with its real hash and size
+        assert info.sha256 == sha256_file(jetson_bundle / rel) and info.bytes == (jetson_bundle / rel).stat().st_size
+    assert not list(jetson_bundle.rglob("engine*/*.onnx"))  # the selected graph ships once, not again in engine/
+    # every precision the profile asks for was built, checked against PyTorch and timed (one protocol)
+    cands = m.candidates
+    assert list(cands) == ["16x2/int8-static", "16x2/fp16", "16x2/fp32"]  # the target's preference order
+    for c in cands.values():
+        a = c.accuracy
+        assert a.passed and abs(a.bits - a.reference_bits) <= a.tolerance
+        assert 0 < c.latency_host.p50_ms <= c.latency_host.p99_ms and c.latency_host.peak_rss_mb > 0
+        assert {"score_batch1", "score_batch16", "sample_full_image"} <= set(c.latency_host.results)
+    assert abs(cands["16x2/fp32"].accuracy.bits - cands["16x2/fp32"].accuracy.reference_bits) < 1e-4
+    with np.load(jetson_bundle / "goldens.npz") as z:  # the reference is the PyTorch model's, per image
+        assert z["ref_bits"].mean() == pytest.approx(cands["16x2/fp32"].accuracy.reference_bits)
+    from projectable_edge.exporters.onnx_io import tokens_sha256
+
+    with np.load(jetson_bundle / "goldens.npz") as z:  # quantization never saw the goldens (test split)
+        assert cands["16x2/int8-static"].accuracy.quantization["score"]["validation_sha256"] != tokens_sha256(z["tokens"])
+    assert m.provenance["splits"] == {"goldens": "test", "n_goldens": m.provenance["splits"]["n_goldens"],
+                                      "quantization_and_parity": "val",
+                                      "n_validation": m.provenance["splits"]["n_validation"]}
+    assert m.selected == "16x2/int8-static"  # the profile's first choice, within budget
+    assert "not the target" in m.selection.rule  # TensorRT on a Jetson: host timings pass nothing over
     # TensorRT: deferred here, with the exact command, and said so
-    assert m["engine"]["status"] == "deferred"
+    assert m.engine.status == "deferred" and m.engine.variant == "int8-static"
     script = (jetson_bundle / "engine" / "build_engine.sh").read_text()
-    assert m["engine"]["typing"] == "strong" and "--int8" not in script  # QDQ graph, TensorRT 10.3
+    assert m.engine.typing == "strong" and "--int8" not in script  # QDQ graph, TensorRT 10.3
     for flag in ("--stronglyTyped", "--minShapes=tokens:1x1", "--maxShapes=tokens:32x64",
-                 "--memPoolSize=workspace:1024M"):
+                 "--memPoolSize=workspace:1024M", "--onnx=../int8-static/scoring.onnx"):
         assert flag in script, flag
     assert "--useDLACore" not in script  # the Orin Nano has no DLA
-    assert any("TensorRT" in s for s in m["exercised"]["not_done"])
-    # host latency of every variant, percentiles in order
-    for v in m["graphs"]:
-        s = m["latency_host"][v]["score_batch1"]
-        assert 0 < s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
-    assert m["provenance"]["source_weights_sha256"]
+    assert any("TensorRT" in s for s in m.exercised.not_done)
+    assert m.provenance["source_weights_sha256"] == sha256_file(Path(m.provenance["source_run"]) / "model.safetensors")
+    assert set(m.task_test_bits) == {"projected"}  # no baseline role unless --references
     report = (jetson_bundle / "report.md").read_text()
-    assert "deferred" in report and "int8-static" in report
+    assert "deferred" in report and "int8-static" in report and (jetson_bundle / "samples.png").is_file()
 
 
+@pytest.mark.slow
 def test_runtime_validates_and_samples_the_bundle(jetson_bundle):
     with runtime.load(jetson_bundle) as model:
         assert model.variant == "int8-static"
@@ -71,15 +83,80 @@ def test_runtime_validates_and_samples_the_bundle(jetson_bundle):
         assert np.all(bits > 0) and np.all(bits < math.log2(17) + 1)
 
 
+@pytest.mark.slow
 def test_x86_bundle_uses_onnxruntime_and_ort_format(tiny_run, tmp_path):
     path, m = generate(GenerateSettings(task="7", target="x86-64-cpu", source=str(tiny_run),
                                         out=str(tmp_path / "b"), bench_runs=5, samples=2), log=lambda _: None)
-    assert m["engine"]["status"] == "not-applicable"
-    assert m["selected"] == "fp32"
-    assert any(f.endswith(".ort") for f in m["files"])
+    assert m.engine.status == "not-applicable" and m.candidates[m.selected].variant == "fp32"
+    assert "this host is the target" in m.selection.rule
+    assert any(f.endswith(".ort") for f in m.files)
     assert not (path / "build_engine.sh").exists()
 
 
+def _measured(variant: str, p50: float, passed: bool = True, within: bool = True):
+    from projectable_edge_runtime.manifest import Accuracy, Candidate, Graphs, HostLatency, ModelFacts
+
+    acc = Accuracy(reference_bits=2.0, tolerance=0.02, tolerance_rel=0.01, within_budget=within,
+                   bits=2.0 if passed else 2.5, passed=passed, vs_fp32=0.0)
+    return Candidate("16x2", variant, True, "projected", ModelFacts(2, 2, 8, 17, 64, 17, 16, 100),
+                     Graphs(f"{variant}/s.onnx", None), "goldens.npz", acc,
+                     latency_host=HostLatency(p50, p50 * 2, 50.0, {}))
+
+
+def test_selection_passes_over_a_variant_slower_than_fp32_only_where_the_host_is_the_target(tmp_path):
+    from projectable_edge.pipeline.measure import select
+    from projectable_edge.pipeline.plan import make_plan
+
+    host = (Path(__file__).parents[1] / "devices" / "x86-64-cpu.toml").read_text()
+    toml = tmp_path / "x86-int8-first.toml"  # a host profile that prefers int8
+    toml.write_text(host.replace('name = "x86-64-cpu"', 'name = "x86-int8-first"').replace(
+        'aliases = ["host", "cpu"]', "aliases = []").replace('precisions = ["fp32", "int8"]', 'precisions = ["int8", "fp32"]'))
+    plan = make_plan(GenerateSettings(task="3", target=str(toml)))
+    slow = {"16x2/int8-static": _measured("int8-static", 0.9), "16x2/fp32": _measured("fp32", 0.5)}
+    fast = {"16x2/int8-static": _measured("int8-static", 0.4), "16x2/fp32": _measured("fp32", 0.5)}
+    name, sel = select(plan, slow, on_target=True)
+    assert name == "16x2/fp32" and "slower than fp32" in sel.passed_over["16x2/int8-static"]
+    assert "0.900 ms vs 0.500 ms" in sel.passed_over["16x2/int8-static"]
+    assert select(plan, fast, on_target=True)[0] == "16x2/int8-static"
+    name, sel = select(plan, slow, on_target=False)  # another target: the host's timings say nothing about it
+    assert name == "16x2/int8-static" and "not the target" in sel.rule and not sel.passed_over
+    # accuracy first: a variant off against the PyTorch reference, or over its budget, is refused
+    off = {**fast, "16x2/int8-static": _measured("int8-static", 0.4, passed=False)}
+    name, sel = select(plan, off, on_target=False)
+    assert name == "16x2/fp32" and "PyTorch reference" in sel.passed_over["16x2/int8-static"]
+    over = {**fast, "16x2/int8-static": _measured("int8-static", 0.4, within=False)}
+    assert "validation split" in select(plan, over, on_target=False)[1].passed_over["16x2/int8-static"]
+    asked = make_plan(GenerateSettings(task="3", target=str(toml), precision="int8"))
+    assert select(asked, slow, on_target=True)[0] == "16x2/int8-static"  # asked for: measured, not overruled
+    cannot = {"16x2/int8-static": "TensorRT 10.3 cannot build it: quantized type is int32"}
+    name, sel = select(plan, fast, on_target=False, unbuildable=cannot)  # the target cannot build it: next one
+    assert name == "16x2/fp32" and sel.passed_over == cannot
+    broken = {**off, "16x2/fp32": _measured("fp32", 0.5, passed=False)}
+    with pytest.raises(ProjectableEdgeError, match="fp32 graph failed validation"):
+        select(plan, broken, on_target=False)
+
+
+def test_the_estimate_error_is_out_of_sample():
+    from projectable_edge.model import ModelConfig
+    from projectable_edge.pipeline import estimate as est
+    from projectable_edge_runtime.devices.profiles import load_profile
+
+    cfg = ModelConfig(vocab_size=17, block_size=64, n_layer=2, n_head=2, d_model=16, d_attn=16, d_mlp=32)
+    costs = {v: {**est.cost(cfg, 1000, v), "variant": v} for v in ("fp32", "fp16", "int8-static")}
+    host = est.host_performance()
+    ratio = {"fp32": 1.0, "fp16": 2.0, "int8-static": 4.0}  # measured / roofline, per candidate
+    measured = {v: ratio[v] * est.roofline_ms(c, host, v) for v, c in costs.items()}
+    e = est.estimate(costs, measured, load_profile("jetson"))
+    rows = e["candidates"]
+    assert e["calibration"] == 2.0  # the in-sample median would make the median candidate exact (1.00)...
+    assert rows["fp16"]["error_ratio"] == pytest.approx(2.5 / 2.0)  # ...out of sample it is not: median(1, 4) / 2
+    assert rows["fp32"]["error_ratio"] == pytest.approx(3.0 / 1.0) and rows["int8-static"]["error_ratio"] == pytest.approx(1.5 / 4.0)
+    assert e["error_ratio_range"] == [pytest.approx(0.375), pytest.approx(3.0)]
+    one = est.estimate({"fp32": costs["fp32"]}, {"fp32": measured["fp32"]}, load_profile("jetson"))
+    assert one["candidates"]["fp32"]["error_ratio"] is None and one["error_ratio_range"] is None
+
+
+@pytest.mark.slow
 def test_bad_inputs_write_nothing(tiny_run, tmp_path):
     cases = [({"target": "no-such-device"}, "no-such-device"),
              ({"task": "12"}, "12"),
@@ -93,6 +170,7 @@ def test_bad_inputs_write_nothing(tiny_run, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_interrupted_generate_leaves_no_bundle(tiny_run, tmp_path, tmp_path_factory, monkeypatch):
     import projectable_edge.exporters.quantize as q
 
@@ -111,24 +189,62 @@ def test_interrupted_generate_leaves_no_bundle(tiny_run, tmp_path, tmp_path_fact
     assert not entry.name.startswith(".") and (entry / "result.json").is_file()
 
 
-def test_second_target_reuses_export_and_quantization(jetson_bundle, tiny_run):
-    """Same task, another target: the export and int8-static graphs come from the step cache."""
+@pytest.mark.slow
+def test_second_target_reuses_export_quantization_and_wheel(jetson_bundle, tiny_run):
+    """Same task, another target: the export, the int8-static graphs and the wheel come from the step cache."""
     out = jetson_bundle.parent / "3__x86-64-cpu"
     logs = []
     path, m = generate(GenerateSettings(task="3", target="x86-64-cpu", source=str(tiny_run), out=str(out),
                                         bench_runs=5, samples=2), log=logs.append)
-    cache = m["provenance"]["cache"]
-    assert cache["hits"] == ["export", "quantize-int8-static"] and cache["misses"] == []
+    cache = m.provenance["cache"]
+    assert cache["hits"] == ["export", "quantize-int8-static", "wheel"] and cache["misses"] == []
     assert cache["saved_seconds"] > 1 and any("step cache: reused" in line for line in logs)
-    first = json.loads((jetson_bundle / "manifest.json").read_text())
-    for variant in ("fp32", "int8-static"):  # the very same graphs, and the same measured accuracy
-        for rel in m["graphs"][variant].values():
-            assert m["files"][rel]["sha256"] == first["files"][rel]["sha256"]
-        assert m["accuracy"]["variants"][variant]["bits"] == first["accuracy"]["variants"][variant]["bits"]
-    no_cache = first["provenance"]["cache"]
-    assert no_cache["hits"] == [] and no_cache["misses"] == ["export", "quantize-int8-static", "quantize-fp16"]
+    first = runtime.read_manifest(jetson_bundle)
+    for name in ("16x2/fp32", "16x2/int8-static"):  # the very same graphs
+        for rel in (m.candidates[name].graphs.score, m.candidates[name].graphs.decode):
+            assert m.files[rel].sha256 == first.files[rel].sha256
+    no_cache = first.provenance["cache"]
+    assert no_cache["hits"] == [] and no_cache["misses"] == ["export", "quantize-int8-static", "quantize-fp16", "wheel"]
 
 
+def _image_folder(root: Path, tasks=("bars", "dots", "rings"), n=14) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, task in enumerate(tasks):
+        (root / task).mkdir(parents=True)
+        for i in range(n):
+            img = (rng.random((8, 8)) * 60).astype(np.uint8)
+            img[:, k * 3:k * 3 + 2] = 255
+            Image.fromarray(img, mode="L").save(root / task / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_generate_reads_no_data_source_and_builds_no_baseline_role(tmp_path, monkeypatch):
+    """The run's image folder is gone; generate reads the run's own split snapshot and builds only the source
+    and the operator (the baseline roles only with --references)."""
+    import projectable_edge.data
+    import projectable_edge.train as train_mod
+    from projectable_edge.config import preset
+    from projectable_edge.data import DataConfig
+
+    folder = _image_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    train_mod.train(preset("tiny", steps=4), DataConfig(dataset=str(folder)), run, progress=False, log=lambda m: None)
+    shutil.rmtree(folder)
+    built, real = [], train_mod.build
+    monkeypatch.setattr(train_mod, "build", lambda *a, **k: built.append(a[3] if len(a) > 3 else k.get("baselines",
+                                                                                                        True)) or real(*a, **k))
+    for mod in (projectable_edge.data, train_mod):
+        monkeypatch.setattr(mod, "load_dataset", lambda *a, **k: pytest.fail("generate read the data source"))
+    path, m = generate(GenerateSettings(task="dots", target="x86-64-cpu", source=str(run), out=str(tmp_path / "b"),
+                                        precision="fp32", bench_runs=5, samples=2), log=lambda _: None)
+    assert built == [False] and m.task.name == "dots" and set(m.task_test_bits) == {"projected"}
+    assert runtime.validate(runtime.load(path))["passed"]
+
+
+@pytest.mark.slow
 def test_cli_bundle_commands(jetson_bundle, tmp_path):
     res = cli.invoke(app, ["benchmark", str(jetson_bundle), "--runs", "10", "--json"])
     rep = json.loads(res.stdout)
@@ -142,6 +258,8 @@ def test_cli_bundle_commands(jetson_bundle, tmp_path):
                                                    rep["peak_rss_mb"] <= budgets["memory_mb"]]
     assert rep["verdict"] == ("pass" if all(c["passed"] for c in rep["checks"]) else "fail")
     assert res.exit_code == (0 if rep["verdict"] == "pass" else 1), res.output
+    res = cli.invoke(app, ["benchmark", str(jetson_bundle), "--runs", "4", "--precision", "int3"])
+    assert res.exit_code == 2 and "int3" in res.output  # a choice of the variant registry, refused by typer
     png = tmp_path / "grid.png"
     res = cli.invoke(app, ["sample", str(jetson_bundle), "-n", "6", "--out", str(png), "--scale", "2"])
     assert res.exit_code == 0, res.output
@@ -151,14 +269,12 @@ def test_cli_bundle_commands(jetson_bundle, tmp_path):
     assert img.shape[0] > 16 and img.shape[1] > 16 and img.std() > 0
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_without_traceback(tmp_path, jetson_bundle):
     res = cli.invoke(app, ["generate", "--task", "3", "--target", "toaster", "--source", "runs/none"])
     assert res.exit_code == 2
     assert "toaster" in res.output and "Traceback" not in res.output
-    # a tampered bundle: the error names the file
-    import shutil
-
-    copy = tmp_path / "copy"
+    copy = tmp_path / "copy"  # a tampered bundle: the error names the file
     shutil.copytree(jetson_bundle, copy)
     target = copy / "fp32" / "scoring.onnx"
     data = bytearray(target.read_bytes())
@@ -170,11 +286,12 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, jetson_bundle):
     assert res.exit_code == 2 and "nowhere" in res.output and "does not" in res.output
 
 
+@pytest.mark.slow
 def test_cli_train_evaluate_project_tasks(tiny_run, tmp_path):
     res = cli.invoke(app, ["evaluate", str(tiny_run), "--json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    assert set(rep["macro_bits_per_dim"]) == {"source", "projected", "universal", "scratch"}
+    assert {"source", "projected", "universal", "scratch"} <= set(rep["macro_bits_per_dim"])
     res = cli.invoke(app, ["tasks", str(tiny_run), "--json"])
     assert [t["name"] for t in json.loads(res.stdout)["tasks"]] == [str(i) for i in range(10)]
     res = cli.invoke(app, ["project", str(tiny_run), "--task", "5", "--out", str(tmp_path / "p5"), "--json"])

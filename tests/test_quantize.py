@@ -54,7 +54,9 @@ def test_int8_static_is_qdq_around_the_matmuls(ex):
     model = onnx.load(str(path))
     prod, inits = _consumers(model)
     weight_mms = [n for n in model.graph.node if n.op_type == "MatMul" and "attn_" not in n.name]
-    assert len(weight_mms) == 6 * TINY.n_layer + 1
+    assert len(weight_mms) == 4 * TINY.n_layer + 1  # q|k|v fused, out, 2 MLP per block; the head
+    consumers = {i for n in model.graph.node if n.op_type == "QuantizeLinear" for i in n.input}
+    assert not consumers & {n.output[0] for n in weight_mms}  # products stay float (no re-quantization)
     for n in weight_mms:
         dqs = [prod[i] for i in n.input]
         assert all(d.op_type == "DequantizeLinear" for d in dqs), n.name
@@ -89,7 +91,7 @@ def test_int8_dynamic_reported_next_to_static(ex):
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
     assert rep["calibration"]["sha256"] == tokens_sha256(ex.train)  # recorded even if unused
     assert abs(rep["bits_per_dim"]["rel_vs_fp32"]) < 0.03
-    assert len(rep["float_layers"]["int8_matmuls"]) == 6 * TINY.n_layer + 1
+    assert len(rep["float_layers"]["int8_matmuls"]) == 4 * TINY.n_layer + 1  # q|k|v fused, out, 2 MLP; head
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8-static"])
@@ -102,6 +104,15 @@ def test_decode_variants_validate_and_sample_from_bos(ex, precision):
     assert [i.type for i in sess.get_inputs()] == ["tensor(int64)", "tensor(float)", "tensor(float)"]
     out = sample_graph(path, 3, seed=0, temperature=0)  # starts from past length 0
     assert out.shape == (3, TINY.block_size) and out.max() < TINY.vocab_size
+
+
+@pytest.mark.parametrize("graph", ["scoring", "decode"])
+def test_int8_static_passes_the_tensorrt_check(ex, graph):
+    """TensorRT builds its int8 engines from this graph: QDQ it can read (no int32 biases of Gemms)."""
+    from projectable_edge.exporters.trt_check import check_tensorrt_compat
+
+    report = check_tensorrt_compat(tiny_variant(graph, "int8-static")[0])
+    assert report["ok"] and report["quantized"], report["problems"]
 
 
 def test_uint8_activations_option(ex):
@@ -165,7 +176,7 @@ def test_a_new_precision_is_one_registry_entry_plus_one_converter(tmp_path, ex, 
     from projectable_edge_runtime.devices import variants
     from projectable_edge.exporters import converters
 
-    entry = variants.Variant(name="fp32-copy", family="fp32", profile_name=None, budget_rel=1e-6,
+    entry = variants.Variant(name="fp32-copy", family="fp32", precision=None, budget_rel=1e-6,
                              converter="fp32-copy", tensorrt_flags=(), tensorrt_buildable=True,
                              description="test: the graph unchanged", tolerances=dict(variants.FP32.tolerances))
     monkeypatch.setitem(variants.VARIANTS, entry.name, entry)

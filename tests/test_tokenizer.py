@@ -9,7 +9,7 @@ from PIL import Image
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.png import image_grid, png_bytes, write_png
-from projectable_edge_runtime.tokenizer import TokenizerSpec, check_tokens, decode, encode
+from projectable_edge_runtime.tokenizer import TokenizerSpec
 
 GRAY = TokenizerSpec(4, 5, 1, 17)
 RGB = TokenizerSpec(3, 2, 3, 8)
@@ -39,40 +39,40 @@ def test_spec_from_dict_names_bad_field(bad, field):
 def test_tokens_decode_encode_round_trip(spec):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, spec.levels, (7, spec.seq_len))
-    images = decode(spec, tokens)
+    images = spec.decode(tokens)
     assert images.dtype == np.uint8 and images.shape == (7,) + spec.image_shape
-    assert np.array_equal(encode(spec, images), tokens)
-    ends = decode(spec, np.array([[0] * (spec.seq_len - 1) + [spec.levels - 1]]))
+    assert np.array_equal(spec.encode(images), tokens)
+    ends = spec.decode(np.array([[0] * (spec.seq_len - 1) + [spec.levels - 1]]))
     assert ends.reshape(-1)[0] == 0 and ends.reshape(-1)[-1] == 255
 
 
 def test_encode_quantization_and_error_bound():
     x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
     spec = TokenizerSpec(16, 16, 1, 17)
-    t = encode(spec, x)
+    t = spec.encode(x)
     assert t.dtype == np.int64 and t.shape == (1, 256)
     assert np.array_equal(t[0], np.floor(np.arange(256) / 255 * 16 + 0.5).astype(np.int64))
     assert t[0, 0] == 0 and t[0, 255] == 16
-    err = np.abs(decode(spec, t).astype(int) - x.astype(int))
+    err = np.abs(spec.decode(t).astype(int) - x.astype(int))
     assert err.max() <= 255 / 16 / 2 + 0.5
 
 
 def test_rgb_raster_order_channels_interleaved():
     spec = TokenizerSpec(1, 2, 3, 256)  # 256 levels: token == pixel value
     img = np.array([[[[10, 20, 30], [40, 50, 60]]]], dtype=np.uint8)  # [N=1, H=1, W=2, C=3]
-    assert encode(spec, img).tolist() == [[10, 20, 30, 40, 50, 60]]
-    assert np.array_equal(decode(spec, np.array([10, 20, 30, 40, 50, 60])), img[0])  # single sequence
+    assert spec.encode(img).tolist() == [[10, 20, 30, 40, 50, 60]]
+    assert np.array_equal(spec.decode(np.array([10, 20, 30, 40, 50, 60])), img[0])  # single sequence
 
 
 def test_decode_single_sequence_gray():
     t = np.arange(20) % 17
-    assert decode(GRAY, t).shape == (4, 5)
-    assert np.array_equal(decode(GRAY, t), decode(GRAY, t[None])[0])
+    assert GRAY.decode(t).shape == (4, 5)
+    assert np.array_equal(GRAY.decode(t), GRAY.decode(t[None])[0])
 
 
 def test_encode_accepts_gray_with_channel_axis():
     x = np.full((2, 4, 5, 1), 255, np.uint8)
-    assert (encode(GRAY, x) == 16).all()
+    assert (GRAY.encode(x) == 16).all()
 
 
 @pytest.mark.parametrize("images, needle", [
@@ -84,32 +84,32 @@ def test_encode_accepts_gray_with_channel_axis():
 ])
 def test_encode_bad_input_says_expected_and_got(images, needle):
     with pytest.raises(ProjectableEdgeError) as e:
-        encode(GRAY, images)
+        GRAY.encode(images)
     assert needle in str(e.value)
 
 
 def test_encode_rgb_wrong_channels():
     with pytest.raises(ProjectableEdgeError, match=r"\(1, 3, 2, 4\).*expected \[N, 3, 2, 3\]"):
-        encode(RGB, np.zeros((1, 3, 2, 4), np.uint8))
+        RGB.encode(np.zeros((1, 3, 2, 4), np.uint8))
 
 
 def test_check_tokens_out_of_range_names_min_max_and_range():
     t = np.zeros((2, 20), np.int64)
     t[0, 3], t[1, 7] = -2, 19
     with pytest.raises(ProjectableEdgeError) as e:
-        check_tokens(GRAY, t)
+        GRAY.check_tokens(t)
     msg = str(e.value)
     assert "min -2" in msg and "max 19" in msg and "0..16" in msg
     with pytest.raises(ProjectableEdgeError, match="0..16"):
-        decode(GRAY, np.full(20, 17))
+        GRAY.decode(np.full(20, 17))
 
 
 def test_check_tokens_wrong_length_and_dtype():
     with pytest.raises(ProjectableEdgeError, match=r"\(3, 21\).*\[N, 20\]"):
-        check_tokens(GRAY, np.zeros((3, 21), np.int64))
+        GRAY.check_tokens(np.zeros((3, 21), np.int64))
     with pytest.raises(ProjectableEdgeError, match="float"):
-        check_tokens(GRAY, np.zeros(20, np.float64))
-    ok = check_tokens(GRAY, np.zeros((1, 20), np.int32))
+        GRAY.check_tokens(np.zeros(20, np.float64))
+    ok = GRAY.check_tokens(np.zeros((1, 20), np.int32))
     assert ok.dtype == np.int64
 
 

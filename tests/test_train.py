@@ -242,7 +242,7 @@ def test_fewer_layers_projected_model_is_bundled_like_any_other(tmp_path):
                                    "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["model"]["n_layer"] == 1
+    assert manifest["candidates"][manifest["selected"]]["model"]["n_layer"] == 1
     import projectable_edge_runtime as runtime
 
     model = runtime.load(tmp_path / "b")
@@ -260,3 +260,145 @@ def test_cli_refuses_a_ladder_size_the_source_cannot_hold(tmp_path):
     text = " ".join(res.output.split())  # rich wraps long lines
     assert "width 64" in text and "wider than the source" in text and "Traceback" not in text
     assert not (tmp_path / "x").exists() and not partial_dir(tmp_path / "x").exists()
+
+
+def test_a_finished_run_needs_no_data_source(tmp_path):
+    """The run keeps its exact splits: with its image folder gone it still loads, and the light load
+    (source + operators only, no splits) projects exactly what the full load projects."""
+    from PIL import Image
+
+    from projectable_edge.data import load_dataset
+
+    digits = load_dataset(DataConfig())
+    folder = tmp_path / "imgs"
+    for t in range(3):
+        (folder / f"t{t}").mkdir(parents=True)
+        for i, tok in enumerate(digits.split("train", t)[:12]):
+            Image.fromarray((tok.reshape(8, 8) * 15).astype(np.uint8), mode="L").save(folder / f"t{t}" / f"{i}.png")
+    run = tmp_path / "run"
+    train(replace(preset("tiny"), steps=4, eval_every=2), DataConfig(dataset=str(folder)), run, progress=False)
+    meta, full, data = load_run(run)
+    shutil.rmtree(folder)
+    _, again, data2 = load_run(run)
+    for s in ("train", "val", "test"):
+        assert np.array_equal(data.split(s), data2.split(s))
+    meta_light, light, none = load_run(run, data=False, baselines=False)
+    assert none is None and light.roles == ("source", "projected")
+    assert meta_light["weights_sha256"] == meta["weights_sha256"]
+    for role, task in (("projected", 2), ("source", 1)):
+        a, b = full.specialise(role, task), light.specialise(role, task)
+        assert all(torch.equal(a[1][k], b[1][k]) for k in a[1]) and torch.equal(a[2], b[2])
+    with pytest.raises(ProjectableEdgeError, match="not loaded"):
+        light.specialise("universal", 0)
+    (run / "splits.npz").write_bytes(b"not a snapshot")
+    with pytest.raises(ProjectableEdgeError, match="snapshot"):
+        load_run(run)
+
+
+def _hand_slice(w: dict, src, small, task_vec: torch.Tensor):
+    """Weight selection written out by hand: the first d_s residual coordinates, the first head_dim_s of
+    each of the first n_head_s heads, the first d_mlp_s hidden units; small layer j from source layer
+    round(j * L / L_s). Independent of the Projector's code."""
+    d, m = small.d_model, small.d_mlp
+    att = [h * src.head_dim + i for h in range(small.n_head) for i in range(small.head_dim)]
+    out = {"wte": w["wte"][:, :d], "wpe": w["wpe"][:, :d], "lnf.w": w["lnf.w"][:d], "lnf.b": w["lnf.b"][:d],
+           "head": w["head"][:d], "head_b": w["head_b"]}
+    for j in range(small.n_layer):
+        p, q = f"h{j}.", f"h{min(src.n_layer - 1, round(j * src.n_layer / small.n_layer))}."
+        for n in ("ln1.w", "ln1.b", "ln2.w", "ln2.b", "bo", "b2"):
+            out[p + n] = w[q + n][:d]
+        for n in ("wq", "wk", "wv"):
+            out[p + n] = w[q + n][:d][:, att]
+        for n in ("bq", "bk", "bv"):
+            out[p + n] = w[q + n][att]
+        out[p + "wo"] = w[q + "wo"][att][:, :d]
+        out[p + "w1"], out[p + "b1"] = w[q + "w1"][:d, :m], w[q + "b1"][:m]
+        out[p + "w2"] = w[q + "w2"][:m, :d]
+    return out, task_vec[:d]
+
+
+EXTRA = replace(preset("tiny"), steps=20, extra_steps=20, eval_every=10, checkpoint_every=10)
+
+
+def test_the_sliced_universal_starts_at_the_hand_sliced_trained_source(tmp_path):
+    from projectable_edge.model import SpecialisedModel
+
+    run = tmp_path / "x"
+    train(EXTRA, DataConfig(), run, progress=False)
+    meta, model, data = load_run(run)
+    assert {"universal@ws", "universal@ws+kd"} <= set(model.roles)
+    # the second stage freezes the source, so the run's source is the one the models were sliced from
+    vx, vt = data.splits["val"]
+    macro = []
+    for t in range(data.n_tasks):
+        w, bos = _hand_slice(model.source.weights(), model.src_cfg, model.small_cfg, model.source_task[t].detach())
+        macro.append(SpecialisedModel(model.small_cfg, {k: v.detach() for k, v in w.items()}, bos).bits(vx[vt == t]).mean())
+    start = [h for h in json.loads((run / "history.json").read_text())["history"]
+             if h["stage"] == "extra" and h["step"] == EXTRA.steps and "universal@ws" in h["val_bits"]]
+    assert len(start) == 1
+    for role in ("universal@ws", "universal@ws+kd"):
+        assert start[0]["val_bits"][role] == pytest.approx(float(np.mean(macro)), abs=1e-5)
+    # ... and then trained: the kept weights are no longer the slice
+    w, _ = _hand_slice(model.source.weights(), model.src_cfg, model.small_cfg, model.source_task[0])
+    assert not torch.equal(model.specialise("universal@ws", 0)[1]["h0.wq"], w["h0.wq"])
+
+
+def test_the_second_stage_trains_every_small_model_on_the_universal_batches(tmp_path, monkeypatch):
+    from projectable_edge.trainables import Trainables
+
+    seen: dict[str, list] = {}
+    real = Trainables.logits
+
+    def spy(self, role, tokens, task_ids):
+        if self.training:
+            seen.setdefault(role, []).append((tokens.clone(), task_ids.clone()))
+        return real(self, role, tokens, task_ids)
+
+    monkeypatch.setattr(Trainables, "logits", spy)
+    train(EXTRA, DataConfig(), tmp_path / "x", progress=False)
+    assert len(seen["universal@ws"]) == len(seen["universal@ws+kd"]) == EXTRA.extra_steps
+    second = seen["universal"][EXTRA.steps:]  # the universal model's second-stage steps
+    assert len(second) == EXTRA.extra_steps
+    for role in ("universal@ws", "universal@ws+kd", "projected", "scratch"):
+        batches = seen[role][-EXTRA.extra_steps:]
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, second)), role
+    # the frozen source is still run in the second stage, as the distillation teacher only
+    assert len(seen["source"]) == EXTRA.steps + EXTRA.extra_steps
+
+
+def test_a_second_stage_from_a_finished_run_equals_the_two_stages_in_one(tmp_path):
+    both = train(replace(EXTRA, delta=True), DataConfig(), tmp_path / "both", progress=False)
+    first = train(replace(EXTRA, extra_steps=0), DataConfig(), tmp_path / "first", progress=False)
+    second = train(replace(EXTRA, delta=True), DataConfig(), tmp_path / "second", from_run=tmp_path / "first",
+                   progress=False)
+    assert second["best_val_bits"] == pytest.approx(both["best_val_bits"], abs=1e-6)
+    _, a, _ = load_run(tmp_path / "first")
+    _, b, _ = load_run(tmp_path / "second")
+    assert torch.equal(a.source.weights()["h1.w2"], b.source.weights()["h1.w2"])  # the source stays frozen
+    assert b.projector.delta["h0__wq"].abs().sum() > 0  # the shared delta learned in the second stage
+    with pytest.raises(ProjectableEdgeError, match="first stage differs"):
+        train(replace(EXTRA, lr=1e-3), DataConfig(), tmp_path / "bad", from_run=tmp_path / "first", progress=False)
+    with pytest.raises(ProjectableEdgeError, match="--extra-steps"):
+        train(replace(EXTRA, extra_steps=0), DataConfig(), tmp_path / "bad", from_run=tmp_path / "first", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("stop_at", [20, 30])  # at the end of the joint stage, and inside the second
+def test_resume_continues_across_the_two_stages(tmp_path, monkeypatch, stop_at):
+    import projectable_edge.train as tr
+
+    cfg = replace(EXTRA, delta=True)
+    full = train(cfg, DataConfig(), tmp_path / "full", progress=False)
+    real = tr.save_state
+
+    def save_then_stop(path, model, opts, best, step):
+        real(path, model, opts, best, step)
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, DataConfig(), tmp_path / "r", progress=False)
+    monkeypatch.setattr(tr, "save_state", real)
+    resumed = train(cfg, DataConfig(), tmp_path / "r", resume=True, progress=False)
+    assert resumed["best_val_bits"] == pytest.approx(full["best_val_bits"], abs=1e-5)

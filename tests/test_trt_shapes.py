@@ -140,7 +140,7 @@ def test_jetson_bundle_build_commands_cover_the_image(side, tmp_path):
     from projectable_edge.data import DataConfig
     from projectable_edge.pipeline import GenerateSettings, generate
     from projectable_edge.train import train
-    from projectable_edge_runtime.manifest import load_schema
+    from projectable_edge_runtime.manifest import json_schema
 
     folder = _image_folder(tmp_path / "images", side)
     run = tmp_path / "run"
@@ -148,11 +148,12 @@ def test_jetson_bundle_build_commands_cover_the_image(side, tmp_path):
     bundle, m = generate(GenerateSettings(task="a", target="jetson", source=str(run), out=str(tmp_path / "b"),
                                           bench_runs=3, samples=2), log=lambda _: None)
     seq = side * side
-    assert m["model"]["block_size"] >= seq
-    jsonschema.validate(json.loads((bundle / "manifest.json").read_text()), load_schema())
-    variant = m["engine"]["variant"]
-    g = m["graphs"][variant]
-    L, H, hd = (m["model"][k] for k in ("n_layer", "n_head", "head_dim"))
+    c = m.candidates[m.selected]
+    assert c.model.block_size >= seq
+    jsonschema.validate(json.loads((bundle / "manifest.json").read_text()), json_schema())
+    variant = m.engine.variant
+    assert variant == c.variant
+    L, H, hd = c.model.n_layer, c.model.n_head, c.model.head_dim
     batch = {"min": 1, "opt": 1, "max": 32}
     for folder_name, key, cache in (("engine", "score", None), ("engine_decode", "decode", (L, H, hd))):
         script = (bundle / folder_name / "build_engine.sh").read_text()
@@ -160,10 +161,10 @@ def test_jetson_bundle_build_commands_cover_the_image(side, tmp_path):
         assert line
         command = " ".join(s.strip().rstrip("\\") for s in script.split('"$TRTEXEC"', 1)[1].split("|")[0].splitlines())
         onnx_name = re.search(r"--onnx=(\S+)", command).group(1)
-        check_command(command, bundle / folder_name / onnx_name, m["model"]["block_size"], batch, cache)
-        assert (bundle / g[key]).read_bytes() == (bundle / folder_name / onnx_name).read_bytes()
-    typing = m["engine"]["typing"]
+        check_command(command, bundle / folder_name / onnx_name, c.model.block_size, batch, cache)
+        assert (bundle / folder_name / onnx_name).resolve() == (bundle / getattr(c.graphs, key)).resolve()  # shipped once
+    typing = m.engine.typing
     assert typing == ("strong" if variant == "int8-static" else "weak")
-    assert ("--stronglyTyped" in m["engine"]["trtexec"]) == (typing == "strong")
+    assert ("--stronglyTyped" in m.engine.trtexec) == (typing == "strong")
     top = (bundle / "build_engine.sh").read_text()
-    assert "engine_record" in top and all(m["files"][f].get("optional") for f in ("report.md", "samples.png"))
+    assert "engine_record" in top and all(m.files[f].optional for f in ("report.md", "samples.png"))

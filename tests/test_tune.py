@@ -1,4 +1,4 @@
-"""Issue 12: `generate --ladder` candidates, `tune` on the device, the tuned record and `load()` using it.
+"""`generate --ladder` candidates, `tune` on the device, the tuned record and `load()` using it.
 
 The fast tests tune the runtime's own two-variant bundle (conftest `rt_bundle`: every bundle has
 candidates, one per variant of its model); the slow ones build a real ladder bundle from a tiny run
@@ -17,7 +17,6 @@ import pytest
 import projectable_edge_runtime as runtime
 from projectable_edge_runtime import tune
 from projectable_edge_runtime.__main__ import main as rt_main
-from projectable_edge_runtime.candidates import table as candidate_table
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.manifest import read_manifest, verify_files
 
@@ -56,12 +55,13 @@ def test_tune_writes_a_record_beside_the_bundle_and_load_uses_it(tuned):
     assert not any(p.name.endswith(".tuned.json") for p in bundle.rglob("*"))  # never inside the bundle
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)  # the bundle still verifies: nothing was added or changed
-    assert rep["manifest_sha256"] == manifest["integrity"]["manifest_sha256"]
-    # every candidate was measured with percentiles and its own peak memory
-    assert set(rep["measurements"]) == set(candidate_table(manifest))
+    assert rep["manifest_sha256"] == manifest.integrity.manifest_sha256
+    # every candidate was measured with percentiles and its own peak memory, and validated here
+    assert set(rep["measurements"]) == set(manifest.candidates)
     for m in rep["measurements"].values():
         s = m["score_batch1"]
         assert 0 < s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] and s["runs"] == 30 and m["peak_rss_mb"] > 0
+        assert m["passed"] and abs(m["bits"] - m["expected_bits"]) <= m["tolerance"]
     # the choice is the most accurate candidate within the budget, by the recorded numbers
     fitting = [r for r in rep["rows"] if r["p99_ms"] <= rep["budget"]["p99_ms"]
                and r["peak_rss_mb"] <= rep["budget"]["max_mb"] and r["accuracy_ok"]]
@@ -70,9 +70,9 @@ def test_tune_writes_a_record_beside_the_bundle_and_load_uses_it(tuned):
     assert rep["choice"] == min(fitting, key=lambda r: (r["bits"], r["p99_ms"]))["candidate"]
     with runtime.load(bundle) as model:
         assert model.candidate == rep["choice"] and model.tuned["used"] is True
-        assert model.variant == candidate_table(manifest)[rep["choice"]]["variant"]
+        assert model.variant == manifest.candidates[rep["choice"]].variant
     with runtime.load(bundle, tuned=False) as model:  # opting out gives the manifest's selection
-        assert model.candidate is None and model.variant == manifest["selected"]
+        assert model.candidate == manifest.selected and not model.tuned["used"]
 
 
 def test_reuse_picks_by_budget_from_the_same_measurements(tuned, capsys):
@@ -89,7 +89,7 @@ def test_reuse_picks_by_budget_from_the_same_measurements(tuned, capsys):
     assert fits[fast["candidate"]] and not fits[slow["candidate"]]
     assert again["choice"] != slow["candidate"] and code == 0
     # the boundary is inclusive: a budget exactly at a candidate's p99 admits it
-    exact = tune.pick(candidate_table(read_manifest(bundle)), rep["measurements"],
+    exact = tune.pick({n: True for n in rep["measurements"]}, rep["measurements"],
                       tune.Budget(slow["p99_ms"], rep["budget"]["max_mb"]))
     assert {r["candidate"]: r["fits"] for r in exact["rows"]}[slow["candidate"]] is True
 
@@ -106,7 +106,7 @@ def test_nothing_fits_names_the_closest_candidate_and_by_how_much(tuned, capsys)
     assert record["closest"]["candidate"] == best["candidate"]
     with pytest.warns(tune.TunedRecordWarning, match="no candidate fits"):
         model = runtime.load(bundle)  # the verdict is recorded, but nothing to use: the default selection
-    assert model.candidate is None and model.variant == model.manifest["selected"]
+    assert model.candidate == model.manifest.selected and not model.tuned["used"]
 
 
 def test_stale_or_broken_records_are_ignored_with_a_warning(tuned, rt_build, rt_graphs):
@@ -122,7 +122,7 @@ def test_stale_or_broken_records_are_ignored_with_a_warning(tuned, rt_build, rt_
         path.write_text(json.dumps(record))
         with pytest.warns(tune.TunedRecordWarning, match=why):
             with runtime.load(bundle) as model:
-                assert model.candidate is None and model.variant == model.manifest["selected"]
+                assert model.candidate == model.manifest.selected and not model.tuned["used"]
     path.write_text("{not json")
     with pytest.warns(tune.TunedRecordWarning, match="unreadable"):
         runtime.load(bundle).close()
@@ -131,7 +131,7 @@ def test_stale_or_broken_records_are_ignored_with_a_warning(tuned, rt_build, rt_
     rt_build(bundle, rt_graphs, selected="int8-static", overwrite=True)
     with pytest.warns(tune.TunedRecordWarning, match="manifest digest changed"):
         with runtime.load(bundle) as model:
-            assert model.variant == "int8-static" and model.candidate is None
+            assert model.variant == "int8-static" and not model.tuned["used"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an explicit precision never reads the record: no warning
         runtime.load(bundle, precision="fp32").close()
@@ -159,7 +159,7 @@ def test_bad_budgets_are_one_line_errors(rt_bundle, capsys, flag, value):
 def test_unknown_candidate_is_a_clear_error(rt_bundle, capsys):
     code = rt_main(["tune", str(rt_bundle), "--candidate", "99x9/fp32"])
     err = capsys.readouterr().err
-    names = list(candidate_table(read_manifest(rt_bundle)))
+    names = list(read_manifest(rt_bundle).candidates)
     assert code == 2 and "unknown candidate '99x9/fp32'" in err and all(n in err for n in names)
     with pytest.raises(ProjectableEdgeError, match="unknown candidate"):
         runtime.load(rt_bundle, candidate="99x9/fp32")
@@ -169,15 +169,28 @@ def test_unknown_candidate_is_a_clear_error(rt_bundle, capsys):
         tune.tune(rt_bundle, reuse=True, record=rt_bundle.parent / "none.tuned.json")
 
 
-def test_pick_never_takes_a_variant_that_missed_its_accuracy_budget(tuned):
+def test_pick_never_takes_a_variant_that_missed_its_accuracy_budget_or_failed_validation_here(tuned):
     bundle, rep = tuned
-    table = candidate_table(read_manifest(bundle))
+    within = {n: True for n in rep["measurements"]}
     best = min(rep["rows"], key=lambda r: (r["bits"], r["p99_ms"]))["candidate"]
-    table[best] = {**table[best], "accuracy": {**table[best]["accuracy"], "within_budget": False}}
     loose = tune.Budget(max(r["p99_ms"] for r in rep["rows"]) * 2, rep["budget"]["max_mb"] * 2)
-    verdict = tune.pick(table, rep["measurements"], loose)
-    assert verdict["choice"] != best
-    assert verdict["choice"] is not None or len(table) == 1
+    assert tune.pick(within, rep["measurements"], loose)["choice"] == best
+    assert tune.pick({**within, best: False}, rep["measurements"], loose)["choice"] not in (best, None)
+    failed = {**rep["measurements"], best: {**rep["measurements"][best], "passed": False}}
+    assert tune.pick(within, failed, loose)["choice"] not in (best, None)
+
+
+def test_tune_ranks_by_the_bits_it_measured_where_it_runs(rt_graphs, rt_build, tmp_path, capsys):
+    """The build host recorded fp32 as far worse than int8-static; where tune runs, fp32 measures better (the
+    graphs are the same as ever): tune picks fp32 by its own measurement, not by the recorded bits."""
+    b = rt_build(tmp_path / "b", rt_graphs, recorded={"fp32": 9.0, "int8-static": 1.0})
+    recorded = {n: c.accuracy.bits for n, c in read_manifest(b).candidates.items()}
+    assert recorded["16x2/int8-static"] < recorded["16x2/fp32"]
+    code, rep = _tune(capsys, b)
+    measured = {n: m["bits"] for n, m in rep["measurements"].items()}
+    assert measured["16x2/fp32"] < measured["16x2/int8-static"]  # what this machine says
+    assert rep["choice"] == "16x2/fp32" and code == 0
+    assert next(r for r in rep["rows"] if r["candidate"] == "16x2/fp32")["bits"] == measured["16x2/fp32"]
 
 
 # ----------------------------------------------------------------------------- slow: a real ladder bundle
@@ -203,32 +216,31 @@ def ladder_bundle(tmp_path_factory) -> Path:
 def test_generate_ladder_bundle_holds_every_candidate(ladder_bundle):
     import jsonschema
 
-    from projectable_edge_runtime.manifest import load_schema
+    from projectable_edge_runtime.manifest import json_schema
 
     m = read_manifest(ladder_bundle)
     verify_files(ladder_bundle, m)
-    jsonschema.validate(json.loads((ladder_bundle / "manifest.json").read_text()), load_schema())
-    cands = m["candidates"]
-    sizes = m["ladder"]["sizes"]
+    jsonschema.validate(json.loads((ladder_bundle / "manifest.json").read_text()), json_schema())
+    cands = m.candidates
+    sizes = m.ladder.sizes
     assert sizes[0] == "16x2" and set(sizes) == {"16x2", "4x1", "8x1"}
     assert set(cands) == {f"{s}/{v}" for s in sizes for v in ("fp32", "int8-static")}
-    est = [c["estimate"]["device_p50_ms"] for c in cands.values()]
+    est = [c.estimate["device_p50_ms"] for c in cands.values()]
     assert est == sorted(est)  # ordered by the estimate
     for name, c in cands.items():
-        a, e = c["accuracy"], c["estimate"]
-        assert a["vs_fp32"] == pytest.approx(a["bits"] - a["fp32_bits"])
-        assert a["vs_universal"] == pytest.approx(a["bits"] - a["universal_bits"])
-        assert e["label"] == "estimate"
-        assert e["error_ratio"] == pytest.approx(e["host_p50_ms"] / c["latency_host"]["p50_ms"])
-        assert 0 < c["latency_host"]["p50_ms"] <= c["latency_host"]["p99_ms"] and c["latency_host"]["peak_rss_mb"] > 0
-        assert c["graphs"]["score"] in m["files"] and c["goldens"] in m["files"]
-        if c["main"]:
-            assert c["graphs"] == m["graphs"][c["variant"]]
+        a, e = c.accuracy, c.estimate
+        assert a.vs_fp32 == pytest.approx(a.bits - cands[f"{c.size}/fp32"].accuracy.bits)
+        assert a.vs_universal == pytest.approx(a.bits - a.universal_bits)
+        assert e["label"] == "estimate" and e["host_measured_p50_ms"] == c.latency_host.p50_ms
+        assert e["error_ratio"] == pytest.approx(e["host_p50_ms"] / c.latency_host.p50_ms)
+        assert 0 < c.latency_host.p50_ms <= c.latency_host.p99_ms and c.latency_host.peak_rss_mb > 0
+        assert c.graphs.score in m.files and c.goldens in m.files
+        assert c.main == (c.size == "16x2") and a.passed
     # fp32 of each size matches what PyTorch says of that size's projected model on the goldens
     for s in sizes:
-        a = cands[f"{s}/fp32"]["accuracy"]
-        assert abs(a["bits"] - a["reference_bits"]) < 1e-3
-    assert "candidates.png" in m["files"] and m["files"]["candidates.png"].get("optional")
+        a = cands[f"{s}/fp32"].accuracy
+        assert abs(a.bits - a.reference_bits) < 1e-3
+    assert "candidates.png" in m.files and m.files["candidates.png"].optional
     report = (ladder_bundle / "report.md").read_text()
     assert "ESTIMATE" in report and "estimate error" in report and all(n in report for n in cands)
     # a ladder size opens as itself and validates against its own recorded bits
@@ -244,17 +256,19 @@ def test_benchmark_json_carries_the_candidates(ladder_bundle, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert code in (0, 1)
     rows = rep["candidates"]["rows"]
-    assert [r["candidate"] for r in rows] == list(read_manifest(ladder_bundle)["candidates"])
+    assert [r["candidate"] for r in rows] == list(read_manifest(ladder_bundle).candidates)
     assert all(r["estimate_label"] == "estimate" and r["estimate_error_ratio"] > 0 for r in rows)
     assert rep["candidates"]["budgets"]["p99_latency_ms"] > 0 and "host_pick" in rep["candidates"]
 
 
 def _separable(rows: list[dict], sizes_by_params: list[str]) -> tuple[str, str, float] | None:
-    """The largest pair of sizes (A smaller than B) whose fastest p99s differ, and a budget between them."""
+    """The largest size A whose fastest p99 is below that of every larger size, the next size B, and a budget
+    between A's fastest p99 and the fastest of all larger sizes (so no larger size fits it)."""
     best = {s: min(r["p99_ms"] for r in rows if r["size"] == s) for s in sizes_by_params}
-    for a, b in reversed(list(zip(sizes_by_params, sizes_by_params[1:]))):
-        if best[a] < best[b]:
-            return a, b, math.sqrt(best[a] * best[b])
+    for i in reversed(range(len(sizes_by_params) - 1)):
+        a, larger = sizes_by_params[i], sizes_by_params[i + 1:]
+        if best[a] < min(best[s] for s in larger):
+            return a, larger[0], math.sqrt(best[a] * min(best[s] for s in larger))
     return None
 
 
@@ -262,8 +276,8 @@ def _separable(rows: list[dict], sizes_by_params: list[str]) -> tuple[str, str, 
 def test_tune_picks_the_larger_size_that_fits_and_not_the_one_that_does_not(ladder_bundle, tmp_path, capsys):
     """Acceptance: on x86-64-cpu, a p99 budget set between two sizes' measured latencies."""
     m = read_manifest(ladder_bundle)
-    cands = m["candidates"]
-    sizes = sorted(m["ladder"]["sizes"], key=lambda s: cands[f"{s}/fp32"]["model"]["params"])
+    cands = m.candidates
+    sizes = sorted(m.ladder.sizes, key=lambda s: cands[f"{s}/fp32"].model.params)
     record = tmp_path / "tuned.json"
     for _ in range(3):  # a loaded host can blur the sizes' p99s; measure again (up to 3 times) until they separate
         code, rep = _tune(capsys, ladder_bundle, "--record", str(record))
@@ -274,15 +288,15 @@ def test_tune_picks_the_larger_size_that_fits_and_not_the_one_that_does_not(ladd
         pytest.fail(f"three measurements never separated any two sizes' p99 on this host: {rep['rows']}")
     small, large, budget = pair
     # precondition of "the larger size that fits": it is more accurate than every smaller size
-    bits = {s: [c["accuracy"]["bits"] for c in cands.values() if c["size"] == s] for s in sizes}
+    bits = {s: [r["bits"] for r in rep["rows"] if r["candidate"].startswith(f"{s}/")] for s in sizes}
     assert all(max(bits[small]) < min(bits[s]) for s in sizes[:sizes.index(small)]), bits
     code, picked = _tune(capsys, ladder_bundle, "--record", str(record), "--reuse", "--p99-ms", repr(budget))
     assert code == 0 and picked["fits"]
     chosen = cands[picked["choice"]]
-    assert chosen["size"] == small, picked["explanation"]
-    assert not any(r["fits"] for r in picked["rows"] if r["size"] == large)
+    assert chosen.size == small, picked["explanation"]
+    assert not any(r["fits"] for r in picked["rows"] if r["size"] in sizes[sizes.index(large):])
     with runtime.load(ladder_bundle, tuned=record) as model:
-        assert model.candidate == picked["choice"] and model.meta["d_model"] == chosen["model"]["d_model"]
+        assert model.candidate == picked["choice"] and model.meta["d_model"] == chosen.model.d_model
 
 
 @pytest.mark.slow

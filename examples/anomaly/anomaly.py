@@ -80,10 +80,9 @@ def verdict(score: float, threshold: float) -> str:
 
 def goldens(model) -> np.ndarray:
     """The bundle's held-out in-task images (tokens), named by its manifest."""
-    rel = model.manifest.get("goldens")
-    if not rel:
+    if not model.goldens_path.is_file():
         raise ProjectableEdgeError(f"bundle {model.bundle_dir} has no goldens; calibrate with --images")
-    with np.load(Path(model.bundle_dir) / rel, allow_pickle=False) as z:
+    with np.load(model.goldens_path, allow_pickle=False) as z:
         return model.to_tokens(z["tokens"])
 
 

@@ -1,13 +1,13 @@
 """A host-side ESTIMATE of device latency: FLOPs and bytes per image against a profile's published peaks.
 
 Roofline: an image takes max(FLOPs / peak ops of its numeric family, bytes / memory bandwidth). The
-absolute figure ignores kernel launch and framework overhead, so it is calibrated by one ratio
-measured on this host: k = median over candidates of (measured host p50 / host roofline), with the
-host's roofline from the x86-64-cpu profile's nominal peaks. Device estimate = k x device roofline,
-i.e. it assumes the device reaches the same fraction of its peak as this host does. Every figure this
-module produces is labelled an estimate, and `error_ratio` (estimated / measured host p50) says per
-candidate how far the model behind it can be trusted. `tune` on the device replaces it with a
-measurement.
+absolute figure ignores kernel launch and framework overhead, so it is calibrated by one ratio measured
+on this host: k = median over candidates of (measured host p50 / host roofline), with the host's roofline
+from the x86-64-cpu profile's nominal peaks. Device estimate = k x device roofline, i.e. it assumes the
+device reaches the same fraction of its peak as this host does. Every figure is labelled an estimate.
+How far to trust it is measured OUT OF SAMPLE: each candidate's `error_ratio` compares its measured host
+p50 with the estimate calibrated on the OTHER candidates only (leave one out; none with one candidate).
+`tune` on the device replaces the estimate with a measurement.
 """
 
 from __future__ import annotations
@@ -21,27 +21,22 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.devices.profiles import DEFAULT_TARGET, DeviceProfile, Performance, load_profile
 
 LABEL = "estimate"
-BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "int8": 1}
 ACTIVATION_BYTES = 4  # activations stay fp32 at the graph boundaries and mostly inside it (QDQ, fp16 I/O)
 
 
-def bytes_per_image(cfg: ModelConfig, params: int, variant: str) -> int:
-    """Weights read once (at the variant's width) + every layer's activations written and read once."""
+def cost(cfg: ModelConfig, params: int, variant: str) -> dict:
+    """FLOPs, and bytes: weights read once (at the variant's width) + every layer's activations written and read."""
     t = cfg.block_size
-    per_layer = (2 * cfg.d_model + 3 * cfg.d_attn + cfg.n_head * t + cfg.d_attn + cfg.d_model
-                 + 2 * cfg.d_mlp + cfg.d_model)
+    per_layer = 2 * cfg.d_model + 3 * cfg.d_attn + cfg.n_head * t + cfg.d_attn + cfg.d_model + 2 * cfg.d_mlp + cfg.d_model
     activations = 2 * ACTIVATION_BYTES * t * (cfg.n_layer * per_layer + cfg.vocab_size)
-    return BYTES_PER_WEIGHT[variants.get(variant).family] * params + activations
+    weights = variants.family(variants.get(variant).family).bytes_per_weight * params
+    return {"flops_per_image": flops_per_image(cfg), "bytes_per_image": weights + activations}
 
 
-def roofline_ms(flops: int, nbytes: int, perf: Performance, variant: str) -> float:
+def roofline_ms(c: dict, perf: Performance, variant: str) -> float:
     """Ideal time of one image on a device with these peaks (no overhead): the slower of compute and memory."""
     family = variants.get(variant).family
-    return 1e3 * max(flops / perf.peak_ops(family), nbytes / (perf.memory_bandwidth_gbs * 1e9))
-
-
-def cost(cfg: ModelConfig, params: int, variant: str) -> dict:
-    return {"flops_per_image": flops_per_image(cfg), "bytes_per_image": bytes_per_image(cfg, params, variant)}
+    return 1e3 * max(c["flops_per_image"] / perf.peak_ops(family), c["bytes_per_image"] / (perf.memory_bandwidth_gbs * 1e9))
 
 
 def host_performance() -> Performance:
@@ -54,25 +49,25 @@ def host_performance() -> Performance:
 
 
 def estimate(costs: dict[str, dict], host_p50_ms: dict[str, float], profile: DeviceProfile) -> dict:
-    """{"candidates": {name: {device_ms, host_ms, error_ratio, ...}}, calibration...}; device_ms None when the
-    profile publishes no peaks (then only the host error is reported)."""
-    host = host_performance()
-    raw_host = {n: roofline_ms(c["flops_per_image"], c["bytes_per_image"], host, c["variant"])
-                for n, c in costs.items()}
-    k = statistics.median(host_p50_ms[n] / raw_host[n] for n in costs)
-    dev = profile.performance
+    """{"candidates": {name: {device_p50_ms, host_p50_ms, error_ratio, ...}}, calibration...}; device_p50_ms is
+    None when the profile publishes no peaks, error_ratio None when there is no other candidate to calibrate on."""
+    host, dev = host_performance(), profile.performance
+    raw_host = {n: roofline_ms(c, host, c["variant"]) for n, c in costs.items()}
+    ratio = {n: host_p50_ms[n] / raw_host[n] for n in costs}
+    k = statistics.median(ratio.values())
     rows = {}
     for n, c in costs.items():
-        est_host = k * raw_host[n]
-        raw_dev = roofline_ms(c["flops_per_image"], c["bytes_per_image"], dev, c["variant"]) if dev else None
+        others = [r for m, r in ratio.items() if m != n]
+        loo = statistics.median(others) * raw_host[n] if others else None  # calibrated without this candidate
+        raw_dev = roofline_ms(c, dev, c["variant"]) if dev else None
         rows[n] = {"label": LABEL, "device_p50_ms": None if raw_dev is None else k * raw_dev,
-                   "host_p50_ms": est_host, "host_measured_p50_ms": host_p50_ms[n],
-                   "error_ratio": est_host / host_p50_ms[n], "roofline_device_ms": raw_dev,
-                   "roofline_host_ms": raw_host[n]}
-    ratios = [r["error_ratio"] for r in rows.values()]
+                   "host_p50_ms": loo, "host_measured_p50_ms": host_p50_ms[n],
+                   "error_ratio": None if loo is None else loo / host_p50_ms[n],
+                   "roofline_device_ms": raw_dev, "roofline_host_ms": raw_host[n]}
+    errors = [r["error_ratio"] for r in rows.values() if r["error_ratio"] is not None]
     return {"label": LABEL, "candidates": rows, "calibration": k,
             "method": "roofline max(FLOPs / peak ops, bytes / bandwidth) per image, x calibration = median "
-                      "(measured host p50 / host roofline); assumes the device reaches the host's fraction of peak",
-            "device_peaks": None if dev is None else asdict(dev),
-            "host_peaks": asdict(host),
-            "error_ratio_range": [min(ratios), max(ratios)]}
+                      "(measured host p50 / host roofline); assumes the device reaches the host's fraction of "
+                      "peak; error_ratio is out of sample (each candidate against the others' calibration)",
+            "device_peaks": None if dev is None else asdict(dev), "host_peaks": asdict(host),
+            "error_ratio_range": [min(errors), max(errors)] if errors else None}

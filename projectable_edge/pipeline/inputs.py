@@ -1,4 +1,9 @@
-"""The one task's inputs to every later step: its projected model, goldens, calibration and references."""
+"""What one task's bundle is built from, read once: the run's source and operator (one read of its weights),
+the task's splits (the run's own snapshot, never the data source), and its projected model at every size.
+
+Baseline roles (universal, scratch) are built only when asked: `--references` (their test-split rows)
+or `--ladder` (each size's universal model, the candidates' `vs_universal`).
+"""
 
 from __future__ import annotations
 
@@ -10,29 +15,38 @@ from pathlib import Path
 import numpy as np
 
 from projectable_edge.model import SpecialisedModel
+from projectable_edge.pipeline.plan import Plan
 from projectable_edge.project import adapted_provenance, n_params, specialise
-from projectable_edge.task_registry import resolve
-from projectable_edge.evaluate import role_bits
-from projectable_edge.train import load_run
-from projectable_edge_runtime.manifest import sha256_file
+from projectable_edge.task_registry import lookup_task
+from projectable_edge.train import load_run, run_data
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 
 @dataclass(frozen=True)
 class TaskInputs:
-    meta: dict  # the run's config.json
-    tokenizer: dict
+    meta: dict  # the run's config.json, with `weights_sha256` of the one read of its weights
     task: int | None  # None for a task added by `adapt`
     task_name: str
+    goldens: np.ndarray  # held-out test-split sequences shipped with the bundle: the accuracy rows
+    validation: np.ndarray  # the validation split: every quantization decision (keep-ops, acceptance, parity)
+    calibration: np.ndarray  # the training split: int8 calibration
+    task_test_bits: dict[str, float]  # this task's whole test split, PyTorch, per role
+    adapted: dict | None = None  # an adapted task's provenance (project.adapted_provenance)
+
+
+@dataclass(frozen=True)
+class Size:
+    """One small size of the task: its projected model and its PyTorch references on the goldens."""
+
+    name: str  # "WIDTHxLAYERS"
+    role: str  # "projected" or "projected@SIZE"
+    main: bool
     model: SpecialisedModel
     model_sha256: str  # of its weights and config: the cache key of everything built from it
-    n_params: int
+    params: int
     projection_ms: float
-    goldens: np.ndarray  # held-out task sequences shipped with the bundle
-    calibration: np.ndarray  # the task's training sequences
-    ref_bits: np.ndarray  # PyTorch bits/dim of each golden
-    reference: dict[str, float]  # this task's test bits/dim per role (source, projected, universal, scratch)
-    source_sha256: str
-    adapted: dict | None = None  # an adapted task's provenance (project.adapted_provenance)
+    ref_bits: np.ndarray  # the fp32 PyTorch model's bits/dim of each golden
+    universal_bits: float | None  # the same-size universal model on the goldens (ladder only)
 
 
 def model_sha256(model: SpecialisedModel) -> str:
@@ -43,38 +57,53 @@ def model_sha256(model: SpecialisedModel) -> str:
     return h.hexdigest()
 
 
-def _reference(run: Path, trainables, test: np.ndarray, t: int, n_tasks: int) -> dict[str, float]:
-    """This task's test bits/dim of each role: the same numbers as `evaluate`."""
-    roles = role_bits(run, trainables, test, np.full(len(test), t), n_tasks,
-                      roles=("source", "projected", "universal", "scratch"))
-    return {r: float(v[t]) for r, v in roles.items()}
-
-
-def prepare(source: str, task: str, n_goldens: int, log) -> TaskInputs:
-    """Load the run, project the task (timed) and gather its data; fails on a bad run or task."""
-    meta, trainables, data = load_run(Path(source))
-    t = resolve(Path(source), data, task)
-    adapted = not isinstance(t, int)
+def _size(trainables, role: str, t, goldens: np.ndarray, log, universal: str | None) -> Size:
+    project = (lambda: specialise(trainables, role, t)) if isinstance(t, int) else (lambda: t.model(trainables))
+    project()  # the first call also pays torch's lazy start-up: time the second
     start = time.perf_counter()
-    small = t.model(trainables) if adapted else specialise(trainables, "projected", t)
-    projection_ms = (time.perf_counter() - start) * 1000
-    name = t.name if adapted else data.task_names[t]
-    log(f"projected {'adapted ' if adapted else ''}task {name} in {projection_ms:.2f} ms ({n_params(small):,} params)")
-    test = t.goldens() if adapted else data.split("test", t)
-    goldens = test[:n_goldens]
-    ref_bits = small.bits(goldens)
-    reference = _adapted_reference(trainables, t, small) if adapted else \
-        _reference(Path(source), trainables, test, t, data.n_tasks)
-    return TaskInputs(meta=meta, tokenizer=data.spec.to_dict(), task=None if adapted else t, task_name=name,
-                      model=small, model_sha256=model_sha256(small), n_params=n_params(small),
-                      projection_ms=projection_ms, goldens=goldens,
-                      calibration=t.tokens if adapted else data.split("train", t), ref_bits=ref_bits,
-                      reference=reference, source_sha256=sha256_file(Path(source) / "model.safetensors"),
-                      adapted=adapted_provenance(t) if adapted else None)
+    small = project()
+    ms = (time.perf_counter() - start) * 1000
+    name = f"{small.cfg.d_model}x{small.cfg.n_layer}"
+    log(f"projected task at size {name} in {ms:.2f} ms ({n_params(small):,} params)")
+    uni = None if universal is None else float(specialise(trainables, universal, t).bits(goldens).mean())
+    return Size(name, role, role == "projected", small, model_sha256(small), n_params(small), ms,
+                small.bits(goldens), uni)
 
 
-def _adapted_reference(trainables, t, small) -> dict[str, float]:
-    """An adapted task has no test split: its held-out images, under it and under the nearest trained task."""
-    near = specialise(trainables, "projected", t.adapted.nearest)
-    return {"projected": float(small.bits(t.goldens()).mean()),
-            "nearest trained task (projected)": float(near.bits(t.goldens()).mean())}
+def prepare(plan: Plan, log) -> tuple[TaskInputs, list[Size]]:
+    """Load what the task needs and project it at every size (main first); fails before anything is written
+    on a bad run or task, or a ladder the run does not have."""
+    s = plan.settings
+    run = Path(s.source)
+    meta, trainables, _ = load_run(run, data=False, baselines=s.ladder or s.references)
+    data = run_data(run, meta)
+    t = lookup_task(run, data, s.task)
+    adapted = not isinstance(t, int)
+    if adapted and s.ladder:
+        raise ProjectableEdgeError(f"task {t.name!r} was added by `adapt` and exists for the main size only; "
+                                   "generate it without --ladder")
+    if s.ladder and not trainables.ladder:
+        raise ProjectableEdgeError(f"run {run} has no size ladder; train it with `--ladder 16,64` (extra small "
+                                   "sizes) or generate without --ladder")
+    if adapted:  # no splits of its own: its held-out images serve every check, its images calibrate
+        test = validation = t.goldens()
+        calibration = t.tokens
+    else:
+        test, validation, calibration = (data.split(k, t) for k in ("test", "val", "train"))
+    goldens = test[:s.goldens]
+    roles = ["projected", *(f"projected@{n}" for n in (trainables.ladder if s.ladder else ()))]
+    sizes = [_size(trainables, r, t, goldens, log, r.replace("projected", "universal", 1) if s.ladder else None)
+             for r in roles]
+    task_test_bits = {"projected": float(sizes[0].model.bits(test).mean())}
+    if s.references and not adapted:
+        from projectable_edge.evaluate import role_bits
+
+        rows = role_bits(run, trainables, test, np.full(len(test), t), data.n_tasks,
+                         roles=("source", "projected", "universal", "scratch"))
+        task_test_bits = {r: float(v[t]) for r, v in rows.items()}
+    elif adapted:
+        near = specialise(trainables, "projected", t.adapted.nearest)
+        task_test_bits["nearest trained task (projected)"] = float(near.bits(test).mean())
+    inputs = TaskInputs(meta, None if adapted else t, t.name if adapted else data.task_names[t], goldens, validation,
+                        calibration, task_test_bits, adapted_provenance(t) if adapted else None)
+    return inputs, sizes

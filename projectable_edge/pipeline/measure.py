@@ -1,58 +1,152 @@
-"""Measure a staged bundle the way a device will: validate every variant and time it with the runtime.
+"""Measure the staged bundle's candidates the way a device will, then choose what the target runs.
 
-Timing runs in a fresh `python -m projectable_edge_runtime` process, so its latency and peak memory are the
-torch-free runtime's own, not those of this process (which holds torch and the run).
+Each candidate is measured once, through the one protocol `tune` uses on the device
+(`projectable_edge_runtime.tune.measure`: its own torch-free runtime process, so latency and peak memory
+are the runtime's own): validation on the goldens against the fp32 PyTorch reference, and timings. The
+selection and, for a ladder, the device-latency estimate and the host's pick come from these numbers.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import replace
 
+from projectable_edge.pipeline import estimate as est
+from projectable_edge.pipeline.build import SizeBuild
+from projectable_edge.pipeline.plan import AUTO, Plan
+from projectable_edge_runtime import tune
+from projectable_edge_runtime.devices import variants
+from projectable_edge_runtime.devices.choices import CompileBackend, host_arch
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge_runtime.manifest import Accuracy, Candidate, HostLatency, Ladder, ModelFacts, Selection, to_json
 
 
-@dataclass(frozen=True)
-class MeasureStep:
-    latency: dict  # variant -> {case: percentiles}, plus host and verdict_on_host
-    validation: dict  # variant -> runtime.validate report
-    bench: dict  # the selected variant's full benchmark report (with raw times, for the histogram)
+def draft(plan: Plan, builds: list[SizeBuild]) -> dict[str, Candidate]:
+    """Every (size, variant) built, before it is measured: main size first, variants in preference order."""
+    out = {}
+    for b in builds:
+        m, s = b.size.model.cfg, b.size
+        facts = ModelFacts(m.n_layer, m.n_head, m.head_dim, m.vocab_size, m.block_size, s.model.bos_id, m.d_model,
+                           s.params)
+        ref = float(s.ref_bits.mean())
+        for v in plan.built:
+            q = b.quantized.get(v)
+            rel = variants.get(v).tolerance_rel
+            acc = Accuracy(reference_bits=ref, tolerance=rel * ref, tolerance_rel=rel,
+                           within_budget=True if q is None else q.within_budget, bits=None, passed=None, vs_fp32=None,
+                           universal_bits=s.universal_bits, quantization=None if q is None else q.report)
+            out[f"{s.name}/{v}"] = Candidate(s.name, v, s.main, s.role, facts, b.graphs(v), b.goldens, acc,
+                                             est.cost(m, s.params, v))
+    return out
 
 
-def _runtime_benchmark(bundle: Path, variant: str, runs: int) -> dict:
-    # The installed runtime by its unique import name and an absolute bundle path: the result
-    # does not depend on the working folder (no cwd= needed, none given).
-    cmd = [sys.executable, "-m", "projectable_edge_runtime", "benchmark", str(Path(bundle).resolve()),
-           "--precision", variant, "--backend", "onnxruntime", "--runs", str(runs), "--warmup", "5",
-           "--batch", "16", "--sample-runs", "5", "--raw", "--json"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode not in (0, 1):  # 1 = over a budget: still a full report
-        raise ProjectableEdgeError(f"benchmarking {variant} failed: {res.stderr.strip()[-500:]}")
-    return json.loads(res.stdout)
+def measure_candidates(bundle, plan: Plan, tokenizer: dict, cands: dict[str, Candidate], log) -> dict[str, dict]:
+    """The protocol's report of every candidate (the main size's with the benchmark's batch and sampling
+    cases and sample images for the report)."""
+    s = plan.settings
+    target = plan.profile.to_dict()
+    out = {}
+    for name, c in cands.items():
+        log(f"validating and timing {name} on this host (own runtime process)")
+        out[name] = tune.measure(bundle, name, runs=s.bench_runs, warmup=5, backend="onnxruntime", full=c.main,
+                                 samples=s.samples if c.main else 0,
+                                 draft={"candidate": to_json(c), "target": target, "tokenizer": tokenizer})
+    return out
 
 
-def measure(bundle: Path, built: list[str], selected: str, bench_runs: int, log) -> MeasureStep:
-    """Validate and time every built variant side by side on this host; the selected one must validate."""
-    import projectable_edge_runtime as runtime
+def fill(cands: dict[str, Candidate], raw: dict[str, dict]) -> dict[str, Candidate]:
+    """The candidates with what was measured: bits and validation on the goldens, host latency."""
+    fp32 = {c.size: raw[n]["bits"] for n, c in cands.items() if c.variant == variants.FP32.name}
+    out = {}
+    for n, c in cands.items():
+        r, a = raw[n], c.accuracy
+        acc = replace(a, bits=r["bits"], passed=r["passed"], vs_fp32=r["bits"] - fp32[c.size],
+                      vs_universal=None if a.universal_bits is None else r["bits"] - a.universal_bits)
+        results = {k: {f: x for f, x in v.items() if f != "times_ms"} for k, v in r["results"].items()}
+        out[n] = replace(c, accuracy=acc, latency_host=HostLatency(r["p50_ms"], r["p99_ms"], r["peak_rss_mb"], results))
+    return out
 
-    latency, validation, bench = {}, {}, None
-    for v in built:
-        log(f"validating and timing {v} on this host (python -m projectable_edge_runtime)")
-        with runtime.load(bundle, precision=v, backend="onnxruntime") as model:
-            # the bundle path is the staging folder, gone after the rename: not recorded
-            validation[v] = {k: x for k, x in runtime.validate(model).items() if k != "bundle"}
-        r = _runtime_benchmark(bundle, v, bench_runs)
-        latency[v] = {k: {m: x for m, x in s.items() if m != "times_ms"} for k, s in r["results"].items()}
-        latency[v]["peak_rss_mb"] = r["peak_rss_mb"]
-        if v == selected:
-            bench = r
-    if not validation[selected]["passed"]:
-        raise ProjectableEdgeError(f"the {selected} variant failed validation on its goldens: "
-                                   f"{validation[selected]}; nothing was written")
-    latency["host"] = bench["host"]
-    latency["verdict_on_host"] = {"verdict": bench["verdict"], "checks": bench["checks"],
-                                  "note": "budgets are the target's; these numbers are the host's"}
-    return MeasureStep(latency, validation, bench)
+
+def host_is_target(plan: Plan) -> bool:
+    """This host's timings speak for the target only when it runs ONNX Runtime on this architecture."""
+    return plan.profile.compile_backend == CompileBackend.ONNXRUNTIME and plan.profile.arch == host_arch()
+
+
+def unbuildable(plan: Plan, root, cands: dict[str, Candidate]) -> dict[str, str]:
+    """Main-size candidates the target's TensorRT cannot build, and why (the static check of their graphs)."""
+    if plan.profile.compile_backend != CompileBackend.TENSORRT:
+        return {}
+    from projectable_edge.exporters.trt_check import check_tensorrt_compat
+
+    out = {}
+    for n, c in ((n, c) for n, c in cands.items() if c.main):
+        checks = [check_tensorrt_compat(root / g, plan.profile.software.get("tensorrt"))
+                  for g in (c.graphs.score, c.graphs.decode) if g]
+        errors = [p["message"] for r in checks for p in r["problems"] if p["severity"] == "error"]
+        if errors:
+            out[n] = (f"TensorRT {checks[0]['tensorrt_version']} cannot build it: {errors[0]}"
+                      + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    return out
+
+
+def select(plan: Plan, cands: dict[str, Candidate], on_target: bool,
+           unbuildable: dict[str, str] | None = None) -> tuple[str, Selection]:
+    """The first main-size variant in the target's preference order that met its accuracy budget, validated
+    against the PyTorch reference here, the target can build and, where this host is the target, is not
+    slower than fp32; else fp32."""
+    main = {c.variant: (n, c) for n, c in cands.items() if c.main}
+    fp32_name, fp32 = main[variants.FP32.name]
+    asked = plan.settings.precision != AUTO
+    rule = (f"precision {plan.settings.precision} was asked for (fp32 if it fails its accuracy checks)" if asked else
+            f"first variant in {plan.profile.name}'s precision order {list(plan.profile.precisions)} that met its "
+            "accuracy budget (validation split), validated against the PyTorch reference (goldens, test split) and "
+            f"passes the static check of the target's compiler ({plan.profile.compile_backend})")
+    rule += ("; this host is the target (ONNX Runtime on the same architecture), so a variant slower than fp32 "
+             "here is passed over" if on_target else
+             "; this host is not the target, so its timings do not pass a variant over (run `tune` on the device)")
+    passed_over = {}
+    for v in plan.variants:
+        name, c = main[v]
+        a, lat = c.accuracy, c.latency_host
+        if not a.within_budget:
+            passed_over[name] = "accuracy budget exceeded vs fp32 on the validation split"
+        elif not a.passed:
+            passed_over[name] = (f"failed validation against the PyTorch reference: {a.bits:.4f} vs "
+                                 f"{a.reference_bits:.4f} bits/dim (tolerance {a.tolerance:.4f})")
+        elif name in (unbuildable or {}):
+            passed_over[name] = unbuildable[name]
+        elif on_target and not asked and v != fp32.variant and lat.p50_ms > fp32.latency_host.p50_ms:
+            passed_over[name] = (f"slower than fp32 on this host, which is the target: p50 {lat.p50_ms:.3f} ms vs "
+                                 f"{fp32.latency_host.p50_ms:.3f} ms (score one image)")
+        else:
+            return name, Selection(rule, f"{v}: the first that passed every check" if not asked else
+                                   f"{v} was asked for and passed its accuracy checks", passed_over)
+    if not fp32.accuracy.passed or fp32_name in (unbuildable or {}):
+        raise ProjectableEdgeError(f"the fp32 graph failed validation against the PyTorch reference on its goldens "
+                                   f"({fp32.accuracy.bits:.5f} vs {fp32.accuracy.reference_bits:.5f} bits/dim) or "
+                                   f"cannot be built for {plan.profile.name}: {(unbuildable or {}).get(fp32_name, '')}; "
+                                   "nothing was written")
+    return fp32_name, Selection(rule, "no planned variant passed every check: fell back to fp32", passed_over)
+
+
+def ladder(plan: Plan, cands: dict[str, Candidate], raw: dict[str, dict]) -> tuple[dict[str, Candidate], Ladder]:
+    """Every candidate with its device-latency ESTIMATE, ordered by it, and what `tune` would pick from the
+    host's measurements against the target's budgets."""
+    for n, c in cands.items():
+        if not c.accuracy.passed:
+            raise ProjectableEdgeError(f"ladder candidate {n} failed validation against the PyTorch reference on "
+                                       "its goldens; nothing was written")
+    e = est.estimate({n: {**c.cost, "variant": c.variant} for n, c in cands.items()},
+                     {n: c.latency_host.p50_ms for n, c in cands.items()}, plan.profile)
+    peaks = plan.profile.performance is not None
+    key = (lambda n: e["candidates"][n]["device_p50_ms"]) if peaks else (lambda n: cands[n].latency_host.p50_ms)
+    ordered = {n: replace(cands[n], estimate=e["candidates"][n]) for n in sorted(cands, key=key)}
+    budget = tune.Budget(plan.profile.budgets.p99_latency_ms, float(plan.profile.budgets.memory_mb))
+    verdict = tune.pick({n: c.accuracy.within_budget for n, c in ordered.items()}, raw, budget)
+    host_pick = {"choice": verdict["choice"], "fits": verdict["fits"], "closest": verdict.get("closest"),
+                 "explanation": tune.explain(verdict), "budget": verdict["budget"],
+                 "note": "measured on this host against the target's budgets; run `python -m projectable_edge_runtime "
+                         "tune BUNDLE` on the device for the real choice"}
+    order = ("by estimated device p50 latency, fastest first" if peaks else
+             "by measured host p50 latency (the profile publishes no peaks to estimate from)")
+    sizes = tuple(dict.fromkeys(c.size for c in cands.values()))
+    return ordered, Ladder(sizes, order, {k: v for k, v in e.items() if k != "candidates"}, host_pick)

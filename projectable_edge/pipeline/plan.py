@@ -27,12 +27,13 @@ class GenerateSettings:
     out: str | None = None  # default bundles/<task>__<target>
     overwrite: bool = False
     goldens: int = 64  # held-out sequences shipped for on-device validation
-    bench_runs: int = 50  # host latency runs per variant (after warm-up)
+    bench_runs: int = 50  # host latency runs per candidate (after warm-up)
     samples: int = 16
     cache_dir: str | None = None  # step cache (default: .cache beside the bundle folder)
     cache: bool = True  # reuse export/quantization outputs of identical inputs and settings
     sign_key: str | None = None  # Ed25519 private key (PEM) that signs the manifest digest
-    ladder: bool = False  # every (size, precision) of the run's size ladder in one bundle (pipeline/ladder.py)
+    ladder: bool = False  # every (size, precision) of the run's size ladder in one bundle
+    references: bool = False  # also the source, universal and scratch rows (builds the run's baseline roles)
 
     def resolved(self) -> "GenerateSettings":
         """Every path absolute (the default --out included), fixed before any work: nothing depends on the cwd later."""
@@ -48,6 +49,11 @@ class Plan:
     settings: GenerateSettings
     profile: DeviceProfile
     variants: tuple[str, ...]  # registry names to build, in the order they are preferred for the target
+
+    @property
+    def built(self) -> tuple[str, ...]:
+        """Every variant built, preferred first; fp32 always (every other variant is converted from it)."""
+        return tuple(dict.fromkeys((*self.variants, variants.FP32.name)))
 
     def out_dir(self, task_name: str) -> Path:
         s = self.settings

@@ -1,42 +1,44 @@
-"""report.md with three figures: a sample grid, bits/dim per variant vs the references, a latency histogram."""
+"""report.md with its figures: sample images, bits/dim per candidate vs the references, a latency histogram,
+and for a ladder the candidates' accuracy against latency and memory. Drawn from the manifest and the one
+measurement of each candidate (its samples and raw timings): nothing is loaded or run again."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from projectable_edge.pipeline.measure import MeasureStep
+import numpy as np
+
+from projectable_edge_runtime.devices import variants
+from projectable_edge_runtime.manifest import Manifest
+from projectable_edge_runtime.png import image_grid, write_png
 
 
-
-@dataclass(frozen=True)
-class ReportStep:
-    files: tuple[str, ...]  # what it added to the bundle
-
-
-def _figures(tmp: Path, manifest: dict, bench: dict) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    acc = manifest["accuracy"]
-    refs = acc["task_test_bits"]  # every role for a trained task; projected + nearest for an adapted one
-    names = list(acc["variants"]) + [f"{r} (PyTorch)" for r in refs]
-    vals = [a["bits"] for a in acc["variants"].values()] + list(refs.values())
+    return plt
+
+
+def _figures(tmp: Path, m: Manifest, raw: dict) -> None:
+    plt = _plt()
+    main = m.main_candidates()
+    names = [c.variant for c in main.values()] + [f"{r} (PyTorch, test split)" for r in m.task_test_bits]
+    vals = [c.accuracy.bits for c in main.values()] + list(m.task_test_bits.values())
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.barh(names, vals, color=["C0"] * len(acc["variants"]) + [f"C{i + 1}" for i in range(len(refs))])
+    ax.barh(names, vals, color=["C0"] * len(main) + [f"C{i + 1}" for i in range(len(m.task_test_bits))])
     ax.set_xlim(min(vals) * 0.95, max(vals) * 1.02)
     ax.set_xlabel("bits/dim (held-out images of the task; lower is better)")
     fig.tight_layout()
     fig.savefig(tmp / "bits.png", dpi=110)
     plt.close(fig)
-
     fig, ax = plt.subplots(figsize=(6, 3))
-    for k, s in bench["results"].items():
-        if "times_ms" in s and k.startswith("score"):
+    for k, s in raw[m.selected]["results"].items():
+        if k.startswith("score"):
             ax.hist(s["times_ms"], bins=30, alpha=0.6, label=k)
-    ax.set_xlabel(f"latency on host (ms), {manifest['selected']}")
+    ax.set_xlabel(f"latency on host (ms), {m.selected}")
     ax.set_ylabel("runs")
     ax.legend()
     fig.tight_layout()
@@ -44,61 +46,51 @@ def _figures(tmp: Path, manifest: dict, bench: dict) -> None:
     plt.close(fig)
 
 
-def _markdown(manifest: dict, measured: MeasureStep) -> str:
-    acc, lat = manifest["accuracy"], measured.latency
-    lines = [f"# Bundle: task {manifest['task']['name']} for {manifest['target']['name']}", "",
-             f"Selected variant: **{manifest['selected']}** ({manifest['selection']['reason']}).",
-             f"Engine: **{manifest['engine']['status']}** — {manifest['engine'].get('reason', '')}", "",
-             "| variant | bits/dim | vs fp32 | host p50 score b1 (ms) | host p99 score b1 (ms) | validation |",
-             "|---|---|---|---|---|---|"]
-    for v, a in acc["variants"].items():
-        s = lat[v]["score_batch1"]
-        ok = measured.validation[v]["passed"]
-        lines.append(f"| {v} | {a['bits']:.4f} | {a['delta']:+.4f} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | "
-                     f"{'pass' if ok else 'FAIL'} |")
-    ref = acc["task_test_bits"]
-    lines += ["", "Reference (PyTorch, this task's held-out images): " +
-              ", ".join(f"{r} {v:.4f}" for r, v in ref.items()), "",
-              "Exercised on this host: " + "; ".join(manifest["exercised"]["done"]) + ".",
-              "Not exercised here: " + ("; ".join(manifest["exercised"]["not_done"]) or "nothing") + ".", "",
+def _markdown(m: Manifest) -> list[str]:
+    lines = [f"# Bundle: task {m.task.name} for {m.target.name}", "",
+             f"Selected: **{m.selected}** ({m.selection.reason}). Rule: {m.selection.rule}.",
+             *(f"- passed over {n}: {why}" for n, why in m.selection.passed_over.items()),
+             f"Engine: **{m.engine.status}** — {m.engine.reason}", "",
+             "| variant | bits/dim (goldens) | vs fp32 | vs PyTorch | host p50 score b1 (ms) | host p99 score b1 (ms) "
+             "| validation |", "|---|---|---|---|---|---|---|"]
+    for c in m.main_candidates().values():
+        a, lat = c.accuracy, c.latency_host
+        lines.append(f"| {c.variant} | {a.bits:.4f} | {a.vs_fp32:+.4f} | {a.bits - a.reference_bits:+.4f} | "
+                     f"{lat.p50_ms:.3f} | {lat.p99_ms:.3f} | {'pass' if a.passed else 'FAIL'} |")
+    lines += ["", "Reference (PyTorch, this task's test split): " +
+              ", ".join(f"{r} {v:.4f}" for r, v in m.task_test_bits.items()), "",
+              "Exercised on this host: " + "; ".join(m.exercised.done) + ".",
+              "Not exercised here: " + ("; ".join(m.exercised.not_done) or "nothing") + ".", "",
               "![samples](samples.png)", "", "![bits/dim](bits.png)", "", "![latency](latency.png)", ""]
-    return "\n".join(lines)
+    return lines
 
 
-def _candidates_chart(path: Path, manifest: dict) -> None:
+def _candidates_chart(path: Path, m: Manifest) -> None:
     """Accuracy vs host latency and vs peak memory of every candidate, the target's budget lines and the host
     pick; hollow markers are the ESTIMATED device latency (labelled so)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cands, lad = manifest["candidates"], manifest["ladder"]
-    budgets, pick = manifest["target"]["budgets"], lad["host_pick"]["choice"]
-    sizes = lad["sizes"]
-    markers = {"fp32": "o", "fp16": "s", "int8": "^"}
+    plt = _plt()
+    budgets, pick = m.target.budgets, m.ladder.host_pick["choice"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for name, c in cands.items():
-        color = f"C{sizes.index(c['size']) % 10}"
-        mk = markers.get(c["variant"].split("-")[0], "D")
-        bits, lat = c["accuracy"]["bits"], c["latency_host"]
-        ax.scatter(lat["p99_ms"], bits, color=color, marker=mk, s=50, label=name)
-        dev = c["estimate"].get("device_p50_ms")
-        if dev is not None:
-            ax.scatter(dev, bits, facecolors="none", edgecolors=color, marker=mk, s=50)
-        if lat.get("peak_rss_mb") is not None:
-            bx.scatter(lat["peak_rss_mb"], bits, color=color, marker=mk, s=50)
+    for name, c in m.candidates.items():
+        color = f"C{m.ladder.sizes.index(c.size) % 10}"
+        mk = variants.family(variants.get(c.variant).family).marker
+        bits, lat = c.accuracy.bits, c.latency_host
+        ax.scatter(lat.p99_ms, bits, color=color, marker=mk, s=50, label=name)
+        if c.estimate.get("device_p50_ms") is not None:
+            ax.scatter(c.estimate["device_p50_ms"], bits, facecolors="none", edgecolors=color, marker=mk, s=50)
+        if lat.peak_rss_mb is not None:
+            bx.scatter(lat.peak_rss_mb, bits, color=color, marker=mk, s=50)
         if name == pick:
-            for a, x in ((ax, lat["p99_ms"]), (bx, lat.get("peak_rss_mb"))):
+            for a, x in ((ax, lat.p99_ms), (bx, lat.peak_rss_mb)):
                 if x is not None:
                     a.scatter(x, bits, marker="*", s=300, facecolors="none", edgecolors="k", label=None)
-    ax.axvline(budgets["p99_latency_ms"], color="r", ls="--", label=f"p99 budget {budgets['p99_latency_ms']:g} ms")
-    bx.axvline(budgets["memory_mb"], color="r", ls="--", label=f"memory budget {budgets['memory_mb']} MB")
+    ax.axvline(budgets.p99_latency_ms, color="r", ls="--", label=f"p99 budget {budgets.p99_latency_ms:g} ms")
+    bx.axvline(budgets.memory_mb, color="r", ls="--", label=f"memory budget {budgets.memory_mb} MB")
     ax.set_xscale("log")
     ax.set_xlabel("latency, score 1 image (ms, log)\nfilled: host p99 (measured); hollow: device p50 (ESTIMATE)")
     bx.set_xlabel("peak RSS of the runtime process on the host (MB)")
     ax.set_ylabel("bits/dim on the goldens (lower is better)")
-    ax.set_title(f"candidates for {manifest['target']['name']} (star: host pick {pick or 'none'})", fontsize=9)
+    ax.set_title(f"candidates for {m.target.name} (star: host pick {pick or 'none'})", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     bx.legend(fontsize=7)
     fig.tight_layout()
@@ -106,40 +98,43 @@ def _candidates_chart(path: Path, manifest: dict) -> None:
     plt.close(fig)
 
 
-def _candidates_markdown(manifest: dict) -> list[str]:
+def _ratio(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _candidates_markdown(m: Manifest) -> list[str]:
     """The candidate table: accuracy vs fp32 and vs the same-size universal model, host latency, estimate."""
-    lad = manifest["ladder"]
-    est = lad["estimate"]
+    e = m.ladder.estimate
+    rng = e["error_ratio_range"]
     lines = ["", "## Candidates (size ladder x precision)", "",
-             f"Ordered {lad['order']}. **Device latency is an ESTIMATE** ({est['method']}; calibration "
-             f"{est['calibration']:.3g}); *estimate error* = estimated / measured host p50 (1.00 = exact; range "
-             f"{est['error_ratio_range'][0]:.2f}–{est['error_ratio_range'][1]:.2f}).", "",
+             f"Ordered {m.ladder.order}. **Device latency is an ESTIMATE** ({e['method']}; calibration "
+             f"{e['calibration']:.3g}); *estimate error* = estimated (calibrated on the other candidates) / measured "
+             f"host p50 (1.00 = exact; range {_ratio(rng and rng[0])}–{_ratio(rng and rng[1])}).", "",
              "| candidate | params | bits/dim | vs fp32 | vs universal (same size) | host p50 (ms) | host p99 (ms) | "
              "host peak MB | device p50 ESTIMATE (ms) | estimate error |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for n, c in manifest["candidates"].items():
-        a, lat, e = c["accuracy"], c["latency_host"], c["estimate"]
-        dev = "n/a" if e.get("device_p50_ms") is None else f"{e['device_p50_ms']:.4f}"
-        lines.append(f"| {n}{'' if a['within_budget'] else ' (accuracy budget missed)'} | {c['model']['params']:,} | "
-                     f"{a['bits']:.4f} | {a['vs_fp32']:+.4f} | {a['vs_universal']:+.4f} | {lat['p50_ms']:.3f} | "
-                     f"{lat['p99_ms']:.3f} | {lat['peak_rss_mb']:.1f} | {dev} | {e['error_ratio']:.2f} |")
-    lines += ["", f"Host pick: {lad['host_pick']['explanation']}. {lad['host_pick']['note']}.", "",
-              "![candidates](candidates.png)"]
-    return lines
+    for n, c in m.candidates.items():
+        a, lat, est = c.accuracy, c.latency_host, c.estimate
+        dev = "n/a" if est.get("device_p50_ms") is None else f"{est['device_p50_ms']:.4f}"
+        lines.append(f"| {n}{'' if a.within_budget else ' (accuracy budget missed)'} | {c.model.params:,} | "
+                     f"{a.bits:.4f} | {a.vs_fp32:+.4f} | {a.vs_universal:+.4f} | {lat.p50_ms:.3f} | {lat.p99_ms:.3f} | "
+                     f"{lat.peak_rss_mb:.1f} | {dev} | {_ratio(est['error_ratio'])} |")
+    return lines + ["", f"Host pick: {m.ladder.host_pick['explanation']}. {m.ladder.host_pick['note']}.", "",
+                    "![candidates](candidates.png)"]
 
 
-def write_report(tmp: Path, manifest: dict, measured: MeasureStep, samples: int, log) -> ReportStep:
-    import projectable_edge_runtime as runtime
-    from projectable_edge_runtime.console import sample_grid
-
-    with runtime.load(tmp) as model:
-        sample_grid(model, samples, tmp / "samples.png", seed=0)
-    _figures(tmp, manifest, measured.bench)
-    text, files = _markdown(manifest, measured), ("report.md", "samples.png", "bits.png", "latency.png")
-    if manifest.get("candidates"):
-        _candidates_chart(tmp / "candidates.png", manifest)
-        text += "\n".join(_candidates_markdown(manifest)) + "\n"
+def write_report(tmp: Path, m: Manifest, raw: dict, log) -> tuple[str, ...]:
+    """Write the report and its figures into the staged bundle; the files it added (all optional)."""
+    samples = np.asarray(raw[m.selected].get("samples") or [], dtype=np.int64)
+    files = ("report.md", "bits.png", "latency.png")
+    if len(samples):
+        write_png(tmp / "samples.png", image_grid(m.tokenizer.decode(samples), cols=min(8, len(samples)), scale=4))
+        files += ("samples.png",)
+    _figures(tmp, m, raw)
+    lines = _markdown(m)
+    if m.ladder is not None:
+        _candidates_chart(tmp / "candidates.png", m)
+        lines += _candidates_markdown(m)
         files += ("candidates.png",)
-    (tmp / "report.md").write_text(text)
-    step = ReportStep(files)
-    log(f"wrote {', '.join(step.files)}")
-    return step
+    (tmp / "report.md").write_text("\n".join(lines) + "\n")
+    log(f"wrote {', '.join(files)}")
+    return files

@@ -4,7 +4,9 @@
 `projectable_edge_runtime`, devices/ as its `devices` subpackage; modules only, no TOML
 profiles: the device reads its profile from the manifest) from a staged project with its own
 pyproject.toml. Dependencies: numpy and onnxruntime at the runtime's declared floors; Pillow
-only as the `images` extra. SOURCE_DATE_EPOCH is fixed, so the same sources give the same bytes.
+only as the `images` extra, `serve`'s HTTP server library only as the `serve` extra.
+SOURCE_DATE_EPOCH is fixed, so the same sources give the same bytes, and the step cache keeps the
+wheel of the same sources for the next bundle.
 Device setup: `python3 -m venv pe && pe/bin/pip install BUNDLE/runtime/*.whl`.
 """
 
@@ -16,17 +18,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import projectable_edge_runtime
 import projectable_edge_runtime.devices
 from projectable_edge import __version__
+from projectable_edge.pipeline.cache import StepCache, content_key
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.requirements import MIN_NUMPY, MIN_ONNXRUNTIME, MIN_PYTHON, requires_for
+from projectable_edge_runtime.manifest import Requires, Wheel
+from projectable_edge_runtime.serve import SERVE_REQUIRES
 
 DIST = "projectable-edge-runtime"
 WHEEL_DIR = "runtime"  # folder inside the bundle
-_PATTERNS = ("*.py", "*.json")  # modules and the JSON schema; never caches or TOML
 
 _PYPROJECT = """\
 [build-system]
@@ -43,6 +48,7 @@ dependencies = ["numpy>={numpy}", "onnxruntime>={ort}"]
 
 [project.optional-dependencies]
 images = ["pillow>=10"]
+serve = ["{serve}"]
 
 [project.scripts]
 projectable-edge-runtime = "projectable_edge_runtime.__main__:main"
@@ -51,18 +57,13 @@ projectable-edge-runtime = "projectable_edge_runtime.__main__:main"
 packages = ["projectable_edge_runtime", "projectable_edge_runtime.devices"]
 """
 
-_memo: dict[str, bytes] = {}  # sources digest -> wheel bytes (one build per process)
-
-
 def _sources() -> dict[str, Path]:
     """{path inside the wheel's source tree: file} for the installed runtime and devices modules."""
     out = {}
     for pkg, mod in (("projectable_edge_runtime", projectable_edge_runtime),
                      ("projectable_edge_runtime/devices", projectable_edge_runtime.devices)):
-        folder = Path(mod.__file__).resolve().parent
-        for pattern in _PATTERNS:
-            for f in sorted(folder.glob(pattern)):
-                out[f"{pkg}/{f.name}"] = f
+        for f in sorted(Path(mod.__file__).resolve().parent.glob("*.py")):  # never caches or TOML
+            out[f"{pkg}/{f.name}"] = f
     return out
 
 
@@ -70,7 +71,7 @@ def wheel_name() -> str:
     return f"{DIST.replace('-', '_')}-{__version__}-py3-none-any.whl"
 
 
-def _build(sources: dict[str, Path], log) -> bytes:
+def _build(sources: dict[str, Path], dest: Path, log) -> None:
     with tempfile.TemporaryDirectory(prefix="pe-wheel-") as tmp:
         proj, dist = Path(tmp, "project"), Path(tmp, "dist")
         for rel, f in sources.items():
@@ -79,7 +80,8 @@ def _build(sources: dict[str, Path], log) -> bytes:
             shutil.copyfile(f, dst)
             os.chmod(dst, 0o644)
         (proj / "pyproject.toml").write_text(_PYPROJECT.format(
-            dist=DIST, version=__version__, python=MIN_PYTHON, numpy=MIN_NUMPY, ort=MIN_ONNXRUNTIME))
+            dist=DIST, version=__version__, python=MIN_PYTHON, numpy=MIN_NUMPY, ort=MIN_ONNXRUNTIME,
+            serve=SERVE_REQUIRES))
         env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                "-q", "-w", str(dist), str(proj)]
@@ -89,28 +91,30 @@ def _build(sources: dict[str, Path], log) -> bytes:
         if res.returncode != 0 or len(wheels) != 1:
             raise ProjectableEdgeError("building the runtime wheel failed (needs pip and setuptools>=68 in this "
                                        f"environment): {(res.stderr or res.stdout).strip()[-800:]}")
-        return wheels[0].read_bytes()
+        dest.parent.mkdir(exist_ok=True)
+        shutil.copyfile(wheels[0], dest)
 
 
-def write_runtime_wheel(bundle: Path, log) -> dict:
-    """Put the runtime wheel into `bundle`/runtime/; return the manifest's `runtime_wheel` field."""
+def write_runtime_wheel(bundle: Path, cache: StepCache, log) -> Wheel:
+    """Put the runtime wheel into `bundle`/runtime/ (the step cache's, when the same sources built one);
+    return the manifest's `runtime_wheel` field."""
     sources = _sources()
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"{__version__} {SERVE_REQUIRES}".encode())
     for rel, f in sources.items():
         h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
-    key = h.hexdigest()
-    if key not in _memo:
-        _memo[key] = _build(sources, log)
     rel = f"{WHEEL_DIR}/{wheel_name()}"
-    (bundle / WHEEL_DIR).mkdir(exist_ok=True)
-    (bundle / rel).write_bytes(_memo[key])
-    return {"path": rel, "distribution": DIST, "version": __version__, "import_name": "projectable_edge_runtime",
-            "requires": [f"numpy>={MIN_NUMPY}", f"onnxruntime>={MIN_ONNXRUNTIME}"], "extras": {"images": ["pillow>=10"]},
-            "install": f"python3 -m venv pe && pe/bin/pip install {rel}",
-            "run": "pe/bin/python -m projectable_edge_runtime validate ."}
+    key = content_key(step="wheel", sources=h.hexdigest())
+    if cache.fetch("wheel", key, bundle) is None:
+        start = time.perf_counter()
+        _build(sources, bundle / rel, log)
+        cache.store("wheel", key, bundle, {"files": [rel], "seconds": time.perf_counter() - start})
+    return Wheel(rel, DIST, __version__, "projectable_edge_runtime",
+                 (f"numpy>={MIN_NUMPY}", f"onnxruntime>={MIN_ONNXRUNTIME}"),
+                 {"images": ("pillow>=10",), "serve": (SERVE_REQUIRES,)},
+                 f"python3 -m venv pe && pe/bin/pip install {rel}", "pe/bin/python -m projectable_edge_runtime validate .")
 
 
-def graph_requires(bundle: Path, graph_files: list[str]) -> dict:
+def graph_requires(bundle: Path, graph_files: list[str]) -> Requires:
     """The manifest's `requires`: the runtime's floors, plus the graphs' IR version and opsets."""
     import onnx  # host only
 

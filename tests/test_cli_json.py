@@ -1,0 +1,95 @@
+"""`--json` means stdout is exactly one JSON document, for every command of both CLIs; and every CLI choice
+comes from an enum whose words are the code's own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from projectable_edge.cli import app
+from projectable_edge_runtime.__main__ import main as rt_main
+
+cli = CliRunner()
+
+
+def _host(args: list[str], ok=(0,)) -> dict:
+    res = cli.invoke(app, args)
+    assert res.exit_code in ok, res.output
+    return json.loads(res.stdout)  # the whole of stdout, strictly
+
+
+def _device(capsys, args: list[str], ok=(0,)) -> dict:
+    capsys.readouterr()
+    code = rt_main(args)
+    out = capsys.readouterr().out
+    assert code in ok, out
+    return json.loads(out)
+
+
+def test_cli_choices_are_the_codes_own_words():
+    from projectable_edge.adapt import FITS
+    from projectable_edge.choices import Fit, Mixture, Preset
+    from projectable_edge.config import PRESETS
+    from projectable_edge.projection import MIXTURES
+    from projectable_edge_runtime.devices.choices import values
+
+    assert set(values(Preset)) == set(PRESETS) and set(values(Mixture)) == set(MIXTURES)
+    assert values(Fit) == FITS
+    res = cli.invoke(app, ["train", "--preset", "huge"])
+    assert res.exit_code == 2 and "huge" in res.output and "tiny" in res.output
+
+
+@pytest.mark.slow
+def test_every_command_prints_one_json_document(tiny_run, tmp_path, capsys):
+    b = tmp_path / "bundle"
+    gen = _host(["generate", "--task", "3", "--target", "x86-64-cpu", "--source", str(tiny_run), "--out", str(b),
+                 "--precision", "fp32", "--json"])
+    assert gen["bundle"] == str(b) and gen["manifest"]["selected"] in gen["manifest"]["candidates"]
+    assert _host(["targets", "--json"])["targets"]
+    assert _host(["tasks", str(tiny_run), "--json"])["tasks"]
+    assert "macro_bits_per_dim" in _host(["evaluate", str(tiny_run), "--json"])
+    assert _host(["train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "r"), "--no-progress",
+                  "--json"])["steps"] == 2
+    p = _host(["project", str(tiny_run), "--task", "3", "--out", str(tmp_path / "p3"), "--json"])
+    ex = _host(["export", p["weights"], "--out", str(tmp_path / "onnx"), "--json"])
+    assert ex["graphs"]["scoring"]["parity"]["ok"]
+    q = _host(["quantize", str(tmp_path / "onnx" / "scoring.onnx"), "--precision", "fp16",
+               "--out", str(tmp_path / "s16.onnx"), "--json"])
+    assert q["precision"] == "fp16"
+    assert _host(["compile", str(tmp_path / "onnx" / "scoring.onnx"), "--target", "jetson",
+                  "--out", str(tmp_path / "engine"), "--json"])["status"] == "deferred"
+    assert _host(["benchmark", str(b), "--runs", "3", "--warmup", "0", "--json"], ok=(0, 1))["results"]
+    assert _host(["sample", str(b), "-n", "2", "--out", str(tmp_path / "s.png"), "--json"])["n"] == 2
+    assert _device(capsys, ["info", str(b), "--json"])["candidate"] == gen["manifest"]["selected"]
+    assert _device(capsys, ["validate", str(b), "--json"])["passed"]
+    assert _device(capsys, ["benchmark", str(b), "--runs", "3", "--warmup", "0", "--sample-runs", "2", "--json"],
+                   ok=(0, 1))["results"]
+    assert _device(capsys, ["sample", str(b), "-n", "2", "--out", str(tmp_path / "d.png"), "--json"])["n"] == 2
+    np.save(tmp_path / "t.npy", np.zeros((2, 64), np.int64))
+    assert len(_device(capsys, ["score", str(b), str(tmp_path / "t.npy"), "--json"])["bits_per_dim"]) == 2
+    assert _device(capsys, ["tune", str(b), "--runs", "3", "--warmup", "0", "--json"], ok=(0, 1))["rows"]
+    assert _device(capsys, ["schema"])["title"] == "projectable-edge bundle manifest"
+
+
+@pytest.mark.slow
+def test_adapt_json_is_one_document(tiny_run, tmp_path):
+    from PIL import Image
+
+    from projectable_edge.data import DataConfig, load_dataset
+
+    data = load_dataset(DataConfig())
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(data.spec.decode(data.split("test", "7")[:6])):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    import shutil
+
+    run = tmp_path / "run"  # a copy: the shared run keeps its task list
+    shutil.copytree(tiny_run, run)
+    rec = _host(["adapt", str(run), "--images", str(folder), "--name", "json-sevens", "--steps", "4",
+                 "--fit", "embedding", "--force", "--json"])
+    assert rec["task"] == "json-sevens" and Path(rec["folder"]).is_dir()
