@@ -10,7 +10,8 @@ medians of per-round ratios):
   recompute  the same sampler re-running the scoring graph every step (the fallback)
   greedy     the sampler at temperature 0 (compiled graph), next to
   loop       the whole greedy image in one session.run: the compiled decode graph inside an ONNX Loop with
-             ArgMax (what moving the rollout into the graph could at most save)
+             ArgMax, and loop_sampled: the same with the sampler's float64 inverse CDF inside the Loop (at
+             the sampler's uniforms; same tokens here): what moving the rollout into a graph would save
   step, step_std  one bare session.run of each decode graph at half the image's length (no sampling work)
   floor      one session.run of a one-node graph: what any call into ONNX Runtime costs here
 and counts each decode graph's kernels (nodes after ONNX Runtime's own optimizations, level all), and
@@ -42,9 +43,9 @@ from projectable_edge.config import parse_size, preset  # noqa: E402
 from projectable_edge.exporters.onnx_export import export_onnx  # noqa: E402
 from projectable_edge.exporters.ort_compile import compile_onnxruntime  # noqa: E402
 from projectable_edge.model import ModelConfig  # noqa: E402
-from projectable_edge_runtime.graphs import CacheLayout  # noqa: E402
-from projectable_edge_runtime.runners import OrtRunner, ort_session  # noqa: E402
-from projectable_edge_runtime.sampler import sample_kv, sample_recompute, uniforms  # noqa: E402
+from projectable_edge_runtime.graphs.contract import CacheLayout  # noqa: E402
+from projectable_edge_runtime.graphs.runners import OrtRunner, ort_session  # noqa: E402
+from projectable_edge_runtime.graphs.sampler import sample_kv, sample_recompute, uniforms  # noqa: E402
 from tiny_models import tiny_trained_model  # noqa: E402
 
 
@@ -229,13 +230,14 @@ def main() -> None:
     print(f"load average {load0[0]:.2f} -> {load1[0]:.2f} (2-core host); onnxruntime and torch 1 thread; "
           f"torch.mm 256x256x256 {peak / 1e9:.1f} GFLOP/s")
     print("| model | tokens | KV-cache ms | recompute ms | KV vs recompute | per token µs | greedy / in-graph Loop "
-          "µs per token | decode step µs (kernels) | standard-op graph: KV ms, vs recompute, step µs (kernels) "
+          "greedy / Loop sampled µs per token (Loop sampled vs recompute) | decode step µs (kernels) | standard-op graph: KV ms, vs recompute, step µs (kernels) "
           "| floor µs | kFLOP per token | its time at the torch.mm rate, µs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["compute_us_at_peak"] = r["flops_per_token"] / peak * 1e6
         print(f"| {r['model']} | {r['tokens']} | {r['kv_ms']:.2f} | {r['recompute_ms']:.2f} "
-              f"| {r['kv_vs_recompute']:.2f}x | {r['per_token_us']:.1f} | {r['greedy_per_token_us']:.1f} / {r['loop_per_token_us']:.1f} "
+              f"| {r['kv_vs_recompute']:.2f}x | {r['per_token_us']:.1f} | {r['greedy_per_token_us']:.1f} / {r['loop_per_token_us']:.1f} / "
+              f"{r['loop_sampled_per_token_us']:.1f} ({r['loop_sampled_vs_recompute']:.2f}x) "
               f"| {r['step_us']:.1f} ({r['kernels']}) | {r['kv_std_ms']:.2f}, {r['kv_std_vs_recompute']:.2f}x, "
               f"{r['step_std_us']:.1f} ({r['kernels_std']}) | {r['floor_us']:.1f} | {r['flops_per_token'] / 1e3:.0f} "
               f"| {r['compute_us_at_peak']:.2f} |")

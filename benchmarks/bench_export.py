@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/tiny_models.py: the syn
 from bench_decode import config, interleaved, ratio  # noqa: E402
 from projectable_edge.exporters.onnx_export import export_onnx  # noqa: E402
 from projectable_edge.exporters.quantize import QuantizeSettings, quantize  # noqa: E402
-from projectable_edge_runtime.runners import ort_session  # noqa: E402
+from projectable_edge_runtime.graphs.runners import ort_session  # noqa: E402
 from tiny_models import synthetic_tokens, tiny_trained_model  # noqa: E402
 
 PRECISIONS = {"fp16": {}, "int8-dynamic": {}, "int8-static": {},

@@ -20,7 +20,7 @@ import torch
 from projectable_edge.data import shift_augment
 from projectable_edge.model import bits_per_dim, forward, init_weights, nll
 from projectable_edge.train import load_run
-from projectable_edge_runtime.benchmark import time_calls
+from projectable_edge_runtime.commands.benchmark import time_calls
 
 
 def time_projection(model, task: int, repeats: int = 200) -> float:

@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import projectable_edge_runtime as runtime  # noqa: E402
-from projectable_edge_runtime.runners import ort_session  # noqa: E402
-from projectable_edge_runtime.scoring import bits_per_dim  # noqa: E402
+from projectable_edge_runtime.graphs.runners import ort_session  # noqa: E402
+from projectable_edge_runtime.graphs.scoring import bits_per_dim  # noqa: E402
 
 
 def _tiny_bundle(dest: Path) -> Path:
@@ -36,10 +36,10 @@ def _tiny_bundle(dest: Path) -> Path:
 
     from projectable_edge_runtime.devices.profiles import load_profile
     from projectable_edge.model import ModelConfig, SpecialisedModel, init_weights
-    from projectable_edge_runtime.manifest import (SCHEMA_VERSION, Accuracy, Candidate, Engine, EngineStatus, Graphs,
+    from projectable_edge_runtime.bundle.manifest import (SCHEMA_VERSION, Accuracy, Candidate, Engine, EngineStatus, Graphs,
                                                    Manifest, ModelFacts, Selection, Task, staged_bundle, write_manifest)
-    from projectable_edge_runtime.requirements import requires_for
-    from projectable_edge_runtime.tokenizer import TokenizerSpec
+    from projectable_edge_runtime.bundle.requirements import requires_for
+    from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
     cfg = ModelConfig(vocab_size=17, block_size=64, n_layer=2, n_head=2, d_model=16, d_attn=16, d_mlp=32)
     g = torch.Generator().manual_seed(0)

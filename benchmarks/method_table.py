@@ -143,6 +143,41 @@ def plot_curves(by_budget: dict[int, list[dict]], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def plot_history(results: list[dict], path: Path) -> None:
+    """Validation macro bits/dim against the training step within each run of the largest budget (mean over
+    seeds), one line per role: where each model stops improving, and where the second stage starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = max(r["steps"] for r in results)
+    runs = [r for r in results if r["steps"] == top]
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        curves: dict[str, dict[int, list[float]]] = {}
+        for r in (r for r in runs if r["dataset"] == ds):
+            for h in json.loads((Path(r["run"]) / "history.json").read_text())["history"]:
+                for role, v in h["val_bits"].items():
+                    if role in ROLES and h["step"] > 0:
+                        curves.setdefault(role, {}).setdefault(h["step"], []).append(v)
+        for role in ROLES:
+            if role in curves:
+                steps = sorted(curves[role])
+                ax.plot(steps, [np.mean(curves[role][s]) for s in steps], lw=2 if role == "projected" else 1,
+                        label=role)
+        ax.axvline(top, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(f"step ({top} joint, then the second stage)")
+        ax.set_ylabel("validation macro bits/dim")
+        ax.set_ylim(None, np.percentile([v for c in curves.values() for x in c.values() for v in x], 90))
+        ax.set_title(f"{ds} (mean of {len([r for r in runs if r['dataset'] == ds])} seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -156,6 +191,7 @@ def main() -> None:
     ap.add_argument("--extra-steps", type=int, default=0, help="second-stage steps for every small model")
     ap.add_argument("--budgets", nargs="+", type=int, help="learning curves: S joint + S extra steps for each S")
     ap.add_argument("--plot", type=Path, help="with --budgets: the learning-curve PNG")
+    ap.add_argument("--history-plot", type=Path, help="validation bits/dim against the step, largest budget (PNG)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads are split between them)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -186,6 +222,8 @@ def main() -> None:
                 by_budget[budget] = rows
     if args.budgets and args.plot:
         plot_curves(by_budget, args.plot)
+    if args.history_plot:
+        plot_history(results, args.history_plot)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

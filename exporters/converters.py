@@ -22,7 +22,7 @@ import onnx
 
 from projectable_edge.exporters.calibration import calibration_reader
 from projectable_edge.exporters.parity import mean_bits
-from projectable_edge_runtime.graphs import GraphKind, graph_logits
+from projectable_edge_runtime.graphs.contract import GraphKind, graph_logits
 
 # Ops whose fp16 evaluation can overflow or lose mass (variance, exp, sums); candidates to keep fp32.
 FP16_SENSITIVE_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp", "Log")

@@ -23,8 +23,8 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.onnx_io import check_tokens, file_info
 from projectable_edge.exporters.protocol import DecodeStep, ExportableModel
 from projectable_edge.exporters.spec import GRAPHS, ExportSpec, attach_spec, spec_from_onnx
-from projectable_edge_runtime.atomic import atomic_output
-from projectable_edge_runtime.graphs import GraphKind
+from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.graphs.contract import GraphKind
 
 MIN_OPSET = 17
 FILES = {str(k): k.file_name for k in GraphKind}

@@ -1,9 +1,5 @@
-"""Loading ONNX files, token files and fingerprints with errors a user can act on.
-
-Every later step (parity, quantization, compile) takes a path a user typed, so a
-missing, corrupt or foreign file must become one ProjectableEdgeError, not a protobuf trace.
-Sessions are opened by runtime.runners (the one session factory); tokens are checked by
-runtime.tokenizer.validate_tokens (the one token validator).
+"""Loading ONNX files, token files and fingerprints with errors a user can act on: every step takes a path a
+user typed, so a missing, corrupt or foreign file is one ProjectableEdgeError, not a protobuf trace.
 """
 
 from __future__ import annotations
@@ -17,14 +13,9 @@ import onnx
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.devices.variants import FP32, VARIANTS
-from projectable_edge_runtime.graphs import GraphKind, kind_of
-from projectable_edge_runtime.manifest import sha256_file
-from projectable_edge_runtime.tokenizer import validate_tokens
-
-
-def file_info(path: str | os.PathLike) -> dict:
-    """{'sha256', 'bytes'} of a file, as the bundle manifest records it."""
-    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+from projectable_edge_runtime.graphs.contract import GraphKind, kind_of
+from projectable_edge_runtime.bundle.manifest import file_info  # noqa: F401  (the exporters' reports use it)
+from projectable_edge_runtime.graphs.tokenizer import validate_tokens
 
 
 def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:

@@ -27,8 +27,8 @@ from projectable_edge_runtime.devices.choices import choose
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.onnx_io import file_info, load_onnx
 from projectable_edge.exporters.spec import opset_of, read_spec
-from projectable_edge_runtime.atomic import atomic_output
-from projectable_edge_runtime.runners import OptLevel, OrtRunner, ort_session
+from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.graphs.runners import OptLevel, OrtRunner, ort_session
 
 REPORT_FILE = "compile_report.json"
 

@@ -18,9 +18,9 @@ from projectable_edge_runtime.devices.variants import Tolerance
 from projectable_edge.exporters.onnx_io import check_tokens, graph_kind, load_onnx, tokens_sha256
 from projectable_edge.exporters.spec import read_spec
 from projectable_edge.exporters.torch_runner import TorchRunner, torch_threads
-from projectable_edge_runtime.graphs import GraphKind, graph_logits, rollout, score_logits
-from projectable_edge_runtime.runners import OrtRunner
-from projectable_edge_runtime.scoring import bits_per_dim
+from projectable_edge_runtime.graphs.contract import GraphKind, graph_logits, rollout, score_logits
+from projectable_edge_runtime.graphs.runners import OrtRunner
+from projectable_edge_runtime.graphs.scoring import bits_per_dim
 
 BATCH = 64  # sequences per call when scoring
 

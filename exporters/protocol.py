@@ -1,8 +1,5 @@
-"""What the exporters need of a model, as a Protocol they own: no import of projectable_edge.
-
-The dependency points one way (devices <- runtime <- exporters <- projectable_edge): the
-exporters describe the model they can export, and projectable_edge's SpecialisedModel
-implements it. Any torch module with these members exports the same way.
+"""What the exporters need of a model, as a Protocol they own, so they never import projectable_edge (whose
+SpecialisedModel implements it): any torch module with these members exports the same way.
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ from projectable_edge.exporters.converters import Conversion, convert
 from projectable_edge.exporters.onnx_io import check_tokens, file_info, graph_kind, load_onnx, tokens_sha256, variant_of
 from projectable_edge.exporters.parity import graph_bits
 from projectable_edge.exporters.spec import attach_spec, read_spec
-from projectable_edge_runtime.atomic import atomic_output
-from projectable_edge_runtime.runners import OrtRunner
+from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.graphs.runners import OrtRunner
 
 COMPUTE_OPS = ("MatMul", "Gemm", "LayerNormalization", "Softmax", "Erf", "Add", "Mul", "Div", "Sub",
                "Exp", "Log", "Pow", "Sqrt", "ReduceMean", "ReduceSum", "Tanh", "Sigmoid")

@@ -1,19 +1,18 @@
-"""ExportSpec: the I/O contract of an exported graph, read back from the graph itself.
-
-It is stored in the graph's metadata, so a lone .onnx file still knows its BOS id and cache
-shape (what parity, quantization and compilation need), and the manifest's `io` field records
-it for people. The runtime itself reads the manifest's `model` field, not this.
+"""ExportSpec: the I/O contract of an exported graph, stored in the graph's metadata, so a lone .onnx file
+still knows its BOS id and cache shape (what parity, quantization and compilation need). The manifest's
+`io` field records it for people; the runtime reads the manifest's `model` field instead.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 
 import onnx
 
 from projectable_edge_runtime.devices.choices import values
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.graphs import CacheLayout, GraphKind
+from projectable_edge_runtime.graphs.contract import CacheLayout, GraphKind
 
 GRAPHS = values(GraphKind)
 _DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
@@ -91,8 +90,6 @@ META_KEY = "projectable_edge.export_spec"
 
 def attach_spec(model: onnx.ModelProto, spec: ExportSpec) -> None:
     """Store the spec in the graph's metadata so a lone .onnx file still knows BOS id, cache shape, ..."""
-    import json
-
     for p in list(model.metadata_props):
         if p.key == META_KEY:
             model.metadata_props.remove(p)
@@ -100,8 +97,6 @@ def attach_spec(model: onnx.ModelProto, spec: ExportSpec) -> None:
 
 
 def read_spec(model: onnx.ModelProto, where: str = "the ONNX graph") -> ExportSpec:
-    import json
-
     for p in model.metadata_props:
         if p.key == META_KEY:
             return ExportSpec.from_dict(json.loads(p.value))

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge.exporters.onnx_io import file_info, load_onnx, variant_of
+from projectable_edge.exporters.onnx_io import load_onnx, variant_of
 from projectable_edge.exporters.spec import read_spec
 from projectable_edge.exporters.trt_check import check_tensorrt_compat
-from projectable_edge_runtime.atomic import atomic_output
-from projectable_edge_runtime.manifest import EngineStatus
+from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.bundle.requirements import parse_version
+from projectable_edge_runtime.bundle.manifest import EngineStatus, file_info
 
 SCRIPT = "build_engine.sh"
 REPORT_FILE = "compile_report.json"
@@ -35,7 +36,7 @@ class TensorRTSettings:
     dla_core: int = -1  # -1 = GPU only
     workspace_mb: int = 1024
     # batch limits of the optimization profile (the profile's); sequence and cache lengths come from
-    # the graph's block size (input_shapes), never from here
+    # the graph's block size (profile_shapes), never from here
     min_shapes: dict = field(default_factory=lambda: {"batch": 1})
     opt_shapes: dict = field(default_factory=lambda: {"batch": 1})
     max_shapes: dict = field(default_factory=lambda: {"batch": 32})
@@ -44,8 +45,7 @@ class TensorRTSettings:
 
     @classmethod
     def from_profile(cls, profile) -> "TensorRTSettings":
-        """From a devices.profiles.DeviceProfile whose backend is tensorrt (only its batch limits: lengths
-        come from the model, seq_points)."""
+        """From a devices.profiles.DeviceProfile whose backend is tensorrt (lengths come from the model)."""
         t = profile.tensorrt
         if t is None:
             raise ProjectableEdgeError(f"device profile {profile.name!r} has no [tensorrt] options; "
@@ -54,51 +54,24 @@ class TensorRTSettings:
                    min_shapes=dict(t.min_shapes), opt_shapes=dict(t.opt_shapes), max_shapes=dict(t.max_shapes),
                    tensorrt_version=profile.software.get("tensorrt"), target=profile.name)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-POINTS = ("min", "opt", "max")
-
-
-def seq_points(block_size: int) -> dict[str, dict[str, int]]:
-    """Sequence lengths of the optimization profile, from the model's block size.
-
-    scoring: 1 .. block_size tokens, optimised for a full image (what scoring sees);
-    decode: past (cache) length 0 .. block_size - 1, optimised for a typical step (half the
-    image), not the longest one."""
-    b = int(block_size)
-    return {"min": {"tokens": 1, "past": 0}, "opt": {"tokens": b, "past": max(0, b // 2)},
-            "max": {"tokens": b, "past": b - 1}}
-
-
-def input_shapes(spec, dims: dict, block_size: int, point: str = "max") -> dict[str, list[int]]:
-    """Concrete input shapes for one profile point: batch from the profile's dims, lengths from the model.
-
-    Input names are the graph's own (spec.inputs), in its order."""
-    b = int(dims.get("batch", 1))
-    lengths = seq_points(block_size)[point]
-    if spec.graph == "scoring":
-        shapes = {"tokens": [b, lengths["tokens"]]}
-    else:
-        cache = [spec.n_layer, b, spec.n_head, lengths["past"], spec.head_dim]
-        shapes = {"token": [b, 1], "past_keys": cache, "past_values": list(cache)}
-    names = [i["name"] if isinstance(i, dict) else getattr(i, "name", str(i))
-             for i in (getattr(spec, "inputs", None) or [])]
-    if names and set(names) != set(shapes):
-        raise ProjectableEdgeError(f"{spec.graph} graph inputs {names} are not the contract's {sorted(shapes)}; "
-                                   "re-export the graph with `projectable-edge export`")
-    return {n: shapes[n] for n in names} if names else shapes
-
-
-def profile_shapes(spec, settings: "TensorRTSettings") -> dict[str, dict[str, list[int]]]:
-    """{min, opt, max: {input name: shape}} of the graph's TensorRT optimization profile."""
-    dims = {"min": settings.min_shapes, "opt": settings.opt_shapes, "max": settings.max_shapes}
-    return {p: input_shapes(spec, dims[p], spec.block_size, p) for p in POINTS}
-
-
-def _shape_arg(shapes: dict[str, list[int]]) -> str:
-    return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
+def profile_shapes(spec, settings: TensorRTSettings) -> dict[str, dict[str, list[int]]]:
+    """{min, opt, max: {input: shape}} of the graph's optimization profile, in the graph's input order: batch
+    from the profile; lengths from the model's block size. Scoring takes 1 .. block_size tokens, optimised
+    for a full image; decode a past of 0 .. block_size - 1, optimised for a typical step (half the image)."""
+    t = int(spec.block_size)
+    names = [i.name for i in spec.inputs]
+    out = {}
+    for point, dims, tokens, past in (("min", settings.min_shapes, 1, 0), ("opt", settings.opt_shapes, t, t // 2),
+                                      ("max", settings.max_shapes, t, t - 1)):
+        b = int(dims.get("batch", 1))
+        cache = [spec.n_layer, b, spec.n_head, past, spec.head_dim]
+        shapes = ({"tokens": [b, tokens]} if spec.graph == "scoring" else
+                  {"token": [b, 1], "past_keys": cache, "past_values": list(cache)})
+        if set(names) != set(shapes):
+            raise ProjectableEdgeError(f"{spec.graph} graph inputs {names} are not the contract's {sorted(shapes)}; "
+                                       "re-export the graph with `projectable-edge export`")
+        out[point] = {n: shapes[n] for n in names}
+    return out
 
 
 STRONGLY_TYPED_SINCE = (10, 0)  # trtexec --stronglyTyped / NetworkDefinitionCreationFlag.STRONGLY_TYPED
@@ -132,7 +105,7 @@ def trtexec_command(onnx_name: str, engine_name: str, settings: TensorRTSettings
         cmd += [f"--useDLACore={settings.dla_core}", "--allowGPUFallback"]
     cmd.append(f"--memPoolSize=workspace:{settings.workspace_mb}M")
     for point, shapes in profile_shapes(spec, settings).items():
-        cmd.append(f"--{point}Shapes={_shape_arg(shapes)}")
+        cmd.append(f"--{point}Shapes=" + ",".join(f"{n}:{'x'.join(map(str, dims))}" for n, dims in shapes.items()))
     # the test inference runs after the build, on the bundle's goldens (engine_record), not on
     # trtexec's random tokens, which may fall outside the vocabulary
     cmd.append("--skipInference" if _version_tuple(settings.tensorrt_version) >= (8, 6) else "--buildOnly")
@@ -140,12 +113,8 @@ def trtexec_command(onnx_name: str, engine_name: str, settings: TensorRTSettings
 
 
 def _version_tuple(v: str | None) -> tuple[int, ...]:
-    if not v:
-        return (10,)
-    try:
-        return tuple(int(x) for x in v.split(".")[:2])
-    except ValueError:
-        return (10,)
+    """(major, minor) of a TensorRT version; 10 when unknown."""
+    return parse_version(v)[:2] if v and v[0].isdigit() else (10,)
 
 
 def _script(cmd: list[str], settings: TensorRTSettings, engine: str) -> str:
@@ -224,7 +193,7 @@ def _plan(src: Path, settings: TensorRTSettings, onnx_arg: str) -> tuple[dict, l
     engine = src.with_suffix(".plan").name
     cmd = trtexec_command(onnx_arg, engine, settings, spec, variant)
     flags = builder_flags(settings, variant)
-    report = {"backend": "tensorrt", "target": settings.target, "settings": settings.to_dict(), "onnx": src.name,
+    report = {"backend": "tensorrt", "target": settings.target, "settings": asdict(settings), "onnx": src.name,
               "variant": variant.name, "engine": engine, "script": SCRIPT, "command": cmd,
               "command_line": shlex.join(cmd),
               "flags": {"fp16": "fp16" in flags, "int8": "int8" in flags, "dla_core": settings.dla_core,

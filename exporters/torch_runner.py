@@ -1,7 +1,5 @@
-"""A PyTorch model behind the runtime's runner contract: the reference that parity compares against.
-
-With it, parity, quantization checks and rollouts run one code path (runtime.graphs) for
-the ONNX graph and for the model it came from.
+"""A PyTorch model behind the runtime's runner contract: the reference that parity compares against, so
+parity, quantization checks and rollouts run one code path for the ONNX graph and its model.
 """
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ import numpy as np
 import torch
 
 from projectable_edge.exporters.protocol import ExportableModel
-from projectable_edge_runtime.graphs import GraphKind
+from projectable_edge_runtime.graphs.contract import GraphKind
 
 
 @contextmanager

@@ -1,12 +1,11 @@
-"""Static TensorRT-compatibility check of an ONNX graph, run on the host before any engine build.
-
-Engines are built on the device (often minutes, and only where TensorRT exists), so
-problems a parser would hit there - ops it lacks, an opset it does not read, QDQ it cannot
-fuse - are found here from the graph alone and reported as plain data.
+"""Static TensorRT-compatibility check of an ONNX graph, on the host: engines are built on the device (often
+minutes, and only where TensorRT exists), so what its parser would refuse there (ops it lacks, an opset it
+does not read, QDQ it cannot fuse) is found here from the graph alone and reported as plain data.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +38,8 @@ DEFAULT_TENSORRT = "10"
 
 
 def opset_range(tensorrt_version: str | None) -> tuple[int, int]:
-    v = (tensorrt_version or DEFAULT_TENSORRT).strip()
-    for key in sorted(OPSET_RANGE, key=len, reverse=True):
-        if v == key or v.startswith(key + "."):
-            return OPSET_RANGE[key]
-    major = v.split(".")[0]
-    return OPSET_RANGE.get(major, OPSET_RANGE[DEFAULT_TENSORRT])
+    parts = (tensorrt_version or DEFAULT_TENSORRT).strip().split(".")
+    return OPSET_RANGE.get(".".join(parts[:2])) or OPSET_RANGE.get(parts[0], OPSET_RANGE[DEFAULT_TENSORRT])
 
 
 def _problem(severity: str, code: str, message: str, node: onnx.NodeProto | None = None) -> dict:
@@ -121,9 +116,8 @@ def check_tensorrt_compat(onnx_path_or_model, tensorrt_version: str | None = Non
         problems.append(_problem("error", "opset", f"opset {opset} is outside the range TensorRT "
                                  f"{tensorrt_version or DEFAULT_TENSORRT} parses ({lo}..{hi}); re-export with "
                                  f"an opset in range"))
-    op_types: dict[str, int] = {}
+    op_types = dict(Counter(n.op_type for n in model.graph.node))
     for n in model.graph.node:
-        op_types[n.op_type] = op_types.get(n.op_type, 0) + 1
         if n.domain not in ("", "ai.onnx"):
             problems.append(_problem("error", "custom_domain", f"op {n.domain}::{n.op_type} is not standard ONNX "
                                      "(an ONNX Runtime contrib op?); TensorRT needs a plugin for it", n))

@@ -37,8 +37,8 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.data import shift_augment
 from projectable_edge.model import SpecialisedModel, Weights, bits_per_dim, forward, init_weights, nll
 from projectable_edge.trainables import Trainables, role_generator, split_role
-from projectable_edge_runtime.inputs import IMAGE_SUFFIXES
-from projectable_edge_runtime.tokenizer import TokenizerSpec
+from projectable_edge_runtime.commands.inputs import IMAGE_SUFFIXES
+from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 FITS = values(Fit)
 MIN_IMAGES = 3

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.bundle.atomic import atomic_output
 
 FORMAT = "projectable-edge"
 

@@ -10,7 +10,14 @@ from projectable_edge_runtime.devices.choices import StrEnum
 class Preset(StrEnum):
     TINY = "tiny"  # tests: seconds
     SMALL = "small"  # the CPU demo
+    SMALL_LONG = "small-long"  # the claim table's budget: joint stage + second stage
     BASE = "base"  # GPU sizes
+
+
+class ExtraOperator(StrEnum):
+    ALL = "all"  # the basis maps and the mixture layer learn in the second stage
+    MIXTURES = "mixtures"  # the mixture layer only
+    NONE = "none"  # the projections stay as the joint stage left them (the shared delta still learns)
 
 
 class Mixture(StrEnum):

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from projectable_edge import cli_device, cli_export
-from projectable_edge.choices import Fit, Mixture, Preset, Split
+from projectable_edge.choices import ExtraOperator, Fit, Mixture, Preset, Split
 from projectable_edge.cli_common import check_out_writable, emit_json, err, make_app, out
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
@@ -22,12 +22,12 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 def train(
     dataset: str = typer.Option("digits", help="'digits' or 'mnist' (built in), or an image folder with one "
                                                  "sub-folder per task."),
-    preset: Preset = typer.Option("small", help="tiny (tests), small (CPU demo), base (GPU)."),
+    preset: Preset = typer.Option("small", help="tiny (tests), small (CPU demo), small-long (the claim's budget), "
+                                                "base (GPU)."),
     out: Path = typer.Option(Path("runs/digits"), help="Run folder to create.", resolve_path=True),
     steps: Optional[int] = typer.Option(None, help="Override the preset's optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override the preset's batch size."),
     lam: Optional[float] = typer.Option(None, help="Weight of NLL(projected) in the joint loss."),
-    source_weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay of the source model only."),
     small: Optional[str] = typer.Option(None, help="Main small size WIDTH[xLAYERS] (default: the preset's)."),
     ladder: Optional[str] = typer.Option(None, help="Extra small sizes, comma-separated WIDTH[xLAYERS] "
                                                     "(e.g. 16,64,32x2), each with its own universal baseline."),
@@ -44,8 +44,8 @@ def train(
                                                                          "learns shared small-model weights."),
     kd: Optional[float] = typer.Option(None, help="Second stage: distillation weight of universal@ws+kd."),
     projected_kd: Optional[float] = typer.Option(None, help="Second stage: distillation weight of the projected model."),
-    extra_operator: Optional[str] = typer.Option(None, help="Second stage: which operator weights learn: all | "
-                                                            "mixtures | none (the delta learns whenever on)."),
+    extra_operator: Optional[ExtraOperator] = typer.Option(None, help="Second stage: which operator weights "
+                                                                      "learn (the shared delta always does)."),
     projected_lr_scale: Optional[float] = typer.Option(None, help="Second stage: the projected model's learning "
                                                                   "rates, as a multiple of the first stage's."),
     sliced_lr_scale: Optional[float] = typer.Option(None, help="Second stage: universal@ws[+kd]'s learning rate, "
@@ -60,6 +60,8 @@ def train(
     hold_out_task: Optional[str] = typer.Option(None, help="Task name(s), comma-separated, the run never sees "
                                                            "(for `adapt` and its leave-one-out benchmark)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch (default: torch's choice, one "
+                                                            "per core; use 1 per run when runs share the cores)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
@@ -68,9 +70,15 @@ def train(
     from projectable_edge.data import DataConfig
     from projectable_edge.train import train as run_train
 
-    cfg = get_preset(str(preset), steps=steps, batch_size=batch_size, lam=lam, source_weight_decay=source_weight_decay, freeze_source=freeze_source, seed=seed,
-                     small=small, n_basis=n_basis, mixture=mixture and str(mixture), distill=distill, extra_steps=extra_steps,
-                     delta=delta, kd=kd, projected_kd=projected_kd, extra_operator=extra_operator,
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    cfg = get_preset(str(preset), steps=steps, batch_size=batch_size, lam=lam, freeze_source=freeze_source, seed=seed,
+                     small=small, n_basis=n_basis,
+                     mixture=mixture and str(mixture), distill=distill, extra_steps=extra_steps, delta=delta, kd=kd,
+                     projected_kd=projected_kd, extra_operator=extra_operator and str(extra_operator),
                      projected_lr_scale=projected_lr_scale, sliced_lr_scale=sliced_lr_scale,
                      ladder=tuple(s for s in ladder.split(",") if s.strip()) if ladder is not None else None)
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,

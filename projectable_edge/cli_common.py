@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from projectable_edge_runtime.devices.choices import StrEnum
-from projectable_edge_runtime.console import emit_json, error_boundary
+from projectable_edge_runtime.commands.console import emit_json, error_boundary
 
 __all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out"]
 

@@ -55,7 +55,7 @@ def generate(
     """Project, export, quantize, measure, compile and validate one task for one device: writes a bundle."""
     from projectable_edge.pipeline import GenerateSettings
     from projectable_edge.pipeline import generate as run_generate
-    from projectable_edge_runtime.manifest import to_json
+    from projectable_edge_runtime.bundle.manifest import to_json
 
     settings = GenerateSettings(task=task, target=target, source=str(source), precision=str(precision),
                                 out=str(out_dir) if out_dir else None, overwrite=overwrite,
@@ -125,7 +125,7 @@ def benchmark(
 ):
     """Latency p50/p90/p99, throughput and peak memory of a bundle, against the target's budgets."""
     import projectable_edge_runtime as runtime
-    from projectable_edge_runtime.console import benchmark_text
+    from projectable_edge_runtime.commands.console import benchmark_text
 
     with runtime.load(bundle, precision=None if precision is None else str(precision)) as model:
         report = runtime.benchmark(model, runs=runs, warmup=warmup, batch=batch, raw=histogram is not None)
@@ -155,7 +155,7 @@ def _histogram(report: dict, path: Path) -> None:
         ax.set_xlabel("ms")
         ax.legend()
     fig.tight_layout()
-    from projectable_edge_runtime.atomic import atomic_output
+    from projectable_edge_runtime.bundle.atomic import atomic_output
 
     with atomic_output(path, overwrite=True, what="histogram") as tmp:  # world-readable, never half-written
         fig.savefig(tmp, dpi=110, format="png")
@@ -175,7 +175,7 @@ def sample(
 ):
     """Sample new images of the bundle's task with the small model (KV-cache decode) into a PNG grid."""
     import projectable_edge_runtime as runtime
-    from projectable_edge_runtime.console import sample_grid
+    from projectable_edge_runtime.commands.console import sample_grid
 
     with runtime.load(bundle) as model:
         res = sample_grid(model, n, out_path, seed=seed, temperature=temperature, top_k=top_k, cols=cols,

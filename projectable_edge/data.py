@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.atomic import atomic_output
-from projectable_edge_runtime.tokenizer import TokenizerSpec
+from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 DIGITS_SPEC = TokenizerSpec(8, 8, 1, 17)
 BUILTIN = ("digits", "mnist")

@@ -10,7 +10,7 @@ import numpy as np
 from projectable_edge.model import count_params, flops_per_image
 from projectable_edge.trainables import SLICED
 from projectable_edge.train import image_bits, load_run, source_best, task_means
-from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.bundle.atomic import atomic_output
 
 
 def model_sizes(model) -> dict[str, dict]:

@@ -14,7 +14,7 @@ from projectable_edge.checkpoint import load_json, load_tensors, save_json, save
 from projectable_edge.model import ModelConfig, SpecialisedModel
 from projectable_edge.train import load_run
 from projectable_edge.trainables import Trainables
-from projectable_edge_runtime.manifest import sha256_file
+from projectable_edge_runtime.bundle.manifest import sha256_file
 
 
 def n_params(small: SpecialisedModel) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.bundle.atomic import atomic_output
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.adapt import Adapted, adapted_model
 from projectable_edge.checkpoint import load_json, load_tensors, save_json, save_tensors

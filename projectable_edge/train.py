@@ -33,11 +33,11 @@ from projectable_edge.data import SNAPSHOT, DataConfig, TaskData, load_dataset, 
 from projectable_edge.model import bits_per_dim
 from projectable_edge.train_state import Progress, load_state, save_state, snapshot
 from projectable_edge.trainables import SLICED, Trainables
-from projectable_edge_runtime.atomic import ensure_folder
-from projectable_edge_runtime.manifest import sha256_file
-from projectable_edge_runtime.tokenizer import TokenizerSpec
+from projectable_edge_runtime.bundle.atomic import ensure_folder
+from projectable_edge_runtime.bundle.manifest import sha256_file
+from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
-RUN_FORMAT = 2  # 2: per-role generators, per-space mixtures, ladder
+RUN_FORMAT = 3  # 2: per-role generators, per-space mixtures, ladder; 3: second stage, split snapshot
 
 
 def partial_dir(out: Path) -> Path:
@@ -105,8 +105,7 @@ def _optimizers(model: Trainables, cfg: TrainConfig, stage: str = "joint") -> di
                    for unit, q in p.items()
                    if unit.startswith(("universal", "scratch")) and (stage == "extra" or unit not in SLICED)})
     if stage == "joint" and not cfg.freeze_source:
-        groups["joint"].insert(0, {"params": p["source"], "lr": cfg.lr,
-                                   "weight_decay": cfg.source_weight_decay or cfg.weight_decay})
+        groups["joint"].insert(0, {"params": p["source"], "lr": cfg.lr})
     trained = {id(q) for g in groups.values() for group in g for q in group["params"]}
     for q in model.parameters():
         q.requires_grad_(id(q) in trained)
@@ -254,8 +253,6 @@ def _from_run(run: Path, cfg: TrainConfig, data: TaskData, model: Trainables) ->
         raise ProjectableEdgeError(f"--from-run {run} already has a second stage; start from a run without one")
     mine = model.state_dict()
     weights = {k: v for k, v in t.items() if k in mine}
-    if meta["train"].get("delta") and not cfg.delta:
-        raise ProjectableEdgeError(f"--from-run {run} has a learned shared delta: pass --delta too")
     missing = [k for k in mine if k not in weights and not (k.startswith("sliced.") or ".delta." in f".{k}")]
     if missing:
         raise ProjectableEdgeError(f"--from-run {run}: its weights lack {missing[:3]}; is it a run of this version?")
@@ -451,6 +448,9 @@ def read_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = load_json(run / "config.json")
     if meta.get("format") != "projectable-edge-run":
         raise ProjectableEdgeError(f"{run / 'config.json'} is not a projectable-edge run config")
+    if meta.get("format_version", 0) > RUN_FORMAT:
+        raise ProjectableEdgeError(f"{run} was written by a newer projectable-edge (run format "
+                                   f"{meta['format_version']}, this one reads up to {RUN_FORMAT}): upgrade it")
     tensors, meta["weights_sha256"] = read_tensors(run / "model.safetensors", kind="run")
     return meta, tensors
 

@@ -1,8 +1,7 @@
-"""`python -m projectable_edge_runtime {info,validate,benchmark,sample,score,tune,serve} BUNDLE ...` (and `schema`): the device CLI.
+"""`python -m projectable_edge_runtime COMMAND BUNDLE ...`: the device CLI (stdlib argparse: no typer on a device).
 
-Stdlib argparse only (the device has no typer/rich). Exit codes: 0 ok, 1 a check failed
-(validate / benchmark verdict) or an unexpected error, 2 an error the user can fix (one line;
-traceback with --verbose). Output and errors go through runtime.console, shared with the host CLI.
+Exit codes: 0 ok, 1 a check failed (validate, benchmark, tune) or an unexpected error, 2 an error the user
+can fix. Output and errors go through commands.console, shared with the host CLI.
 """
 from __future__ import annotations
 
@@ -12,9 +11,14 @@ import sys
 
 import numpy as np
 
+from .bundle.load import load
+from .bundle.manifest import json_schema
+from .commands import console, serve, tune
+from .commands.benchmark import benchmark
+from .commands.inputs import read_inputs
+from .commands.validate import validate
 from .devices.choices import values
-from . import console
-from .backends import Backend
+from .graphs.backends import Backend
 
 
 def _abspath(text: str) -> str:
@@ -73,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--record", type=_abspath, help="where to write the record (default: BUNDLE.tuned.json beside it)")
     t.add_argument("--reuse", action="store_true", help="pick again from the record's measurements (new budgets, "
                                                         "no re-measuring)")
-    from . import serve  # stdlib + numpy only: the HTTP library is imported when a server is made
     serve.add_arguments(sub.add_parser("serve", parents=[c], help="serve /score, /sample, /healthz over HTTP (JSON; "
                                                                   "needs the [serve] extra)"))
     return ap
@@ -84,15 +87,11 @@ def _info(model, args):
 
 
 def _validate(model, args):
-    from .validate import validate
-
     out = validate(model, args.tolerance)
     return out, 0 if out["passed"] else 1, console.validate_text
 
 
 def _benchmark(model, args):
-    from .benchmark import benchmark
-
     out = benchmark(model, runs=args.runs, warmup=args.warmup, batch=args.batch, sample_runs=args.sample_runs,
                     raw=args.raw)
     return out, 0 if out["verdict"] == "pass" else 1, console.benchmark_text
@@ -105,8 +104,6 @@ def _sample(model, args):
 
 
 def _score(model, args):
-    from .inputs import read_inputs
-
     named = read_inputs(model, args.images)
     names, bits = [n for n, _ in named], model.score(np.concatenate([t for _, t in named]))
     out = {"variant": model.variant, "bits_per_dim": dict(zip(names, map(float, bits))),
@@ -114,29 +111,17 @@ def _score(model, args):
     return out, 0, lambda o: console.score_text(names, bits, model.variant)
 
 
-def _serve(model, args):
-    from .serve import command
-
-    return command(model, args)
-
-
 COMMANDS = {"info": _info, "validate": _validate, "benchmark": _benchmark, "sample": _sample, "score": _score,
-            "serve": _serve}
+            "serve": serve.command}
 
 
 def run(args) -> int:
-    from .bundle import load  # imported here so `--help` stays instant
-
     if args.command == "schema":
-        from .manifest import json_schema
-
         console.emit_json(json_schema())
         return 0
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     if args.command == "tune":  # measures each candidate in its own process: nothing to load here
-        from .tune import run_cli
-
-        return run_cli(args, providers)
+        return tune.run_cli(args, providers)
     with load(args.bundle, precision=args.precision, providers=providers, backend=args.backend,
               public_key=args.public_key, candidate=args.candidate) as model:
         out, code, text = COMMANDS[args.command](model, args)

@@ -9,10 +9,9 @@
 #   --aarch64   a Debian arm64 userland (debootstrap) run under qemu-user-static, with numpy +
 #               onnxruntime aarch64 wheels from PyPI (needs root: debootstrap, chroot, unshare)
 #   --wheel FILE
-#               the runtime wheel to install (default: the one the bundle carries, named by
-#               manifest.json's runtime_wheel). It is pip-installed (--no-index) into the stand-in's
-#               venv, whose numpy and onnxruntime must satisfy its requirements (`pip check`).
-#               Nothing is taken from the repository.
+#               the runtime wheel to install (default: the one manifest.json's runtime_wheel names),
+#               pip-installed (--no-index) into the stand-in's venv, whose numpy and onnxruntime must
+#               satisfy its requirements (`pip check`). Nothing is taken from the repository.
 #   --keep      keep the temporary work folder (samples, JSON outputs) and print where it is
 #   --also BUNDLE
 #               another task's bundle from the same run (repeatable): the classifier app runs over
@@ -21,9 +20,9 @@
 #               the classifier (examples/classify) and a serve round trip (`serve` + examples/serve;
 #               it pip-installs the wheel's [serve] extra, the HTTP server library, into the venv)
 #
-# Each stand-in runs, from an empty folder, `python -m projectable_edge_runtime`: info, validate (every candidate), score
-# (the bundle's goldens), sample, benchmark, and an import check (nothing outside the stdlib,
-# numpy, onnxruntime and the runtime itself may be imported). With both stand-ins, the per-image
+# Each stand-in runs, from an empty folder, `python -m projectable_edge_runtime`: info, validate (every
+# candidate), score (the bundle's goldens), sample, benchmark, and an import check (nothing outside the
+# stdlib, numpy, onnxruntime and the runtime itself may be imported). With both stand-ins, the per-image
 # bits/dim of aarch64 are compared with those of x86-64. The py310 stand-in then runs the example
 # apps as a user deploys them (their .py files copied beside the bundle, only the wheel installed).
 #
@@ -42,12 +41,11 @@
 # Exit status: 0 every check passed; 1 a check failed; 2 usage or setup error.
 set -uo pipefail
 
-usage() { sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "device-check: error: $*" >&2; exit 2; }
 say() { printf '\n== %s\n' "$*"; }
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 BUNDLE="" DO_PY310=0 DO_AARCH64=0 WHEEL="" KEEP=0 DO_APPS=1 ALSO=()
 while [ $# -gt 0 ]; do
@@ -84,9 +82,10 @@ if [ "$DO_APPS" = 1 ]; then
     done
 fi
 if [ -z "$WHEEL" ]; then
-    rel=$(python3 -c 'import json,sys; print((json.load(open(sys.argv[1])).get("runtime_wheel") or {}).get("path", ""))' \
+    rel=$(python3 -c 'import json, sys; print((json.load(open(sys.argv[1])).get("runtime_wheel") or {})["path"])' \
           "$BUNDLE/manifest.json" 2>/dev/null)
-    [ -n "$rel" ] || die "bundle '$BUNDLE' carries no runtime wheel (manifest.json has no runtime_wheel); regenerate it with \`projectable-edge generate\`, or pass --wheel"
+    [ -n "$rel" ] || die "bundle '$BUNDLE' carries no runtime wheel (manifest.json has no runtime_wheel);" \
+        "regenerate it with \`projectable-edge generate\`, or pass --wheel"
     WHEEL=$BUNDLE/$rel
 fi
 [ -f "$WHEEL" ] || die "runtime wheel '$WHEEL' not found"
@@ -107,14 +106,6 @@ cleanup() {
     if [ "$KEEP" = 1 ]; then echo "work folder kept: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
-
-# The runtime is the bundle's wheel, pip-installed into the stand-in's venv (numpy + onnxruntime
-# already there): --no-index, so its requirements must be met by what is installed; `pip check` says so.
-install_wheel() {  # PYTHON WHEEL [runner prefix...]
-    local py=$1 whl=$2; shift 2
-    "$@" "$py" -m pip install -q --no-index --no-deps --force-reinstall "$whl" \
-        && "$@" "$py" -m pip check
-}
 
 # The checks' Python helper: numpy + onnxruntime + the runtime only.
 cat > "$WORK/check_helper.py" <<'PY'
@@ -166,32 +157,62 @@ record() {  # stage check rc [note]; rc 0 = ok
     RESULTS+=("$1|$2|$st|${4:-}")
 }
 
-# run_checks STAGE RUNNER BUNDLE_PATH WORK_DIR(for the runner) HOST_WORK_DIR
-#   RUNNER: a function that runs "python ARGS..." in the stand-in, cwd = an empty folder.
-run_checks() {
-    local stage=$1 runner=$2 b=$3 wd=$4 hwd=$5 rc c candidates
-    candidates=$(python_json_keys "$BUNDLE/manifest.json" candidates)
+# The stand-in the checks run in: a command prefix (none for the py310 venv on this host, in_rootfs
+# for the arm64 userland), its venv, its empty work folder and its path to the bundle.
+IN=() VENV="" CWD="" BUNDLE_IN=""
+stand_in() {  # python ARGS... in the stand-in, from its empty folder (RELATIVE=1: from the bundle's parent)
+    local dir=$CWD
+    [ "${RELATIVE:-0}" = 1 ] && dir=$(dirname "$BUNDLE_IN")
+    "${IN[@]}" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$dir" \
+        env PYTHONNOUSERSITE=1 timeout "$CMD_TIMEOUT" "$VENV/bin/python" "$@"
+}
+
+setup_venv() {  # STAGE PYTHON: the stand-in's cached venv, with onnxruntime==$ORT_VERSION and $NUMPY_SPEC only
+    local t0=$SECONDS
+    if "${IN[@]}" test -f "$VENV/.pe-ok"; then say "[$1] reusing $VENV"; return; fi
+    say "[$1] creating $VENV (onnxruntime==$ORT_VERSION, $NUMPY_SPEC)"
+    "${IN[@]}" /bin/sh -c 'rm -rf "$2" && "$1" -m venv "$2" && "$2/bin/python" -m pip install -q \
+        --disable-pip-version-check "onnxruntime==$3" "$4" && "$2/bin/python" -m pip freeze > "$2/.pe-ok"' \
+        sh "$2" "$VENV" "$ORT_VERSION" "$NUMPY_SPEC" \
+        || die "could not build the $1 venv with onnxruntime==$ORT_VERSION and $NUMPY_SPEC (network? wheel? see above)"
+    echo "venv ready in $((SECONDS - t0)) s"
+}
+
+# The runtime is the bundle's wheel, pip-installed into the stand-in's venv (numpy + onnxruntime
+# already there): --no-index, so its requirements must be met by what is installed; `pip check` says so.
+run_checks() {  # STAGE WHEEL (its path in the stand-in) HOST_CWD (the stand-in's CWD seen from this host)
+    local stage=$1 b=$BUNDLE_IN wd=$CWD rc c
+    say "[$stage] pip install $(basename "$WHEEL") (the bundle's runtime wheel)"
+    "${IN[@]}" "$VENV/bin/python" -m pip install -q --no-index --no-deps --force-reinstall "$2" \
+        && "${IN[@]}" "$VENV/bin/python" -m pip check
+    record "$stage" "install wheel" $? "pip install + pip check"
+    cp "$WORK/check_helper.py" "$3/"
     say "[$stage] python -m projectable_edge_runtime info"
-    $runner -m projectable_edge_runtime info "$b"; record "$stage" info $?
+    stand_in -m projectable_edge_runtime info "$b"; record "$stage" info $?
     say "[$stage] python -m projectable_edge_runtime info (relative bundle path)"
-    RELATIVE=1 $runner -m projectable_edge_runtime info "$(basename "$b")" >/dev/null; record "$stage" "info (relative path)" $?
-    for c in $candidates; do
+    RELATIVE=1 stand_in -m projectable_edge_runtime info "$(basename "$b")" >/dev/null
+    record "$stage" "info (relative path)" $?
+    for c in $(python3 -c 'import json,sys; print(*sorted(json.load(open(sys.argv[1]))["candidates"]))' \
+               "$BUNDLE/manifest.json"); do
         say "[$stage] python -m projectable_edge_runtime validate --candidate $c"
-        $runner -m projectable_edge_runtime validate "$b" --candidate "$c"; record "$stage" "validate $c" $?
+        stand_in -m projectable_edge_runtime validate "$b" --candidate "$c"; record "$stage" "validate $c" $?
     done
     say "[$stage] python -m projectable_edge_runtime validate (the target's selected candidate)"
-    $runner -m projectable_edge_runtime validate "$b"; record "$stage" "validate (selected)" $?
+    stand_in -m projectable_edge_runtime validate "$b"; record "$stage" "validate (selected)" $?
     say "[$stage] python -m projectable_edge_runtime score (the goldens as .npy)"
-    $runner -c "import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1] + '/goldens.npz')['tokens'])" \
-        "$b" "$wd/goldens_tokens.npy" && $runner -m projectable_edge_runtime score "$b" "$wd/goldens_tokens.npy" | tail -n 3
+    stand_in -c "import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1] + '/goldens.npz')['tokens'])" \
+        "$b" "$wd/goldens_tokens.npy" \
+        && stand_in -m projectable_edge_runtime score "$b" "$wd/goldens_tokens.npy" | tail -n 3
     record "$stage" score $?
     say "[$stage] python -m projectable_edge_runtime sample"
-    $runner -m projectable_edge_runtime sample "$b" -n 8 --out "$wd/samples.png"; rc=$?
-    [ $rc = 0 ] && [ -s "$hwd/samples.png" ] || rc=1
+    stand_in -m projectable_edge_runtime sample "$b" -n 8 --out "$wd/samples.png"; rc=$?
+    [ $rc = 0 ] && [ -s "$3/samples.png" ] || rc=1
     record "$stage" sample $rc
     say "[$stage] python -m projectable_edge_runtime benchmark"
-    $runner -m projectable_edge_runtime benchmark "$b" "${BENCH_ARGS[@]}" 2>&1 | tee "$WORK/$stage-benchmark.txt"; rc=${PIPESTATUS[0]}
-    [ "$stage" = aarch64 ] && echo "^^ EMULATED under qemu: these latencies and the budget verdict are NOT device numbers"
+    stand_in -m projectable_edge_runtime benchmark "$b" "${BENCH_ARGS[@]}" 2>&1 | tee "$WORK/$stage-benchmark.txt"
+    rc=${PIPESTATUS[0]}
+    [ "$stage" = aarch64 ] \
+        && echo "^^ EMULATED under qemu: these latencies and the budget verdict are NOT device numbers"
     # exit 1 is the budget verdict only when the runtime printed one (a crash also exits 1)
     if [ $rc = 1 ] && grep -q '^verdict: FAIL' "$WORK/$stage-benchmark.txt"; then
         record "$stage" benchmark 0 "budget verdict FAIL (not counted: not a device measurement)"
@@ -199,13 +220,7 @@ run_checks() {
         record "$stage" benchmark $rc "$BENCH_NOTE"
     fi
     say "[$stage] every candidate on the goldens + import check"
-    $runner "$wd/check_helper.py" "$b" "$wd/scores.json"; record "$stage" "scores + imports" $?
-}
-
-python_json_keys() {  # FILE KEY -> the keys of a JSON object, one per line (host python3 or any python)
-    local py
-    py=$(command -v python3 || command -v python) || { echo "fp32"; return; }
-    "$py" -c 'import json,sys; print("\n".join(sorted(json.load(open(sys.argv[1]))[sys.argv[2]])))' "$1" "$2"
+    stand_in "$wd/check_helper.py" "$b" "$wd/scores.json"; record "$stage" "scores + imports" $?
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -221,81 +236,58 @@ find_python310() {  # the first candidate that really is Python 3.10 (pyenv shim
     return 1
 }
 
-PY310_VENV=""
-py310_runner() {
-    local dir=$WORK/py310/cwd
-    if [ "${RELATIVE:-0}" = 1 ]; then dir=$(dirname "$PY310_BUNDLE"); fi
-    (cd "$dir" && PYTHONNOUSERSITE=1 \
-        timeout "$CMD_TIMEOUT" "$PY310_VENV/bin/python" "$@")
-}
-
 stage_py310() {
-    local py t0 ver
+    local py
     py=$(find_python310) \
         || die "no Python 3.10 found; install one (e.g. \`pyenv install 3.10\`) or set PE_PYTHON310"
-    ver=$("$py" -c 'import platform; print(platform.python_version())')
-    PY310_VENV=$CACHE/py310-$ver-ort$ORT_VERSION-$NPTAG
-    if [ ! -f "$PY310_VENV/.pe-ok" ]; then
-        say "[py310] creating $PY310_VENV (Python $ver, onnxruntime==$ORT_VERSION, $NUMPY_SPEC)"
-        t0=$SECONDS
-        rm -rf "$PY310_VENV"
-        "$py" -m venv "$PY310_VENV" \
-            && "$PY310_VENV/bin/python" -m pip install -q --disable-pip-version-check \
-                   "onnxruntime==$ORT_VERSION" "$NUMPY_SPEC" \
-            || die "could not build the Python 3.10 venv (see pip's output above)"
-        "$PY310_VENV/bin/python" -m pip freeze > "$PY310_VENV/.pe-ok"
-        echo "venv ready in $((SECONDS - t0)) s"
-    else
-        say "[py310] reusing $PY310_VENV"
-    fi
-    mkdir -p "$WORK/py310/cwd" "$WORK/py310/bundles"
-    say "[py310] pip install $(basename "$WHEEL") (the bundle's runtime wheel)"
-    install_wheel "$PY310_VENV/bin/python" "$WHEEL"; record py310 "install wheel" $? "pip install + pip check"
-    cp "$WORK/check_helper.py" "$WORK/py310/cwd/"
-    PY310_BUNDLE=$BUNDLE
+    IN=() CWD=$WORK/py310/cwd BUNDLE_IN=$BUNDLE
+    VENV=$CACHE/py310-$("$py" -c 'import platform; print(platform.python_version())')-ort$ORT_VERSION-$NPTAG
+    PY310_VENV=$VENV
+    setup_venv py310 "$py"
+    mkdir -p "$CWD"
     BENCH_ARGS=(--runs 50 --warmup 5)
     BENCH_NOTE="host latency (x86-64), not device latency"
-    run_checks py310 py310_runner "$BUNDLE" "$WORK/py310/cwd" "$WORK/py310/cwd"
-    [ "$DO_APPS" = 1 ] && run_apps py310 py310_runner "$WORK/py310/cwd"
+    run_checks py310 "$WHEEL" "$CWD"
+    [ "$DO_APPS" = 1 ] && run_apps py310
 }
 
 # ---------------------------------------------------------------------------------------------
-# The example apps in a stand-in: copied as a user deploys them, run against the installed wheel
+# The example apps in the py310 stand-in: copied as a user deploys them, run against the installed wheel
 # ---------------------------------------------------------------------------------------------
-run_apps() {  # STAGE RUNNER WORK_DIR (holds goldens_tokens.npy from run_checks)
-    local stage=$1 runner=$2 wd=$3 n lines rc port pid i
+anomaly() {  # N CONFIG CALIBRATE_ARGS...: calibrate, then score the goldens; 0 when all N got a verdict
+    local n=$1 cfg=$2 out=${2%.json}.out lines
+    shift 2
+    stand_in "$CWD/apps/anomaly.py" calibrate "$BUNDLE" --config "$cfg" "$@" \
+        && stand_in "$CWD/apps/anomaly.py" score --config "$cfg" "$CWD/goldens_tokens.npy" > "$out" || return 1
+    lines=$(grep -c '"verdict"' "$out")
+    head -n 2 "$out"
+    echo "$lines JSON lines for $n goldens; flagged: $(grep -c '"anomaly"' "$out")"
+    [ "$lines" = "$n" ]
+}
+
+run_apps() {  # STAGE (its CWD holds goldens_tokens.npy from run_checks)
+    local stage=$1 wd=$CWD n lines rc port pid i
     mkdir -p "$wd/apps"
     cp "$APPS_DIR/anomaly/anomaly.py" "$APPS_DIR/classify/classify.py" "$APPS_DIR/serve/client.py" "$wd/apps/"
-    n=$($runner -c "import numpy as np, sys; print(len(np.load(sys.argv[1])))" "$wd/goldens_tokens.npy")
+    n=$(stand_in -c "import numpy as np, sys; print(len(np.load(sys.argv[1])))" "$wd/goldens_tokens.npy")
 
     say "[$stage] anomaly app: calibrate on the goldens, score them from a file and from stdin"
-    $runner "$wd/apps/anomaly.py" calibrate "$BUNDLE" --config "$wd/anomaly.json" --false-alarm-rate 0.1 \
-        && $runner "$wd/apps/anomaly.py" score --config "$wd/anomaly.json" "$wd/goldens_tokens.npy" > "$wd/anomaly.out" \
-        && $runner "$wd/apps/anomaly.py" score --config "$wd/anomaly.json" - < "$wd/goldens_tokens.npy" > "$wd/anomaly-stdin.out"
-    rc=$?
-    lines=$(grep -c '"verdict"' "$wd/anomaly.out" 2>/dev/null); lines=${lines:-0}
-    head -n 2 "$wd/anomaly.out" 2>/dev/null
-    echo "$lines JSON lines for $n goldens; flagged: $(grep -c '"anomaly"' "$wd/anomaly.out" 2>/dev/null)"
-    [ "$rc" = 0 ] && [ "$lines" = "$n" ] && [ "$(grep -c '"verdict"' "$wd/anomaly-stdin.out")" = "$n" ] || rc=1
-    record "$stage" "app: anomaly" $rc "calibrate + score (file, stdin)"
+    anomaly "$n" "$wd/anomaly.json" --false-alarm-rate 0.1 \
+        && stand_in "$wd/apps/anomaly.py" score --config "$wd/anomaly.json" - < "$wd/goldens_tokens.npy" \
+            > "$wd/anomaly-stdin.out" \
+        && [ "$(grep -c '"verdict"' "$wd/anomaly-stdin.out")" = "$n" ]
+    record "$stage" "app: anomaly" $? "calibrate + score (file, stdin)"
     if [ ${#ALSO[@]} -gt 0 ]; then
         say "[$stage] anomaly app with --reference (the --also bundles)"
-        $runner "$wd/apps/anomaly.py" calibrate "$BUNDLE" --config "$wd/anomaly-ref.json" --reference "${ALSO[@]}" \
-            && $runner "$wd/apps/anomaly.py" score --config "$wd/anomaly-ref.json" "$wd/goldens_tokens.npy" > "$wd/anomaly-ref.out"
-        rc=$?
-        lines=$(grep -c '"verdict"' "$wd/anomaly-ref.out" 2>/dev/null); lines=${lines:-0}
-        echo "$lines JSON lines for $n goldens; flagged: $(grep -c '"anomaly"' "$wd/anomaly-ref.out" 2>/dev/null)"
-        [ "$rc" = 0 ] && [ "$lines" = "$n" ] || rc=1
-        record "$stage" "app: anomaly --ref" $rc "$((${#ALSO[@]})) reference bundles"
-    fi
+        anomaly "$n" "$wd/anomaly-ref.json" --reference "${ALSO[@]}"
+        record "$stage" "app: anomaly --ref" $? "${#ALSO[@]} reference bundles"
 
-    if [ ${#ALSO[@]} -gt 0 ]; then
         say "[$stage] classifier app over $((1 + ${#ALSO[@]})) task bundles (the goldens of $(basename "$BUNDLE"))"
-        $runner "$wd/apps/classify.py" "$BUNDLE" "${ALSO[@]}" --images "$wd/goldens_tokens.npy" > "$wd/classify.out"
+        stand_in "$wd/apps/classify.py" "$BUNDLE" "${ALSO[@]}" --images "$wd/goldens_tokens.npy" > "$wd/classify.out"
         rc=$?
-        lines=$(grep -c '"task"' "$wd/classify.out" 2>/dev/null); lines=${lines:-0}
+        lines=$(grep -c '"task"' "$wd/classify.out" 2>/dev/null)
         head -n 1 "$wd/classify.out" 2>/dev/null | cut -c 1-200
-        $runner -c 'import json, sys
+        stand_in -c 'import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 task = json.load(open(sys.argv[2] + "/manifest.json"))["task"]["name"]
 ok = sum(r["task"] == task for r in rows)
@@ -308,11 +300,11 @@ print(f"{ok}/{len(rows)} goldens of task {task} classified as {task}")' "$wd/cla
     fi
 
     say "[$stage] serve: pip install '$(basename "$WHEEL")[serve]' (from the index unless already there)"
-    "$PY310_VENV/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL[serve]" \
-        && "$PY310_VENV/bin/python" -m pip check && "$PY310_VENV/bin/python" -m pip list 2>/dev/null | grep -i '^waitress '
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL[serve]" \
+        && "$VENV/bin/python" -m pip check && "$VENV/bin/python" -m pip list 2>/dev/null | grep -i '^waitress '
     record "$stage" "install wheel[serve]" $? "pip install '...whl[serve]' + pip check"
     say "[$stage] serve: python -m projectable_edge_runtime serve --port 0 --json, then a client round trip"
-    (cd "$wd" && exec "$PY310_VENV/bin/python" -m projectable_edge_runtime serve "$BUNDLE" --port 0 --json \
+    (cd "$wd" && exec "$VENV/bin/python" -m projectable_edge_runtime serve "$BUNDLE" --port 0 --json \
         > "$wd/serve.out" 2> "$wd/serve.err") &
     pid=$!
     port=""
@@ -324,11 +316,11 @@ print(f"{ok}/{len(rows)} goldens of task {task} classified as {task}")' "$wd/cla
     done
     if [ -n "$port" ]; then
         head -n 1 "$wd/serve.out"
-        $runner "$wd/apps/client.py" "http://127.0.0.1:$port" roundtrip "$wd/goldens_tokens.npy"; rc=$?
+        stand_in "$wd/apps/client.py" "http://127.0.0.1:$port" roundtrip "$wd/goldens_tokens.npy"; rc=$?
         kill -TERM $pid 2>/dev/null; wait $pid; [ $? = 0 ] || rc=1
         tail -n +2 "$wd/serve.out" | cut -c 1-200
         # --json: stdout is JSON Lines, a "serving" event then a "stopped" one
-        $runner -c 'import json, sys; ev = [json.loads(l)["event"] for l in open(sys.argv[1])]
+        stand_in -c 'import json, sys; ev = [json.loads(l)["event"] for l in open(sys.argv[1])]
 sys.exit(None if ev == ["serving", "stopped"] else f"serve --json events: {ev}")' "$wd/serve.out" || rc=1
     else
         echo "the server did not start:"; cat "$wd/serve.out" "$wd/serve.err"; kill $pid 2>/dev/null; rc=1
@@ -354,17 +346,10 @@ in_rootfs() {  # run a command inside the arm64 userland; /proc, /sys, /dev moun
         exec chroot "$r" /usr/bin/env -i "$@"' sh "$ROOTFS" "${CHROOT_ENV[@]}" "$@"
 }
 
-AARCH64_VENV=/opt/pe/venv-ort$ORT_VERSION-$NPTAG
-aarch64_runner() {
-    local dir=/pe-work/cwd
-    if [ "${RELATIVE:-0}" = 1 ]; then dir=/pe-work; fi
-    in_rootfs /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$dir" \
-        env timeout "$CMD_TIMEOUT" "$AARCH64_VENV/bin/python" "$@"
-}
-
 ensure_binfmt() {
     command -v qemu-aarch64-static >/dev/null \
-        || die "qemu-aarch64-static not found; install Debian's qemu-user-static (apt-get install qemu-user-static binfmt-support)"
+        || die "qemu-aarch64-static not found; install Debian's qemu-user-static" \
+               "(apt-get install qemu-user-static binfmt-support)"
     local f=/proc/sys/fs/binfmt_misc/qemu-aarch64
     if [ ! -e "$f" ]; then
         [ -e /proc/sys/fs/binfmt_misc/register ] \
@@ -372,7 +357,8 @@ ensure_binfmt() {
         command -v update-binfmts >/dev/null && update-binfmts --enable qemu-aarch64 2>/dev/null || true
     fi
     [ -e "$f" ] && head -n 1 "$f" | grep -q enabled \
-        || die "aarch64 binaries cannot run here: no binfmt_misc entry for qemu-aarch64; run \`mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc && update-binfmts --enable qemu-aarch64\` as root"
+        || die "aarch64 binaries cannot run here: no binfmt_misc entry for qemu-aarch64; run \`mount -t binfmt_misc" \
+               "binfmt_misc /proc/sys/fs/binfmt_misc && update-binfmts --enable qemu-aarch64\` as root"
 }
 
 build_rootfs() {
@@ -394,44 +380,30 @@ build_rootfs() {
 }
 
 stage_aarch64() {
-    local t0=$SECONDS base=$CACHE/aarch64-$SUITE
+    local t0=$SECONDS rootfs=$CACHE/aarch64-$SUITE/rootfs
+    local ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
     [ "$(id -u)" = 0 ] || die "--aarch64 needs root (debootstrap, chroot, mounts); rerun with sudo"
     command -v unshare >/dev/null || die "unshare (util-linux) not found"
     ensure_binfmt
-    [ -x "$base/rootfs/usr/bin/python3" ] || build_rootfs "$base/rootfs"
-    ROOTFS=$base/rootfs
+    [ -x "$rootfs/usr/bin/python3" ] || build_rootfs "$rootfs"
+    ROOTFS=$rootfs
     cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf" 2>/dev/null || true
     # pip inside trusts what the host's pip trusts (a proxy's CA lives only in the host's bundle)
-    local ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
-    if [ -f "$ca" ]; then
-        cp -L "$ca" "$ROOTFS/etc/pe-host-ca.crt" && CHROOT_ENV+=(PIP_CERT=/etc/pe-host-ca.crt)
-    fi
-    if ! in_rootfs test -f "$AARCH64_VENV/.pe-ok"; then
-        say "[aarch64] creating $AARCH64_VENV in the userland (onnxruntime==$ORT_VERSION, $NUMPY_SPEC)"
-        in_rootfs /bin/sh -c 'rm -rf "$1" && python3 -m venv "$1" && "$1/bin/python" -m pip install -q "onnxruntime==$2" "$3" \
-                              && "$1/bin/python" -m pip freeze > "$1/.pe-ok"' sh "$AARCH64_VENV" "$ORT_VERSION" "$NUMPY_SPEC" \
-            || die "pip could not install onnxruntime==$ORT_VERSION and $NUMPY_SPEC in the arm64 userland (network? wheel?)"
-    else
-        say "[aarch64] reusing $ROOTFS ($AARCH64_VENV)"
-    fi
-    echo "userland ready after $((SECONDS - t0)) s; uname -m inside: $(in_rootfs uname -m), $(in_rootfs "$AARCH64_VENV/bin/python" -V)"
+    [ -f "$ca" ] && cp -L "$ca" "$ROOTFS/etc/pe-host-ca.crt" && CHROOT_ENV+=(PIP_CERT=/etc/pe-host-ca.crt)
+    IN=(in_rootfs) VENV=/opt/pe/venv-ort$ORT_VERSION-$NPTAG CWD=/pe-work/cwd BUNDLE_IN=/pe-work/bundle
+    setup_venv aarch64 python3
+    echo "userland ready after $((SECONDS - t0)) s; inside: $(in_rootfs uname -m), $(in_rootfs "$VENV/bin/python" -V)"
     # A fresh work folder inside the userland: the runtime and a copy of the bundle.
     rm -rf "$ROOTFS/pe-work"
     mkdir -p "$ROOTFS/pe-work/cwd"
     cp -a "$BUNDLE" "$ROOTFS/pe-work/bundle"
     cp "$WHEEL" "$ROOTFS/pe-work/"
-    say "[aarch64] pip install $(basename "$WHEEL") (the bundle's runtime wheel)"
-    in_rootfs "$AARCH64_VENV/bin/python" -m pip install -q --no-index --no-deps --force-reinstall "/pe-work/$(basename "$WHEEL")" \
-        && in_rootfs "$AARCH64_VENV/bin/python" -m pip check
-    record aarch64 "install wheel" $? "pip install + pip check"
-    cp "$WORK/check_helper.py" "$ROOTFS/pe-work/cwd/"
     echo "NOTE: under qemu emulation every latency below is the emulator's, NOT device latency."
     BENCH_ARGS=(--runs 10 --warmup 2 --sample-runs 1)
     BENCH_NOTE="EMULATED: latency meaningless (not device latency)"
-    run_checks aarch64 aarch64_runner /pe-work/bundle /pe-work/cwd "$ROOTFS/pe-work/cwd"
+    run_checks aarch64 "/pe-work/$(basename "$WHEEL")" "$ROOTFS/pe-work/cwd"
     mkdir -p "$WORK/aarch64"
-    cp "$ROOTFS/pe-work/cwd/scores.json" "$WORK/aarch64/scores.json" 2>/dev/null
-    cp "$ROOTFS/pe-work/cwd/samples.png" "$WORK/aarch64/samples.png" 2>/dev/null
+    cp "$ROOTFS/pe-work/cwd/scores.json" "$ROOTFS/pe-work/cwd/samples.png" "$WORK/aarch64/" 2>/dev/null
     [ "$KEEP" = 1 ] || rm -rf "$ROOTFS/pe-work"
     echo "aarch64 stage took $((SECONDS - t0)) s"
 }

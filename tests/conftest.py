@@ -41,8 +41,8 @@ def _variant_graph(graphs: dict, variant: str, graph: str) -> Path:
 
 def _measured(bundle: Path, rel: str, goldens: np.ndarray) -> float:
     """A graph's bits/dim on the goldens, as generate records it."""
-    from projectable_edge_runtime.runners import OrtRunner
-    from projectable_edge_runtime.scoring import score_tokens
+    from projectable_edge_runtime.graphs.runners import OrtRunner
+    from projectable_edge_runtime.graphs.scoring import score_tokens
 
     return float(score_tokens(OrtRunner(bundle / rel), goldens).mean())
 
@@ -63,11 +63,11 @@ def build_rt_bundle(dest: Path, graphs: dict, target: str = "x86-64-cpu", varian
 
     from projectable_edge_runtime.devices import variants as registry
     from projectable_edge_runtime.devices.profiles import load_profile
-    from projectable_edge_runtime.manifest import (SCHEMA_VERSION, Accuracy, Candidate, Engine, EngineStatus, Graphs,
+    from projectable_edge_runtime.bundle.manifest import (SCHEMA_VERSION, Accuracy, Candidate, Engine, EngineStatus, Graphs,
                                                    Manifest, ModelFacts, Selection, Task, decode as parse_as,
                                                    staged_bundle, write_manifest)
-    from projectable_edge_runtime.requirements import requires_for
-    from projectable_edge_runtime.tokenizer import TokenizerSpec
+    from projectable_edge_runtime.bundle.requirements import requires_for
+    from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
     cfg = graphs["cfg"]
     ref_bits = graphs["ref_bits"] + ref_shift

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 import projectable_edge_runtime as runtime
-from projectable_edge_runtime import engine_record, trt_runner
+from projectable_edge_runtime.bundle import engine_record
+from projectable_edge_runtime.graphs import trt_runner
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.manifest import MANIFEST_NAME, json_schema, read_manifest, seal, write_manifest
-from projectable_edge_runtime.runners import OrtRunner
+from projectable_edge_runtime.bundle.manifest import MANIFEST_NAME, json_schema, read_manifest, seal, write_manifest
+from projectable_edge_runtime.graphs.runners import OrtRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -367,7 +368,7 @@ def _type_name(tp) -> str:
     import typing
     from enum import Enum
 
-    from projectable_edge_runtime.manifest import _optional, _unwrap
+    from projectable_edge_runtime.bundle.manifest import _optional, _unwrap
 
     tp, tag = _unwrap(tp)
     if (inner := _optional(tp)) is not None:
@@ -389,7 +390,7 @@ def field_tables() -> str:
     import dataclasses
     import typing
 
-    from projectable_edge_runtime.manifest import Manifest, _fields, _hints, _unwrap
+    from projectable_edge_runtime.bundle.manifest import Manifest, _fields, _hints, _unwrap
 
     def nested(tp) -> list:
         tp = _unwrap(tp)[0]

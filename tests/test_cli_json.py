@@ -32,12 +32,13 @@ def _device(capsys, args: list[str], ok=(0,)) -> dict:
 
 def test_cli_choices_are_the_codes_own_words():
     from projectable_edge.adapt import FITS
-    from projectable_edge.choices import Fit, Mixture, Preset
-    from projectable_edge.config import PRESETS
+    from projectable_edge.choices import ExtraOperator, Fit, Mixture, Preset
+    from projectable_edge.config import EXTRA_OPERATOR, PRESETS
     from projectable_edge.projection import MIXTURES
     from projectable_edge_runtime.devices.choices import values
 
     assert set(values(Preset)) == set(PRESETS) and set(values(Mixture)) == set(MIXTURES)
+    assert set(values(ExtraOperator)) == set(EXTRA_OPERATOR)
     assert values(Fit) == FITS
     res = cli.invoke(app, ["train", "--preset", "huge"])
     assert res.exit_code == 2 and "huge" in res.output and "tiny" in res.output

@@ -11,10 +11,10 @@ from onnx import TensorProto, helper
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.compile import compile_for_target
-from projectable_edge.exporters.onnx_io import sha256_file
+from projectable_edge_runtime.bundle.manifest import sha256_file
 from projectable_edge.exporters.ort_compile import compile_onnxruntime, ort_decode_graph
 from projectable_edge.exporters.tensorrt import TensorRTSettings, compile_tensorrt
-from projectable_edge_runtime.runners import ort_session
+from projectable_edge_runtime.graphs.runners import ort_session
 from tiny_models import TINY, peaked_export, sample_graph, tiny_export, tiny_variant
 from projectable_edge.exporters.trt_check import check_tensorrt_compat
 

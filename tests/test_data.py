@@ -5,7 +5,7 @@ from PIL import Image
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.data import DIGITS_SPEC, DataConfig, TaskData, load_dataset, shift_augment
-from projectable_edge_runtime.tokenizer import TokenizerSpec
+from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 import projectable_edge_runtime as runtime
-from projectable_edge_runtime import hardware, requirements
+from projectable_edge_runtime.graphs import hardware
+from projectable_edge_runtime.bundle import requirements
 from projectable_edge_runtime.__main__ import main as runtime_main
-from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.bundle.atomic import atomic_output
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 ROOT = Path(__file__).resolve().parents[1]

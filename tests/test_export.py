@@ -11,7 +11,7 @@ from projectable_edge.exporters.onnx_export import ExportSettings, export_onnx
 from projectable_edge.exporters.onnx_io import check_tokens, load_onnx, tokens_sha256
 from projectable_edge.exporters.parity import check_parity
 from projectable_edge.exporters.spec import ExportSpec, read_spec
-from projectable_edge_runtime.runners import ort_session
+from projectable_edge_runtime.graphs.runners import ort_session
 from tiny_models import TINY, sample_graph, tiny_export, tiny_trained_model
 
 

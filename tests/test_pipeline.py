@@ -14,7 +14,7 @@ import projectable_edge_runtime as runtime
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.cli import app
 from projectable_edge.pipeline import GenerateSettings, generate
-from projectable_edge_runtime.manifest import sha256_file
+from projectable_edge_runtime.bundle.manifest import sha256_file
 
 cli = CliRunner()
 
@@ -94,7 +94,7 @@ def test_x86_bundle_uses_onnxruntime_and_ort_format(tiny_run, tmp_path):
 
 
 def _measured(variant: str, p50: float, passed: bool = True, within: bool = True):
-    from projectable_edge_runtime.manifest import Accuracy, Candidate, Graphs, HostLatency, ModelFacts
+    from projectable_edge_runtime.bundle.manifest import Accuracy, Candidate, Graphs, HostLatency, ModelFacts
 
     acc = Accuracy(reference_bits=2.0, tolerance=0.02, tolerance_rel=0.01, within_budget=within,
                    bits=2.0 if passed else 2.5, passed=passed, vs_fp32=0.0)

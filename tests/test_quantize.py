@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.onnx_io import tokens_sha256
 from projectable_edge.exporters.quantize import QuantizeSettings, quantize
-from projectable_edge_runtime.runners import ort_session
+from projectable_edge_runtime.graphs.runners import ort_session
 from tiny_models import TINY, sample_graph, tiny_export, tiny_variant
 
 

@@ -20,9 +20,9 @@ import pytest
 import projectable_edge_runtime as runtime
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.devices.profiles import Budgets
-from projectable_edge_runtime import sampler
+from projectable_edge_runtime.graphs import sampler
 from projectable_edge_runtime.__main__ import main
-from projectable_edge_runtime.manifest import (MANIFEST_NAME, SCHEMA_VERSION, read_manifest, seal, staged_bundle,
+from projectable_edge_runtime.bundle.manifest import (MANIFEST_NAME, SCHEMA_VERSION, read_manifest, seal, staged_bundle,
                                                write_manifest)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,6 +269,21 @@ def test_a_seeds_tokens_are_the_inverse_cdf_of_its_uniforms():
         np.testing.assert_array_equal(sampler.choose(logits, u, temperature, top_k), want)
 
 
+def test_one_row_choice_is_the_same_inverse_cdf():
+    """The one-row fast path of choose() (a single image's sampling) gives the batch path's ids, at both ends
+    of [0, 1), at any temperature, and the last id for a NaN row, as the batch path does."""
+    logits = (np.random.default_rng(3).standard_normal((300, 17)) * 3).astype(np.float32)
+    logits[5, 2], logits[6, 4] = np.nan, np.inf
+    u = sampler.uniforms(2, 300, 1, 1.0)[0]
+    u[:2] = 0.0, np.nextafter(1.0, 0.0)
+    for temperature, top_k in ((1.0, None), (0.7, 17), (1.6, None)):
+        with np.errstate(invalid="ignore"):  # the NaN and inf rows
+            batch = sampler.choose(logits, u, temperature, top_k)
+            rows = [int(sampler.choose(logits[i:i + 1], u[i:i + 1], temperature, top_k)[0]) for i in range(300)]
+        np.testing.assert_array_equal(rows, batch)
+        assert batch[5] == batch[6] == 16 and len(set(rows)) > 5
+
+
 def test_complete_keeps_prefix_and_matches_greedy(rt_model, rt_graphs):
     prefix = rt_graphs["goldens"][:3, :16]
     out = rt_model.complete(prefix, seed=3)
@@ -320,6 +335,36 @@ def test_deferred_engine_names_build_command(rt_graphs, rt_build, tmp_path):
     assert "not built yet" in m.backend["reason"]
     assert f"bash {(m.bundle_dir / 'build_engine.sh').resolve()}" in m.backend["reason"]  # works from anywhere
     assert m.score(np.zeros((1, 64), np.int64)).shape == (1,)
+
+
+def test_onnxruntime_target_decodes_with_its_compiled_graph(rt_graphs, rt_build, rt_model, tmp_path):
+    """An ONNX Runtime target's bundle carries the selected variant's compiled decode graph (contrib kernels):
+    the runtime decodes with it, to the same tokens, and with the variant's own graph for another variant
+    or when the compiled one cannot run."""
+    import onnx
+
+    from projectable_edge.exporters.ort_compile import compile_onnxruntime
+
+    _, rep = compile_onnxruntime(rt_graphs["decode"], None, tmp_path / "ort_decode")
+    assert rep["fusion"]["applied"]
+    files = {f"ort_decode/{n}": (tmp_path / "ort_decode" / n).read_bytes() for n in rep["files"]}
+    engine = {"status": "not-applicable", "variant": "fp32", "ort": {"decode": rep["files"]}}
+    b = rt_build(tmp_path / "b", rt_graphs, variants=("fp32", "int8-static"), engine=engine, extra_files=files)
+    m = runtime.load(b)
+    assert m.decode_runner.name == "onnxruntime:ort_decode/decode.optimized.onnx"
+    assert "compile" in m.backend["decode_graph"]
+    assert "Attention" in {n.op_type for n in onnx.load(str(m.decode_runner.path)).graph.node}
+    for kw in ({"temperature": 0}, {"seed": 7, "top_k": 8}, {"seed": 2}):
+        np.testing.assert_array_equal(m.sample(3, **kw), rt_model.sample(3, **kw))
+    np.testing.assert_array_equal(m.sample(1, seed=5), rt_model.sample(1, seed=5))  # the one-row sampler path
+    other = runtime.load(b, precision="int8-static")
+    assert other.decode_runner.name.endswith("int8-static/decode.onnx") and "no ONNX Runtime" in other.backend["decode_graph"]
+    (b / "ort_decode" / "decode.optimized.onnx").write_bytes(b"broken")  # load refuses a changed file outright
+    with pytest.raises(ProjectableEdgeError, match="decode.optimized.onnx"):
+        runtime.load(b)
+    files["ort_decode/decode.optimized.onnx"] = Path(rt_graphs["score"]).read_bytes()  # hashed, but no decode graph
+    m = runtime.load(rt_build(tmp_path / "c", rt_graphs, variants=("fp32",), engine=engine, extra_files=files))
+    assert m.decode_runner.name.endswith("fp32/decode.onnx") and "does not run here" in m.backend["decode_graph"]
 
 
 def test_explicit_providers_are_filtered_to_available(rt_bundle):
@@ -407,7 +452,7 @@ def test_cli_sample_writes_png_and_score_reads_it(rt_bundle, tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tokens = np.load(tmp_path / "t.npy", allow_pickle=False)
     assert tokens.shape == (4, 64)
-    from projectable_edge_runtime.png import write_png
+    from projectable_edge_runtime.commands.png import write_png
     m = runtime.load(rt_bundle)
     img = tmp_path / "one.png"
     write_png(img, m.decode_images(tokens)[0])
@@ -431,15 +476,16 @@ def test_python_dash_m_runtime(rt_bundle, tmp_path):
 
 def test_unexpected_errors_are_one_line_exit_1_in_both_clis(rt_bundle, monkeypatch, capsys):
     """One error boundary: a bug is one line with the --verbose hint and status 1, in both CLIs."""
-    import projectable_edge_runtime.bundle  # noqa: F401  (binds runtime.bundle)
     from typer.testing import CliRunner
+
+    import projectable_edge_runtime.__main__ as device_cli
 
     from projectable_edge.cli import app
 
     def broken(*a, **k):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(runtime.bundle, "load", broken)
+    monkeypatch.setattr(device_cli, "load", broken)
     assert main(["info", str(rt_bundle)]) == 1
     err = capsys.readouterr().err
     assert err == "error: RuntimeError: simulated bug (rerun with --verbose for the traceback)\n"

@@ -70,7 +70,7 @@ ALLOWED_LAZY = ALLOWED_TOP | {"tensorrt", "PIL", "tomli", "cryptography", "waitr
 def test_runtime_imports_only_stdlib_numpy_onnxruntime():
     """Static check of every runtime module: heavy optional deps only inside functions."""
     bad = []
-    for path in sorted([*(ROOT / "runtime").glob("*.py"), *(ROOT / "devices").glob("*.py")]):
+    for path in sorted([*(ROOT / "runtime").rglob("*.py"), *(ROOT / "devices").glob("*.py")]):
         tree = ast.parse(path.read_text())
         top_level = {id(n) for n in tree.body} | {id(c) for n in tree.body if isinstance(n, ast.Try)
                                                   for c in n.body + [h for x in n.handlers for h in x.body]}

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import projectable_edge_runtime as runtime
-from projectable_edge_runtime.serve import SERVE_REQUIRES, Limits, ModelServer
+from projectable_edge_runtime.commands.serve import SERVE_REQUIRES, Limits, ModelServer
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = Limits(max_body_bytes=64 * 1024, max_batch=8, max_sample=4, workers=2, idle_timeout_s=5)
@@ -493,7 +493,7 @@ def test_cli_port_in_use_is_one_line_exit_2(rt_bundle):
 def test_the_http_library_is_imported_only_by_a_server(rt_bundle):
     """The runtime, its CLI parser and the serve module import without waitress; `serve` without it
     installed says how to install the extra, in one line, exit 2."""
-    code = ("import sys; import projectable_edge_runtime, projectable_edge_runtime.serve\n"
+    code = ("import sys; import projectable_edge_runtime, projectable_edge_runtime.commands.serve\n"
             "from projectable_edge_runtime.__main__ import build_parser, main\n"
             "build_parser().parse_args(['serve', 'b']); print('waitress' in sys.modules)\n"
             "sys.modules['waitress'] = None; sys.exit(main(['serve', sys.argv[1], '--port', '0']))")

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.png import image_grid, png_bytes, write_png
-from projectable_edge_runtime.tokenizer import TokenizerSpec
+from projectable_edge_runtime.commands.png import image_grid, png_bytes, write_png
+from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 GRAY = TokenizerSpec(4, 5, 1, 17)
 RGB = TokenizerSpec(3, 2, 3, 8)
@@ -132,7 +132,7 @@ def test_load_images_flattens_transparency_onto_white(tmp_path):
 
 
 def test_runtime_modules_import_without_torch_or_pillow():
-    code = ("import sys, projectable_edge_runtime.tokenizer, projectable_edge_runtime.png; "
+    code = ("import sys, projectable_edge_runtime.graphs.tokenizer, projectable_edge_runtime.commands.png; "
             "bad = [m for m in ('torch', 'PIL') if m in sys.modules]; "
             "assert not bad, bad")
     root = Path(__file__).resolve().parents[1]

@@ -293,6 +293,10 @@ def test_a_finished_run_needs_no_data_source(tmp_path):
     (run / "splits.npz").write_bytes(b"not a snapshot")
     with pytest.raises(ProjectableEdgeError, match="snapshot"):
         load_run(run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(ProjectableEdgeError, match="newer projectable-edge"):
+        load_run(run)
 
 
 def _hand_slice(w: dict, src, small, task_vec: torch.Tensor):

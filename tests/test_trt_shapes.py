@@ -140,7 +140,7 @@ def test_jetson_bundle_build_commands_cover_the_image(side, tmp_path):
     from projectable_edge.data import DataConfig
     from projectable_edge.pipeline import GenerateSettings, generate
     from projectable_edge.train import train
-    from projectable_edge_runtime.manifest import json_schema
+    from projectable_edge_runtime.bundle.manifest import json_schema
 
     folder = _image_folder(tmp_path / "images", side)
     run = tmp_path / "run"

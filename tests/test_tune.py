@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import projectable_edge_runtime as runtime
-from projectable_edge_runtime import tune
+from projectable_edge_runtime.commands import tune
 from projectable_edge_runtime.__main__ import main as rt_main
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.manifest import read_manifest, verify_files
+from projectable_edge_runtime.bundle.manifest import read_manifest, verify_files
 
 RUNS = ["--runs", "30", "--warmup", "3"]
 
@@ -216,7 +216,7 @@ def ladder_bundle(tmp_path_factory) -> Path:
 def test_generate_ladder_bundle_holds_every_candidate(ladder_bundle):
     import jsonschema
 
-    from projectable_edge_runtime.manifest import json_schema
+    from projectable_edge_runtime.bundle.manifest import json_schema
 
     m = read_manifest(ladder_bundle)
     verify_files(ladder_bundle, m)

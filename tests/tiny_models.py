@@ -153,8 +153,8 @@ def sample_graph(path: Path, n: int, seed: int = 0, temperature: float = 1.0) ->
     """n full sequences sampled through a graph file (decode: KV cache; scoring: recompute) by the runtime's sampler."""
     from projectable_edge.exporters.onnx_io import load_onnx
     from projectable_edge.exporters.spec import read_spec
-    from projectable_edge_runtime.runners import OrtRunner
-    from projectable_edge_runtime.sampler import sample
+    from projectable_edge_runtime.graphs.runners import OrtRunner
+    from projectable_edge_runtime.graphs.sampler import sample
 
     spec = read_spec(load_onnx(path))
     return sample(OrtRunner(path, threads=1), spec.layout, n, spec.block_size, temperature=temperature, seed=seed)

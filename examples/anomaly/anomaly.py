@@ -27,9 +27,9 @@ import numpy as np
 
 import projectable_edge_runtime as runtime
 from projectable_edge_runtime import ProjectableEdgeError
-from projectable_edge_runtime.atomic import atomic_output
-from projectable_edge_runtime.console import filter_boundary
-from projectable_edge_runtime.inputs import read_inputs
+from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.commands.console import filter_boundary
+from projectable_edge_runtime.commands.inputs import read_inputs
 
 CONFIG_FORMAT = "projectable-edge-anomaly"
 CONFIG_VERSION = 1

@@ -20,8 +20,8 @@ import numpy as np
 
 import projectable_edge_runtime as runtime
 from projectable_edge_runtime import ProjectableEdgeError
-from projectable_edge_runtime.console import filter_boundary
-from projectable_edge_runtime.inputs import read_inputs
+from projectable_edge_runtime.commands.console import filter_boundary
+from projectable_edge_runtime.commands.inputs import read_inputs
 
 
 

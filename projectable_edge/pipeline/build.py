@@ -1,21 +1,25 @@
 """The build passes of `generate`, each returning a typed result: export, quantize, compile (and goldens).
 
-Export and quantization are cached by content (model hash, tokens, settings, tool versions), so a second
-target for the same task reuses them; compilation is per target and always runs. Every decision here
-(export parity, fp16 keep-ops, INT8 acceptance) uses the task's validation split; the test split is only
-shipped as goldens and measured as the accuracy rows.
+Export and quantization are cached by content, so a second target for the same task reuses them. Every
+decision here (export parity, fp16 keep-ops, INT8 acceptance) uses the task's validation split; the test
+split is only shipped as goldens and measured as the accuracy rows.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
+import torch
 
 import projectable_edge.exporters.quantize as quantize_mod
+from projectable_edge.exporters.compile import compile_for_target
 from projectable_edge.exporters.onnx_export import REPORT_FILE, ExportSettings, export_onnx
 from projectable_edge.exporters.onnx_io import tokens_sha256
 from projectable_edge.exporters.quantize import QuantizeSettings
@@ -23,19 +27,13 @@ from projectable_edge.pipeline.cache import StepCache, content_key
 from projectable_edge.pipeline.inputs import Size, TaskInputs
 from projectable_edge_runtime.devices.choices import CompileBackend
 from projectable_edge_runtime.devices.profiles import DeviceProfile
-from projectable_edge_runtime.graphs import GraphKind
-from projectable_edge_runtime.manifest import ENGINE_RECORD_SUFFIX, Engine, EngineStatus, Graphs
+from projectable_edge_runtime.graphs.contract import GraphKind
+from projectable_edge_runtime.bundle.manifest import ENGINE_RECORD_SUFFIX, Engine, EngineStatus, Graphs
 
 LADDER_FOLDER = "ladder"
 
 
 def tool_versions() -> dict[str, str]:
-    import platform
-
-    import onnx
-    import onnxruntime
-    import torch
-
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version(), "host": platform.machine()}
 
@@ -139,15 +137,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash engine/build_engine.sh
 bash engine_decode/build_engine.sh
-"${PYTHON:-python3}" -m projectable_edge_runtime.engine_record .
+"${PYTHON:-python3}" -m projectable_edge_runtime.bundle.engine_record .
 """
 
 
 def compile_step(profile: DeviceProfile, root: Path, graphs: Graphs, variant: str, log) -> tuple[Engine, dict]:
     """Compile (or defer) both graphs of the selected variant for the target: (the manifest's engine, summaries).
     A TensorRT build script points at the variant's own graphs: nothing ships twice."""
-    from projectable_edge.exporters.compile import compile_for_target
-
     trt = profile.compile_backend == CompileBackend.TENSORRT
     base = "engine" if trt else "ort"
     reports = {}

@@ -1,10 +1,6 @@
-"""Content-addressed cache of pipeline step outputs (Olive's idea).
-
-A step's key is a hash of everything its output depends on: input hashes, settings, tool
-versions. A second `generate` of the same task for another target finds the export and the
-quantized graphs it already built and copies them instead of rebuilding; what that saved is
-the recorded build time of every hit. Entries are written atomically, so an interrupted
-run leaves none half-written.
+"""Content-addressed cache of pipeline step outputs (Olive's idea): a step's key hashes everything its
+output depends on (input hashes, settings, tool versions), so another target for the same task copies the
+export and quantized graphs instead of rebuilding them. Entries are written atomically.
 """
 
 from __future__ import annotations
@@ -14,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from projectable_edge_runtime.atomic import atomic_output
+from projectable_edge_runtime.bundle.atomic import atomic_output
 
 SCHEMA = 1  # bump when a step's outputs change meaning
 RESULT = "result.json"

@@ -1,8 +1,6 @@
 """What one task's bundle is built from, read once: the run's source and operator (one read of its weights),
 the task's splits (the run's own snapshot, never the data source), and its projected model at every size.
-
-Baseline roles (universal, scratch) are built only when asked: `--references` (their test-split rows)
-or `--ladder` (each size's universal model, the candidates' `vs_universal`).
+Baseline roles are built only for `--references` (their test-split rows) or `--ladder` (`vs_universal`).
 """
 
 from __future__ import annotations

@@ -1,23 +1,21 @@
-"""Measure the staged bundle's candidates the way a device will, then choose what the target runs.
-
-Each candidate is measured once, through the one protocol `tune` uses on the device
-(`projectable_edge_runtime.tune.measure`: its own torch-free runtime process, so latency and peak memory
-are the runtime's own): validation on the goldens against the fp32 PyTorch reference, and timings. The
-selection and, for a ladder, the device-latency estimate and the host's pick come from these numbers.
+"""Measure the staged bundle's candidates the way a device will (once each, through `tune.measure`, the
+protocol `tune` uses there), then choose what the target runs; for a ladder, the device-latency estimate
+and the host's pick come from the same numbers.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from projectable_edge.exporters.trt_check import check_tensorrt_compat
 from projectable_edge.pipeline import estimate as est
 from projectable_edge.pipeline.build import SizeBuild
 from projectable_edge.pipeline.plan import AUTO, Plan
-from projectable_edge_runtime import tune
+from projectable_edge_runtime.commands import tune
 from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.devices.choices import CompileBackend, host_arch
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.manifest import Accuracy, Candidate, HostLatency, Ladder, ModelFacts, Selection, to_json
+from projectable_edge_runtime.bundle.manifest import Accuracy, Candidate, HostLatency, Ladder, ModelFacts, Selection, to_json
 
 
 def draft(plan: Plan, builds: list[SizeBuild]) -> dict[str, Candidate]:
@@ -75,8 +73,6 @@ def unbuildable(plan: Plan, root, cands: dict[str, Candidate]) -> dict[str, str]
     """Main-size candidates the target's TensorRT cannot build, and why (the static check of their graphs)."""
     if plan.profile.compile_backend != CompileBackend.TENSORRT:
         return {}
-    from projectable_edge.exporters.trt_check import check_tensorrt_compat
-
     out = {}
     for n, c in ((n, c) for n, c in cands.items() if c.main):
         checks = [check_tensorrt_compat(root / g, plan.profile.software.get("tensorrt"))

@@ -82,7 +82,7 @@ def make_plan(settings: GenerateSettings) -> Plan:
     """Fails on a bad target or precision before anything is read."""
     profile = load_profile(settings.target)
     if settings.sign_key is not None:  # a bad key fails now, not after minutes of building
-        from projectable_edge_runtime.signing import load_private_key
+        from projectable_edge_runtime.bundle.signing import load_private_key
 
         load_private_key(settings.sign_key)
     return Plan(settings, profile, tuple(plan_variants(profile, settings.precision)))

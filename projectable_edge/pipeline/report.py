@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from projectable_edge_runtime.devices import variants
-from projectable_edge_runtime.manifest import Manifest
-from projectable_edge_runtime.png import image_grid, write_png
+from projectable_edge_runtime.bundle.manifest import Manifest
+from projectable_edge_runtime.commands.png import image_grid, write_png
 
 
 def _plt():

@@ -1,13 +1,9 @@
 """The runtime-only wheel every bundle carries, and the manifest's `requires` field.
 
-`python -m pip wheel` builds a pure-Python wheel of the installed runtime (runtime/ as
-`projectable_edge_runtime`, devices/ as its `devices` subpackage; modules only, no TOML
-profiles: the device reads its profile from the manifest) from a staged project with its own
-pyproject.toml. Dependencies: numpy and onnxruntime at the runtime's declared floors; Pillow
-only as the `images` extra, `serve`'s HTTP server library only as the `serve` extra.
-SOURCE_DATE_EPOCH is fixed, so the same sources give the same bytes, and the step cache keeps the
-wheel of the same sources for the next bundle.
-Device setup: `python3 -m venv pe && pe/bin/pip install BUNDLE/runtime/*.whl`.
+`pip wheel` builds it from a staged copy of the installed runtime's modules (no TOML profiles: the device
+reads its profile from the manifest). Dependencies: numpy and onnxruntime at the runtime's floors; Pillow
+and the HTTP server only as the `images` and `serve` extras. SOURCE_DATE_EPOCH is fixed, so the same
+sources give the same bytes (and the step cache keeps that wheel for the next bundle).
 """
 
 from __future__ import annotations
@@ -26,9 +22,9 @@ import projectable_edge_runtime.devices
 from projectable_edge import __version__
 from projectable_edge.pipeline.cache import StepCache, content_key
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.requirements import MIN_NUMPY, MIN_ONNXRUNTIME, MIN_PYTHON, requires_for
-from projectable_edge_runtime.manifest import Requires, Wheel
-from projectable_edge_runtime.serve import SERVE_REQUIRES
+from projectable_edge_runtime.bundle.requirements import MIN_NUMPY, MIN_ONNXRUNTIME, MIN_PYTHON, requires_for
+from projectable_edge_runtime.bundle.manifest import Requires, Wheel
+from projectable_edge_runtime.commands.serve import SERVE_REQUIRES
 
 DIST = "projectable-edge-runtime"
 WHEEL_DIR = "runtime"  # folder inside the bundle
@@ -54,17 +50,17 @@ serve = ["{serve}"]
 projectable-edge-runtime = "projectable_edge_runtime.__main__:main"
 
 [tool.setuptools]
-packages = ["projectable_edge_runtime", "projectable_edge_runtime.devices"]
+packages = ["projectable_edge_runtime", "projectable_edge_runtime.bundle", "projectable_edge_runtime.graphs",
+            "projectable_edge_runtime.commands", "projectable_edge_runtime.devices"]
 """
 
 def _sources() -> dict[str, Path]:
-    """{path inside the wheel's source tree: file} for the installed runtime and devices modules."""
-    out = {}
-    for pkg, mod in (("projectable_edge_runtime", projectable_edge_runtime),
-                     ("projectable_edge_runtime/devices", projectable_edge_runtime.devices)):
-        for f in sorted(Path(mod.__file__).resolve().parent.glob("*.py")):  # never caches or TOML
-            out[f"{pkg}/{f.name}"] = f
-    return out
+    """{path inside the wheel's source tree: file} for the installed runtime's modules (never caches or TOML)."""
+    root = Path(projectable_edge_runtime.__file__).resolve().parent
+    folders = {"": root, **{f"{s}/": root / s for s in ("bundle", "graphs", "commands")},
+               "devices/": Path(projectable_edge_runtime.devices.__file__).resolve().parent}
+    return {f"projectable_edge_runtime/{sub}{f.name}": f for sub, folder in folders.items()
+            for f in sorted(folder.glob("*.py"))}
 
 
 def wheel_name() -> str:

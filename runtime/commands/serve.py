@@ -22,8 +22,8 @@ from http import HTTPStatus
 
 import numpy as np
 
-from .devices.errors import ProjectableEdgeError
-from .tokenizer import validate_tokens
+from ..devices.errors import ProjectableEdgeError
+from ..graphs.tokenizer import validate_tokens
 
 SERVE_REQUIRES = "waitress>=3.0.1,<4"  # the `[serve]` extra (the JSON errors hook waitress 3's channel classes)
 JSON_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")  # curl -d sends the last

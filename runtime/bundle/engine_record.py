@@ -1,4 +1,4 @@
-"""The record of a TensorRT engine built on the device: `python -m projectable_edge_runtime.engine_record BUNDLE`.
+"""The record of a TensorRT engine built on the device: `python -m projectable_edge_runtime.bundle.engine_record BUNDLE`.
 
 `build_engine.sh` runs this after trtexec. The manifest cannot list engines built after it was
 sealed (and signed), so each plan gets its own record beside it (`<plan>.record.json`): the TensorRT
@@ -22,34 +22,23 @@ from typing import Any, Callable
 import numpy as np
 
 from .atomic import atomic_output
-from .devices.errors import ProjectableEdgeError
-from .graphs import CacheLayout, GraphKind, graph_logits
-from .manifest import ENGINE_RECORD_SUFFIX, device_engine_plans, read_manifest, sha256_file
-from .scoring import bits_per_dim
+from ..commands import console
+from ..devices.errors import ProjectableEdgeError
+from ..graphs.contract import CacheLayout, GraphKind, graph_logits
+from ..graphs.hardware import jetson_model, tensorrt_version
+from .manifest import ENGINE_RECORD_SUFFIX, device_engine_plans, file_info, read_manifest
+from ..graphs.scoring import bits_per_dim
 
 RECORD_SCHEMA = 1
 LOG_NAME = "build_engine.log"  # trtexec's output, tee'd by the per-graph script
 
 
-def device_name() -> str:
-    """What this machine calls itself: the Jetson model string when there is one."""
-    for p in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
-        try:
-            text = Path(p).read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip()
-        except OSError:
-            continue
-        if text:
-            return text
-    return f"{platform.node()} ({platform.machine()})"
-
-
 def _tensorrt_version() -> str:
-    try:
-        import tensorrt as trt  # lazy: device only
-    except Exception as e:
-        raise ProjectableEdgeError(f"cannot read the TensorRT version ({type(e).__name__}: {e}); install TensorRT's "
-                                   "Python bindings (JetPack ships them) or pass --tensorrt-version") from None
-    return str(trt.__version__)
+    version, why = tensorrt_version()
+    if version is None:
+        raise ProjectableEdgeError(f"cannot read the TensorRT version ({why}); install TensorRT's Python bindings "
+                                   "(JetPack ships them) or pass --tensorrt-version")
+    return version
 
 
 def _test_inference(runner, kind: GraphKind, c, tokens: np.ndarray, max_batch: int) -> dict[str, Any]:
@@ -76,9 +65,9 @@ def write_records(bundle_dir: str | Path, tensorrt_version: str | None = None, d
                                    f"{str(manifest.engine.status)!r}); run build_engine.sh first")
     c = next(c for c in manifest.main_candidates().values() if c.variant == manifest.engine.variant)
     version = tensorrt_version or _tensorrt_version()
-    device = device or device_name()
+    device = device or jetson_model() or f"{platform.node()} ({platform.machine()})"
     if runner_factory is None:
-        from .trt_runner import TrtRunner
+        from ..graphs.trt_runner import TrtRunner
 
         runner_factory = TrtRunner
     with np.load(d / c.goldens, allow_pickle=False) as z:
@@ -92,10 +81,8 @@ def write_records(bundle_dir: str | Path, tensorrt_version: str | None = None, d
             test = _test_inference(runner_factory(d / plan), kind, c, tokens, max_batch)
         except Exception as e:  # the engine does not load or run here: record why
             test = {"passed": False, "graph": str(kind), "reason": f"{type(e).__name__}: {e}"}
-        files = {plan: {"sha256": sha256_file(d / plan), "bytes": (d / plan).stat().st_size}}
         log_rel = str(PurePosixPath(plan).parent / LOG_NAME)
-        if (d / log_rel).is_file():
-            files[log_rel] = {"sha256": sha256_file(d / log_rel), "bytes": (d / log_rel).stat().st_size}
+        files = {rel: file_info(d / rel) for rel in (plan, log_rel) if (d / rel).is_file()}
         rec = {"schema": RECORD_SCHEMA, "plan": plan, "tensorrt_version": version, "device": device,
                "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                "profile_tensorrt_version": manifest.target.software.get("tensorrt"),
@@ -109,13 +96,11 @@ def write_records(bundle_dir: str | Path, tensorrt_version: str | None = None, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import console
-
-    ap = argparse.ArgumentParser(prog="python -m projectable_edge_runtime.engine_record",
+    ap = argparse.ArgumentParser(prog="python -m projectable_edge_runtime.bundle.engine_record",
                                  description="Record device-built TensorRT engines of a bundle (run by build_engine.sh).")
     ap.add_argument("bundle")
     ap.add_argument("--tensorrt-version", help="default: tensorrt.__version__")
-    ap.add_argument("--device", help="default: /proc/device-tree/model, else the host name")
+    ap.add_argument("--device", help="default: the Jetson's model, else the host name")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
 

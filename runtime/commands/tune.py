@@ -1,23 +1,19 @@
 """Measuring candidates, and `tune`: pick the most accurate candidate within budget where it runs.
 
-`measure` is the one measuring protocol, shared by `generate` (on the build host) and `tune` (on the
-device): each candidate in its own `python -m projectable_edge_runtime.tune` process (so its peak RSS is
-its own; a process's peak never goes down), which validates it on its goldens against the fp32 PyTorch
-reference and times scoring one golden image (warm-up, then percentiles); `full` adds the benchmark's
-batch and sampling cases and sample images for the report.
+`measure` is the one measuring protocol of `generate` (on the build host) and `tune` (on the device): each
+candidate in its own process (a process's peak RSS never goes down), validated on its goldens against the
+fp32 PyTorch reference and timed scoring one golden image; `full` adds the benchmark's other cases.
 
-`tune` ranks by what it measured here (bits on the goldens, validation against the reference, p99 and
-peak RSS against the budgets, the profile's by default). The bundle itself is never changed (it stays
-verified and signed): the choice and its measurements go into a record NEXT TO the bundle,
-`<bundle>.tuned.json`, tied to the manifest digest and the chosen candidate's file hashes. `load()` uses
-the record's choice when it still matches; a stale or unreadable record is ignored with a
-`TunedRecordWarning`. When nothing fits, the verdict names the closest candidate and by how much; the CLI
-exits 1 (a check failed), like `benchmark`.
+`tune` ranks by what it measured here. The bundle itself never changes (it stays verified and signed): the
+choice goes into a record NEXT TO it, `<bundle>.tuned.json`, tied to the manifest digest and the chosen
+candidate's file hashes; `load()` uses it while it still matches, and ignores a stale or unreadable one
+with a `TunedRecordWarning`. When nothing fits, the verdict names the closest candidate and by how much.
 """
 from __future__ import annotations
 
 import json
 import math
+import platform
 import subprocess
 import sys
 import time
@@ -26,9 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_output
-from .devices.errors import ProjectableEdgeError
-from .manifest import Manifest
+from . import console
+from .benchmark import benchmark, check_counts, peak_rss_mb, stats, time_calls
+from .validate import load_goldens, validate
+from ..bundle.atomic import atomic_output
+from ..bundle.manifest import Candidate, Manifest, decode, read_manifest, verify_files
+from ..devices.errors import ProjectableEdgeError
+from ..devices.profiles import DeviceProfile
+from ..graphs.tokenizer import TokenizerSpec
 
 TUNED_RECORD_SCHEMA = 2  # 2: measurements hold the bits measured where tune ran
 TUNED_RECORD_SUFFIX = ".tuned.json"
@@ -62,32 +63,20 @@ def record_path(bundle: str | Path) -> Path:
     return b.parent / (b.name + TUNED_RECORD_SUFFIX)
 
 
-def _check_runs(runs: int, warmup: int) -> None:
-    for name, v, lo in (("runs", runs, 2), ("warmup", warmup, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ProjectableEdgeError(f"tune '{name}' must be an integer >= {lo}, got {v!r}")
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
 def measure_here(request: dict[str, Any]) -> dict[str, Any]:
     """Open one candidate in this process and measure it (see the module doc). The request names the bundle
     and the candidate; a `draft` (candidate, target, tokenizer) opens a staged bundle not yet sealed."""
-    from .benchmark import benchmark, peak_rss_mb, stats, time_calls
-    from .bundle import load, open_candidate
-    from .validate import load_goldens, validate
+    from ..bundle.load import Model, load  # onnxruntime: only in the measuring process
 
     name, runs, warmup = request["candidate"], int(request["runs"]), int(request["warmup"])
     kw = {"providers": request.get("providers") or None, "backend": request.get("backend", "auto")}
     if request.get("draft"):
-        from .devices.profiles import DeviceProfile
-        from .manifest import Candidate, decode
-        from .tokenizer import TokenizerSpec
-
         d = request["draft"]
-        model = open_candidate(Path(request["bundle"]), name, decode(Candidate, d["candidate"], name),
-                               DeviceProfile.from_dict(d["target"]), TokenizerSpec.from_dict(d["tokenizer"]), **kw)
+        model = Model(Path(request["bundle"]), name, decode(Candidate, d["candidate"], name),
+                      DeviceProfile.from_dict(d["target"]), TokenizerSpec.from_dict(d["tokenizer"]), **kw)
     else:
         model = load(request["bundle"], candidate=name, tuned=False, **kw)
     with model:
@@ -112,7 +101,7 @@ def measure(bundle: str | Path, name: str, runs: int = DEFAULT_RUNS, warmup: int
     """measure_here in a fresh runtime process, so the peak memory is this candidate's alone."""
     request = {"bundle": str(Path(bundle).resolve()), "candidate": name, "runs": runs, "warmup": warmup,
                "providers": list(providers or []), "backend": backend, **extra}
-    res = subprocess.run([sys.executable, "-m", "projectable_edge_runtime.tune"], input=json.dumps(request),
+    res = subprocess.run([sys.executable, "-m", "projectable_edge_runtime.commands.tune"], input=json.dumps(request),
                          capture_output=True, text=True)
     if res.returncode != 0:
         raise ProjectableEdgeError(f"measuring candidate {name} failed: {(res.stderr or res.stdout).strip()[-600:]}")
@@ -170,21 +159,20 @@ def pick(within_budget: dict[str, bool], measured: dict[str, dict[str, Any]], bu
 def explain(verdict: dict[str, Any], forced: bool = False) -> str:
     """One line: the pick and why, or what came closest and by how much."""
     b = verdict["budget"]
-    if forced:
-        r = verdict["rows"][0]
-        return (f"{r['candidate']} was forced with --candidate; it {'fits' if r['fits'] else 'does NOT fit'} "
-                f"p99 {b['p99_ms']:g} ms and {b['max_mb']:g} MB (measured p99 {r['p99_ms']:.3f} ms, "
-                f"peak RSS {r['peak_rss_mb']:.1f} MB)")
-    if verdict["choice"]:
-        r = next(r for r in verdict["rows"] if r["candidate"] == verdict["choice"])
+    within = f"p99 {b['p99_ms']:g} ms and {b['max_mb']:g} MB"
+    rows = [r for r in verdict["rows"] if forced or r["candidate"] == verdict["choice"]]
+    if rows:
+        r = rows[0]
+        measured = f"(measured p99 {r['p99_ms']:.3f} ms, peak RSS {r['peak_rss_mb']:.1f} MB)"
+        if forced:
+            return (f"{r['candidate']} was forced with --candidate; it {'fits' if r['fits'] else 'does NOT fit'} "
+                    f"{within} {measured}")
         return (f"picked {r['candidate']}: the most accurate candidate ({r['bits']:.4f} bits/dim measured here) "
-                f"within p99 {b['p99_ms']:g} ms and {b['max_mb']:g} MB (measured p99 {r['p99_ms']:.3f} ms, "
-                f"peak RSS {r['peak_rss_mb']:.1f} MB)")
+                f"within {within} {measured}")
     c = verdict.get("closest")
     if not c:
         return "no candidate was measured"
-    return (f"no candidate fits p99 {b['p99_ms']:g} ms and {b['max_mb']:g} MB; closest: {c['candidate']}, "
-            f"which misses by {'; '.join(c['misses_by'])}")
+    return f"no candidate fits {within}; closest: {c['candidate']}, which misses by {'; '.join(c['misses_by'])}"
 
 
 # ----------------------------------------------------------------------------- the record
@@ -196,34 +184,17 @@ def _hashes(manifest: Manifest, name: str) -> dict[str, str]:
     return {r: manifest.files[r].sha256 for r in (c.graphs.score, c.graphs.decode, c.goldens) if r and r in manifest.files}
 
 
-def make_record(bundle: Path, manifest: Manifest, verdict: dict[str, Any], measured: dict[str, Any],
-                forced: bool) -> dict[str, Any]:
-    import platform
-
-    choice = verdict["choice"]
-    return {"schema": TUNED_RECORD_SCHEMA, "kind": "projectable-edge tuned record", "bundle": Path(bundle).name,
-            "manifest_sha256": manifest.integrity.manifest_sha256, "choice": choice, "forced": forced,
-            "choice_files": _hashes(manifest, choice) if choice else {}, "fits": verdict["fits"],
-            "explanation": explain(verdict, forced), "budget": verdict["budget"], "rows": verdict["rows"],
-            "closest": verdict.get("closest"), "measurements": measured,
-            "device": {"machine": platform.machine(), "python": platform.python_version()},
-            "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def _stale(record: Any, manifest: Manifest) -> str | None:
-    """Why the record does not describe this bundle any more, or None when it does."""
+def _read_record(path: Path, manifest: Manifest) -> tuple[dict[str, Any] | None, str | None]:
+    """(the tuned record at path, None) when it was made for this very bundle, else (None, why not)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"it is unreadable ({e})"
     if not isinstance(record, dict) or record.get("schema") != TUNED_RECORD_SCHEMA:
-        return "it is not a tuned record this runtime reads"
+        return None, "it is not a tuned record this runtime reads"
     if record.get("manifest_sha256") != manifest.integrity.manifest_sha256:
-        return "the bundle's manifest digest changed since it was tuned (regenerated or replaced)"
-    choice = record.get("choice")
-    if choice is None:
-        return "its verdict was that no candidate fits the budget"
-    if choice not in manifest.candidates:
-        return f"its choice {choice!r} is not a candidate of this bundle"
-    if record.get("choice_files") != _hashes(manifest, choice):
-        return f"the files of {choice} no longer match the hashes it recorded"
-    return None
+        return None, "the bundle's manifest digest changed since it was tuned (regenerated or replaced)"
+    return record, None
 
 
 def tuned_choice(bundle: Path, manifest: Manifest, path: str | Path | None = None) -> tuple[str | None, dict]:
@@ -231,19 +202,22 @@ def tuned_choice(bundle: Path, manifest: Manifest, path: str | Path | None = Non
     p = Path(path) if path is not None else record_path(bundle)
     if not p.is_file():
         return None, {"record": str(p), "used": False, "reason": "no tuned record"}
-    try:
-        record = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        why = f"it is unreadable ({e})"
-    else:
-        why = _stale(record, manifest)
+    record, why = _read_record(p, manifest)
+    choice = record and record.get("choice")
+    if record is not None:
+        if choice is None:
+            why = "its verdict was that no candidate fits the budget"
+        elif choice not in manifest.candidates:
+            why = f"its choice {choice!r} is not a candidate of this bundle"
+        elif record.get("choice_files") != _hashes(manifest, choice):
+            why = f"the files of {choice} no longer match the hashes it recorded"
     if why is not None:
         warnings.warn(f"ignoring tuned record {p}: {why}; using the bundle's default selection. Re-run "
                       f"`python -m projectable_edge_runtime tune {Path(bundle)}` to tune again.",
                       TunedRecordWarning, stacklevel=4)
         return None, {"record": str(p), "used": False, "reason": why}
-    return record["choice"], {"record": str(p), "used": True, "choice": record["choice"],
-                              "tuned_at": record.get("tuned_at"), "fits": record.get("fits")}
+    return choice, {"record": str(p), "used": True, "choice": choice, "tuned_at": record.get("tuned_at"),
+                    "fits": record.get("fits")}
 
 
 # ----------------------------------------------------------------------------- tune
@@ -251,20 +225,14 @@ def tuned_choice(bundle: Path, manifest: Manifest, path: str | Path | None = Non
 
 def _reused(path: Path, manifest: Manifest, names: list[str]) -> dict[str, dict[str, Any]]:
     """The measurements of an earlier tune of this very bundle (`--reuse`): new budgets, no re-measuring."""
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProjectableEdgeError(f"--reuse needs a tuned record at {path}; run tune without --reuse first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProjectableEdgeError(f"tuned record {path} is unreadable ({e}); run tune without --reuse") from None
-    if (not isinstance(rec, dict) or rec.get("schema") != TUNED_RECORD_SCHEMA
-            or rec.get("manifest_sha256") != manifest.integrity.manifest_sha256):
-        raise ProjectableEdgeError(f"tuned record {path} was made for another version of this bundle (manifest "
-                                   "digest or record schema differs); run tune without --reuse to measure again")
-    missing = [n for n in names if n not in (rec.get("measurements") or {})]
-    if missing:
-        raise ProjectableEdgeError(f"tuned record {path} has no measurements of {missing}; run tune without --reuse")
-    return {n: rec["measurements"][n] for n in names}
+    if not path.is_file():
+        raise ProjectableEdgeError(f"--reuse needs a tuned record at {path}; run tune without --reuse first")
+    record, why = _read_record(path, manifest)
+    missing = [n for n in names if n not in ((record or {}).get("measurements") or {})]
+    if record is None or missing:
+        raise ProjectableEdgeError(f"tuned record {path} cannot be reused ({why or f'no measurements of {missing}'}); "
+                                   "run tune without --reuse to measure again")
+    return {n: record["measurements"][n] for n in names}
 
 
 def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None = None,
@@ -277,13 +245,11 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
     when it misses the budget, because the user asked for it; the report still says whether it fits.
     reuse=True picks again from the measurements of the existing record (same bundle), e.g. to try
     another budget without measuring again."""
-    from .manifest import read_manifest, verify_files
-
     d = Path(bundle).resolve()
     manifest = read_manifest(d, public_key=public_key)
     verify_files(d, manifest)  # a broken bundle fails here, before minutes of measuring
     budget = Budget.of(manifest, p99_ms, max_mb)
-    _check_runs(runs, warmup)
+    check_counts("tune", runs=(runs, 2), warmup=(warmup, 0))
     names = [manifest.candidate(candidate) and candidate] if candidate is not None else list(manifest.candidates)
     path = Path(record) if record is not None else record_path(d)
     measured = _reused(path, manifest, names) if reuse else {}
@@ -294,7 +260,14 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
     verdict = pick({n: manifest.candidates[n].accuracy.within_budget for n in names}, measured, budget)
     if candidate is not None:
         verdict["choice"] = names[0]
-    rec = {**make_record(d, manifest, verdict, measured, forced=candidate is not None), "reused_measurements": reuse}
+    choice, forced = verdict["choice"], candidate is not None
+    rec = {"schema": TUNED_RECORD_SCHEMA, "kind": "projectable-edge tuned record", "bundle": d.name,
+           "manifest_sha256": manifest.integrity.manifest_sha256, "choice": choice, "forced": forced,
+           "choice_files": _hashes(manifest, choice) if choice else {}, "fits": verdict["fits"],
+           "explanation": explain(verdict, forced), "budget": verdict["budget"], "rows": verdict["rows"],
+           "closest": verdict.get("closest"), "measurements": measured,
+           "device": {"machine": platform.machine(), "python": platform.python_version()},
+           "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reused_measurements": reuse}
     with atomic_output(path, overwrite=True, what="tuned record") as tmp:
         tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
     return {**rec, "record": str(path)}
@@ -302,20 +275,16 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
 
 def tune_text(out: dict[str, Any]) -> str:
     """The measured table, the pick (or the closest miss) and where the record went."""
-    from .console import table
-
     rows = [("candidate", "bits/dim here", "p50 ms", "p99 ms", "peak MB", "fits")]
     for r in out["rows"]:
         rows.append((r["candidate"], f"{r['bits']:.4f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
                      f"{r['peak_rss_mb']:.1f}" if r["peak_rss_mb"] is not None else "-",
                      "yes" if r["fits"] else ("no (accuracy)" if not r["accuracy_ok"] else "no")))
-    return "\n".join([table(rows), "", out["explanation"], f"record: {out['record']}"])
+    return "\n".join([console.table(rows), "", out["explanation"], f"record: {out['record']}"])
 
 
 def run_cli(args, providers) -> int:
     """`python -m projectable_edge_runtime tune`: 0 = a candidate fits (or one was forced and fits), 1 = none fits."""
-    from . import console
-
     if args.precision is not None:
         raise ProjectableEdgeError("tune picks the precision itself; pass --candidate SIZE/VARIANT to force one")
     out = tune(args.bundle, p99_ms=args.p99_ms, max_mb=args.max_mb, candidate=args.candidate, runs=args.runs,

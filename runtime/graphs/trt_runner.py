@@ -1,7 +1,5 @@
-"""TensorRT engines behind the runner contract (TensorRT >= 8.5 name-based tensor API).
-
-tensorrt and the CUDA runtime are loaded when a runner is built, never at import, so
-hosts without them never pay for it; the CUDA calls go through ctypes (no pycuda dependency).
+"""TensorRT engines behind the runner contract (TensorRT >= 8.5 name-based tensor API). tensorrt and the CUDA
+runtime are loaded when a runner is built, never at import; the CUDA calls go through ctypes (no pycuda).
 """
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .devices.errors import ProjectableEdgeError
+from ..devices.errors import ProjectableEdgeError
 
 
 class _CudaRuntime:
@@ -20,10 +18,9 @@ class _CudaRuntime:
     H2D, D2H = 1, 2
 
     def __init__(self):
-        names = [ctypes.util.find_library("cudart")] + [f"libcudart.so.{v}" for v in ("12", "11.0", "13")]
-        names += ["libcudart.so"]
         self.lib = None
-        for n in filter(None, names):
+        for n in filter(None, (ctypes.util.find_library("cudart"), "libcudart.so.12", "libcudart.so.11.0",
+                               "libcudart.so.13", "libcudart.so")):
             try:
                 self.lib = ctypes.CDLL(n)
                 break
@@ -63,7 +60,6 @@ class TrtRunner:
         self.path = Path(engine_path)
         self.name = name or f"tensorrt:{self.path.name}"
         self.providers = [f"TensorRT {trt.__version__}"]
-        self._trt = trt
         self._cuda = _CudaRuntime()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)

@@ -1,19 +1,17 @@
-"""What a bundle needs of the machine that runs it, and the check `load` makes before any session.
+"""What a bundle needs of the machine that runs it (the manifest's `requires`), checked by `load` before any session.
 
-MIN_ONNXRUNTIME was measured, not guessed: the bundles are ONNX IR 10 graphs whose
-causal mask is `Trilu` on a bool tensor. onnxruntime 1.17 cannot read IR 10 ("Unsupported model
-IR version: 10"), 1.18.x has no Trilu kernel for bool, and the PyPI builds before 1.19 do not import
-with numpy 2. 1.19.0 runs every variant (fp32, fp16, int8-static) with numpy 1.24 to 2.x, on
-x86-64 and aarch64. pyproject.toml declares the same floors (a test keeps them equal).
-
-`generate` writes the manifest's `requires` (see `requires_for`); `load` checks it before any session.
+MIN_ONNXRUNTIME was measured: the graphs are ONNX IR 10 whose causal mask is `Trilu` on a bool tensor.
+onnxruntime 1.17 cannot read IR 10, 1.18.x has no Trilu kernel for bool, and PyPI's builds before 1.19 do
+not import with numpy 2; 1.19.0 runs every variant with numpy 1.24 to 2.x, on x86-64 and aarch64.
+pyproject.toml declares the same floors (a test keeps them equal).
 """
 from __future__ import annotations
 
 import re
 import sys
+from importlib import metadata
 
-from .devices.errors import ProjectableEdgeError
+from ..devices.errors import ProjectableEdgeError
 
 MIN_ONNXRUNTIME = "1.19.0"
 MIN_NUMPY = "1.24"
@@ -22,24 +20,9 @@ WHY_ONNXRUNTIME = "ONNX IR 10 graphs with Trilu on bool tensors"
 
 
 def parse_version(text: str) -> tuple[int, ...]:
-    """'1.19.2' -> (1, 19, 2); local/dev/rc suffixes ('1.20.0+cu118', '1.21.0.dev2024') are dropped."""
-    nums = []
-    for part in str(text).split("+")[0].split("."):
-        m = re.match(r"\d+", part)
-        if not m:
-            break
-        nums.append(int(m.group()))
-        if m.end() != len(part):  # '0rc1', '0dev': the number ends the usable version
-            break
-    return tuple(nums) or (0,)
-
-
-def _at_least(spec: str) -> str:
-    """'>=1.19.0' -> '1.19.0' (the only form `generate` writes)."""
-    s = str(spec).strip()
-    if not s.startswith(">="):
-        raise ValueError(spec)
-    return s[2:].strip()
+    """'1.19.2' -> (1, 19, 2); local/dev/rc suffixes ('1.20.0+cu118', '1.21.0.dev2024', '1.18.0rc1') are dropped."""
+    m = re.match(r"\d+(\.\d+)*", str(text).strip())
+    return tuple(int(x) for x in m.group().split(".")) if m else (0,)
 
 
 def requires_for(ir_version: int | None = None, opsets: dict[str, int] | None = None):
@@ -57,9 +40,8 @@ def installed_onnxruntime_version() -> str:
 
 def _dist_version(name: str) -> str | None:
     try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
         return None
 
 
@@ -69,7 +51,6 @@ def import_onnxruntime():
         import onnxruntime
     except ImportError as e:
         ort_v = _dist_version("onnxruntime") or _dist_version("onnxruntime-gpu")
-        np_v = _dist_version("numpy")
         if ort_v is None:
             raise ProjectableEdgeError(f"onnxruntime is not installed; pip install 'onnxruntime>={MIN_ONNXRUNTIME}' "
                                        "(or NVIDIA's onnxruntime-gpu build on a Jetson)") from None
@@ -77,7 +58,7 @@ def import_onnxruntime():
         if parse_version(ort_v) < parse_version(MIN_ONNXRUNTIME):
             hint = (f"; onnxruntime {ort_v} is below this runtime's minimum {MIN_ONNXRUNTIME} "
                     f"(builds before 1.19 need numpy<2)")
-        raise ProjectableEdgeError(f"onnxruntime {ort_v} does not import with numpy {np_v} "
+        raise ProjectableEdgeError(f"onnxruntime {ort_v} does not import with numpy {_dist_version('numpy')} "
                                    f"({type(e).__name__}: {str(e).strip() or 'no message'}){hint}: "
                                    f"pip install 'onnxruntime>={MIN_ONNXRUNTIME}' 'numpy>={MIN_NUMPY}'") from None
     return onnxruntime
@@ -85,13 +66,12 @@ def import_onnxruntime():
 
 def check_requirements(bundle_dir, requires, ort_version: str | None = None) -> None:
     """Raise one clear error when this machine is below what the bundle declares (`Requires`) or the minimum."""
-    try:
-        need_ort, need_py = _at_least(requires.onnxruntime), _at_least(requires.python)
-    except ValueError as e:
-        raise ProjectableEdgeError(f"bundle {bundle_dir}: manifest field 'requires' has {e.args[0]!r}; "
-                                   "expected '>=X.Y.Z'") from None
-    if parse_version(need_ort) < parse_version(MIN_ONNXRUNTIME):
-        need_ort = MIN_ONNXRUNTIME  # this runtime's own graphs never run below it
+    specs = (str(requires.onnxruntime).strip(), str(requires.python).strip())
+    if bad := [s for s in specs if not s.startswith(">=")]:  # the only form `generate` writes
+        raise ProjectableEdgeError(f"bundle {bundle_dir}: manifest field 'requires' has {bad[0]!r}; "
+                                   "expected '>=X.Y.Z'")
+    need_ort, need_py = (s[2:].strip() for s in specs)
+    need_ort = max(need_ort, MIN_ONNXRUNTIME, key=parse_version)  # this runtime's graphs never run below it
     if sys.version_info[:3] < parse_version(need_py):
         raise ProjectableEdgeError(f"bundle {bundle_dir} needs Python >= {need_py}; this is "
                                    f"{sys.version.split()[0]}: use a newer python3 for the runtime's venv")

@@ -1,10 +1,9 @@
 """The bundle format, described once: the frozen dataclasses below ARE manifest.json.
 
-`parse` validates a manifest against them (an error names the field and the fix), `to_json` writes
-them, `json_schema()` derives the JSON Schema the runtime ships (`python -m projectable_edge_runtime
-schema`), and docs/manifest.md's field tables are rendered from the same fields (tests/test_bundle_trust.py
-keeps that page equal to them). Every field's meaning is its `doc(...)`. A bundle is a folder: `files` names every other file with
-its sha256 and size, `integrity` seals the manifest itself (and signs it when a key is given).
+`parse` checks a manifest against them (an error names the field and the fix), `to_json` writes them,
+`json_schema()` derives the JSON Schema (`python -m projectable_edge_runtime schema`), and docs/manifest.md's
+field tables are rendered from each field's `doc(...)` (a test keeps that page equal to them). A bundle is a
+folder: `files` names every other file with its sha256 and size, `integrity` seals (and may sign) the manifest.
 """
 from __future__ import annotations
 
@@ -21,10 +20,10 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Iterator, Union
 
 from .atomic import atomic_output
-from .devices.choices import StrEnum
-from .devices.errors import ProjectableEdgeError
-from .devices.profiles import DeviceProfile
-from .tokenizer import TokenizerSpec
+from ..devices.choices import StrEnum
+from ..devices.errors import ProjectableEdgeError
+from ..devices.profiles import DeviceProfile
+from ..graphs.tokenizer import TokenizerSpec
 
 SCHEMA_VERSION = 4  # 4: one typed `candidates` table for every bundle; references from PyTorch
 MANIFEST_NAME = "manifest.json"
@@ -256,6 +255,10 @@ def _optional(tp) -> Any:
     return None
 
 
+_SCALARS = {bool: ("true or false", bool), str: ("a string", str), int: ("an integer", int),
+            float: ("a number", (int, float))}
+
+
 def _bad(where: str, want: str, value: Any) -> ProjectableEdgeError:
     return ProjectableEdgeError(f"manifest field '{where}' must be {want}, got {value!r}")
 
@@ -265,9 +268,10 @@ def decode(tp, value: Any, where: str) -> Any:
     tp, tag = _unwrap(tp)
     if (inner := _optional(tp)) is not None:
         return None if value is None else decode(inner, value, where)
+    origin = typing.get_origin(tp)
+    if (dataclasses.is_dataclass(tp) or dict in (tp, origin)) and not isinstance(value, dict):
+        raise _bad(where, "an object", value)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _bad(where, "an object", value)
         if hasattr(tp, "from_dict"):  # device profile, tokenizer spec: their own checks
             return tp.from_dict(value, **({"source": f"manifest field '{where}'"} if tp is DeviceProfile else {}))
         hints, kw = _hints(tp), {}
@@ -278,10 +282,7 @@ def decode(tp, value: Any, where: str) -> Any:
                 raise ProjectableEdgeError(f"manifest.json is missing field '{where + '.' if where else ''}{f.name}'; "
                                            "regenerate the bundle with `projectable-edge generate`")
         return tp(**kw)
-    origin = typing.get_origin(tp)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise _bad(where, "an object", value)
         kt, vt = typing.get_args(tp)
         return {decode(kt, k, f"{where} key"): decode(vt, v, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
@@ -293,14 +294,10 @@ def decode(tp, value: Any, where: str) -> Any:
             raise _bad(where, f"one of {[m.value for m in tp]}", value)
         return tp(value)
     if tp is dict or tp is Any:
-        if tp is dict and not isinstance(value, dict):
-            raise _bad(where, "an object", value)
         return value
-    ok = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}[tp](value)
-    if not ok:
-        raise _bad(where, {bool: "true or false", str: "a string", int: "an integer", float: "a number"}[tp], value)
+    want, accepted = _SCALARS[tp]
+    if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+        raise _bad(where, want, value)
     if tag == "positive" and value < 1:
         raise _bad(where, "a positive integer", value)
     if tag == "relpath":
@@ -387,23 +384,20 @@ def walk_bundle(root: Path) -> list[str]:
     return sorted(found)
 
 
-def hash_files(root: Path, optional: tuple[str, ...] = ()) -> dict[str, FileEntry]:
-    return {rel: FileEntry(sha256_file(root / rel), (root / rel).stat().st_size, rel in optional)
-            for rel in walk_bundle(root) if rel != MANIFEST_NAME}
+def file_info(path: str | os.PathLike) -> dict[str, Any]:
+    """{'sha256', 'bytes'} of a file, as `files` records it."""
+    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
 
 
 def _fail(bundle_dir: Path, what: str) -> ProjectableEdgeError:
     return ProjectableEdgeError(f"bundle {bundle_dir}: {what}")
 
 
-def canonical_bytes(m: dict[str, Any]) -> bytes:
-    """The bytes the manifest digest (and signature) cover: every field but `integrity`, canonically."""
-    body = {k: v for k, v in m.items() if k != "integrity"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def manifest_digest(m: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_bytes(m)).hexdigest()
+    """sha256 of what the digest (and signature) cover: every field but `integrity`, canonically (CANONICAL)."""
+    body = json.dumps({k: v for k, v in m.items() if k != "integrity"}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def seal(m: dict[str, Any], sign_key: Any = None) -> dict[str, Any]:
@@ -589,8 +583,8 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest | dict, optional: 
     Ed25519 signature with sign_key), write manifest.json once; return the written manifest."""
     d = Path(bundle_dir)
     body = to_json(manifest) if isinstance(manifest, Manifest) else dict(manifest)
-    body = {**body, "schema_version": body.get("schema_version", SCHEMA_VERSION),
-            "files": to_json(hash_files(d, tuple(optional)))}
+    files = {rel: {**file_info(d / rel), "optional": rel in optional} for rel in walk_bundle(d) if rel != MANIFEST_NAME}
+    body = {**body, "schema_version": body.get("schema_version", SCHEMA_VERSION), "files": files}
     raw = seal(body, sign_key)
     m = parse(raw, d)
     for rel in used_files(m):

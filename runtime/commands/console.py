@@ -8,6 +8,7 @@ with --verbose, and exit 1; --verbose adds the traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .devices.errors import ProjectableEdgeError
+from ..devices.errors import ProjectableEdgeError
+from .png import image_grid, write_png
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_ERROR = 0, 1, 2
 VERBOSE_HINT = "rerun with --verbose for the traceback"
@@ -32,15 +34,13 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False, say: Callabl
         result = fn()
     except passthrough:
         raise
-    except ProjectableEdgeError as e:
+    except Exception as e:
         if verbose:
             traceback.print_exc()
-        say(f"error: {e}")
-        return EXIT_ERROR
-    except Exception as e:  # an unexpected failure still gets one readable line
-        if verbose:
-            traceback.print_exc()
-        say(f"error: {type(e).__name__}: {e} ({VERBOSE_HINT})")
+        if isinstance(e, ProjectableEdgeError):
+            say(f"error: {e}")
+            return EXIT_ERROR
+        say(f"error: {type(e).__name__}: {e} ({VERBOSE_HINT})")  # an unexpected failure: still one readable line
         return EXIT_FAILED_CHECK
     return int(result or 0)
 
@@ -48,8 +48,6 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False, say: Callabl
 def filter_boundary(fn: Callable[[], Any], *, verbose: bool = False) -> int:
     """error_boundary for a command whose output is piped: a reader that goes away (`... | head`)
     ends it quietly with status 0, like any Unix filter."""
-    import os
-
     try:
         return error_boundary(fn, verbose=verbose, passthrough=(BrokenPipeError,))
     except BrokenPipeError:
@@ -118,12 +116,8 @@ def validate_text(out: dict) -> str:
 
 
 def info_text(model) -> str:
-    b = model.backend
-    text = f"{model!r}\n  candidates: {', '.join(model.info()['candidates'])}\n  backend reason: {b['reason']}"
-    lines = execution_lines(b.get("execution"))
-    if b["providers_missing"] and not b.get("execution"):
-        lines.append(f"  providers not in this onnxruntime build: {', '.join(b['providers_missing'])}")
-    return "\n".join([text, *lines])
+    return "\n".join([repr(model), f"  candidates: {', '.join(model.info()['candidates'])}",
+                      f"  backend reason: {model.backend['reason']}", *execution_lines(model.backend["execution"])])
 
 
 def score_text(names: list[str], bits: np.ndarray, variant: str) -> str:
@@ -135,8 +129,6 @@ def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: f
                 top_k: int | None = None, cols: int | None = None, scale: int = 4,
                 tokens_out: str | None = None) -> dict[str, Any]:
     """Sample n images, write them as one PNG grid (8 per row by default); the command's JSON result."""
-    from .png import image_grid, write_png
-
     tokens = model.sample(n, temperature=temperature, top_k=top_k, seed=seed)
     path = write_png(out, image_grid(model.decode_images(tokens), cols=cols or min(8, len(tokens)), scale=scale))
     if tokens_out:

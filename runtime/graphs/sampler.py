@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
-from .devices.errors import ProjectableEdgeError
-from .graphs import CacheLayout, GraphKind, cache_dtype, kind_of
+from ..devices.errors import ProjectableEdgeError
+from .contract import CacheLayout, GraphKind, cache_dtype, kind_of
 
 
 MAX_SAMPLES = 65536  # per call: bounded memory ([n, T] tokens and uniforms, an [L, n, H, T, hd] cache)
@@ -43,22 +43,41 @@ def uniforms(seed: int, n: int, steps: int, temperature: float) -> np.ndarray | 
     return None if temperature == 0 else np.random.default_rng(seed).random((max(steps, 0), n))
 
 
+# the ufuncs themselves: ndarray.max / cumsum go through a Python layer that costs more than the work here
+_max, _cumsum = np.maximum.reduce, np.add.accumulate
+
+
 def choose(logits: np.ndarray, u: np.ndarray | None, temperature: float, top_k: int | None) -> np.ndarray:
     """Next token ids [n] from logits [n, V]: greedy at temperature 0, else (top-k) sampling that inverts
     the float64 CDF at the uniforms u [n]: the first id whose CDF exceeds u * total (the last id if none)."""
     if temperature == 0:
         return logits.argmax(axis=-1)
+    if len(logits) == 1 and (top_k is None or top_k >= logits.shape[-1]):
+        return np.array([_invert_one(logits[0], u[0], temperature)])
     z = logits.astype(np.float64)
     if temperature != 1:
         z /= temperature
     if top_k is not None and top_k < z.shape[-1]:
         z[z < np.partition(z, -top_k, axis=-1)[:, -top_k, None]] = -np.inf
-    z -= z.max(axis=-1, keepdims=True)
+    np.subtract(z, _max(z, axis=-1, keepdims=True), out=z)
     np.exp(z, out=z)
-    np.add.accumulate(z, axis=-1, out=z)  # the CDF, in place
-    above = z > u[:, None] * z[:, -1:]
+    _cumsum(z, axis=-1, out=z)  # the CDF, in place
+    above = z > np.multiply(u, z[:, -1])[:, None]
     above[:, -1] = True
     return above.argmax(axis=-1)
+
+
+def _invert_one(logits: np.ndarray, u, temperature: float) -> int:
+    """choose() for one row [V] without top-k in fewer numpy calls (a sampled token's Python cost): the same
+    float64 operations; searchsorted (right) on the non-decreasing CDF is its first entry above u * total,
+    and a NaN CDF (NaN sorts last) gives the last id, as in choose()."""
+    z = logits.astype(np.float64)
+    if temperature != 1:
+        z /= temperature
+    np.subtract(z, _max(z), out=z)
+    np.exp(z, out=z)
+    _cumsum(z, out=z)
+    return min(int(z.searchsorted(u * z[-1], "right")), len(z) - 1)
 
 
 def _prefix(prefix: np.ndarray | None, n: int) -> np.ndarray:
@@ -78,26 +97,36 @@ def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarr
     Rows run in chunks of at most max_batch (a TensorRT engine's batch limit) in lockstep, one draw
     per step for all n rows, so the tokens do not depend on the chunking. A step is one graph call
     per chunk and a few numpy operations on [n, V]: the cache goes from one call's outputs to the
-    next call's inputs as is, tokens are written in place."""
+    next call's inputs as is, tokens are written in place (and are the next step's token feed)."""
     fixed = _prefix(prefix, n)
-    u = uniforms(seed, n, length - fixed.shape[1], temperature)
+    known = fixed.shape[1]
+    u = uniforms(seed, n, length - known, temperature)
     dt = cache_dtype(runner)
     spans = _spans(n, max_batch)
-    out = np.empty((length, n), np.int64)  # step-major: row i is contiguous and feeds step i + 1
+    out = np.empty((length, n, 1), np.int64)  # step-major: out[i] is contiguous and feeds step i + 1
+    out[:known, :, 0] = fixed.T
     feeds = [{"token": np.full((b - a, 1), layout.bos_id, np.int64), "past_keys": layout.empty(b - a, dt),
               "past_values": layout.empty(b - a, dt)} for a, b in spans]
+    run = runner.run
+    if len(feeds) == 1:  # one chunk (the usual case): a step is one call and one choice, nothing to join
+        feed = feeds[0]
+        for i in range(length):
+            r = run(feed)
+            feed["past_keys"], feed["past_values"] = r["present_keys"], r["present_values"]
+            if i >= known:
+                out[i, :, 0] = choose(r["logits"], None if u is None else u[i - known], temperature, top_k)
+            feed["token"] = out[i]
+        return np.ascontiguousarray(out[:, :, 0].T)
     for i in range(length):
-        results = [runner.run(f) for f in feeds]
-        logits = results[0]["logits"] if len(results) == 1 else np.concatenate([r["logits"] for r in results])
+        results = [run(f) for f in feeds]
         for feed, r in zip(feeds, results):
             feed["past_keys"], feed["past_values"] = r["present_keys"], r["present_values"]
-        if i < fixed.shape[1]:
-            out[i] = fixed[:, i]
-        else:
-            out[i] = choose(logits, None if u is None else u[i - fixed.shape[1]], temperature, top_k)
+        if i >= known:
+            logits = np.concatenate([r["logits"] for r in results])
+            out[i, :, 0] = choose(logits, None if u is None else u[i - known], temperature, top_k)
         for (a, b), feed in zip(spans, feeds):
-            feed["token"] = out[i, a:b, None]
-    return np.ascontiguousarray(out.T)
+            feed["token"] = out[i, a:b]
+    return np.ascontiguousarray(out[:, :, 0].T)
 
 
 def sample_recompute(runner, n: int, length: int, prefix: np.ndarray | None = None,

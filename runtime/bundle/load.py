@@ -12,38 +12,32 @@ from typing import Any
 
 import numpy as np
 
-from .devices import variants
-from .devices.errors import ProjectableEdgeError
-from .devices.profiles import DeviceProfile
-from . import sampler
-from .backends import Backend, make_runners
-from .graphs import CacheLayout
+from ..devices import variants
+from ..devices.errors import ProjectableEdgeError
+from ..devices.profiles import DeviceProfile
+from ..graphs import sampler
+from ..graphs.backends import Backend, make_runners
+from ..graphs.contract import CacheLayout
 from .manifest import Candidate, Engine, Manifest, read_manifest, verify_files
 from .requirements import check_requirements
-from .scoring import score_tokens
-from .tokenizer import TokenizerSpec, validate_tokens
-
-
-def pick_candidate(manifest: Manifest, precision: str | None) -> str:
-    """The main size's candidate of a variant: its exact name, else what the registry says the word means
-    ('int8' -> 'int8-static'); None = the selected one."""
-    if precision is None:
-        return manifest.selected
-    main = {c.variant: n for n, c in manifest.main_candidates().items()}
-    found = variants.resolve(precision, main)
-    if found is not None:
-        return main[found]
-    raise ProjectableEdgeError(f"precision {precision!r} is not in this bundle; available variants: "
-                               f"{', '.join(sorted(main))} (selected for the target: "
-                               f"{manifest.candidates[manifest.selected].variant})")
+from ..graphs.scoring import score_tokens
+from ..graphs.tokenizer import TokenizerSpec, validate_tokens
 
 
 class Model:
-    """One candidate of a bundle with its runners. Use `runtime.load()` to get one."""
+    """One candidate of a bundle folder on its runners. `load` checks the folder first and makes one; generate
+    measures its staged bundle with one before sealing. The engine applies to the main size only."""
 
     def __init__(self, bundle_dir: Path, name: str, candidate: Candidate, profile: DeviceProfile,
-                 tokenizer: TokenizerSpec, runners: tuple, backend: dict[str, Any], load_time_s: float,
-                 manifest: Manifest | None = None, tuned: dict[str, Any] | None = None):
+                 tokenizer: TokenizerSpec, engine: Engine | None = None, providers=None, backend: str = "auto",
+                 threads: int | None = None, records=None, manifest: Manifest | None = None,
+                 tuned: dict[str, Any] | None = None, t0: float | None = None):
+        t0 = time.perf_counter() if t0 is None else t0
+        runners, self.backend = make_runners(bundle_dir, candidate.graphs, candidate.variant,
+                                             engine if candidate.main else None, profile, providers, backend,
+                                             threads, records=records)
+        self.score_runner, self.decode_runner = runners
+        self.load_time_s = time.perf_counter() - t0
         self.bundle_dir = bundle_dir
         self.manifest = manifest  # None while generate measures a bundle it has not sealed yet
         self.candidate = name  # "SIZE/VARIANT"
@@ -52,16 +46,13 @@ class Model:
         self.variant = candidate.variant
         self.profile = profile
         self.tokenizer = tokenizer
-        self.score_runner, self.decode_runner = runners
-        self.backend = backend
-        self.load_time_s = load_time_s
         self.meta = dataclasses.asdict(candidate.model)
         self.layout = CacheLayout.of(self.meta)
-        self._what = f"candidate '{name}'"
         # a TensorRT engine has a fixed max batch (the profile's, which built it): scoring and
         # sampling split larger batches; ORT just needs bounded memory
         trt = profile.tensorrt
-        self.max_batch = int(trt.max_shapes.get("batch", 256)) if trt and backend["backend"] == Backend.TENSORRT else 256
+        on_trt = trt and self.backend["backend"] == Backend.TENSORRT
+        self.max_batch = int(trt.max_shapes.get("batch", 256)) if on_trt else 256
 
     @property
     def seq_len(self) -> int:
@@ -83,8 +74,6 @@ class Model:
                 "tokenizer": self.tokenizer.to_dict(), "model": self.meta, "backend": self.backend,
                 "load_time_ms": self.load_time_s * 1e3}
 
-    # -- inputs -------------------------------------------------------------------------------
-
     def to_tokens(self, x) -> np.ndarray:
         """uint8 arrays (or anything with >= 3 dims) are images; 1-D/2-D integer arrays are tokens."""
         a = np.asarray(x)
@@ -99,12 +88,11 @@ class Model:
     def decode_images(self, tokens) -> np.ndarray:
         return self.tokenizer.decode(tokens)
 
-    # -- scoring and sampling -----------------------------------------------------------------
-
     def score(self, x) -> np.ndarray:
         """Bits per dimension per image, float64 [N], for tokens [N, T] or uint8 images."""
         t = self.to_tokens(x)
-        return score_tokens(self.score_runner, np.ascontiguousarray(t), self.max_batch, what=self._what)
+        return score_tokens(self.score_runner, np.ascontiguousarray(t), self.max_batch,
+                            what=f"candidate '{self.candidate}'")
 
     def sample(self, n: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
         """n new images as tokens [n, T]; deterministic for a seed."""
@@ -138,20 +126,6 @@ class Model:
                 f"backend={self.backend['backend']!r}, providers={self.backend['providers']})")
 
 
-def open_candidate(bundle_dir: Path, name: str, candidate: Candidate, profile: DeviceProfile,
-                   tokenizer: TokenizerSpec, engine: Engine | None = None, providers=None, backend: str = "auto",
-                   threads: int | None = None, records=None, manifest: Manifest | None = None,
-                   tuned: dict | None = None, t0: float | None = None) -> Model:
-    """A Model of one candidate of a bundle folder (`load` checks the folder first; generate measures its
-    staged bundle with it before sealing). The engine applies to the main size's engine variant only."""
-    t0 = time.perf_counter() if t0 is None else t0
-    applies = engine is not None and candidate.main
-    runners, report = make_runners(bundle_dir, candidate.graphs, candidate.variant, engine if applies else None,
-                                   profile, providers, backend, threads, records=records)
-    return Model(bundle_dir, name, candidate, profile, tokenizer, runners, report, time.perf_counter() - t0,
-                 manifest=manifest, tuned=tuned)
-
-
 def _which(d: Path, manifest: Manifest, precision: str | None, candidate: str | None,
            tuned) -> tuple[str, dict[str, Any]]:
     """The candidate to open and what happened with the tuned record: an explicit precision or candidate
@@ -162,10 +136,17 @@ def _which(d: Path, manifest: Manifest, precision: str | None, candidate: str | 
                                        "SIZE/VARIANT), not both")
         manifest.candidate(candidate)
         return candidate, {"used": False, "reason": "candidate given explicitly"}
-    if precision is not None or tuned is False:
-        return pick_candidate(manifest, precision), {"used": False, "reason": "precision given explicitly"
-                                                      if precision else "tuned=False"}
-    from .tune import tuned_choice
+    if precision is not None:  # the main size's variant: its exact name, or what the registry says the word means
+        main = {c.variant: n for n, c in manifest.main_candidates().items()}
+        found = variants.resolve(precision, main)
+        if found is None:
+            raise ProjectableEdgeError(f"precision {precision!r} is not in this bundle; available variants: "
+                                       f"{', '.join(sorted(main))} (selected for the target: "
+                                       f"{manifest.candidates[manifest.selected].variant})")
+        return main[found], {"used": False, "reason": "precision given explicitly"}
+    if tuned is False:
+        return manifest.selected, {"used": False, "reason": "tuned=False"}
+    from ..commands.tune import tuned_choice
 
     choice, info = tuned_choice(d, manifest, None if tuned is True else tuned)
     return choice or manifest.selected, info
@@ -190,5 +171,5 @@ def load(bundle_dir: str | Path, precision: str | None = None, providers=None, b
     check_requirements(d, manifest.requires)  # onnxruntime/python floors, before any session
     records = verify_files(d, manifest)
     name, tuned_info = _which(d, manifest, precision, candidate, tuned)
-    return open_candidate(d, name, manifest.candidates[name], manifest.target, manifest.tokenizer, manifest.engine,
-                          providers, backend, threads, records, manifest, tuned_info, t0)
+    return Model(d, name, manifest.candidates[name], manifest.target, manifest.tokenizer, manifest.engine, providers,
+                 backend, threads, records, manifest, tuned_info, t0)

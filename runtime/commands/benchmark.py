@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .devices.choices import host_arch
-from .devices.errors import ProjectableEdgeError
+from ..devices.choices import host_arch
+from ..devices.errors import ProjectableEdgeError
+from .validate import load_goldens
 
 
 def peak_rss_mb() -> float | None:
@@ -47,6 +48,13 @@ def stats(times_s: list[float], items: int, raw: bool = False) -> dict[str, Any]
             **({"times_ms": ms.tolist()} if raw else {})}
 
 
+def check_counts(command: str, **counts: tuple[int, int]) -> None:
+    """Each count (value, lowest) must be an integer >= lowest."""
+    for name, (v, lo) in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ProjectableEdgeError(f"{command} '{name}' must be an integer >= {lo}, got {v!r}")
+
+
 def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -59,14 +67,9 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
 
 
 def _inputs(model, batch: int) -> np.ndarray:
-    """Real held-out task tokens when the bundle has them (realistic values), else random ones."""
-    try:
-        from .validate import load_goldens
-        tokens, _ = load_goldens(model)
-    except ProjectableEdgeError:
-        tokens = np.random.default_rng(0).integers(0, model.tokenizer.vocab_size, (batch, model.seq_len))
-    reps = -(-batch // len(tokens))
-    return np.ascontiguousarray(np.tile(tokens, (reps, 1))[:batch].astype(np.int64))
+    """`batch` rows of the bundle's held-out task tokens (realistic values), repeated as needed."""
+    tokens, _ = load_goldens(model)
+    return np.ascontiguousarray(np.tile(tokens, (-(-batch // len(tokens)), 1))[:batch].astype(np.int64))
 
 
 def _candidates(model) -> dict[str, Any] | None:
@@ -94,10 +97,7 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
 
     raw=True also returns every timing (`times_ms`), e.g. for a latency histogram.
     """
-    for name, v, lo in (("runs", runs, 2), ("warmup", warmup, 0), ("batch", batch, 1),
-                        ("sample_batch", sample_batch, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ProjectableEdgeError(f"benchmark '{name}' must be an integer >= {lo}, got {v!r}")
+    check_counts("benchmark", runs=(runs, 2), warmup=(warmup, 0), batch=(batch, 1), sample_batch=(sample_batch, 1))
     sample_runs = max(2, runs // 10) if sample_runs is None else int(sample_runs)
     x1, xb = _inputs(model, 1), _inputs(model, batch)
     results = {

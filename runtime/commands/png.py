@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .devices.errors import ProjectableEdgeError
-from .atomic import atomic_output
+from ..devices.errors import ProjectableEdgeError
+from ..bundle.atomic import atomic_output
 
 
 def _check_image(image) -> np.ndarray:

@@ -1,9 +1,6 @@
-"""Images <-> pixel-token sequences, in numpy only.
-
-The spec travels in every bundle, so the device (no torch) must quantize and
-decode exactly as training did. Tokens are raster order (row, column), channels
-interleaved per pixel; level = round(x / 255 * (levels - 1)). Rounding is done
-in integer arithmetic (half up) so every platform gets the same tokens.
+"""Images <-> pixel-token sequences, in numpy only: the device (no torch) quantizes and decodes exactly as
+training did. Tokens are raster order (row, column), channels interleaved per pixel; level =
+round(x / 255 * (levels - 1)), in integer arithmetic (half up) so every platform gets the same tokens.
 """
 
 from __future__ import annotations
@@ -14,9 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .devices.errors import ProjectableEdgeError
-
-_IMAGE_DTYPES = "uint8 (0..255)"
+from ..devices.errors import ProjectableEdgeError
 
 
 def validate_tokens(tokens, vocab_size: int, *, length: int | None = None, max_length: int | None = None,
@@ -101,15 +96,13 @@ class TokenizerSpec:
                 f"tokenizer spec has unknown field(s) {unknown}; valid fields are {names}")
         return cls(**{n: d[n] for n in names})
 
-    # -- encoding ---------------------------------------------------------------------------
-
     def encode(self, images) -> np.ndarray:
         """uint8 images [N,H,W] (gray) or [N,H,W,C] -> int64 tokens [N, seq_len]."""
         x = np.asarray(images)
         if x.dtype != np.uint8:
             if not np.issubdtype(x.dtype, np.integer) or (x.size and (x.min() < 0 or x.max() > 255)):
                 raise ProjectableEdgeError(
-                    f"images must be {_IMAGE_DTYPES}, got dtype {x.dtype}"
+                    f"images must be uint8 (0..255), got dtype {x.dtype}"
                     + (f" with values {x.min()}..{x.max()}" if x.size and np.issubdtype(x.dtype, np.number) else "")
                     + "; convert with np.clip(x, 0, 255).astype(np.uint8)")
         if self.channels == 1 and x.ndim == 4 and x.shape[-1] == 1:
@@ -134,15 +127,10 @@ class TokenizerSpec:
         v = (t * 510 + (self.levels - 1)) // (2 * (self.levels - 1))  # round(level/(L-1)*255)
         return v.astype(np.uint8).reshape(t.shape[:-1] + self.image_shape)
 
-    # -- files ------------------------------------------------------------------------------
-
     def load_images(self, paths: Iterable[str | Path]) -> np.ndarray:
-        """Read image files into uint8 [N,H,W(,3)] at this spec's size and colour mode.
-
-        Pillow is imported here, not at module import, so a device that only scores
-        tokens never needs it.
-        """
-        from PIL import Image, ImageOps
+        """Read image files into uint8 [N,H,W(,3)] at this spec's size and colour mode (Pillow: imported here,
+        so a device that only scores tokens never needs it)."""
+        from PIL import Image
 
         paths = [Path(p) for p in paths]
         out = np.empty((len(paths),) + self.image_shape, dtype=np.uint8)
@@ -150,9 +138,7 @@ class TokenizerSpec:
             try:
                 with Image.open(p) as im:
                     im.load()
-                    out[i] = np.asarray(self._prepare(im, Image, ImageOps))
-            except ProjectableEdgeError:
-                raise
+                    out[i] = np.asarray(self.prepare_image(im))
             except Exception as e:  # Pillow raises many types for a bad file
                 raise ProjectableEdgeError(
                     f"cannot read image '{p}': {type(e).__name__}: {e}; "
@@ -163,9 +149,6 @@ class TokenizerSpec:
         """One Pillow image -> this spec's size and colour mode (what load_images does per file)."""
         from PIL import Image, ImageOps
 
-        return self._prepare(im, Image, ImageOps)
-
-    def _prepare(self, im, Image, ImageOps):
         im = ImageOps.exif_transpose(im)
         if "A" in im.getbands() or "transparency" in im.info:  # flatten onto white, not onto junk RGB
             rgba = im.convert("RGBA")
@@ -177,4 +160,3 @@ class TokenizerSpec:
             im = im.resize((self.width, self.height),
                            Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
         return im
-

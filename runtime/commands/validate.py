@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .devices.errors import ProjectableEdgeError
+from ..devices.errors import ProjectableEdgeError
 
 
 def load_goldens(model) -> tuple[np.ndarray, np.ndarray]:

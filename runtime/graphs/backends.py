@@ -9,13 +9,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .devices.choices import StrEnum, choose
-from .devices.errors import ProjectableEdgeError
-from .graphs import GraphKind, check_io
-from .hardware import execution_report
-from .manifest import Engine, EngineStatus, Graphs
+from ..devices.choices import StrEnum, choose
+from ..devices.errors import ProjectableEdgeError
+from .contract import GraphKind, check_io
+from .hardware import execution_report, tensorrt_version
+from ..bundle.manifest import Engine, EngineStatus, Graphs
 from .runners import OrtRunner
-from .requirements import import_onnxruntime
+from ..bundle.requirements import import_onnxruntime
 
 ort = import_onnxruntime()  # one clear error when onnxruntime cannot import (e.g. <1.19 with numpy 2)
 
@@ -24,14 +24,6 @@ class Backend(StrEnum):
     AUTO = "auto"
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
-
-
-def _tensorrt_version() -> tuple[str | None, str]:
-    try:
-        import tensorrt as trt  # lazy
-    except Exception as e:  # ImportError, or a broken install raising OSError
-        return None, f"tensorrt is not importable here ({type(e).__name__}: {e})"
-    return str(trt.__version__), ""
 
 
 def _major_minor(v: str) -> str:
@@ -60,7 +52,8 @@ def choose_engine(bundle_dir: Path, engine: Engine | None, variant: str, backend
                       f"but variant '{variant}' was requested")
     path = bundle_dir / engine.path if engine.path else None
     if path is None or not path.is_file():
-        return None, f"TensorRT engine not built yet ({engine.status}); build it on the device with `{_rebuild(bundle_dir)}`"
+        return None, (f"TensorRT engine not built yet ({engine.status}); build it on the device with "
+                      f"`{_rebuild(bundle_dir)}`")
     record = (records or {}).get(engine.path)
     if engine.status == EngineStatus.DEFERRED and record is None:
         return None, f"the TensorRT engine has no build record; rebuild it with `{_rebuild(bundle_dir)}`"
@@ -68,7 +61,7 @@ def choose_engine(bundle_dir: Path, engine: Engine | None, variant: str, backend
     if record is not None and test.get("passed") is not True:
         return None, (f"the device build's test inference did not pass ({test.get('reason', 'not run')}); "
                       f"rebuild with `{_rebuild(bundle_dir)}`")
-    version, why = _tensorrt_version()
+    version, why = tensorrt_version()
     if version is None:
         return None, why
     built = record["tensorrt_version"] if record is not None else engine.tensorrt_version
@@ -79,27 +72,25 @@ def choose_engine(bundle_dir: Path, engine: Engine | None, variant: str, backend
     return path, f"TensorRT {version} engine '{engine.path}' ({origin} with TensorRT {built})"
 
 
-def _threads(profile, threads: int | None) -> int:
-    if threads is None:
-        # the profile's count is the device's; never ask for more threads than this machine has cores
-        threads = min(int(profile.threads), os.cpu_count() or 1) if profile.threads else 0
-    if int(threads) < 0:
-        raise ProjectableEdgeError(f"threads must be >= 0 (0 = onnxruntime default), got {threads}")
-    return int(threads)
+# where generate's ONNX Runtime compile step writes the selected variant's compiled decode graph
+COMPILED_DECODE = "ort_decode/decode.optimized.onnx"
 
 
-def _trt_runners(bundle_dir: Path, engine: Engine, path: Path):
-    """(score, decode or None) TensorRT runners, or (None, None, why) when the engine is unusable here."""
-    from .trt_runner import TrtRunner
+def compiled_decode(bundle_dir: Path, engine: Engine | None, variant: str, providers) -> tuple[str | None, str]:
+    """(the compiled decode graph to run instead of the variant's own, or None; why).
 
-    try:
-        score = TrtRunner(path, name=f"tensorrt:{engine.path}")
-        decode = None
-        if engine.decode_path and (bundle_dir / engine.decode_path).is_file():
-            decode = TrtRunner(bundle_dir / engine.decode_path, name=f"tensorrt:{engine.decode_path}")
-        return score, decode, None
-    except Exception as e:  # CUDA missing, engine for another GPU, ...
-        return None, None, f"TensorRT engine could not be used ({e})"
+    For an ONNX Runtime target, generate compiles the selected variant's decode graph; an fp32 one is
+    rebuilt there with ONNX Runtime's contrib kernels (one Attention per layer, SkipLayerNormalization:
+    about half the kernels, the same I/O, tokens and bits), which is most of a CPU's decode speed."""
+    if engine is None or engine.status != EngineStatus.NOT_APPLICABLE or engine.variant != variant:
+        return None, "no ONNX Runtime compile of this candidate in the bundle"
+    if COMPILED_DECODE.rsplit("/", 1)[1] not in ((engine.ort or {}).get("decode") or {}):
+        return None, "the bundle's ONNX Runtime compile has no decode graph"
+    if [p for p in providers if p != "CPUExecutionProvider"]:
+        return None, "the compiled decode graph is for the CPU provider; other providers run the variant's own"
+    if not (bundle_dir / COMPILED_DECODE).is_file():
+        return None, f"'{COMPILED_DECODE}' is missing"
+    return COMPILED_DECODE, "the ONNX Runtime compile of the candidate's decode graph"
 
 
 def make_runners(bundle_dir: Path, graphs: Graphs, variant: str, engine: Engine | None, profile,
@@ -107,31 +98,49 @@ def make_runners(bundle_dir: Path, graphs: Graphs, variant: str, engine: Engine 
     """((score runner, decode runner or None), report dict) for one candidate's graphs."""
     backend = choose(Backend, backend, "backend")
     requested = list(providers) if providers else list(profile.execution_providers)
-    threads = _threads(profile, threads)
+    if threads is None:  # the profile's count is the device's; never more threads than this machine has cores
+        threads = min(int(profile.threads), os.cpu_count() or 1) if profile.threads else 0
+    if int(threads) < 0:
+        raise ProjectableEdgeError(f"threads must be >= 0 (0 = onnxruntime default), got {threads}")
     engine_path, reason = choose_engine(bundle_dir, engine, variant, backend, records)
     score = decode = None
     if engine_path is not None:
-        score, decode, failure = _trt_runners(bundle_dir, engine, engine_path)
-        reason = failure or reason
+        from .trt_runner import TrtRunner
+
+        try:
+            score = TrtRunner(engine_path, name=f"tensorrt:{engine.path}")
+            if engine.decode_path and (bundle_dir / engine.decode_path).is_file():
+                decode = TrtRunner(bundle_dir / engine.decode_path, name=f"tensorrt:{engine.decode_path}")
+        except Exception as e:  # CUDA missing, engine for another GPU, ...
+            score, decode, reason = None, None, f"TensorRT engine could not be used ({e})"
     if backend is Backend.TENSORRT and score is None:
         raise ProjectableEdgeError(f"TensorRT backend requested but unusable: {reason}")
     on_trt = score is not None
     if score is None:
-        score = OrtRunner(bundle_dir / graphs.score, requested, threads, name=f"onnxruntime:{graphs.score}")
+        score = OrtRunner(bundle_dir / graphs.score, requested, int(threads), name=f"onnxruntime:{graphs.score}")
+    decode_graph = "TensorRT engine" if decode is not None else None
     if decode is None and graphs.decode:
-        decode = OrtRunner(bundle_dir / graphs.decode, requested, threads, name=f"onnxruntime:{graphs.decode}")
+        rel, decode_graph = compiled_decode(bundle_dir, None if on_trt else engine, variant, requested)
+        if rel is not None:
+            try:
+                decode = OrtRunner(bundle_dir / rel, requested, int(threads), name=f"onnxruntime:{rel}")
+                check_io(decode, GraphKind.DECODE)
+            except ProjectableEdgeError as e:  # e.g. an onnxruntime build without the contrib kernels
+                decode, decode_graph = None, f"the compiled decode graph '{rel}' does not run here ({e})"
+        if decode is None:
+            decode = OrtRunner(bundle_dir / graphs.decode, requested, int(threads), name=f"onnxruntime:{graphs.decode}")
     check_io(score, GraphKind.SCORING, "score")
     if decode is not None:
         check_io(decode, GraphKind.DECODE)
     missing = sorted({p for r in (score, decode) if isinstance(r, OrtRunner) for p in r.missing_providers})
+    used = {"score": list(score.providers), "decode": list(decode.providers) if decode is not None else []}
     report = {
         "backend": str(Backend.TENSORRT if on_trt else Backend.ONNXRUNTIME), "reason": reason,
         "score_runner": score.name, "decode_runner": decode.name if decode is not None else None,
+        "decode_graph": decode_graph,
         "providers_requested": requested, "providers_available": list(ort.get_available_providers()),
-        "providers_missing": missing, "providers": list(score.providers),
-        "decode_providers": list(decode.providers) if decode is not None else [],
-        "onnxruntime_version": ort.__version__, "threads": threads,
-        "execution": execution_report(ort.get_available_providers(), requested, {
-            "score": list(score.providers), "decode": list(decode.providers) if decode is not None else []}),
+        "providers_missing": missing, "providers": used["score"], "decode_providers": used["decode"],
+        "onnxruntime_version": ort.__version__, "threads": int(threads),
+        "execution": execution_report(ort.get_available_providers(), requested, used),
     }
     return (score, decode), report

@@ -1,9 +1,7 @@
 """What this machine offers the runtime: execution providers, a visible GPU, TensorRT, emulation.
 
-ONNX Runtime from PyPI is CPU-only on a Jetson, and a plain venv cannot see JetPack's apt-installed
-`tensorrt`, so without this report a bundle silently runs on the CPU. `execution_report` says which
-providers exist, which were asked for, which ran, and, when a GPU is visible but only the CPU
-provider is installed, the fix (`gpu_hint`). Stdlib only; nothing heavy is imported.
+PyPI's onnxruntime is CPU-only on a Jetson and a plain venv cannot see JetPack's `tensorrt`, so without
+this report a bundle silently runs on the CPU. Stdlib only; nothing heavy is imported.
 """
 from __future__ import annotations
 
@@ -13,11 +11,9 @@ import os
 import platform
 from pathlib import Path
 
-# Providers that do not compute on this machine (PyPI's onnxruntime >= 1.19 lists Azure everywhere).
-NON_COMPUTE = frozenset({"AzureExecutionProvider"})
+NON_COMPUTE = frozenset({"AzureExecutionProvider"})  # listed everywhere by PyPI's onnxruntime >= 1.19
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
                  "MIGraphXExecutionProvider")
-_X86_VENDORS = ("GenuineIntel", "AuthenticAMD")
 
 JETSON_GPU_FIX = (
     "a GPU is visible but this onnxruntime has only the CPU provider: on a Jetson (JetPack 6), create the "
@@ -27,10 +23,6 @@ JETSON_GPU_FIX = (
     "`pe/bin/pip install --no-deps BUNDLE/runtime/*.whl` so pip does not add the CPU onnxruntime again")
 OTHER_GPU_FIX = ("a GPU is visible but this onnxruntime has only the CPU provider: install onnxruntime-gpu "
                  "(and uninstall onnxruntime), then `pip install --no-deps BUNDLE/runtime/*.whl`")
-
-
-def compute_providers(providers) -> list[str]:
-    return [p for p in providers if p not in NON_COMPUTE]
 
 
 def _read(path: str) -> str:
@@ -45,35 +37,38 @@ def jetson_model() -> str | None:
     model = _read("/proc/device-tree/model")
     if "jetson" in model.lower():
         return model
-    if os.path.exists("/etc/nv_tegra_release"):
-        return model or "NVIDIA Jetson (L4T)"
-    return None
+    return (model or "NVIDIA Jetson (L4T)") if os.path.exists("/etc/nv_tegra_release") else None
 
 
 def gpu_visible() -> str | None:
     """A short description of a visible NVIDIA GPU, or None."""
-    j = jetson_model()
-    if j:
-        return j
+    if model := jetson_model():
+        return model
     if os.path.exists("/dev/nvidia0"):
         return "NVIDIA GPU (/dev/nvidia0)"
-    if ctypes.util.find_library("cuda"):
-        return "CUDA driver library present"
-    return None
+    return "CUDA driver library present" if ctypes.util.find_library("cuda") else None
 
 
 def emulated() -> bool:
     """True under user-mode emulation (qemu): an ARM machine() on a CPU whose vendor is Intel/AMD."""
     if platform.machine().lower() not in ("aarch64", "arm64", "armv7l", "armv8l"):
         return False
-    cpuinfo = _read("/proc/cpuinfo")
-    return any(v in cpuinfo for v in _X86_VENDORS)
+    return any(v in _read("/proc/cpuinfo") for v in ("GenuineIntel", "AuthenticAMD"))
+
+
+def tensorrt_version() -> tuple[str | None, str]:
+    """(tensorrt.__version__, "") when it imports here, else (None, why)."""
+    try:
+        import tensorrt as trt  # lazy: device only
+    except Exception as e:  # ImportError, or a broken install raising OSError
+        return None, f"tensorrt is not importable here ({type(e).__name__}: {e})"
+    return str(trt.__version__), ""
 
 
 def tensorrt_importable() -> bool:
     try:
         return importlib.util.find_spec("tensorrt") is not None
-    except (ImportError, ValueError):
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec
         return False
 
 
@@ -86,7 +81,7 @@ def gpu_hint(available, gpu: str | None) -> str | None:
 
 def execution_report(available, requested, used: dict[str, list[str]]) -> dict:
     """{available, requested, used (per graph), missing, gpu_visible, tensorrt_importable, emulated, hint}."""
-    available = compute_providers(available)
+    available = [p for p in available if p not in NON_COMPUTE]
     gpu = gpu_visible()
     return {"available": available, "requested": list(requested), "used": used,
             "missing": [p for p in requested if p not in available], "gpu_visible": gpu,

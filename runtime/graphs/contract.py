@@ -12,8 +12,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .devices.choices import StrEnum
-from .devices.errors import ProjectableEdgeError
+from ..devices.choices import StrEnum
+from ..devices.errors import ProjectableEdgeError
 
 
 class GraphKind(StrEnum):

@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from .devices.errors import ProjectableEdgeError
+from ..devices.errors import ProjectableEdgeError
 
 ALGORITHM = "ed25519"
 _HINT = "pip install cryptography (needed only to sign or to check signatures)"
@@ -29,32 +29,26 @@ def _crypto():
     return ed25519, serialization, InvalidSignature
 
 
-def _key_bytes(key: Any, what: str) -> bytes | None:
-    """Raw bytes of a key given as bytes or a path (None for key objects)."""
-    if isinstance(key, (bytes, bytearray)):
-        return bytes(key)
-    if isinstance(key, (str, Path)):
-        p = Path(key).expanduser()
-        try:
-            return p.read_bytes()
-        except OSError as e:
-            raise ProjectableEdgeError(f"cannot read the {what} '{p}' ({e.strerror or e}); pass a PEM file") from None
-    return None
-
-
 def _load_key(key: Any, private: bool):
     """An Ed25519 key object from a key object, a PEM file path, PEM bytes or 32 raw bytes."""
     ed25519, serialization, _ = _crypto()
     cls = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
+    if not private and isinstance(key, ed25519.Ed25519PrivateKey):
+        key = key.public_key()
     if isinstance(key, cls):
         return key
-    if not private and isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.public_key()
-    what = "signing key" if private else "public key"
-    data = _key_bytes(key, what)
-    if data is None:
-        raise ProjectableEdgeError(f"{what} must be a PEM file path, raw 32 bytes or an Ed25519 "
-                                   f"{'private' if private else 'public'} key, got {type(key).__name__}")
+    what, kind = ("signing key", "private") if private else ("public key", "public")
+    if isinstance(key, (str, Path)):
+        try:
+            data = Path(key).expanduser().read_bytes()
+        except OSError as e:
+            raise ProjectableEdgeError(f"cannot read the {what} '{Path(key).expanduser()}' ({e.strerror or e}); "
+                                       "pass a PEM file") from None
+    elif isinstance(key, (bytes, bytearray)):
+        data = bytes(key)
+    else:
+        raise ProjectableEdgeError(f"{what} must be a PEM file path, raw 32 bytes or an Ed25519 {kind} key, "
+                                   f"got {type(key).__name__}")
     if private:
         hint, kind = "create one with `openssl genpkey -algorithm ed25519 -out key.pem`", "unencrypted Ed25519 private key"
     else:
@@ -76,18 +70,10 @@ def load_private_key(key: Any):
     return _load_key(key, private=True)
 
 
-def load_public_key(key: Any):
-    return _load_key(key, private=False)
-
-
-def _raw_public(pub) -> bytes:
-    _, serialization, _ = _crypto()
-    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
 def key_id(pub) -> str:
     """A short fingerprint of a public key: sha256 of its 32 raw bytes, first 16 hex digits."""
-    return hashlib.sha256(_raw_public(pub)).hexdigest()[:16]
+    _, serialization, _ = _crypto()
+    return hashlib.sha256(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest()[:16]
 
 
 def sign_digest(key: Any, digest_hex: str) -> dict[str, str]:
@@ -100,7 +86,7 @@ def sign_digest(key: Any, digest_hex: str) -> dict[str, str]:
 def verify_signature(public_key: Any, digest_hex: str, signature: Any, what: str) -> None:
     """Raise unless `signature` is a valid Ed25519 signature of the digest by public_key."""
     _, _, invalid = _crypto()
-    pub = load_public_key(public_key)
+    pub = _load_key(public_key, private=False)
     if not signature:
         raise ProjectableEdgeError(f"{what} is not signed, but a public key was given; regenerate the bundle "
                                    "with `projectable-edge generate --sign-key KEY.pem`")

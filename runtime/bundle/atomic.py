@@ -1,15 +1,9 @@
 """The one atomic-write helper: build an output in a temp sibling, rename it into place when complete.
 
-A crash or a failed check part-way leaves nothing at the destination and no temp leftovers;
-an existing output is never clobbered unless the caller says so; folders the call had to create
-for it are removed again when it fails.
-
-Finished outputs are world-readable with explicit modes: folders 0755, files 0644, files with
-an exec bit (build_engine.sh) 0755, for the output and everything inside a folder output. These
-are artefacts (bundles, PNGs, run folders, reports) that an app or service account running as
-another user must read, so the modes do not follow a private umask (077 would give 0700/0600):
-`_publish` is the one place that sets them. Stdlib only, in the runtime, so every layer above
-(exporters, checkpoints, bundles) uses it.
+A crash or a failed check part-way leaves nothing at the destination and no temp leftovers; an existing
+output is never clobbered unless the caller says so; folders created for it are removed when it fails.
+Finished outputs get explicit modes (folders 0755, files 0644, executables 0755), not the umask's: an app
+or service account running as another user must read bundles, PNGs, run folders and reports.
 """
 from __future__ import annotations
 
@@ -20,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .devices.errors import ProjectableEdgeError
+from ..devices.errors import ProjectableEdgeError
 
 
 DIR_MODE, FILE_MODE, EXEC_MODE = 0o755, 0o644, 0o755
@@ -28,25 +22,13 @@ DIR_MODE, FILE_MODE, EXEC_MODE = 0o755, 0o644, 0o755
 
 def _publish(path: Path) -> None:
     """Make a finished output readable by every user: folders 0755, files 0644 (0755 if executable)."""
-    def fix(p: Path, is_dir: bool) -> None:
-        if is_dir:
-            os.chmod(p, DIR_MODE)
-        else:
-            os.chmod(p, EXEC_MODE if os.stat(p).st_mode & 0o111 else FILE_MODE)
-
-    if path.is_symlink():
-        return
-    if not path.is_dir():
-        fix(path, False)
-        return
-    fix(path, True)
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            if not os.path.islink(os.path.join(root, d)):
-                fix(Path(root, d), True)
-        for f in files:
-            if not os.path.islink(os.path.join(root, f)):
-                fix(Path(root, f), False)
+    paths = [path]
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            paths += [Path(root, n) for n in dirs + files]
+    for p in paths:
+        if not p.is_symlink():
+            os.chmod(p, DIR_MODE if p.is_dir() else EXEC_MODE if p.stat().st_mode & 0o111 else FILE_MODE)
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -73,21 +55,6 @@ def ensure_folder(path: str | os.PathLike) -> Path:
     """mkdir -p with world-readable (0755) folders whatever the umask; for folders filled in place."""
     _make_parents(Path(path))
     return Path(path)
-
-
-def _remove_created(created: list[Path]) -> None:
-    for d in created:  # deepest first; only if still empty
-        try:
-            d.rmdir()
-        except OSError:
-            break
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 @contextmanager
@@ -121,11 +88,16 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
             _swap(tmp, path, what)
             ok = True
         finally:
-            if tmp.exists():
-                _remove(tmp)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
     finally:
-        if not ok:
-            _remove_created(created)
+        for d in [] if ok else created:  # deepest first, while still empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def _swap(tmp: Path, path: Path, what: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .devices.errors import ProjectableEdgeError
+from ..devices.errors import ProjectableEdgeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")  # the one list
 

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .devices.errors import ProjectableEdgeError
+from ..devices.errors import ProjectableEdgeError
 
 _LN2 = math.log(2.0)
 
