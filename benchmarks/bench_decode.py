@@ -230,13 +230,15 @@ def main() -> None:
     print(f"load average {load0[0]:.2f} -> {load1[0]:.2f} (2-core host); onnxruntime and torch 1 thread; "
           f"torch.mm 256x256x256 {peak / 1e9:.1f} GFLOP/s")
     print("| model | tokens | KV-cache ms | recompute ms | KV vs recompute | per token µs | greedy / in-graph Loop "
-          "greedy / Loop sampled µs per token (Loop sampled vs recompute) | decode step µs (kernels) | standard-op graph: KV ms, vs recompute, step µs (kernels) "
-          "| floor µs | kFLOP per token | its time at the torch.mm rate, µs |")
+          "greedy / Loop sampled µs per token (Loop sampled vs recompute) | decode step µs (kernels) "
+          "| standard-op graph: KV ms, vs recompute, step µs (kernels) | floor µs | kFLOP per token "
+          "| its time at the torch.mm rate, µs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["compute_us_at_peak"] = r["flops_per_token"] / peak * 1e6
         print(f"| {r['model']} | {r['tokens']} | {r['kv_ms']:.2f} | {r['recompute_ms']:.2f} "
-              f"| {r['kv_vs_recompute']:.2f}x | {r['per_token_us']:.1f} | {r['greedy_per_token_us']:.1f} / {r['loop_per_token_us']:.1f} / "
+              f"| {r['kv_vs_recompute']:.2f}x | {r['per_token_us']:.1f} "
+              f"| {r['greedy_per_token_us']:.1f} / {r['loop_per_token_us']:.1f} / "
               f"{r['loop_sampled_per_token_us']:.1f} ({r['loop_sampled_vs_recompute']:.2f}x) "
               f"| {r['step_us']:.1f} ({r['kernels']}) | {r['kv_std_ms']:.2f}, {r['kv_std_vs_recompute']:.2f}x, "
               f"{r['step_std_us']:.1f} ({r['kernels_std']}) | {r['floor_us']:.1f} | {r['flops_per_token'] / 1e3:.0f} "

@@ -358,7 +358,8 @@ def test_onnxruntime_target_decodes_with_its_compiled_graph(rt_graphs, rt_build,
         np.testing.assert_array_equal(m.sample(3, **kw), rt_model.sample(3, **kw))
     np.testing.assert_array_equal(m.sample(1, seed=5), rt_model.sample(1, seed=5))  # the one-row sampler path
     other = runtime.load(b, precision="int8-static")
-    assert other.decode_runner.name.endswith("int8-static/decode.onnx") and "no ONNX Runtime" in other.backend["decode_graph"]
+    assert other.decode_runner.name.endswith("int8-static/decode.onnx")
+    assert "no ONNX Runtime" in other.backend["decode_graph"]
     (b / "ort_decode" / "decode.optimized.onnx").write_bytes(b"broken")  # load refuses a changed file outright
     with pytest.raises(ProjectableEdgeError, match="decode.optimized.onnx"):
         runtime.load(b)
