@@ -16,9 +16,12 @@ backward) per-sample weights gathered for a batched matmul vs the batch grouped 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,26 +31,25 @@ from torch.utils.flop_counter import FlopCounterMode
 import projectable_edge.model as model_mod
 from projectable_edge.config import preset
 from projectable_edge.data import DataConfig, load_dataset
-from projectable_edge.train import _batch, _clip, _optimizers, build, joint_loss
+from projectable_edge.train import _Session, _batch, _optimizers, _step, build, stage_roles
 from projectable_edge.trainables import SLICED
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import interleaved  # noqa: E402  (one timing loop for every benchmark)
+
+
+def stepper(model, opts, cfg, data):
+    """step(): the trainer's own optimizer step (`train._step`: every joint-stage role, clipping, the
+    learning-rate schedule, AdamW) on the next batch per call, with these optimizers."""
+    session = _Session(cfg, data, Path("."), {}, model, opts, 0, 1, torch.device("cpu"))
+    roles, n = stage_roles(model, "joint"), itertools.count()
+    return lambda: _step(session, model, next(n), contextlib.nullcontext(), roles)
 
 
 def trainer(cfg, data):
     """(model, step()): one optimizer step of every joint-stage role per call, on the next batch."""
     model = build(cfg, data.spec, data.n_tasks)
-    opts, n = _optimizers(model, cfg), [0]
-
-    def step():
-        x, t = _batch(data, cfg, n[0], 0, 1)
-        n[0] += 1
-        loss = joint_loss(model(x, t), cfg.lam)
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        _clip(model, cfg)
-        for o in opts.values():
-            o.step()
-    return model, step
+    return model, stepper(model, _optimizers(model, cfg), cfg, data)
 
 
 def counted(fn) -> float:
@@ -81,22 +83,6 @@ def mm_seconds(n: int = 512):
     return lambda: torch.mm(a, b), 2.0 * n ** 3
 
 
-def interleaved(fns: dict, rounds: int, reps: dict) -> dict[str, np.ndarray]:
-    """Per round, the median seconds of reps[name] calls of each function; order rotated every round."""
-    names, times = list(fns), {k: np.empty(rounds) for k in fns}
-    for k in names:
-        fns[k]()
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            ts = []
-            for _ in range(reps.get(k, 1)):
-                t0 = time.perf_counter()
-                fns[k]()
-                ts.append(time.perf_counter() - t0)
-            times[k][r] = np.median(ts)
-    return times
-
-
 def where_time_goes(step, steps: int = 3, top: int = 12) -> list[dict]:
     """torch.profiler over a few steps: the ops with the most self CPU time."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -114,19 +100,7 @@ def fused_adamw(model, cfg, data):
     opts = {k: torch.optim.AdamW([{n: g[n] for n in keep if n in g} for g in o.param_groups], betas=(0.9, 0.99),
                                  weight_decay=cfg.weight_decay, fused=True)
             for k, o in _optimizers(model, cfg).items()}
-    n = [0]
-
-    def step():
-        x, t = _batch(data, cfg, n[0], 0, 1)
-        n[0] += 1
-        loss = joint_loss(model(x, t), cfg.lam)
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        _clip(model, cfg)
-        for o in opts.values():
-            o.step()
-    return step
+    return stepper(model, opts, cfg, data)
 
 
 def one_thread(step):
