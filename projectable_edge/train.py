@@ -15,6 +15,7 @@ its resumable state in the partial folder (`--resume`).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -400,7 +401,20 @@ def train(cfg: TrainConfig, data_cfg: DataConfig, out: Path, *, resume: bool = F
     the second stage is trained.
     """
     out = Path(out)
-    s = _open(cfg, data_cfg, out, resume, init_source, from_run, log)
+    # A process group this call creates (torchrun) is destroyed here once every rank is done: a gloo
+    # group left to the interpreter's exit can abort a rank ("terminate called without an active
+    # exception"). Not after an error: destroying while other ranks wait in a collective can hang.
+    creates_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    summary = _train(_open(cfg, data_cfg, out, resume, init_source, from_run, log), out, progress)
+    if creates_group:
+        gc.collect()  # the DDP wrapper sits in reference cycles and holds the group: free it first
+        dist.destroy_process_group()
+    return summary
+
+
+def _train(s: _Session, out: Path, progress: bool) -> dict:
+    """Both stages of an opened run, then its final files."""
+    cfg = s.cfg
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if s.device.type == "cuda" else nullcontext()
     t0 = time.time()
     total = cfg.steps + cfg.extra_steps
