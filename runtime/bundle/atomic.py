@@ -1,9 +1,6 @@
-"""The one atomic-write helper: build an output in a temp sibling, rename it into place when complete.
-
-A crash or a failed check part-way leaves nothing at the destination and no temp leftovers; an existing
-output is never clobbered unless the caller says so; folders created for it are removed when it fails.
-Finished outputs get explicit modes (folders 0755, files 0644, executables 0755), not the umask's: an app
-or service account running as another user must read bundles, PNGs, run folders and reports.
+"""The one atomic-write helper: build an output in a temp sibling, rename it into place when complete, so a
+crash or a failed check leaves nothing behind. Outputs get modes 0755/0644, not the umask's: an app or service
+account running as another user must read bundles, PNGs, run folders and reports.
 """
 from __future__ import annotations
 
@@ -11,35 +8,25 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from itertools import takewhile
 from pathlib import Path
 from typing import Iterator
 
 from ..devices.errors import ProjectableEdgeError
-
 
 DIR_MODE, FILE_MODE, EXEC_MODE = 0o755, 0o644, 0o755
 
 
 def _publish(path: Path) -> None:
     """Make a finished output readable by every user: folders 0755, files 0644 (0755 if executable)."""
-    paths = [path]
-    if path.is_dir() and not path.is_symlink():
-        for root, dirs, files in os.walk(path):
-            paths += [Path(root, n) for n in dirs + files]
-    for p in paths:
+    for p in [path, *(Path(root, n) for root, dirs, files in os.walk(path) for n in dirs + files)]:
         if not p.is_symlink():
             os.chmod(p, DIR_MODE if p.is_dir() else EXEC_MODE if p.stat().st_mode & 0o111 else FILE_MODE)
 
 
 def _make_parents(folder: Path) -> list[Path]:
     """mkdir -p `folder`; return the folders this created, deepest first (to undo on failure)."""
-    created = []
-    p = folder
-    while not p.exists():
-        created.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
+    created = list(takewhile(lambda p: not p.exists(), [folder, *folder.parents]))
     for d in reversed(created):
         try:
             d.mkdir()
@@ -60,11 +47,8 @@ def ensure_folder(path: str | os.PathLike) -> Path:
 @contextmanager
 def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite: bool = False,
                   what: str | None = None) -> Iterator[Path]:
-    """Yield a temp file (or folder) path beside `path`; on success it becomes `path`.
-
-    With overwrite=True an existing output is replaced: moved aside, swapped, then deleted,
-    and put back if the swap fails. `what` names the output in errors ("bundle", "output folder").
-    """
+    """Yield a temp file (or folder) beside `path` that becomes `path` on success; an existing output is replaced
+    only with overwrite=True (and put back if the swap fails). `what` names the output in errors."""
     path = Path(path)
     what = what or ("output folder" if directory else "output file")
     if path.exists() and not overwrite:

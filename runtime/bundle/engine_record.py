@@ -1,12 +1,9 @@
-"""The record of a TensorRT engine built on the device: `python -m projectable_edge_runtime.bundle.engine_record BUNDLE`.
+"""Records of the TensorRT engines built on the device (`<plan>.record.json`), written by build_engine.sh
+after trtexec: `python -m projectable_edge_runtime.bundle.engine_record BUNDLE`.
 
-`build_engine.sh` runs this after trtexec. The manifest cannot list engines built after it was
-sealed (and signed), so each plan gets its own record beside it (`<plan>.record.json`): the TensorRT
-version that actually built it, the device, the sha256 and size of the plan (and of the build log),
-and a test inference of the plan on the bundle's goldens against the fp32 PyTorch reference.
-The loader accepts an unlisted plan only with such a record, checks the hashes it names, and trusts
-the record's TensorRT version (not the profile's expectation) when it decides whether the engine
-can run here. Running it again after a rebuild replaces the records.
+The sealed (maybe signed) manifest cannot list a plan built after it, so the record does: the TensorRT
+version that really built it (which the loader trusts over the profile's), the device, the sha256 and
+size of the plan and its build log, and a test inference on the goldens against the PyTorch reference.
 """
 from __future__ import annotations
 
@@ -25,20 +22,12 @@ from .atomic import atomic_output
 from ..commands import console
 from ..devices.errors import ProjectableEdgeError
 from ..graphs.contract import CacheLayout, GraphKind, graph_logits
-from ..graphs.hardware import jetson_model, tensorrt_version
+from ..graphs import hardware
 from .manifest import ENGINE_RECORD_SUFFIX, device_engine_plans, file_info, read_manifest
 from ..graphs.scoring import bits_per_dim
 
 RECORD_SCHEMA = 1
 LOG_NAME = "build_engine.log"  # trtexec's output, tee'd by the per-graph script
-
-
-def _tensorrt_version() -> str:
-    version, why = tensorrt_version()
-    if version is None:
-        raise ProjectableEdgeError(f"cannot read the TensorRT version ({why}); install TensorRT's Python bindings "
-                                   "(JetPack ships them) or pass --tensorrt-version")
-    return version
 
 
 def _test_inference(runner, kind: GraphKind, c, tokens: np.ndarray, max_batch: int) -> dict[str, Any]:
@@ -64,8 +53,11 @@ def write_records(bundle_dir: str | Path, tensorrt_version: str | None = None, d
         raise ProjectableEdgeError(f"bundle {d}: no device-built TensorRT plan to record (engine.status is "
                                    f"{str(manifest.engine.status)!r}); run build_engine.sh first")
     c = next(c for c in manifest.main_candidates().values() if c.variant == manifest.engine.variant)
-    version = tensorrt_version or _tensorrt_version()
-    device = device or jetson_model() or f"{platform.node()} ({platform.machine()})"
+    version, why = (tensorrt_version, "") if tensorrt_version else hardware.tensorrt_version()
+    if version is None:
+        raise ProjectableEdgeError(f"cannot read the TensorRT version ({why}); install TensorRT's Python bindings "
+                                   "(JetPack ships them) or pass --tensorrt-version")
+    device = device or hardware.jetson_model() or f"{platform.node()} ({platform.machine()})"
     if runner_factory is None:
         from ..graphs.trt_runner import TrtRunner
 

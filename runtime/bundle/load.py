@@ -1,7 +1,5 @@
-"""Load a bundle into a `Model`: the object an app embeds to score and sample on the device.
-
-`load` refuses anything it cannot trust (bad manifest, another schema, a file whose hash differs)
-before a single graph is opened, then opens one candidate (a size and graph variant) on a backend.
+"""Load a bundle into a `Model`, the object an app embeds to score and sample on the device. `load` refuses
+anything it cannot trust (manifest, schema, requirements, file hashes) before a single graph is opened.
 """
 from __future__ import annotations
 
@@ -154,16 +152,10 @@ def _which(d: Path, manifest: Manifest, precision: str | None, candidate: str | 
 
 def load(bundle_dir: str | Path, precision: str | None = None, providers=None, backend: str = "auto",
          threads: int | None = None, public_key=None, candidate: str | None = None, tuned=True) -> Model:
-    """Verify and open a bundle.
-
-    precision: graph variant of the main size ('fp32', 'fp16', 'int8-static', or a profile word like 'int8');
-    default: the candidate the manifest selected for the target. candidate: any "SIZE/VARIANT" of the bundle.
-    providers: onnxruntime execution providers (default: the target profile's, filtered by what this
-    onnxruntime build has). backend: 'auto' (TensorRT engine when usable), or force 'onnxruntime' /
-    'tensorrt'. threads: onnxruntime intra-op threads (default: the profile's; 0 = onnxruntime's choice).
-    tuned: True = use the choice of `<bundle>.tuned.json` (written by `tune`) when neither precision nor
-    candidate is given and the record still matches the bundle (a stale one is ignored with a
-    TunedRecordWarning); False = ignore it; a path = read the record from there.
+    """Verify and open a bundle's candidate: `candidate` ("SIZE/VARIANT"), or the main size's `precision` (a variant
+    or a profile word like 'int8'), else the choice of a still-matching `<bundle>.tuned.json` (tuned=True; False:
+    ignore it; a path: read it there), else the manifest's selection. backend: 'auto' (TensorRT engine when usable),
+    'onnxruntime' or 'tensorrt'; providers and threads (0: onnxruntime's choice) default to the profile's.
     """
     t0 = time.perf_counter()
     d = Path(bundle_dir)

@@ -1,9 +1,5 @@
-"""The bundle format, described once: the frozen dataclasses below ARE manifest.json.
-
-`parse` checks a manifest against them (an error names the field and the fix), `to_json` writes them,
-`json_schema()` derives the JSON Schema (`python -m projectable_edge_runtime schema`), and docs/manifest.md's
-field tables are rendered from each field's `doc(...)` (a test keeps that page equal to them). A bundle is a
-folder: `files` names every other file with its sha256 and size, `integrity` seals (and may sign) the manifest.
+"""The bundle format, described once: these frozen dataclasses ARE manifest.json. The checks (`parse`), the
+writer (`to_json`), the JSON Schema and docs/manifest.md's field tables all derive from them and their `doc(...)`.
 """
 from __future__ import annotations
 
@@ -345,8 +341,8 @@ def _schema(tp) -> dict:
         return {"enum": [m.value for m in tp]}
     if tp is Any:
         return {}
-    out = {"type": {dict: "object", bool: "boolean", str: "string", int: "integer", float: "number"}[tp]}
-    return {**out, "minimum": 1} if tag == "positive" else {**out, "pattern": RELPATH_PATTERN} if tag == "relpath" else out
+    extra = {"positive": {"minimum": 1}, "relpath": {"pattern": RELPATH_PATTERN}}.get(tag, {})
+    return {"type": {dict: "object", bool: "boolean", str: "string", int: "integer", float: "number"}[tp], **extra}
 
 
 def json_schema() -> dict:
@@ -431,11 +427,6 @@ def parse(raw: Any, bundle_dir: str | Path = "<manifest>") -> Manifest:
         m = decode(Manifest, raw, "")
     except ProjectableEdgeError as e:
         raise _fail(d, str(e)) from None
-    _check(d, m)
-    return m
-
-
-def _check(d: Path, m: Manifest) -> None:
     if not m.candidates:
         raise _fail(d, "manifest field 'candidates' lists no candidate; regenerate the bundle")
     m.candidate(m.selected)
@@ -448,6 +439,7 @@ def _check(d: Path, m: Manifest) -> None:
                            f"{c.model.block_size}; regenerate the bundle")
     if m.engine.status == EngineStatus.BUILT and not m.engine.path:
         raise _fail(d, "manifest field 'engine.path' is required when engine.status is 'built'")
+    return m
 
 
 def used_files(m: Manifest) -> list[str]:
@@ -458,26 +450,8 @@ def used_files(m: Manifest) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _check_integrity(d: Path, raw: dict[str, Any], public_key: Any) -> None:
-    """The manifest is what was written: its canonical digest matches, and (with a key) is signed by it."""
-    integ = raw.get("integrity")
-    if not isinstance(integ, dict) or not isinstance(integ.get("manifest_sha256"), str):
-        raise _fail(d, f"{MANIFEST_NAME} has no valid 'integrity.manifest_sha256' digest; regenerate the bundle")
-    if integ.get("algorithm", "sha256") != "sha256":
-        raise _fail(d, f"{MANIFEST_NAME}: unknown integrity algorithm {integ.get('algorithm')!r}; upgrade the runtime")
-    digest = manifest_digest(raw)
-    if digest != integ["manifest_sha256"]:
-        raise _fail(d, f"{MANIFEST_NAME} was edited after the bundle was written (its canonical sha256 "
-                       f"{digest[:12]}… differs from integrity.manifest_sha256 {integ['manifest_sha256'][:12]}…); "
-                       "copy the bundle again or regenerate it")
-    if public_key is not None:
-        from .signing import verify_signature  # lazy: cryptography only when a key is given
-
-        verify_signature(public_key, digest, integ.get("signature"), f"bundle {d}: {MANIFEST_NAME}")
-
-
 def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
-    """Parse, check and verify manifest.json (its digest; its signature when public_key is given)."""
+    """Parse and check manifest.json, and verify it is what was written: its digest (and signature, given a key)."""
     d = Path(bundle_dir)
     if not d.is_dir():
         raise ProjectableEdgeError(f"bundle directory '{d}' does not exist; pass the folder "
@@ -495,7 +469,20 @@ def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     except json.JSONDecodeError as e:
         raise _fail(d, f"{MANIFEST_NAME} is not valid JSON ({e}); the file is corrupt, copy the bundle again") from None
     m = parse(raw, d)
-    _check_integrity(d, raw, public_key)
+    integ = raw.get("integrity")
+    if not isinstance(integ, dict) or not isinstance(integ.get("manifest_sha256"), str):
+        raise _fail(d, f"{MANIFEST_NAME} has no valid 'integrity.manifest_sha256' digest; regenerate the bundle")
+    if integ.get("algorithm", "sha256") != "sha256":
+        raise _fail(d, f"{MANIFEST_NAME}: unknown integrity algorithm {integ.get('algorithm')!r}; upgrade the runtime")
+    digest = manifest_digest(raw)
+    if digest != integ["manifest_sha256"]:
+        raise _fail(d, f"{MANIFEST_NAME} was edited after the bundle was written (its canonical sha256 "
+                       f"{digest[:12]}… differs from integrity.manifest_sha256 {integ['manifest_sha256'][:12]}…); "
+                       "copy the bundle again or regenerate it")
+    if public_key is not None:
+        from .signing import verify_signature  # lazy: cryptography only when a key is given
+
+        verify_signature(public_key, digest, integ.get("signature"), f"bundle {d}: {MANIFEST_NAME}")
     return m
 
 
@@ -544,11 +531,8 @@ def read_engine_record(d: Path, plan_rel: str, present: set[str]) -> dict[str, A
 
 
 def verify_files(bundle_dir: str | Path, m: Manifest) -> dict[str, dict[str, Any]]:
-    """Strict check of the folder against the manifest; returns the device-built engines' records.
-
-    Every listed file has its size and sha256 (optional ones may be absent); every used file is listed
-    and not optional; nothing is a symlink; nothing unlisted is present, except a device-built engine
-    with its own record (whose hashes are checked too)."""
+    """Check the folder against the manifest (sizes, sha256, nothing missing, unlisted or a symlink, except a
+    device-built engine with its own record, checked too); returns the device-built engines' records."""
     d = Path(bundle_dir)
     for rel in used_files(m):
         if rel not in m.files:
@@ -558,11 +542,10 @@ def verify_files(bundle_dir: str | Path, m: Manifest) -> dict[str, dict[str, Any
             raise _fail(d, f"file '{rel}' is needed to run the bundle but marked optional; regenerate the bundle")
     present = set(walk_bundle(d)) - {MANIFEST_NAME}
     for rel, entry in m.files.items():
-        if rel not in present:
-            if entry.optional:
-                continue
+        if rel in present:
+            _check_entry(d, rel, entry, "the manifest")
+        elif not entry.optional:
             raise _fail(d, f"file '{rel}' listed in the manifest is missing; copy the whole bundle again")
-        _check_entry(d, rel, entry, "the manifest")
     records: dict[str, dict[str, Any]] = {}
     allowed = set(m.files)
     for plan in device_engine_plans(m):
@@ -597,10 +580,8 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest | dict, optional: 
 
 @contextlib.contextmanager
 def staged_bundle(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `dest`; on success (with a manifest written) it becomes `dest`.
-
-    Nothing half-written is ever visible at `dest`. With overwrite=True an existing bundle is
-    replaced (moved aside, then deleted after the rename succeeds)."""
+    """Yield a temp dir beside `dest` that becomes `dest` once its manifest is written: nothing half-written
+    is ever visible there (see atomic_output)."""
     with atomic_output(dest, directory=True, overwrite=overwrite, what="bundle") as tmp:
         yield tmp
         if not (tmp / MANIFEST_NAME).is_file():

@@ -1,9 +1,8 @@
 """What a bundle needs of the machine that runs it (the manifest's `requires`), checked by `load` before any session.
 
-MIN_ONNXRUNTIME was measured: the graphs are ONNX IR 10 whose causal mask is `Trilu` on a bool tensor.
-onnxruntime 1.17 cannot read IR 10, 1.18.x has no Trilu kernel for bool, and PyPI's builds before 1.19 do
-not import with numpy 2; 1.19.0 runs every variant with numpy 1.24 to 2.x, on x86-64 and aarch64.
-pyproject.toml declares the same floors (a test keeps them equal).
+MIN_ONNXRUNTIME was measured: onnxruntime 1.17 cannot read the graphs' ONNX IR 10, 1.18 has no Trilu kernel for
+their bool causal mask, and PyPI's builds before 1.19 do not import with numpy 2. pyproject.toml declares the same
+floors (a test keeps them equal).
 """
 from __future__ import annotations
 
@@ -29,8 +28,9 @@ def requires_for(ir_version: int | None = None, opsets: dict[str, int] | None = 
     """The manifest's `requires` for graphs of this IR version / opset imports."""
     from .manifest import Requires
 
+    opsets = {k: int(v) for k, v in sorted((opsets or {}).items())}
     return Requires(f">={MIN_PYTHON}", f">={MIN_ONNXRUNTIME}", f">={MIN_NUMPY}", WHY_ONNXRUNTIME,
-                    None if ir_version is None else int(ir_version), {k: int(v) for k, v in sorted((opsets or {}).items())})
+                    None if ir_version is None else int(ir_version), opsets)
 
 
 def installed_onnxruntime_version() -> str:

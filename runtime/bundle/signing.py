@@ -1,10 +1,6 @@
-"""Optional Ed25519 signing of the manifest digest (the `cryptography` package, imported only here).
-
-The host signs with a private key (`generate --sign-key KEY.pem`); an app that passes a public key to
-`load(bundle, public_key=...)` (or `--public-key` on the device CLI) refuses a bundle that is unsigned
-or signed with another key. Nothing here is imported unless a key is given, so the runtime stays
-numpy + onnxruntime. Keys: PEM files (`openssl genpkey -algorithm ed25519 -out key.pem`,
-`openssl pkey -in key.pem -pubout -out key.pub.pem`), raw 32-byte keys, or cryptography key objects.
+"""Optional Ed25519 signing of the manifest digest, with the `cryptography` package imported only here,
+so a runtime that is given no key stays numpy + onnxruntime. Keys: PEM files, PEM bytes, raw 32 bytes
+or cryptography key objects (`openssl genpkey -algorithm ed25519 -out key.pem`).
 """
 from __future__ import annotations
 
@@ -16,7 +12,6 @@ from typing import Any
 from ..devices.errors import ProjectableEdgeError
 
 ALGORITHM = "ed25519"
-_HINT = "pip install cryptography (needed only to sign or to check signatures)"
 
 
 def _crypto():
@@ -25,7 +20,8 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise ProjectableEdgeError(f"Ed25519 signatures need the 'cryptography' package: {_HINT}") from None
+        raise ProjectableEdgeError("Ed25519 signatures need the 'cryptography' package: pip install cryptography "
+                                   "(needed only to sign or to check signatures)") from None
     return ed25519, serialization, InvalidSignature
 
 
@@ -37,7 +33,11 @@ def _load_key(key: Any, private: bool):
         key = key.public_key()
     if isinstance(key, cls):
         return key
-    what, kind = ("signing key", "private") if private else ("public key", "public")
+    what = "signing key" if private else "public key"
+    if private:
+        hint, kind = "create one with `openssl genpkey -algorithm ed25519 -out key.pem`", "unencrypted Ed25519 private key"
+    else:
+        hint, kind = "export it with `openssl pkey -in key.pem -pubout -out key.pub.pem`", "Ed25519 public key"
     if isinstance(key, (str, Path)):
         try:
             data = Path(key).expanduser().read_bytes()
@@ -47,12 +47,8 @@ def _load_key(key: Any, private: bool):
     elif isinstance(key, (bytes, bytearray)):
         data = bytes(key)
     else:
-        raise ProjectableEdgeError(f"{what} must be a PEM file path, raw 32 bytes or an Ed25519 {kind} key, "
+        raise ProjectableEdgeError(f"{what} must be a PEM file path, raw 32 bytes or an {kind}, "
                                    f"got {type(key).__name__}")
-    if private:
-        hint, kind = "create one with `openssl genpkey -algorithm ed25519 -out key.pem`", "unencrypted Ed25519 private key"
-    else:
-        hint, kind = "export it with `openssl pkey -in key.pem -pubout -out key.pub.pem`", "Ed25519 public key"
     try:
         if len(data) == 32:
             return cls.from_private_bytes(data) if private else cls.from_public_bytes(data)
@@ -62,7 +58,7 @@ def _load_key(key: Any, private: bool):
         name = key if isinstance(key, (str, Path)) else ""
         raise ProjectableEdgeError(f"{what} {name} is not an {kind} in PEM ({e}); {hint}") from None
     if not isinstance(k, cls):
-        raise ProjectableEdgeError(f"{what} is a {type(k).__name__}, not Ed25519" + (f"; {hint}" if private else ""))
+        raise ProjectableEdgeError(f"{what} is a {type(k).__name__}, not Ed25519; {hint}")
     return k
 
 
@@ -94,8 +90,7 @@ def verify_signature(public_key: Any, digest_hex: str, signature: Any, what: str
             or not isinstance(signature.get("value"), str):
         raise ProjectableEdgeError(f"{what}: integrity.signature must be {{algorithm: 'ed25519', value: base64}}")
     try:
-        sig = base64.b64decode(signature["value"], validate=True)
-        pub.verify(sig, bytes.fromhex(digest_hex))
+        pub.verify(base64.b64decode(signature["value"], validate=True), bytes.fromhex(digest_hex))
     except (invalid, ValueError):
         raise ProjectableEdgeError(
             f"{what} signature does not verify with the given public key (key id {key_id(pub)}; signed by "
