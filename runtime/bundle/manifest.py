@@ -8,11 +8,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Annotated, Any, Iterator, Union
 
 from .atomic import atomic_output
@@ -289,18 +290,16 @@ def decode(tp, value: Any, where: str) -> Any:
         if value not in [m.value for m in tp]:
             raise _bad(where, f"one of {[m.value for m in tp]}", value)
         return tp(value)
-    if tp is dict or tp is Any:
+    if tp is dict:
         return value
     want, accepted = _SCALARS[tp]
     if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
         raise _bad(where, want, value)
     if tag == "positive" and value < 1:
         raise _bad(where, "a positive integer", value)
-    if tag == "relpath":
-        p = PurePosixPath(value)
-        if not value or p.is_absolute() or ".." in p.parts or "\\" in value:
-            raise ProjectableEdgeError(f"manifest field '{where}' = {value!r} points outside the bundle; use a "
-                                       "relative path inside the bundle directory")
+    if tag == "relpath" and not re.match(RELPATH_PATTERN, value, re.DOTALL):
+        raise ProjectableEdgeError(f"manifest field '{where}' = {value!r} points outside the bundle; use a "
+                                   "relative path inside the bundle directory")
     return float(value) if tp is float else value
 
 
@@ -339,8 +338,6 @@ def _schema(tp) -> dict:
         return {"type": "array", "items": _schema(typing.get_args(tp)[0])}
     if isinstance(tp, type) and issubclass(tp, Enum):
         return {"enum": [m.value for m in tp]}
-    if tp is Any:
-        return {}
     extra = {"positive": {"minimum": 1}, "relpath": {"pattern": RELPATH_PATTERN}}.get(tag, {})
     return {"type": {dict: "object", bool: "boolean", str: "string", int: "integer", float: "number"}[tp], **extra}
 
@@ -514,16 +511,14 @@ def read_engine_record(d: Path, plan_rel: str, present: set[str]) -> dict[str, A
                        f"{rebuild} (which writes the record) or delete it")
     try:
         rec = json.loads((d / rec_rel).read_text(encoding="utf-8"))
-        files = {rel: decode(FileEntry, e, f"{rec_rel} files.{rel}") for rel, e in rec["files"].items()}
+        files = decode(dict[RelPath, FileEntry], rec["files"], f"{rec_rel} files")
         ok = isinstance(rec.get("tensorrt_version"), str) and plan_rel in files
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ProjectableEdgeError, KeyError, TypeError,
-            AttributeError) as e:
+    except (OSError, ValueError, ProjectableEdgeError, KeyError, TypeError) as e:
         raise _fail(d, f"engine record '{rec_rel}' is unreadable ({e}); {rebuild}") from None
     if not ok:
         raise _fail(d, f"engine record '{rec_rel}' must hold tensorrt_version and files{{'{plan_rel}': "
                        f"{{sha256, bytes}}}}; {rebuild}")
     for rel, entry in files.items():
-        decode(RelPath, rel, f"{rec_rel} files")
         if rel not in present:
             raise _fail(d, f"file '{rel}' named by engine record '{rec_rel}' is missing; {rebuild}")
         _check_entry(d, rel, entry, f"engine record '{rec_rel}'")
