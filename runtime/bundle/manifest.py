@@ -461,10 +461,8 @@ def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     except FileNotFoundError:
         raise _fail(d, f"has no {MANIFEST_NAME}; it is not a bundle or was copied incompletely — "
                        "copy the whole bundle directory again") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise _fail(d, f"cannot read {MANIFEST_NAME} ({e}); copy the bundle again") from None
-    except json.JSONDecodeError as e:
-        raise _fail(d, f"{MANIFEST_NAME} is not valid JSON ({e}); the file is corrupt, copy the bundle again") from None
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or not valid JSON
+        raise _fail(d, f"{MANIFEST_NAME} is unreadable or not valid JSON ({e}); copy the bundle again") from None
     m = parse(raw, d)
     integ = raw.get("integrity")
     if not isinstance(integ, dict) or not isinstance(integ.get("manifest_sha256"), str):
