@@ -119,12 +119,9 @@ def calibration_reader(fp32_path: Path, spec, tokens: np.ndarray, batch: int = 3
 
 @converter("int8-static")
 def int8_static(job: Conversion) -> tuple[onnx.ModelProto, dict]:
-    """Static QDQ (per-channel symmetric weights, activations calibrated on the task's training
-    tokens): the explicit-precision form TensorRT builds int8 engines from.
-
-    Only a MatMul's inputs are quantized, not its output (TensorRT's recommended placement): an output
-    Q/DQ pair makes ONNX Runtime run QLinearMatMul + DequantizeLinear and re-quantize every product,
-    slower and less accurate (README, "Speed"); without it each is one MatMulIntegerToFloat kernel."""
+    """Static QDQ (per-channel symmetric weights, activations calibrated on training tokens), which TensorRT
+    builds int8 engines from. Only a MatMul's inputs are quantized (TensorRT's placement): an output Q/DQ makes
+    ONNX Runtime re-quantize every product, slower and less accurate (README, "Speed")."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -1,8 +1,6 @@
-"""ONNX export of an exporters.protocol.ExportableModel: a scoring graph and a KV-cache decode graph.
-
-torch.onnx's dynamo exporter, because the TorchScript path cannot export the causal mask's data-dependent
-`tril` diagonal; dynamo gives clean dynamic batch / seq / past axes, past length 0 included.
-"""
+"""ONNX export of an exporters.protocol.ExportableModel: a scoring graph and a KV-cache decode graph, with
+torch.onnx's dynamo exporter (TorchScript cannot export the causal mask's data-dependent `tril` diagonal), which
+also gives clean dynamic batch / seq / past axes, past length 0 included."""
 
 from __future__ import annotations
 

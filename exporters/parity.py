@@ -102,11 +102,8 @@ def _lines(graph: str, precision: str, worst: dict, bits: dict, source: str) -> 
 
 def check_parity(onnx_path, model, tokens: np.ndarray | None = None, *, precision: str = "fp32",
                  tolerances: dict | None = None, raise_on_fail: bool = True, log=None) -> dict:
-    """Run the graph in ONNX Runtime and the model in PyTorch on the same inputs and compare.
-
-    Returns a JSON-ready report (keys: graph, precision, ok, failed, tokens, outputs, cases,
-    bits_per_dim, lines); raises one ProjectableEdgeError naming every failing output.
-    """
+    """Run the graph in ONNX Runtime and the model in PyTorch on the same inputs and compare; a JSON-ready
+    report, or one ProjectableEdgeError naming every failing output."""
     proto = load_onnx(onnx_path)
     kind, spec, cfg = kind_of(i.name for i in proto.graph.input), read_spec(proto, str(onnx_path)), model.cfg
     source = "heldout"
