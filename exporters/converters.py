@@ -1,18 +1,10 @@
-"""One converter per graph variant: fp32 graph in, converted graph out. Registered by variant name.
-
-Each registry entry in devices/variants.py with a `converter` names a function here. A
-converter gets a `Conversion` (the fp32 graph, its spec, calibration and validation tokens,
-settings, nodes to leave in float) and returns (converted ModelProto, report extras).
-Validation against the accuracy budget happens in exporters.quantize, the same for all.
-"""
+"""One converter per graph variant, registered under the variant registry's `converter` key
+(devices/variants.py): a `Conversion` in, (converted ModelProto, report extras) out. exporters.quantize
+validates every result against its accuracy budget the same way."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -20,9 +12,10 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from projectable_edge.exporters.calibration import calibration_reader
-from projectable_edge.exporters.parity import mean_bits
-from projectable_edge_runtime.graphs.contract import GraphKind, graph_logits
+from projectable_edge.exporters.onnx_io import quiet
+from projectable_edge.exporters.parity import graph_bits
+from projectable_edge_runtime.graphs.contract import GraphKind, rollout
+from projectable_edge_runtime.graphs.runners import OrtRunner
 
 # Ops whose fp16 evaluation can overflow or lose mass (variance, exp, sums); candidates to keep fp32.
 FP16_SENSITIVE_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp", "Log")
@@ -44,27 +37,10 @@ CONVERTERS: dict[str, Callable[[Conversion], tuple[onnx.ModelProto, dict]]] = {}
 
 
 def converter(name: str):
-    """Register a converter under a variant registry's `converter` key."""
     def register(fn):
         CONVERTERS[name] = fn
         return fn
     return register
-
-
-@contextlib.contextmanager
-def quiet():
-    """onnxruntime.quantization logs advice on the root logger and prints calibration progress."""
-    previous = logging.root.manager.disable
-    logging.disable(max(previous, logging.WARNING))
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
-
-
-# ----------------------------------------------------------------------------- fp16
 
 
 def to_fp16(model: onnx.ModelProto, keep: tuple[str, ...]) -> onnx.ModelProto:
@@ -92,7 +68,7 @@ class ReferenceRunner:
 
 
 def _emulated_bits(model: onnx.ModelProto, spec, tokens: np.ndarray) -> float:
-    return mean_bits(graph_logits(ReferenceRunner(model), spec.kind, spec.layout, tokens), tokens)
+    return graph_bits(ReferenceRunner(model), spec.kind, spec.layout, tokens)
 
 
 @converter("fp16")
@@ -117,17 +93,35 @@ def fp16(job: Conversion) -> tuple[onnx.ModelProto, dict]:
     return to_fp16(job.proto, keep), {"fp16_choice": {"kept_fp32_op_types": list(keep), **choice}}
 
 
-# ----------------------------------------------------------------------------- int8
+def calibration_reader(fp32_path: Path, spec, tokens: np.ndarray, batch: int = 32):
+    """Feeds for ONNX Runtime's calibrator: batches of the task's training tokens for a scoring graph; for a
+    decode graph every step of a teacher-forced fp32 rollout, so the cache inputs see every past length."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    if spec.kind is GraphKind.SCORING:
+        feeds = [{"tokens": tokens[i:i + batch]} for i in range(0, len(tokens), batch)]
+    else:
+        runner, feeds = OrtRunner(fp32_path, threads=1), []
+        for i in range(0, len(tokens), batch):
+            rollout(runner, spec.layout, tokens[i:i + batch], on_feed=feeds.append)
+
+    class _Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(self.feeds, None)
+
+        def rewind(self):
+            self.feeds = iter(feeds)
+
+    reader = _Reader()
+    reader.rewind()
+    return reader
 
 
 @converter("int8-static")
 def int8_static(job: Conversion) -> tuple[onnx.ModelProto, dict]:
-    """Static QDQ (per-channel symmetric weights, activations calibrated on the task's training
-    tokens): the explicit-precision form TensorRT builds int8 engines from.
-
-    Only a MatMul's inputs are quantized, not its output (TensorRT's recommended placement): an output
-    Q/DQ pair makes ONNX Runtime run QLinearMatMul + DequantizeLinear and re-quantize every product,
-    slower and less accurate (README, "Speed"); without it each is one MatMulIntegerToFloat kernel."""
+    """Static QDQ (per-channel symmetric weights, activations calibrated on training tokens), which TensorRT
+    builds int8 engines from. Only a MatMul's inputs are quantized (TensorRT's placement): an output Q/DQ makes
+    ONNX Runtime re-quantize every product, slower and less accurate (README, "Speed")."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -1,18 +1,11 @@
-"""ONNX export of a model (exporters.protocol.ExportableModel): a scoring graph and a KV-cache decode graph.
-
-Uses torch.onnx's dynamo exporter (torch.export + onnxscript): the TorchScript path
-cannot export the causal mask's data-dependent `tril` diagonal, and dynamo gives clean
-dynamic batch / seq / past axes, past length 0 included. Parity runs before anything
-is moved into place, so a failing export leaves no folder behind.
-"""
+"""ONNX export of an exporters.protocol.ExportableModel: a scoring graph and a KV-cache decode graph, with
+torch.onnx's dynamo exporter (TorchScript cannot export the causal mask's data-dependent `tril` diagonal), which
+also gives clean dynamic batch / seq / past axes, past length 0 included."""
 
 from __future__ import annotations
 
 import json
-import logging
-import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +13,11 @@ import onnx
 import torch
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge.exporters.onnx_io import check_tokens, file_info
-from projectable_edge.exporters.protocol import DecodeStep, ExportableModel
+from projectable_edge.exporters.onnx_io import check_tokens, quiet
+from projectable_edge.exporters.protocol import ExportableModel
 from projectable_edge.exporters.spec import GRAPHS, ExportSpec, attach_spec, spec_from_onnx
 from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.bundle.manifest import file_info
 from projectable_edge_runtime.graphs.contract import GraphKind
 
 MIN_OPSET = 17
@@ -52,11 +46,9 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class ExportedGraphs:
-    """The artifact of export_onnx: the folder, each graph's path and its spec."""
-
     dir: Path
-    paths: dict[str, Path] = field(default_factory=dict)
-    specs: dict[str, ExportSpec] = field(default_factory=dict)
+    paths: dict[str, Path]
+    specs: dict[str, ExportSpec]
 
     @property
     def scoring(self) -> Path:
@@ -77,27 +69,21 @@ _DIMS = {
 }
 
 
-@contextmanager
-def _quiet_exporter():
-    """The dynamo exporter logs optional-dependency notes (torchvision) and deprecations; hide them."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+class DecodeStep(torch.nn.Module):
+    """A model's decode_step as `forward`, which is what torch.onnx exports."""
+
+    def __init__(self, model: ExportableModel):
+        super().__init__()
+        self.model = model  # weights appear in the graph as "model.<name>"
+
+    def forward(self, token, past_keys, past_values):
+        return self.model.decode_step(token, past_keys, past_values)
 
 
 def _name_dims(model: onnx.ModelProto, graph: str) -> None:
-    """Give the graph I/O our dim names (dynamo derives them from torch's symbols)."""
-    dims = _DIMS[graph]
+    """Our dim names, not the ones dynamo derives from torch's symbols."""
     for vi in [*model.graph.input, *model.graph.output]:
-        for d, name in zip(vi.type.tensor_type.shape.dim, dims[vi.name]):
+        for d, name in zip(vi.type.tensor_type.shape.dim, _DIMS[graph][vi.name]):
             if name is not None:
                 d.dim_param = name
 
@@ -135,9 +121,8 @@ def _tidy(model: onnx.ModelProto) -> None:
             used.add(n.name)
 
 
-def _export_one(model: ExportableModel, graph: str, settings: ExportSettings) -> onnx.ModelProto:
-    cfg = model.cfg
-    inputs, outputs = GraphKind(graph).inputs, GraphKind(graph).outputs
+def _export_one(model: ExportableModel, graph: str, settings: ExportSettings) -> tuple[onnx.ModelProto, ExportSpec]:
+    cfg, kind = model.cfg, GraphKind(graph)
     batch = torch.export.Dim("batch", min=1, max=settings.max_batch)
     if graph == "scoring":
         module, args = model, (torch.zeros(2, cfg.block_size, dtype=torch.long),)
@@ -149,11 +134,10 @@ def _export_one(model: ExportableModel, graph: str, settings: ExportSettings) ->
         past = torch.export.Dim("past", min=0, max=cfg.block_size - 1)
         dyn = {"token": {0: batch}, "past_keys": {1: batch, 3: past}, "past_values": {1: batch, 3: past}}
     try:
-        with _quiet_exporter(), torch.no_grad():
-            prog = torch.onnx.export(module.eval(), args, dynamo=True, input_names=list(inputs),
-                                     output_names=list(outputs),
-                                     dynamic_shapes=dyn, opset_version=settings.opset, optimize=True,
-                                     verbose=False)
+        with quiet(), torch.no_grad():
+            prog = torch.onnx.export(module.eval(), args, dynamo=True, input_names=list(kind.inputs),
+                                     output_names=list(kind.outputs), dynamic_shapes=dyn, opset_version=settings.opset,
+                                     optimize=True, verbose=False)
     except Exception as e:  # torch.export failures are long; keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ProjectableEdgeError(f"torch.onnx could not export the {graph} graph ({first}); "
@@ -166,24 +150,20 @@ def _export_one(model: ExportableModel, graph: str, settings: ExportSettings) ->
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     proto.producer_name = "projectable-edge"
     proto.doc_string = f"projectable-edge {graph} graph ({cfg.n_layer} layers, d_model {cfg.d_model})"
-    attach_spec(proto, spec_from_onnx(proto, graph, cfg))
+    spec = spec_from_onnx(proto, graph, cfg)
+    attach_spec(proto, spec)
     onnx.checker.check_model(proto, full_check=True)
-    return proto
+    return proto, spec
 
 
 def export_onnx(model: ExportableModel, settings: ExportSettings | dict | None, out_dir: str | Path, *,
                 heldout: np.ndarray | None = None, overwrite: bool = False,
                 log=None) -> tuple[ExportedGraphs, dict]:
-    """Export scoring.onnx + decode.onnx into out_dir and parity-check both against PyTorch.
-
-    heldout: the task's held-out tokens [N, T] for parity and bits/dim (random tokens if None).
-    Report keys: settings, opset, graphs{name: {file, sha256, bytes, spec, op_types, parity}}.
-    """
+    """Export scoring.onnx + decode.onnx into out_dir and parity-check both against PyTorch, on the task's
+    held-out tokens [N, T] (random tokens if None). Parity runs before anything is moved into place."""
     from projectable_edge.exporters.parity import check_parity
 
-    if isinstance(settings, dict):
-        settings = ExportSettings(**settings)
-    settings = settings or ExportSettings()
+    settings = ExportSettings(**settings) if isinstance(settings, dict) else settings or ExportSettings()
     if not isinstance(model, ExportableModel):
         raise ProjectableEdgeError(f"export needs a model implementing exporters.protocol.ExportableModel (a "
                                    f"projectable_edge SpecialisedModel), got {type(model).__name__}; load one "
@@ -200,10 +180,9 @@ def export_onnx(model: ExportableModel, settings: ExportSettings | dict | None, 
         for graph in settings.graphs:
             if log:
                 log(f"exporting the {graph} graph")
-            proto = _export_one(model, graph, settings)
+            proto, spec = _export_one(model, graph, settings)
             path = tmp / FILES[graph]
             onnx.save(proto, str(path))
-            spec = spec_from_onnx(proto, graph, cfg)
             entry = {"file": FILES[graph], **file_info(path), "spec": spec.to_dict(),
                      "op_types": sorted({n.op_type for n in proto.graph.node})}
             if settings.parity:

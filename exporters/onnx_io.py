@@ -1,11 +1,14 @@
-"""Loading ONNX files, token files and fingerprints with errors a user can act on: every step takes a path a
-user typed, so a missing, corrupt or foreign file is one ProjectableEdgeError, not a protobuf trace.
-"""
+"""Loading ONNX and token files a user named: a missing, corrupt or foreign file is one ProjectableEdgeError,
+not a protobuf trace. Also the graph facts and fingerprints the exporters' reports share."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +16,11 @@ import onnx
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.devices.variants import FP32, VARIANTS
-from projectable_edge_runtime.graphs.contract import GraphKind, kind_of
-from projectable_edge_runtime.bundle.manifest import file_info  # noqa: F401  (the exporters' reports use it)
 from projectable_edge_runtime.graphs.tokenizer import validate_tokens
 
 
 def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
-    """Read and (by default) fully check an ONNX file; anything wrong is a ProjectableEdgeError."""
+    """Read and (by default) fully check an ONNX file."""
     path = Path(path)
     if not path.is_file():
         raise ProjectableEdgeError(f"ONNX file not found: {path}; check the path "
@@ -40,11 +41,6 @@ def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     return model
 
 
-def graph_kind(model: onnx.ModelProto) -> GraphKind:
-    """SCORING (tokens -> logits) or DECODE (token + KV cache); anything else is an error."""
-    return kind_of(i.name for i in model.graph.input)
-
-
 def variant_of(model: onnx.ModelProto) -> str:
     """Which registry variant a graph is: the one whose marker ops it holds, else fp16 by its weights, else fp32."""
     ops = {n.op_type for n in model.graph.node}
@@ -54,6 +50,31 @@ def variant_of(model: onnx.ModelProto) -> str:
     if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
         return next(v.name for v in VARIANTS.values() if v.family == "fp16")
     return FP32.name
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return users
+
+
+@contextlib.contextmanager
+def quiet():
+    """The exporter and onnxruntime.quantization log advice and deprecations, and print progress."""
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def check_tokens(tokens, vocab_size: int, block_size: int, what: str = "tokens") -> np.ndarray:
@@ -71,7 +92,7 @@ def tokens_sha256(tokens: np.ndarray) -> str:
 
 
 def load_tokens_npy(path: str | os.PathLike, what: str = "tokens") -> np.ndarray:
-    """np.load without pickle; a missing or unreadable file is a ProjectableEdgeError."""
+    """np.load without pickle."""
     path = Path(path)
     if not path.is_file():
         raise ProjectableEdgeError(f"{what} file not found: {path}; pass a .npy file of int token ids [N, T]")

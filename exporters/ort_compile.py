@@ -1,15 +1,8 @@
-"""ONNX Runtime "compilation": an offline-optimized graph and the ORT format for minimal builds.
-
-Optimizing once at build time saves session start-up on the device; the `.ort` flatbuffer
-is what ONNX Runtime mobile / minimal builds load (they cannot read .onnx), and the
-required-operators config lets such a build include only the kernels this model uses.
-Level 'basic' is hardware-independent (portable to any provider); 'extended'/'all' may
-insert CPU-provider contrib ops, so they fit only a full build running on the same provider.
-
-A decode graph's offline-optimized file is first rebuilt with ONNX Runtime's contrib kernels
-(`ort_decode_graph`: Attention with the past cache, SkipLayerNormalization, BiasGelu; about half the
-kernels, the same I/O), because a decode step on a CPU costs per kernel, not per FLOP. The .ort
-file keeps the standard-op graph (portable to minimal builds).
+"""ONNX Runtime "compilation": an offline-optimized graph (saves session start-up on the device), the `.ort`
+flatbuffer that minimal / mobile builds load, and the required-operators config that lets such a build hold only
+this model's kernels. Level 'basic' is portable to any provider; 'extended'/'all' may insert CPU contrib ops.
+A decode graph is first rebuilt with contrib kernels (`ort_decode_graph`), since a CPU decode step costs per
+kernel, not per FLOP; the .ort keeps the standard-op graph, portable to minimal builds.
 """
 
 from __future__ import annotations
@@ -25,9 +18,10 @@ from onnx import helper, numpy_helper
 
 from projectable_edge_runtime.devices.choices import choose
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge.exporters.onnx_io import file_info, load_onnx
+from projectable_edge.exporters.onnx_io import consumers, load_onnx
 from projectable_edge.exporters.spec import opset_of, read_spec
 from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.bundle.manifest import file_info
 from projectable_edge_runtime.graphs.runners import OptLevel, OrtRunner, ort_session
 
 REPORT_FILE = "compile_report.json"
@@ -57,13 +51,8 @@ class OrtCompileSettings:
                 "ort_format_level": str(self.ort_format_level), "execution_providers": list(self.execution_providers)}
 
 
-def _save_optimized(src, dst: Path, level: str, ort_format: bool) -> None:
-    ort_session(src, optimization=level, save_optimized=dst, ort_format=ort_format)
-
-
 def _feeds(spec) -> list[dict]:
-    """Fixed inputs a compiled graph must answer like its source: for a decode graph, batch 1 and 3, an empty,
-    a short and a full past, BOS and ordinary tokens."""
+    """Fixed inputs; for a decode graph batch 1 to 3, an empty, a short and a full past, BOS and other tokens."""
     rng = np.random.default_rng(0)
     if spec.graph == "scoring":
         return [{"tokens": rng.integers(0, spec.vocab_size, (2, spec.block_size)).astype(np.int64)}]
@@ -76,10 +65,10 @@ def _feeds(spec) -> list[dict]:
     return feeds
 
 
-def _smoke(candidate, reference: Path, spec, optimization: str = "disable") -> float:
-    """Max abs difference of every output of a compiled graph (a path or serialized bytes) vs its source on
-    fixed inputs, relative to the output's scale where that exceeds 1 (it must load and agree)."""
-    got_runner = ort_session(candidate, threads=1, optimization=optimization)
+def _smoke(candidate, reference: Path, spec) -> float:
+    """Max abs difference of a compiled graph's outputs (a path or serialized bytes) from its source's on
+    fixed inputs, relative to the output's scale where that exceeds 1."""
+    got_runner = ort_session(candidate, threads=1, optimization="disable")
     ref_runner = OrtRunner(reference, threads=1)
     worst = 0.0
     for feed in _feeds(spec):
@@ -95,20 +84,13 @@ def _smoke(candidate, reference: Path, spec, optimization: str = "disable") -> f
 
 def compile_onnxruntime(onnx_path: str | Path, settings: OrtCompileSettings | dict | None, out_dir: str | Path, *,
                         overwrite: bool = False, log=None) -> tuple[Path, dict]:
-    """Write out_dir/{<stem>.optimized.onnx, <stem>.ort, <stem>.required_operators.config, compile_report.json}.
-
-    Report keys: backend, status ('built'), target, settings, fusion {applied, reason, nodes_*}, optimized_onnx,
-    ort_format, required_operators, levels, max_abs_diff {optimized_onnx, ort_format}, op_types, files.
-    """
-    if isinstance(settings, dict):
-        settings = OrtCompileSettings(**settings)
-    settings = settings or OrtCompileSettings()
+    """Write out_dir/{<stem>.optimized.onnx, <stem>.ort, <stem>.required_operators.config, compile_report.json}."""
+    settings = OrtCompileSettings(**settings) if isinstance(settings, dict) else settings or OrtCompileSettings()
     src = Path(onnx_path)
     proto = load_onnx(src)
     spec = read_spec(proto, str(src))
-    stem = src.stem
-    names = {"optimized_onnx": f"{stem}.optimized.onnx", "ort_format": f"{stem}.ort",
-             "required_operators": f"{stem}.required_operators.config"}
+    names = {"optimized_onnx": f"{src.stem}.optimized.onnx", "ort_format": f"{src.stem}.ort",
+             "required_operators": f"{src.stem}.required_operators.config"}
     out_dir = Path(out_dir)
     with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
         if log:
@@ -132,8 +114,10 @@ def compile_onnxruntime(onnx_path: str | Path, settings: OrtCompileSettings | di
                 if log:
                     log(f"rebuilt {src.name} with ONNX Runtime contrib kernels ({len(proto.graph.node)} -> "
                         f"{len(fused.graph.node)} nodes)")
-        _save_optimized(optimize_from, tmp / names["optimized_onnx"], settings.optimized_level, ort_format=False)
-        _save_optimized(src, tmp / names["ort_format"], settings.ort_format_level, ort_format=True)
+        ort_session(optimize_from, optimization=settings.optimized_level,
+                    save_optimized=tmp / names["optimized_onnx"])
+        ort_session(src, optimization=settings.ort_format_level, save_optimized=tmp / names["ort_format"],
+                    ort_format=True)
         from onnxruntime.tools.ort_format_model import create_config_from_models
 
         cfg_path = tmp / names["required_operators"]
@@ -161,16 +145,9 @@ def compile_onnxruntime(onnx_path: str | Path, settings: OrtCompileSettings | di
     return out_dir / names["ort_format"], report
 
 
-# ----------------------------------------------------------------------------- the decode graph for ONNX Runtime
-
-_EPS = 1e-5
-
-
 def _fusion_weights(proto: onnx.ModelProto, spec) -> tuple[dict | None, str]:
-    """The weights of an exported fp32 decode graph, read from its structure (not its initializer names, which
-    the exporter merges when two are equal): embeddings, 2L+1 LayerNormalizations and 4L+1 weight MatMuls with
-    their bias Adds, in the graph's (forward) order. (None, why) for any other graph: a quantized or fp16
-    variant, or a model of another shape."""
+    """The weights of an exported fp32 decode graph, read from its structure, in forward order (not by
+    initializer names, which the exporter merges when two are equal); (None, why) for any other graph."""
     g = proto.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     nodes = list(g.node)
@@ -180,10 +157,7 @@ def _fusion_weights(proto: onnx.ModelProto, spec) -> tuple[dict | None, str]:
         return None, "not an fp32 graph"
     L, H, hd = spec.n_layer, spec.n_head, spec.head_dim
     A = H * hd
-    consumers: dict[str, list] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    users = consumers(proto)
     lns = [n for n in nodes if n.op_type == "LayerNormalization"]
     mms = [n for n in nodes if n.op_type == "MatMul" and n.input[1] in inits]
     gathers = {n.input[1]: n for n in nodes if n.op_type == "Gather" and n.input[0] in inits}
@@ -194,24 +168,20 @@ def _fusion_weights(proto: onnx.ModelProto, spec) -> tuple[dict | None, str]:
     if bad or "token" not in gathers or len(gathers) != 2:
         return None, f"not the exporter's decode structure ({bad or 'embedding lookups'})"
     w = {"wte_ext": inits[gathers.pop("token").input[0]], "wpe": inits[next(iter(gathers.values())).input[0]]}
-    eps = []
-    for ln in lns:
-        if len(ln.input) < 3 or ln.input[1] not in inits or ln.input[2] not in inits:
-            return None, "a LayerNormalization without constant scale and bias"
-        eps.append(next((a.f for a in ln.attribute if a.name == "epsilon"), _EPS))
     names = [f"h{i}.{n}" for i in range(L) for n in ("wqkv", "wo", "w1", "w2")] + ["head"]
     for name, mm in zip(names, mms):
         w[name] = inits[mm.input[1]]
-        after = consumers.get(mm.output[0], [])
+        after = users.get(mm.output[0], [])
         bias = next((inits[i] for n in after if n.op_type == "Add" and len(after) == 1
                      for i in n.input if i in inits), None)
         w[name.replace("head", "head_b").replace(".w", ".b")] = (
             bias if bias is not None else np.zeros(w[name].shape[1], np.float32))
-    for i in range(L):
-        for j, part in enumerate(("ln1", "ln2")):
-            ln = lns[2 * i + j]
-            w[f"h{i}.{part}.w"], w[f"h{i}.{part}.b"] = inits[ln.input[1]], inits[ln.input[2]]
-    w["lnf.w"], w["lnf.b"] = inits[lns[-1].input[1]], inits[lns[-1].input[2]]
+    eps = []
+    for name, ln in zip([f"h{i}.{p}" for i in range(L) for p in ("ln1", "ln2")] + ["lnf"], lns):
+        if len(ln.input) < 3 or ln.input[1] not in inits or ln.input[2] not in inits:
+            return None, "a LayerNormalization without constant scale and bias"
+        eps.append(next((a.f for a in ln.attribute if a.name == "epsilon"), 1e-5))
+        w[f"{name}.w"], w[f"{name}.b"] = inits[ln.input[1]], inits[ln.input[2]]
     d = w["wte_ext"].shape[1]
     want = {"h0.wqkv": (d, 3 * A), "h0.wo": (A, d), "head": (d, spec.vocab_size), "wpe": (spec.block_size, d)}
     if any(w[k].shape != s for k, s in want.items()) or len(set(eps)) != 1:
@@ -220,12 +190,9 @@ def _fusion_weights(proto: onnx.ModelProto, spec) -> tuple[dict | None, str]:
 
 
 def ort_decode_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
-    """The exported decode graph rebuilt with ONNX Runtime's contrib kernels, for ONNX Runtime CPU targets:
-    per layer one Attention (q|k|v projection, the past cache and the softmax in one kernel), the residual
-    adds and biases inside SkipLayerNormalization, BiasGelu, and a Gemm head: 42 kernels instead of about 90
-    for 4 layers, the same I/O contract and arithmetic (to float rounding). A decode step is mostly per-kernel
-    overhead on a CPU, so this is what makes it faster; TensorRT targets keep the standard-op graph.
-    (None, why) when the graph is not the exporter's fp32 decode graph."""
+    """The exported fp32 decode graph with ONNX Runtime's contrib kernels, per layer one Attention (q|k|v, past
+    cache, softmax), SkipLayerNormalization (residual adds and biases), BiasGelu, and a Gemm head: 42 kernels
+    instead of about 90 for 4 layers, same I/O and arithmetic (to float rounding). (None, why) for other graphs."""
     spec = read_spec(proto)
     if spec.graph != "decode":
         return None, "not a decode graph"

@@ -1,10 +1,6 @@
-"""Parity of an exported graph with PyTorch, Optimum-style, plus the task metric (bits/dim).
-
-Raw element differences alone mislead (a 1e-3 logit wobble can be harmless, a small
-shift can flip a sample), so each output has its own tolerance per precision (from the
-variant registry) and the report puts bits/dim of the graph on the task's held-out tokens
-next to PyTorch's. Graph and model run through the same runner contract and rollout.
-"""
+"""Parity of an exported graph with PyTorch: each output within its precision's tolerances (from the variant
+registry), and bits/dim on the task's held-out tokens next to PyTorch's, since a raw logit difference alone
+misleads (a 1e-3 wobble can be harmless, a small shift can flip a sample)."""
 
 from __future__ import annotations
 
@@ -15,32 +11,25 @@ import numpy as np
 from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.devices.variants import Tolerance
-from projectable_edge.exporters.onnx_io import check_tokens, graph_kind, load_onnx, tokens_sha256
+from projectable_edge.exporters.onnx_io import check_tokens, load_onnx, tokens_sha256
 from projectable_edge.exporters.spec import read_spec
 from projectable_edge.exporters.torch_runner import TorchRunner, torch_threads
-from projectable_edge_runtime.graphs.contract import GraphKind, graph_logits, rollout, score_logits
+from projectable_edge_runtime.graphs.contract import GraphKind, graph_logits, kind_of, rollout, score_logits
 from projectable_edge_runtime.graphs.runners import OrtRunner
 from projectable_edge_runtime.graphs.scoring import bits_per_dim
 
 BATCH = 64  # sequences per call when scoring
 
 
-def mean_bits(logits: np.ndarray, tokens: np.ndarray) -> float:
-    """Mean over all tokens of -log2 p(token), in float64: the runtime's bits/dim, averaged over images.
-
-    Every sequence has the same length T, so the mean of per-image means is the mean over all tokens.
-    """
-    return float(bits_per_dim(logits, tokens).mean())
-
-
 def graph_bits(runner, kind: GraphKind, layout, tokens: np.ndarray) -> float:
-    """bits/dim of a scoring graph (one pass) or a decode graph (teacher-forced, step by step)."""
-    return mean_bits(graph_logits(runner, kind, layout, tokens, BATCH), tokens)
+    """Mean -log2 p(token) over all tokens (all sequences have length T, so the mean of per-image bits/dim),
+    of a scoring graph (one pass) or a decode graph (teacher-forced, step by step)."""
+    return float(bits_per_dim(graph_logits(runner, kind, layout, tokens, BATCH), tokens).mean())
 
 
 def bits_per_dim_torch(model, tokens: np.ndarray) -> float:
     with torch_threads():
-        return mean_bits(score_logits(TorchRunner(model, GraphKind.SCORING), tokens, BATCH), tokens)
+        return graph_bits(TorchRunner(model, GraphKind.SCORING), GraphKind.SCORING, None, tokens)
 
 
 def _diff(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> dict:
@@ -49,7 +38,7 @@ def _diff(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> dict:
                 "error": f"shape {list(got.shape)} != PyTorch {list(ref.shape)}"}
     d = np.abs(got.astype(np.float64) - ref)
     bad = ~(d <= tol.atol + tol.rtol * np.abs(ref))  # NaN counts as bad
-    # relative to the reference magnitude, floored at 1e-3 so near-zero entries do not explode it
+    # floored at 1e-3 so near-zero entries do not explode it
     rel = d / np.maximum(np.abs(ref), 1e-3)
     return {"max_abs": float(np.nan_to_num(d.max(), nan=math.inf)) if d.size else 0.0,
             "max_rel": float(np.nan_to_num(rel.max(), nan=math.inf)) if d.size else 0.0,
@@ -91,13 +80,6 @@ def compare_outputs(graph, reference, kind: GraphKind, layout, tokens: np.ndarra
     return cases, worst
 
 
-def _tolerances(variant: variants.Variant, overrides: dict | None) -> dict[str, Tolerance]:
-    tol = dict(variant.tolerances)
-    for k, v in (overrides or {}).items():
-        tol[k] = v if isinstance(v, Tolerance) else Tolerance(**v)
-    return tol
-
-
 def _bits(graph, reference, kind, layout, tokens, variant: variants.Variant) -> dict:
     onnx_bits = graph_bits(graph, kind, layout, tokens)
     torch_bits = graph_bits(reference, GraphKind.SCORING, layout, tokens)
@@ -120,22 +102,20 @@ def _lines(graph: str, precision: str, worst: dict, bits: dict, source: str) -> 
 
 def check_parity(onnx_path, model, tokens: np.ndarray | None = None, *, precision: str = "fp32",
                  tolerances: dict | None = None, raise_on_fail: bool = True, log=None) -> dict:
-    """Run the graph in ONNX Runtime and the model in PyTorch on the same inputs and compare.
-
-    Returns a JSON-ready report (keys: graph, precision, ok, failed, tokens, outputs, cases,
-    bits_per_dim, lines); raises one ProjectableEdgeError naming every failing output.
-    """
+    """Run the graph in ONNX Runtime and the model in PyTorch on the same inputs and compare; a JSON-ready
+    report, or one ProjectableEdgeError naming every failing output."""
     proto = load_onnx(onnx_path)
-    kind, spec, cfg = graph_kind(proto), read_spec(proto, str(onnx_path)), model.cfg
+    kind, spec, cfg = kind_of(i.name for i in proto.graph.input), read_spec(proto, str(onnx_path)), model.cfg
     source = "heldout"
     if tokens is None:  # no task data given: random in-range tokens still catch export bugs
         tokens, source = np.random.default_rng(0).integers(0, cfg.vocab_size, (16, cfg.block_size)), "random"
     tokens = check_tokens(tokens, cfg.vocab_size, cfg.block_size, "parity tokens")
     variant = variants.get(precision)
-    tol = _tolerances(variant, tolerances)
-    graph, reference = OrtRunner(onnx_path, threads=1), TorchRunner(model, kind)
+    tol = dict(variant.tolerances)
+    tol.update({k: v if isinstance(v, Tolerance) else Tolerance(**v) for k, v in (tolerances or {}).items()})
+    graph = OrtRunner(onnx_path, threads=1)
     with torch_threads():
-        cases, worst = compare_outputs(graph, reference, kind, spec.layout, tokens, tol)
+        cases, worst = compare_outputs(graph, TorchRunner(model, kind), kind, spec.layout, tokens, tol)
         bits = _bits(graph, TorchRunner(model, GraphKind.SCORING), kind, spec.layout, tokens, variant)
     lines = _lines(spec.graph, precision, worst, bits, source)
     for line in lines:

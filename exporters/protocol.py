@@ -1,6 +1,5 @@
 """What the exporters need of a model, as a Protocol they own, so they never import projectable_edge (whose
-SpecialisedModel implements it): any torch module with these members exports the same way.
-"""
+SpecialisedModel implements it)."""
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
@@ -9,8 +8,6 @@ import torch
 
 
 class ModelShape(Protocol):
-    """The sizes a graph's I/O contract is built from."""
-
     vocab_size: int  # token ids 0..vocab_size-1; id vocab_size is BOS
     block_size: int  # longest sequence
     n_layer: int
@@ -35,14 +32,3 @@ class ExportableModel(Protocol):
         """token [B, 1], past [L, B, H, P, hd] x2 -> logits [B, V], present [L, B, H, P+1, hd] x2."""
 
     def eval(self): ...
-
-
-class DecodeStep(torch.nn.Module):
-    """A model's decode_step as `forward`, which is what torch.onnx exports."""
-
-    def __init__(self, model: ExportableModel):
-        super().__init__()
-        self.model = model  # weights appear in the graph as "model.<name>"
-
-    def forward(self, token, past_keys, past_values):
-        return self.model.decode_step(token, past_keys, past_values)

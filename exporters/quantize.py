@@ -1,11 +1,6 @@
-"""Converted variants of an exported fp32 graph (FP16, INT8), each validated on task data.
-
-The variant registry (devices/variants.py) says which precisions exist and what each may
-cost; exporters/converters.py holds one converter per precision. This module runs the one
-that is asked for, then validates the result the same way for every precision: a real ONNX
-Runtime session, bits/dim on held-out tokens next to the fp32 graph (and PyTorch when the
-model is given). A variant over its budget is refused unless asked to just report.
-"""
+"""Converted variants of an exported fp32 graph (fp16, int8), each validated the same way whatever its
+converter: a real ONNX Runtime session, bits/dim on held-out tokens next to the fp32 graph (and PyTorch when
+the model is given). A variant over its budget is refused unless asked to just report."""
 
 from __future__ import annotations
 
@@ -19,30 +14,21 @@ from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.devices.choices import StrEnum, choose
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.converters import Conversion, convert
-from projectable_edge.exporters.onnx_io import check_tokens, file_info, graph_kind, load_onnx, tokens_sha256, variant_of
+from projectable_edge.exporters.onnx_io import check_tokens, load_onnx, producers, tokens_sha256, variant_of
 from projectable_edge.exporters.parity import graph_bits
 from projectable_edge.exporters.spec import attach_spec, read_spec
 from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.bundle.manifest import file_info
+from projectable_edge_runtime.graphs.contract import kind_of
 from projectable_edge_runtime.graphs.runners import OrtRunner
 
 COMPUTE_OPS = ("MatMul", "Gemm", "LayerNormalization", "Softmax", "Erf", "Add", "Mul", "Div", "Sub",
                "Exp", "Log", "Pow", "Sqrt", "ReduceMean", "ReduceSum", "Tanh", "Sigmoid")
 
 
-class CalibrateMethod(StrEnum):
-    MINMAX = "minmax"
-    ENTROPY = "entropy"
-    PERCENTILE = "percentile"
-
-
-class ActivationType(StrEnum):
-    INT8 = "int8"  # symmetric: TensorRT's explicit quantization needs it
-    UINT8 = "uint8"  # asymmetric
-
-
-class OnBudgetFail(StrEnum):
-    RAISE = "raise"
-    REPORT = "report"
+CalibrateMethod = StrEnum("CalibrateMethod", {"MINMAX": "minmax", "ENTROPY": "entropy", "PERCENTILE": "percentile"})
+ActivationType = StrEnum("ActivationType", {"INT8": "int8", "UINT8": "uint8"})
+OnBudgetFail = StrEnum("OnBudgetFail", {"RAISE": "raise", "REPORT": "report"})
 
 
 @dataclass(frozen=True)
@@ -52,7 +38,7 @@ class QuantizeSettings:
     fp16_keep_fp32: tuple[str, ...] | None = None
     fp16_matter_rel: float = 5e-4  # "matters" = keeping them fp32 recovers this much bits/dim (relative; 10% of budget)
     # int8-static
-    activation_type: str = "int8"
+    activation_type: str = "int8"  # symmetric, which TensorRT's explicit quantization needs; or "uint8"
     per_channel: bool = True
     calibrate_method: str = "minmax"
     calibration_sequences: int = 256  # at most this many calibration sequences are used (scoring graph)
@@ -82,20 +68,8 @@ class QuantizeSettings:
         return self.budget_rel if self.budget_rel is not None else self.variant.budget_rel
 
     def to_dict(self) -> dict:
-        d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, StrEnum) else v
-                for k, v in d.items()}
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _load_fp32(src: Path):
-    proto = load_onnx(src)
-    if variant_of(proto) != "fp32":
-        raise ProjectableEdgeError(f"{src} is already quantized or fp16; quantize the fp32 graph from "
-                                   "`projectable-edge export` instead")
-    return proto, graph_kind(proto), read_spec(proto, str(src))
+                for k, v in asdict(self).items()}
 
 
 def _calibration(calibration, spec, settings: QuantizeSettings) -> tuple[np.ndarray | None, dict | None]:
@@ -126,41 +100,29 @@ def _validation(heldout, calibration, spec, settings: QuantizeSettings) -> tuple
     return val[: settings.validation_sequences], source
 
 
-def _matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """(weight MatMul/Gemm node names, activation x activation MatMul node names)."""
-    inits = {i.name for i in model.graph.initializer}
-    w, a = [], []
-    for n in model.graph.node:
-        if n.op_type in ("MatMul", "Gemm"):
-            (w if any(i in inits for i in n.input) else a).append(n.name)
-    return w, a
-
-
 def _exclusions(proto: onnx.ModelProto, src: Path, settings: QuantizeSettings) -> list[str]:
-    w_mm, a_mm = _matmuls(proto)
+    """The nodes left in float: those asked for, and the activation x activation MatMuls unless
+    quantize_attention."""
+    inits = {i.name for i in proto.graph.initializer}
+    mms = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
+    attention = [n.name for n in mms if not any(i in inits for i in n.input)]
     unknown = sorted(set(settings.exclude_nodes) - {n.name for n in proto.graph.node})
     if unknown:
+        weights = [n.name for n in mms if n.name not in attention]
         raise ProjectableEdgeError(f"exclude_nodes names nodes not in {src}: {unknown}; "
-                                   f"MatMul nodes are: {', '.join(w_mm + a_mm)}")
-    return list(settings.exclude_nodes) + ([] if settings.quantize_attention else a_mm)
-
-
-# ----------------------------------------------------------------------------- reporting
+                                   f"MatMul nodes are: {', '.join(weights + attention)}")
+    return list(settings.exclude_nodes) + ([] if settings.quantize_attention else attention)
 
 
 def float_layers(model: onnx.ModelProto, precision: str, fp32_ops: tuple[str, ...] = ()) -> dict:
-    """Name what a variant still computes in float32.
-
-    A variant that lowers some op types (int8: MatMul/Gemm): those nodes not fed by DequantizeLinear on
-    both inputs (or not turned into MatMulInteger) plus counts of the other float compute ops; one that
-    lowers every op (fp16): the nodes kept in fp32.
-    """
+    """What a variant still computes in float32: the nodes kept fp32 (fp16, which lowers every op), or
+    the lowered op types' nodes not dequantized on both inputs plus counts of other float compute ops (int8)."""
     lowered = variants.get(precision).converted_ops
     if lowered is None:
         kept = [n for n in model.graph.node if n.op_type in fp32_ops]
         return {"fp32_op_types": list(fp32_ops), "fp32_nodes": [f"{n.name} ({n.op_type})" for n in kept],
                 "fp16_matmuls": [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]}
-    prod = {o: n for n in model.graph.node for o in n.output}
+    prod = producers(model)
     int8, floating, other = [], [], {}
     for n in model.graph.node:
         if n.op_type in ("MatMulInteger", "QLinearMatMul"):
@@ -190,35 +152,20 @@ def _measure(path: Path, src: Path, spec, val: np.ndarray, settings: QuantizeSet
     return {"bits_per_dim": bits, **extra}
 
 
-def _line(kind, precision: str, bits: dict) -> str:
-    return (f"{kind} {precision}: bits/dim {bits['variant']:.5f} vs fp32 {bits['fp32']:.5f} "
-            f"({bits['rel_vs_fp32']:+.3%}, budget +{bits['budget_rel']:.1%})"
-            + (f", vs pytorch {bits['rel_vs_pytorch']:+.3%}" if "pytorch" in bits else ""))
-
-
-# ----------------------------------------------------------------------------- the step
-
-
-def _settings(settings: QuantizeSettings | dict | str) -> QuantizeSettings:
-    if isinstance(settings, str):
-        return QuantizeSettings(precision=settings)
-    return QuantizeSettings(**settings) if isinstance(settings, dict) else settings
-
-
 def quantize(onnx_path: str | Path, settings: QuantizeSettings | dict | str, out_path: str | Path, *,
              calibration: np.ndarray | None = None, heldout: np.ndarray | None = None, model=None,
              overwrite: bool = False, log=None) -> tuple[Path, dict]:
-    """Write one precision variant of an exported fp32 graph (scoring or decode) to out_path.
-
-    calibration: the task's training tokens [N, T] (int8-static needs them; their sha256 is reported).
-    heldout: validation tokens (falls back to calibration, then random tokens; the report says which).
-    model: the exported model (exporters.protocol.ExportableModel), to also report bits/dim vs PyTorch.
-    Report keys: precision, graph, source, output, sha256, bytes, settings, calibration, validation,
-    bits_per_dim{variant, fp32, pytorch?, rel_vs_fp32, rel_vs_pytorch?, budget_rel, within_budget},
-    float_layers, fp16_choice (fp16), op_types, line.
-    """
-    settings, src, out_path = _settings(settings), Path(onnx_path), Path(out_path)
-    proto, kind, spec = _load_fp32(src)
+    """Write one precision variant of an exported fp32 graph to out_path. calibration: the task's training
+    tokens (int8-static needs them); heldout: validation tokens (else calibration, else random: the report
+    says which); model: the exported model, to also report bits/dim vs PyTorch."""
+    if isinstance(settings, (str, dict)):
+        settings = QuantizeSettings(precision=settings) if isinstance(settings, str) else QuantizeSettings(**settings)
+    src, out_path = Path(onnx_path), Path(out_path)
+    proto = load_onnx(src)
+    if variant_of(proto) != "fp32":
+        raise ProjectableEdgeError(f"{src} is already quantized or fp16; quantize the fp32 graph from "
+                                   "`projectable-edge export` instead")
+    kind, spec = kind_of(i.name for i in proto.graph.input), read_spec(proto, str(src))
     calibration, calib_info = _calibration(calibration, spec, settings)
     val, val_source = _validation(heldout, calibration, spec, settings)
     job = Conversion(src, proto, spec, settings, calibration, val, _exclusions(proto, src, settings))
@@ -238,10 +185,13 @@ def quantize(onnx_path: str | Path, settings: QuantizeSettings | dict | str, out
         kept = tuple(report.get("fp16_choice", {}).get("kept_fp32_op_types", ()))
         report["float_layers"] = float_layers(out, settings.precision, kept)
         report["op_types"] = sorted({n.op_type for n in out.graph.node})
-        report["line"] = line = _line(kind, settings.precision, report["bits_per_dim"])
+        bits = report["bits_per_dim"]
+        report["line"] = line = (f"{kind} {settings.precision}: bits/dim {bits['variant']:.5f} vs fp32 "
+                                 f"{bits['fp32']:.5f} ({bits['rel_vs_fp32']:+.3%}, budget +{bits['budget_rel']:.1%})"
+                                 + (f", vs pytorch {bits['rel_vs_pytorch']:+.3%}" if "pytorch" in bits else ""))
         if log:
             log(line)
-        if not report["bits_per_dim"]["within_budget"] and settings.on_budget_fail == OnBudgetFail.RAISE:
+        if not bits["within_budget"] and settings.on_budget_fail == OnBudgetFail.RAISE:
             raise ProjectableEdgeError(
                 f"{settings.precision} variant of {src.name} breaks its accuracy budget: {line}. Nothing was "
                 "written. Use another precision, keep sensitive layers in float (exclude_nodes), or pass "

@@ -1,7 +1,5 @@
-"""ExportSpec: the I/O contract of an exported graph, stored in the graph's metadata, so a lone .onnx file
-still knows its BOS id and cache shape (what parity, quantization and compilation need). The manifest's
-`io` field records it for people; the runtime reads the manifest's `model` field instead.
-"""
+"""ExportSpec: a graph's I/O contract and model facts (BOS id, cache shape), kept in the graph's metadata so a lone
+.onnx file still has what parity, quantization and compilation need. The manifest's `io` field copies it."""
 
 from __future__ import annotations
 
@@ -15,8 +13,7 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.graphs.contract import CacheLayout, GraphKind
 
 GRAPHS = values(GraphKind)
-_DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
-           onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+META_KEY = "projectable_edge.export_spec"
 
 
 @dataclass(frozen=True)
@@ -32,8 +29,6 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """What a graph takes and returns, plus the model facts a sampler needs (BOS id, cache shape)."""
-
     graph: str  # "scoring" | "decode"
     opset: int
     inputs: tuple[TensorSpec, ...]
@@ -60,16 +55,18 @@ class ExportSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ExportSpec":
         try:
-            io = {k: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d[k]) for k in ("inputs", "outputs")}
+            io = {k: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d[k])
+                  for k in ("inputs", "outputs")}
             return cls(**{f.name: d[f.name] for f in fields(cls) if f.name not in io}, **io)
         except (KeyError, TypeError) as e:
-            raise ProjectableEdgeError(f"export spec is missing or has a bad field ({e}); re-export the model") from None
+            raise ProjectableEdgeError(f"export spec is missing or has a bad field ({e}); "
+                                       "re-export the model") from None
 
 
 def _tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     t = vi.type.tensor_type
     dims = tuple(d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim)
-    return TensorSpec(vi.name, _DTYPES.get(t.elem_type, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name), dims)
+    return TensorSpec(vi.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, dims)
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -77,7 +74,7 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 
 def spec_from_onnx(model: onnx.ModelProto, graph: str, cfg) -> ExportSpec:
-    """Build the spec from the graph's declared I/O (so it cannot drift from the file); cfg: a ModelShape."""
+    """From the graph's declared I/O, so it cannot drift from the file; cfg: a ModelShape."""
     return ExportSpec(graph=str(graph), opset=opset_of(model),
                       inputs=tuple(_tensor_spec(v) for v in model.graph.input),
                       outputs=tuple(_tensor_spec(v) for v in model.graph.output),
@@ -85,11 +82,7 @@ def spec_from_onnx(model: onnx.ModelProto, graph: str, cfg) -> ExportSpec:
                       n_layer=cfg.n_layer, n_head=cfg.n_head, head_dim=cfg.head_dim)
 
 
-META_KEY = "projectable_edge.export_spec"
-
-
 def attach_spec(model: onnx.ModelProto, spec: ExportSpec) -> None:
-    """Store the spec in the graph's metadata so a lone .onnx file still knows BOS id, cache shape, ..."""
     for p in list(model.metadata_props):
         if p.key == META_KEY:
             model.metadata_props.remove(p)

@@ -1,10 +1,6 @@
-"""TensorRT engine for a target: built with the TensorRT Python API when it is importable,
-otherwise deferred to the device as a `build_engine.sh` holding the exact trtexec command.
-
-Engines are locked to the TensorRT version and GPU that built them, so the host that
-exports usually cannot build the device's engine; the script builds the same engine there
-(same precision flags, DLA core, workspace and optimization profile).
-"""
+"""TensorRT engine for a target: built with the TensorRT Python API when it is importable, else left to the
+device as `build_engine.sh` with the exact trtexec command (engines are locked to the TensorRT version and GPU
+that built them, so the exporting host usually cannot build the device's engine)."""
 
 from __future__ import annotations
 
@@ -45,7 +41,6 @@ class TensorRTSettings:
 
     @classmethod
     def from_profile(cls, profile) -> "TensorRTSettings":
-        """From a devices.profiles.DeviceProfile whose backend is tensorrt (lengths come from the model)."""
         t = profile.tensorrt
         if t is None:
             raise ProjectableEdgeError(f"device profile {profile.name!r} has no [tensorrt] options; "
@@ -54,10 +49,10 @@ class TensorRTSettings:
                    min_shapes=dict(t.min_shapes), opt_shapes=dict(t.opt_shapes), max_shapes=dict(t.max_shapes),
                    tensorrt_version=profile.software.get("tensorrt"), target=profile.name)
 
+
 def profile_shapes(spec, settings: TensorRTSettings) -> dict[str, dict[str, list[int]]]:
-    """{min, opt, max: {input: shape}} of the graph's optimization profile, in the graph's input order: batch
-    from the profile; lengths from the model's block size. Scoring takes 1 .. block_size tokens, optimised
-    for a full image; decode a past of 0 .. block_size - 1, optimised for a typical step (half the image)."""
+    """{min, opt, max: {input: shape}} of the optimization profile, batch from the profile: scoring takes 1 ..
+    block_size tokens (opt: a full image); decode a past of 0 .. block_size - 1 (opt: half the image)."""
     t = int(spec.block_size)
     names = [i.name for i in spec.inputs]
     out = {}
@@ -84,10 +79,8 @@ def strongly_typed(settings: TensorRTSettings, variant: variants.Variant) -> boo
 
 
 def builder_flags(settings: TensorRTSettings, variant: variants.Variant) -> tuple[str, ...]:
-    """Builder precision flags. Strongly typed (QDQ graph, TensorRT >= 10): none, the graph's types
-    rule. Otherwise (weakly typed): fp16 kernels wherever the profile allows them (TensorRT picks per
-    layer), plus what the variant needs and the profile enables (int8 only for a graph that carries
-    its own QDQ scales: there is no calibration cache on the device)."""
+    """None when strongly typed (the graph's types rule); else fp16 where the profile allows it, plus what the
+    variant needs and the profile enables (int8 only with the graph's own QDQ scales: no calibration cache)."""
     if strongly_typed(settings, variant):
         return ()
     flags = ["fp16"] if settings.fp16 else []
@@ -96,7 +89,6 @@ def builder_flags(settings: TensorRTSettings, variant: variants.Variant) -> tupl
 
 def trtexec_command(onnx_name: str, engine_name: str, settings: TensorRTSettings, spec,
                     variant: variants.Variant) -> list[str]:
-    """The trtexec argv that builds the engine: typing/precision, DLA, workspace and the optimization profile."""
     cmd = ["trtexec", f"--onnx={onnx_name}", f"--saveEngine={engine_name}"]
     if strongly_typed(settings, variant):
         cmd.append("--stronglyTyped")
@@ -141,46 +133,73 @@ echo "built {engine}"
 """
 
 
-def _build_with_api(trt, onnx_path: Path, engine_path: Path, settings: TensorRTSettings, spec, variant, log):
-    """Build and serialize the engine with the TensorRT Python API (same settings as the script)."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # TensorRT < 10
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    if strongly_typed(settings, variant) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ProjectableEdgeError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    for flag in builder_flags(settings, variant):
-        config.set_flag(getattr(trt.BuilderFlag, flag.upper()))
-    if settings.dla_core >= 0:
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = settings.dla_core
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    profile = builder.create_optimization_profile()
-    pts = profile_shapes(spec, settings)
-    lo, opt, hi = pts["min"], pts["opt"], pts["max"]
-    for name in lo:
-        profile.set_shape(name, lo[name], opt[name], hi[name])
-    config.add_optimization_profile(profile)
-    if log:
-        log(f"building TensorRT {trt.__version__} engine for {onnx_path.name} (this can take minutes)")
-    start = time.perf_counter()
-    blob = builder.build_serialized_network(network, config)
-    if blob is None:
-        raise ProjectableEdgeError(f"TensorRT failed to build an engine from {onnx_path.name}; see the log above")
-    engine_path.write_bytes(bytes(blob))
-    return time.perf_counter() - start
+def _build(tmp: Path, src: Path, settings: TensorRTSettings, spec, variant, report: dict, log) -> None:
+    """Build the engine here when TensorRT can; otherwise record why it is deferred to the device."""
+    report.update(status=str(EngineStatus.DEFERRED), tensorrt_version_host=None, build_seconds=None)
+    try:
+        import tensorrt as trt
+    except ImportError:  # the usual case on an x86 host without NVIDIA's wheels
+        report["reason"] = "tensorrt is not importable on this host; run build_engine.sh on the device"
+        if log:
+            log(f"TensorRT not available here: wrote {SCRIPT} to build {report['engine']} on {settings.target}")
+        return
+    engine, report["tensorrt_version_host"] = tmp / report["engine"], trt.__version__
+    try:  # the same engine as the script's
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        flags = 0
+        if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # TensorRT < 10
+            flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        if strongly_typed(settings, variant) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(src)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ProjectableEdgeError(f"TensorRT cannot parse {src.name}: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+        for flag in builder_flags(settings, variant):
+            config.set_flag(getattr(trt.BuilderFlag, flag.upper()))
+        if settings.dla_core >= 0:
+            config.default_device_type = trt.DeviceType.DLA
+            config.DLA_core = settings.dla_core
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        profile = builder.create_optimization_profile()
+        pts = profile_shapes(spec, settings)
+        for name in pts["min"]:
+            profile.set_shape(name, pts["min"][name], pts["opt"][name], pts["max"][name])
+        config.add_optimization_profile(profile)
+        if log:
+            log(f"building TensorRT {trt.__version__} engine for {src.name} (this can take minutes)")
+        start = time.perf_counter()
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise ProjectableEdgeError(f"TensorRT failed to build an engine from {src.name}; see the log above")
+        engine.write_bytes(bytes(blob))
+        secs = time.perf_counter() - start
+    except Exception as e:  # tensorrt imports but cannot build here (no usable GPU, driver, ...)
+        engine.unlink(missing_ok=True)
+        report["reason"] = (f"TensorRT {trt.__version__} could not build here ({type(e).__name__}: {e}); "
+                            f"run {SCRIPT} on the device")
+        if log:
+            log(report["reason"])
+        return
+    report.update(status=str(EngineStatus.BUILT), build_seconds=secs,
+                  reason="built with the TensorRT Python API on this host")
+    expected = settings.tensorrt_version
+    if expected and not trt.__version__.startswith(expected):
+        report["version_warning"] = (f"built with TensorRT {trt.__version__} but {settings.target} ships "
+                                     f"{expected}: the engine will not load there; run {SCRIPT} on the device instead")
 
 
-def _plan(src: Path, settings: TensorRTSettings, onnx_arg: str) -> tuple[dict, list[str], object, variants.Variant]:
-    """Check the graph and write down how its engine is built: (report so far, trtexec argv, spec, variant)."""
+def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, out_dir: str | Path, *,
+                     overwrite: bool = False, log=None, copy_onnx: bool = True) -> tuple[Path, dict]:
+    """Write out_dir/{build_engine.sh, <graph>.plan if built, compile_report.json} (+ <graph>.onnx with
+    copy_onnx; without it the script reads the graph where it is, by its path relative to out_dir)."""
+    if isinstance(settings, dict):
+        settings = TensorRTSettings(**settings)
+    src, out_dir = Path(onnx_path), Path(out_dir)
     proto = load_onnx(src)
     spec = read_spec(proto, str(src))
     check = check_tensorrt_compat(proto, settings.tensorrt_version)
@@ -191,6 +210,7 @@ def _plan(src: Path, settings: TensorRTSettings, onnx_arg: str) -> tuple[dict, l
                                    "Use the fp32/fp16 graph or int8-static (QDQ) for TensorRT targets")
     variant = variants.get(variant_of(proto))
     engine = src.with_suffix(".plan").name
+    onnx_arg = src.name if copy_onnx else os.path.relpath(src.resolve(), out_dir.resolve())
     cmd = trtexec_command(onnx_arg, engine, settings, spec, variant)
     flags = builder_flags(settings, variant)
     report = {"backend": "tensorrt", "target": settings.target, "settings": asdict(settings), "onnx": src.name,
@@ -207,52 +227,6 @@ def _plan(src: Path, settings: TensorRTSettings, onnx_arg: str) -> tuple[dict, l
     if settings.int8 and "int8" not in flags:
         report["note"] = ("profile enables int8 but this graph has no QDQ nodes: built without --int8 "
                           "(quantize with int8-static first for an int8 engine)")
-    return report, cmd, spec, variant
-
-
-def _build(tmp: Path, src: Path, settings: TensorRTSettings, spec, variant, report: dict, log) -> None:
-    """Build the engine here when TensorRT can; otherwise record why it is deferred to the device."""
-    try:
-        import tensorrt as trt
-    except ImportError:  # the usual case on an x86 host without NVIDIA's wheels
-        report.update(status=str(EngineStatus.DEFERRED), tensorrt_version_host=None, build_seconds=None,
-                      reason="tensorrt is not importable on this host; run build_engine.sh on the device")
-        if log:
-            log(f"TensorRT not available here: wrote {SCRIPT} to build {report['engine']} on {settings.target}")
-        return
-    engine = tmp / report["engine"]
-    try:
-        secs = _build_with_api(trt, src, engine, settings, spec, variant, log)
-    except Exception as e:  # tensorrt imports but cannot build here (no usable GPU, driver, ...)
-        engine.unlink(missing_ok=True)
-        report.update(status=str(EngineStatus.DEFERRED), tensorrt_version_host=trt.__version__, build_seconds=None,
-                      reason=f"TensorRT {trt.__version__} could not build here ({type(e).__name__}: {e}); "
-                             f"run {SCRIPT} on the device")
-        if log:
-            log(report["reason"])
-        return
-    report.update(status=str(EngineStatus.BUILT), tensorrt_version_host=trt.__version__, build_seconds=secs,
-                  reason="built with the TensorRT Python API on this host")
-    expected = settings.tensorrt_version
-    if expected and not trt.__version__.startswith(expected):
-        report["version_warning"] = (f"built with TensorRT {trt.__version__} but {settings.target} ships "
-                                     f"{expected}: the engine will not load there; run {SCRIPT} on the device instead")
-
-
-def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, out_dir: str | Path, *,
-                     overwrite: bool = False, log=None, copy_onnx: bool = True) -> tuple[Path, dict]:
-    """Write out_dir/{build_engine.sh, <graph>.plan if built, compile_report.json} (+ <graph>.onnx with
-    copy_onnx; without it the script reads the graph where it is, by its path relative to out_dir).
-
-    Report keys: backend, status ('built' | 'deferred'), reason, target, onnx, variant, engine, script,
-    command (argv), command_line, flags, shapes{min,opt,max}, tensorrt_version_expected,
-    tensorrt_version_host, build_seconds, trt_check, files{name: {sha256, bytes}}.
-    """
-    if isinstance(settings, dict):
-        settings = TensorRTSettings(**settings)
-    src, out_dir = Path(onnx_path), Path(out_dir)
-    onnx_arg = src.name if copy_onnx else os.path.relpath(src.resolve(), out_dir.resolve())
-    report, cmd, spec, variant = _plan(src, settings, onnx_arg)
     with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
         if copy_onnx:
             shutil.copyfile(src, tmp / src.name)

@@ -1,6 +1,4 @@
-"""A PyTorch model behind the runtime's runner contract: the reference that parity compares against, so
-parity, quantization checks and rollouts run one code path for the ONNX graph and its model.
-"""
+"""A PyTorch model behind the runtime's runner contract: the reference parity compares the ONNX graph with."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -24,11 +22,8 @@ def torch_threads(n: int = 1):
 
 
 class TorchRunner:
-    """Runs `model` as the `kind` graph would: same feed names, same output names, numpy in and out.
-
-    It uses torch's current thread count; callers wrap a whole comparison in `torch_threads()`
-    (switching the pool per call would cost more than the tiny model's step itself).
-    """
+    """Runs `model` as the `kind` graph would, numpy in and out. Callers wrap a whole comparison in
+    `torch_threads()`: switching the pool per call would cost more than the tiny model's step."""
 
     def __init__(self, model: ExportableModel, kind: GraphKind):
         self.model, self.kind = model.eval(), kind

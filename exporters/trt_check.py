@@ -1,18 +1,15 @@
-"""Static TensorRT-compatibility check of an ONNX graph, on the host: engines are built on the device (often
-minutes, and only where TensorRT exists), so what its parser would refuse there (ops it lacks, an opset it
-does not read, QDQ it cannot fuse) is found here from the graph alone and reported as plain data.
-"""
+"""Static TensorRT-compatibility check of an ONNX graph on the host: what TensorRT's parser on the device would
+refuse (ops it lacks, an opset it does not read, QDQ it cannot fuse), found from the graph alone, as plain data."""
 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from projectable_edge.exporters.onnx_io import load_onnx
+from projectable_edge.exporters.onnx_io import consumers, load_onnx, producers
 from projectable_edge.exporters.spec import opset_of
 
 # ONNX ops the TensorRT 10 ONNX parser (onnx-tensorrt) imports, from its operator support matrix.
@@ -47,35 +44,20 @@ def _problem(severity: str, code: str, message: str, node: onnx.NodeProto | None
             "op_type": node.op_type if node is not None else None, "message": message}
 
 
-def _const(model: onnx.ModelProto, name: str):
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            return numpy_helper.to_array(n.attribute[0].t)
-    return None
-
-
 def _check_qdq(model: onnx.ModelProto) -> list[dict]:
     """TensorRT's explicit quantization: symmetric int8 (zero point 0), Q always followed by DQ,
     DQ fed by Q or a constant, and both MatMul inputs dequantized for an int8 MatMul."""
-    problems = []
-    prod = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    consts = {i.name for i in model.graph.initializer}
-    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    problems, prod, users = [], producers(model), consumers(model)
+    consts = {i.name: i for i in model.graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"})
     for n in model.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         if len(n.input) > 2 and n.input[2]:
-            zp = _const(model, n.input[2])
-            if zp is None:
+            if n.input[2] not in consts:
                 problems.append(_problem("error", "qdq_dynamic_zero_point", "zero point must be a constant", n))
             else:
+                zp = numpy_helper.to_array(consts[n.input[2]])
                 if zp.dtype != np.int8:
                     problems.append(_problem("error", "qdq_not_int8", f"quantized type is {zp.dtype}; TensorRT needs "
                                              "int8 (use symmetric int8 activations: activation_type='int8')", n))
@@ -83,8 +65,8 @@ def _check_qdq(model: onnx.ModelProto) -> list[dict]:
                     problems.append(_problem("error", "qdq_zero_point", "zero point is not 0; TensorRT supports only "
                                              "symmetric quantization", n))
         if n.op_type == "QuantizeLinear":
-            users = consumers.get(n.output[0], [])
-            if not users or any(u.op_type != "DequantizeLinear" for u in users):
+            after = users.get(n.output[0], [])
+            if not after or any(u.op_type != "DequantizeLinear" for u in after):
                 problems.append(_problem("error", "qdq_dangling_q", "QuantizeLinear output must feed "
                                          "DequantizeLinear nodes only (a Q/DQ pair)", n))
         else:
@@ -102,13 +84,10 @@ def _check_qdq(model: onnx.ModelProto) -> list[dict]:
 
 
 def check_tensorrt_compat(onnx_path_or_model, tensorrt_version: str | None = None) -> dict:
-    """Check opset, op types, I/O dtypes and QDQ placement against TensorRT's ONNX parser.
-
-    Report: ok (no errors), tensorrt_version, opset, opset_range, problems [{severity, code,
-    node, op_type, message}], counts {error, warning}, op_types {op: count}, quantized (has QDQ).
-    """
-    model = onnx_path_or_model if isinstance(onnx_path_or_model, onnx.ModelProto) else \
-        load_onnx(Path(onnx_path_or_model))
+    """Check opset, op types, I/O dtypes and QDQ placement against TensorRT's ONNX parser."""
+    model = onnx_path_or_model
+    if not isinstance(model, onnx.ModelProto):
+        model = load_onnx(model)
     problems: list[dict] = []
     lo, hi = opset_range(tensorrt_version)
     opset = opset_of(model)
