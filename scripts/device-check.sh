@@ -175,10 +175,10 @@ run_checks() {  # STAGE WHEEL HOST_CWD [X86_SCORES]: paths in the stand-in, but 
     stand_in -m projectable_edge_runtime benchmark "$b" "${bench[@]}" 2>&1 | tee "$WORK/$stage-benchmark.txt"
     rc=${PIPESTATUS[0]}
     # exit 1 is the budget verdict only when the runtime printed one (a crash also exits 1)
-    if [ $rc = 1 ] && grep -q '^verdict: FAIL' "$WORK/$stage-benchmark.txt"; then
+    if [ "$rc" = 1 ] && grep -q '^verdict: FAIL' "$WORK/$stage-benchmark.txt"; then
         rc=0 note="budget verdict FAIL (not counted: not a device measurement)"
     fi
-    record "$stage" benchmark $rc "$note"
+    record "$stage" benchmark "$rc" "$note"
     say "[$stage] every candidate on the goldens + import check"
     stand_in -c "$HELPER" "$b" "$wd/scores.json" "${@:4}"
     record "$stage" "scores + imports" $?
@@ -236,7 +236,7 @@ sys.exit(len(rows) != int(sys.argv[3]))' "$wd/classify.out" "$BUNDLE" "$n"
     fi
 
     say "[$stage] serve: pip install '$(basename "$WHEEL")[serve]' (from the index unless already there)"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL[serve]" \
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${WHEEL}[serve]" \
         && "$VENV/bin/python" -m pip check && "$VENV/bin/python" -m pip list 2>/dev/null | grep -i '^waitress '
     record "$stage" "install wheel[serve]" $? "pip install '...whl[serve]' + pip check"
     say "[$stage] serve: python -m projectable_edge_runtime serve --port 0 --json, then a client round trip"
