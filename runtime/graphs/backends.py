@@ -22,11 +22,8 @@ class Backend(StrEnum):
 
 def choose_engine(bundle_dir: Path, engine: Engine | None, variant: str, backend: Backend,
                   records: dict[str, dict[str, Any]] | None = None) -> tuple[Path | None, str]:
-    """(engine path to use or None, why). Never raises for a missing TensorRT: ORT is the fallback.
-
-    A device-built engine's own record (build_engine.sh's, hash-checked by the loader) names the TensorRT that
-    built it, not the profile."""
-    # the script cds to its own folder, so this runs from anywhere
+    """(engine path to use or None, why); ORT is the fallback. A device-built engine's record (hash-checked by the
+    loader) names the TensorRT that built it, not the profile. build_engine.sh runs from anywhere (it cds)."""
     rebuild = f"bash {bundle_dir.resolve() / 'build_engine.sh'}"
     if backend is Backend.ONNXRUNTIME:
         return None, "onnxruntime backend requested"
@@ -62,10 +59,8 @@ COMPILED_DECODE = "ort_decode/decode.optimized.onnx"
 
 
 def compiled_decode(bundle_dir: Path, engine: Engine | None, variant: str, providers) -> tuple[str | None, str]:
-    """(the compiled decode graph to run instead of the variant's own, or None; why).
-
-    An fp32 decode graph compiled with ONNX Runtime's contrib kernels (one Attention per layer,
-    SkipLayerNormalization) has about half the kernels and the same I/O, tokens and bits: most of a CPU's speed."""
+    """(the compiled decode graph to run instead of the variant's own, or None; why). Compiled with ONNX Runtime's
+    contrib kernels it has about half the kernels and the same I/O, tokens and bits: most of a CPU's speed."""
     if engine is None or engine.status != EngineStatus.NOT_APPLICABLE or engine.variant != variant:
         return None, "no ONNX Runtime compile of this candidate in the bundle"
     if COMPILED_DECODE.rsplit("/", 1)[1] not in ((engine.ort or {}).get("decode") or {}):

@@ -1,8 +1,5 @@
-"""The graph contract every layer shares: graph kinds, I/O names, the empty KV cache, scoring, one rollout.
-
-`scoring`: tokens [N, T] -> logits [N, T, V]. `decode` (one step): token [N, 1] + past keys/values
-[L, N, H, P, hd] -> logits [N, V] + present [L, N, H, P+1, hd]. Everything speaks it through a runner.
-"""
+"""The graph contract every layer shares: `scoring` (tokens [N, T] -> logits [N, T, V]) and one `decode` step
+(token [N, 1] + past keys/values [L, N, H, P, hd] -> logits [N, V] + present [L, N, H, P+1, hd])."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,9 +1,7 @@
-"""One runner contract (Polygraphy's idea) and the one ONNX Runtime session factory.
-
-A runner is anything with `name`, `providers` (what really executes), `input_names`, `output_names`,
-`input_dtypes` and `run(feed) -> {output name: array}`: ONNX Runtime, TensorRT, the exporters' PyTorch
-reference and onnx.reference all run through it, so parity, calibration and sampling are written once.
-"""
+"""The one ONNX Runtime session factory and runner. A runner (Polygraphy's idea) is anything with `name`,
+`providers` (what really executes), `input_names`, `output_names`, `input_dtypes` and `run(feed) -> {name: array}`:
+ONNX Runtime, TensorRT, the PyTorch reference and onnx.reference all run through it, so parity, calibration and
+sampling are written once."""
 from __future__ import annotations
 
 import os

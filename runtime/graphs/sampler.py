@@ -78,10 +78,8 @@ def _spans(n: int, max_batch: int | None) -> list[tuple[int, int]]:
 def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarray | None = None,
               temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
               max_batch: int | None = None) -> np.ndarray:
-    """Tokens [n, length]; the first prefix.shape[1] columns are copied from `prefix`.
-
-    Chunks of at most max_batch rows (a TensorRT engine's limit) run in lockstep with one draw per step for
-    all n rows, so the tokens do not depend on the chunking. The cache and tokens pass from step to step as is."""
+    """Tokens [n, length], the first prefix.shape[1] columns copied from `prefix`. Chunks of at most max_batch rows
+    (a TensorRT engine's limit) run in lockstep, one draw per step for all n rows: the chunking changes no token."""
     fixed = _prefix(prefix, n)
     known = fixed.shape[1]
     u = uniforms(seed, n, length - known, temperature)

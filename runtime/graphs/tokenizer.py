@@ -69,7 +69,6 @@ class TokenizerSpec:
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """Shape of one decoded image: (H, W) gray, (H, W, 3) rgb."""
         return (self.height, self.width) if self.channels == 1 else (self.height, self.width, 3)
 
     def to_dict(self) -> dict:
