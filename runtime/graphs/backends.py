@@ -1,8 +1,5 @@
 """Which runner executes a bundle's graphs, and why: a TensorRT engine when usable, else ONNX Runtime.
-
-`make_runners` says why it picked what it picked, so a silent CPU fallback never passes for
-a TensorRT run (the report names the requested, available and missing providers).
-"""
+The report says why, so a silent CPU fallback never passes for a TensorRT run."""
 from __future__ import annotations
 
 import os
@@ -14,10 +11,7 @@ from ..devices.errors import ProjectableEdgeError
 from .contract import GraphKind, check_io
 from .hardware import execution_report, tensorrt_version
 from ..bundle.manifest import Engine, EngineStatus, Graphs
-from .runners import OrtRunner
-from ..bundle.requirements import import_onnxruntime
-
-ort = import_onnxruntime()  # one clear error when onnxruntime cannot import (e.g. <1.19 with numpy 2)
+from .runners import OrtRunner, ort
 
 
 class Backend(StrEnum):
@@ -26,21 +20,11 @@ class Backend(StrEnum):
     TENSORRT = "tensorrt"
 
 
-def _major_minor(v: str) -> str:
-    return ".".join(str(v).split(".")[:2])
-
-
-def _rebuild(bundle_dir: Path) -> str:
-    """The command that rebuilds the engines (the script cds to its own folder, so it runs from anywhere)."""
-    return f"bash {bundle_dir.resolve() / 'build_engine.sh'}"
-
-
 def choose_engine(bundle_dir: Path, engine: Engine | None, variant: str, backend: Backend,
                   records: dict[str, dict[str, Any]] | None = None) -> tuple[Path | None, str]:
-    """(engine path to use or None, why). Never raises for a missing TensorRT: ORT is the fallback.
-
-    A device-built engine is described by its own record (written by build_engine.sh, hash-checked by
-    the loader): the TensorRT version that actually built it is the record's, not the profile's."""
+    """(engine path to use or None, why); ORT is the fallback. A device-built engine's record (hash-checked by the
+    loader) names the TensorRT that built it, not the profile. build_engine.sh runs from anywhere (it cds)."""
+    rebuild = f"bash {bundle_dir.resolve() / 'build_engine.sh'}"
     if backend is Backend.ONNXRUNTIME:
         return None, "onnxruntime backend requested"
     if engine is None:
@@ -50,26 +34,24 @@ def choose_engine(bundle_dir: Path, engine: Engine | None, variant: str, backend
     if engine.variant and engine.variant != variant:
         return None, (f"the TensorRT engine was built from variant '{engine.variant}', "
                       f"but variant '{variant}' was requested")
-    path = bundle_dir / engine.path if engine.path else None
-    if path is None or not path.is_file():
-        return None, (f"TensorRT engine not built yet ({engine.status}); build it on the device with "
-                      f"`{_rebuild(bundle_dir)}`")
+    if not engine.path or not (bundle_dir / engine.path).is_file():
+        return None, f"TensorRT engine not built yet ({engine.status}); build it on the device with `{rebuild}`"
     record = (records or {}).get(engine.path)
     if engine.status == EngineStatus.DEFERRED and record is None:
-        return None, f"the TensorRT engine has no build record; rebuild it with `{_rebuild(bundle_dir)}`"
+        return None, f"the TensorRT engine has no build record; rebuild it with `{rebuild}`"
     test = (record or {}).get("test_inference") or {}
     if record is not None and test.get("passed") is not True:
         return None, (f"the device build's test inference did not pass ({test.get('reason', 'not run')}); "
-                      f"rebuild with `{_rebuild(bundle_dir)}`")
+                      f"rebuild with `{rebuild}`")
     version, why = tensorrt_version()
     if version is None:
         return None, why
     built = record["tensorrt_version"] if record is not None else engine.tensorrt_version
-    if built and _major_minor(built) != _major_minor(version):
+    if built and str(built).split(".")[:2] != version.split(".")[:2]:
         return None, (f"the engine was built with TensorRT {built} but this device has {version}; engines "
-                      f"are locked to the TensorRT version — rebuild with `{_rebuild(bundle_dir)}`")
+                      f"are locked to the TensorRT version — rebuild with `{rebuild}`")
     origin = f"built on {record.get('device', 'the device')}" if record is not None else "built on the host"
-    return path, f"TensorRT {version} engine '{engine.path}' ({origin} with TensorRT {built})"
+    return bundle_dir / engine.path, f"TensorRT {version} engine '{engine.path}' ({origin} with TensorRT {built})"
 
 
 # where generate's ONNX Runtime compile step writes the selected variant's compiled decode graph
@@ -77,16 +59,13 @@ COMPILED_DECODE = "ort_decode/decode.optimized.onnx"
 
 
 def compiled_decode(bundle_dir: Path, engine: Engine | None, variant: str, providers) -> tuple[str | None, str]:
-    """(the compiled decode graph to run instead of the variant's own, or None; why).
-
-    For an ONNX Runtime target, generate compiles the selected variant's decode graph; an fp32 one is
-    rebuilt there with ONNX Runtime's contrib kernels (one Attention per layer, SkipLayerNormalization:
-    about half the kernels, the same I/O, tokens and bits), which is most of a CPU's decode speed."""
+    """(the compiled decode graph to run instead of the variant's own, or None; why). Compiled with ONNX Runtime's
+    contrib kernels it has about half the kernels and the same I/O, tokens and bits: most of a CPU's speed."""
     if engine is None or engine.status != EngineStatus.NOT_APPLICABLE or engine.variant != variant:
         return None, "no ONNX Runtime compile of this candidate in the bundle"
     if COMPILED_DECODE.rsplit("/", 1)[1] not in ((engine.ort or {}).get("decode") or {}):
         return None, "the bundle's ONNX Runtime compile has no decode graph"
-    if [p for p in providers if p != "CPUExecutionProvider"]:
+    if any(p != "CPUExecutionProvider" for p in providers):
         return None, "the compiled decode graph is for the CPU provider; other providers run the variant's own"
     if not (bundle_dir / COMPILED_DECODE).is_file():
         return None, f"'{COMPILED_DECODE}' is missing"
@@ -97,11 +76,16 @@ def make_runners(bundle_dir: Path, graphs: Graphs, variant: str, engine: Engine 
                  providers=None, backend: str = "auto", threads: int | None = None, records=None):
     """((score runner, decode runner or None), report dict) for one candidate's graphs."""
     backend = choose(Backend, backend, "backend")
-    requested = list(providers) if providers else list(profile.execution_providers)
+    requested = list(providers or profile.execution_providers)
     if threads is None:  # the profile's count is the device's; never more threads than this machine has cores
         threads = min(int(profile.threads), os.cpu_count() or 1) if profile.threads else 0
-    if int(threads) < 0:
+    threads = int(threads)
+    if threads < 0:
         raise ProjectableEdgeError(f"threads must be >= 0 (0 = onnxruntime default), got {threads}")
+
+    def ort_runner(rel: str) -> OrtRunner:
+        return OrtRunner(bundle_dir / rel, requested, threads, name=f"onnxruntime:{rel}")
+
     engine_path, reason = choose_engine(bundle_dir, engine, variant, backend, records)
     score = decode = None
     if engine_path is not None:
@@ -116,31 +100,28 @@ def make_runners(bundle_dir: Path, graphs: Graphs, variant: str, engine: Engine 
     if backend is Backend.TENSORRT and score is None:
         raise ProjectableEdgeError(f"TensorRT backend requested but unusable: {reason}")
     on_trt = score is not None
-    if score is None:
-        score = OrtRunner(bundle_dir / graphs.score, requested, int(threads), name=f"onnxruntime:{graphs.score}")
+    score = score or ort_runner(graphs.score)
     decode_graph = "TensorRT engine" if decode is not None else None
     if decode is None and graphs.decode:
-        rel, decode_graph = compiled_decode(bundle_dir, None if on_trt else engine, variant, requested)
+        rel, decode_graph = compiled_decode(bundle_dir, engine, variant, requested)
         if rel is not None:
             try:
-                decode = OrtRunner(bundle_dir / rel, requested, int(threads), name=f"onnxruntime:{rel}")
+                decode = ort_runner(rel)
                 check_io(decode, GraphKind.DECODE)
             except ProjectableEdgeError as e:  # e.g. an onnxruntime build without the contrib kernels
                 decode, decode_graph = None, f"the compiled decode graph '{rel}' does not run here ({e})"
-        if decode is None:
-            decode = OrtRunner(bundle_dir / graphs.decode, requested, int(threads), name=f"onnxruntime:{graphs.decode}")
-    check_io(score, GraphKind.SCORING, "score")
+        decode = decode or ort_runner(graphs.decode)
+    check_io(score, GraphKind.SCORING)
     if decode is not None:
         check_io(decode, GraphKind.DECODE)
     missing = sorted({p for r in (score, decode) if isinstance(r, OrtRunner) for p in r.missing_providers})
     used = {"score": list(score.providers), "decode": list(decode.providers) if decode is not None else []}
-    report = {
+    return (score, decode), {
         "backend": str(Backend.TENSORRT if on_trt else Backend.ONNXRUNTIME), "reason": reason,
         "score_runner": score.name, "decode_runner": decode.name if decode is not None else None,
         "decode_graph": decode_graph,
         "providers_requested": requested, "providers_available": list(ort.get_available_providers()),
         "providers_missing": missing, "providers": used["score"], "decode_providers": used["decode"],
-        "onnxruntime_version": ort.__version__, "threads": int(threads),
+        "onnxruntime_version": ort.__version__, "threads": threads,
         "execution": execution_report(ort.get_available_providers(), requested, used),
     }
-    return (score, decode), report

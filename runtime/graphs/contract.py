@@ -1,10 +1,5 @@
-"""The graph contract every layer shares: graph kinds, I/O names, the empty KV cache, scoring, one rollout.
-
-A bundle holds two graphs per variant: `scoring` (tokens [N, T] -> logits [N, T, V]) and
-`decode` (one step: token [N, 1] + past keys/values [L, N, H, P, hd] -> logits [N, V] +
-present [L, N, H, P+1, hd]). Export, parity, quantization, compilation, sampling and the
-runtime all speak it through a runner (`run(feed) -> {name: array}`), so it is written once.
-"""
+"""The graph contract every layer shares: `scoring` (tokens [N, T] -> logits [N, T, V]) and one `decode` step
+(token [N, 1] + past keys/values [L, N, H, P, hd] -> logits [N, V] + present [L, N, H, P+1, hd])."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,7 +34,6 @@ class GraphKind(StrEnum):
 
 
 def kind_of(input_names) -> GraphKind:
-    """The kind of a graph from its input names; anything else is an error."""
     names = set(input_names)
     for kind in GraphKind:
         if names == set(kind.inputs):
@@ -49,12 +43,12 @@ def kind_of(input_names) -> GraphKind:
                                "`projectable-edge export`")
 
 
-def check_io(runner, kind: GraphKind, what: str | None = None) -> None:
+def check_io(runner, kind: GraphKind) -> None:
     """A graph that does not speak the contract fails when it is opened, not mid-sampling."""
     missing = ([n for n in kind.inputs if n not in runner.input_names]
                + [n for n in kind.outputs if n not in runner.output_names])
     if missing:
-        raise ProjectableEdgeError(f"{what or kind.value} graph '{runner.name}' lacks tensor(s) {missing} (has "
+        raise ProjectableEdgeError(f"{kind.key} graph '{runner.name}' lacks tensor(s) {missing} (has "
                                    f"inputs {runner.input_names}, outputs {runner.output_names}); regenerate it")
 
 
@@ -90,12 +84,8 @@ def score_logits(runner, tokens: np.ndarray, chunk: int = 64) -> np.ndarray:
 
 def rollout(runner, layout: CacheLayout, tokens: np.ndarray,
             on_feed: Callable[[dict], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher-forced decode of tokens [N, T]: feed BOS, tokens[:, :-1] one step at a time.
-
-    Returns (logits [N, T, V], last present keys, last present values); `on_feed` sees every
-    step's feed (calibration collects them). Each step is one graph call: the cache goes from its
-    outputs to the next inputs as is, logits land in one preallocated array.
-    """
+    """Teacher-forced decode of tokens [N, T] (BOS, then tokens[:, :-1]): (logits [N, T, V], last present keys,
+    last present values). `on_feed` sees every step's feed (calibration collects them)."""
     n, t = tokens.shape
     dtype = cache_dtype(runner)
     fed = np.empty((t, n, 1), np.int64)  # step-major, so each step's token column is contiguous

@@ -1,8 +1,6 @@
-"""What this machine offers the runtime: execution providers, a visible GPU, TensorRT, emulation.
-
-PyPI's onnxruntime is CPU-only on a Jetson and a plain venv cannot see JetPack's `tensorrt`, so without
-this report a bundle silently runs on the CPU. Stdlib only; nothing heavy is imported.
-"""
+"""What this machine offers the runtime (providers, a visible GPU, TensorRT, emulation), stdlib only: PyPI's
+onnxruntime is CPU-only on a Jetson and a plain venv cannot see JetPack's `tensorrt`, so without this report a
+bundle silently runs on the CPU."""
 from __future__ import annotations
 
 import ctypes.util
@@ -41,7 +39,6 @@ def jetson_model() -> str | None:
 
 
 def gpu_visible() -> str | None:
-    """A short description of a visible NVIDIA GPU, or None."""
     if model := jetson_model():
         return model
     if os.path.exists("/dev/nvidia0"):
@@ -80,7 +77,6 @@ def gpu_hint(available, gpu: str | None) -> str | None:
 
 
 def execution_report(available, requested, used: dict[str, list[str]]) -> dict:
-    """{available, requested, used (per graph), missing, gpu_visible, tensorrt_importable, emulated, hint}."""
     available = [p for p in available if p not in NON_COMPUTE]
     gpu = gpu_visible()
     return {"available": available, "requested": list(requested), "used": used,

@@ -1,15 +1,11 @@
-"""One runner contract (Polygraphy's idea) and the one ONNX Runtime session factory.
-
-A runner is anything with `name`, `providers` (what really executes), `input_names`,
-`output_names`, `input_dtypes` and `run(feed) -> {output name: array}`. The runtime drives
-ONNX Runtime and TensorRT engines through it; the exporters drive a PyTorch reference and
-onnx.reference through it too, so parity, calibration and sampling are written once.
-"""
+"""The one ONNX Runtime session factory and runner. A runner (Polygraphy's idea) is anything with `name`,
+`providers` (what really executes), `input_names`, `output_names`, `input_dtypes` and `run(feed) -> {name: array}`:
+ONNX Runtime, TensorRT, the PyTorch reference and onnx.reference all run through it, so parity, calibration and
+sampling are written once."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -23,17 +19,6 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32, "tensor(double)": np.float64}
 
 
-@runtime_checkable
-class Runner(Protocol):
-    name: str
-    providers: list[str]
-    input_names: list[str]
-    output_names: list[str]
-    input_dtypes: dict[str, np.dtype]
-
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
 class OptLevel(StrEnum):
     """ONNX Runtime graph optimization levels."""
 
@@ -44,30 +29,16 @@ class OptLevel(StrEnum):
 
     @property
     def ort(self) -> "ort.GraphOptimizationLevel":
-        return getattr(ort.GraphOptimizationLevel, {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-                                                   "extended": "ORT_ENABLE_EXTENDED",
-                                                   "all": "ORT_ENABLE_ALL"}[self.value])
-
-
-def resolve_providers(requested) -> tuple[list[str], list[str]]:
-    """(usable providers in the requested order, requested-but-missing); CPU is always last resort."""
-    available = ort.get_available_providers()
-    requested = list(requested or ["CPUExecutionProvider"])
-    chosen = [p for p in requested if p in available]
-    missing = [p for p in requested if p not in available]
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen, missing
+        name = "ORT_DISABLE_ALL" if self is OptLevel.DISABLE else f"ORT_ENABLE_{self.name}"
+        return getattr(ort.GraphOptimizationLevel, name)
 
 
 def ort_session(src, *, providers=None, threads: int = 0, optimization: str = "all",
                 save_optimized: str | os.PathLike | None = None, ort_format: bool = False):
     """An onnxruntime.InferenceSession; every session in the project is opened here.
 
-    threads: intra-op threads (0 = ONNX Runtime's default). Idle threads sleep instead of
-    spinning, so they do not starve other processes on small shared CPUs. save_optimized:
-    also write the optimized graph there (`ort_format`: as a .ort flatbuffer).
-    """
+    Idle threads sleep instead of spinning, so they do not starve other processes on small shared CPUs.
+    save_optimized: also write the optimized graph there (`ort_format`: as a .ort flatbuffer)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only; reports say which providers ran
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -79,31 +50,34 @@ def ort_session(src, *, providers=None, threads: int = 0, optimization: str = "a
         so.optimized_model_filepath = str(save_optimized)
         if ort_format:
             so.add_session_config_entry("session.save_model_format", "ORT")
-    what = str(src) if isinstance(src, (str, os.PathLike)) else "<in-memory model>"
+    is_path = isinstance(src, (str, os.PathLike))
     try:
-        return ort.InferenceSession(what if isinstance(src, (str, os.PathLike)) else src, sess_options=so,
+        return ort.InferenceSession(str(src) if is_path else src, sess_options=so,
                                     providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:  # ORT raises its own pybind types (InvalidGraph, Fail, ...)
-        raise ProjectableEdgeError(f"onnxruntime cannot load graph '{what}': {e}; the file may be corrupt, "
-                                   "need a newer onnxruntime, or use a precision this build lacks - "
-                                   "export it again") from None
+        raise ProjectableEdgeError(f"onnxruntime cannot load graph '{src if is_path else '<in-memory model>'}': "
+                                   f"{e}; the file may be corrupt, need a newer onnxruntime, or use a precision "
+                                   "this build lacks - export it again") from None
 
 
 class OrtRunner:
     """One onnxruntime session behind the runner contract; `providers` is what it really uses."""
 
-    def __init__(self, path: str | Path, providers=None, threads: int = 0, name: str | None = None,
-                 optimization: str = "all"):
+    def __init__(self, path: str | Path, providers=None, threads: int = 0, name: str | None = None):
         self.path = Path(path)
         self.name = name or f"onnxruntime:{self.path.name}"
-        chosen, self.missing_providers = resolve_providers(providers)
-        self.session = ort_session(self.path, providers=chosen, threads=threads, optimization=optimization)
+        available = ort.get_available_providers()
+        requested = list(providers or ["CPUExecutionProvider"])
+        self.missing_providers = [p for p in requested if p not in available]
+        chosen = [p for p in requested if p in available]  # CPU is always the last resort
+        if "CPUExecutionProvider" not in chosen:
+            chosen.append("CPUExecutionProvider")
+        self.session = ort_session(self.path, providers=chosen, threads=threads)
         self.providers = list(self.session.get_providers())
         inputs = self.session.get_inputs()
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_dtypes = {i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in inputs}
-        self.input_shapes = {i.name: list(i.shape) for i in inputs}
         # A CPU-only session with a complete feed calls onnxruntime's C++ session directly: the Python
         # wrapper's run only re-checks the feed's names (C++ checks them too) and retries a failed GPU
         # provider on the CPU, about 1 µs a call, a few % of a decode step. Anything else takes the wrapper.

@@ -1,11 +1,6 @@
-"""Autoregressive sampling in numpy.
-
-`sample_kv` drives the single-step decode graph with a KV cache (one step per token);
-`sample_recompute` re-runs the full scoring graph each step (O(T^2)) and is the fallback
-for bundles without a decode graph. Both draw from one numpy Generator in the same order,
-so a seed gives the same images on every backend that computes the same logits. This is the
-project's one sampler: the exporters' KV-cache-vs-recompute checks and the benchmarks use it too.
-"""
+"""The project's one autoregressive sampler, in numpy: `sample_kv` (decode graph, KV cache) or `sample_recompute`
+(scoring graph re-run each step, for bundles without a decode graph). Both draw from one numpy Generator in the
+same order, so a seed gives the same images on every backend that computes the same logits."""
 from __future__ import annotations
 
 import math
@@ -32,8 +27,7 @@ def check_args(n: int, temperature: float, top_k: int | None, vocab: int, seed=0
         raise ProjectableEdgeError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise ProjectableEdgeError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                              or not 1 <= top_k <= vocab):
+    if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= vocab):
         raise ProjectableEdgeError(f"top_k must be None or an integer in 1..{vocab}, got {top_k!r}")
 
 
@@ -52,11 +46,16 @@ def choose(logits: np.ndarray, u: np.ndarray | None, temperature: float, top_k: 
     the float64 CDF at the uniforms u [n]: the first id whose CDF exceeds u * total (the last id if none)."""
     if temperature == 0:
         return logits.argmax(axis=-1)
-    if len(logits) == 1 and (top_k is None or top_k >= logits.shape[-1]):
-        return np.array([_invert_one(logits[0], u[0], temperature)])
     z = logits.astype(np.float64)
     if temperature != 1:
         z /= temperature
+    if len(z) == 1 and (top_k is None or top_k >= z.shape[-1]):  # one row: the same float64 operations, fewer calls
+        z = z[0]
+        np.subtract(z, _max(z), out=z)
+        np.exp(z, out=z)
+        _cumsum(z, out=z)
+        # searchsorted (right): the CDF's first entry above u * total; a NaN CDF (NaN sorts last) gives the last id
+        return np.array([min(int(z.searchsorted(u[0] * z[-1], "right")), len(z) - 1)])
     if top_k is not None and top_k < z.shape[-1]:
         z[z < np.partition(z, -top_k, axis=-1)[:, -top_k, None]] = -np.inf
     np.subtract(z, _max(z, axis=-1, keepdims=True), out=z)
@@ -65,19 +64,6 @@ def choose(logits: np.ndarray, u: np.ndarray | None, temperature: float, top_k: 
     above = z > np.multiply(u, z[:, -1])[:, None]
     above[:, -1] = True
     return above.argmax(axis=-1)
-
-
-def _invert_one(logits: np.ndarray, u, temperature: float) -> int:
-    """choose() for one row [V] without top-k in fewer numpy calls (a sampled token's Python cost): the same
-    float64 operations; searchsorted (right) on the non-decreasing CDF is its first entry above u * total,
-    and a NaN CDF (NaN sorts last) gives the last id, as in choose()."""
-    z = logits.astype(np.float64)
-    if temperature != 1:
-        z /= temperature
-    np.subtract(z, _max(z), out=z)
-    np.exp(z, out=z)
-    _cumsum(z, out=z)
-    return min(int(z.searchsorted(u * z[-1], "right")), len(z) - 1)
 
 
 def _prefix(prefix: np.ndarray | None, n: int) -> np.ndarray:
@@ -92,12 +78,8 @@ def _spans(n: int, max_batch: int | None) -> list[tuple[int, int]]:
 def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarray | None = None,
               temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
               max_batch: int | None = None) -> np.ndarray:
-    """Tokens [n, length]; the first prefix.shape[1] columns are copied from `prefix`.
-
-    Rows run in chunks of at most max_batch (a TensorRT engine's batch limit) in lockstep, one draw
-    per step for all n rows, so the tokens do not depend on the chunking. A step is one graph call
-    per chunk and a few numpy operations on [n, V]: the cache goes from one call's outputs to the
-    next call's inputs as is, tokens are written in place (and are the next step's token feed)."""
+    """Tokens [n, length], the first prefix.shape[1] columns copied from `prefix`. Chunks of at most max_batch rows
+    (a TensorRT engine's limit) run in lockstep, one draw per step for all n rows: the chunking changes no token."""
     fixed = _prefix(prefix, n)
     known = fixed.shape[1]
     u = uniforms(seed, n, length - known, temperature)
@@ -135,21 +117,21 @@ def sample_recompute(runner, n: int, length: int, prefix: np.ndarray | None = No
     """Same contract as sample_kv, via the scoring graph on the prefix so far (logits[:, i] depends on
     tokens[:, :i] only, so position i's own value is a placeholder)."""
     fixed = _prefix(prefix, n)
-    u = uniforms(seed, n, length - fixed.shape[1], temperature)
+    known = fixed.shape[1]
+    u = uniforms(seed, n, length - known, temperature)
     out = np.zeros((n, length), np.int64)
-    out[:, :fixed.shape[1]] = fixed
-    for i in range(fixed.shape[1], length):
+    out[:, :known] = fixed
+    for i in range(known, length):
         logits = np.concatenate([runner.run({"tokens": np.ascontiguousarray(out[a:b, :i + 1])})["logits"][:, i]
                                  for a, b in _spans(n, max_batch)])
-        out[:, i] = choose(logits, None if u is None else u[i - fixed.shape[1]], temperature, top_k)
+        out[:, i] = choose(logits, None if u is None else u[i - known], temperature, top_k)
     return out
 
 
 def sample(runner, layout: CacheLayout | None, n: int, length: int, prefix: np.ndarray | None = None,
            temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
            max_batch: int | None = None) -> np.ndarray:
-    """Sample through whichever graph `runner` holds: KV-cache decode, else scoring recompute; batches
-    above max_batch (a TensorRT engine's limit) are split."""
+    """Sample through whichever graph `runner` holds: KV-cache decode, else scoring recompute."""
     if kind_of(runner.input_names) is GraphKind.DECODE:
         return sample_kv(runner, layout, n, length, prefix, temperature, top_k, seed, max_batch)
     return sample_recompute(runner, n, length, prefix, temperature, top_k, seed, max_batch)

@@ -1,8 +1,5 @@
-"""Bits per dimension from the scoring graph, in numpy.
-
-Computed in float64 from whatever the graph emits (fp32 or fp16 logits), so the metric
-itself adds no quantization error on top of the variant being measured.
-"""
+"""Bits per dimension from the scoring graph, in numpy: float64 from whatever the graph emits (fp32 or fp16
+logits), so the metric adds no quantization error of its own to the variant being measured."""
 from __future__ import annotations
 
 import math

@@ -1,8 +1,6 @@
-"""Images <-> pixel-token sequences, in numpy only: the device (no torch) quantizes and decodes exactly as
-training did. Tokens are raster order (row, column), channels interleaved per pixel; level =
-round(x / 255 * (levels - 1)), in integer arithmetic (half up) so every platform gets the same tokens.
-"""
-
+"""Images <-> pixel-token sequences in numpy, so the device (no torch) quantizes exactly as training did.
+Tokens are raster order, channels interleaved per pixel; level = round(x / 255 * (levels - 1)) half up, in integer
+arithmetic so every platform gets the same tokens."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -17,10 +15,8 @@ from ..devices.errors import ProjectableEdgeError
 def validate_tokens(tokens, vocab_size: int, *, length: int | None = None, max_length: int | None = None,
                     allow_1d: bool = False, allow_empty: bool = True, what: str = "tokens",
                     hint: str = "") -> np.ndarray:
-    """The one token validator: integer ids in 0..vocab_size-1, shaped [N, T] (or [T]); returns int64.
-
-    length: T must equal it; max_length: T must not exceed it; allow_empty: N == 0 / T == 0 are fine.
-    """
+    """The one token validator: integer ids in 0..vocab_size-1, shaped [N, T] (or [T] with allow_1d), T equal to
+    `length` / at most `max_length`; returns int64."""
     t = np.asarray(tokens)
     want = f"[{length}] or [N, {length}]" if allow_1d and length else f"[N, {length or 'T'}]"
     if t.ndim not in ((1, 2) if allow_1d else (2,)) or (length is not None and t.shape[-1] != length):
@@ -53,17 +49,15 @@ class TokenizerSpec:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise ProjectableEdgeError(
-                    f"tokenizer spec field '{f.name}' must be an integer, got {v!r} ({type(v).__name__})")
+                raise ProjectableEdgeError(f"tokenizer spec field '{f.name}' must be an integer, got {v!r} "
+                                           f"({type(v).__name__})")
         if self.height < 1 or self.width < 1:
-            raise ProjectableEdgeError(
-                f"tokenizer spec 'height'/'width' must be >= 1, got {self.height}x{self.width}")
+            raise ProjectableEdgeError(f"tokenizer spec 'height'/'width' must be >= 1, got {self.height}x{self.width}")
         if self.channels not in (1, 3):
-            raise ProjectableEdgeError(
-                f"tokenizer spec field 'channels' must be 1 (gray) or 3 (rgb), got {self.channels}")
+            raise ProjectableEdgeError(f"tokenizer spec field 'channels' must be 1 (gray) or 3 (rgb), "
+                                       f"got {self.channels}")
         if not 2 <= self.levels <= 256:
-            raise ProjectableEdgeError(
-                f"tokenizer spec field 'levels' must be in 2..256, got {self.levels}")
+            raise ProjectableEdgeError(f"tokenizer spec field 'levels' must be in 2..256, got {self.levels}")
 
     @property
     def seq_len(self) -> int:
@@ -75,7 +69,6 @@ class TokenizerSpec:
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """Shape of one decoded image: (H, W) gray, (H, W, 3) rgb."""
         return (self.height, self.width) if self.channels == 1 else (self.height, self.width, 3)
 
     def to_dict(self) -> dict:
@@ -89,11 +82,9 @@ class TokenizerSpec:
         missing = [n for n in names if n not in d]
         unknown = sorted(set(d) - set(names))
         if missing:
-            raise ProjectableEdgeError(
-                f"tokenizer spec is missing field(s) {missing}; it needs {names}")
+            raise ProjectableEdgeError(f"tokenizer spec is missing field(s) {missing}; it needs {names}")
         if unknown:
-            raise ProjectableEdgeError(
-                f"tokenizer spec has unknown field(s) {unknown}; valid fields are {names}")
+            raise ProjectableEdgeError(f"tokenizer spec has unknown field(s) {unknown}; valid fields are {names}")
         return cls(**{n: d[n] for n in names})
 
     def encode(self, images) -> np.ndarray:
@@ -107,7 +98,7 @@ class TokenizerSpec:
                     + "; convert with np.clip(x, 0, 255).astype(np.uint8)")
         if self.channels == 1 and x.ndim == 4 and x.shape[-1] == 1:
             x = x[..., 0]
-        want = (self.height, self.width) if self.channels == 1 else (self.height, self.width, self.channels)
+        want = self.image_shape
         if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
             raise ProjectableEdgeError(
                 f"images have shape {tuple(x.shape)}, expected [N, {', '.join(map(str, want))}] "
@@ -128,8 +119,7 @@ class TokenizerSpec:
         return v.astype(np.uint8).reshape(t.shape[:-1] + self.image_shape)
 
     def load_images(self, paths: Iterable[str | Path]) -> np.ndarray:
-        """Read image files into uint8 [N,H,W(,3)] at this spec's size and colour mode (Pillow: imported here,
-        so a device that only scores tokens never needs it)."""
+        """Image files -> uint8 [N,H,W(,3)] at this spec's size and mode (Pillow imported here: scoring needs none)."""
         from PIL import Image
 
         paths = [Path(p) for p in paths]
