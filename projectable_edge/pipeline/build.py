@@ -16,7 +16,6 @@ import projectable_edge.exporters.quantize as quantize_mod
 from projectable_edge.exporters.compile import compile_for_target
 from projectable_edge.exporters.onnx_export import REPORT_FILE, ExportSettings, export_onnx
 from projectable_edge.exporters.onnx_io import tokens_sha256
-from projectable_edge.exporters.quantize import QuantizeSettings
 from projectable_edge.pipeline import estimate
 from projectable_edge.pipeline.cache import StepCache, content_key
 from projectable_edge.pipeline.inputs import Size, TaskInputs
@@ -26,9 +25,6 @@ from projectable_edge_runtime.devices.profiles import DeviceProfile
 from projectable_edge_runtime.graphs.contract import GraphKind
 from projectable_edge_runtime.bundle.manifest import (ENGINE_RECORD_SUFFIX, Accuracy, Candidate, Engine, EngineStatus,
                                                       Graphs, ModelFacts)
-
-LADDER_FOLDER = "ladder"
-
 
 def tool_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
@@ -53,7 +49,7 @@ def export_step(size: Size, inputs: TaskInputs, dest: Path, cache: StepCache, lo
 
 def quantize_step(variant: str, size: Size, inputs: TaskInputs, dest: Path, cache: StepCache, log) -> dict:
     """Both graphs of one registry variant, each accepted or not against its budget: their reports by kind."""
-    settings = QuantizeSettings(precision=variant, on_budget_fail="report")
+    settings = quantize_mod.QuantizeSettings(precision=variant, on_budget_fail="report")
 
     def build() -> dict:
         log(f"quantizing to {variant} and checking it on the validation split")
@@ -75,7 +71,7 @@ def quantize_step(variant: str, size: Size, inputs: TaskInputs, dest: Path, cach
 def build_size(plan, size: Size, inputs: TaskInputs, root: Path, cache: StepCache, log):
     """One size built (its export, every planned variant, its goldens: test-split tokens + PyTorch bits):
     its candidates, not yet measured, preferred first; the export's result; the quantization reports."""
-    prefix = "" if size.main else f"{LADDER_FOLDER}/{size.name}/"
+    prefix = "" if size.main else f"ladder/{size.name}/"
     (root / prefix).mkdir(parents=True, exist_ok=True)
     export = export_step(size, inputs, root / prefix, cache, log)
     quantized = {v: quantize_step(v, size, inputs, root / prefix, cache, log) for v in plan.built if v != "fp32"}

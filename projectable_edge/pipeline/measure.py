@@ -59,9 +59,8 @@ def unbuildable(plan: Plan, root, cands: dict[str, Candidate]) -> dict[str, str]
 
 def select(plan: Plan, cands: dict[str, Candidate], on_target: bool,
            unbuildable: dict[str, str] | None = None) -> tuple[str, Selection]:
-    """The first main-size variant in the target's preference order that met its accuracy budget, validated
-    against the PyTorch reference here, the target can build and, where this host is the target, is not
-    slower than fp32; else fp32."""
+    """The first main-size variant in the target's order that met its accuracy budget, validated here, the target
+    can build and, where this host is the target, is not slower than fp32; else fp32."""
     unbuildable = unbuildable or {}
     main = {c.variant: (n, c) for n, c in cands.items() if c.main}
     fp32_name, fp32 = main[variants.FP32.name]

@@ -4,6 +4,8 @@ SOURCE_DATE_EPOCH fixed so the same sources give the same bytes), and the manife
 from __future__ import annotations
 
 import hashlib
+import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -13,8 +15,6 @@ from pathlib import Path
 
 import onnx
 
-import projectable_edge_runtime
-import projectable_edge_runtime.devices
 from projectable_edge import __version__
 from projectable_edge.pipeline.cache import StepCache, content_key
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
@@ -24,6 +24,7 @@ from projectable_edge_runtime.commands.serve import SERVE_REQUIRES
 
 DIST = "projectable-edge-runtime"
 WHEEL = f"runtime/{DIST.replace('-', '_')}-{__version__}-py3-none-any.whl"  # its path in the bundle
+PACKAGES = tuple(f"projectable_edge_runtime{sub}" for sub in ("", ".bundle", ".graphs", ".commands", ".devices"))
 
 _PYPROJECT = """\
 [build-system]
@@ -46,17 +47,14 @@ serve = ["{serve}"]
 projectable-edge-runtime = "projectable_edge_runtime.__main__:main"
 
 [tool.setuptools]
-packages = ["projectable_edge_runtime", "projectable_edge_runtime.bundle", "projectable_edge_runtime.graphs",
-            "projectable_edge_runtime.commands", "projectable_edge_runtime.devices"]
+packages = {packages}
 """
+
 
 def _sources() -> dict[str, Path]:
     """{path inside the wheel's source tree: file} for the installed runtime's modules (never caches or TOML)."""
-    root = Path(projectable_edge_runtime.__file__).resolve().parent
-    folders = {"": root, **{f"{s}/": root / s for s in ("bundle", "graphs", "commands")},
-               "devices/": Path(projectable_edge_runtime.devices.__file__).resolve().parent}
-    return {f"projectable_edge_runtime/{sub}{f.name}": f for sub, folder in folders.items()
-            for f in sorted(folder.glob("*.py"))}
+    return {f"{pkg.replace('.', '/')}/{f.name}": f for pkg in PACKAGES
+            for f in sorted(Path(importlib.import_module(pkg).__file__).resolve().parent.glob("*.py"))}
 
 
 def _build(sources: dict[str, Path], bundle: Path, log) -> dict:
@@ -69,7 +67,7 @@ def _build(sources: dict[str, Path], bundle: Path, log) -> dict:
             os.chmod(dst, 0o644)
         (proj / "pyproject.toml").write_text(_PYPROJECT.format(
             dist=DIST, version=__version__, python=MIN_PYTHON, numpy=MIN_NUMPY, ort=MIN_ONNXRUNTIME,
-            serve=SERVE_REQUIRES))
+            serve=SERVE_REQUIRES, packages=json.dumps(PACKAGES)))
         env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                "-q", "-w", str(dist), str(proj)]
