@@ -1,9 +1,9 @@
 """`generate`: project -> export -> parity -> quantize -> measure -> select -> compile (or defer) -> bundle, in
 one pass (run.py); every candidate is measured through the protocol `tune` uses on the device."""
 
-from projectable_edge.pipeline.plan import GenerateSettings, plan_variants, precision_choices
+from projectable_edge.pipeline.plan import GenerateSettings, precision_choices
 
-__all__ = ["GenerateSettings", "generate", "plan_variants", "precision_choices"]
+__all__ = ["GenerateSettings", "generate", "precision_choices"]
 
 
 def __getattr__(name):

@@ -1,7 +1,5 @@
-"""A host-side ESTIMATE of device latency: roofline max(FLOPs / peak ops, bytes / bandwidth) per image,
-calibrated by k = median over candidates of (measured host p50 / host roofline), i.e. assuming the device
-reaches the host's fraction of its peak. Its `error_ratio` is out of sample (each candidate against the
-others' k), so it says how far to trust it; `tune` on the device replaces it with a measurement."""
+"""A host-side ESTIMATE of device latency from a profile's published peaks (the method: `estimate()`'s
+"method"); its out-of-sample `error_ratio` says how far to trust it, `tune` on the device measures instead."""
 
 from __future__ import annotations
 

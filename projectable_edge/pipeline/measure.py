@@ -10,7 +10,7 @@ from projectable_edge.pipeline import estimate as est
 from projectable_edge.pipeline.plan import AUTO, Plan
 from projectable_edge_runtime.commands import tune
 from projectable_edge_runtime.devices import variants
-from projectable_edge_runtime.devices.choices import CompileBackend, host_arch
+from projectable_edge_runtime.devices.choices import CompileBackend
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.bundle.manifest import Candidate, HostLatency, Ladder, Selection, to_json
 
@@ -35,11 +35,6 @@ def measure(bundle, plan: Plan, tokenizer: dict, drafts: dict[str, Candidate], l
         lat = HostLatency(r["p50_ms"], r["p99_ms"], r["peak_rss_mb"], results)
         cands[n] = replace(c, accuracy=acc, latency_host=lat)
     return cands, raw
-
-
-def host_is_target(plan: Plan) -> bool:
-    """This host's timings speak for the target only when it runs ONNX Runtime on this architecture."""
-    return plan.profile.compile_backend == CompileBackend.ONNXRUNTIME and plan.profile.arch == host_arch()
 
 
 def unbuildable(plan: Plan, root, cands: dict[str, Candidate]) -> dict[str, str]:

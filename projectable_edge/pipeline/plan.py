@@ -56,8 +56,13 @@ class Plan:
         return tuple(dict.fromkeys((*self.variants, variants.FP32.name)))
 
 
-def plan_variants(profile: DeviceProfile, precision: str) -> list[str]:
-    """Which graph variants to build, in the order they are preferred for this target."""
+def make_plan(settings: GenerateSettings) -> Plan:
+    """Which variants to build, preferred first; fails on a bad target, precision or signing key before any read."""
+    profile, precision = load_profile(settings.target), settings.precision
+    if settings.sign_key is not None:
+        from projectable_edge_runtime.bundle.signing import load_private_key
+
+        load_private_key(settings.sign_key)
     if precision not in precision_choices():
         raise ProjectableEdgeError(f"unknown precision '{precision}': choose one of {', '.join(precision_choices())}")
     names = [variants.get(p).name for p in (profile.precisions if precision == AUTO else (precision,))]
@@ -65,14 +70,4 @@ def plan_variants(profile: DeviceProfile, precision: str) -> list[str]:
     if profile.compile_backend == CompileBackend.TENSORRT and unbuildable:
         raise ProjectableEdgeError(f"TensorRT cannot build {', '.join(unbuildable)} for {profile.name}; "
                                    "pick another precision")
-    return names
-
-
-def make_plan(settings: GenerateSettings) -> Plan:
-    """Fails on a bad target, precision or signing key before anything is read."""
-    profile = load_profile(settings.target)
-    if settings.sign_key is not None:
-        from projectable_edge_runtime.bundle.signing import load_private_key
-
-        load_private_key(settings.sign_key)
-    return Plan(settings, profile, tuple(plan_variants(profile, settings.precision)))
+    return Plan(settings, profile, tuple(names))

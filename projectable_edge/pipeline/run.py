@@ -15,7 +15,7 @@ from projectable_edge.pipeline.report import write_report
 from projectable_edge.pipeline.wheel import graph_requires, write_runtime_wheel
 from projectable_edge_runtime.bundle.manifest import (SCHEMA_VERSION, Engine, EngineStatus, Exercised, Manifest, Task,
                                                       staged_bundle, write_manifest)
-from projectable_edge_runtime.devices.choices import host_arch
+from projectable_edge_runtime.devices.choices import CompileBackend, host_arch
 from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 
@@ -58,7 +58,9 @@ def generate(settings: GenerateSettings, log=print) -> tuple[Path, Manifest]:
         requires = graph_requires(tmp, [p for c in drafts.values() for p in (c.graphs.score, c.graphs.decode)])
         wheel = write_runtime_wheel(tmp, cache, log)
         cands, raw = meas.measure(tmp, plan, inputs.meta["tokenizer"], drafts, log)
-        selected, selection = meas.select(plan, cands, meas.host_is_target(plan), meas.unbuildable(plan, tmp, cands))
+        # this host's timings speak for the target only when it runs ONNX Runtime on this architecture
+        on_target = plan.profile.compile_backend == CompileBackend.ONNXRUNTIME and plan.profile.arch == host_arch()
+        selected, selection = meas.select(plan, cands, on_target, meas.unbuildable(plan, tmp, cands))
         engine, summaries = compile_step(plan.profile, tmp, cands[selected].graphs, cands[selected].variant, log)
         cands, ladder = meas.ladder(plan, cands, raw) if s.ladder else (cands, None)
         _, export, quantized = builds[0]

@@ -59,7 +59,7 @@ def _sources() -> dict[str, Path]:
 
 def _build(sources: dict[str, Path], bundle: Path, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="pe-wheel-") as tmp:
-        proj, dist = Path(tmp, "project"), Path(tmp, "dist")
+        proj = Path(tmp)
         for rel, f in sources.items():
             dst = proj / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -70,15 +70,12 @@ def _build(sources: dict[str, Path], bundle: Path, log) -> dict:
             serve=SERVE_REQUIRES, packages=json.dumps(PACKAGES)))
         env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-               "-q", "-w", str(dist), str(proj)]
+               "-q", "-w", str((bundle / WHEEL).parent), str(proj)]
         log(f"building the runtime wheel {Path(WHEEL).name} (pip wheel)")
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
-        wheels = list(dist.glob("*.whl"))
-        if res.returncode != 0 or len(wheels) != 1:
+        if res.returncode != 0 or not (bundle / WHEEL).is_file():
             raise ProjectableEdgeError("building the runtime wheel failed (needs pip and setuptools>=68 in this "
                                        f"environment): {(res.stderr or res.stdout).strip()[-800:]}")
-        (bundle / WHEEL).parent.mkdir(exist_ok=True)
-        shutil.copyfile(wheels[0], bundle / WHEEL)
     return {"files": [WHEEL]}
 
 
