@@ -1,16 +1,10 @@
-"""The build passes of `generate`, each returning a typed result: export, quantize, compile (and goldens).
-
-Export and quantization are cached by content, so a second target for the same task reuses them. Every
-decision here (export parity, fp16 keep-ops, INT8 acceptance) uses the task's validation split; the test
-split is only shipped as goldens and measured as the accuracy rows.
-"""
+"""The build passes of `generate`: export and quantize (cached by content), compile, goldens. Every decision
+here (export parity, fp16 keep-ops, INT8 acceptance) uses the validation split; the test split only ships."""
 
 from __future__ import annotations
 
 import os
 import platform
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,111 +16,79 @@ import projectable_edge.exporters.quantize as quantize_mod
 from projectable_edge.exporters.compile import compile_for_target
 from projectable_edge.exporters.onnx_export import REPORT_FILE, ExportSettings, export_onnx
 from projectable_edge.exporters.onnx_io import tokens_sha256
-from projectable_edge.exporters.quantize import QuantizeSettings
+from projectable_edge.pipeline import estimate
 from projectable_edge.pipeline.cache import StepCache, content_key
 from projectable_edge.pipeline.inputs import Size, TaskInputs
+from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.devices.choices import CompileBackend
 from projectable_edge_runtime.devices.profiles import DeviceProfile
 from projectable_edge_runtime.graphs.contract import GraphKind
-from projectable_edge_runtime.bundle.manifest import ENGINE_RECORD_SUFFIX, Engine, EngineStatus, Graphs
-
-LADDER_FOLDER = "ladder"
-
+from projectable_edge_runtime.bundle.manifest import (ENGINE_RECORD_SUFFIX, Accuracy, Candidate, Engine, EngineStatus,
+                                                      Graphs, ModelFacts)
 
 def tool_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version(), "host": platform.machine()}
 
 
-@dataclass(frozen=True)
-class Export:
-    graphs: Graphs  # paths in the bundle
-    io: dict[str, dict]  # graph kind -> its ExportSpec dict
-    parity: dict[str, dict]  # graph kind -> {ok, bits_per_dim, lines} against PyTorch (validation split)
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Quantized:
-    graphs: Graphs
-    within_budget: bool  # both graphs within the variant's budget vs fp32 on the validation split
-    report: dict  # graph kind -> {line, calibration_sha256, bits_per_dim, float_layers}
-    seconds: float
-
-
-@dataclass(frozen=True)
-class SizeBuild:
-    size: Size
-    prefix: str  # "" for the main size, "ladder/SIZE/" otherwise
-    export: Export
-    quantized: dict[str, Quantized]
-
-    @property
-    def goldens(self) -> str:
-        return f"{self.prefix}goldens.npz"
-
-    def graphs(self, variant: str) -> Graphs:
-        return self.quantized[variant].graphs if variant in self.quantized else self.export.graphs
-
-
-def export_step(size: Size, inputs: TaskInputs, root: Path, prefix: str, cache: StepCache, log) -> Export:
-    """fp32 scoring + decode graphs, parity-checked against the projected model on the validation split."""
+def export_step(size: Size, inputs: TaskInputs, dest: Path, cache: StepCache, log) -> dict:
+    """fp32 scoring + decode graphs in dest/fp32, parity-checked against the projected model."""
     settings = ExportSettings()
+
+    def build() -> dict:
+        log("exporting to ONNX (scoring + KV-cache decode) and checking parity")
+        graphs = export_onnx(size.model, settings, dest / "fp32", heldout=inputs.validation, log=log)[1]["graphs"]
+        return {"files": [f"fp32/{e['file']}" for e in graphs.values()] + [f"fp32/{REPORT_FILE}"],
+                "io": {g: e["spec"] for g, e in graphs.items()},
+                "parity": {g: {k: e["parity"][k] for k in ("ok", "bits_per_dim", "lines")} for g, e in graphs.items()}}
+
     key = content_key(step="export", model=size.model_sha256, tokens=tokens_sha256(inputs.validation),
                       settings=settings.to_dict(), tools=tool_versions())
-    result = cache.fetch("export", key, root / prefix)
-    if result is None:
-        log("exporting to ONNX (scoring + KV-cache decode) and checking parity")
-        start = time.perf_counter()
-        _, report = export_onnx(size.model, settings, root / prefix / "fp32", heldout=inputs.validation, log=log)
-        graphs = report["graphs"]
-        result = {"files": [f"fp32/{e['file']}" for e in graphs.values()] + [f"fp32/{REPORT_FILE}"],
-                  "io": {g: e["spec"] for g, e in graphs.items()},
-                  "parity": {g: {k: e["parity"][k] for k in ("ok", "bits_per_dim", "lines")} for g, e in graphs.items()},
-                  "seconds": time.perf_counter() - start}
-        cache.store("export", key, root / prefix, result)
-    else:
-        log(f"export: reused the cached fp32 graphs (saved {result['seconds']:.1f}s)")
-    graphs = Graphs(f"{prefix}fp32/{GraphKind.SCORING.file_name}", f"{prefix}fp32/{GraphKind.DECODE.file_name}")
-    return Export(graphs, result["io"], result["parity"], result["seconds"])
+    return cache.run("export", key, dest, build, log, "export: reused the cached fp32 graphs")
 
 
-def quantize_step(variant: str, size: Size, export: Export, inputs: TaskInputs, root: Path, prefix: str,
-                  cache: StepCache, log) -> Quantized:
-    """Both graphs of one registry variant, each accepted or not against its budget on the validation split."""
-    settings = QuantizeSettings(precision=variant, on_budget_fail="report")
-    key = content_key(step="quantize", model=size.model_sha256, tokens=tokens_sha256(inputs.validation),
-                      calibration=tokens_sha256(inputs.calibration), settings=settings.to_dict(), tools=tool_versions())
-    result = cache.fetch(f"quantize-{variant}", key, root / prefix)
-    if result is None:
+def quantize_step(variant: str, size: Size, inputs: TaskInputs, dest: Path, cache: StepCache, log) -> dict:
+    """Both graphs of one registry variant, each accepted or not against its budget: their reports by kind."""
+    settings = quantize_mod.QuantizeSettings(precision=variant, on_budget_fail="report")
+
+    def build() -> dict:
         log(f"quantizing to {variant} and checking it on the validation split")
-        start, reports = time.perf_counter(), {}
+        reports = {}
         for kind in GraphKind:
-            _, rep = quantize_mod.quantize(root / getattr(export.graphs, kind.key), settings,
-                                           root / prefix / variant / kind.file_name, calibration=inputs.calibration,
-                                           heldout=inputs.validation, model=size.model)
-            reports[kind.key] = {"line": rep.get("line"), "calibration_sha256": (rep.get("calibration") or {}).get("sha256"),
+            _, rep = quantize_mod.quantize(dest / "fp32" / kind.file_name, settings, dest / variant / kind.file_name,
+                                           calibration=inputs.calibration, heldout=inputs.validation, model=size.model)
+            reports[kind.key] = {"line": rep.get("line"),
+                                 "calibration_sha256": (rep.get("calibration") or {}).get("sha256"),
                                  "validation_sha256": (rep.get("validation") or {}).get("sha256"),
                                  "bits_per_dim": rep["bits_per_dim"], "float_layers": rep.get("float_layers")}
-        result = {"files": [f"{variant}/{k.file_name}" for k in GraphKind], "reports": reports,
-                  "seconds": time.perf_counter() - start}
-        cache.store(f"quantize-{variant}", key, root / prefix, result)
-    else:
-        log(f"{variant}: reused the cached graphs (saved {result['seconds']:.1f}s)")
-    reps = result["reports"]
-    return Quantized(Graphs(*(f"{prefix}{variant}/{k.file_name}" for k in GraphKind)),
-                     all(r["bits_per_dim"]["within_budget"] for r in reps.values()), reps, result["seconds"])
+        return {"files": [f"{variant}/{k.file_name}" for k in GraphKind], "reports": reports}
+
+    key = content_key(step="quantize", model=size.model_sha256, tokens=tokens_sha256(inputs.validation),
+                      calibration=tokens_sha256(inputs.calibration), settings=settings.to_dict(), tools=tool_versions())
+    return cache.run(f"quantize-{variant}", key, dest, build, log, f"{variant}: reused the cached graphs")["reports"]
 
 
-def build_size(plan, size: Size, inputs: TaskInputs, root: Path, cache: StepCache, log) -> SizeBuild:
-    """One size: its export, every planned variant, and its goldens (test-split tokens + PyTorch bits)."""
-    prefix = "" if size.main else f"{LADDER_FOLDER}/{size.name}/"
+def build_size(plan, size: Size, inputs: TaskInputs, root: Path, cache: StepCache, log):
+    """One size built (its export, every planned variant, its goldens: test-split tokens + PyTorch bits):
+    its candidates, not yet measured, preferred first; the export's result; the quantization reports."""
+    prefix = "" if size.main else f"ladder/{size.name}/"
     (root / prefix).mkdir(parents=True, exist_ok=True)
-    export = export_step(size, inputs, root, prefix, cache, log)
-    quantized = {v: quantize_step(v, size, export, inputs, root, prefix, cache, log)
-                 for v in plan.built if v != "fp32"}
+    export = export_step(size, inputs, root / prefix, cache, log)
+    quantized = {v: quantize_step(v, size, inputs, root / prefix, cache, log) for v in plan.built if v != "fp32"}
     np.savez(root / f"{prefix}goldens.npz", tokens=inputs.goldens, ref_bits=size.ref_bits)
-    return SizeBuild(size, prefix, export, quantized)
+    cfg, ref = size.model.cfg, float(size.ref_bits.mean())
+    facts = ModelFacts(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.block_size, size.model.bos_id,
+                       cfg.d_model, size.params)
+    cands = {}
+    for v in plan.built:
+        q, rel = quantized.get(v), variants.get(v).tolerance_rel
+        acc = Accuracy(reference_bits=ref, tolerance=rel * ref, tolerance_rel=rel, bits=None, passed=None, vs_fp32=None,
+                       within_budget=q is None or all(r["bits_per_dim"]["within_budget"] for r in q.values()),
+                       universal_bits=size.universal_bits, quantization=q)
+        cands[f"{size.name}/{v}"] = Candidate(size.name, v, size.main, size.role, facts,
+                                              Graphs(*(f"{prefix}{v}/{k.file_name}" for k in GraphKind)),
+                                              f"{prefix}goldens.npz", acc, estimate.cost(cfg, size.params, v))
+    return cands, export, quantized
 
 
 _BUILD_SCRIPT = """#!/usr/bin/env bash

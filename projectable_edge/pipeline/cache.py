@@ -1,13 +1,12 @@
-"""Content-addressed cache of pipeline step outputs (Olive's idea): a step's key hashes everything its
-output depends on (input hashes, settings, tool versions), so another target for the same task copies the
-export and quantized graphs instead of rebuilding them. Entries are written atomically.
-"""
+"""Content-addressed cache of step outputs (Olive's idea): a step's key hashes everything its output depends
+on (input hashes, settings, tool versions), so another target for the same task copies the built graphs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 from projectable_edge_runtime.bundle.atomic import atomic_output
@@ -20,8 +19,14 @@ def content_key(**parts) -> str:
     return hashlib.sha256(json.dumps({"schema": SCHEMA, **parts}, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _copy(files: list[str], src: Path, dest: Path) -> None:
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, dest / rel)
+
+
 class StepCache:
-    """<root>/<step>/<key>/{files..., result.json}; root None = caching off."""
+    """<root>/<step>/<key>/{files..., result.json}, each entry written atomically; root None = caching off."""
 
     def __init__(self, root: Path | None):
         self.root = Path(root) if root else None
@@ -29,29 +34,27 @@ class StepCache:
         self.misses: list[str] = []
         self.saved_seconds = 0.0
 
-    def fetch(self, step: str, key: str, dest: Path) -> dict | None:
-        """Copy a cached entry's files into dest and return its result, or None on a miss."""
+    def run(self, step: str, key: str, dest: Path, build, log=None, reused: str = "") -> dict:
+        """The cached result with its files copied into dest, else build()'s (its "files" relative to dest),
+        stored with the seconds it took; `reused`, when given, is logged on a hit."""
         entry = self.root / step / key if self.root else None
-        if entry is None or not (entry / RESULT).is_file():
-            self.misses.append(step)
-            return None
-        result = json.loads((entry / RESULT).read_text())
-        for rel in result["files"]:
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(entry / rel, dest / rel)
-        self.hits.append(step)
-        self.saved_seconds += float(result.get("seconds", 0.0))
+        if entry is not None and (entry / RESULT).is_file():
+            result = json.loads((entry / RESULT).read_text())
+            _copy(result["files"], entry, dest)
+            self.hits.append(step)
+            self.saved_seconds += result["seconds"]
+            if reused:
+                log(f"{reused} (saved {result['seconds']:.1f}s)")
+            return result
+        self.misses.append(step)
+        start = time.perf_counter()
+        result = build()
+        result["seconds"] = time.perf_counter() - start
+        if entry is not None:
+            with atomic_output(entry, directory=True, overwrite=True, what="cache entry") as tmp:
+                _copy(result["files"], dest, tmp)
+                (tmp / RESULT).write_text(json.dumps(result, indent=2, default=str))
         return result
-
-    def store(self, step: str, key: str, src: Path, result: dict) -> None:
-        """Keep result["files"] (relative to src) and the result under the key."""
-        if self.root is None:
-            return
-        with atomic_output(self.root / step / key, directory=True, overwrite=True, what="cache entry") as tmp:
-            for rel in result["files"]:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src / rel, tmp / rel)
-            (tmp / RESULT).write_text(json.dumps(result, indent=2, default=str))
 
     def summary(self) -> dict:
         return {"dir": str(self.root) if self.root else None, "hits": self.hits, "misses": self.misses,

@@ -1,14 +1,5 @@
-"""A host-side ESTIMATE of device latency: FLOPs and bytes per image against a profile's published peaks.
-
-Roofline: an image takes max(FLOPs / peak ops of its numeric family, bytes / memory bandwidth). The
-absolute figure ignores kernel launch and framework overhead, so it is calibrated by one ratio measured
-on this host: k = median over candidates of (measured host p50 / host roofline), with the host's roofline
-from the x86-64-cpu profile's nominal peaks. Device estimate = k x device roofline, i.e. it assumes the
-device reaches the same fraction of its peak as this host does. Every figure is labelled an estimate.
-How far to trust it is measured OUT OF SAMPLE: each candidate's `error_ratio` compares its measured host
-p50 with the estimate calibrated on the OTHER candidates only (leave one out; none with one candidate).
-`tune` on the device replaces the estimate with a measurement.
-"""
+"""A host-side ESTIMATE of device latency from a profile's published peaks (the method: `estimate()`'s
+"method"); its out-of-sample `error_ratio` says how far to trust it, `tune` on the device measures instead."""
 
 from __future__ import annotations
 
@@ -35,8 +26,8 @@ def cost(cfg: ModelConfig, params: int, variant: str) -> dict:
 
 def roofline_ms(c: dict, perf: Performance, variant: str) -> float:
     """Ideal time of one image on a device with these peaks (no overhead): the slower of compute and memory."""
-    family = variants.get(variant).family
-    return 1e3 * max(c["flops_per_image"] / perf.peak_ops(family), c["bytes_per_image"] / (perf.memory_bandwidth_gbs * 1e9))
+    compute = c["flops_per_image"] / perf.peak_ops(variants.get(variant).family)
+    return 1e3 * max(compute, c["bytes_per_image"] / (perf.memory_bandwidth_gbs * 1e9))
 
 
 def host_performance() -> Performance:

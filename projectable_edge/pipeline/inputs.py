@@ -1,7 +1,5 @@
-"""What one task's bundle is built from, read once: the run's source and operator (one read of its weights),
-the task's splits (the run's own snapshot, never the data source), and its projected model at every size.
-Baseline roles are built only for `--references` (their test-split rows) or `--ladder` (`vs_universal`).
-"""
+"""What one task's bundle is built from, read once: the run (one read of its weights), the task's splits (the
+run's own snapshot, never the data source) and its projected model at every size."""
 
 from __future__ import annotations
 
@@ -29,7 +27,7 @@ class TaskInputs:
     validation: np.ndarray  # the validation split: every quantization decision (keep-ops, acceptance, parity)
     calibration: np.ndarray  # the training split: int8 calibration
     task_test_bits: dict[str, float]  # this task's whole test split, PyTorch, per role
-    adapted: dict | None = None  # an adapted task's provenance (project.adapted_provenance)
+    adapted: dict | None  # an adapted task's provenance (project.adapted_provenance)
 
 
 @dataclass(frozen=True)
@@ -47,14 +45,6 @@ class Size:
     universal_bits: float | None  # the same-size universal model on the goldens (ladder only)
 
 
-def model_sha256(model: SpecialisedModel) -> str:
-    h = hashlib.sha256(repr(sorted(model.cfg.to_dict().items())).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _size(trainables, role: str, t, goldens: np.ndarray, log, universal: str | None) -> Size:
     project = (lambda: specialise(trainables, role, t)) if isinstance(t, int) else (lambda: t.model(trainables))
     project()  # the first call also pays torch's lazy start-up: time the second
@@ -63,14 +53,17 @@ def _size(trainables, role: str, t, goldens: np.ndarray, log, universal: str | N
     ms = (time.perf_counter() - start) * 1000
     name = f"{small.cfg.d_model}x{small.cfg.n_layer}"
     log(f"projected task at size {name} in {ms:.2f} ms ({n_params(small):,} params)")
+    h = hashlib.sha256(repr(sorted(small.cfg.to_dict().items())).encode())
+    for key, tensor in sorted(small.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     uni = None if universal is None else float(specialise(trainables, universal, t).bits(goldens).mean())
-    return Size(name, role, role == "projected", small, model_sha256(small), n_params(small), ms,
-                small.bits(goldens), uni)
+    return Size(name, role, role == "projected", small, h.hexdigest(), n_params(small), ms, small.bits(goldens), uni)
 
 
 def prepare(plan: Plan, log) -> tuple[TaskInputs, list[Size]]:
-    """Load what the task needs and project it at every size (main first); fails before anything is written
-    on a bad run or task, or a ladder the run does not have."""
+    """The task's inputs and its projection at every size (main first). Baseline roles are built only for
+    --references (their test-split rows) or --ladder (`vs_universal`). A bad run or task fails here."""
     s = plan.settings
     run = Path(s.source)
     meta, trainables, _ = load_run(run, data=False, baselines=s.ladder or s.references)

@@ -1,7 +1,5 @@
-"""Measure the staged bundle's candidates the way a device will (once each, through `tune.measure`, the
-protocol `tune` uses there), then choose what the target runs; for a ladder, the device-latency estimate
-and the host's pick come from the same numbers.
-"""
+"""Measure the staged bundle's candidates the way a device will (once each, through `tune.measure`), then
+choose what the target runs; for a ladder, the latency estimate and the host's pick use the same numbers."""
 
 from __future__ import annotations
 
@@ -9,64 +7,34 @@ from dataclasses import replace
 
 from projectable_edge.exporters.trt_check import check_tensorrt_compat
 from projectable_edge.pipeline import estimate as est
-from projectable_edge.pipeline.build import SizeBuild
 from projectable_edge.pipeline.plan import AUTO, Plan
 from projectable_edge_runtime.commands import tune
 from projectable_edge_runtime.devices import variants
-from projectable_edge_runtime.devices.choices import CompileBackend, host_arch
+from projectable_edge_runtime.devices.choices import CompileBackend
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.bundle.manifest import Accuracy, Candidate, HostLatency, Ladder, ModelFacts, Selection, to_json
+from projectable_edge_runtime.bundle.manifest import Candidate, HostLatency, Ladder, Selection, to_json
 
 
-def draft(plan: Plan, builds: list[SizeBuild]) -> dict[str, Candidate]:
-    """Every (size, variant) built, before it is measured: main size first, variants in preference order."""
-    out = {}
-    for b in builds:
-        m, s = b.size.model.cfg, b.size
-        facts = ModelFacts(m.n_layer, m.n_head, m.head_dim, m.vocab_size, m.block_size, s.model.bos_id, m.d_model,
-                           s.params)
-        ref = float(s.ref_bits.mean())
-        for v in plan.built:
-            q = b.quantized.get(v)
-            rel = variants.get(v).tolerance_rel
-            acc = Accuracy(reference_bits=ref, tolerance=rel * ref, tolerance_rel=rel,
-                           within_budget=True if q is None else q.within_budget, bits=None, passed=None, vs_fp32=None,
-                           universal_bits=s.universal_bits, quantization=None if q is None else q.report)
-            out[f"{s.name}/{v}"] = Candidate(s.name, v, s.main, s.role, facts, b.graphs(v), b.goldens, acc,
-                                             est.cost(m, s.params, v))
-    return out
-
-
-def measure_candidates(bundle, plan: Plan, tokenizer: dict, cands: dict[str, Candidate], log) -> dict[str, dict]:
-    """The protocol's report of every candidate (the main size's with the benchmark's batch and sampling
-    cases and sample images for the report)."""
-    s = plan.settings
-    target = plan.profile.to_dict()
-    out = {}
-    for name, c in cands.items():
+def measure(bundle, plan: Plan, tokenizer: dict, drafts: dict[str, Candidate], log):
+    """Each candidate measured once (the main size's also with the benchmark's batch and sampling cases and
+    sample images): the candidates with their bits, validation and host latency; the protocol's reports."""
+    s, target = plan.settings, plan.profile.to_dict()
+    raw = {}
+    for name, c in drafts.items():
         log(f"validating and timing {name} on this host (own runtime process)")
-        out[name] = tune.measure(bundle, name, runs=s.bench_runs, warmup=5, backend="onnxruntime", full=c.main,
+        raw[name] = tune.measure(bundle, name, runs=s.bench_runs, warmup=5, backend="onnxruntime", full=c.main,
                                  samples=s.samples if c.main else 0,
                                  draft={"candidate": to_json(c), "target": target, "tokenizer": tokenizer})
-    return out
-
-
-def fill(cands: dict[str, Candidate], raw: dict[str, dict]) -> dict[str, Candidate]:
-    """The candidates with what was measured: bits and validation on the goldens, host latency."""
-    fp32 = {c.size: raw[n]["bits"] for n, c in cands.items() if c.variant == variants.FP32.name}
-    out = {}
-    for n, c in cands.items():
+    fp32 = {c.size: raw[n]["bits"] for n, c in drafts.items() if c.variant == variants.FP32.name}
+    cands = {}
+    for n, c in drafts.items():
         r, a = raw[n], c.accuracy
         acc = replace(a, bits=r["bits"], passed=r["passed"], vs_fp32=r["bits"] - fp32[c.size],
                       vs_universal=None if a.universal_bits is None else r["bits"] - a.universal_bits)
         results = {k: {f: x for f, x in v.items() if f != "times_ms"} for k, v in r["results"].items()}
-        out[n] = replace(c, accuracy=acc, latency_host=HostLatency(r["p50_ms"], r["p99_ms"], r["peak_rss_mb"], results))
-    return out
-
-
-def host_is_target(plan: Plan) -> bool:
-    """This host's timings speak for the target only when it runs ONNX Runtime on this architecture."""
-    return plan.profile.compile_backend == CompileBackend.ONNXRUNTIME and plan.profile.arch == host_arch()
+        lat = HostLatency(r["p50_ms"], r["p99_ms"], r["peak_rss_mb"], results)
+        cands[n] = replace(c, accuracy=acc, latency_host=lat)
+    return cands, raw
 
 
 def unbuildable(plan: Plan, root, cands: dict[str, Candidate]) -> dict[str, str]:
@@ -86,9 +54,9 @@ def unbuildable(plan: Plan, root, cands: dict[str, Candidate]) -> dict[str, str]
 
 def select(plan: Plan, cands: dict[str, Candidate], on_target: bool,
            unbuildable: dict[str, str] | None = None) -> tuple[str, Selection]:
-    """The first main-size variant in the target's preference order that met its accuracy budget, validated
-    against the PyTorch reference here, the target can build and, where this host is the target, is not
-    slower than fp32; else fp32."""
+    """The first main-size variant in the target's order that met its accuracy budget, validated here, the target
+    can build and, where this host is the target, is not slower than fp32; else fp32."""
+    unbuildable = unbuildable or {}
     main = {c.variant: (n, c) for n, c in cands.items() if c.main}
     fp32_name, fp32 = main[variants.FP32.name]
     asked = plan.settings.precision != AUTO
@@ -108,7 +76,7 @@ def select(plan: Plan, cands: dict[str, Candidate], on_target: bool,
         elif not a.passed:
             passed_over[name] = (f"failed validation against the PyTorch reference: {a.bits:.4f} vs "
                                  f"{a.reference_bits:.4f} bits/dim (tolerance {a.tolerance:.4f})")
-        elif name in (unbuildable or {}):
+        elif name in unbuildable:
             passed_over[name] = unbuildable[name]
         elif on_target and not asked and v != fp32.variant and lat.p50_ms > fp32.latency_host.p50_ms:
             passed_over[name] = (f"slower than fp32 on this host, which is the target: p50 {lat.p50_ms:.3f} ms vs "
@@ -116,10 +84,10 @@ def select(plan: Plan, cands: dict[str, Candidate], on_target: bool,
         else:
             return name, Selection(rule, f"{v}: the first that passed every check" if not asked else
                                    f"{v} was asked for and passed its accuracy checks", passed_over)
-    if not fp32.accuracy.passed or fp32_name in (unbuildable or {}):
+    if not fp32.accuracy.passed or fp32_name in unbuildable:
         raise ProjectableEdgeError(f"the fp32 graph failed validation against the PyTorch reference on its goldens "
                                    f"({fp32.accuracy.bits:.5f} vs {fp32.accuracy.reference_bits:.5f} bits/dim) or "
-                                   f"cannot be built for {plan.profile.name}: {(unbuildable or {}).get(fp32_name, '')}; "
+                                   f"cannot be built for {plan.profile.name}: {unbuildable.get(fp32_name, '')}; "
                                    "nothing was written")
     return fp32_name, Selection(rule, "no planned variant passed every check: fell back to fp32", passed_over)
 
@@ -144,5 +112,5 @@ def ladder(plan: Plan, cands: dict[str, Candidate], raw: dict[str, dict]) -> tup
                          "tune BUNDLE` on the device for the real choice"}
     order = ("by estimated device p50 latency, fastest first" if peaks else
              "by measured host p50 latency (the profile publishes no peaks to estimate from)")
-    sizes = tuple(dict.fromkeys(c.size for c in cands.values()))
-    return ordered, Ladder(sizes, order, {k: v for k, v in e.items() if k != "candidates"}, host_pick)
+    return ordered, Ladder(tuple(dict.fromkeys(c.size for c in cands.values())), order,
+                           {k: v for k, v in e.items() if k != "candidates"}, host_pick)

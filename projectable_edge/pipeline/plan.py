@@ -36,7 +36,7 @@ class GenerateSettings:
     references: bool = False  # also the source, universal and scratch rows (builds the run's baseline roles)
 
     def resolved(self) -> "GenerateSettings":
-        """Every path absolute (the default --out included), fixed before any work: nothing depends on the cwd later."""
+        """Every path absolute, fixed before any work: nothing depends on the cwd later."""
         def ab(p: str | None) -> str | None:
             return None if p is None else str(Path(p).expanduser().resolve())
 
@@ -55,34 +55,19 @@ class Plan:
         """Every variant built, preferred first; fp32 always (every other variant is converted from it)."""
         return tuple(dict.fromkeys((*self.variants, variants.FP32.name)))
 
-    def out_dir(self, task_name: str) -> Path:
-        s = self.settings
-        return Path(s.out) if s.out else Path("bundles").resolve() / f"{task_name}__{self.profile.name}"
-
-    def cache_dir(self, out: Path) -> Path | None:
-        if not self.settings.cache:
-            return None
-        return Path(self.settings.cache_dir) if self.settings.cache_dir else out.parent / ".cache"
-
-
-def plan_variants(profile: DeviceProfile, precision: str) -> list[str]:
-    """Which graph variants to build, in the order they are preferred for this target."""
-    if precision not in precision_choices():
-        raise ProjectableEdgeError(f"unknown precision '{precision}': choose one of {', '.join(precision_choices())}")
-    names = [variants.get(p).name for p in (profile.precisions if precision == AUTO else (precision,))]
-    if profile.compile_backend == CompileBackend.TENSORRT:
-        unbuildable = [n for n in names if not variants.get(n).tensorrt_buildable]
-        if unbuildable:
-            raise ProjectableEdgeError(f"TensorRT cannot build {', '.join(unbuildable)} for {profile.name}; "
-                                       "pick another precision")
-    return names
-
 
 def make_plan(settings: GenerateSettings) -> Plan:
-    """Fails on a bad target or precision before anything is read."""
-    profile = load_profile(settings.target)
-    if settings.sign_key is not None:  # a bad key fails now, not after minutes of building
+    """Which variants to build, preferred first; fails on a bad target, precision or signing key before any read."""
+    profile, precision = load_profile(settings.target), settings.precision
+    if settings.sign_key is not None:
         from projectable_edge_runtime.bundle.signing import load_private_key
 
         load_private_key(settings.sign_key)
-    return Plan(settings, profile, tuple(plan_variants(profile, settings.precision)))
+    if precision not in precision_choices():
+        raise ProjectableEdgeError(f"unknown precision '{precision}': choose one of {', '.join(precision_choices())}")
+    names = [variants.get(p).name for p in (profile.precisions if precision == AUTO else (precision,))]
+    unbuildable = [n for n in names if not variants.get(n).tensorrt_buildable]
+    if profile.compile_backend == CompileBackend.TENSORRT and unbuildable:
+        raise ProjectableEdgeError(f"TensorRT cannot build {', '.join(unbuildable)} for {profile.name}; "
+                                   "pick another precision")
+    return Plan(settings, profile, tuple(names))

@@ -1,49 +1,38 @@
-"""report.md with its figures: sample images, bits/dim per candidate vs the references, a latency histogram,
-and for a ladder the candidates' accuracy against latency and memory. Drawn from the manifest and the one
-measurement of each candidate (its samples and raw timings): nothing is loaded or run again."""
+"""report.md with its figures, drawn from the manifest and the one measurement of each candidate (its samples
+and raw timings): nothing is loaded or run again."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.bundle.manifest import Manifest
 from projectable_edge_runtime.commands.png import image_grid, write_png
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _figures(tmp: Path, m: Manifest, raw: dict) -> None:
-    plt = _plt()
     main = m.main_candidates()
     names = [c.variant for c in main.values()] + [f"{r} (PyTorch, test split)" for r in m.task_test_bits]
     vals = [c.accuracy.bits for c in main.values()] + list(m.task_test_bits.values())
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
     ax.barh(names, vals, color=["C0"] * len(main) + [f"C{i + 1}" for i in range(len(m.task_test_bits))])
     ax.set_xlim(min(vals) * 0.95, max(vals) * 1.02)
     ax.set_xlabel("bits/dim (held-out images of the task; lower is better)")
     fig.tight_layout()
     fig.savefig(tmp / "bits.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
     for k, s in raw[m.selected]["results"].items():
         if k.startswith("score"):
             ax.hist(s["times_ms"], bins=30, alpha=0.6, label=k)
-    ax.set_xlabel(f"latency on host (ms), {m.selected}")
-    ax.set_ylabel("runs")
+    ax.set(xlabel=f"latency on host (ms), {m.selected}", ylabel="runs")
     ax.legend()
     fig.tight_layout()
     fig.savefig(tmp / "latency.png", dpi=110)
-    plt.close(fig)
 
 
 def _markdown(m: Manifest) -> list[str]:
@@ -68,9 +57,9 @@ def _markdown(m: Manifest) -> list[str]:
 def _candidates_chart(path: Path, m: Manifest) -> None:
     """Accuracy vs host latency and vs peak memory of every candidate, the target's budget lines and the host
     pick; hollow markers are the ESTIMATED device latency (labelled so)."""
-    plt = _plt()
     budgets, pick = m.target.budgets, m.ladder.host_pick["choice"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig = Figure(figsize=(10, 4))
+    ax, bx = fig.subplots(1, 2, sharey=True)
     for name, c in m.candidates.items():
         color = f"C{m.ladder.sizes.index(c.size) % 10}"
         mk = variants.family(variants.get(c.variant).family).marker
@@ -86,16 +75,14 @@ def _candidates_chart(path: Path, m: Manifest) -> None:
                     a.scatter(x, bits, marker="*", s=300, facecolors="none", edgecolors="k", label=None)
     ax.axvline(budgets.p99_latency_ms, color="r", ls="--", label=f"p99 budget {budgets.p99_latency_ms:g} ms")
     bx.axvline(budgets.memory_mb, color="r", ls="--", label=f"memory budget {budgets.memory_mb} MB")
-    ax.set_xscale("log")
-    ax.set_xlabel("latency, score 1 image (ms, log)\nfilled: host p99 (measured); hollow: device p50 (ESTIMATE)")
+    ax.set(xscale="log", ylabel="bits/dim on the goldens (lower is better)",
+           xlabel="latency, score 1 image (ms, log)\nfilled: host p99 (measured); hollow: device p50 (ESTIMATE)")
     bx.set_xlabel("peak RSS of the runtime process on the host (MB)")
-    ax.set_ylabel("bits/dim on the goldens (lower is better)")
     ax.set_title(f"candidates for {m.target.name} (star: host pick {pick or 'none'})", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _ratio(x) -> str:

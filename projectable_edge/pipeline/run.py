@@ -15,7 +15,7 @@ from projectable_edge.pipeline.report import write_report
 from projectable_edge.pipeline.wheel import graph_requires, write_runtime_wheel
 from projectable_edge_runtime.bundle.manifest import (SCHEMA_VERSION, Engine, EngineStatus, Exercised, Manifest, Task,
                                                       staged_bundle, write_manifest)
-from projectable_edge_runtime.devices.choices import host_arch
+from projectable_edge_runtime.devices.choices import CompileBackend, host_arch
 from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 
@@ -44,38 +44,32 @@ def exercised(plan: Plan, engine: Engine, n_candidates: int, ladder: bool) -> Ex
 
 
 def generate(settings: GenerateSettings, log=print) -> tuple[Path, Manifest]:
-    """Write one bundle for one task and target; returns its path and manifest.
-
-    A bad target, precision, run or task fails before anything is written; everything else is built in a
-    staging folder renamed into place at the end, so a failed run leaves no bundle. The run's weights are
-    read once, the dataset and the baseline roles not at all (unless --references or --ladder need them);
-    every candidate is measured once, and the manifest is written and sealed once.
-    """
+    """Write one bundle for one task and target; returns its path and manifest. A bad target, precision, run or
+    task fails before anything is written; the rest is staged in a folder renamed into place at the end."""
     start = time.perf_counter()
     plan = make_plan(settings.resolved())
     s = plan.settings
     inputs, sizes = prepare(plan, log)
-    out = plan.out_dir(inputs.task_name)
-    cache = StepCache(plan.cache_dir(out))
+    out = Path(s.out) if s.out else Path("bundles").resolve() / f"{inputs.task_name}__{plan.profile.name}"
+    cache = StepCache((Path(s.cache_dir) if s.cache_dir else out.parent / ".cache") if s.cache else None)
     with staged_bundle(out, overwrite=s.overwrite) as tmp:
         builds = [build_size(plan, size, inputs, tmp, cache, log) for size in sizes]
-        drafts = meas.draft(plan, builds)
+        drafts = {n: c for cands, _, _ in builds for n, c in cands.items()}
         requires = graph_requires(tmp, [p for c in drafts.values() for p in (c.graphs.score, c.graphs.decode)])
         wheel = write_runtime_wheel(tmp, cache, log)
-        raw = meas.measure_candidates(tmp, plan, inputs.meta["tokenizer"], drafts, log)
-        cands = meas.fill(drafts, raw)
-        selected, selection = meas.select(plan, cands, meas.host_is_target(plan), meas.unbuildable(plan, tmp, cands))
+        cands, raw = meas.measure(tmp, plan, inputs.meta["tokenizer"], drafts, log)
+        # this host's timings speak for the target only when it runs ONNX Runtime on this architecture
+        on_target = plan.profile.compile_backend == CompileBackend.ONNXRUNTIME and plan.profile.arch == host_arch()
+        selected, selection = meas.select(plan, cands, on_target, meas.unbuildable(plan, tmp, cands))
         engine, summaries = compile_step(plan.profile, tmp, cands[selected].graphs, cands[selected].variant, log)
-        ladder = None
-        if s.ladder:
-            cands, ladder = meas.ladder(plan, cands, raw)
-        main = builds[0]
+        cands, ladder = meas.ladder(plan, cands, raw) if s.ladder else (cands, None)
+        _, export, quantized = builds[0]
         provenance = {
             "source_run": s.source, "source_config": {k: v for k, v in inputs.meta.items() if k != "weights_sha256"},
-            "source_weights_sha256": inputs.meta["weights_sha256"], "projection_ms": main.size.projection_ms,
+            "source_weights_sha256": inputs.meta["weights_sha256"], "projection_ms": sizes[0].projection_ms,
             "generate_settings": {**asdict(s), "sign_key": bool(s.sign_key)},
-            "steps": {"export": main.export.parity, "compile": summaries,
-                      **{f"quantize_{v}": q.report for v, q in main.quantized.items()}},
+            "steps": {"export": export["parity"], "compile": summaries,
+                      **{f"quantize_{v}": report for v, report in quantized.items()}},
             "splits": {"goldens": "test", "n_goldens": int(len(inputs.goldens)),
                        "quantization_and_parity": "val", "n_validation": int(len(inputs.validation))},
             "cache": cache.summary(), "generate_seconds": time.perf_counter() - start,
@@ -84,7 +78,7 @@ def generate(settings: GenerateSettings, log=print) -> tuple[Path, Manifest]:
             schema_version=SCHEMA_VERSION, task=Task(inputs.task_name, inputs.task), target=plan.profile,
             tokenizer=TokenizerSpec.from_dict(inputs.meta["tokenizer"]), candidates=cands, selected=selected,
             selection=selection, engine=engine, requires=requires, task_test_bits=inputs.task_test_bits,
-            runtime_wheel=wheel, ladder=ladder, io=main.export.io, tools=tool_versions(), provenance=provenance,
+            runtime_wheel=wheel, ladder=ladder, io=export["io"], tools=tool_versions(), provenance=provenance,
             exercised=exercised(plan, engine, len(cands), ladder is not None))
         report = write_report(tmp, body, raw, log)
         body = replace(body, provenance={**provenance, "generate_seconds": time.perf_counter() - start})

@@ -1,24 +1,20 @@
-"""The runtime-only wheel every bundle carries, and the manifest's `requires` field.
-
-`pip wheel` builds it from a staged copy of the installed runtime's modules (no TOML profiles: the device
-reads its profile from the manifest). Dependencies: numpy and onnxruntime at the runtime's floors; Pillow
-and the HTTP server only as the `images` and `serve` extras. SOURCE_DATE_EPOCH is fixed, so the same
-sources give the same bytes (and the step cache keeps that wheel for the next bundle).
-"""
+"""The runtime-only wheel every bundle carries (built by `pip wheel` from the installed runtime's modules, with
+SOURCE_DATE_EPOCH fixed so the same sources give the same bytes), and the manifest's `requires` field."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import projectable_edge_runtime
-import projectable_edge_runtime.devices
+import onnx
+
 from projectable_edge import __version__
 from projectable_edge.pipeline.cache import StepCache, content_key
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
@@ -27,7 +23,8 @@ from projectable_edge_runtime.bundle.manifest import Requires, Wheel
 from projectable_edge_runtime.commands.serve import SERVE_REQUIRES
 
 DIST = "projectable-edge-runtime"
-WHEEL_DIR = "runtime"  # folder inside the bundle
+WHEEL = f"runtime/{DIST.replace('-', '_')}-{__version__}-py3-none-any.whl"  # its path in the bundle
+PACKAGES = tuple(f"projectable_edge_runtime{sub}" for sub in ("", ".bundle", ".graphs", ".commands", ".devices"))
 
 _PYPROJECT = """\
 [build-system]
@@ -50,26 +47,19 @@ serve = ["{serve}"]
 projectable-edge-runtime = "projectable_edge_runtime.__main__:main"
 
 [tool.setuptools]
-packages = ["projectable_edge_runtime", "projectable_edge_runtime.bundle", "projectable_edge_runtime.graphs",
-            "projectable_edge_runtime.commands", "projectable_edge_runtime.devices"]
+packages = {packages}
 """
+
 
 def _sources() -> dict[str, Path]:
     """{path inside the wheel's source tree: file} for the installed runtime's modules (never caches or TOML)."""
-    root = Path(projectable_edge_runtime.__file__).resolve().parent
-    folders = {"": root, **{f"{s}/": root / s for s in ("bundle", "graphs", "commands")},
-               "devices/": Path(projectable_edge_runtime.devices.__file__).resolve().parent}
-    return {f"projectable_edge_runtime/{sub}{f.name}": f for sub, folder in folders.items()
-            for f in sorted(folder.glob("*.py"))}
+    return {f"{pkg.replace('.', '/')}/{f.name}": f for pkg in PACKAGES
+            for f in sorted(Path(importlib.import_module(pkg).__file__).resolve().parent.glob("*.py"))}
 
 
-def wheel_name() -> str:
-    return f"{DIST.replace('-', '_')}-{__version__}-py3-none-any.whl"
-
-
-def _build(sources: dict[str, Path], dest: Path, log) -> None:
+def _build(sources: dict[str, Path], bundle: Path, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="pe-wheel-") as tmp:
-        proj, dist = Path(tmp, "project"), Path(tmp, "dist")
+        proj = Path(tmp)
         for rel, f in sources.items():
             dst = proj / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -77,18 +67,16 @@ def _build(sources: dict[str, Path], dest: Path, log) -> None:
             os.chmod(dst, 0o644)
         (proj / "pyproject.toml").write_text(_PYPROJECT.format(
             dist=DIST, version=__version__, python=MIN_PYTHON, numpy=MIN_NUMPY, ort=MIN_ONNXRUNTIME,
-            serve=SERVE_REQUIRES))
+            serve=SERVE_REQUIRES, packages=json.dumps(PACKAGES)))
         env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-               "-q", "-w", str(dist), str(proj)]
-        log(f"building the runtime wheel {wheel_name()} (pip wheel)")
+               "-q", "-w", str((bundle / WHEEL).parent), str(proj)]
+        log(f"building the runtime wheel {Path(WHEEL).name} (pip wheel)")
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
-        wheels = list(dist.glob("*.whl"))
-        if res.returncode != 0 or len(wheels) != 1:
+        if res.returncode != 0 or not (bundle / WHEEL).is_file():
             raise ProjectableEdgeError("building the runtime wheel failed (needs pip and setuptools>=68 in this "
                                        f"environment): {(res.stderr or res.stdout).strip()[-800:]}")
-        dest.parent.mkdir(exist_ok=True)
-        shutil.copyfile(wheels[0], dest)
+    return {"files": [WHEEL]}
 
 
 def write_runtime_wheel(bundle: Path, cache: StepCache, log) -> Wheel:
@@ -98,22 +86,16 @@ def write_runtime_wheel(bundle: Path, cache: StepCache, log) -> Wheel:
     h = hashlib.sha256(f"{__version__} {SERVE_REQUIRES}".encode())
     for rel, f in sources.items():
         h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
-    rel = f"{WHEEL_DIR}/{wheel_name()}"
-    key = content_key(step="wheel", sources=h.hexdigest())
-    if cache.fetch("wheel", key, bundle) is None:
-        start = time.perf_counter()
-        _build(sources, bundle / rel, log)
-        cache.store("wheel", key, bundle, {"files": [rel], "seconds": time.perf_counter() - start})
-    return Wheel(rel, DIST, __version__, "projectable_edge_runtime",
+    cache.run("wheel", content_key(step="wheel", sources=h.hexdigest()), bundle, lambda: _build(sources, bundle, log))
+    return Wheel(WHEEL, DIST, __version__, "projectable_edge_runtime",
                  (f"numpy>={MIN_NUMPY}", f"onnxruntime>={MIN_ONNXRUNTIME}"),
                  {"images": ("pillow>=10",), "serve": (SERVE_REQUIRES,)},
-                 f"python3 -m venv pe && pe/bin/pip install {rel}", "pe/bin/python -m projectable_edge_runtime validate .")
+                 f"python3 -m venv pe && pe/bin/pip install {WHEEL}",
+                 "pe/bin/python -m projectable_edge_runtime validate .")
 
 
 def graph_requires(bundle: Path, graph_files: list[str]) -> Requires:
     """The manifest's `requires`: the runtime's floors, plus the graphs' IR version and opsets."""
-    import onnx  # host only
-
     ir, opsets = 0, {}
     for rel in graph_files:
         m = onnx.load(str(bundle / rel), load_external_data=False)
