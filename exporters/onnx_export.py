@@ -5,6 +5,8 @@ also gives clean dynamic batch / seq / past axes, past length 0 included."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,6 +158,52 @@ def _export_one(model: ExportableModel, graph: str, settings: ExportSettings) ->
     return proto, spec
 
 
+def _export_in_child(conn, model: ExportableModel, graph: str, settings: ExportSettings) -> None:
+    try:
+        proto, _ = _export_one(model, graph, settings)
+        conn.send((proto.SerializeToString(), None))
+    except BaseException as e:  # the parent raises it; a forked child never returns into the caller's code
+        conn.send((None, str(e) if isinstance(e, ProjectableEdgeError) else f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+        os._exit(0)
+
+
+def _export_all(model: ExportableModel, settings: ExportSettings) -> dict[str, tuple[onnx.ModelProto, ExportSpec]]:
+    """Every graph's (proto, spec). An export is seconds of single-threaded tracing, so where the host can fork
+    and has a core to spare, the graphs after the first are exported at the same time in forked children
+    (a fork inherits the imported torch; the export is deterministic, so the files are the same)."""
+    graphs = list(settings.graphs)
+    if len(graphs) < 2 or "fork" not in mp.get_all_start_methods() or (os.cpu_count() or 1) < 2:
+        return {g: _export_one(model, g, settings) for g in graphs}
+    ctx, children = mp.get_context("fork"), {}
+    for g in graphs[1:]:
+        ours, theirs = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_export_in_child, args=(theirs, model, g, settings), daemon=True)
+        proc.start()
+        theirs.close()
+        children[g] = (proc, ours)
+    try:
+        out = {graphs[0]: _export_one(model, graphs[0], settings)}
+        for g, (proc, ours) in children.items():
+            try:
+                data, error = ours.recv()
+            except EOFError:  # it died before sending
+                data, error = None, None
+            proc.join()
+            if data is None:
+                error = error or f"its export process ended with exit code {proc.exitcode}"
+                raise ProjectableEdgeError(error if error.startswith("torch.onnx could not") else
+                                           f"torch.onnx could not export the {g} graph ({error})")
+            proto = onnx.load_from_string(data)
+            out[g] = (proto, spec_from_onnx(proto, g, model.cfg))
+        return out
+    finally:
+        for proc, _ in children.values():
+            if proc.is_alive():
+                proc.kill()
+
+
 def export_onnx(model: ExportableModel, settings: ExportSettings | dict | None, out_dir: str | Path, *,
                 heldout: np.ndarray | None = None, overwrite: bool = False,
                 log=None) -> tuple[ExportedGraphs, dict]:
@@ -176,11 +224,10 @@ def export_onnx(model: ExportableModel, settings: ExportSettings | dict | None, 
                     "torch_version": torch.__version__, "onnx_version": onnx.__version__, "graphs": {}}
     paths, specs = {}, {}
     out_dir = Path(out_dir)
+    if log:
+        log(f"exporting the {' and '.join(settings.graphs)} graph(s)")
     with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
-        for graph in settings.graphs:
-            if log:
-                log(f"exporting the {graph} graph")
-            proto, spec = _export_one(model, graph, settings)
+        for graph, (proto, spec) in _export_all(model, settings).items():
             path = tmp / FILES[graph]
             onnx.save(proto, str(path))
             entry = {"file": FILES[graph], **file_info(path), "spec": spec.to_dict(),
