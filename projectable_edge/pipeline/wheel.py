@@ -1,23 +1,18 @@
-"""The runtime-only wheel every bundle carries (built by `pip wheel` from the installed runtime's modules, with
-SOURCE_DATE_EPOCH fixed so the same sources give the same bytes), and the manifest's `requires` field."""
+"""The runtime-only wheel every bundle carries (written from the installed runtime's modules; the same sources
+give the same bytes), and the manifest's `requires` field."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
+import zipfile
 from pathlib import Path
 
 import onnx
 
 from projectable_edge import __version__
 from projectable_edge.pipeline.cache import StepCache, content_key
-from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.bundle.requirements import MIN_NUMPY, MIN_ONNXRUNTIME, MIN_PYTHON, requires_for
 from projectable_edge_runtime.bundle.manifest import Requires, Wheel
 from projectable_edge_runtime.commands.serve import SERVE_REQUIRES
@@ -26,56 +21,43 @@ DIST = "projectable-edge-runtime"
 WHEEL = f"runtime/{DIST.replace('-', '_')}-{__version__}-py3-none-any.whl"  # its path in the bundle
 PACKAGES = tuple(f"projectable_edge_runtime{sub}" for sub in ("", ".bundle", ".graphs", ".commands", ".devices"))
 
-_PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "{dist}"
-version = "{version}"
-description = "Torch-free runtime for projectable-edge bundles (numpy + onnxruntime only)."
-requires-python = ">={python}"
-license = {{ text = "Apache-2.0" }}
-dependencies = ["numpy>={numpy}", "onnxruntime>={ort}"]
-
-[project.optional-dependencies]
-images = ["pillow>=10"]
-serve = ["{serve}"]
-
-[project.scripts]
-projectable-edge-runtime = "projectable_edge_runtime.__main__:main"
-
-[tool.setuptools]
-packages = {packages}
-"""
-
-
 def _sources() -> dict[str, Path]:
     """{path inside the wheel's source tree: file} for the installed runtime's modules (never caches or TOML)."""
     return {f"{pkg.replace('.', '/')}/{f.name}": f for pkg in PACKAGES
             for f in sorted(Path(importlib.import_module(pkg).__file__).resolve().parent.glob("*.py"))}
 
 
+def _metadata() -> dict[str, str]:
+    """The dist-info files pip reads to install and check the wheel (core metadata 2.1, PEP 427)."""
+    extras = {"images": "pillow>=10", "serve": SERVE_REQUIRES}
+    meta = [f"Metadata-Version: 2.1\nName: {DIST}\nVersion: {__version__}\n"
+            "Summary: Torch-free runtime for projectable-edge bundles (numpy + onnxruntime only).\n"
+            f"License: Apache-2.0\nRequires-Python: >={MIN_PYTHON}\n"
+            f"Requires-Dist: numpy>={MIN_NUMPY}\nRequires-Dist: onnxruntime>={MIN_ONNXRUNTIME}\n"]
+    meta += [f'Provides-Extra: {x}\nRequires-Dist: {req}; extra == "{x}"\n' for x, req in extras.items()]
+    return {"METADATA": "".join(meta),
+            "WHEEL": "Wheel-Version: 1.0\nGenerator: projectable-edge\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+            "entry_points.txt": "[console_scripts]\nprojectable-edge-runtime = projectable_edge_runtime.__main__:main\n",
+            "top_level.txt": "projectable_edge_runtime\n"}
+
+
 def _build(sources: dict[str, Path], bundle: Path, log) -> dict:
-    with tempfile.TemporaryDirectory(prefix="pe-wheel-") as tmp:
-        proj = Path(tmp)
-        for rel, f in sources.items():
-            dst = proj / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst)
-            os.chmod(dst, 0o644)
-        (proj / "pyproject.toml").write_text(_PYPROJECT.format(
-            dist=DIST, version=__version__, python=MIN_PYTHON, numpy=MIN_NUMPY, ort=MIN_ONNXRUNTIME,
-            serve=SERVE_REQUIRES, packages=json.dumps(PACKAGES)))
-        env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-               "-q", "-w", str((bundle / WHEEL).parent), str(proj)]
-        log(f"building the runtime wheel {Path(WHEEL).name} (pip wheel)")
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
-        if res.returncode != 0 or not (bundle / WHEEL).is_file():
-            raise ProjectableEdgeError("building the runtime wheel failed (needs pip and setuptools>=68 in this "
-                                       f"environment): {(res.stderr or res.stdout).strip()[-800:]}")
+    """Write the wheel directly: a zip of the modules and a RECORD of every file's hash, with fixed timestamps
+    (the same sources give the same bytes); no build backend, no subprocess."""
+    log(f"writing the runtime wheel {Path(WHEEL).name}")
+    info = f"{DIST.replace('-', '_')}-{__version__}.dist-info"
+    files = {rel: f.read_bytes() for rel, f in sources.items()}
+    files.update({f"{info}/{name}": text.encode() for name, text in _metadata().items()})
+    digest = {rel: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+              for rel, data in files.items()}
+    files[f"{info}/RECORD"] = "".join([*(f"{rel},sha256={digest[rel]},{len(data)}\n" for rel, data in files.items()),
+                                       f"{info}/RECORD,,\n"]).encode()
+    (bundle / WHEEL).parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(bundle / WHEEL, "w") as whl:
+        for rel, data in files.items():
+            entry = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
+            entry.external_attr, entry.compress_type = 0o644 << 16, zipfile.ZIP_DEFLATED
+            whl.writestr(entry, data)
     return {"files": [WHEEL]}
 
 
