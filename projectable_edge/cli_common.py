@@ -36,7 +36,7 @@ def choice_enum(name: str, words) -> type[StrEnum]:
 
 
 def _say(line: str) -> None:
-    err.print("[bold red]error:[/] " + escape(line.removeprefix("error: ")), highlight=False)
+    err.print("[bold red]error:[/] " + escape(line.removeprefix("error: ")), highlight=False, soft_wrap=True)  # one line
 
 
 def guarded(fn):

@@ -284,6 +284,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, jetson_bundle):
     assert res.exit_code == 2 and "fp32/scoring.onnx" in res.output
     res = cli.invoke(app, ["sample", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "nowhere" in res.output and "does not" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output  # not wrapped at the terminal's width
 
 
 @pytest.mark.slow
