@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -170,11 +171,11 @@ def _export_in_child(conn, model: ExportableModel, graph: str, settings: ExportS
 
 
 def _export_all(model: ExportableModel, settings: ExportSettings) -> dict[str, tuple[onnx.ModelProto, ExportSpec]]:
-    """Every graph's (proto, spec). An export is seconds of single-threaded tracing, so where the host can fork
-    and has a core to spare, the graphs after the first are exported at the same time in forked children
+    """Every graph's (proto, spec). An export is seconds of single-threaded tracing, so on a Linux host with a
+    core to spare, the graphs after the first are exported at the same time in forked children
     (a fork inherits the imported torch; the export is deterministic, so the files are the same)."""
     graphs = list(settings.graphs)
-    if len(graphs) < 2 or "fork" not in mp.get_all_start_methods() or (os.cpu_count() or 1) < 2:
+    if len(graphs) < 2 or not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:  # fork: Linux only
         return {g: _export_one(model, g, settings) for g in graphs}
     ctx, children = mp.get_context("fork"), {}
     for g in graphs[1:]:

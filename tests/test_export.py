@@ -125,6 +125,37 @@ def test_failed_export_leaves_nothing_and_existing_output_is_kept(tmp_path, ex):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_export_in_a_forked_child_gives_the_same_files(tmp_path, ex, monkeypatch):
+    # the fixture exported in one process with a forked child for the decode graph (Linux, 2+ cores); one core
+    # takes the serial path, which must give the same bytes
+    import projectable_edge.exporters.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export.os, "cpu_count", lambda: 1)
+    serial = tmp_path / "serial"
+    export_onnx(ex.model, None, serial, heldout=ex.heldout, log=lambda s: None)
+    for f in ("scoring.onnx", "decode.onnx"):
+        assert (serial / f).read_bytes() == (ex.scoring.parent / f).read_bytes(), f
+
+
+def test_a_failed_child_export_is_a_clear_error(tmp_path, ex, monkeypatch):
+    import projectable_edge.exporters.onnx_export as onnx_export
+
+    real = onnx_export._export_one
+
+    def decode_fails(model, graph, settings):
+        if graph == "decode":
+            raise RuntimeError("boom")
+        return real(model, graph, settings)
+
+    if not onnx_export.sys.platform.startswith("linux"):
+        pytest.skip("graphs are exported in forked children on Linux only")
+    monkeypatch.setattr(onnx_export.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(onnx_export, "_export_one", decode_fails)
+    with pytest.raises(ProjectableEdgeError, match="could not export the decode graph .RuntimeError: boom"):
+        export_onnx(ex.model, ExportSettings(parity=False), tmp_path / "out", log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_inputs_are_clear_errors(tmp_path, ex):
     with pytest.raises(ProjectableEdgeError, match="not a readable ONNX"):
         bad = tmp_path / "bad.onnx"
