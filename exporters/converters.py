@@ -83,8 +83,10 @@ def fp16(job: Conversion) -> tuple[onnx.ModelProto, dict]:
         x = job.validation[: (32 if job.spec.kind is GraphKind.SCORING else 8)]
         ref = _emulated_bits(job.proto, job.spec, x)
         all16 = _emulated_bits(to_fp16(job.proto, ()), job.spec, x)
-        kept = _emulated_bits(to_fp16(job.proto, candidates), job.spec, x)
-        matters = abs(all16 - ref) - abs(kept - ref) > job.settings.fp16_matter_rel * ref
+        # keeping ops in fp32 can only recover what all-fp16 lost: within the threshold, nothing to measure
+        off = abs(all16 - ref) > job.settings.fp16_matter_rel * ref
+        kept = _emulated_bits(to_fp16(job.proto, candidates), job.spec, x) if candidates and off else None
+        matters = kept is not None and abs(all16 - ref) - abs(kept - ref) > job.settings.fp16_matter_rel * ref
         keep = candidates if matters else ()
         choice = {"method": "numpy fp16 emulation (onnx.reference) on held-out tokens", "sequences": int(len(x)),
                   "bits_fp32": ref, "bits_all_fp16": all16, "bits_sensitive_ops_fp32": kept,

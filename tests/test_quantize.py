@@ -36,8 +36,20 @@ def test_fp16_within_half_percent_and_keeps_io_types(ex):
     assert {"bits_fp32", "bits_all_fp16", "bits_sensitive_ops_fp32"} <= set(ch)
     kept = set(ch["kept_fp32_op_types"])
     assert kept in (set(), set(ch["candidates"]))
+    if ch["bits_sensitive_ops_fp32"] is None:  # not measured: all-fp16 was within the threshold, so nothing kept
+        assert abs(ch["bits_all_fp16"] - ch["bits_fp32"]) <= ch["threshold_rel"] * ch["bits_fp32"] and not kept
     assert len(rep["float_layers"]["fp32_nodes"]) == sum(n.op_type in kept for n in model.graph.node)
     assert rep["parity"]["ok"] and rep["parity"]["outputs"]["logits"]["max_abs"] > 0  # really changed numerics
+
+
+def test_fp16_keep_choice_is_measured_when_all_fp16_is_off(tmp_path, ex):
+    s = QuantizeSettings(precision="fp16", fp16_matter_rel=0.0)  # any loss counts: the kept ops are measured
+    _, rep = quantize(ex.scoring, s, tmp_path / "f16.onnx", heldout=ex.heldout[:16])
+    ch = rep["fp16_choice"]
+    assert ch["bits_all_fp16"] != ch["bits_fp32"] and isinstance(ch["bits_sensitive_ops_fp32"], float)
+    recovers = abs(ch["bits_all_fp16"] - ch["bits_fp32"]) > abs(ch["bits_sensitive_ops_fp32"] - ch["bits_fp32"])
+    assert ch["sensitive_ops_matter"] == recovers
+    assert set(ch["kept_fp32_op_types"]) == (set(ch["candidates"]) if recovers else set())
 
 
 def test_fp16_keep_list_is_honoured(tmp_path, ex):
