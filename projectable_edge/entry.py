@@ -5,6 +5,8 @@ devices use the bundle's runtime wheel and `python -m projectable_edge_runtime` 
 """
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 
 
@@ -20,7 +22,23 @@ def main() -> None:
               "wheel instead (pip install BUNDLE/runtime/*.whl) and run `python -m projectable_edge_runtime`.",
               file=sys.stderr)
         raise SystemExit(2) from None
-    cli_main()
+    try:
+        cli_main()
+    except SystemExit as e:
+        code = e.code
+    else:
+        code = 0
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    # Tearing down torch's and the exporter's objects at interpreter exit takes about a second and nothing
+    # needs it: run the exit handlers (log flushing, temp-folder cleanup), flush, and leave.
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, or a closed stream
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 if __name__ == "__main__":
