@@ -94,3 +94,20 @@ def test_adapt_json_is_one_document(tiny_run, tmp_path):
     rec = _host(["adapt", str(run), "--images", str(folder), "--name", "json-sevens", "--steps", "4",
                  "--fit", "embedding", "--force", "--json"])
     assert rec["task"] == "json-sevens" and Path(rec["folder"]).is_dir()
+
+
+def test_console_script_exit_runs_exit_handlers_and_keeps_the_code(tmp_path):
+    # the console script skips the interpreter's teardown: its exit code, its flushed output and the exit
+    # handlers (temp-folder cleanup, log flushing) must survive that
+    import subprocess
+    import sys
+
+    script = ("import atexit, sys; atexit.register(lambda: open(sys.argv[1], 'w').write('ran')); "
+              "sys.argv = ['projectable-edge'] + sys.argv[2:]; from projectable_edge.entry import main; main()")
+    marker = tmp_path / "handler"
+    res = subprocess.run([sys.executable, "-c", script, str(marker), "targets", "--json"], capture_output=True, text=True)
+    assert res.returncode == 0 and json.loads(res.stdout)["targets"] and marker.read_text() == "ran"
+    marker.unlink()
+    res = subprocess.run([sys.executable, "-c", script, str(marker), "generate", "--task", "3", "--target", "toaster",
+                          "--source", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 2 and "toaster" in res.stderr and marker.read_text() == "ran"
