@@ -102,7 +102,7 @@ def test_console_script_exit_runs_exit_handlers_and_keeps_the_code(tmp_path):
     import subprocess
     import sys
 
-    script = ("import atexit, sys; atexit.register(lambda: open(sys.argv[1], 'w').write('ran')); "
+    script = ("import atexit, sys; p = sys.argv[1]; atexit.register(lambda: open(p, 'w').write('ran')); "
               "sys.argv = ['projectable-edge'] + sys.argv[2:]; from projectable_edge.entry import main; main()")
     marker = tmp_path / "handler"
     res = subprocess.run([sys.executable, "-c", script, str(marker), "targets", "--json"], capture_output=True, text=True)
