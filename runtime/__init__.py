@@ -6,8 +6,7 @@
     tokens = model.sample(16, seed=0); images = model.decode_images(tokens)
     runtime.validate(model); runtime.benchmark(model)
 
-Subpackages: `bundle` (the manifest and its trust), `graphs` (running graphs), `commands` (what is built
-on a loaded model) and `devices` (the target profiles). onnxruntime is imported on first use of `load`.
+`load` and the manifest's names are imported on first use: onnxruntime only loads when a bundle does.
 """
 if __name__ == "runtime":  # `python -m runtime` / `import runtime` from the repository root
     raise ImportError("the runtime's import name is projectable_edge_runtime (`pip install -e .` here, or a "
