@@ -17,6 +17,7 @@ from .commands.benchmark import benchmark
 from .commands.inputs import read_inputs
 from .commands.validate import validate
 from .devices.choices import values
+from .devices.errors import ProjectableEdgeError
 from .graphs.backends import Backend
 
 
@@ -108,7 +109,13 @@ def run(args) -> int:
         return 0
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     if args.command == "tune":  # measures each candidate in its own process: nothing to load here
-        out, code, text = tune.run_cli(args, providers)
+        if args.precision is not None:
+            raise ProjectableEdgeError("tune picks the precision itself; pass --candidate SIZE/VARIANT to force one")
+        out = tune.tune(args.bundle, p99_ms=args.p99_ms, max_mb=args.max_mb, candidate=args.candidate, runs=args.runs,
+                        warmup=args.warmup, providers=providers, backend=args.backend, public_key=args.public_key,
+                        record=args.record, reuse=args.reuse,
+                        log=None if args.json else lambda m: print(m, file=sys.stderr))
+        code, text = 0 if out["fits"] else 1, tune.tune_text
     else:
         with load(args.bundle, precision=args.precision, providers=providers, backend=args.backend,
                   public_key=args.public_key, candidate=args.candidate) as model:

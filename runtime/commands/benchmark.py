@@ -20,10 +20,8 @@ def peak_rss_mb() -> float | None:
     """Peak resident memory of this process (VmHWM on Linux, else getrusage)."""
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
+            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
         pass
     try:
         import resource  # not on Windows

@@ -81,16 +81,13 @@ def execution_lines(execution: dict | None) -> list[str]:
 def benchmark_text(out: dict) -> str:
     lines = [f"benchmark {out['variant']} on {', '.join(out['providers'])} ({out['backend']}: "
              f"{out['backend_reason']}); load {out['load_time_ms']:.1f} ms"]
-    rows = [("case", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "p99/p50", "items/s")]
-    for k, r in out["results"].items():
-        rows.append((k, *(fmt(r[f]) for f in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
-                                              "spread_p99_over_p50", "throughput_per_s"))))
-    lines.append(table(rows))
+    keys = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "spread_p99_over_p50", "throughput_per_s")
+    lines.append(table([("case", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "p99/p50", "items/s")]
+                       + [(k, *(fmt(r[f]) for f in keys)) for k, r in out["results"].items()]))
     if out.get("peak_rss_mb") is not None:
         lines.append(f"  peak memory (RSS): {out['peak_rss_mb']:.1f} MB")
-    for c in out["checks"]:
-        lines.append(f"  {c['name']}: {c['value']:.2f} (budget {c['budget']}) {'ok' if c['passed'] else 'OVER'}")
-    lines += execution_lines(out.get("execution"))
+    lines += [f"  {c['name']}: {c['value']:.2f} (budget {c['budget']}) {'ok' if c['passed'] else 'OVER'}"
+              for c in out["checks"]] + execution_lines(out.get("execution"))
     note = out["host"]["note"]
     lines.append(f"verdict: {out['verdict'].upper()}" + (f"  [{note}]" if note else ""))
     return "\n".join(lines)

@@ -260,15 +260,5 @@ def tune_text(out: dict[str, Any]) -> str:
     return "\n".join([console.table(rows), "", out["explanation"], f"record: {out['record']}"])
 
 
-def run_cli(args, providers):
-    """`python -m projectable_edge_runtime tune`: (report, exit 0 = the choice fits else 1, its text)."""
-    if args.precision is not None:
-        raise ProjectableEdgeError("tune picks the precision itself; pass --candidate SIZE/VARIANT to force one")
-    out = tune(args.bundle, p99_ms=args.p99_ms, max_mb=args.max_mb, candidate=args.candidate, runs=args.runs,
-               warmup=args.warmup, providers=providers, backend=args.backend, public_key=args.public_key,
-               record=args.record, reuse=args.reuse, log=None if args.json else lambda m: print(m, file=sys.stderr))
-    return out, 0 if out["fits"] else 1, tune_text
-
-
 if __name__ == "__main__":  # the measuring worker: one JSON request on stdin, one JSON report on stdout
     sys.stdout.write(json.dumps(measure_here(json.loads(sys.stdin.read()))))
