@@ -87,19 +87,18 @@ def _candidates(model) -> dict[str, Any] | None:
 
 
 def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_runs: int | None = None,
-              sample_batch: int = 1, raw: bool = False) -> dict[str, Any]:
+              raw: bool = False) -> dict[str, Any]:
     """Score batch 1, score `batch`, sample full images; percentiles, memory and a budget verdict.
     raw=True also returns every timing (`times_ms`), e.g. for a latency histogram."""
-    check_counts("benchmark", runs=(runs, 2), warmup=(warmup, 0), batch=(batch, 1), sample_batch=(sample_batch, 1))
+    check_counts("benchmark", runs=(runs, 2), warmup=(warmup, 0), batch=(batch, 1))
     sample_runs = max(2, runs // 10) if sample_runs is None else int(sample_runs)
     x1, xb = _inputs(model, 1), _inputs(model, batch)
     results = {
         "score_batch1": stats(time_calls(lambda: model.score(x1), runs, warmup), 1, raw),
         f"score_batch{batch}": stats(time_calls(lambda: model.score(xb), runs, warmup), batch, raw),
-        "sample_full_image": stats(time_calls(lambda: model.sample(sample_batch, seed=0), sample_runs,
-                                              min(warmup, 2)), sample_batch, raw),
+        "sample_full_image": stats(time_calls(lambda: model.sample(1, seed=0), sample_runs, min(warmup, 2)), 1, raw),
     }
-    results["sample_full_image"].update(tokens_per_image=model.seq_len, batch=sample_batch)
+    results["sample_full_image"].update(tokens_per_image=model.seq_len, batch=1)
     rss, budgets, p99 = peak_rss_mb(), model.profile.budgets, results["score_batch1"]["p99_ms"]
     checks = [{"name": "p99 latency, score batch 1 (ms)", "value": p99, "budget": budgets.p99_latency_ms,
                "passed": p99 <= budgets.p99_latency_ms}]

@@ -251,7 +251,6 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
 
 
 def tune_text(out: dict[str, Any]) -> str:
-    """The measured table, the pick (or the closest miss) and where the record went."""
     rows = [("candidate", "bits/dim here", "p50 ms", "p99 ms", "peak MB", "fits")]
     for r in out["rows"]:
         rows.append((r["candidate"], f"{r['bits']:.4f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
