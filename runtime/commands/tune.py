@@ -61,7 +61,7 @@ def record_path(bundle: str | Path) -> Path:
 
 
 def measure_here(request: dict[str, Any]) -> dict[str, Any]:
-    """Measure one candidate in this process; a `draft` (candidate, target, tokenizer) is a staged bundle."""
+    """Measure one candidate in this process (`full`: all benchmark cases); a `draft` is a staged bundle."""
     from ..bundle.load import Model, load  # onnxruntime: only in the measuring process
 
     name, runs, warmup = request["candidate"], int(request["runs"]), int(request["warmup"])
