@@ -1,14 +1,5 @@
-"""The torch-free runtime an app embeds: numpy + onnxruntime only (tensorrt optional, lazy).
-
-    import projectable_edge_runtime as runtime
-    model = runtime.load("bundles/3__jetson-orin-nano")  # verifies every file's sha256 first
-    bits = model.score(images)                           # bits/dim per image
-    tokens = model.sample(16, seed=0); images = model.decode_images(tokens)
-    runtime.validate(model); runtime.benchmark(model)
-
-Subpackages: `bundle` (the manifest and its trust), `graphs` (running graphs), `commands` (what is built
-on a loaded model) and `devices` (the target profiles). onnxruntime is imported on first use of `load`.
-"""
+"""The torch-free runtime an app embeds (numpy + onnxruntime; tensorrt optional): the README's Python API shows it.
+`load` and the manifest's names are imported on first use: onnxruntime only loads when a bundle does."""
 if __name__ == "runtime":  # `python -m runtime` / `import runtime` from the repository root
     raise ImportError("the runtime's import name is projectable_edge_runtime (`pip install -e .` here, or a "
                       "bundle's runtime/*.whl on a device): use `python -m projectable_edge_runtime ...`")

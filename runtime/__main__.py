@@ -1,8 +1,7 @@
 """`python -m projectable_edge_runtime COMMAND BUNDLE ...`: the device CLI (stdlib argparse: no typer on a device).
 
 Exit codes: 0 ok, 1 a check failed (validate, benchmark, tune) or an unexpected error, 2 an error the user
-can fix. Output and errors go through commands.console, shared with the host CLI.
-"""
+can fix. Output and errors go through commands.console, shared with the host CLI."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +17,7 @@ from .commands.benchmark import benchmark
 from .commands.inputs import read_inputs
 from .commands.validate import validate
 from .devices.choices import values
+from .devices.errors import ProjectableEdgeError
 from .graphs.backends import Backend
 
 
@@ -26,28 +26,25 @@ def _abspath(text: str) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
-def _common() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("bundle", type=_abspath, help="bundle directory (bundles/<task>__<target>)")
-    p.add_argument("--precision",
-                   help="graph variant, e.g. fp32, fp16, int8 (default: the one selected for the target)")
-    p.add_argument("--candidate", help="a (size, precision) candidate SIZE/VARIANT of a ladder bundle (default: "
-                                       "the tuned choice next to the bundle, else the one selected for the target)")
-    p.add_argument("--providers", help="comma-separated onnxruntime execution providers (default: the target's)")
-    p.add_argument("--backend", default="auto", choices=values(Backend))
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.add_argument("--public-key", help="Ed25519 public key (PEM): refuse a bundle not signed with it "
-                                        "(needs the cryptography package)")
-    p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m projectable_edge_runtime", description="Torch-free projectable-edge runtime.")
+    c = argparse.ArgumentParser(add_help=False)  # what every command on a bundle takes
+    c.add_argument("bundle", type=_abspath, help="bundle directory (bundles/<task>__<target>)")
+    c.add_argument("--precision",
+                   help="graph variant, e.g. fp32, fp16, int8 (default: the one selected for the target)")
+    c.add_argument("--candidate", help="a (size, precision) candidate SIZE/VARIANT of a ladder bundle (default: "
+                                       "the tuned choice next to the bundle, else the one selected for the target)")
+    c.add_argument("--providers", help="comma-separated onnxruntime execution providers (default: the target's)")
+    c.add_argument("--backend", default="auto", choices=values(Backend))
+    c.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    c.add_argument("--public-key", help="Ed25519 public key (PEM): refuse a bundle not signed with it "
+                                        "(needs the cryptography package)")
+    c.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
+    ap = argparse.ArgumentParser(prog="python -m projectable_edge_runtime",
+                                 description="Torch-free projectable-edge runtime.")
     sub = ap.add_subparsers(dest="command", required=True)
-    c = _common()
     sub.add_parser("info", parents=[c], help="show what the bundle holds and which backend runs it")
-    v = sub.add_parser("validate", parents=[c], help="bits/dim on the bundle's held-out images vs the PyTorch reference")
+    v = sub.add_parser("validate", parents=[c],
+                       help="bits/dim on the bundle's held-out images vs the PyTorch reference")
     v.add_argument("--tolerance", type=float, help="bits/dim tolerance (default: the candidate's)")
     b = sub.add_parser("benchmark", parents=[c], help="latency percentiles, throughput, memory, budget verdict")
     b.add_argument("--runs", type=int, default=100)
@@ -82,37 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _info(model, args):
-    return model.info(), 0, lambda out: console.info_text(model)
-
-
-def _validate(model, args):
-    out = validate(model, args.tolerance)
-    return out, 0 if out["passed"] else 1, console.validate_text
-
-
-def _benchmark(model, args):
-    out = benchmark(model, runs=args.runs, warmup=args.warmup, batch=args.batch, sample_runs=args.sample_runs,
-                    raw=args.raw)
-    return out, 0 if out["verdict"] == "pass" else 1, console.benchmark_text
-
-
-def _sample(model, args):
-    out = console.sample_grid(model, args.n, args.out, seed=args.seed, temperature=args.temperature,
-                              top_k=args.top_k, cols=args.cols, scale=args.scale, tokens_out=args.tokens_out)
-    return out, 0, lambda o: f"wrote {o['n']} samples to {o['png']}"
-
-
-def _score(model, args):
-    named = read_inputs(model, args.images)
-    names, bits = [n for n, _ in named], model.score(np.concatenate([t for _, t in named]))
-    out = {"variant": model.variant, "bits_per_dim": dict(zip(names, map(float, bits))),
-           "mean_bits_per_dim": float(bits.mean())}
-    return out, 0, lambda o: console.score_text(names, bits, model.variant)
-
-
-COMMANDS = {"info": _info, "validate": _validate, "benchmark": _benchmark, "sample": _sample, "score": _score,
-            "serve": serve.command}
+def _command(model, args):
+    """(the JSON result, the exit code, its text as a function of it) of a command on the loaded model."""
+    if args.command == "info":
+        return model.info(), 0, lambda out: console.info_text(model)
+    if args.command == "validate":
+        out = validate(model, args.tolerance)
+        return out, 0 if out["passed"] else 1, console.validate_text
+    if args.command == "benchmark":
+        out = benchmark(model, runs=args.runs, warmup=args.warmup, batch=args.batch, sample_runs=args.sample_runs,
+                        raw=args.raw)
+        return out, 0 if out["verdict"] == "pass" else 1, console.benchmark_text
+    if args.command == "sample":
+        out = console.sample_grid(model, args.n, args.out, seed=args.seed, temperature=args.temperature,
+                                  top_k=args.top_k, cols=args.cols, scale=args.scale, tokens_out=args.tokens_out)
+        return out, 0, lambda o: f"wrote {o['n']} samples to {o['png']}"
+    if args.command == "score":
+        named = read_inputs(model, args.images)
+        names, bits = [n for n, _ in named], model.score(np.concatenate([t for _, t in named]))
+        out = {"variant": model.variant, "bits_per_dim": dict(zip(names, map(float, bits))),
+               "mean_bits_per_dim": float(bits.mean())}
+        return out, 0, lambda o: console.score_text(names, bits, model.variant)
+    return serve.command(model, args)
 
 
 def run(args) -> int:
@@ -121,10 +109,17 @@ def run(args) -> int:
         return 0
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     if args.command == "tune":  # measures each candidate in its own process: nothing to load here
-        return tune.run_cli(args, providers)
-    with load(args.bundle, precision=args.precision, providers=providers, backend=args.backend,
-              public_key=args.public_key, candidate=args.candidate) as model:
-        out, code, text = COMMANDS[args.command](model, args)
+        if args.precision is not None:
+            raise ProjectableEdgeError("tune picks the precision itself; pass --candidate SIZE/VARIANT to force one")
+        out = tune.tune(args.bundle, p99_ms=args.p99_ms, max_mb=args.max_mb, candidate=args.candidate, runs=args.runs,
+                        warmup=args.warmup, providers=providers, backend=args.backend, public_key=args.public_key,
+                        record=args.record, reuse=args.reuse,
+                        log=None if args.json else lambda m: print(m, file=sys.stderr))
+        code, text = 0 if out["fits"] else 1, tune.tune_text
+    else:
+        with load(args.bundle, precision=args.precision, providers=providers, backend=args.backend,
+                  public_key=args.public_key, candidate=args.candidate) as model:
+            out, code, text = _command(model, args)
     if text is None:  # the command printed its own output (serve: one line per event, JSON Lines with --json)
         return code
     if args.json:

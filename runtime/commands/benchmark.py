@@ -1,8 +1,5 @@
-"""Latency, throughput and memory of a loaded bundle, judged against the target's budgets.
-
-Never one timing: warm-up runs first (allocator, thread pool, lazy kernel selection),
-then many timed runs, reported as percentiles with their spread.
-"""
+"""Latency, throughput and memory of a loaded bundle, judged against the target's budgets. Never one timing:
+warm-up runs first (allocator, thread pool, lazy kernel selection), then many timed runs, as percentiles."""
 from __future__ import annotations
 
 import os
@@ -23,10 +20,8 @@ def peak_rss_mb() -> float | None:
     """Peak resident memory of this process (VmHWM on Linux, else getrusage)."""
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
+            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
         pass
     try:
         import resource  # not on Windows
@@ -92,32 +87,25 @@ def _candidates(model) -> dict[str, Any] | None:
 
 
 def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_runs: int | None = None,
-              sample_batch: int = 1, raw: bool = False) -> dict[str, Any]:
+              raw: bool = False) -> dict[str, Any]:
     """Score batch 1, score `batch`, sample full images; percentiles, memory and a budget verdict.
-
-    raw=True also returns every timing (`times_ms`), e.g. for a latency histogram.
-    """
-    check_counts("benchmark", runs=(runs, 2), warmup=(warmup, 0), batch=(batch, 1), sample_batch=(sample_batch, 1))
+    raw=True also returns every timing (`times_ms`), e.g. for a latency histogram."""
+    check_counts("benchmark", runs=(runs, 2), warmup=(warmup, 0), batch=(batch, 1))
     sample_runs = max(2, runs // 10) if sample_runs is None else int(sample_runs)
     x1, xb = _inputs(model, 1), _inputs(model, batch)
     results = {
         "score_batch1": stats(time_calls(lambda: model.score(x1), runs, warmup), 1, raw),
         f"score_batch{batch}": stats(time_calls(lambda: model.score(xb), runs, warmup), batch, raw),
-        "sample_full_image": stats(time_calls(lambda: model.sample(sample_batch, seed=0), sample_runs,
-                                              min(warmup, 2)), sample_batch, raw),
+        "sample_full_image": stats(time_calls(lambda: model.sample(1, seed=0), sample_runs, min(warmup, 2)), 1, raw),
     }
-    results["sample_full_image"]["tokens_per_image"] = model.seq_len
-    results["sample_full_image"]["batch"] = sample_batch
-    rss = peak_rss_mb()
-    budgets = model.profile.budgets
-    p99 = results["score_batch1"]["p99_ms"]
+    results["sample_full_image"].update(tokens_per_image=model.seq_len, batch=1)
+    rss, budgets, p99 = peak_rss_mb(), model.profile.budgets, results["score_batch1"]["p99_ms"]
     checks = [{"name": "p99 latency, score batch 1 (ms)", "value": p99, "budget": budgets.p99_latency_ms,
                "passed": p99 <= budgets.p99_latency_ms}]
     if rss is not None:
         checks.append({"name": "peak RSS (MB)", "value": rss, "budget": budgets.memory_mb,
                        "passed": rss <= budgets.memory_mb})
-    arch = host_arch()
-    execution = model.backend.get("execution") or {}
+    arch, execution = host_arch(), model.backend.get("execution") or {}
     is_emulated = bool(execution.get("emulated"))
     on_target = arch == model.profile.arch and not is_emulated
     note = ("" if on_target else

@@ -1,10 +1,5 @@
-"""What both command lines share: the error boundary, JSON and table output, and the `sample` command.
-
-`python -m projectable_edge_runtime` (argparse, on the device) and `projectable-edge` (typer, on the host) both
-print through these, so a command looks and fails the same way whichever CLI runs it:
-a ProjectableEdgeError is one line and exit 2; anything else is one line with a hint to rerun
-with --verbose, and exit 1; --verbose adds the traceback.
-"""
+"""What the device CLI (argparse) and the host CLI (typer) share, so a command looks and fails the same in both:
+the error boundary, JSON and table output, the text reports, and the `sample` command."""
 from __future__ import annotations
 
 import json
@@ -19,17 +14,12 @@ import numpy as np
 from ..devices.errors import ProjectableEdgeError
 from .png import image_grid, write_png
 
-EXIT_OK, EXIT_FAILED_CHECK, EXIT_ERROR = 0, 1, 2
-VERBOSE_HINT = "rerun with --verbose for the traceback"
 
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
-def error_boundary(fn: Callable[[], Any], *, verbose: bool = False, say: Callable[[str], None] = _stderr,
+def error_boundary(fn: Callable[[], Any], *, verbose: bool = False,
+                   say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
                    passthrough: tuple[type[BaseException], ...] = ()) -> int:
-    """Run fn; return its int exit code (None = 0), or the exit code of the error it raised."""
+    """Run fn; return its int exit code (None = 0), or 2 for a ProjectableEdgeError and 1 for any other
+    error, each said in one line (--verbose adds the traceback)."""
     try:
         result = fn()
     except passthrough:
@@ -39,9 +29,9 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False, say: Callabl
             traceback.print_exc()
         if isinstance(e, ProjectableEdgeError):
             say(f"error: {e}")
-            return EXIT_ERROR
-        say(f"error: {type(e).__name__}: {e} ({VERBOSE_HINT})")  # an unexpected failure: still one readable line
-        return EXIT_FAILED_CHECK
+            return 2
+        say(f"error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)")
+        return 1
     return int(result or 0)
 
 
@@ -52,7 +42,7 @@ def filter_boundary(fn: Callable[[], Any], *, verbose: bool = False) -> int:
         return error_boundary(fn, verbose=verbose, passthrough=(BrokenPipeError,))
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return EXIT_OK
+        return 0
 
 
 def emit_json(obj: Any) -> None:
@@ -89,19 +79,15 @@ def execution_lines(execution: dict | None) -> list[str]:
 
 
 def benchmark_text(out: dict) -> str:
-    """The human-readable benchmark report."""
     lines = [f"benchmark {out['variant']} on {', '.join(out['providers'])} ({out['backend']}: "
              f"{out['backend_reason']}); load {out['load_time_ms']:.1f} ms"]
-    rows = [("case", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "p99/p50", "items/s")]
-    for k, r in out["results"].items():
-        rows.append((k, *(fmt(r[f]) for f in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
-                                              "spread_p99_over_p50", "throughput_per_s"))))
-    lines.append(table(rows))
+    keys = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "spread_p99_over_p50", "throughput_per_s")
+    lines.append(table([("case", "p50 ms", "p90 ms", "p99 ms", "mean", "std", "p99/p50", "items/s")]
+                       + [(k, *(fmt(r[f]) for f in keys)) for k, r in out["results"].items()]))
     if out.get("peak_rss_mb") is not None:
         lines.append(f"  peak memory (RSS): {out['peak_rss_mb']:.1f} MB")
-    for c in out["checks"]:
-        lines.append(f"  {c['name']}: {c['value']:.2f} (budget {c['budget']}) {'ok' if c['passed'] else 'OVER'}")
-    lines += execution_lines(out.get("execution"))
+    lines += [f"  {c['name']}: {c['value']:.2f} (budget {c['budget']}) {'ok' if c['passed'] else 'OVER'}"
+              for c in out["checks"]] + execution_lines(out.get("execution"))
     note = out["host"]["note"]
     lines.append(f"verdict: {out['verdict'].upper()}" + (f"  [{note}]" if note else ""))
     return "\n".join(lines)

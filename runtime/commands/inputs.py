@@ -1,9 +1,7 @@
 """Images for an app, read one way: files, folders, .npy arrays, or .npy on stdin -> named token rows.
 
-Public API for apps that embed the runtime (examples/anomaly, examples/classify): `read_inputs`
-takes anything with `.tokenizer` and `.to_tokens` (a loaded Model, or an app object wrapping one).
-Pillow is needed only for image files; .npy input works without it.
-"""
+`read_inputs` takes anything with `.tokenizer` and `.to_tokens` (a loaded Model, or an app wrapping one, as in
+examples/); Pillow is needed only for image files."""
 from __future__ import annotations
 
 import io
@@ -30,9 +28,7 @@ def _token_rows(model, source, name: str) -> np.ndarray:
 
 
 def _named(name: str, tokens: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    if len(tokens) == 1:
-        return [(name, tokens)]
-    return [(f"{name}[{i}]", tokens[i:i + 1]) for i in range(len(tokens))]
+    return [(name if len(tokens) == 1 else f"{name}[{i}]", tokens[i:i + 1]) for i in range(len(tokens))]
 
 
 def _read_file(model, path: Path) -> list[tuple[str, np.ndarray]]:

@@ -1,5 +1,4 @@
 """A minimal PNG writer (stdlib zlib/struct + numpy), so `sample` works on a device without Pillow."""
-
 from __future__ import annotations
 
 import struct
@@ -12,7 +11,8 @@ from ..devices.errors import ProjectableEdgeError
 from ..bundle.atomic import atomic_output
 
 
-def _check_image(image) -> np.ndarray:
+def png_bytes(image) -> bytes:
+    """Encode a uint8 [H,W] or [H,W,3] array as 8-bit gray / RGB PNG bytes."""
     a = np.asarray(image)
     if a.dtype != np.uint8:
         raise ProjectableEdgeError(f"PNG image must be uint8, got dtype {a.dtype}; "
@@ -21,41 +21,28 @@ def _check_image(image) -> np.ndarray:
         a = a[:, :, 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.shape[0] < 1 or a.shape[1] < 1:
         raise ProjectableEdgeError(f"PNG image has shape {a.shape}, expected [H, W] (gray) or [H, W, 3] (rgb)")
-    return a
+    h, w = a.shape[:2]
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), a.reshape(h, -1)], axis=1).tobytes()  # filter 0 per row
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if a.ndim == 2 else 2, 0, 0, 0)  # 8-bit gray or RGB
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw, 9))
+            + _chunk(b"IEND", b""))
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def png_bytes(image) -> bytes:
-    """Encode a uint8 [H,W] or [H,W,3] array as 8-bit gray / RGB PNG bytes."""
-    a = _check_image(image)
-    h, w = a.shape[:2]
-    color_type = 0 if a.ndim == 2 else 2
-    rows = np.ascontiguousarray(a).reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter 0 per row
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw, 9))
-            + _chunk(b"IEND", b""))
-
-
 def write_png(path: str | Path, image) -> Path:
     """Write atomically (temp file + os.replace): a crash never leaves a truncated PNG."""
-    path = Path(path)
     data = png_bytes(image)
-    with atomic_output(path, overwrite=True) as tmp:
+    with atomic_output(Path(path), overwrite=True) as tmp:
         tmp.write_bytes(data)
-    return path
+    return Path(path)
 
 
 def image_grid(images, cols: int, pad: int = 1, scale: int = 1, *, pad_value: int = 128) -> np.ndarray:
-    """Tile [N,H,W] or [N,H,W,3] uint8 images row-major into one image.
-
-    Each tile is upscaled `scale` times by pixel repetition (8x8 digits are unreadable
-    otherwise); `pad` pixels of `pad_value` (mid-gray: visible on dark and light images)
-    separate tiles and frame the grid. Unused cells in the last row are left as padding.
-    """
+    """Tile [N,H,W] or [N,H,W,3] uint8 images row-major into one image, each upscaled `scale` times (8x8 digits
+    are unreadable otherwise), framed by `pad` pixels of `pad_value` (mid-gray: visible on dark and light)."""
     x = np.asarray(images)
     if x.dtype != np.uint8:
         raise ProjectableEdgeError(f"grid images must be uint8, got dtype {x.dtype}")

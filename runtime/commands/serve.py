@@ -1,9 +1,6 @@
-"""`python -m projectable_edge_runtime serve BUNDLE`: one model behind a small HTTP/JSON endpoint:
-GET /healthz, POST /score ({"images": uint8 [N, H, W]} or {"tokens": [N, T]}, or a .npy body) and
-POST /sample ({"n", "seed", "temperature", "top_k"}). HTTP is waitress's (the `[serve]` extra, imported
-only when a server is made); here is the request logic. Anything wrong with a request, the library's
-protocol errors included, is a 4xx with a JSON `{"error", "status"}` naming the problem and the fix.
-"""
+"""`python -m projectable_edge_runtime serve BUNDLE`: one model behind GET /healthz, POST /score and POST /sample.
+HTTP is waitress's (the `[serve]` extra, imported only when a server is made); here is the request logic.
+Anything wrong with a request is a 4xx with a JSON `{"error", "status"}` naming the problem and the fix."""
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +46,7 @@ class Limits:
 
 
 class RequestError(Exception):
-    """A bad request: RequestError(HTTP status, message for the client[, extra headers])."""
+    """RequestError(HTTP status, message for the client[, extra headers])."""
 
 
 def _json(data: bytes, allowed: set[str]) -> dict:
@@ -214,8 +211,7 @@ def add_arguments(p) -> None:
 
 
 def command(model, args):
-    """Serve until Ctrl-C or SIGTERM, printing one line per event ("serving" with the URL, "stopped"); with
-    --json each is one JSON document (JSON Lines), so the CLI prints nothing more: (result, 0, None)."""
+    """Serve until Ctrl-C or SIGTERM, printing one line per event (JSON Lines with --json): (result, 0, None)."""
     limits = Limits(**{f.name: getattr(args, f.name.removesuffix("_s")) for f in fields(Limits)})
     server = ModelServer(model, args.host, args.port, limits, args.access_log)
     say = lambda event, text: print(json.dumps(event) if args.json else text, flush=True)  # noqa: E731

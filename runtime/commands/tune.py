@@ -1,13 +1,9 @@
 """Measuring candidates, and `tune`: pick the most accurate candidate within budget where it runs.
 
-`measure` is the one measuring protocol of `generate` (on the build host) and `tune` (on the device): each
-candidate in its own process (a process's peak RSS never goes down), validated on its goldens against the
-fp32 PyTorch reference and timed scoring one golden image; `full` adds the benchmark's other cases.
-
-`tune` ranks by what it measured here. The bundle itself never changes (it stays verified and signed): the
-choice goes into a record NEXT TO it, `<bundle>.tuned.json`, tied to the manifest digest and the chosen
-candidate's file hashes; `load()` uses it while it still matches, and ignores a stale or unreadable one
-with a `TunedRecordWarning`. When nothing fits, the verdict names the closest candidate and by how much.
+`measure` is the one protocol of `generate` (build host) and `tune` (device): each candidate in its own process
+(a process's peak RSS never goes down), validated on its goldens against the fp32 PyTorch reference and timed
+scoring one golden image. The bundle never changes (it stays signed): the choice goes into `<bundle>.tuned.json`
+beside it, tied to the manifest digest and the chosen files' hashes; `load()` ignores a stale one with a warning.
 """
 from __future__ import annotations
 
@@ -32,7 +28,6 @@ from ..devices.profiles import DeviceProfile
 from ..graphs.tokenizer import TokenizerSpec
 
 TUNED_RECORD_SCHEMA = 2  # 2: measurements hold the bits measured where tune ran
-TUNED_RECORD_SUFFIX = ".tuned.json"
 DEFAULT_RUNS, DEFAULT_WARMUP = 200, 20
 
 
@@ -49,8 +44,10 @@ class Budget:
     def of(cls, manifest: Manifest, p99_ms: float | None = None, max_mb: float | None = None) -> "Budget":
         """The given budgets, else the target profile's; zero, negative or non-finite is an error."""
         b = manifest.target.budgets
-        out = cls(float(b.p99_latency_ms if p99_ms is None else p99_ms), float(b.memory_mb if max_mb is None else max_mb))
-        for what, x, flag in (("p99 latency budget", out.p99_ms, "--p99-ms"), ("memory budget", out.max_mb, "--max-mb")):
+        out = cls(float(b.p99_latency_ms if p99_ms is None else p99_ms),
+                  float(b.memory_mb if max_mb is None else max_mb))
+        for what, x, flag in (("p99 latency budget", out.p99_ms, "--p99-ms"),
+                              ("memory budget", out.max_mb, "--max-mb")):
             if not (0 < x < math.inf):
                 raise ProjectableEdgeError(f"{what} must be a positive number, got {x!r}; pass e.g. {flag} "
                                            "5 (or leave it out to use the target profile's budget)")
@@ -60,15 +57,11 @@ class Budget:
 def record_path(bundle: str | Path) -> Path:
     """`bundles/3__x86-64-cpu` -> `bundles/3__x86-64-cpu.tuned.json` (beside the bundle, not inside)."""
     b = Path(bundle).resolve()
-    return b.parent / (b.name + TUNED_RECORD_SUFFIX)
-
-
-# ----------------------------------------------------------------------------- measuring
+    return b.with_name(b.name + ".tuned.json")
 
 
 def measure_here(request: dict[str, Any]) -> dict[str, Any]:
-    """Open one candidate in this process and measure it (see the module doc). The request names the bundle
-    and the candidate; a `draft` (candidate, target, tokenizer) opens a staged bundle not yet sealed."""
+    """Measure one candidate in this process (`full`: all benchmark cases); a `draft` is a staged bundle."""
     from ..bundle.load import Model, load  # onnxruntime: only in the measuring process
 
     name, runs, warmup = request["candidate"], int(request["runs"]), int(request["warmup"])
@@ -108,22 +101,16 @@ def measure(bundle: str | Path, name: str, runs: int = DEFAULT_RUNS, warmup: int
     return json.loads(res.stdout)
 
 
-# ----------------------------------------------------------------------------- choosing
-
-
 def _row(name: str, within_budget: bool, m: dict[str, Any], budget: Budget) -> dict[str, Any]:
-    over_p99 = m["p99_ms"] / budget.p99_ms
-    rss = m.get("peak_rss_mb")
+    rss, over_p99 = m.get("peak_rss_mb"), m["p99_ms"] / budget.p99_ms
     over_mem = None if rss is None else rss / budget.max_mb
     accurate = bool(within_budget and m["passed"])
     fits_latency, fits_memory = over_p99 <= 1.0, over_mem is None or over_mem <= 1.0
     size, _, variant = name.partition("/")
     return {"candidate": name, "size": size, "variant": variant, "bits": m["bits"], "passed": m["passed"],
-            "within_budget": within_budget,
-            "p99_ms": m["p99_ms"], "p50_ms": m.get("p50_ms"), "peak_rss_mb": rss,
-            "p99_over_budget": over_p99, "memory_over_budget": over_mem,
-            "accuracy_ok": accurate, "fits_latency": fits_latency, "fits_memory": fits_memory,
-            "fits": accurate and fits_latency and fits_memory}
+            "within_budget": within_budget, "p99_ms": m["p99_ms"], "p50_ms": m.get("p50_ms"), "peak_rss_mb": rss,
+            "p99_over_budget": over_p99, "memory_over_budget": over_mem, "accuracy_ok": accurate,
+            "fits_latency": fits_latency, "fits_memory": fits_memory, "fits": accurate and fits_latency and fits_memory}
 
 
 def _closest(rows: list[dict[str, Any]], budget: Budget) -> dict[str, Any] | None:
@@ -160,9 +147,8 @@ def explain(verdict: dict[str, Any], forced: bool = False) -> str:
     """One line: the pick and why, or what came closest and by how much."""
     b = verdict["budget"]
     within = f"p99 {b['p99_ms']:g} ms and {b['max_mb']:g} MB"
-    rows = [r for r in verdict["rows"] if forced or r["candidate"] == verdict["choice"]]
-    if rows:
-        r = rows[0]
+    r = next((r for r in verdict["rows"] if forced or r["candidate"] == verdict["choice"]), None)
+    if r:
         measured = f"(measured p99 {r['p99_ms']:.3f} ms, peak RSS {r['peak_rss_mb']:.1f} MB)"
         if forced:
             return (f"{r['candidate']} was forced with --candidate; it {'fits' if r['fits'] else 'does NOT fit'} "
@@ -170,18 +156,15 @@ def explain(verdict: dict[str, Any], forced: bool = False) -> str:
         return (f"picked {r['candidate']}: the most accurate candidate ({r['bits']:.4f} bits/dim measured here) "
                 f"within {within} {measured}")
     c = verdict.get("closest")
-    if not c:
-        return "no candidate was measured"
-    return f"no candidate fits {within}; closest: {c['candidate']}, which misses by {'; '.join(c['misses_by'])}"
-
-
-# ----------------------------------------------------------------------------- the record
+    return (f"no candidate fits {within}; closest: {c['candidate']}, which misses by {'; '.join(c['misses_by'])}"
+            if c else "no candidate was measured")
 
 
 def _hashes(manifest: Manifest, name: str) -> dict[str, str]:
     """sha256 of every file the candidate runs from, as the manifest lists them."""
     c = manifest.candidates[name]
-    return {r: manifest.files[r].sha256 for r in (c.graphs.score, c.graphs.decode, c.goldens) if r and r in manifest.files}
+    return {r: manifest.files[r].sha256 for r in (c.graphs.score, c.graphs.decode, c.goldens)
+            if r and r in manifest.files}
 
 
 def _read_record(path: Path, manifest: Manifest) -> tuple[dict[str, Any] | None, str | None]:
@@ -220,9 +203,6 @@ def tuned_choice(bundle: Path, manifest: Manifest, path: str | Path | None = Non
                     "fits": record.get("fits")}
 
 
-# ----------------------------------------------------------------------------- tune
-
-
 def _reused(path: Path, manifest: Manifest, names: list[str]) -> dict[str, dict[str, Any]]:
     """The measurements of an earlier tune of this very bundle (`--reuse`): new budgets, no re-measuring."""
     if not path.is_file():
@@ -241,10 +221,8 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
          reuse: bool = False, log=None) -> dict[str, Any]:
     """Measure the candidates here, pick one, write the record beside the bundle; return the report.
 
-    candidate= forces one: only it is measured, and it is recorded as the choice (marked forced) even
-    when it misses the budget, because the user asked for it; the report still says whether it fits.
-    reuse=True picks again from the measurements of the existing record (same bundle), e.g. to try
-    another budget without measuring again."""
+    candidate= forces one: only it is measured, and it is the choice (marked forced) even when it misses the
+    budget, because the user asked for it. reuse=True picks again from the existing record's measurements."""
     d = Path(bundle).resolve()
     manifest = read_manifest(d, public_key=public_key)
     verify_files(d, manifest)  # a broken bundle fails here, before minutes of measuring
@@ -258,9 +236,8 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
             log(f"measuring {n} ({warmup} warm-up + {runs} timed runs, own process)")
         measured[n] = measure(d, n, runs, warmup, providers, backend)
     verdict = pick({n: manifest.candidates[n].accuracy.within_budget for n in names}, measured, budget)
-    if candidate is not None:
-        verdict["choice"] = names[0]
-    choice, forced = verdict["choice"], candidate is not None
+    forced = candidate is not None
+    choice = names[0] if forced else verdict["choice"]
     rec = {"schema": TUNED_RECORD_SCHEMA, "kind": "projectable-edge tuned record", "bundle": d.name,
            "manifest_sha256": manifest.integrity.manifest_sha256, "choice": choice, "forced": forced,
            "choice_files": _hashes(manifest, choice) if choice else {}, "fits": verdict["fits"],
@@ -274,27 +251,12 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
 
 
 def tune_text(out: dict[str, Any]) -> str:
-    """The measured table, the pick (or the closest miss) and where the record went."""
     rows = [("candidate", "bits/dim here", "p50 ms", "p99 ms", "peak MB", "fits")]
     for r in out["rows"]:
         rows.append((r["candidate"], f"{r['bits']:.4f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
                      f"{r['peak_rss_mb']:.1f}" if r["peak_rss_mb"] is not None else "-",
                      "yes" if r["fits"] else ("no (accuracy)" if not r["accuracy_ok"] else "no")))
     return "\n".join([console.table(rows), "", out["explanation"], f"record: {out['record']}"])
-
-
-def run_cli(args, providers) -> int:
-    """`python -m projectable_edge_runtime tune`: 0 = a candidate fits (or one was forced and fits), 1 = none fits."""
-    if args.precision is not None:
-        raise ProjectableEdgeError("tune picks the precision itself; pass --candidate SIZE/VARIANT to force one")
-    out = tune(args.bundle, p99_ms=args.p99_ms, max_mb=args.max_mb, candidate=args.candidate, runs=args.runs,
-               warmup=args.warmup, providers=providers, backend=args.backend, public_key=args.public_key,
-               record=args.record, reuse=args.reuse, log=None if args.json else lambda m: print(m, file=sys.stderr))
-    if args.json:
-        console.emit_json(out)
-    else:
-        print(tune_text(out))
-    return 0 if out["fits"] else 1
 
 
 if __name__ == "__main__":  # the measuring worker: one JSON request on stdin, one JSON report on stdout

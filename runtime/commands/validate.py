@@ -1,11 +1,7 @@
-"""Re-measure accuracy where the bundle runs, against the fp32 PyTorch model's bits on the same goldens.
+"""Re-measure accuracy where the bundle runs, against the fp32 PyTorch model's bits/dim on the same goldens.
 
-The check is on the task metric (bits/dim on held-out task images), not on raw logits: quantized
-variants differ element-wise by design. The reference is the PyTorch model the bundle was projected
-to, never a number the same graph produced on the build host, so a variant whose accuracy is off
-fails everywhere, even where ONNX Runtime agrees with itself. The tolerance is the candidate's own
-(its variant's accuracy budget plus the device drift, from the variant registry).
-"""
+On the task metric, not raw logits (quantized variants differ element-wise by design), and against the PyTorch
+model, never the same graph's build-host number, so a variant whose accuracy is off fails everywhere."""
 from __future__ import annotations
 
 from typing import Any
