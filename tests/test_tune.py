@@ -307,3 +307,11 @@ def test_ladder_of_a_run_without_one_fails_before_writing(tiny_run, tmp_path):
     with pytest.raises(ProjectableEdgeError, match="has no size ladder"):
         generate(GenerateSettings(task="3", source=str(tiny_run), out=str(out), ladder=True), log=lambda m: None)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_host_without_peak_memory_still_gets_a_choice_and_an_explanation():
+    # where `resource` is missing (e.g. Windows) peak RSS is None: memory cannot veto, and the text says so
+    m = {"bits": 2.0, "passed": True, "p99_ms": 1.0, "p50_ms": 0.5, "peak_rss_mb": None}
+    verdict = tune.pick({"32x4/fp32": True}, {"32x4/fp32": m}, tune.Budget(2.0, 10.0))
+    assert verdict["choice"] == "32x4/fp32" and verdict["rows"][0]["fits_memory"]
+    assert "not measurable here" in tune.explain(verdict) and "not measurable here" in tune.explain(verdict, forced=True)

@@ -104,7 +104,8 @@ def _candidates_markdown(m: Manifest) -> list[str]:
         dev = "n/a" if est.get("device_p50_ms") is None else f"{est['device_p50_ms']:.4f}"
         lines.append(f"| {n}{'' if a.within_budget else ' (accuracy budget missed)'} | {c.model.params:,} | "
                      f"{a.bits:.4f} | {a.vs_fp32:+.4f} | {a.vs_universal:+.4f} | {lat.p50_ms:.3f} | {lat.p99_ms:.3f} | "
-                     f"{lat.peak_rss_mb:.1f} | {dev} | {_ratio(est['error_ratio'])} |")
+                     f"{'n/a' if lat.peak_rss_mb is None else f'{lat.peak_rss_mb:.1f}'} | {dev} | "
+                     f"{_ratio(est['error_ratio'])} |")
     return lines + ["", f"Host pick: {m.ladder.host_pick['explanation']}. {m.ladder.host_pick['note']}.", "",
                     "![candidates](candidates.png)"]
 

@@ -149,7 +149,8 @@ def explain(verdict: dict[str, Any], forced: bool = False) -> str:
     within = f"p99 {b['p99_ms']:g} ms and {b['max_mb']:g} MB"
     r = next((r for r in verdict["rows"] if forced or r["candidate"] == verdict["choice"]), None)
     if r:
-        measured = f"(measured p99 {r['p99_ms']:.3f} ms, peak RSS {r['peak_rss_mb']:.1f} MB)"
+        rss = "not measurable here" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.1f} MB"
+        measured = f"(measured p99 {r['p99_ms']:.3f} ms, peak RSS {rss})"
         if forced:
             return (f"{r['candidate']} was forced with --candidate; it {'fits' if r['fits'] else 'does NOT fit'} "
                     f"{within} {measured}")
