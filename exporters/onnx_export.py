@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from projectable_edge_runtime.bundle.manifest import file_info
 from projectable_edge_runtime.graphs.contract import GraphKind
 
 MIN_OPSET = 17
+# how long the parent waits for a forked export before redoing it itself: at least 120 s, and 10x its own export
+CHILD_PATIENCE_S, CHILD_PATIENCE_X = 120.0, 10.0
 FILES = {str(k): k.file_name for k in GraphKind}
 REPORT_FILE = "export_report.json"
 
@@ -185,8 +188,14 @@ def _export_all(model: ExportableModel, settings: ExportSettings) -> dict[str, t
         theirs.close()
         children[g] = (proc, ours)
     try:
+        start = time.perf_counter()
         out = {graphs[0]: _export_one(model, graphs[0], settings)}
+        patience = max(CHILD_PATIENCE_S, CHILD_PATIENCE_X * (time.perf_counter() - start))
         for g, (proc, ours) in children.items():
+            if not ours.poll(patience):  # a child stuck after the fork (a thread library that does not fork well)
+                proc.kill()
+                out[g] = _export_one(model, g, settings)
+                continue
             try:
                 data, error = ours.recv()
             except EOFError:  # it died before sending

@@ -156,6 +156,28 @@ def test_a_failed_child_export_is_a_clear_error(tmp_path, ex, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stuck_child_export_is_redone_in_the_parent(tmp_path, ex, monkeypatch):
+    import time
+
+    import projectable_edge.exporters.onnx_export as onnx_export
+
+    if not onnx_export.sys.platform.startswith("linux"):
+        pytest.skip("graphs are exported in forked children on Linux only")
+    real, parent = onnx_export._export_one, onnx_export.os.getpid()
+
+    def child_hangs(model, graph, settings):
+        if onnx_export.os.getpid() != parent:
+            time.sleep(60)
+        return real(model, graph, settings)
+
+    monkeypatch.setattr(onnx_export.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(onnx_export, "CHILD_PATIENCE_S", 0.0)
+    monkeypatch.setattr(onnx_export, "CHILD_PATIENCE_X", 0.0)
+    monkeypatch.setattr(onnx_export, "_export_one", child_hangs)
+    export_onnx(ex.model, ExportSettings(parity=False), tmp_path / "out", log=lambda s: None)
+    assert (tmp_path / "out" / "decode.onnx").read_bytes() == (ex.scoring.parent / "decode.onnx").read_bytes()
+
+
 def test_bad_inputs_are_clear_errors(tmp_path, ex):
     with pytest.raises(ProjectableEdgeError, match="not a readable ONNX"):
         bad = tmp_path / "bad.onnx"
