@@ -134,8 +134,8 @@ record() {  # STAGE CHECK RC [NOTE]: rc 0 = ok, "skip" = skipped, anything else 
 }
 
 # A stand-in: its command prefix (IN: none for py310, in_rootfs for arm64), VENV, empty CWD and BUNDLE_IN.
-stand_in() {  # python ARGS... in the stand-in, from its empty folder (or from $DIR)
-    "${IN[@]}" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "${DIR:-$CWD}" \
+stand_in() {  # python ARGS... in the stand-in, from its empty folder (or from $PE_RUN_DIR)
+    "${IN[@]}" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "${PE_RUN_DIR:-$CWD}" \
         env PYTHONNOUSERSITE=1 timeout "${PE_CMD_TIMEOUT:-900}" "$VENV/bin/python" "$@"
 }
 
@@ -158,11 +158,17 @@ run_checks() {  # STAGE WHEEL HOST_CWD [X86_SCORES]: paths in the stand-in, but 
         && "${IN[@]}" "$VENV/bin/python" -m pip check
     record "$stage" "install wheel" $? "pip install + pip check"
     say "[$stage] python -m projectable_edge_runtime info (relative bundle path)"
-    DIR=$(dirname "$b") stand_in -m projectable_edge_runtime info "$(basename "$b")"
+    PE_RUN_DIR=$(dirname "$b") stand_in -m projectable_edge_runtime info "$(basename "$b")"
     record "$stage" "info (relative path)" $?
-    say "[$stage] python -m projectable_edge_runtime validate (the target's selected candidate)"
+    stand_in -m projectable_edge_runtime info "$b" > /dev/null
+    record "$stage" "info (absolute path)" $?
+    say "[$stage] python -m projectable_edge_runtime validate (the selected candidate, then each by name)"
     stand_in -m projectable_edge_runtime validate "$b"
     record "$stage" "validate (selected)" $?
+    for c in $(python3 -c 'import json, sys; print(*json.load(open(sys.argv[1]))["candidates"])' "$BUNDLE/manifest.json"); do
+        stand_in -m projectable_edge_runtime validate "$b" --candidate "$c" > /dev/null
+        record "$stage" "validate $c" $?
+    done
     say "[$stage] python -m projectable_edge_runtime score (the goldens as .npy)"
     stand_in -c "import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1] + '/goldens.npz')['tokens'])" \
         "$b" "$wd/goldens_tokens.npy" \
@@ -195,7 +201,7 @@ stage_py310() {
     IN=() CWD=$WORK/py310/cwd BUNDLE_IN=$BUNDLE
     VENV=$CACHE/py310-$("$py" -c 'import platform; print(platform.python_version())')-ort$ORT_VERSION-$NPTAG
     setup_venv py310 "$py"
-    mkdir -p "$CWD/apps"
+    mkdir -p "$CWD"
     run_checks py310 "$WHEEL" "$CWD"
     [ "$DO_APPS" = 1 ] && run_apps py310
 }
@@ -209,11 +215,13 @@ anomaly() {  # N CONFIG CALIBRATE_ARGS...: calibrate, score the goldens from a f
     lines=$(grep -c '"verdict"' "$out")
     head -n 2 "$out"
     echo "$lines JSON lines for $n goldens (file + stdin); flagged: $(grep -c '"anomaly"' "$out")"
+    case $n in ''|*[!0-9]*) return 1 ;; esac
     [ "$lines" = $((2 * n)) ]
 }
 
 run_apps() {  # STAGE: the example apps as a user deploys them (copied; only the wheel installed) in py310's CWD
     local stage=$1 wd=$CWD n rc port pid
+    mkdir -p "$wd/apps"
     cp "$APPS_DIR"/{anomaly/anomaly,classify/classify,serve/client}.py "$wd/apps/"
     n=$(stand_in -c "import numpy as np, sys; print(len(np.load(sys.argv[1])))" "$wd/goldens_tokens.npy")
     say "[$stage] anomaly app: calibrate on the goldens, score them from a file and from stdin"
