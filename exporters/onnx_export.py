@@ -178,7 +178,9 @@ def _export_all(model: ExportableModel, settings: ExportSettings) -> dict[str, t
     core to spare, the graphs after the first are exported at the same time in forked children
     (a fork inherits the imported torch; the export is deterministic, so the files are the same)."""
     graphs = list(settings.graphs)
-    if len(graphs) < 2 or not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:  # fork: Linux only
+    # fork: Linux only, and never after CUDA started in this process (a forked child cannot use it)
+    if len(graphs) < 2 or not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2 \
+            or torch.cuda.is_initialized():
         return {g: _export_one(model, g, settings) for g in graphs}
     ctx, children = mp.get_context("fork"), {}
     for g in graphs[1:]:
