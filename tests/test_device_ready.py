@@ -133,6 +133,14 @@ def test_a_failed_output_removes_the_folders_it_created(tmp_path):
     assert list((tmp_path / "keep").iterdir()) == []  # keep/ existed before: it stays
 
 
+def test_a_folder_that_cannot_take_files_is_a_clear_error():
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc, a folder where no file can be created even by root")
+    with pytest.raises(ProjectableEdgeError, match="cannot write the output file /proc/x.png .*choose a folder"):
+        with atomic_output(Path("/proc/x.png")):
+            pass
+
+
 def test_runtime_cli_resolves_paths_before_work(rt_bundle, tmp_path, monkeypatch):
     from projectable_edge_runtime.__main__ import build_parser
 

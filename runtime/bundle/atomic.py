@@ -60,12 +60,16 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
     created = _make_parents(path.parent)
     ok = False
     try:
-        if directory:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-            os.close(fd)
-            tmp = Path(name)
+        try:
+            if directory:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+            else:
+                fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+                os.close(fd)
+                tmp = Path(name)
+        except OSError as e:  # a read-only or special folder (/proc, /sys), no permission, a full disk
+            raise ProjectableEdgeError(f"cannot write the {what} {path} ({e.strerror or e}); choose a folder you "
+                                       "can write to") from None
         try:
             yield tmp
             _publish(tmp)
