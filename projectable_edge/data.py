@@ -258,6 +258,9 @@ def _set_aside(names: list[str], splits, hold_out: tuple[str, ...]):
     unknown = [t for t in hold_out if t not in names]
     if unknown:
         raise ProjectableEdgeError(f"cannot hold out task(s) {unknown}: the dataset's tasks are {names}")
+    if len(names) < 2:
+        raise ProjectableEdgeError(f"the dataset has {len(names)} task(s) {names}; a task-conditioned model needs "
+                                   "at least 2: add a sub-folder of images per task")
     if len(names) - len(set(hold_out)) < 2:
         raise ProjectableEdgeError(f"holding out {list(hold_out)} leaves fewer than 2 of the {len(names)} tasks; "
                                    "hold out fewer tasks")

@@ -136,6 +136,12 @@ def test_task_folder_with_too_few_images(tmp_path):
         load_dataset(DataConfig(dataset=str(root)))
 
 
+def test_a_single_task_folder_says_two_are_needed(tmp_path):
+    root = _folder(tmp_path / "pets", tasks=("cats",))
+    with pytest.raises(ProjectableEdgeError, match=r"1 task\(s\) \['cats'\].*at least 2"):
+        load_dataset(DataConfig(dataset=str(root)))
+
+
 def test_undecodable_image_named(tmp_path):
     root = _folder(tmp_path / "pets")
     (root / "dogs" / "bad.jpg").write_bytes(b"\x00garbage")
