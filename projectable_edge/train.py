@@ -458,7 +458,8 @@ def read_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not run.is_dir():
         hint = (f" (an interrupted run is at {partial_dir(run)}: resume it with --resume)"
                 if partial_dir(run).exists() else "")
-        raise ProjectableEdgeError(f"run folder {run} not found{hint}")
+        raise ProjectableEdgeError(f"run folder {run} {'is a file, not a folder' if run.exists() else 'not found'}"
+                                   f"{hint}; give a folder written by `projectable-edge train`")
     meta = load_json(run / "config.json")
     if meta.get("format") != "projectable-edge-run":
         raise ProjectableEdgeError(f"{run / 'config.json'} is not a projectable-edge run config")

@@ -92,6 +92,9 @@ def test_truncated_and_missing_files_are_named(rt_bundle_copy):
 def test_missing_manifest_and_bad_json(rt_bundle_copy, tmp_path):
     with pytest.raises(ProjectableEdgeError, match="does not exist"):
         runtime.load(tmp_path / "nope")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ProjectableEdgeError, match="'.*a-file' is a file; pass the folder"):
+        runtime.load(tmp_path / "a-file")
     (rt_bundle_copy / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ProjectableEdgeError, match="not valid JSON"):
         runtime.load(rt_bundle_copy)

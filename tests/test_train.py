@@ -406,3 +406,11 @@ def test_resume_continues_across_the_two_stages(tmp_path, monkeypatch, stop_at):
     monkeypatch.setattr(tr, "save_state", real)
     resumed = train(cfg, DataConfig(), tmp_path / "r", resume=True, progress=False)
     assert resumed["best_val_bits"] == pytest.approx(full["best_val_bits"], abs=1e-5)
+
+
+def test_a_run_that_is_missing_or_a_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ProjectableEdgeError, match=r"run folder .*nope not found; give a folder written by"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ProjectableEdgeError, match=r"run folder .*file is a file, not a folder"):
+        load_run(tmp_path / "file")

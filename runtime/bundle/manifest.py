@@ -451,8 +451,8 @@ def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     """Parse and check manifest.json, and verify it is what was written: its digest (and signature, given a key)."""
     d = Path(bundle_dir)
     if not d.is_dir():
-        raise ProjectableEdgeError(f"bundle directory '{d}' does not exist; pass the folder "
-                                   "`projectable-edge generate` wrote (bundles/<task>__<target>)")
+        raise ProjectableEdgeError(f"bundle directory '{d}' {'is a file' if d.exists() else 'does not exist'}; pass "
+                                   "the folder `projectable-edge generate` wrote (bundles/<task>__<target>)")
     path = d / MANIFEST_NAME
     if path.is_symlink():
         raise _fail(d, f"'{MANIFEST_NAME}' is a symlink; a bundle must hold real files — copy the bundle again")
