@@ -208,6 +208,21 @@ def test_keep_alive_connection_stays_in_step_after_errors(server, model):
     c.close()
 
 
+def test_head_is_get_without_a_body_and_the_connection_stays_in_step(server, model):
+    # uptime monitors and some load generators probe with HEAD
+    c = http.client.HTTPConnection(*address(server), timeout=30)
+    c.request("HEAD", "/healthz")
+    r = c.getresponse()
+    assert r.status == 200 and r.read() == b"" and int(r.getheader("Content-Length")) > 0
+    assert r.getheader("Content-Type") == "application/json"
+    assert request(server, "GET", "/healthz", conn=c)[1]["status"] == "ok"  # the next answer is whole
+    c.request("HEAD", "/score")
+    r = c.getresponse()
+    assert r.status == 405 and r.read() == b""
+    assert request(server, "POST", "/score", {"tokens": _valid_tokens(model)}, conn=c)[0] == 200
+    c.close()
+
+
 def send(sock: socket.socket, data: bytes):
     """Send raw bytes (what http.client would not send); a reader of the responses, kept per connection
     so that pipelined responses are read one after the other."""

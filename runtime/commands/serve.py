@@ -118,7 +118,9 @@ class ModelServer:
     def __call__(self, environ: dict, start_response) -> list[bytes]:
         method, path, headers = environ["REQUEST_METHOD"], environ["PATH_INFO"], []
         try:
-            status, out = 200, self.answer(method, path, environ.get("CONTENT_TYPE", ""), environ["wsgi.input"].read())
+            # HEAD of a GET route is that GET without the body (waitress sends the headers only)
+            routed = "GET" if method == "HEAD" and ("GET", path) in ROUTES else method
+            status, out = 200, self.answer(routed, path, environ.get("CONTENT_TYPE", ""), environ["wsgi.input"].read())
         except RequestError as e:
             status, out, headers = e.args[0], {"error": e.args[1], "status": e.args[0]}, e.args[2:]
         except Exception as e:  # the server's own fault: 500, logged, and the server keeps serving
