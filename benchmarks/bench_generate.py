@@ -8,23 +8,24 @@ this one (same run, same task and target), so the two are measured side by side.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import interleaved, ratio  # noqa: E402  (one timing loop for every benchmark)
 
 HERE = Path(sys.executable).parent / "projectable-edge"
 
 
-def timed(cli: str, args: list[str]) -> float:
-    start = time.perf_counter()
+def generate(cli: str, args: list[str]) -> None:
     res = subprocess.run([cli, "generate", *args], capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"{cli} generate failed:\n{res.stderr[-2000:]}")
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -39,23 +40,20 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory(prefix="pe-bench-generate-") as tmp:
         common = ["--task", a.task, "--target", a.target, "--source", a.run, "--overwrite"]
-        args = {(name, mode): common + ["--out", f"{tmp}/{name}_{mode}/bundle"]
-                + (["--no-cache"] if mode == "cold" else ["--cache-dir", f"{tmp}/{name}_{mode}/cache"])
-                for name in clis for mode in ("cold", "warm")}
-        for name, cli in clis.items():
-            timed(cli, args[name, "warm"])  # fills the warm cache
-        times = {k: [] for k in args}
-        for _ in range(a.runs):
-            for (name, mode), arg in args.items():
-                times[name, mode].append(timed(clis[name], arg))
+        # the first (warm-up) round of each fills its warm cache; later rounds rotate their order
+        times = interleaved({f"{name} {mode}": functools.partial(generate, cli, common + [
+            "--out", f"{tmp}/{name}_{mode}/bundle",
+            *(["--no-cache"] if mode == "cold" else ["--cache-dir", f"{tmp}/{name}_{mode}/cache"])])
+            for name, cli in clis.items() for mode in ("cold", "warm")}, a.runs, {})
     print(f"load average {os.getloadavg()[0]:.2f}")
     print("| cli | mode | best s | median s | runs |\n|---|---|---|---|---|")
-    for (name, mode), ts in times.items():
-        print(f"| {name} | {mode} | {min(ts):.2f} | {statistics.median(ts):.2f} | "
+    for key, ts in times.items():
+        print(f"| {' | '.join(key.split())} | {min(ts):.2f} | {statistics.median(ts):.2f} | "
               f"{' '.join(f'{t:.2f}' for t in ts)} |")
     if a.baseline:
         for mode in ("cold", "warm"):
-            print(f"{mode}: this / baseline, best {min(times['this', mode]) / min(times['baseline', mode]):.2f}x")
+            print(f"{mode}: this / baseline, best {min(times[f'this {mode}']) / min(times[f'baseline {mode}']):.2f}x, "
+                  f"median of per-round ratios {1 / ratio(times[f'baseline {mode}'], times[f'this {mode}']):.2f}x")
 
 
 if __name__ == "__main__":
