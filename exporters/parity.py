@@ -27,11 +27,6 @@ def graph_bits(runner, kind: GraphKind, layout, tokens: np.ndarray) -> float:
     return float(bits_per_dim(graph_logits(runner, kind, layout, tokens, BATCH), tokens).mean())
 
 
-def bits_per_dim_torch(model, tokens: np.ndarray) -> float:
-    with torch_threads():
-        return graph_bits(TorchRunner(model, GraphKind.SCORING), GraphKind.SCORING, None, tokens)
-
-
 def _diff(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> dict:
     if got.shape != ref.shape:
         return {"max_abs": math.inf, "max_rel": math.inf, "ok": False,

@@ -142,12 +142,12 @@ def _measure(path: Path, src: Path, spec, val: np.ndarray, settings: QuantizeSet
     bits = {"variant": variant, "fp32": fp32, "rel_vs_fp32": (variant - fp32) / fp32, "budget_rel": settings.budget}
     extra = {}
     if model is not None:
-        from projectable_edge.exporters.parity import bits_per_dim_torch, check_parity
+        from projectable_edge.exporters.parity import check_parity
 
-        torch_bits = bits_per_dim_torch(model, val)
-        bits.update(pytorch=torch_bits, rel_vs_pytorch=(variant - torch_bits) / torch_bits)
         extra["parity"] = check_parity(path, model, val, precision=settings.precision, raise_on_fail=False,
                                        log=log or (lambda s: None))
+        torch_bits = extra["parity"]["bits_per_dim"]["pytorch"]  # PyTorch's bits/dim on these tokens, computed once
+        bits.update(pytorch=torch_bits, rel_vs_pytorch=(variant - torch_bits) / torch_bits)
     bits["within_budget"] = bool(bits["rel_vs_fp32"] <= settings.budget)
     return {"bits_per_dim": bits, **extra}
 
