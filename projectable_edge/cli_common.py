@@ -25,7 +25,7 @@ from projectable_edge_runtime.commands.console import emit_json, error_boundary
 __all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out"]
 
 _state = {"verbose": False}
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages and log lines stay one line each, whatever the width
 out = Console()
 _PASSTHROUGH = (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException)
 
@@ -36,7 +36,7 @@ def choice_enum(name: str, words) -> type[StrEnum]:
 
 
 def _say(line: str) -> None:
-    err.print("[bold red]error:[/] " + escape(line.removeprefix("error: ")), highlight=False, soft_wrap=True)  # one line
+    err.print("[bold red]error:[/] " + escape(line.removeprefix("error: ")), highlight=False)
 
 
 def guarded(fn):
