@@ -221,6 +221,10 @@ def test_head_is_get_without_a_body_and_the_connection_stays_in_step(server, mod
     assert r.status == 405 and r.read() == b""
     assert request(server, "POST", "/score", {"tokens": _valid_tokens(model)}, conn=c)[0] == 200
     c.close()
+    for path in ("/healthz", "/score"):  # byte for byte, until the server closes: nothing follows the headers
+        with socket.create_connection(address(server), timeout=30) as sock:
+            raw = send(sock, f"HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()).read()
+        assert raw.startswith(b"HTTP/1.1 ") and raw.index(b"\r\n\r\n") == len(raw) - 4, raw
 
 
 def send(sock: socket.socket, data: bytes):

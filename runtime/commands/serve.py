@@ -118,7 +118,8 @@ class ModelServer:
     def __call__(self, environ: dict, start_response) -> list[bytes]:
         method, path, headers = environ["REQUEST_METHOD"], environ["PATH_INFO"], []
         try:
-            # HEAD of a GET route is that GET without the body (waitress sends the headers only)
+            # HEAD of a GET route is that GET's status and headers; no HEAD answer has a body (waitress sends
+            # whatever the application returns, which a client would read as the next response)
             routed = "GET" if method == "HEAD" and ("GET", path) in ROUTES else method
             status, out = 200, self.answer(routed, path, environ.get("CONTENT_TYPE", ""), environ["wsgi.input"].read())
         except RequestError as e:
@@ -131,7 +132,7 @@ class ModelServer:
         data = json.dumps(out).encode("utf-8")
         start_response(f"{status} {HTTPStatus(status).phrase}",
                        [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers])
-        return [data]
+        return [] if method == "HEAD" else [data]
 
     def answer(self, method: str, path: str, content_type: str, data: bytes) -> dict:
         if len(data) > self.limits.max_body_bytes:  # up to 4x is read, so that a client gets this, not a reset
