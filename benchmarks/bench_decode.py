@@ -4,7 +4,8 @@ For each model (the small preset's 32x4 model at 8x8 and 16x16, and the 64x4 lad
 all exported by the real exporter, the decode graph compiled by the real ONNX Runtime compile step as
 an ONNX Runtime target's bundle ships it) it times, interleaved round by round (medians; ratios are
 medians of per-round ratios):
-  kv         the runtime's sampler through the compiled decode graph (contrib kernels; one image, n=1)
+  kv         the runtime's sampler through the compiled decode graph (contrib kernels, one cache per layer;
+             one image, n=1)
   kv_std     the same through the exported standard-op decode graph (what TensorRT targets ship, and
              what ONNX Runtime runs where no compiled graph applies)
   recompute  the same sampler re-running the scoring graph every step (the fallback)
@@ -43,7 +44,7 @@ from projectable_edge.config import parse_size, preset  # noqa: E402
 from projectable_edge.exporters.onnx_export import export_onnx  # noqa: E402
 from projectable_edge.exporters.ort_compile import compile_onnxruntime  # noqa: E402
 from projectable_edge.model import ModelConfig  # noqa: E402
-from projectable_edge_runtime.graphs.contract import CacheLayout  # noqa: E402
+from projectable_edge_runtime.graphs.contract import CacheLayout, cache_pairs, per_layer  # noqa: E402
 from projectable_edge_runtime.graphs.runners import OrtRunner, ort_session  # noqa: E402
 from projectable_edge_runtime.graphs.sampler import sample_kv, sample_recompute, uniforms  # noqa: E402
 from tiny_models import tiny_trained_model  # noqa: E402
@@ -104,7 +105,8 @@ def loop_session(decode: Path, layout: CacheLayout, length: int, seed: int | Non
     uniforms (fed as an input)."""
     m = onnx.load(str(decode))
     body = list(m.graph.node)
-    rename = {"token": "token_in", "past_keys": "keys_in", "past_values": "values_in"}
+    pairs = cache_pairs([i.name for i in m.graph.input])
+    rename = {"token": "token_in", **{p: f"{p}_in" for p, _ in pairs}}
     for node in body:
         node.input[:] = [rename.get(i, i) for i in node.input]
     f, f64, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64
@@ -133,21 +135,20 @@ def loop_session(decode: Path, layout: CacheLayout, length: int, seed: int | Non
     graph = oh.make_graph(body, "step", [oh.make_tensor_value_info("i", i64, []),
                                          oh.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
                                          oh.make_tensor_value_info("token_in", i64, None),
-                                         oh.make_tensor_value_info("keys_in", f, None),
-                                         oh.make_tensor_value_info("values_in", f, None)],
+                                         *(oh.make_tensor_value_info(f"{p}_in", f, None) for p, _ in pairs)],
                           [oh.make_tensor_value_info(n, t, None) for n, t in (
-                              ("cond_out", onnx.TensorProto.BOOL), ("next", i64), ("present_keys", f),
-                              ("present_values", f), ("scan", i64))])
+                              ("cond_out", onnx.TensorProto.BOOL), ("next", i64), *((q, f) for _, q in pairs),
+                              ("scan", i64))])
     extra = [] if seed is None else [oh.make_tensor_value_info("uniforms", f64, [length, 1])]
-    outer = oh.make_graph([oh.make_node("Loop", ["n", "", "token", "past_keys", "past_values"],
-                                        ["last", "keys", "values", "tokens"], body=graph)],
+    outer = oh.make_graph([oh.make_node("Loop", ["n", "", "token", *(p for p, _ in pairs)],
+                                        ["last", *(f"{q}_last" for _, q in pairs), "tokens"], body=graph)],
                           "rollout", [oh.make_tensor_value_info("n", i64, []), *m.graph.input, *extra],
                           [oh.make_tensor_value_info("tokens", i64, None)], inits)
     model = oh.make_model(outer, opset_imports=m.opset_import)
     model.ir_version = m.ir_version
     s = ort_session(model.SerializeToString(), threads=1)  # the body keeps its contrib-domain nodes
     feed = {"n": np.array(length, np.int64), "token": np.full((1, 1), layout.bos_id, np.int64),
-            "past_keys": layout.empty(1), "past_values": layout.empty(1)}
+            **{p: layout.empty(1, name=p) for p, _ in pairs}}
     if seed is not None:
         feed["uniforms"] = uniforms(seed, 1, length, 1.0)
     return lambda: s.run(None, feed)[0].reshape(1, length)
@@ -186,7 +187,8 @@ def bench_model(name: str, rounds: int, work: Path) -> dict:
     sco = OrtRunner(art.scoring, threads=1)
     layout, t = CacheLayout.of(art.specs["decode"]), cfg.block_size
     mid = np.zeros((cfg.n_layer, 1, cfg.n_head, t // 2, cfg.head_dim), np.float32)
-    step_feed = {"token": np.zeros((1, 1), np.int64), "past_keys": mid, "past_values": mid}
+    std_feed = {"token": np.zeros((1, 1), np.int64), "past_keys": mid, "past_values": mid}
+    step_feed = {"token": std_feed["token"], **per_layer(std_feed)}
     step_sess, step_std = ort_session(compiled, threads=1), ort_session(art.decode, threads=1)
     loop, loop_sampled = loop_session(compiled, layout, t), loop_session(compiled, layout, t, seed=0)
     want = sample_recompute(sco, 1, t, seed=0)  # the same tokens every way
@@ -197,7 +199,7 @@ def bench_model(name: str, rounds: int, work: Path) -> dict:
     fns = {"kv": lambda: sample_kv(dec, layout, 1, t, seed=0), "kv_std": lambda: sample_kv(std, layout, 1, t, seed=0),
            "recompute": lambda: sample_recompute(sco, 1, t, seed=0),
            "greedy": lambda: sample_kv(dec, layout, 1, t, temperature=0), "loop": loop, "loop_sampled": loop_sampled,
-           "step": lambda: step_sess.run(None, step_feed), "step_std": lambda: step_std.run(None, step_feed),
+           "step": lambda: step_sess.run(None, step_feed), "step_std": lambda: step_std.run(None, std_feed),
            "floor": floor_session()}
     t_ = interleaved(fns, rounds, {"step": 100, "step_std": 100, "floor": 100})
     med = {k: float(np.median(v)) for k, v in t_.items()}

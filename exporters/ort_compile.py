@@ -1,8 +1,9 @@
 """ONNX Runtime "compilation": an offline-optimized graph (saves session start-up on the device), the `.ort`
 flatbuffer that minimal / mobile builds load, and the required-operators config that lets such a build hold only
 this model's kernels. Level 'basic' is portable to any provider; 'extended'/'all' may insert CPU contrib ops.
-A decode graph is first rebuilt with contrib kernels (`ort_decode_graph`), since a CPU decode step costs per
-kernel, not per FLOP; the .ort keeps the standard-op graph, portable to minimal builds.
+A decode graph is first rebuilt with contrib kernels and one cache per layer (`ort_decode_graph`), since a CPU
+decode step costs per kernel and per cache copy, not per FLOP; the .ort keeps the standard-op graph, portable to
+minimal builds.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from onnx import helper, numpy_helper
 from projectable_edge_runtime.devices.choices import choose
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.onnx_io import consumers, load_onnx
-from projectable_edge.exporters.spec import opset_of, read_spec
+from projectable_edge.exporters.spec import attach_spec, opset_of, read_spec, spec_from_onnx
 from projectable_edge_runtime.bundle.atomic import atomic_output
 from projectable_edge_runtime.bundle.manifest import file_info
+from projectable_edge_runtime.graphs.contract import LAYER_CACHE, per_layer
 from projectable_edge_runtime.graphs.runners import OptLevel, OrtRunner, ort_session
 
 REPORT_FILE = "compile_report.json"
@@ -67,13 +69,20 @@ def _feeds(spec) -> list[dict]:
 
 def _smoke(candidate, reference: Path, spec) -> float:
     """Max abs difference of a compiled graph's outputs (a path or serialized bytes) from its source's on
-    fixed inputs, relative to the output's scale where that exceeds 1."""
+    fixed inputs, relative to the output's scale where that exceeds 1; per-layer caches are compared layer by
+    layer with the source's."""
     got_runner = ort_session(candidate, threads=1, optimization="disable")
     ref_runner = OrtRunner(reference, threads=1)
+    layered = any(i.name.startswith(LAYER_CACHE) for i in got_runner.get_inputs())
+    names = [o.name for o in got_runner.get_outputs()]
     worst = 0.0
     for feed in _feeds(spec):
         ref = ref_runner.run(feed)
-        got = dict(zip(ref_runner.output_names, got_runner.run(ref_runner.output_names, feed)))
+        if layered:
+            feed, ref = {"token": feed["token"], **per_layer(feed)}, {"logits": ref["logits"], **per_layer(ref, "present")}
+        got = dict(zip(names, got_runner.run(names, feed)))
+        if set(got) != set(ref):
+            return float("inf")
         for name, r in ref.items():
             if got[name].shape != r.shape:
                 return float("inf")
@@ -191,8 +200,10 @@ def _fusion_weights(proto: onnx.ModelProto, spec) -> tuple[dict | None, str]:
 
 def ort_decode_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
     """The exported fp32 decode graph with ONNX Runtime's contrib kernels, per layer one Attention (q|k|v, past
-    cache, softmax), SkipLayerNormalization (residual adds and biases), BiasGelu, and a Gemm head: 42 kernels
-    instead of about 90 for 4 layers, same I/O and arithmetic (to float rounding). (None, why) for other graphs."""
+    cache, softmax), SkipLayerNormalization (residual adds and biases), BiasGelu, and a Gemm head: 34 kernels
+    instead of about 90 for 4 layers, the same arithmetic (to float rounding). Its caches are per layer, each
+    `past_kv_<i>` [2, N, H, P, hd] (keys, values) the layer's Attention reads as it is and whose `present_kv_<i>`
+    it writes: the only copy of a cache in a step. (None, why) for other graphs."""
     spec = read_spec(proto)
     if spec.graph != "decode":
         return None, "not a decode graph"
@@ -218,21 +229,14 @@ def ort_decode_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, st
         if k != "epsilon":
             const(k, v)
     # position = the past length; the token and position embeddings enter the first norm as a skip
-    node("Shape", ["past_keys"], ["past_len"], "position/Shape", start=3, end=4)
+    node("Shape", [f"{LAYER_CACHE}0"], ["past_len"], "position/Shape", start=3, end=4)
     node("Gather", ["wpe", "past_len"], ["pos"], "position/Gather", axis=0)  # [1, d]
     node("Gather", ["wte_ext", "token"], ["emb"], "embedding/Gather", axis=0)  # [B, 1, d]
     skip_norm("emb", "pos", "h0.ln1", None, "h_0", "x_0", "h0_ln1/SkipLayerNormalization")
-    # each layer's past as Attention wants it, [2, B, H, P, hd] (keys then values), gathered from one
-    # concatenation (Gather: a few % faster than a strided Slice here)
-    node("Concat", ["past_keys", "past_values"], ["past_kv"], "past/Concat", axis=0)  # [2L, B, H, P, hd]
-    presents = []
     for i in range(L):
         p = f"h{i}."
-        node("Gather", ["past_kv", const(f"h{i}.past_rows", np.array([i, L + i], np.int64))], [f"past{i}"],
-             f"h{i}_past/Gather", axis=0)
-        node("Attention", [f"h_{i}", p + "wqkv", p + "bqkv", "", f"past{i}"], [f"attn{i}", f"present{i}"],
+        node("Attention", [f"h_{i}", p + "wqkv", p + "bqkv", "", f"{LAYER_CACHE}{i}"], [f"attn{i}", f"present_kv_{i}"],
              f"h{i}_attn/Attention", "com.microsoft", num_heads=H, qkv_hidden_sizes=[A, A, A])
-        presents.append(f"present{i}")
         node("MatMul", [f"attn{i}", p + "wo"], [f"o{i}"], f"h{i}_wo/MatMul")
         skip_norm(f"x_{i}", f"o{i}", f"h{i}.ln2", p + "bo", f"m{i}", f"xm{i}", f"h{i}_ln2/SkipLayerNormalization")
         node("MatMul", [f"m{i}", p + "w1"], [f"u{i}"], f"h{i}_w1/MatMul")
@@ -242,14 +246,12 @@ def ort_decode_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, st
         skip_norm(f"xm{i}", f"dn{i}", "lnf" if last else f"h{i + 1}.ln1", p + "b2", "h_f" if last else f"h_{i + 1}",
                   None if last else f"x_{i + 1}", "lnf/SkipLayerNormalization" if last else
                   f"h{i + 1}_ln1/SkipLayerNormalization")
-    # presents [2, B, H, P+1, hd] per layer -> [2L, ...] (k0 v0 k1 v1 ...) -> keys and values, every other one
-    node("Concat", presents, ["present_kv"], "present/Concat", axis=0)
-    for j, out in enumerate(("present_keys", "present_values")):
-        node("Gather", ["present_kv", const(f"{out}_rows", np.arange(j, 2 * L, 2, dtype=np.int64))], [out],
-             f"{out}/Gather", axis=0)
     node("Reshape", ["h_f", const("rows", np.array([-1, d], np.int64))], ["h_rows"], "head/Reshape")
     node("Gemm", ["h_rows", "head", "head_b"], ["logits"], "head/Gemm")
-    graph = helper.make_graph(nodes, "decode_onnxruntime", list(proto.graph.input), list(proto.graph.output), inits)
+    f, ins, outs = onnx.TensorProto.FLOAT, {v.name: v for v in proto.graph.input}, {v.name: v for v in proto.graph.output}
+    pasts = [helper.make_tensor_value_info(f"{LAYER_CACHE}{i}", f, [2, "batch", H, "past", hd]) for i in range(L)]
+    presents = [helper.make_tensor_value_info(f"present_kv_{i}", f, [2, "batch", H, "past + 1", hd]) for i in range(L)]
+    graph = helper.make_graph(nodes, "decode_onnxruntime", [ins["token"], *pasts], [outs["logits"], *presents], inits)
     opsets = [o for o in proto.opset_import if o.domain not in ("", "ai.onnx", "com.microsoft")]
     out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset_of(proto)),
                                                   helper.make_opsetid("com.microsoft", 1), *opsets])
@@ -257,4 +259,5 @@ def ort_decode_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, st
     out.producer_name = proto.producer_name
     out.doc_string = proto.doc_string + " for ONNX Runtime (contrib kernels: Attention, SkipLayerNormalization)"
     out.metadata_props.extend(proto.metadata_props)
+    attach_spec(out, spec_from_onnx(out, "decode", spec))  # its own I/O, per-layer caches
     return out, ""

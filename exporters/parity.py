@@ -53,7 +53,8 @@ def _cases(kind: GraphKind, tokens: np.ndarray) -> list[tuple[str, np.ndarray]]:
 def _outputs(runner, kind: GraphKind, layout, x: np.ndarray) -> dict[str, np.ndarray]:
     if kind is GraphKind.SCORING:
         return {"logits": score_logits(runner, x, BATCH)}
-    return dict(zip(kind.outputs, rollout(runner, layout, x)))
+    logits, presents = rollout(runner, layout, x)
+    return {"logits": logits, **presents}
 
 
 def compare_outputs(graph, reference, kind: GraphKind, layout, tokens: np.ndarray,

@@ -3,6 +3,7 @@ check, and ONNX Runtime's optimized graph + ORT format."""
 import json
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import onnx
@@ -13,8 +14,10 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.compile import compile_for_target
 from projectable_edge_runtime.bundle.manifest import sha256_file
 from projectable_edge.exporters.ort_compile import compile_onnxruntime, ort_decode_graph
+from projectable_edge.exporters.spec import read_spec
 from projectable_edge.exporters.tensorrt import TensorRTSettings, compile_tensorrt
-from projectable_edge_runtime.graphs.runners import ort_session
+from projectable_edge_runtime.graphs.contract import GraphKind, check_io, graph_logits, kind_of
+from projectable_edge_runtime.graphs.runners import OrtRunner, ort_session
 from tiny_models import TINY, peaked_export, sample_graph, tiny_export, tiny_variant
 from projectable_edge.exporters.trt_check import check_tensorrt_compat
 
@@ -155,30 +158,60 @@ def _kernels(path, tmp_path) -> dict:
 
 @pytest.mark.parametrize("which", ["tiny", "peaked"])
 def test_onnxruntime_decode_graph_is_rebuilt_with_contrib_kernels(tmp_path, ex, which):
-    """An ONNX Runtime target's decode graph: one Attention kernel per layer, about half the kernels, the same
-    I/O and outputs for any batch and past length, and the same sampled tokens as the scoring graph."""
+    """An ONNX Runtime target's decode graph: one Attention kernel per layer reading and writing its own cache,
+    no cache copied outside them, under half the kernels, the exported graph's outputs (layer by layer) for any
+    batch and past length, its own I/O in its spec, and the same sampled tokens as the scoring graph."""
     src = ex if which == "tiny" else peaked_export()
     _, rep = compile_onnxruntime(src.decode, None, tmp_path / "ort")
     assert rep["fusion"]["applied"], rep["fusion"]
     opt = tmp_path / "ort" / "decode.optimized.onnx"
     fused, plain = _kernels(opt, tmp_path), _kernels(src.decode, tmp_path)
     assert fused.get("Attention") == TINY.n_layer and "Softmax" not in fused and "LayerNormalization" not in fused
-    # 8 per layer + 10 (embedding, cache plumbing, head) against about 25 per layer for the standard-op graph
-    assert sum(fused.values()) <= 8 * TINY.n_layer + 10 < 0.55 * sum(plain.values()), (fused, plain)
+    assert "Concat" not in fused and "Split" not in fused and fused.get("Gather") == 2, fused  # the embeddings only
+    # 7 per layer + 6 (position, embeddings, first norm, head) against about 25 per layer for the standard-op graph
+    assert sum(fused.values()) <= 7 * TINY.n_layer + 6 < 0.5 * sum(plain.values()), (fused, plain)
+    L = TINY.n_layer
     a, b = ort_session(src.decode, threads=1), ort_session(opt, threads=1)
-    assert [i.name for i in a.get_inputs()] == [i.name for i in b.get_inputs()]
-    assert [o.name for o in a.get_outputs()] == [o.name for o in b.get_outputs()]
+    assert [i.name for i in b.get_inputs()] == ["token"] + [f"past_kv_{i}" for i in range(L)]
+    assert [o.name for o in b.get_outputs()] == ["logits"] + [f"present_kv_{i}" for i in range(L)]
+    assert [t.name for t in read_spec(onnx.load(str(opt))).inputs] == [i.name for i in b.get_inputs()]
     rng = np.random.default_rng(1)
     for batch, past in ((1, 0), (2, 1), (3, TINY.block_size - 1)):
-        cache = rng.standard_normal((TINY.n_layer, batch, TINY.n_head, past, TINY.head_dim)).astype(np.float32)
+        cache = rng.standard_normal((L, batch, TINY.n_head, past, TINY.head_dim)).astype(np.float32)
         feed = {"token": rng.integers(0, TINY.vocab_size + 1, (batch, 1)), "past_keys": cache,
                 "past_values": -cache}
-        for want, got in zip(a.run(None, feed), b.run(None, feed)):
-            assert want.shape == got.shape
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+        want = dict(zip(["logits", "present_keys", "present_values"], a.run(None, feed)))
+        want = {"logits": want["logits"], **{f"present_kv_{i}": np.stack([want["present_keys"][i],
+                                                                         want["present_values"][i]])
+                                             for i in range(L)}}
+        got = b.run(None, {"token": feed["token"], **{f"past_kv_{i}": np.stack([cache[i], -cache[i]])
+                                                      for i in range(L)}})
+        for name, g in zip([o.name for o in b.get_outputs()], got):
+            assert g.shape == want[name].shape
+            np.testing.assert_allclose(g, want[name], rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want[name]).max())))
     for seed, temperature in ((0, 0.0), (3, 1.0)):
         np.testing.assert_array_equal(sample_graph(opt, 3, seed, temperature), sample_graph(src.scoring, 3, seed,
                                                                                              temperature))
+
+
+def test_the_decode_contract_speaks_per_layer_caches_and_names_what_is_missing(tmp_path, ex):
+    """The runtime's loops take the compiled graph's per-layer caches as they take the exported keys and values:
+    a teacher-forced rollout gives the exported graph's logits; a graph missing a cache fails when opened."""
+    compile_onnxruntime(ex.decode, None, tmp_path / "ort")
+    compiled = OrtRunner(tmp_path / "ort" / "decode.optimized.onnx", threads=1)
+    exported = OrtRunner(ex.decode, threads=1)
+    assert kind_of(compiled.input_names) is kind_of(exported.input_names) is GraphKind.DECODE
+    check_io(compiled, GraphKind.DECODE)
+    layout, tokens = read_spec(onnx.load(str(ex.decode))).layout, ex.heldout[:3]
+    want = graph_logits(exported, GraphKind.DECODE, layout, tokens)
+    np.testing.assert_allclose(graph_logits(compiled, GraphKind.DECODE, layout, tokens), want, rtol=1e-4, atol=1e-4)
+    L = TINY.n_layer
+    short = types.SimpleNamespace(name="g", input_names=compiled.input_names,
+                                  output_names=[n for n in compiled.output_names if n != f"present_kv_{L - 1}"])
+    with pytest.raises(ProjectableEdgeError, match=f"present_kv_{L - 1}"):
+        check_io(short, GraphKind.DECODE)
+    with pytest.raises(ProjectableEdgeError, match="neither a scoring graph"):
+        kind_of(["token", "past_kv_0", "past_keys"])
 
 
 def test_onnxruntime_compile_leaves_other_graphs_to_onnxruntime(tmp_path, ex):

@@ -137,7 +137,8 @@ class Engine:
                               "the profile, lengths from the model's block size.", None)
     records: dict[str, str] | None = doc("{plan: record}: where build_engine.sh writes each plan's record.", None)
     trt_check: dict | None = doc("The static TensorRT check per graph (informational).", None)
-    ort: dict | None = doc("ONNX Runtime targets: the offline-optimized and .ort files per graph.", None)
+    ort: dict | None = doc("ONNX Runtime targets: the offline-optimized and .ort files per graph (the optimized "
+                           "decode graph holds one cache per layer, `past_kv_<i>` -> `present_kv_<i>`).", None)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ COMPILED_DECODE = "ort_decode/decode.optimized.onnx"
 
 def compiled_decode(bundle_dir: Path, engine: Engine | None, variant: str, providers) -> tuple[str | None, str]:
     """(the compiled decode graph to run instead of the variant's own, or None; why). Compiled with ONNX Runtime's
-    contrib kernels it has about half the kernels and the same I/O, tokens and bits: most of a CPU's speed."""
+    contrib kernels and one cache per layer it has under half the kernels, copies no cache outside its Attention
+    kernels, and gives the same tokens and bits: most of a CPU's speed."""
     if engine is None or engine.status != EngineStatus.NOT_APPLICABLE or engine.variant != variant:
         return None, "no ONNX Runtime compile of this candidate in the bundle"
     if COMPILED_DECODE.rsplit("/", 1)[1] not in ((engine.ort or {}).get("decode") or {}):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ..devices.errors import ProjectableEdgeError
-from .contract import CacheLayout, GraphKind, cache_dtype, kind_of
+from .contract import CacheLayout, GraphKind, cache_pairs, kind_of
 
 
 MAX_SAMPLES = 65536  # per call: bounded memory ([n, T] tokens and uniforms, an [L, n, H, T, hd] cache)
@@ -51,7 +51,7 @@ def choose(logits: np.ndarray, u: np.ndarray | None, temperature: float, top_k: 
         z /= temperature
     if len(z) == 1 and (top_k is None or top_k >= z.shape[-1]):  # one row: the same float64 operations, fewer calls
         z = z[0]
-        np.subtract(z, _max(z), out=z)
+        np.subtract(z, z[z.argmax()], out=z)  # the max (NaN if any), in one call fewer than a reduction
         np.exp(z, out=z)
         _cumsum(z, out=z)
         # searchsorted (right): the CDF's first entry above u * total; a NaN CDF (NaN sorts last) gives the last id
@@ -83,18 +83,17 @@ def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarr
     fixed = _prefix(prefix, n)
     known = fixed.shape[1]
     u = uniforms(seed, n, length - known, temperature)
-    dt = cache_dtype(runner)
-    spans = _spans(n, max_batch)
+    spans, pairs = _spans(n, max_batch), cache_pairs(runner.input_names)
     out = np.empty((length, n, 1), np.int64)  # step-major: out[i] is contiguous and feeds step i + 1
     out[:known, :, 0] = fixed.T
-    feeds = [{"token": np.full((b - a, 1), layout.bos_id, np.int64), "past_keys": layout.empty(b - a, dt),
-              "past_values": layout.empty(b - a, dt)} for a, b in spans]
+    feeds = [layout.first_feed(runner, np.full((b - a, 1), layout.bos_id, np.int64)) for a, b in spans]
     run = runner.run
     if len(feeds) == 1:  # one chunk (the usual case): a step is one call and one choice, nothing to join
         feed = feeds[0]
         for i in range(length):
             r = run(feed)
-            feed["past_keys"], feed["past_values"] = r["present_keys"], r["present_values"]
+            for past, present in pairs:
+                feed[past] = r[present]
             if i >= known:
                 out[i, :, 0] = choose(r["logits"], None if u is None else u[i - known], temperature, top_k)
             feed["token"] = out[i]
@@ -102,7 +101,8 @@ def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarr
     for i in range(length):
         results = [run(f) for f in feeds]
         for feed, r in zip(feeds, results):
-            feed["past_keys"], feed["past_values"] = r["present_keys"], r["present_values"]
+            for past, present in pairs:
+                feed[past] = r[present]
         if i >= known:
             logits = np.concatenate([r["logits"] for r in results])
             out[i, :, 0] = choose(logits, None if u is None else u[i - known], temperature, top_k)
