@@ -7,6 +7,7 @@ the runtime computes in-process; idle and slow clients starve no one; SIGTERM st
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import json
@@ -355,6 +356,50 @@ def test_short_concurrent_load_has_no_failures(server, model):
     assert len(results) == 8
     assert sum(b for _, b in results) == 0
     assert all(n > 0 for n, _ in results)
+
+
+def test_many_keep_alive_clients_leave_the_loop_asleep_while_tasks_run(model, monkeypatch):
+    """100 keep-alive clients, 5 requests each at once: every answer is right, and the server's loop wakes a
+    few times per request, not over and over while a worker sends its answer (it did: about 180 wake-ups per
+    request, which starved the workers of the GIL, 120 requests/s instead of 2,000 here)."""
+    from waitress import wasyncore
+
+    wakeups, poll = [0], wasyncore.poll2
+
+    def counted(*args, **kwargs):
+        wakeups[0] += 1
+        return poll(*args, **kwargs)
+
+    monkeypatch.setattr(wasyncore, "poll2", counted)
+    tokens = goldens(model)[:8]
+    expected = model.score(tokens)
+
+    async def client(port: int, k: int) -> list[bool]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        right = []
+        for n in range(5):
+            i = (k + n) % len(tokens)
+            body = json.dumps({"tokens": tokens[i:i + 1].tolist()}).encode()
+            writer.write(b"POST /score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            status, length = await reader.readline(), 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            out = json.loads(await reader.readexactly(length))
+            right.append(status.startswith(b"HTTP/1.1 200") and abs(out["bits_per_dim"][0] - expected[i]) < 1e-9)
+        writer.close()
+        return right
+
+    async def clients(port: int) -> list[bool]:
+        return sum(await asyncio.gather(*(client(port, k) for k in range(100))), [])
+
+    with running(model, Limits()) as srv:
+        start = wakeups[0]
+        right = asyncio.run(clients(address(srv)[1]))
+        per_request = (wakeups[0] - start) / len(right)
+    assert len(right) == 500 and all(right)
+    assert per_request < 10, per_request
 
 
 def test_a_burst_of_new_connections_is_not_reset(model):
