@@ -79,7 +79,8 @@ def _smoke(candidate, reference: Path, spec) -> float:
     for feed in _feeds(spec):
         ref = ref_runner.run(feed)
         if layered:
-            feed, ref = {"token": feed["token"], **per_layer(feed)}, {"logits": ref["logits"], **per_layer(ref, "present")}
+            feed = {"token": feed["token"], **per_layer(feed)}
+            ref = {"logits": ref["logits"], **per_layer(ref, "present")}
         got = dict(zip(names, got_runner.run(names, feed)))
         if set(got) != set(ref):
             return float("inf")
@@ -248,7 +249,8 @@ def ort_decode_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, st
                   f"h{i + 1}_ln1/SkipLayerNormalization")
     node("Reshape", ["h_f", const("rows", np.array([-1, d], np.int64))], ["h_rows"], "head/Reshape")
     node("Gemm", ["h_rows", "head", "head_b"], ["logits"], "head/Gemm")
-    f, ins, outs = onnx.TensorProto.FLOAT, {v.name: v for v in proto.graph.input}, {v.name: v for v in proto.graph.output}
+    f = onnx.TensorProto.FLOAT
+    ins, outs = {v.name: v for v in proto.graph.input}, {v.name: v for v in proto.graph.output}
     pasts = [helper.make_tensor_value_info(f"{LAYER_CACHE}{i}", f, [2, "batch", H, "past", hd]) for i in range(L)]
     presents = [helper.make_tensor_value_info(f"present_kv_{i}", f, [2, "batch", H, "past + 1", hd]) for i in range(L)]
     graph = helper.make_graph(nodes, "decode_onnxruntime", [ins["token"], *pasts], [outs["logits"], *presents], inits)
