@@ -18,6 +18,7 @@ from projectable_edge.exporters.spec import read_spec
 from projectable_edge.exporters.tensorrt import TensorRTSettings, compile_tensorrt
 from projectable_edge_runtime.graphs.contract import GraphKind, check_io, graph_logits, kind_of
 from projectable_edge_runtime.graphs.runners import OrtRunner, ort_session
+from projectable_edge_runtime.graphs.sampler import sample_kv
 from tiny_models import TINY, peaked_export, sample_graph, tiny_export, tiny_variant
 from projectable_edge.exporters.trt_check import check_tensorrt_compat
 
@@ -205,6 +206,9 @@ def test_the_decode_contract_speaks_per_layer_caches_and_names_what_is_missing(t
     layout, tokens = read_spec(onnx.load(str(ex.decode))).layout, ex.heldout[:3]
     want = graph_logits(exported, GraphKind.DECODE, layout, tokens)
     np.testing.assert_allclose(graph_logits(compiled, GraphKind.DECODE, layout, tokens), want, rtol=1e-4, atol=1e-4)
+    for kw in ({"seed": 3}, {"seed": 4, "max_batch": 2, "prefix": tokens[:, :5]}):  # in chunks, after a prefix
+        np.testing.assert_array_equal(sample_kv(compiled, layout, 3, TINY.block_size, **kw),
+                                      sample_kv(exported, layout, 3, TINY.block_size, **kw))
     L = TINY.n_layer
     short = types.SimpleNamespace(name="g", input_names=compiled.input_names,
                                   output_names=[n for n in compiled.output_names if n != f"present_kv_{L - 1}"])
