@@ -270,6 +270,22 @@ def test_device_check_python310_stand_in(cwd_bundle):
     print(f"device-check --py310 took {time.perf_counter() - t0:.1f}s")
 
 
+@pytest.mark.slow
+def test_an_onnxruntime_bundle_decodes_with_its_compiled_graph_in_the_python310_stand_in(tiny_run, tmp_path):
+    """An x86-64-cpu bundle's compiled decode graph (contrib kernels, one cache per layer) on the oldest
+    onnxruntime the bundles accept: device-check --py310 passes, and `info` there names that graph."""
+    cli = Path(sys.executable).parent / "projectable-edge"
+    gen = subprocess.run([str(cli), "generate", "--task", "3", "--target", "x86-64-cpu", "--source", str(tiny_run),
+                          "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=900)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "device-check.sh"), str(tmp_path / "b"), "--py310",
+                           "--no-apps"], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "device-check: PASS" in out, out[-5000:]
+    assert "onnxruntime 1.19.0" in out
+    assert "decode graph: onnxruntime:ort_decode/decode.optimized.onnx" in out, out[-5000:]
+
+
 # ---------------------------------------------------------------------------- packaging
 
 

@@ -102,8 +102,10 @@ def validate_text(out: dict) -> str:
 
 
 def info_text(model) -> str:
+    b = model.backend
+    decode = f"{b['decode_runner']} ({b['decode_graph']})" if b["decode_runner"] else "none: sampling recomputes"
     return "\n".join([repr(model), f"  candidates: {', '.join(model.info()['candidates'])}",
-                      f"  backend reason: {model.backend['reason']}", *execution_lines(model.backend["execution"])])
+                      f"  backend reason: {b['reason']}", f"  decode graph: {decode}", *execution_lines(b["execution"])])
 
 
 def score_text(names: list[str], bits: np.ndarray, variant: str) -> str:
