@@ -217,6 +217,9 @@ def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.nd
         loose = sum(1 for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         hint = f" (found {loose} image(s) directly in it: move them into per-task sub-folders)" if loose else ""
         raise ProjectableEdgeError(f"image folder '{root}' has no task sub-folders{hint}; lay it out as {_LAYOUT}")
+    if len(tasks) < 2:  # before any image is read
+        raise ProjectableEdgeError(f"the dataset has {len(tasks)} task(s) {[t.name for t in tasks]}; a "
+                                   "task-conditioned model needs at least 2: add a sub-folder of images per task")
     names, per_task = [], []
     for task in tasks:
         files = sorted(p for p in task.iterdir()
@@ -258,9 +261,6 @@ def _set_aside(names: list[str], splits, hold_out: tuple[str, ...]):
     unknown = [t for t in hold_out if t not in names]
     if unknown:
         raise ProjectableEdgeError(f"cannot hold out task(s) {unknown}: the dataset's tasks are {names}")
-    if len(names) < 2:
-        raise ProjectableEdgeError(f"the dataset has {len(names)} task(s) {names}; a task-conditioned model needs "
-                                   "at least 2: add a sub-folder of images per task")
     if len(names) - len(set(hold_out)) < 2:
         raise ProjectableEdgeError(f"holding out {list(hold_out)} leaves fewer than 2 of the {len(names)} tasks; "
                                    "hold out fewer tasks")

@@ -208,6 +208,11 @@ def _source_weights(run: Path, cfg: TrainConfig, data: TaskData) -> dict[str, to
     return {k: v for k, v in t.items() if k.startswith(("source.", "source_task"))}
 
 
+def _creates_group() -> bool:
+    """Whether this process (one of torchrun's) has no process group yet, so opening a run creates it."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+
+
 def _dist_setup() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
@@ -215,7 +220,7 @@ def _dist_setup() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if _creates_group():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank() if world > 1 else 0), world, device
 
@@ -404,7 +409,7 @@ def train(cfg: TrainConfig, data_cfg: DataConfig, out: Path, *, resume: bool = F
     # A process group this call creates (torchrun) is destroyed here once every rank is done: a gloo
     # group left to the interpreter's exit can abort a rank ("terminate called without an active
     # exception"). Not after an error: destroying while other ranks wait in a collective can hang.
-    creates_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    creates_group = _creates_group()
     summary = _train(_open(cfg, data_cfg, out, resume, init_source, from_run, log), out, progress)
     if creates_group:
         gc.collect()  # the DDP wrapper sits in reference cycles and holds the group: free it first
