@@ -134,10 +134,12 @@ record() {  # STAGE CHECK RC [NOTE]: rc 0 = ok, "skip" = skipped, anything else 
 }
 
 # A stand-in: its command prefix (IN: none for py310, in_rootfs for arm64), VENV, empty CWD and BUNDLE_IN.
-stand_in() {  # python ARGS... in the stand-in, from its empty folder (or from $PE_RUN_DIR)
-    "${IN[@]}" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "${PE_RUN_DIR:-$CWD}" \
+stand_in_at() {  # DIR python ARGS... in the stand-in, from DIR
+    local dir=$1; shift
+    "${IN[@]}" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$dir" \
         env PYTHONNOUSERSITE=1 timeout "${PE_CMD_TIMEOUT:-900}" "$VENV/bin/python" "$@"
 }
+stand_in() { stand_in_at "$CWD" "$@"; }  # python ARGS... in the stand-in, from its empty folder
 
 setup_venv() {  # STAGE PYTHON: the stand-in's cached venv, with onnxruntime==$ORT_VERSION and $NUMPY_SPEC only
     if "${IN[@]}" test -f "$VENV/.pe-ok"; then say "[$1] reusing $VENV"; return; fi
@@ -158,7 +160,7 @@ run_checks() {  # STAGE WHEEL HOST_CWD [X86_SCORES]: paths in the stand-in, but 
         && "${IN[@]}" "$VENV/bin/python" -m pip check
     record "$stage" "install wheel" $? "pip install + pip check"
     say "[$stage] python -m projectable_edge_runtime info (relative bundle path)"
-    PE_RUN_DIR=$(dirname "$b") stand_in -m projectable_edge_runtime info "$(basename "$b")"
+    stand_in_at "$(dirname "$b")" -m projectable_edge_runtime info "$(basename "$b")"
     record "$stage" "info (relative path)" $?
     stand_in -m projectable_edge_runtime info "$b" > /dev/null
     record "$stage" "info (absolute path)" $?
