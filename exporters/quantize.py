@@ -136,17 +136,21 @@ def float_layers(model: onnx.ModelProto, precision: str, fp32_ops: tuple[str, ..
 
 
 def _measure(path: Path, src: Path, spec, val: np.ndarray, settings: QuantizeSettings, model, log) -> dict:
-    """bits/dim of the variant next to fp32 (and PyTorch), with the parity report when the model is given."""
-    variant = graph_bits(OrtRunner(path, threads=1), spec.kind, spec.layout, val)
-    fp32 = graph_bits(OrtRunner(src, threads=1), spec.kind, spec.layout, val)
-    bits = {"variant": variant, "fp32": fp32, "rel_vs_fp32": (variant - fp32) / fp32, "budget_rel": settings.budget}
+    """bits/dim of the variant next to fp32 (and PyTorch), with the parity report when the model is given (which
+    measures the variant's and PyTorch's bits/dim on these tokens: each is computed once)."""
     extra = {}
     if model is not None:
         from projectable_edge.exporters.parity import check_parity
 
         extra["parity"] = check_parity(path, model, val, precision=settings.precision, raise_on_fail=False,
                                        log=log or (lambda s: None))
-        torch_bits = extra["parity"]["bits_per_dim"]["pytorch"]  # PyTorch's bits/dim on these tokens, computed once
+        variant = extra["parity"]["bits_per_dim"]["onnx"]
+    else:
+        variant = graph_bits(OrtRunner(path, threads=1), spec.kind, spec.layout, val)
+    fp32 = graph_bits(OrtRunner(src, threads=1), spec.kind, spec.layout, val)
+    bits = {"variant": variant, "fp32": fp32, "rel_vs_fp32": (variant - fp32) / fp32, "budget_rel": settings.budget}
+    if model is not None:
+        torch_bits = extra["parity"]["bits_per_dim"]["pytorch"]
         bits.update(pytorch=torch_bits, rel_vs_pytorch=(variant - torch_bits) / torch_bits)
     bits["within_budget"] = bool(bits["rel_vs_fp32"] <= settings.budget)
     return {"bits_per_dim": bits, **extra}
