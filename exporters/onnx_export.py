@@ -19,7 +19,7 @@ import torch
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.onnx_io import check_tokens, quiet
 from projectable_edge.exporters.protocol import ExportableModel
-from projectable_edge.exporters.spec import GRAPHS, ExportSpec, attach_spec, spec_from_onnx
+from projectable_edge.exporters.spec import GRAPHS, ExportSpec, attach_spec, read_spec, spec_from_onnx
 from projectable_edge_runtime.bundle.atomic import atomic_output
 from projectable_edge_runtime.bundle.manifest import file_info
 from projectable_edge_runtime.graphs.contract import GraphKind
@@ -167,7 +167,8 @@ def _export_in_child(conn, model: ExportableModel, graph: str, settings: ExportS
         proto, _ = _export_one(model, graph, settings)
         conn.send((proto.SerializeToString(), None))
     except BaseException as e:  # the parent raises it; a forked child never returns into the caller's code
-        conn.send((None, str(e) if isinstance(e, ProjectableEdgeError) else f"{type(e).__name__}: {e}"))
+        conn.send((None, str(e) if isinstance(e, ProjectableEdgeError) else
+                   f"torch.onnx could not export the {graph} graph ({type(e).__name__}: {e})"))
     finally:
         conn.close()
         os._exit(0)
@@ -204,11 +205,10 @@ def _export_all(model: ExportableModel, settings: ExportSettings) -> dict[str, t
                 data, error = None, None
             proc.join()
             if data is None:
-                error = error or f"its export process ended with exit code {proc.exitcode}"
-                raise ProjectableEdgeError(error if error.startswith("torch.onnx could not") else
-                                           f"torch.onnx could not export the {g} graph ({error})")
+                raise ProjectableEdgeError(error or f"torch.onnx could not export the {g} graph (its export "
+                                                    f"process ended with exit code {proc.exitcode})")
             proto = onnx.load_from_string(data)
-            out[g] = (proto, spec_from_onnx(proto, g, model.cfg))
+            out[g] = (proto, read_spec(proto))  # the spec the child attached
         return out
     finally:
         for proc, _ in children.values():
