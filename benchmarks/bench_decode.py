@@ -48,6 +48,7 @@ from projectable_edge_runtime.graphs.contract import CacheLayout, cache_pairs, p
 from projectable_edge_runtime.graphs.runners import OrtRunner, ort_session  # noqa: E402
 from projectable_edge_runtime.graphs.sampler import sample_kv, sample_recompute, uniforms  # noqa: E402
 from tiny_models import tiny_trained_model  # noqa: E402
+from timing import interleaved, ratio  # noqa: E402
 
 
 def config(name: str) -> ModelConfig:
@@ -152,28 +153,6 @@ def loop_session(decode: Path, layout: CacheLayout, length: int, seed: int | Non
     if seed is not None:
         feed["uniforms"] = uniforms(seed, 1, length, 1.0)
     return lambda: s.run(None, feed)[0].reshape(1, length)
-
-
-def interleaved(fns: dict, rounds: int, reps: dict) -> dict[str, np.ndarray]:
-    """Seconds per call, [rounds] per function (the median of its reps[name] calls in that round); every
-    round runs every function, order rotated, so a burst of load on the shared host hits all of them."""
-    names, times = list(fns), {n: np.empty(rounds) for n in fns}
-    for n in names:  # warm-up
-        fns[n]()
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            ts = []
-            for _ in range(reps.get(n, 1)):
-                t0 = time.perf_counter()
-                fns[n]()
-                ts.append(time.perf_counter() - t0)
-            times[n][r] = np.median(ts)
-    return times
-
-
-def ratio(slow: np.ndarray, fast: np.ndarray) -> float:
-    """Median over rounds of the per-round time ratio: robust to load that drifts between rounds."""
-    return float(np.median(slow / fast))
 
 
 def bench_model(name: str, rounds: int, work: Path) -> dict:

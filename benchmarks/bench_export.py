@@ -27,7 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/tiny_models.py: the synthetic model and tokens
 
-from bench_decode import config, interleaved, ratio  # noqa: E402
+from bench_decode import config  # noqa: E402
+from timing import interleaved, ratio  # noqa: E402
 from projectable_edge.exporters.onnx_export import export_onnx  # noqa: E402
 from projectable_edge.exporters.quantize import QuantizeSettings, quantize  # noqa: E402
 from projectable_edge_runtime.graphs.runners import ort_session  # noqa: E402

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import interleaved, ratio  # noqa: E402  (one timing loop for every benchmark)
+from timing import interleaved, ratio  # noqa: E402
 
 HERE = Path(sys.executable).parent / "projectable-edge"
 

@@ -35,7 +35,7 @@ from projectable_edge.train import _Session, _batch, _optimizers, _step, build, 
 from projectable_edge.trainables import SLICED
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import interleaved  # noqa: E402  (one timing loop for every benchmark)
+from timing import interleaved  # noqa: E402
 
 
 def stepper(model, opts, cfg, data):
