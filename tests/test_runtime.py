@@ -299,6 +299,7 @@ def test_complete_keeps_prefix_and_matches_greedy(rt_model, rt_graphs):
 
 
 @pytest.mark.parametrize("kw,match", [({"n": 0}, r"integer in 1\.\."), ({"n": 2, "temperature": -1}, "temperature"),
+                                      ({"n": 2, "temperature": 1e-308}, "greedy"),
                                       ({"n": 2, "top_k": 0}, "top_k"), ({"n": 2, "top_k": 18}, "top_k")])
 def test_bad_sampling_args(rt_model, kw, match):
     with pytest.raises(ProjectableEdgeError, match=match):

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -173,11 +174,18 @@ MALFORMED = [
     ("npy: a scalar", "POST", "/score", npy(np.uint8(5)), {"Content-Type": "application/x-npy"}, 400, "shape"),
     ("npy: too many images", "POST", "/score", npy(np.zeros((9, 8, 8), np.uint8)),
      {"Content-Type": "application/x-npy"}, 413, "at most"),
+    ("npy: no images", "POST", "/score", npy(np.zeros((0, 8, 8), np.uint8)), {"Content-Type": "application/x-npy"},
+     400, "at least one"),
+    ("npy: a header declaring 477 GiB", "POST", "/score", npy(np.zeros((1, 64), np.int64)).replace(b"(1, 64)",
+     b"(1000000000, 64)"), {"Content-Type": "application/x-npy"}, 400, "declares shape"),
+    ("npy: a pickle", "POST", "/score", npy(np.array([None, 1], dtype=object)), {"Content-Type": "application/x-npy"},
+     400, "Python objects"),
     ("sample: n too large", "POST", "/sample", {"n": 5}, {}, 413, "1..4"),
     ("sample: n zero", "POST", "/sample", {"n": 0}, {}, 400, "1..4"),
     ("sample: n not an integer", "POST", "/sample", {"n": "two"}, {}, 400, "integer"),
     ("sample: negative temperature", "POST", "/sample", {"n": 1, "temperature": -1}, {}, 400, "temperature"),
     ("sample: NaN temperature", "POST", "/sample", b'{"n": 1, "temperature": NaN}', {}, 400, "temperature"),
+    ("sample: temperature 1e-308 (overflows)", "POST", "/sample", {"n": 1, "temperature": 1e-308}, {}, 400, "greedy"),
     ("sample: top_k too large", "POST", "/sample", {"n": 1, "top_k": 1000}, {}, 400, "top_k"),
     ("sample: negative seed", "POST", "/sample", {"n": 1, "seed": -3}, {}, 400, "seed"),
     ("sample: npy body", "POST", "/sample", npy(np.zeros(1)), {"Content-Type": "application/x-npy"}, 415,
@@ -257,10 +265,13 @@ def closed(f) -> bool:
     (b"POST /score HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400),
     (b"POST /score HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n", 413),
     (b"POST /score HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST /sample HTTP/1.0\r\nConnection: Keep-Alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"GET /healthz HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", 400),
 ], ids=["bad request line", "lower-case method", "bad Content-Length", "body far over the limit (not read)",
-        "unknown transfer coding (RFC 9112: 501)"])
+        "unknown transfer coding (RFC 9112: 501)", "chunked in HTTP/1.0, a request smuggled in its body"])
 def test_protocol_errors_are_json_and_close_the_connection(server, data, want):
-    """The library's own errors come back in the application's JSON shape."""
+    """The library's own errors come back in the application's JSON shape, and nothing after them on the
+    connection is answered (a request hidden in a body the library cannot frame included)."""
     with socket.create_connection(address(server), timeout=30) as s:
         f = send(s, data)
         status_line, headers, out = response(f)
@@ -314,6 +325,71 @@ def test_an_incomplete_request_is_closed_without_using_a_worker(model):
                 assert closed(f)
         assert srv.served == 0
         assert request(srv, "GET", "/healthz")[0] == 200
+
+
+def test_a_404_and_the_access_log_do_not_echo_what_a_client_forges(model, capsys):
+    """A 404 names at most 100 characters of the path; the access log writes a path's control characters
+    escaped, so a %0A cannot add a line, nor an escape sequence reach the operator's terminal."""
+    with running(model, Limits(), before=lambda srv: setattr(srv, "access_log", True)) as srv:
+        status, out, _ = request(srv, "GET", "/" + "x" * 5000)
+        assert status == 404 and len(out["error"]) < 300, len(out["error"])
+        capsys.readouterr()
+        assert request(srv, "GET", "/healthz%0A10.0.0.9%20%22POST%20/score%22%20200%1b%5b31m")[0] == 404
+    log = capsys.readouterr().err
+    assert len(log.splitlines()) == 1 and "\x1b" not in log and "\\n10.0.0.9" in log, log
+
+
+def test_the_connection_limit_counts_clients_only(model):
+    """--max-connections N serves N clients at once (waitress counted its own two sockets too: 2 served none)
+    and the next waits in the backlog until one of them closes."""
+    with running(model, Limits(max_connections=2)) as srv:
+        held = [http.client.HTTPConnection(*address(srv), timeout=30) for _ in range(2)]
+        assert [request(srv, "GET", "/healthz", conn=c)[0] for c in held] == [200, 200]
+        with socket.create_connection(address(srv), timeout=30) as third:
+            f = send(third, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert select.select([third], [], [], 1.0)[0] == []  # not accepted while two are open
+            held.pop().close()
+            assert response(f)[2]["status"] == "ok"
+        held[0].close()
+
+
+def test_clients_that_never_finish_a_request_or_never_read_are_closed_after_the_idle_timeout(model):
+    """A client trickling a request byte by byte (slowloris), or one that pipelines requests and never reads
+    the answers, holds the only connection slot for about the idle timeout, not for ever: then the next
+    client is served. (waitress closed neither: it closes a silent connection only once no request is left.)"""
+    def slowloris(sock, stop):
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+            if stop.wait(0.25):
+                return
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def deaf(sock, stop):
+        sock.setblocking(False)
+        while not stop.is_set():
+            try:
+                sock.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+            except BlockingIOError:  # the server stopped reading: its answers wait, unread
+                stop.wait(0.05)
+            except OSError:
+                return
+
+    for client in (slowloris, deaf):
+        with running(model, Limits(max_connections=1, idle_timeout_s=1)) as srv:
+            sock, stop = socket.socket(), threading.Event()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(address(srv))
+            threading.Thread(target=client, args=(sock, stop), daemon=True).start()
+            try:
+                time.sleep(0.5)  # it holds the slot
+                t0 = time.time()
+                assert request(srv, "GET", "/healthz")[0] == 200, client.__name__
+                assert time.time() - t0 < 15, client.__name__  # the 30 s client timeout would fail first
+            finally:
+                stop.set()
+                sock.close()
 
 
 def test_an_internal_fault_is_a_500_and_the_server_keeps_serving(server, model, monkeypatch):
@@ -542,6 +618,41 @@ def test_cli_json_lines_until_sigterm(rt_bundle):
     assert p.returncode == 0 and "Traceback" not in err, err
     (stopped,) = [json.loads(line) for line in out.splitlines()]
     assert stopped["event"] == "stopped" and stopped["requests_served"] == 1 and stopped["url"] == hello["url"]
+
+
+def test_cli_a_second_signal_while_stopping_under_load_still_exits_0(rt_bundle):
+    """Ctrl-C pressed twice (or SIGTERM sent twice) while workers sample: the second signal used to break the
+    wait for the workers, and the process aborted inside onnxruntime (SIGABRT). Now it is ignored."""
+    p = _cli(str(rt_bundle), "--port", "0", "--json")
+    try:
+        hello = json.loads(p.stdout.readline() or "null")
+        assert hello, p.stderr.read()
+        host, port = urlsplit(hello["url"]).netloc.split(":")
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                try:
+                    c = http.client.HTTPConnection(host, int(port), timeout=10)
+                    c.request("POST", "/sample", body=json.dumps({"n": 4, "seed": 1}))
+                    c.getresponse().read()
+                    c.close()
+                except (OSError, http.client.HTTPException):
+                    pass
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+            p.send_signal(sig)
+            time.sleep(0.01)
+        out, err = p.communicate(timeout=60)
+        stop.set()
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "Traceback" not in err, (p.returncode, err[-2000:])
+    assert [json.loads(line)["event"] for line in out.splitlines()] == ["stopped"]
 
 
 def test_cli_port_in_use_is_one_line_exit_2(rt_bundle):

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -36,8 +37,9 @@ class Limits:
     max_batch: int = field(default=64, metadata={"help": "most images per /score request (413)"})
     max_sample: int = field(default=16, metadata={"help": "most images per /sample request (413)"})
     workers: int = field(default=4, metadata={"help": "requests (so model calls) handled at once; more wait"})
-    max_connections: int = field(default=512, metadata={"help": "open connections; more wait to be accepted"})
-    idle_timeout_s: int = field(default=15, metadata={"help": "seconds before a silent connection closes"})
+    max_connections: int = field(default=512, metadata={"help": "open client connections; more wait to be accepted"})
+    idle_timeout_s: int = field(default=15, metadata={"help": "seconds a connection may be silent, take to send a "
+                                                              "request, or leave its answers unread"})
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -61,6 +63,25 @@ def _json(data: bytes, allowed: set[str]) -> dict:
     return body
 
 
+def _npy(data: bytes) -> np.ndarray:
+    """A .npy body, its header checked first: the array it declares must be the bytes that follow (np.load would
+    allocate whatever a 100-byte header declares), with no Python objects in it."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0)(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise RequestError(400, f"body is not a .npy array ({e}); send np.save output") from None
+    if dtype.hasobject:
+        raise RequestError(400, "the .npy body holds Python objects (a pickle); send an array of integers")
+    if math.prod(shape) * dtype.itemsize != len(data) - f.tell():
+        raise RequestError(400, f"the .npy header declares shape {shape} of {dtype}, but {len(data) - f.tell()} "
+                                "bytes follow it; send np.save output, whole")
+    a = np.frombuffer(data, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
+    return np.ascontiguousarray(a)
+
+
 def _number(body: dict, name: str, kind: type, default):
     v = body.get(name, default)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or (kind is int and not isinstance(v, int)):
@@ -75,7 +96,7 @@ class ModelServer:
     def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
                  access_log: bool = False):
         try:
-            from waitress import channel, server, task, wasyncore
+            from waitress import channel, parser, server, task, wasyncore
         except ImportError:
             raise ProjectableEdgeError("`serve` needs waitress: pip install 'projectable-edge-runtime[serve]' "
                                        f"(or '{SERVE_REQUIRES}')") from None
@@ -96,6 +117,7 @@ class ModelServer:
                 data = json.dumps({"error": why, "status": e.code}).encode("utf-8")
                 self.status, self.content_length = f"{e.code} {e.reason}", len(data)
                 self.response_headers.append(("Content-Type", "application/json"))
+                self.request.headers.pop("CONNECTION", None)  # else an HTTP/1.0 keep-alive is announced, then closed
                 self.set_close_on_finish()
                 self.write(data)
 
@@ -104,8 +126,27 @@ class ModelServer:
             channel_timeout=limits.idle_timeout_s, cleanup_interval=max(1, limits.idle_timeout_s // 4),
             asyncore_use_poll=True, max_request_body_size=4 * limits.max_body_bytes + 1, ident="projectable-edge")
 
+        class StrictParser(parser.HTTPRequestParser):
+            def parse_header(self, header_plus):
+                super().parse_header(header_plus)
+                # HTTP/1.0 has no chunked coding, so waitress ignores the header and would read the body as the
+                # next request (request smuggling behind a proxy): RFC 9112 6.1 says refuse it and close
+                if self.version == "1.0" and "TRANSFER_ENCODING" in self.headers:
+                    raise parser.ParsingError("Transfer-Encoding in an HTTP/1.0 request")
+
         class JsonChannel(channel.HTTPChannel):
-            error_task_class = JsonErrorTask
+            error_task_class, parser_class = JsonErrorTask, StrictParser
+            arriving_since = None  # when the request now arriving sent its first byte (None: none is)
+            stalled_at = None  # last_activity when maintenance first saw an answer waiting unread
+
+            def received(self, data):
+                if self.request is None:
+                    self.arriving_since = time.time()
+                try:
+                    return super().received(data)
+                finally:
+                    if self.request is None:
+                        self.arriving_since = None
 
             def writable(self):
                 # While a request's task runs, its worker thread sends what it writes itself (holding the buffer's
@@ -118,6 +159,29 @@ class ModelServer:
                 return super().writable()
 
         self.server.channel_class = JsonChannel
+        # waitress counts its listening socket and its wake-up pipe as connections: the limit is on clients
+        self.server.adj.connection_limit = limits.max_connections + len(self._map)
+        waitress_maintenance = self.server.maintenance
+
+        def maintenance(now: float) -> None:
+            """waitress closes a connection silent for the timeout, but only once it has no request left. Also
+            close one whose request has been arriving for that long (a slowloris client), and one whose client has
+            read none of its answer for that long (seen twice: an answer written just now is not yet stalled);
+            else a few such clients hold every connection slot, and a worker waits on a full buffer for ever."""
+            waitress_maintenance(now)
+            cutoff = now - limits.idle_timeout_s
+            for ch in list(self.server.active_channels.values()):
+                slow = not ch.requests and ch.arriving_since is not None and ch.arriving_since < cutoff
+                unread = ch.total_outbufs_len > 0 and ch.last_activity < cutoff
+                if slow or (unread and ch.stalled_at == ch.last_activity):
+                    # shut down, not closed: closing here frees the socket's number while the loop is choosing which
+                    # sockets to poll, and a connection accepted in the same round reuses it, then is closed as this
+                    # one. The loop itself closes it, with its next poll (the socket hangs up).
+                    with contextlib.suppress(OSError):
+                        ch.socket.shutdown(socket.SHUT_RDWR)
+                ch.stalled_at = ch.last_activity if unread else None
+
+        self.server.maintenance = maintenance
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # a queue is --workers doing its job
         self.url = "http://{}:{}".format(f"[{host}]" if ":" in host else host, sock.getsockname()[1])
 
@@ -141,8 +205,9 @@ class ModelServer:
         except Exception as e:  # the server's own fault: 500, logged, and the server keeps serving
             traceback.print_exc(file=sys.stderr)
             status, out = 500, {"error": f"internal error: {type(e).__name__}: {e}", "status": 500}
-        if self.access_log:
-            sys.stderr.write(f'{environ["REMOTE_ADDR"]} "{method} {path} {environ["SERVER_PROTOCOL"]}" {status}\n')
+        if self.access_log:  # the path as a JSON string: a %0A or an escape sequence in it cannot forge a line
+            sys.stderr.write(f'{environ["REMOTE_ADDR"]} "{method} {json.dumps(path)[1:-1]} '
+                             f'{environ["SERVER_PROTOCOL"]}" {status}\n')
         data = json.dumps(out).encode("utf-8")
         start_response(f"{status} {HTTPStatus(status).phrase}",
                        [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers])
@@ -155,7 +220,8 @@ class ModelServer:
         if (method, path) not in ROUTES:
             if allowed := ", ".join(sorted(m for m, p in ROUTES if p == path)):
                 raise RequestError(405, f"{method} {path} is not supported; use {allowed} {path}", ("Allow", allowed))
-            raise RequestError(404, f"no route {path}; routes: GET /healthz, POST /score, POST /sample")
+            shown = path if len(path) <= 100 else path[:100] + "..."
+            raise RequestError(404, f"no route {shown}; routes: GET /healthz, POST /score, POST /sample")
         if method == "GET":
             m = self.model
             out = {"status": "ok", "task": m.task, "variant": m.variant, "backend": m.backend["backend"],
@@ -165,10 +231,7 @@ class ModelServer:
         elif not data:
             raise RequestError(400, "empty body; send a JSON object (GET /healthz shows the image shape)")
         elif path == "/score" and ctype in NPY_TYPES:
-            try:
-                a = np.load(io.BytesIO(data), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                raise RequestError(400, f"body is not a .npy array ({e}); send np.save output") from None
+            a = _npy(data)
             out = self.score(a, images=a.dtype == np.uint8)
         elif ctype not in JSON_TYPES:
             raise RequestError(415, f"Content-Type {ctype!r} is not accepted; send application/json"
@@ -180,8 +243,9 @@ class ModelServer:
             name = "images" if "images" in body else "tokens"
             try:
                 a = np.array(body[name])
-            except (ValueError, OverflowError, TypeError, RecursionError):
-                raise RequestError(400, f"'{name}' is ragged: every row must have the same length") from None
+            except (ValueError, OverflowError, TypeError, RecursionError) as e:
+                why = "nested too deeply" if type(e) is RecursionError else "ragged: rows of different lengths"
+                raise RequestError(400, f"'{name}' is not an array ({why})") from None
             out = self.score(a, images=name == "images")
         else:
             out = self.sample(_json(data, {"n", "seed", "temperature", "top_k"}))
@@ -192,6 +256,8 @@ class ModelServer:
     def score(self, x: np.ndarray, images: bool) -> dict:
         """Images [N, H, W] (0..255) or tokens [N, T]; the runtime's validators name shape, dtype and range."""
         t0, tok = time.perf_counter(), self.model.tokenizer
+        if x.ndim and not len(x):
+            raise RequestError(400, f"no {'images' if images else 'tokens'} in the request; send at least one")
         try:
             tokens = tok.encode(x) if images else validate_tokens(x, tok.vocab_size, length=self.model.seq_len,
                                                                    allow_empty=False, what="'tokens'")
@@ -232,13 +298,19 @@ def command(model, args):
     limits = Limits(**{f.name: getattr(args, f.name.removesuffix("_s")) for f in fields(Limits)})
     server = ModelServer(model, args.host, args.port, limits, args.access_log)
     say = lambda event, text: print(json.dumps(event) if args.json else text, flush=True)  # noqa: E731
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+
+    def interrupt(signum, frame):  # SIGTERM stops it as Ctrl-C does. Later ones, until the process ends, are ignored:
+        for s in (signal.SIGINT, signal.SIGTERM):  # one used to break the wait for the workers, and the process
+            signal.signal(s, signal.SIG_IGN)  # exited while one was inside onnxruntime (an abort)
+        raise KeyboardInterrupt
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, interrupt)
     with contextlib.suppress(KeyboardInterrupt):  # (installed before the URL is announced: no race)
         say({"event": "serving", "url": server.url, "task": model.task.get("name"), "variant": model.variant,
              "pid": os.getpid()}, f"serving task {model.task.get('name')} ({model.variant}) on {server.url} "
             f"(GET /healthz, POST /score, POST /sample; pid {os.getpid()}); Ctrl-C stops")
         server.run()
-    signal.signal(signal.SIGTERM, previous)
     out = {"event": "stopped", "url": server.url, "requests_served": server.served,
            "uptime_s": time.time() - server.started}
     say(out, f"stopped; served {out['requests_served']} requests in {out['uptime_s']:.1f} s")

@@ -13,6 +13,7 @@ from .contract import CacheLayout, GraphKind, cache_pairs, kind_of
 
 MAX_SAMPLES = 65536  # per call: bounded memory ([n, T] tokens and uniforms, an [L, n, H, T, hd] cache)
 MAX_SEED = 2**63 - 1
+MIN_TEMPERATURE = 1e-6  # logits / 1e-300 overflow float64; below 1e-6 sampling is greedy in all but name
 
 
 def _is_int(x) -> bool:
@@ -25,8 +26,10 @@ def check_args(n: int, temperature: float, top_k: int | None, vocab: int, seed=0
                                    "sample more in several calls with different seeds")
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ProjectableEdgeError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ProjectableEdgeError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if (not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or not (temperature == 0 or temperature >= MIN_TEMPERATURE)):
+        raise ProjectableEdgeError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got "
+                                   f"{temperature!r}")
     if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= vocab):
         raise ProjectableEdgeError(f"top_k must be None or an integer in 1..{vocab}, got {top_k!r}")
 
