@@ -2,11 +2,12 @@
 
 Every command that reports numbers takes `--json`. Errors the user can fix print one
 line and exit with status 2, anything unexpected one line and status 1; `--verbose`
-(before the command) adds the traceback. Commands are registered explicitly in COMMANDS.
+(before or after the command) adds the traceback. Commands are registered explicitly in COMMANDS.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from projectable_edge import cli_device, cli_export
 from projectable_edge.choices import ExtraOperator, Fit, Mixture, Preset, Split
-from projectable_edge.cli_common import check_out_writable, emit_json, err, make_app, out
+from projectable_edge.cli_common import check_out_writable, emit_json, err, make_app, out, run_app
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 
@@ -216,7 +217,7 @@ app = make_app(COMMANDS)
 
 
 def main() -> None:
-    app()
+    sys.exit(run_app(app, sys.argv[1:]))
 
 
 if __name__ == "__main__":

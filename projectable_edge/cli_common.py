@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from projectable_edge_runtime.devices.choices import StrEnum
-from projectable_edge_runtime.commands.console import emit_json, error_boundary
+from projectable_edge_runtime.commands.console import cli_signals, emit_json, error_boundary, take_verbose
 
-__all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out"]
+__all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out", "run_app"]
 
 _state = {"verbose": False}
 err = Console(stderr=True, soft_wrap=True)  # messages and log lines stay one line each, whatever the width
@@ -81,6 +81,28 @@ def check_out_writable(path, what: str = "--out") -> None:
 
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.")):
     _state["verbose"] = verbose
+
+
+# click's errors, or typer's copy of them (typer >= 0.2x vendors click; its TyperException is their base)
+_CLICK_ERRORS = tuple(c for c in (getattr(typer, "TyperException", None), click.ClickException, click.Abort) if c)
+
+
+def run_app(app: typer.Typer, argv: list[str]) -> int:
+    """The console script's run of `app`: --verbose before or after the command, SIGTERM as Ctrl-C, and usage
+    errors in one line like every other error (click draws them as a box of five); the exit code."""
+    cli_signals()
+    argv, verbose = take_verbose(argv)
+    try:
+        code = app(args=["--verbose"] * verbose + (argv or ["--help"]), prog_name="projectable-edge",
+                   standalone_mode=False)
+    except _CLICK_ERRORS as e:
+        if isinstance(e, (typer.Abort, click.Abort)):  # Ctrl-C outside a command (e.g. in a prompt)
+            _say("interrupted")
+            return 130
+        ctx = getattr(e, "ctx", None)  # a usage error: an unknown option or command, a bad or missing value
+        _say(e.format_message() + (f" (see '{ctx.command_path} --help')" if ctx else ""))
+        return e.exit_code
+    return code if isinstance(code, int) else 0
 
 
 def make_app(commands) -> typer.Typer:

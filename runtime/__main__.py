@@ -26,8 +26,15 @@ def _abspath(text: str) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error, like every other error of the CLI (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    c = argparse.ArgumentParser(add_help=False)  # what every command on a bundle takes
+    c = _Parser(add_help=False)  # what every command on a bundle takes
     c.add_argument("bundle", type=_abspath, help="bundle directory (bundles/<task>__<target>)")
     c.add_argument("--precision",
                    help="graph variant, e.g. fp32, fp16, int8 (default: the one selected for the target)")
@@ -38,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print machine-readable JSON")
     c.add_argument("--public-key", help="Ed25519 public key (PEM): refuse a bundle not signed with it "
                                         "(needs the cryptography package)")
-    c.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
-    ap = argparse.ArgumentParser(prog="python -m projectable_edge_runtime",
-                                 description="Torch-free projectable-edge runtime.")
+    c.add_argument("--verbose", "-v", action="store_true", help="show tracebacks (also before the command)")
+    ap = _Parser(prog="python -m projectable_edge_runtime", description="Torch-free projectable-edge runtime.")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("info", parents=[c], help="show what the bundle holds and which backend runs it")
     v = sub.add_parser("validate", parents=[c],
@@ -130,9 +136,15 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; argv None means this process is the command (python -m, or the console script), which then also
+    takes SIGTERM as Ctrl-C and prints warnings in one line."""
+    if argv is None:
+        console.cli_signals()
+    argv, verbose = console.take_verbose(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
-    return console.error_boundary(lambda: run(args), verbose=getattr(args, "verbose", False))
+    return console.error_boundary(lambda: run(args), verbose=verbose or getattr(args, "verbose", False))
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -111,3 +111,23 @@ def test_console_script_exit_runs_exit_handlers_and_keeps_the_code(tmp_path):
     res = subprocess.run([sys.executable, "-c", script, str(marker), "generate", "--task", "3", "--target", "toaster",
                           "--source", str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 2 and "toaster" in res.stderr and marker.read_text() == "ran"
+
+
+def test_console_scripts_usage_errors_are_one_line_and_verbose_goes_anywhere(tmp_path):
+    """click and argparse draw a usage error as a box or a usage block; both console scripts print one line,
+    exit 2, and take --verbose before or after the command."""
+    import subprocess
+    import sys
+
+    host = [sys.executable, "-c", "import sys; sys.argv[0] = 'projectable-edge'; "
+                                  "from projectable_edge.entry import main; main()"]
+    device = [sys.executable, "-m", "projectable_edge_runtime"]
+    for cmd in (host + ["generate", "--precision", "int4"], host + ["train", "--threads", "0"], host + ["bogus"],
+                device + ["benchmark", str(tmp_path), "--runs", "abc"], device + ["bogus"]):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 2 and res.stdout == "", (cmd, res.stdout)
+        assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1 and "--help" in res.stderr, res.stderr
+    for cmd in (host + ["tasks", str(tmp_path), "--verbose"], host + ["--verbose", "tasks", str(tmp_path)],
+                device + ["--verbose", "info", str(tmp_path)], device + ["info", str(tmp_path), "--verbose"]):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 2 and "Traceback" in res.stderr and "rerun with --verbose" not in res.stderr, cmd

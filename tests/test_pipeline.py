@@ -307,3 +307,34 @@ def test_cli_train_evaluate_project_tasks(tiny_run, tmp_path):
                            "--no-progress", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["steps"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_generate_stopped_by_a_signal_leaves_nothing_half_written(tiny_run, tmp_path, sig):
+    """SIGTERM (a service manager, `timeout`, a container stop) stops `generate` as Ctrl-C does: the bundle being
+    staged is removed, nothing is published, one line, status 130 (SIGTERM used to kill it mid-write and leave
+    the staging folder beside --out)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out" / "bundle"
+    p = subprocess.Popen([sys.executable, "-c", "import signal, sys; sys.argv[0] = 'projectable-edge'; "
+                          # as at a terminal (a job started in the background inherits SIGINT ignored)
+                          "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          "from projectable_edge.entry import main; main()", "generate", "--task", "3", "--target",
+                          "x86-64-cpu", "--source", str(tiny_run), "--out", str(out), "--no-cache"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.parent.glob(".bundle.tmp-*")) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)  # until the bundle is being staged
+        assert p.poll() is None, "generate ended before it staged the bundle"
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", (p.returncode, err[-500:])
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []

@@ -506,5 +506,32 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    assert main(["validate", str(tmp_path / "missing"), "--verbose"]) == 2
-    assert "Traceback" in capsys.readouterr().err
+    for argv in (["validate", str(tmp_path / "missing"), "--verbose"], ["--verbose", "validate", str(tmp_path)]):
+        assert main(argv) == 2  # --verbose after the command or before it, as in the host CLI
+        assert "Traceback" in capsys.readouterr().err
+    for argv in (["benchmark", str(tmp_path), "--runs", "abc"], ["bogus"], [], ["info", str(tmp_path), "--nope"]):
+        with pytest.raises(SystemExit) as e:  # usage errors too: one line (argparse prints usage and two more)
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--help" in err, err
+
+
+def test_sample_checks_every_output_before_sampling_and_writes_none_on_failure(rt_bundle, tmp_path, capsys):
+    """A --tokens-out that cannot be written leaves no PNG either; a name the file system refuses, or a grid
+    too large to draw, is a user error (exit 2) before any sampling; --tokens-out gets .npy as np.save adds it."""
+    png = tmp_path / "grid.png"
+    assert main(["sample", str(rt_bundle), "-n", "2", "--out", str(png), "--tokens-out", "/proc/none/t.npy"]) == 2
+    assert not png.exists() and capsys.readouterr().err.startswith("error: ")
+    assert main(["sample", str(rt_bundle), "-n", "2", "--out", str(tmp_path / ("x" * 300 + ".png"))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shorter name" in err, err
+    assert main(["sample", str(rt_bundle), "-n", "2", "--scale", "100000"]) == 2
+    assert "--scale" in capsys.readouterr().err
+    assert main(["sample", str(rt_bundle), "-n", "2", "--cols", "0"]) == 2
+    assert "--cols" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["sample", str(rt_bundle), "-n", "2", "--out", str(png), "--tokens-out", str(tmp_path / "t"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens_out"] == str(tmp_path / "t.npy") and np.load(tmp_path / "t.npy").shape[0] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "t.npy"]

@@ -2,37 +2,76 @@
 the error boundary, JSON and table output, the text reports, and the `sample` command."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from ..devices.errors import ProjectableEdgeError
-from .png import image_grid, write_png
+from ..bundle.atomic import atomic_output
+from ..graphs import sampler
+from .png import grid_size, image_grid, png_bytes
+
+
+# what the user can fix about a path the system refused: errno -> the fix
+_PATH_FIXES = {errno.EACCES: "give this user access to it, or choose another path", errno.EPERM: "choose another path",
+               errno.ENAMETOOLONG: "choose a shorter name", errno.EROFS: "choose a folder on a writable file system",
+               errno.ENOSPC: "free some space, or choose another folder", errno.EDQUOT: "free some space, or choose "
+               "another folder", errno.ELOOP: "fix the symbolic link"}
 
 
 def error_boundary(fn: Callable[[], Any], *, verbose: bool = False,
                    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
                    passthrough: tuple[type[BaseException], ...] = ()) -> int:
-    """Run fn; return its int exit code (None = 0), or 2 for a ProjectableEdgeError and 1 for any other
-    error, each said in one line (--verbose adds the traceback)."""
+    """Run fn; return its int exit code (None = 0), or 2 for a ProjectableEdgeError or a path the system refused
+    (permissions, a name too long, a full disk), 130 when interrupted, and 1 for any other error, each said in
+    one line (--verbose adds the traceback)."""
     try:
         result = fn()
     except passthrough:
         raise
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli_signals); outputs being written were removed
+        say("error: interrupted")
+        return 130
     except Exception as e:
         if verbose:
             traceback.print_exc()
         if isinstance(e, ProjectableEdgeError):
             say(f"error: {e}")
             return 2
-        say(f"error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)")
+        if isinstance(e, OSError) and e.errno in _PATH_FIXES:
+            path = f" '{e.filename}'" if e.filename else ""
+            say(f"error: cannot use{path}: {e.strerror}; {_PATH_FIXES[e.errno]}")
+            return 2
+        say(f"error: {type(e).__name__}: {e}" + ("" if verbose else " (rerun with --verbose for the traceback)"))
         return 1
     return int(result or 0)
+
+
+def cli_signals() -> None:
+    """For a CLI process: SIGTERM stops it as Ctrl-C does (so outputs being written are removed, not left
+    half-written), and warnings print as one line, without the source line that raised them."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+
+
+def take_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """argv without any --verbose (so it may come before or after the command, in both CLIs), and whether one
+    was there; a `--` ends the options."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--verbose"] + argv[end:]
+    return kept, len(kept) != len(argv)
 
 
 def filter_boundary(fn: Callable[[], Any], *, verbose: bool = False) -> int:
@@ -116,12 +155,23 @@ def score_text(names: list[str], bits: np.ndarray, variant: str) -> str:
 def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: float = 1.0,
                 top_k: int | None = None, cols: int | None = None, scale: int = 4,
                 tokens_out: str | None = None) -> dict[str, Any]:
-    """Sample n images, write them as one PNG grid (8 per row by default); the command's JSON result."""
-    tokens = model.sample(n, temperature=temperature, top_k=top_k, seed=seed)
-    path = write_png(out, image_grid(model.decode_images(tokens), cols=cols or min(8, len(tokens)), scale=scale))
-    if tokens_out:
-        np.save(tokens_out, tokens)
+    """Sample n images, write them as one PNG grid (8 per row by default) and, with tokens_out, the tokens as .npy;
+    the command's JSON result. The grid's size and both outputs are checked before sampling, and neither is
+    written unless both can be."""
+    sampler.check_args(n, temperature, top_k, model.tokenizer.vocab_size, seed)
+    cols = min(8, n) if cols is None else cols
+    grid_size(n, model.tokenizer.image_shape[:2], cols, scale=scale)
+    tokens_path = None if tokens_out is None else Path(str(tokens_out).removesuffix(".npy") + ".npy")  # as np.save
+    with contextlib.ExitStack() as outputs:
+        png_tmp = outputs.enter_context(atomic_output(out, overwrite=True, what="PNG"))
+        npy_tmp = tokens_path and outputs.enter_context(atomic_output(tokens_path, overwrite=True,
+                                                                      what="tokens file"))
+        tokens = model.sample(n, temperature=temperature, top_k=top_k, seed=seed)
+        png_tmp.write_bytes(png_bytes(image_grid(model.decode_images(tokens), cols=cols, scale=scale)))
+        if npy_tmp:
+            with open(npy_tmp, "wb") as fh:
+                np.save(fh, tokens)
     bits = model.score(tokens)
-    return {"png": str(path), "n": int(len(tokens)), "seed": seed, "variant": model.variant,
+    return {"png": str(Path(out)), "n": int(len(tokens)), "seed": seed, "variant": model.variant,
             "backend": model.backend["backend"], "providers": model.backend["providers"],
-            "tokens_out": tokens_out, "mean_bits_per_dim": float(bits.mean())}
+            "tokens_out": None if tokens_path is None else str(tokens_path), "mean_bits_per_dim": float(bits.mean())}

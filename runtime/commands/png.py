@@ -40,6 +40,24 @@ def write_png(path: str | Path, image) -> Path:
     return Path(path)
 
 
+MAX_GRID_PIXELS = 1 << 26  # 64 Mpx (8192 x 8192): a larger grid is a typo in --scale or -n, not a picture
+
+
+def grid_size(n: int, image_hw: tuple[int, int], cols: int, pad: int = 1, scale: int = 1) -> tuple[int, int, int, int]:
+    """(rows, cols, height, width) in pixels of a grid of n images, checked before anything is drawn (or sampled)."""
+    for name, v, lo in (("--cols", cols, 1), ("pad", pad, 0), ("--scale", scale, 1)):
+        if int(v) != v or v < lo:
+            raise ProjectableEdgeError(f"the grid's {name} must be an integer >= {lo}, got {v!r}")
+    cols = min(int(cols), n)
+    rows = -(-n // cols)
+    h, w = image_hw[0] * scale, image_hw[1] * scale
+    size = (rows, cols, rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad)
+    if size[2] * size[3] > MAX_GRID_PIXELS:
+        raise ProjectableEdgeError(f"a grid of {n} images at scale {scale} would be {size[3]} x {size[2]} pixels, "
+                                   f"over {MAX_GRID_PIXELS:,}; use a smaller --scale or fewer images")
+    return size
+
+
 def image_grid(images, cols: int, pad: int = 1, scale: int = 1, *, pad_value: int = 128) -> np.ndarray:
     """Tile [N,H,W] or [N,H,W,3] uint8 images row-major into one image, each upscaled `scale` times (8x8 digits
     are unreadable otherwise), framed by `pad` pixels of `pad_value` (mid-gray: visible on dark and light)."""
@@ -50,17 +68,13 @@ def image_grid(images, cols: int, pad: int = 1, scale: int = 1, *, pad_value: in
         raise ProjectableEdgeError(f"grid images have shape {x.shape}, expected [N, H, W] or [N, H, W, 3] with N >= 1")
     if x.ndim == 4 and x.shape[3] == 1:
         x = x[..., 0]
-    for name, v, lo in (("cols", cols, 1), ("pad", pad, 0), ("scale", scale, 1)):
-        if int(v) != v or v < lo:
-            raise ProjectableEdgeError(f"image_grid '{name}' must be an integer >= {lo}, got {v!r}")
     if not 0 <= pad_value <= 255:
         raise ProjectableEdgeError(f"image_grid 'pad_value' must be in 0..255, got {pad_value}")
     n = len(x)
-    cols = min(int(cols), n)
-    rows = -(-n // cols)
+    _, cols, height, width = grid_size(n, x.shape[1:3], cols, pad, scale)
     x = x.repeat(scale, axis=1).repeat(scale, axis=2)
     h, w = x.shape[1:3]
-    out = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad) + x.shape[3:], pad_value, np.uint8)
+    out = np.full((height, width) + x.shape[3:], pad_value, np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
         y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
