@@ -494,6 +494,13 @@ def test_unexpected_errors_are_one_line_exit_1_in_both_clis(rt_bundle, monkeypat
     assert main(["info", str(rt_bundle)]) == 1
     err = capsys.readouterr().err
     assert err == "error: RuntimeError: simulated bug (rerun with --verbose for the traceback)\n"
+
+    def broken_library(*a, **k):  # a library's message with line breaks in it is still said in one line
+        raise ProjectableEdgeError("not readable (ParseError: no field 'x'.\n Available fields: ...)")
+
+    monkeypatch.setattr(device_cli, "load", broken_library)
+    assert main(["info", str(rt_bundle)]) == 2
+    assert capsys.readouterr().err == "error: not readable (ParseError: no field 'x'. Available fields: ...)\n"
     monkeypatch.setattr(runtime, "load", broken)
     res = CliRunner().invoke(app, ["sample", str(rt_bundle)])
     assert res.exit_code == 1 and "simulated bug" in res.output and "--verbose" in res.output
