@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 import types
@@ -508,3 +510,54 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert main(["validate", str(tmp_path / "missing"), "--verbose"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    f = io.BytesIO()
+    np.save(f, a)
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("data,match", [
+    (_npy_bytes(np.zeros((1, 8, 8), np.uint8)).replace(b"(1, 8, 8)", b"(10000000000000, 8, 8)"), "declares shape"),
+    (_npy_bytes(np.zeros((0, 8, 8), np.uint8)), "holds no images"),
+    (_npy_bytes(np.array([None, 1], dtype=object)), "Python objects"),
+])
+def test_score_checks_an_npy_file_and_stdin_before_allocating(rt_bundle, tmp_path, capsys, monkeypatch, data, match):
+    """A header declaring 10**13 images (MemoryError in np.load) or an empty array is one line, exit 2."""
+    (tmp_path / "x.npy").write_bytes(data)
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=types.SimpleNamespace(read=lambda: data)))
+    for source in (str(tmp_path / "x.npy"), "-"):
+        assert main(["score", str(rt_bundle), source]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and re.search(match, err), err
+
+
+def test_score_refuses_an_empty_input_path(rt_bundle, capsys):
+    assert main(["score", str(rt_bundle), ""]) == 2  # Path("") would be the current folder
+    assert "input path is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("goldens,match", [
+    (os.urandom(4096), r"is not a \.npz archive"),
+    ({"tokens": np.zeros((0, 64), np.int64), "ref_bits": np.zeros(0)}, "holds no golden sequences"),
+    ({"tokens": np.zeros((2, 64), np.int64)}, "'tokens' and 'ref_bits'"),
+])
+def test_validate_refuses_goldens_it_cannot_use(rt_bundle_copy, capsys, goldens, match):
+    """Goldens that pass integrity (hash recomputed) but hold random bytes or no sequences: exit 2, named."""
+    path = rt_bundle_copy / "goldens.npz"
+    if isinstance(goldens, bytes):
+        path.write_bytes(goldens)
+    else:
+        np.savez(path, **goldens)
+
+    def rehash(m):
+        m["files"]["goldens.npz"].update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                                         bytes=path.stat().st_size)
+
+    _edit_manifest(rt_bundle_copy, rehash)
+    assert main(["validate", str(rt_bundle_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(match, err), err
