@@ -432,6 +432,11 @@ def test_benchmark_fails_a_budget_it_cannot_meet(rt_bundle):
 def test_benchmark_rejects_bad_args(rt_model):
     with pytest.raises(ProjectableEdgeError, match="'runs'"):
         runtime.benchmark(rt_model, runs=1)
+    for sample_runs in (0, -2):  # an IndexError in the percentiles of no timing
+        with pytest.raises(ProjectableEdgeError, match=r"'sample_runs' must be an integer >= 2"):
+            runtime.benchmark(rt_model, runs=2, warmup=0, sample_runs=sample_runs)
+    with pytest.raises(ProjectableEdgeError, match=r"'batch' must be an integer in 1\.\.256, got 100000"):
+        runtime.benchmark(rt_model, batch=100000)  # minutes of CPU before any output
 
 
 # ----------------------------------------------------------------------------- CLI
