@@ -127,6 +127,30 @@ def test_missing_field_is_named(rt_bundle_copy):
         runtime.load(rt_bundle_copy)
 
 
+def _fp32(m) -> dict:
+    return m["candidates"]["16x2/fp32"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: _fp32(m)["accuracy"].update(tolerance=float("inf")), r"'candidates\.16x2/fp32\.accuracy\.tolerance' "
+                                                                    "must be a finite number, got inf"),
+    (lambda m: _fp32(m)["accuracy"].update(reference_bits=float("nan")), r"accuracy\.reference_bits' must be a finite"),
+    (lambda m: _fp32(m)["accuracy"].update(tolerance=-0.5), r"accuracy\.tolerance' must be a number >= 0"),
+    (lambda m: m["provenance"].update(x=[1, float("nan")]), r"'provenance\.x\[1\]' must be a finite number"),
+    (lambda m: m["task"].update(index=10**400), r"'task\.index' must be an integer within int64"),
+    (lambda m: m["task"].update(index=-1), r"'task\.index' must be a number >= 0"),
+    (lambda m: _fp32(m)["model"].update(block_size=1e9), r"model\.block_size' must be an integer"),
+    (lambda m: _fp32(m)["model"].update(bos_id=99999), r"bos_id 99999 is beyond the vocabulary .*at most 17"),
+])
+def test_manifest_numbers_out_of_range_are_refused_when_read(rt_bundle_copy, capsys, edit, match):
+    """Tampered with the digest recomputed: non-finite, negative or huge numbers name their field, exit 2
+    (tolerance Infinity passed validate and printed non-JSON; reference_bits NaN was a FAIL, exit 1)."""
+    _edit_manifest(rt_bundle_copy, edit)
+    assert main(["validate", str(rt_bundle_copy), "--json"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and re.search(match, out.err), out.err
+
+
 def test_manifest_cannot_point_outside_or_at_unhashed_files(rt_bundle_copy):
     def graphs(m):
         return m["candidates"]["16x2/fp32"]["graphs"]
