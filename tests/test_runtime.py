@@ -564,9 +564,15 @@ def test_score_checks_an_npy_file_and_stdin_before_allocating(rt_bundle, tmp_pat
         assert err.startswith("error: ") and err.count("\n") == 1 and re.search(match, err), err
 
 
-def test_score_refuses_an_empty_input_path(rt_bundle, capsys):
+def test_score_refuses_an_empty_input_path(rt_bundle, capsys, monkeypatch):
     assert main(["score", str(rt_bundle), ""]) == 2  # Path("") would be the current folder
     assert "input path is empty" in capsys.readouterr().err
+    monkeypatch.chdir(rt_bundle)  # where "" would load: the bundle itself
+    from projectable_edge_runtime.commands.tune import tune
+
+    for api in (runtime.load, tune):
+        with pytest.raises(ProjectableEdgeError, match="the bundle path is empty"):
+            api("")
 
 
 @pytest.mark.parametrize("goldens,match", [

@@ -472,6 +472,9 @@ def used_files(m: Manifest) -> list[str]:
 
 def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     """Parse and check manifest.json, and verify it is what was written: its digest (and signature, given a key)."""
+    if bundle_dir == "":  # Path("") is the current folder
+        raise ProjectableEdgeError("the bundle path is empty; pass the folder `projectable-edge generate` wrote "
+                                   "(bundles/<task>__<target>)")
     d = Path(bundle_dir)
     if not d.is_dir():
         raise ProjectableEdgeError(f"bundle directory '{d}' {'is a file' if d.exists() else 'does not exist'}; pass "

@@ -242,8 +242,8 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
 
     candidate= forces one: only it is measured, and it is the choice (marked forced) even when it misses the
     budget, because the user asked for it. reuse=True picks again from the existing record's measurements."""
+    manifest = read_manifest(bundle, public_key=public_key)
     d = Path(bundle).resolve()
-    manifest = read_manifest(d, public_key=public_key)
     verify_files(d, manifest)  # a broken bundle fails here, before minutes of measuring
     budget = Budget.of(manifest, p99_ms, max_mb)
     check_counts("tune", runs=(runs, 2), warmup=(warmup, 0))
