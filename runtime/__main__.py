@@ -22,7 +22,10 @@ from .graphs.backends import Backend
 
 
 def _abspath(text: str) -> str:
-    """Every path is made absolute when parsed, before any work: nothing depends on a later cwd."""
+    """Every path is made absolute when parsed, before any work: nothing depends on a later cwd ("" is refused,
+    not taken for the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; pass a bundle folder or file path")
     return os.path.abspath(os.path.expanduser(text))
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 import types
@@ -123,6 +125,30 @@ def test_missing_field_is_named(rt_bundle_copy):
     _edit_manifest(rt_bundle_copy, lambda m: m.update(candidates=good["candidates"], selected="16x2/fp8"))
     with pytest.raises(ProjectableEdgeError, match=r"unknown candidate '16x2/fp8'"):
         runtime.load(rt_bundle_copy)
+
+
+def _fp32(m) -> dict:
+    return m["candidates"]["16x2/fp32"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: _fp32(m)["accuracy"].update(tolerance=float("inf")), r"'candidates\.16x2/fp32\.accuracy\.tolerance' "
+                                                                    "must be a finite number, got inf"),
+    (lambda m: _fp32(m)["accuracy"].update(reference_bits=float("nan")), r"accuracy\.reference_bits' must be a finite"),
+    (lambda m: _fp32(m)["accuracy"].update(tolerance=-0.5), r"accuracy\.tolerance' must be a number >= 0"),
+    (lambda m: m["provenance"].update(x=[1, float("nan")]), r"'provenance\.x\[1\]' must be a finite number"),
+    (lambda m: m["task"].update(index=10**400), r"'task\.index' must be an integer within int64"),
+    (lambda m: m["task"].update(index=-1), r"'task\.index' must be a number >= 0"),
+    (lambda m: _fp32(m)["model"].update(block_size=1e9), r"model\.block_size' must be an integer"),
+    (lambda m: _fp32(m)["model"].update(bos_id=99999), r"bos_id 99999 is beyond the vocabulary .*at most 17"),
+])
+def test_manifest_numbers_out_of_range_are_refused_when_read(rt_bundle_copy, capsys, edit, match):
+    """Tampered with the digest recomputed: non-finite, negative or huge numbers name their field, exit 2
+    (tolerance Infinity passed validate and printed non-JSON; reference_bits NaN was a FAIL, exit 1)."""
+    _edit_manifest(rt_bundle_copy, edit)
+    assert main(["validate", str(rt_bundle_copy), "--json"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and re.search(match, out.err), out.err
 
 
 def test_manifest_cannot_point_outside_or_at_unhashed_files(rt_bundle_copy):
@@ -430,6 +456,11 @@ def test_benchmark_fails_a_budget_it_cannot_meet(rt_bundle):
 def test_benchmark_rejects_bad_args(rt_model):
     with pytest.raises(ProjectableEdgeError, match="'runs'"):
         runtime.benchmark(rt_model, runs=1)
+    for sample_runs in (0, -2):  # an IndexError in the percentiles of no timing
+        with pytest.raises(ProjectableEdgeError, match=r"'sample_runs' must be an integer >= 2"):
+            runtime.benchmark(rt_model, runs=2, warmup=0, sample_runs=sample_runs)
+    with pytest.raises(ProjectableEdgeError, match=r"'batch' must be an integer in 1\.\.256, got 100000"):
+        runtime.benchmark(rt_model, batch=100000)  # minutes of CPU before any output
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -542,3 +573,63 @@ def test_sample_checks_every_output_before_sampling_and_writes_none_on_failure(r
     out = json.loads(capsys.readouterr().out)
     assert out["tokens_out"] == str(tmp_path / "t.npy") and np.load(tmp_path / "t.npy").shape[0] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "t.npy"]
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    f = io.BytesIO()
+    np.save(f, a)
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("data,match", [
+    (_npy_bytes(np.zeros((1, 8, 8), np.uint8)).replace(b"(1, 8, 8)", b"(10000000000000, 8, 8)"), "declares shape"),
+    (_npy_bytes(np.zeros((0, 8, 8), np.uint8)), "holds no images"),
+    (_npy_bytes(np.array([None, 1], dtype=object)), "Python objects"),
+])
+def test_score_checks_an_npy_file_and_stdin_before_allocating(rt_bundle, tmp_path, capsys, monkeypatch, data, match):
+    """A header declaring 10**13 images (MemoryError in np.load) or an empty array is one line, exit 2."""
+    (tmp_path / "x.npy").write_bytes(data)
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=types.SimpleNamespace(read=lambda: data)))
+    for source in (str(tmp_path / "x.npy"), "-"):
+        assert main(["score", str(rt_bundle), source]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and re.search(match, err), err
+
+
+def test_score_refuses_an_empty_input_path(rt_bundle, capsys, monkeypatch):
+    assert main(["score", str(rt_bundle), ""]) == 2  # Path("") would be the current folder
+    assert "input path is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a bundle argument too, in the CLI
+        main(["info", ""])
+    assert e.value.code == 2 and "empty path" in capsys.readouterr().err
+    monkeypatch.chdir(rt_bundle)  # where "" would load: the bundle itself
+    from projectable_edge_runtime.commands.tune import tune
+
+    for api in (runtime.load, tune):
+        with pytest.raises(ProjectableEdgeError, match="the bundle path is empty"):
+            api("")
+
+
+@pytest.mark.parametrize("goldens,match", [
+    (os.urandom(4096), r"is not a \.npz archive"),
+    ({"tokens": np.zeros((0, 64), np.int64), "ref_bits": np.zeros(0)}, "holds no golden sequences"),
+    ({"tokens": np.zeros((2, 64), np.int64)}, "'tokens' and 'ref_bits'"),
+])
+def test_validate_refuses_goldens_it_cannot_use(rt_bundle_copy, capsys, goldens, match):
+    """Goldens that pass integrity (hash recomputed) but hold random bytes or no sequences: exit 2, named."""
+    path = rt_bundle_copy / "goldens.npz"
+    if isinstance(goldens, bytes):
+        path.write_bytes(goldens)
+    else:
+        np.savez(path, **goldens)
+
+    def rehash(m):
+        m["files"]["goldens.npz"].update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                                         bytes=path.stat().st_size)
+
+    _edit_manifest(rt_bundle_copy, rehash)
+    assert main(["validate", str(rt_bundle_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(match, err), err

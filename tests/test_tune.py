@@ -137,6 +137,27 @@ def test_stale_or_broken_records_are_ignored_with_a_warning(tuned, rt_build, rt_
         runtime.load(bundle, precision="fp32").close()
 
 
+def test_reuse_refuses_a_record_that_does_not_hold_numbers(tuned, capsys):
+    """A hand-edited record (TypeError/AttributeError, exit 1; NaN printed on stdout, exit 0) is one line, exit 2."""
+    bundle, rep = tuned
+    path, name = Path(rep["record"]), next(iter(rep["measurements"]))
+    good = json.loads(path.read_text())
+
+    def one(**fields):
+        return {**good, "measurements": {**good["measurements"], name: {**good["measurements"][name], **fields}}}
+
+    for record in (one(p99_ms="fast"), one(bits=None), one(p50_ms=float("nan")), one(peak_rss_mb=float("inf")),
+                   one(passed=1), {**good, "measurements": {**good["measurements"], name: []}},
+                   {**good, "measurements": []}):
+        path.write_text(json.dumps(record))
+        assert rt_main(["tune", str(bundle), "--json", "--reuse"]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.count("\n") == 1 and "run tune without --reuse" in out.err, out.err
+    path.write_text(json.dumps({**good, "choice": []}))  # an unhashable choice: ignored, not a TypeError
+    with pytest.warns(tune.TunedRecordWarning, match="not a candidate"):
+        runtime.load(bundle).close()
+
+
 def test_forced_candidate_is_recorded_and_loaded(tuned, capsys):
     bundle, rep = tuned
     name = next(n for n in rep["measurements"] if n != rep["choice"]) if len(rep["measurements"]) > 1 else rep["choice"]

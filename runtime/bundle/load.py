@@ -158,8 +158,8 @@ def load(bundle_dir: str | Path, precision: str | None = None, providers=None, b
     'onnxruntime' or 'tensorrt'; providers and threads (0: onnxruntime's choice) default to the profile's.
     """
     t0 = time.perf_counter()
+    manifest = read_manifest(bundle_dir, public_key=public_key)
     d = Path(bundle_dir)
-    manifest = read_manifest(d, public_key=public_key)
     check_requirements(d, manifest.requires)  # onnxruntime/python floors, before any session
     records = verify_files(d, manifest)
     name, tuned_info = _which(d, manifest, precision, candidate, tuned)

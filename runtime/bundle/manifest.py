@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -30,6 +31,8 @@ ENGINE_RECORD_SUFFIX = ".record.json"  # a device-built engine's own record, nex
 RelPath = Annotated[str, "relpath"]  # a path inside the bundle: relative, no '..'
 RELPATH_PATTERN = r"^(?!/)(?!(.*/)?\.\.(/|$))[^\\]+$"
 Count = Annotated[int, "positive"]
+Index = Annotated[int, "nonnegative"]
+Amount = Annotated[float, "nonnegative"]
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **meta) -> Any:
@@ -47,7 +50,7 @@ class EngineStatus(StrEnum):
 @dataclass(frozen=True)
 class Task:
     name: str = doc("The task's folder or class name, or the name given to `adapt`.")
-    index: int | None = doc("Its index in the source run; null for a task added by `adapt`.")
+    index: Index | None = doc("Its index in the source run; null for a task added by `adapt`.")
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,10 @@ class Graphs:
 
 @dataclass(frozen=True)
 class Accuracy:
-    reference_bits: float = doc("The fp32 PyTorch model's bits/dim on the goldens: what every machine validates "
+    reference_bits: Amount = doc("The fp32 PyTorch model's bits/dim on the goldens: what every machine validates "
                                 "against (`validate`, `tune`, a device-built engine's test inference).")
-    tolerance: float = doc("Largest |measured - reference_bits| (bits/dim) a machine accepts for this candidate.")
-    tolerance_rel: float = doc("The same, relative: the variant's accuracy budget plus the device drift (registry).")
+    tolerance: Amount = doc("Largest |measured - reference_bits| (bits/dim) a machine accepts for this candidate.")
+    tolerance_rel: Amount = doc("The same, relative: the variant's accuracy budget plus the device drift (registry).")
     within_budget: bool = doc("Quantization acceptance: within the variant's budget vs fp32 on the task's "
                               "validation split (fp32: true).")
     bits: float | None = doc("Bits/dim of the scoring graph on the goldens, ONNX Runtime on the build host.")
@@ -253,6 +256,7 @@ def _optional(tp) -> Any:
     return None
 
 
+_MINIMUM = {"positive": (1, "a positive integer"), "nonnegative": (0, "a number >= 0")}
 _SCALARS = {bool: ("true or false", bool), str: ("a string", str), int: ("an integer", int),
             float: ("a number", (int, float))}
 
@@ -296,8 +300,8 @@ def decode(tp, value: Any, where: str) -> Any:
     want, accepted = _SCALARS[tp]
     if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
         raise _bad(where, want, value)
-    if tag == "positive" and value < 1:
-        raise _bad(where, "a positive integer", value)
+    if tag in _MINIMUM and value < _MINIMUM[tag][0]:
+        raise _bad(where, _MINIMUM[tag][1], value)
     if tag == "relpath" and not re.match(RELPATH_PATTERN, value, re.DOTALL):
         raise ProjectableEdgeError(f"manifest field '{where}' = {value!r} points outside the bundle; use a "
                                    "relative path inside the bundle directory")
@@ -339,7 +343,8 @@ def _schema(tp) -> dict:
         return {"type": "array", "items": _schema(typing.get_args(tp)[0])}
     if isinstance(tp, type) and issubclass(tp, Enum):
         return {"enum": [m.value for m in tp]}
-    extra = {"positive": {"minimum": 1}, "relpath": {"pattern": RELPATH_PATTERN}}.get(tag, {})
+    extra = {"positive": {"minimum": 1}, "nonnegative": {"minimum": 0},
+             "relpath": {"pattern": RELPATH_PATTERN}}.get(tag, {})
     return {"type": {dict: "object", bool: "boolean", str: "string", int: "integer", float: "number"}[tp], **extra}
 
 
@@ -406,6 +411,18 @@ def seal(m: dict[str, Any], sign_key: Any = None) -> dict[str, Any]:
     return {**m, "integrity": integrity}
 
 
+def _finite(value: Any, where: str) -> None:
+    """Every number in the JSON finite, every integer an int64: NaN, Infinity and 1e400 are no data."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad(where, "a finite number", value)
+    if isinstance(value, int) and not -2**63 <= value < 2**63:
+        raise ProjectableEdgeError(f"manifest field '{where}' must be an integer within int64, got one of "
+                                   f"{value.bit_length()} bits")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        _finite(v, f"{where}[{k}]" if isinstance(value, list) else f"{where}.{k}" if where else k)
+
+
 def parse(raw: Any, bundle_dir: str | Path = "<manifest>") -> Manifest:
     """Check a manifest's JSON against the format and its consistency; the typed Manifest."""
     d = Path(bundle_dir)
@@ -422,6 +439,7 @@ def parse(raw: Any, bundle_dir: str | Path = "<manifest>") -> Manifest:
                        f"{SCHEMA_VERSION}: regenerate the bundle, or install the runtime wheel inside it "
                        "(BUNDLE/runtime/*.whl)")
     try:
+        _finite(raw, "")
         m = decode(Manifest, raw, "")
     except ProjectableEdgeError as e:
         raise _fail(d, str(e)) from None
@@ -432,6 +450,10 @@ def parse(raw: Any, bundle_dir: str | Path = "<manifest>") -> Manifest:
         if c.model.vocab_size != m.tokenizer.vocab_size:
             raise _fail(d, f"candidates.{name}.model.vocab_size {c.model.vocab_size} != tokenizer levels "
                            f"{m.tokenizer.vocab_size}; the bundle is inconsistent, regenerate it")
+        if c.model.bos_id > c.model.vocab_size:  # the start token is the embedding's extra row, vocab_size
+            raise _fail(d, f"candidates.{name}.model.bos_id {c.model.bos_id} is beyond the vocabulary (token ids "
+                           f"0..{c.model.vocab_size - 1}, the start token at most {c.model.vocab_size}); "
+                           "regenerate the bundle")
         if m.tokenizer.seq_len > c.model.block_size:
             raise _fail(d, f"images have {m.tokenizer.seq_len} tokens but candidates.{name}.model.block_size is "
                            f"{c.model.block_size}; regenerate the bundle")
@@ -450,6 +472,9 @@ def used_files(m: Manifest) -> list[str]:
 
 def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     """Parse and check manifest.json, and verify it is what was written: its digest (and signature, given a key)."""
+    if bundle_dir == "":  # Path("") is the current folder
+        raise ProjectableEdgeError("the bundle path is empty; pass the folder `projectable-edge generate` wrote "
+                                   "(bundles/<task>__<target>)")
     d = Path(bundle_dir)
     if not d.is_dir():
         raise ProjectableEdgeError(f"bundle directory '{d}' {'is a file' if d.exists() else 'does not exist'}; pass "
@@ -462,10 +487,12 @@ def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     except FileNotFoundError:
         raise _fail(d, f"has no {MANIFEST_NAME}; it is not a bundle or was copied incompletely — "
                        "copy the whole bundle directory again") from None
-    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or not valid JSON
-        raise _fail(d, f"{MANIFEST_NAME} is unreadable or not valid JSON ({e}); copy the bundle again") from None
-    m = parse(raw, d)
-    integ = raw.get("integrity")
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or not valid JSON
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise _fail(d, f"{MANIFEST_NAME} is unreadable or not valid JSON ({why}); copy the bundle again") from None
+    if not isinstance(raw, dict):
+        return parse(raw, d)  # refuses it, naming what the file holds
+    integ = raw.get("integrity")  # the seal first: an edited manifest is named as edited, whatever it now holds
     if not isinstance(integ, dict) or not isinstance(integ.get("manifest_sha256"), str):
         raise _fail(d, f"{MANIFEST_NAME} has no valid 'integrity.manifest_sha256' digest; regenerate the bundle")
     if integ.get("algorithm", "sha256") != "sha256":
@@ -479,7 +506,7 @@ def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
         from .signing import verify_signature  # lazy: cryptography only when a key is given
 
         verify_signature(public_key, digest, integ.get("signature"), f"bundle {d}: {MANIFEST_NAME}")
-    return m
+    return parse(raw, d)
 
 
 def _check_entry(d: Path, rel: str, entry: FileEntry, what: str) -> None:

@@ -16,6 +16,11 @@ from ..devices.errors import ProjectableEdgeError
 from .validate import load_goldens
 
 
+# The largest score batch worth timing: Model.score runs at most 256 images per graph call (a TensorRT engine, its
+# profile's max batch: 32-64), so a larger batch only repeats those calls, for minutes on a small device.
+MAX_BATCH = 256
+
+
 def peak_rss_mb() -> float | None:
     """Peak resident memory of this process (VmHWM on Linux, else getrusage)."""
     try:
@@ -43,11 +48,12 @@ def stats(times_s: list[float], items: int, raw: bool = False) -> dict[str, Any]
             **({"times_ms": ms.tolist()} if raw else {})}
 
 
-def check_counts(command: str, **counts: tuple[int, int]) -> None:
-    """Each count (value, lowest) must be an integer >= lowest."""
-    for name, (v, lo) in counts.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ProjectableEdgeError(f"{command} '{name}' must be an integer >= {lo}, got {v!r}")
+def check_counts(command: str, **counts: tuple) -> None:
+    """Each count (value, lowest[, highest]) must be an integer in lowest..highest."""
+    for name, (v, lo, *hi) in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi and v > hi[0]):
+            want = f"in {lo}..{hi[0]}" if hi else f">= {lo}"
+            raise ProjectableEdgeError(f"{command} '{name}' must be an integer {want}, got {v!r}")
 
 
 def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
@@ -90,8 +96,9 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
               raw: bool = False) -> dict[str, Any]:
     """Score batch 1, score `batch`, sample full images; percentiles, memory and a budget verdict.
     raw=True also returns every timing (`times_ms`), e.g. for a latency histogram."""
-    check_counts("benchmark", runs=(runs, 2), warmup=(warmup, 0), batch=(batch, 1))
-    sample_runs = max(2, runs // 10) if sample_runs is None else int(sample_runs)
+    check_counts("benchmark", runs=(runs, 2), warmup=(warmup, 0), batch=(batch, 1, MAX_BATCH),
+                 sample_runs=(2 if sample_runs is None else sample_runs, 2))
+    sample_runs = max(2, runs // 10) if sample_runs is None else sample_runs
     x1, xb = _inputs(model, 1), _inputs(model, batch)
     results = {
         "score_batch1": stats(time_calls(lambda: model.score(x1), runs, warmup), 1, raw),

@@ -5,6 +5,7 @@ examples/); Pillow is needed only for image files."""
 from __future__ import annotations
 
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -15,16 +16,36 @@ from ..devices.errors import ProjectableEdgeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")  # the one list
 
 
-def _token_rows(model, source, name: str) -> np.ndarray:
-    """A .npy array -> tokens [N, T]; a single uint8 image [H, W(, C)] becomes a batch of one."""
+def read_npy(data: bytes, what: str) -> np.ndarray:
+    """The bytes of a .npy file as an array, its header checked first: the array it declares must be the bytes
+    that follow (np.load would allocate whatever a 100-byte header declares), with no Python objects in it."""
+    f = io.BytesIO(data)
     try:
-        a = np.load(source, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise ProjectableEdgeError(f"cannot read {name} as a .npy array ({e}); pass np.save output "
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0)(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise ProjectableEdgeError(f"{what} is not a .npy array ({e}); pass np.save output "
                                    "(uint8 images [N, H, W] or int tokens [N, T])") from None
+    if dtype.hasobject:
+        raise ProjectableEdgeError(f"{what} holds Python objects (a pickle); pass an array of integers")
+    body = len(data) - f.tell()
+    if min(shape, default=0) < 0 or math.prod(shape) * dtype.itemsize != body:
+        raise ProjectableEdgeError(f"{what}: the .npy header declares shape {shape} of {dtype}, but {body} bytes "
+                                   "follow it; pass np.save output, whole")
+    a = np.frombuffer(data, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
+    return np.ascontiguousarray(a)
+
+
+def _token_rows(model, data: bytes, name: str) -> np.ndarray:
+    """A .npy array -> tokens [N, T], N >= 1; a single uint8 image [H, W(, C)] becomes a batch of one."""
+    a = read_npy(data, name)
     if a.dtype == np.uint8 and a.shape == tuple(model.tokenizer.image_shape):
         a = a[None]
-    return model.to_tokens(a)
+    tokens = model.to_tokens(a)
+    if not len(tokens):
+        raise ProjectableEdgeError(f"{name} holds no images (shape {a.shape}); pass at least one")
+    return tokens
 
 
 def _named(name: str, tokens: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -33,7 +54,11 @@ def _named(name: str, tokens: np.ndarray) -> list[tuple[str, np.ndarray]]:
 
 def _read_file(model, path: Path) -> list[tuple[str, np.ndarray]]:
     if path.suffix.lower() == ".npy":
-        return _named(str(path), _token_rows(model, str(path), f"'{path}'"))
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ProjectableEdgeError(f"cannot read '{path}' ({e.strerror}); check its permissions") from None
+        return _named(str(path), _token_rows(model, data, f"'{path}'"))
     try:
         images = model.tokenizer.load_images([path])
     except ImportError:
@@ -46,8 +71,10 @@ def read_inputs(model, paths: list[str]) -> list[tuple[str, np.ndarray]]:
     out = []
     for p in paths:
         if p == "-":
-            out += _named("stdin", _token_rows(model, io.BytesIO(sys.stdin.buffer.read()), "stdin"))
+            out += _named("stdin", _token_rows(model, sys.stdin.buffer.read(), "stdin"))
             continue
+        if not p:  # Path("") is the current folder
+            raise ProjectableEdgeError("an input path is empty; pass image files, a folder, or '-' for .npy on stdin")
         path = Path(p)
         if path.is_dir():
             files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".npy", *IMAGE_SUFFIXES))

@@ -4,10 +4,8 @@ Anything wrong with a request is a 4xx with a JSON `{"error", "status"}` naming 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -22,6 +20,7 @@ import numpy as np
 
 from ..devices.errors import ProjectableEdgeError
 from ..graphs.tokenizer import validate_tokens
+from .inputs import read_npy
 
 SERVE_REQUIRES = "waitress>=3.0.1,<4"  # the `[serve]` extra (the JSON errors hook waitress 3's channel classes)
 JSON_TYPES = ("application/json", "", "text/plain", "application/x-www-form-urlencoded")  # curl -d sends the last
@@ -61,25 +60,6 @@ def _json(data: bytes, allowed: set[str]) -> dict:
     if unknown := sorted(set(body) - allowed):
         raise RequestError(400, f"unknown field(s) {unknown}; accepted: {sorted(allowed)}")
     return body
-
-
-def _npy(data: bytes) -> np.ndarray:
-    """A .npy body, its header checked first: the array it declares must be the bytes that follow (np.load would
-    allocate whatever a 100-byte header declares), with no Python objects in it."""
-    f = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                 else np.lib.format.read_array_header_2_0)(f)
-    except (ValueError, OSError, EOFError) as e:
-        raise RequestError(400, f"body is not a .npy array ({e}); send np.save output") from None
-    if dtype.hasobject:
-        raise RequestError(400, "the .npy body holds Python objects (a pickle); send an array of integers")
-    if math.prod(shape) * dtype.itemsize != len(data) - f.tell():
-        raise RequestError(400, f"the .npy header declares shape {shape} of {dtype}, but {len(data) - f.tell()} "
-                                "bytes follow it; send np.save output, whole")
-    a = np.frombuffer(data, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
-    return np.ascontiguousarray(a)
 
 
 def _number(body: dict, name: str, kind: type, default):
@@ -231,7 +211,10 @@ class ModelServer:
         elif not data:
             raise RequestError(400, "empty body; send a JSON object (GET /healthz shows the image shape)")
         elif path == "/score" and ctype in NPY_TYPES:
-            a = _npy(data)
+            try:
+                a = read_npy(data, "the body")
+            except ProjectableEdgeError as e:
+                raise RequestError(400, str(e)) from None
             out = self.score(a, images=a.dtype == np.uint8)
         elif ctype not in JSON_TYPES:
             raise RequestError(415, f"Content-Type {ctype!r} is not accepted; send application/json"

@@ -168,11 +168,25 @@ def _hashes(manifest: Manifest, name: str) -> dict[str, str]:
             if r and r in manifest.files}
 
 
+def _not_json(word: str):
+    raise ValueError(f"{word} is not a JSON number")
+
+
+def _measurement(m: Any) -> bool:
+    """Whether m holds what pick() reads: bits, p50_ms, p99_ms finite numbers >= 0, peak_rss_mb one or null,
+    passed true or false."""
+    def number(v):
+        return type(v) in (int, float) and 0 <= v < math.inf
+
+    return (isinstance(m, dict) and all(number(m.get(k)) for k in ("bits", "p50_ms", "p99_ms"))
+            and (m.get("peak_rss_mb") is None or number(m["peak_rss_mb"])) and isinstance(m.get("passed"), bool))
+
+
 def _read_record(path: Path, manifest: Manifest) -> tuple[dict[str, Any] | None, str | None]:
     """(the tuned record at path, None) when it was made for this very bundle, else (None, why not)."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        record = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json)
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON, or NaN/Infinity
         return None, f"it is unreadable ({e})"
     if not isinstance(record, dict) or record.get("schema") != TUNED_RECORD_SCHEMA:
         return None, "it is not a tuned record this runtime reads"
@@ -191,7 +205,7 @@ def tuned_choice(bundle: Path, manifest: Manifest, path: str | Path | None = Non
     if record is not None:
         if choice is None:
             why = "its verdict was that no candidate fits the budget"
-        elif choice not in manifest.candidates:
+        elif not isinstance(choice, str) or choice not in manifest.candidates:
             why = f"its choice {choice!r} is not a candidate of this bundle"
         elif record.get("choice_files") != _hashes(manifest, choice):
             why = f"the files of {choice} no longer match the hashes it recorded"
@@ -209,11 +223,15 @@ def _reused(path: Path, manifest: Manifest, names: list[str]) -> dict[str, dict[
     if not path.is_file():
         raise ProjectableEdgeError(f"--reuse needs a tuned record at {path}; run tune without --reuse first")
     record, why = _read_record(path, manifest)
-    missing = [n for n in names if n not in ((record or {}).get("measurements") or {})]
-    if record is None or missing:
-        raise ProjectableEdgeError(f"tuned record {path} cannot be reused ({why or f'no measurements of {missing}'}); "
+    measured = (record or {}).get("measurements")
+    if record is not None and not isinstance(measured, dict):
+        why = "it holds no measurements"
+    elif record is not None and (bad := [n for n in names if not _measurement(measured.get(n))]):
+        why = f"its measurements of {bad} are missing or do not hold numbers"
+    if why is not None:
+        raise ProjectableEdgeError(f"tuned record {path} cannot be reused ({why}); "
                                    "run tune without --reuse to measure again")
-    return {n: record["measurements"][n] for n in names}
+    return {n: measured[n] for n in names}
 
 
 def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None = None,
@@ -224,8 +242,8 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
 
     candidate= forces one: only it is measured, and it is the choice (marked forced) even when it misses the
     budget, because the user asked for it. reuse=True picks again from the existing record's measurements."""
+    manifest = read_manifest(bundle, public_key=public_key)
     d = Path(bundle).resolve()
-    manifest = read_manifest(d, public_key=public_key)
     verify_files(d, manifest)  # a broken bundle fails here, before minutes of measuring
     budget = Budget.of(manifest, p99_ms, max_mb)
     check_counts("tune", runs=(runs, 2), warmup=(warmup, 0))

@@ -4,29 +4,39 @@ On the task metric, not raw logits (quantized variants differ element-wise by de
 model, never the same graph's build-host number, so a variant whose accuracy is off fails everywhere."""
 from __future__ import annotations
 
+import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
 
 from ..devices.errors import ProjectableEdgeError
+from .inputs import read_npy
 
 
 def load_goldens(model) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int64 [N, T], the fp32 PyTorch model's bits/dim per image [N]) from the candidate's goldens."""
     path = model.goldens_path
+    fix = "regenerate the bundle"
     try:
-        with np.load(path, allow_pickle=False) as z:
-            tokens, ref = z["tokens"], z["ref_bits"].astype(np.float64)
+        with zipfile.ZipFile(path) as z:  # each array through the one checked .npy reader
+            tokens, ref = (read_npy(z.read(f"{k}.npy"), f"'{path}' member {k}.npy") for k in ("tokens", "ref_bits"))
     except FileNotFoundError:
         raise ProjectableEdgeError(f"bundle {model.bundle_dir} has no '{path.name}' (held-out task images); "
-                                   "regenerate the bundle to validate it") from None
-    except (KeyError, ValueError, OSError) as e:
-        raise ProjectableEdgeError(f"'{path}' is not a goldens file with 'tokens' and 'ref_bits' ({e}); "
-                                   "regenerate the bundle") from None
+                                   f"{fix} to validate it") from None
+    except zipfile.BadZipFile:
+        raise ProjectableEdgeError(f"'{path}' is not a .npz archive; {fix}") from None
+    except KeyError:
+        raise ProjectableEdgeError(f"'{path}' is not a goldens file with 'tokens' and 'ref_bits'; {fix}") from None
+    except (OSError, EOFError, zlib.error, ProjectableEdgeError) as e:
+        raise ProjectableEdgeError(f"'{path}' is unreadable ({e}); {fix}") from None
     tokens = model.tokenizer.check_tokens(tokens)
-    if ref.shape != (len(tokens),):
-        raise ProjectableEdgeError(f"'{path}': ref_bits has shape {ref.shape}, expected ({len(tokens)},)")
-    return tokens, ref
+    if not len(tokens):
+        raise ProjectableEdgeError(f"'{path}' holds no golden sequences; {fix}")
+    if ref.shape != (len(tokens),) or not np.issubdtype(ref.dtype, np.floating):
+        raise ProjectableEdgeError(f"'{path}': ref_bits has shape {ref.shape} of {ref.dtype}, expected "
+                                   f"({len(tokens)},) floats; {fix}")
+    return tokens, ref.astype(np.float64)
 
 
 def validate(model, tolerance: float | None = None) -> dict[str, Any]:
