@@ -53,7 +53,7 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
     what = what or ("output folder" if directory else "output file")
     if path.exists() and not overwrite:
         raise ProjectableEdgeError(f"{what} {path} already exists; choose another path, delete it, "
-                                   "or pass overwrite=True (--overwrite)")
+                                   "or pass --overwrite (overwrite=True in Python)")
     if path.exists() and path.is_dir() != directory:
         raise ProjectableEdgeError(f"{what} {path} exists and is a {'file' if directory else 'folder'}; "
                                    "choose another path")
