@@ -220,3 +220,15 @@ def test_evaluate_reports_adapted_tasks(held_run, tmp_path):
     assert rows["evalme"]["n_scored"] == len(at.check) == 2
     assert rows["evalme"]["projected"] == pytest.approx(at.record["bits"], abs=1e-4)  # re-measured, same number
     assert rows["evalme"]["nearest_projected"] == pytest.approx(at.record["nearest_bits"], abs=1e-4)
+
+
+def test_an_adapted_task_record_that_is_not_a_json_object_is_refused(held_run):
+    bad = held_run / "tasks" / "notjson"
+    bad.mkdir(parents=True)
+    (bad / "task.json").write_text("[]")
+    try:
+        res = CliRunner().invoke(app, ["tasks", str(held_run)])
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2 and "task.json must be a JSON object" in text and "`projectable-edge adapt`" in text
+    finally:
+        shutil.rmtree(bad)

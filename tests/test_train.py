@@ -414,3 +414,29 @@ def test_a_run_that_is_missing_or_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ProjectableEdgeError, match=r"run folder .*file is a file, not a folder"):
         load_run(tmp_path / "file")
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '"s"'])
+def test_a_run_config_that_is_not_a_json_object_is_refused(tiny_run, tmp_path, text):
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "config.json").write_text(text)
+    with pytest.raises(ProjectableEdgeError, match=r"config\.json must be a JSON object written by projectable-edge"):
+        load_run(run)
+    res = CliRunner().invoke(app, ["tasks", str(run)])
+    assert res.exit_code == 2 and "must be a JSON object" in " ".join(res.output.split()), res.output
+
+
+def test_a_projected_model_that_is_missing_or_not_a_json_object_is_named(tiny_run, tmp_path):
+    with pytest.raises(ProjectableEdgeError, match=r"nope\.json not found: give a projected model written by "
+                                                   "`projectable-edge project`"):
+        load_projected(tmp_path / "nope")
+    small, info = project_task(tiny_run, 3)
+    _, js = save_projected(tmp_path / "p", small, info)
+    js.write_text("[]")
+    with pytest.raises(ProjectableEdgeError, match=r"p\.json must be a JSON object written by projectable-edge"):
+        load_projected(tmp_path / "p")
