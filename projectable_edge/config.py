@@ -131,12 +131,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        kw["source"] = Widths(**d["source"])
-        kw["small"] = Widths(**d["small"])
-        kw["ladder"] = tuple(d.get("ladder", ()))
-        kw.setdefault("mixture", "shared")  # runs saved before per-space mixtures existed
-        return cls(**kw)
+        try:
+            kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+            kw["source"] = Widths(**d["source"])
+            kw["small"] = Widths(**d["small"])
+            kw["ladder"] = tuple(d.get("ladder", ()))
+            kw.setdefault("mixture", "shared")  # runs saved before per-space mixtures existed
+            return cls(**kw)
+        except (KeyError, TypeError, AttributeError) as e:  # a hand-edited run config
+            raise ProjectableEdgeError(f"the run's 'train' config is malformed ({type(e).__name__}: {e}); "
+                                       "copy the run folder again") from None
 
 
 PRESETS: dict[str, TrainConfig] = {

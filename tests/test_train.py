@@ -431,6 +431,30 @@ def test_a_run_config_that_is_not_a_json_object_is_refused(tiny_run, tmp_path, t
     assert res.exit_code == 2 and "must be a JSON object" in " ".join(res.output.split()), res.output
 
 
+@pytest.mark.parametrize("key,tamper,expect", [
+    ("small_model", {"n_head": 0}, r"'small_model': model field 'n_head' must be a whole number in 1\.\."),
+    ("small_model", {"d_model": -32}, r"model field 'd_model' must be a whole number in 1\.\."),
+    ("source_model", {"n_layer": 10**9}, r"'source_model': model field 'n_layer' must be a whole number in 1\.\.1024"),
+    ("small_model", {"block_size": float("nan")}, "model field 'block_size' must be .*got nan"),
+    ("small_model", "x", "'small_model': a model config must be a JSON object"),
+    ("small_model", None, "'small_model': a model config must be a JSON object"),  # deleted
+    ("small_model", {"d_model": 24}, r"'small_model' disagrees with its 'train' .*d_model 24 \(expected 16\)"),
+    ("task_names", [], "'task_names' must be a list of one or more names"),
+])
+def test_a_run_config_with_bad_model_sizes_is_refused(tiny_run, tmp_path, key, tamper, expect):
+    """Bundles copy these fields, so a hand-edited value is refused when the run is read, naming it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    if tamper is None:
+        del config[key]
+    else:
+        config[key] = {**config[key], **tamper} if isinstance(tamper, dict) else tamper
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ProjectableEdgeError, match=expect):
+        load_run(run)
+
+
 def test_a_projected_model_that_is_missing_or_not_a_json_object_is_named(tiny_run, tmp_path):
     with pytest.raises(ProjectableEdgeError, match=r"nope\.json not found: give a projected model written by "
                                                    "`projectable-edge project`"):
