@@ -25,6 +25,12 @@ SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MIN_IMAGES_PER_TASK = 3  # one each for train, val and test
 _LAYOUT = "<folder>/<task name>/<image>.png (one sub-folder per task, images inside it)"
+MAX_SEED = 2**32 - 1  # numpy refuses negative seeds; torch overflows past 2**64 (training seeds seed * 1e6 + step)
+
+
+def check_seed(what: str, seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ProjectableEdgeError(f"{what} must be an integer in 0..{MAX_SEED}, got {seed!r}")
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,7 @@ class DataConfig:
         if self.val_frac + self.test_frac >= 1:
             raise ProjectableEdgeError(f"data 'val_frac' + 'test_frac' must be < 1 to leave training images, "
                                        f"got {self.val_frac} + {self.test_frac}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ProjectableEdgeError(f"data 'seed' must be an integer, got {self.seed!r}")
+        check_seed("data 'seed'", self.seed)
         spec = self.spec  # validates height/width/channels/levels, naming the field
         if self.dataset == "digits" and spec != DIGITS_SPEC:
             raise ProjectableEdgeError(

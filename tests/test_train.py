@@ -455,6 +455,25 @@ def test_a_run_config_with_bad_model_sizes_is_refused(tiny_run, tmp_path, key, t
         load_run(run)
 
 
+def test_cli_refuses_a_negative_seed_and_an_empty_ladder(tmp_path):
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
+    for args, expect in ((["--seed", "-1"], "training option 'seed' must be an integer in 0.."),
+                         (["--ladder", ",,,"], "the ladder (--ladder) names no size")):
+        res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--steps", "2", *args,
+                                       "--out", str(tmp_path / "x")])
+        assert res.exit_code == 2, res.output
+        assert expect in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert not any(tmp_path.iterdir())
+    for kw in ({"seed": -1}, {"seed": 2**64}, {"ladder": ()}, {"ladder": " , "}):
+        with pytest.raises(ProjectableEdgeError, match="seed|ladder"):
+            preset("tiny", **kw)
+    with pytest.raises(ProjectableEdgeError, match="data 'seed' must be an integer in 0.."):
+        DataConfig(seed=-1)
+
+
 def test_a_projected_model_that_is_missing_or_not_a_json_object_is_named(tiny_run, tmp_path):
     with pytest.raises(ProjectableEdgeError, match=r"nope\.json not found: give a projected model written by "
                                                    "`projectable-edge project`"):
