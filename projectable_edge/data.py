@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -301,6 +302,8 @@ def save_splits(path: Path, data: TaskData) -> None:
 
 def load_splits(path: Path, task_names: list[str], spec: TokenizerSpec, cfg: DataConfig, fingerprint: str) -> TaskData:
     """The snapshot `save_splits` wrote, refused unless it is exactly the data the run trained on."""
+    if not zipfile.is_zipfile(path):  # np.load would take other bytes for a .npy or a pickle
+        raise ProjectableEdgeError(f"{path} is not a split snapshot (not a .npz archive): copy the run folder again")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -455,6 +455,19 @@ def test_a_run_config_with_bad_model_sizes_is_refused(tiny_run, tmp_path, key, t
         load_run(run)
 
 
+def test_a_split_snapshot_that_is_not_an_npz_archive_is_named_so(tiny_run, tmp_path):
+    import io
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    npy = io.BytesIO()
+    np.save(npy, np.zeros(3))
+    for junk in (np.random.default_rng(0).bytes(4096), npy.getvalue()):
+        (run / "splits.npz").write_bytes(junk)
+        with pytest.raises(ProjectableEdgeError, match=r"splits\.npz is not a split snapshot \(not a \.npz archive\)"):
+            load_run(run)
+
+
 def test_cli_refuses_a_negative_seed_and_an_empty_ladder(tmp_path):
     from typer.testing import CliRunner
 
