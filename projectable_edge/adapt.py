@@ -34,7 +34,7 @@ import torch
 from projectable_edge.choices import Fit
 from projectable_edge_runtime.devices.choices import values
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge.data import shift_augment
+from projectable_edge.data import check_seed, shift_augment
 from projectable_edge.model import SpecialisedModel, Weights, bits_per_dim, forward, init_weights, nll
 from projectable_edge.trainables import Trainables, role_generator, split_role
 from projectable_edge_runtime.commands.inputs import IMAGE_SUFFIXES
@@ -42,6 +42,7 @@ from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 FITS = values(Fit)
 MIN_IMAGES = 3
+MAX_LR = 1.0  # Adam's step is about lr per weight: past 1 it only diverges
 _NORMS_AND_BIASES = ("ln1.w", "ln1.b", "ln2.w", "ln2.b", "lnf.w", "lnf.b", "bq", "bk", "bv", "bo", "b1", "b2", "head_b")
 
 
@@ -64,8 +65,13 @@ class AdaptConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ProjectableEdgeError(f"adapt '{name}' must be a positive integer, got {v!r}")
-        if not (self.lr > 0 and self.weight_lr > 0) or min(self.val_images, self.shift) < 0:
-            raise ProjectableEdgeError("adapt learning rates must be > 0, and 'val_images' and 'shift' >= 0")
+        for name in ("lr", "weight_lr"):
+            v = getattr(self, name)
+            if not 0 < v <= MAX_LR:  # NaN and inf too
+                raise ProjectableEdgeError(f"adapt '{name}' must be a number in (0, {MAX_LR:g}], got {v!r}")
+        if min(self.val_images, self.shift) < 0:
+            raise ProjectableEdgeError("adapt 'val_images' and 'shift' must be >= 0")
+        check_seed("adapt 'seed'", self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -59,11 +59,22 @@ def save_json(path: Path, obj) -> None:
         tmp.write_text(text + "\n")
 
 
-def load_json(path: Path) -> dict:
+RUN = "a run folder written by `projectable-edge train`"
+
+
+def load_json(path: Path, what: str = RUN) -> dict:
+    """A JSON object this project wrote; a missing file, bad JSON or another JSON value is refused.
+
+    `what` names what the user should point at instead, e.g. "a run folder written by ...".
+    """
     path = Path(path)
     if not path.is_file():
-        raise ProjectableEdgeError(f"{path} not found: is this a run folder written by `projectable-edge train`?")
+        raise ProjectableEdgeError(f"{path} not found: give {what}")
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProjectableEdgeError(f"{path} is not valid JSON ({e})") from None
+        raise ProjectableEdgeError(f"{path} is not valid JSON ({e}): give {what}") from None
+    if not isinstance(obj, dict):
+        raise ProjectableEdgeError(f"{path} must be a JSON object written by projectable-edge, got "
+                                   f"{json.dumps(obj)[:40]}: give {what}")
+    return obj

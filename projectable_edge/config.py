@@ -5,10 +5,12 @@ The whole TrainConfig is saved as JSON next to every run so any result can be re
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+from projectable_edge.data import check_seed
 from projectable_edge.model import ModelConfig
 from projectable_edge.projection import ProjectionConfig, check_fits
 from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
@@ -98,8 +100,9 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ProjectableEdgeError(f"training option '{name}' must be a whole number >= 1, got {v!r}")
         for name in ("lr", "projector_lr", "grad_clip", "projected_lr_scale", "sliced_lr_scale"):
-            if not getattr(self, name) > 0:
-                raise ProjectableEdgeError(f"training option '{name}' must be > 0, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ProjectableEdgeError(f"training option '{name}' must be a finite number > 0, "
+                                           f"got {getattr(self, name)!r}")
         names = ("lam", "weight_decay", "shift", "warmup_steps", "distill", "extra_steps", "kd", "projected_kd")
         if any(isinstance(getattr(self, n), bool) or not getattr(self, n) >= 0 for n in names):
             raise ProjectableEdgeError(f"training options {', '.join(repr(n) for n in names)} must be >= 0")
@@ -108,6 +111,7 @@ class TrainConfig:
                                        f"got {self.extra_operator!r}")
         if not isinstance(self.extra_steps, int):
             raise ProjectableEdgeError(f"training option 'extra_steps' must be a whole number, got {self.extra_steps!r}")
+        check_seed("training option 'seed'", self.seed)
         self.projection.to_dict()  # validates the operator options
         ladder = self.ladder.split(",") if isinstance(self.ladder, str) else self.ladder  # "16,64" too
         object.__setattr__(self, "ladder", tuple(str(x).strip() for x in ladder if str(x).strip()))
@@ -131,12 +135,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        kw["source"] = Widths(**d["source"])
-        kw["small"] = Widths(**d["small"])
-        kw["ladder"] = tuple(d.get("ladder", ()))
-        kw.setdefault("mixture", "shared")  # runs saved before per-space mixtures existed
-        return cls(**kw)
+        try:
+            kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+            kw["source"] = Widths(**d["source"])
+            kw["small"] = Widths(**d["small"])
+            kw["ladder"] = tuple(d.get("ladder", ()))
+            kw.setdefault("mixture", "shared")  # runs saved before per-space mixtures existed
+            return cls(**kw)
+        except (KeyError, TypeError, AttributeError) as e:  # a hand-edited run config
+            raise ProjectableEdgeError(f"the run's 'train' config is malformed ({type(e).__name__}: {e}); "
+                                       "copy the run folder again") from None
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -161,6 +169,10 @@ def preset(name: str, **overrides) -> TrainConfig:
     if name not in PRESETS:
         raise ProjectableEdgeError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    ladder = overrides.get("ladder")  # given but empty (",,,"): refused rather than read as no ladder
+    sizes = ladder.split(",") if isinstance(ladder, str) else ladder or ()
+    if ladder is not None and not any(str(s).strip() for s in sizes):
+        raise ProjectableEdgeError("the ladder (--ladder) names no size: give sizes like 16,64, or leave it out")
     base = PRESETS[name]
     if isinstance(overrides.get("small"), str):
         overrides["small"] = parse_size(overrides["small"], base.small)

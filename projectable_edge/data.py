@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -25,6 +26,12 @@ SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MIN_IMAGES_PER_TASK = 3  # one each for train, val and test
 _LAYOUT = "<folder>/<task name>/<image>.png (one sub-folder per task, images inside it)"
+MAX_SEED = 2**32 - 1  # numpy refuses negative seeds; torch overflows past 2**64 (training seeds seed * 1e6 + step)
+
+
+def check_seed(what: str, seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ProjectableEdgeError(f"{what} must be an integer in 0..{MAX_SEED}, got {seed!r}")
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,7 @@ class DataConfig:
         if self.val_frac + self.test_frac >= 1:
             raise ProjectableEdgeError(f"data 'val_frac' + 'test_frac' must be < 1 to leave training images, "
                                        f"got {self.val_frac} + {self.test_frac}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ProjectableEdgeError(f"data 'seed' must be an integer, got {self.seed!r}")
+        check_seed("data 'seed'", self.seed)
         spec = self.spec  # validates height/width/channels/levels, naming the field
         if self.dataset == "digits" and spec != DIGITS_SPEC:
             raise ProjectableEdgeError(
@@ -296,6 +302,8 @@ def save_splits(path: Path, data: TaskData) -> None:
 
 def load_splits(path: Path, task_names: list[str], spec: TokenizerSpec, cfg: DataConfig, fingerprint: str) -> TaskData:
     """The snapshot `save_splits` wrote, refused unless it is exactly the data the run trained on."""
+    if not zipfile.is_zipfile(path):  # np.load would take other bytes for a .npy or a pickle
+        raise ProjectableEdgeError(f"{path} is not a split snapshot (not a .npz archive): copy the run folder again")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -26,8 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
+
 Weights = dict[str, torch.Tensor]
 FUSED_ATTENTION = True  # benchmarks/bench_train_speed.py turns it off to measure the difference
+
+
+MAX_LAYERS, MAX_WIDTH = 1024, 1 << 20  # sanity bounds: far beyond any model this project trains
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,15 @@ class ModelConfig:
     d_attn: int  # attention inner width = n_head * head_dim
     d_mlp: int
 
+    def __post_init__(self) -> None:
+        for name, v in asdict(self).items():
+            hi = MAX_LAYERS if name == "n_layer" else MAX_WIDTH
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= hi:
+                raise ProjectableEdgeError(f"model field '{name}' must be a whole number in 1..{hi}, got {v!r}")
+        if self.d_attn % self.n_head:
+            raise ProjectableEdgeError(f"model field 'd_attn' ({self.d_attn}) must be a multiple of 'n_head' "
+                                       f"({self.n_head})")
+
     @property
     def head_dim(self) -> int:
         return self.d_attn // self.n_head
@@ -49,7 +63,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__})
+        if not isinstance(d, dict):
+            raise ProjectableEdgeError(f"a model config must be a JSON object of its sizes, got {d!r}")
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

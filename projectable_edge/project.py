@@ -81,7 +81,8 @@ def load_projected(path: Path) -> tuple[SpecialisedModel, dict]:
     """Read a projected model file pair written by `save_projected` (no pickle anywhere)."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    info = load_json(stem.with_suffix(".json"))
+    info = load_json(stem.with_suffix(".json"), "a projected model written by `projectable-edge project` "
+                                                 "(STEM, STEM.json or STEM.safetensors)")
     if info.get("format") != "projectable-edge-projected":
         raise ProjectableEdgeError(f"{stem.with_suffix('.json')} is not a projected-model description")
     w = load_tensors(stem.with_suffix(".safetensors"), kind="projected")

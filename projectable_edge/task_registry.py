@@ -88,7 +88,7 @@ def load_adapted(run: Path, name: str) -> AdaptedTask:
     if not (d / "task.json").is_file():
         raise ProjectableEdgeError(f"the run has no adapted task {name!r} (adapted: "
                                    f"{', '.join(adapted_names(run)) or 'none'}); create it with `adapt`")
-    rec = load_json(d / "task.json")
+    rec = load_json(d / "task.json", "an adapted task written by `projectable-edge adapt` (redo it with --force)")
     if rec.get("format") != "projectable-edge-adapted-task":
         raise ProjectableEdgeError(f"{d / 'task.json'} is not an adapted-task record")
     t = load_tensors(d / "task.safetensors", kind="adapted-task")

@@ -31,7 +31,7 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.checkpoint import load_json, load_tensors, read_tensors, save_json, save_tensors
 from projectable_edge.config import TrainConfig
 from projectable_edge.data import SNAPSHOT, DataConfig, TaskData, load_dataset, load_splits, save_splits, shift_augment
-from projectable_edge.model import bits_per_dim
+from projectable_edge.model import ModelConfig, bits_per_dim
 from projectable_edge.train_state import Progress, load_state, save_state, snapshot
 from projectable_edge.trainables import SLICED, Trainables
 from projectable_edge_runtime.bundle.atomic import ensure_folder
@@ -471,8 +471,31 @@ def read_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if meta.get("format_version", 0) > RUN_FORMAT:
         raise ProjectableEdgeError(f"{run} was written by a newer projectable-edge (run format "
                                    f"{meta['format_version']}, this one reads up to {RUN_FORMAT}): upgrade it")
+    _check_models(run / "config.json", meta)
     tensors, meta["weights_sha256"] = read_tensors(run / "model.safetensors", kind="run")
     return meta, tensors
+
+
+def _check_models(path: Path, meta: dict) -> None:
+    """A run config's task names must be names, and the model sizes it records (bundles copy them) those its
+    'train' and 'tokenizer' fields give."""
+    names = meta.get("task_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ProjectableEdgeError(f"{path}: 'task_names' must be a list of one or more names, got {names!r}; "
+                                   "copy the run folder again")
+    cfg, spec = TrainConfig.from_dict(meta.get("train")), TokenizerSpec.from_dict(meta.get("tokenizer"))
+    for key, want in (("source_model", cfg.source.model(spec)), ("small_model", cfg.small.model(spec))):
+        try:
+            got = ModelConfig.from_dict(meta.get(key)).to_dict()
+        except ProjectableEdgeError as e:
+            raise ProjectableEdgeError(f"{path}: '{key}': {e}; copy the run folder again") from None
+        diff = [f"{k} {got[k]} (expected {v})" for k, v in want.to_dict().items() if got[k] != v]
+        if diff:
+            raise ProjectableEdgeError(f"{path}: '{key}' disagrees with its 'train' and 'tokenizer' fields: "
+                                       f"{', '.join(diff)}; copy the run folder again")
+    if meta.get("ladder_models", {}) != {n: w.model(spec).to_dict() for n, w in cfg.rungs().items()}:
+        raise ProjectableEdgeError(f"{path}: 'ladder_models' are not the sizes its 'train' field gives; "
+                                   "copy the run folder again")
 
 
 def load_run(run: Path, *, data: bool = True, baselines: bool = True) -> tuple[dict, Trainables, TaskData | None]:

@@ -220,3 +220,25 @@ def test_evaluate_reports_adapted_tasks(held_run, tmp_path):
     assert rows["evalme"]["n_scored"] == len(at.check) == 2
     assert rows["evalme"]["projected"] == pytest.approx(at.record["bits"], abs=1e-4)  # re-measured, same number
     assert rows["evalme"]["nearest_projected"] == pytest.approx(at.record["nearest_bits"], abs=1e-4)
+
+
+@pytest.mark.parametrize("args,expect", [(["--lr", "1e300"], "adapt 'lr' must be a number in (0, 1]"),
+                                         (["--lr", "inf"], "adapt 'lr' must be a number in (0, 1]"),
+                                         (["--seed", "-1"], "adapt 'seed' must be an integer in 0..")])
+def test_out_of_range_options_are_refused_before_any_work(tmp_path, args, expect):
+    res = CliRunner().invoke(app, ["adapt", str(tmp_path / "run"), "--images", str(tmp_path), "--name", "z", *args])
+    assert res.exit_code == 2 and expect in " ".join(res.output.split()), res.output
+    with pytest.raises(ProjectableEdgeError, match="'weight_lr' must be a number in"):
+        AdaptConfig(weight_lr=float("nan"))
+
+
+def test_an_adapted_task_record_that_is_not_a_json_object_is_refused(held_run):
+    bad = held_run / "tasks" / "notjson"
+    bad.mkdir(parents=True)
+    (bad / "task.json").write_text("[]")
+    try:
+        res = CliRunner().invoke(app, ["tasks", str(held_run)])
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2 and "task.json must be a JSON object" in text and "`projectable-edge adapt`" in text
+    finally:
+        shutil.rmtree(bad)

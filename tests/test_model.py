@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from projectable_edge import ProjectableEdgeError
 from projectable_edge.model import (ModelConfig, SpecialisedModel, bits_per_dim, count_params, forward,
                                     init_weights, weight_shapes)
 from projectable_edge.projection import ProjectionConfig, Projector, selection_indices
@@ -199,3 +200,20 @@ def test_distillation_adds_the_same_teacher_term_to_every_small_role():
         assert kd[role] > plain[role], role  # + KL(source || small) > 0 for two different models
     kd["universal"].backward()
     assert all(p.grad is None for p in model.source.parameters())  # the teacher is detached
+
+
+@pytest.mark.parametrize("field,value", [("n_head", 0), ("d_model", -32), ("n_layer", 10**9),
+                                         ("block_size", float("nan")), ("vocab_size", True), ("d_mlp", "64")])
+def test_model_config_refuses_sizes_out_of_range(field, value):
+    with pytest.raises(ProjectableEdgeError, match=f"model field '{field}' must be a whole number in 1\\.\\."):
+        ModelConfig(**{**SRC.to_dict(), field: value})
+
+
+def test_model_config_from_dict_refuses_what_is_not_a_model():
+    assert ModelConfig.from_dict(SRC.to_dict()) == SRC
+    with pytest.raises(ProjectableEdgeError, match="must be a JSON object"):
+        ModelConfig.from_dict("x")
+    with pytest.raises(ProjectableEdgeError, match="'d_mlp' must be a whole number .*got None"):
+        ModelConfig.from_dict({k: v for k, v in SRC.to_dict().items() if k != "d_mlp"})
+    with pytest.raises(ProjectableEdgeError, match="multiple of 'n_head'"):
+        ModelConfig(**{**SRC.to_dict(), "d_attn": 30})

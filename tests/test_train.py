@@ -414,3 +414,85 @@ def test_a_run_that_is_missing_or_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ProjectableEdgeError, match=r"run folder .*file is a file, not a folder"):
         load_run(tmp_path / "file")
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '"s"'])
+def test_a_run_config_that_is_not_a_json_object_is_refused(tiny_run, tmp_path, text):
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "config.json").write_text(text)
+    with pytest.raises(ProjectableEdgeError, match=r"config\.json must be a JSON object written by projectable-edge"):
+        load_run(run)
+    res = CliRunner().invoke(app, ["tasks", str(run)])
+    assert res.exit_code == 2 and "must be a JSON object" in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.parametrize("key,tamper,expect", [
+    ("small_model", {"n_head": 0}, r"'small_model': model field 'n_head' must be a whole number in 1\.\."),
+    ("small_model", {"d_model": -32}, r"model field 'd_model' must be a whole number in 1\.\."),
+    ("source_model", {"n_layer": 10**9}, r"'source_model': model field 'n_layer' must be a whole number in 1\.\.1024"),
+    ("small_model", {"block_size": float("nan")}, "model field 'block_size' must be .*got nan"),
+    ("small_model", "x", "'small_model': a model config must be a JSON object"),
+    ("small_model", None, "'small_model': a model config must be a JSON object"),  # deleted
+    ("small_model", {"d_model": 24}, r"'small_model' disagrees with its 'train' .*d_model 24 \(expected 16\)"),
+    ("task_names", [], "'task_names' must be a list of one or more names"),
+])
+def test_a_run_config_with_bad_model_sizes_is_refused(tiny_run, tmp_path, key, tamper, expect):
+    """Bundles copy these fields, so a hand-edited value is refused when the run is read, naming it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    if tamper is None:
+        del config[key]
+    else:
+        config[key] = {**config[key], **tamper} if isinstance(tamper, dict) else tamper
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ProjectableEdgeError, match=expect):
+        load_run(run)
+
+
+def test_a_split_snapshot_that_is_not_an_npz_archive_is_named_so(tiny_run, tmp_path):
+    import io
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    npy = io.BytesIO()
+    np.save(npy, np.zeros(3))
+    for junk in (np.random.default_rng(0).bytes(4096), npy.getvalue()):
+        (run / "splits.npz").write_bytes(junk)
+        with pytest.raises(ProjectableEdgeError, match=r"splits\.npz is not a split snapshot \(not a \.npz archive\)"):
+            load_run(run)
+
+
+def test_cli_refuses_a_negative_seed_and_an_empty_ladder(tmp_path):
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
+    for args, expect in ((["--seed", "-1"], "training option 'seed' must be an integer in 0.."),
+                         (["--ladder", ",,,"], "the ladder (--ladder) names no size")):
+        res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--steps", "2", *args,
+                                       "--out", str(tmp_path / "x")])
+        assert res.exit_code == 2, res.output
+        assert expect in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert not any(tmp_path.iterdir())
+    for kw in ({"seed": -1}, {"seed": 2**64}, {"ladder": ()}, {"ladder": " , "}):
+        with pytest.raises(ProjectableEdgeError, match="seed|ladder"):
+            preset("tiny", **kw)
+    with pytest.raises(ProjectableEdgeError, match="data 'seed' must be an integer in 0.."):
+        DataConfig(seed=-1)
+
+
+def test_a_projected_model_that_is_missing_or_not_a_json_object_is_named(tiny_run, tmp_path):
+    with pytest.raises(ProjectableEdgeError, match=r"nope\.json not found: give a projected model written by "
+                                                   "`projectable-edge project`"):
+        load_projected(tmp_path / "nope")
+    small, info = project_task(tiny_run, 3)
+    _, js = save_projected(tmp_path / "p", small, info)
+    js.write_text("[]")
+    with pytest.raises(ProjectableEdgeError, match=r"p\.json must be a JSON object written by projectable-edge"):
+        load_projected(tmp_path / "p")
