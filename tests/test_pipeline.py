@@ -338,3 +338,27 @@ def test_a_generate_stopped_by_a_signal_leaves_nothing_half_written(tiny_run, tm
         p.kill()
     assert p.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", (p.returncode, err[-500:])
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_a_damaged_cache_entry_is_a_miss_and_is_written_again(tmp_path):
+    """An entry whose record is not JSON, not a record, or whose files are gone is built again, not a crash."""
+    from projectable_edge.pipeline.cache import StepCache
+
+    dest, built = tmp_path / "dest", []
+    dest.mkdir()
+
+    def build():
+        built.append(1)
+        (dest / "g.onnx").write_bytes(b"graph")
+        return {"files": ["g.onnx"]}
+
+    cache, entry = StepCache(tmp_path / "cache"), tmp_path / "cache" / "export" / "k"
+    cache.run("export", "k", dest, build)
+    for damage in (lambda: (entry / "result.json").write_text("{"), lambda: (entry / "result.json").write_text("[]"),
+                   lambda: (entry / "g.onnx").unlink()):
+        damage()
+        cache.run("export", "k", dest, build)
+    assert len(built) == 4 and cache.misses == ["export"] * 4 and cache.hits == []
+    (dest / "g.onnx").unlink()
+    assert cache.run("export", "k", dest, build)["files"] == ["g.onnx"] and (dest / "g.onnx").read_bytes() == b"graph"
+    assert len(built) == 4 and cache.hits == ["export"]

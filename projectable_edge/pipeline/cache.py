@@ -25,6 +25,19 @@ def _copy(files: list[str], src: Path, dest: Path) -> None:
         shutil.copyfile(src / rel, dest / rel)
 
 
+def _read(entry: Path) -> dict | None:
+    """An entry's result, or None where it is missing or damaged (a cache miss: the step runs again and the
+    entry is written anew)."""
+    try:
+        result = json.loads((entry / RESULT).read_text())
+        if (isinstance(result, dict) and isinstance(result.get("seconds"), (int, float))
+                and isinstance(result.get("files"), list) and all((entry / f).is_file() for f in result["files"])):
+            return result
+    except (OSError, ValueError, TypeError, RecursionError):
+        pass
+    return None
+
+
 class StepCache:
     """<root>/<step>/<key>/{files..., result.json}, each entry written atomically; root None = caching off."""
 
@@ -38,13 +51,13 @@ class StepCache:
         """The cached result with its files copied into dest, else build()'s (its "files" relative to dest),
         stored with the seconds it took; `reused`, when given, is logged on a hit."""
         entry = self.root / step / key if self.root else None
-        if entry is not None and (entry / RESULT).is_file():
-            result = json.loads((entry / RESULT).read_text())
-            _copy(result["files"], entry, dest)
+        result = _read(entry) if entry is not None else None
+        if result is not None:
             self.hits.append(step)
             self.saved_seconds += result["seconds"]
             if reused:
                 log(f"{reused} (saved {result['seconds']:.1f}s)")
+            _copy(result["files"], entry, dest)
             return result
         self.misses.append(step)
         start = time.perf_counter()
