@@ -468,9 +468,13 @@ def read_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = load_json(run / "config.json")
     if meta.get("format") != "projectable-edge-run":
         raise ProjectableEdgeError(f"{run / 'config.json'} is not a projectable-edge run config")
-    if meta.get("format_version", 0) > RUN_FORMAT:
+    version = meta.get("format_version", 0)
+    if type(version) is not int or version < 0:
+        raise ProjectableEdgeError(f"{run / 'config.json'}: format_version must be a whole number, got {version!r}; "
+                                   "the file was edited: train the run again")
+    if version > RUN_FORMAT:
         raise ProjectableEdgeError(f"{run} was written by a newer projectable-edge (run format "
-                                   f"{meta['format_version']}, this one reads up to {RUN_FORMAT}): upgrade it")
+                                   f"{version}, this one reads up to {RUN_FORMAT}): upgrade it")
     _check_models(run / "config.json", meta)
     tensors, meta["weights_sha256"] = read_tensors(run / "model.safetensors", kind="run")
     return meta, tensors
