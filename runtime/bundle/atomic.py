@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from itertools import takewhile
 from pathlib import Path
@@ -15,6 +16,12 @@ from typing import Iterator
 from ..devices.errors import ProjectableEdgeError
 
 DIR_MODE, FILE_MODE, EXEC_MODE = 0o755, 0o644, 0o755
+
+
+# Set by a CLI's Ctrl-C / SIGTERM handler (commands.console.cli_signals) as it raises KeyboardInterrupt: some
+# libraries catch that and go on (torch.onnx tries its next export strategy; an exception in an at-fork hook is
+# printed and dropped), so the interrupt is also remembered here.
+INTERRUPTED = threading.Event()
 
 
 def _publish(path: Path) -> None:
@@ -72,6 +79,8 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
                                        "can write to") from None
         try:
             yield tmp
+            if INTERRUPTED.is_set():  # an interrupt that a library caught and dropped still publishes nothing
+                raise KeyboardInterrupt
             _publish(tmp)
             _swap(tmp, path, what)
             ok = True

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..devices.errors import ProjectableEdgeError
-from ..bundle.atomic import atomic_output
+from ..bundle.atomic import INTERRUPTED, atomic_output
 from ..graphs import sampler
 from .png import grid_size, image_grid, png_bytes
 
@@ -49,6 +49,9 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False,
     except Exception as e:
         if verbose:
             traceback.print_exc()
+        if INTERRUPTED.is_set():  # a library turned the interrupt into its own error (torch.onnx: "export failed")
+            say("error: interrupted")
+            return 130
         if isinstance(e, ProjectableEdgeError):
             say(f"error: {_one_line(e)}")
             return 2
@@ -64,11 +67,15 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False,
 
 def cli_signals() -> None:
     """For a CLI process: SIGTERM stops it as Ctrl-C does (so outputs being written are removed, not left
-    half-written), and warnings print as one line, without the source line that raised them."""
+    half-written), both also remembered where a library that swallows the KeyboardInterrupt cannot lose them
+    (atomic.INTERRUPTED), and warnings print as one line, without the source line that raised them."""
     def interrupt(signum, frame):
+        INTERRUPTED.set()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where the shell made it ignored)
+        signal.signal(signal.SIGINT, interrupt)
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
 
 
