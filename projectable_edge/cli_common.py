@@ -100,7 +100,7 @@ def run_app(app: typer.Typer, argv: list[str]) -> int:
             _say("interrupted")
             return 130
         ctx = getattr(e, "ctx", None)  # a usage error: an unknown option or command, a bad or missing value
-        _say(e.format_message() + (f" (see '{ctx.command_path} --help')" if ctx else ""))
+        _say(f"{e.format_message()} (see '{ctx.command_path if ctx else 'projectable-edge'} --help')")
         return e.exit_code
     return code if isinstance(code, int) else 0
 

@@ -54,6 +54,7 @@ def parse_size(text: str, like: Widths) -> Widths:
 
 
 EXTRA_OPERATOR = ("all", "mixtures", "none")
+MAX_BATCH = 1 << 16  # sequences per step: beyond it one step's activations outgrow any host this trains on
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,17 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ProjectableEdgeError(f"training option '{name}' must be a whole number >= 1, got {v!r}")
+        if self.batch_size > MAX_BATCH:
+            raise ProjectableEdgeError(f"training option 'batch_size' must be at most {MAX_BATCH}, got "
+                                       f"{self.batch_size}; use a smaller batch (more steps)")
         for name in ("lr", "projector_lr", "grad_clip", "projected_lr_scale", "sliced_lr_scale"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ProjectableEdgeError(f"training option '{name}' must be a finite number > 0, "
                                            f"got {getattr(self, name)!r}")
-        names = ("lam", "weight_decay", "shift", "warmup_steps", "distill", "extra_steps", "kd", "projected_kd")
-        if any(isinstance(getattr(self, n), bool) or not getattr(self, n) >= 0 for n in names):
-            raise ProjectableEdgeError(f"training options {', '.join(repr(n) for n in names)} must be >= 0")
+        for name in ("lam", "weight_decay", "shift", "warmup_steps", "distill", "extra_steps", "kd", "projected_kd"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not 0 <= v < math.inf:  # an infinite loss weight trains to NaN
+                raise ProjectableEdgeError(f"training option '{name}' must be a finite number >= 0, got {v!r}")
         if self.extra_operator not in EXTRA_OPERATOR:
             raise ProjectableEdgeError(f"training option 'extra_operator' must be one of {EXTRA_OPERATOR}, "
                                        f"got {self.extra_operator!r}")

@@ -587,6 +587,8 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     (_npy_bytes(np.zeros((1, 8, 8), np.uint8)).replace(b"(1, 8, 8)", b"(10000000000000, 8, 8)"), "declares shape"),
     (_npy_bytes(np.zeros((0, 8, 8), np.uint8)), "holds no images"),
     (_npy_bytes(np.array([None, 1], dtype=object)), "Python objects"),
+    (_npy_bytes(np.zeros((1, 64), np.int64)).replace(b"(1, 64)", b"(1, 64"), "not a .npy array"),  # a broken literal
+    (_npy_bytes(np.zeros((1, 64), "V0")), "not numbers"),  # zero-width items: any shape, no data
 ])
 def test_score_checks_an_npy_file_and_stdin_before_allocating(rt_bundle, tmp_path, capsys, monkeypatch, data, match):
     """A header declaring 10**13 images (MemoryError in np.load) or an empty array is one line, exit 2."""

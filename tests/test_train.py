@@ -484,6 +484,12 @@ def test_cli_refuses_a_negative_seed_and_an_empty_ladder(tmp_path):
     for kw in ({"seed": -1}, {"seed": 2**64}, {"ladder": ()}, {"ladder": " , "}):
         with pytest.raises(ProjectableEdgeError, match="seed|ladder"):
             preset("tiny", **kw)
+    for kw, expect in (({"lam": float("inf")}, "'lam' must be a finite number >= 0, got inf"),  # trained to NaN
+                       ({"distill": float("nan")}, "'distill' must be a finite number >= 0"),
+                       ({"kd": -1.0}, "'kd' must be a finite number >= 0, got -1.0"),
+                       ({"batch_size": 10**8}, "'batch_size' must be at most")):  # was an allocator error
+        with pytest.raises(ProjectableEdgeError, match=expect):
+            preset("tiny", **kw)
     with pytest.raises(ProjectableEdgeError, match="data 'seed' must be an integer in 0.."):
         DataConfig(seed=-1)
 

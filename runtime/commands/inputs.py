@@ -24,11 +24,13 @@ def read_npy(data: bytes, what: str) -> np.ndarray:
         version = np.lib.format.read_magic(f)
         shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                  else np.lib.format.read_array_header_2_0)(f)
-    except (ValueError, OSError, EOFError) as e:
-        raise ProjectableEdgeError(f"{what} is not a .npy array ({e}); pass np.save output "
+    except Exception as e:  # numpy parses the header as a Python literal: any error there means not a .npy
+        raise ProjectableEdgeError(f"{what} is not a .npy array ({type(e).__name__}: {e}); pass np.save output "
                                    "(uint8 images [N, H, W] or int tokens [N, T])") from None
     if dtype.hasobject:
         raise ProjectableEdgeError(f"{what} holds Python objects (a pickle); pass an array of integers")
+    if dtype.kind not in "biufc" or not dtype.itemsize:  # records, strings, zero-width types: not pixels or tokens
+        raise ProjectableEdgeError(f"{what} holds {dtype.str!r} values, not numbers; pass uint8 images or int tokens")
     body = len(data) - f.tell()
     if min(shape, default=0) < 0 or math.prod(shape) * dtype.itemsize != body:
         raise ProjectableEdgeError(f"{what}: the .npy header declares shape {shape} of {dtype}, but {body} bytes "

@@ -206,7 +206,7 @@ def tuned_choice(bundle: Path, manifest: Manifest, path: str | Path | None = Non
         if choice is None:
             why = "its verdict was that no candidate fits the budget"
         elif not isinstance(choice, str) or choice not in manifest.candidates:
-            why = f"its choice {choice!r} is not a candidate of this bundle"
+            why = f"its choice {str(choice)[:80]!r} is not a candidate of this bundle"
         elif record.get("choice_files") != _hashes(manifest, choice):
             why = f"the files of {choice} no longer match the hashes it recorded"
     if why is not None:
