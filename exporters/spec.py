@@ -10,10 +10,10 @@ import onnx
 
 from projectable_edge_runtime.devices.choices import values
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.graphs.contract import CacheLayout, GraphKind
+from projectable_edge_runtime.graphs.contract import SPEC_KEY, CacheLayout, GraphKind
 
 GRAPHS = values(GraphKind)
-META_KEY = "projectable_edge.export_spec"
+META_KEY = SPEC_KEY  # the ONNX metadata entry: one name, the runtime's (it reads it to check manifests)
 
 
 @dataclass(frozen=True)

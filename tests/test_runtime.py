@@ -141,6 +141,10 @@ def _fp32(m) -> dict:
     (lambda m: m["task"].update(index=-1), r"'task\.index' must be a number >= 0"),
     (lambda m: _fp32(m)["model"].update(block_size=1e9), r"model\.block_size' must be an integer"),
     (lambda m: _fp32(m)["model"].update(bos_id=99999), r"bos_id 99999 is beyond the vocabulary .*at most 17"),
+    # well-formed numbers that no longer describe the graphs: refused against the spec each graph carries
+    (lambda m: _fp32(m)["model"].update(block_size=10**9), r"does not describe graph .*block_size 1000000000 "
+                                                            r"\(the graph says 64\)"),
+    (lambda m: _fp32(m)["model"].update(n_head=3), r"candidate 16x2/fp32 does not describe graph .*n_head 3"),
 ])
 def test_manifest_numbers_out_of_range_are_refused_when_read(rt_bundle_copy, capsys, edit, match):
     """Tampered with the digest recomputed: non-finite, negative or huge numbers name their field, exit 2

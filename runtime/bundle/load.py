@@ -15,7 +15,7 @@ from ..devices.errors import ProjectableEdgeError
 from ..devices.profiles import DeviceProfile
 from ..graphs import sampler
 from ..graphs.backends import Backend, make_runners
-from ..graphs.contract import CacheLayout
+from ..graphs.contract import CacheLayout, check_facts
 from .manifest import Candidate, Engine, Manifest, read_manifest, verify_files
 from .requirements import check_requirements
 from ..graphs.scoring import score_tokens
@@ -35,6 +35,8 @@ class Model:
                                              engine if candidate.main else None, profile, providers, backend,
                                              threads, records=records)
         self.score_runner, self.decode_runner = runners
+        for runner in (r for r in runners if r is not None):
+            check_facts(runner, dataclasses.asdict(candidate.model), f"manifest.json's 'model' of candidate {name}")
         self.load_time_s = time.perf_counter() - t0
         self.bundle_dir = bundle_dir
         self.manifest = manifest  # None while generate measures a bundle it has not sealed yet

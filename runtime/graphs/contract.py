@@ -36,6 +36,20 @@ class GraphKind(StrEnum):
         return ("logits",) if self is GraphKind.SCORING else ("logits", "present_keys", "present_values")
 
 
+SPEC_KEY = "projectable_edge.export_spec"  # the ONNX metadata entry holding the exporter's spec of a graph
+FACTS = ("vocab_size", "bos_id", "block_size", "n_layer", "n_head", "head_dim")  # what a graph's spec fixes
+
+
+def check_facts(runner, facts: Mapping[str, Any], where: str) -> None:
+    """The model facts a manifest gives must be those the graph itself was exported with (its spec, where the
+    runner can read one): an edited manifest that no longer describes its graphs fails here, not mid-sampling."""
+    spec = getattr(runner, "spec", None) or {}
+    wrong = [f"{k} {facts[k]!r} (the graph says {spec[k]!r})" for k in FACTS if k in spec and facts.get(k) != spec[k]]
+    if wrong:
+        raise ProjectableEdgeError(f"{where} does not describe graph '{runner.name}': {', '.join(wrong)}; "
+                                   "regenerate the bundle")
+
+
 LAYER_CACHE = "past_kv_"  # + layer index: a compiled decode graph's per-layer cache input
 
 

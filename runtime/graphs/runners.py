@@ -4,6 +4,7 @@ ONNX Runtime, TensorRT, the PyTorch reference and onnx.reference all run through
 sampling are written once."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 from ..devices.choices import StrEnum, choose
 from ..devices.errors import ProjectableEdgeError
 from ..bundle.requirements import import_onnxruntime
+from .contract import SPEC_KEY
 
 ort = import_onnxruntime()  # one clear error when onnxruntime cannot import (e.g. <1.19 with numpy 2)
 
@@ -78,6 +80,10 @@ class OrtRunner:
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_dtypes = {i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in inputs}
+        try:  # the exporter's spec of the graph, where it carries one (contract.check_facts)
+            self.spec = json.loads(self.session.get_modelmeta().custom_metadata_map[SPEC_KEY])
+        except (KeyError, ValueError, TypeError):
+            self.spec = None
         # A CPU-only session with a complete feed calls onnxruntime's C++ session directly: the Python
         # wrapper's run only re-checks the feed's names (C++ checks them too) and retries a failed GPU
         # provider on the CPU, about 1 µs a call, a few % of a decode step. Anything else takes the wrapper.
