@@ -3,6 +3,7 @@ symlinks, no unlisted files, optional files), device-built TensorRT engines with
 TensorRT shapes from the model, batch splitting, and the manifest's JSON Schema."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -108,15 +109,22 @@ def test_signed_bundle_loads_with_its_key_and_only_with_it(rt_bundle_copy, keys,
         runtime.load(resigned, public_key=mine_pub)
 
     # an edit + a recomputed digest (the attacker has no key) still fails the signature
-    m = _raw(rt_bundle_copy)
-    m["candidates"]["16x2/fp32"]["model"]["bos_id"] = 3
-    sig = m["integrity"]["signature"]
-    m = seal(m)
-    m["integrity"]["signature"] = sig
-    _write_raw(rt_bundle_copy, m)
-    runtime.load(rt_bundle_copy)  # a consistent but unsigned-by-me manifest passes the digest alone...
-    with pytest.raises(ProjectableEdgeError, match="signature does not verify"):
-        runtime.load(rt_bundle_copy, public_key=mine_pub)  # ...not the signature
+    original = _raw(rt_bundle_copy)
+    for edit, unsigned_loads in ((lambda c: c["model"].update(bos_id=3), False),  # the graphs' own spec says 17
+                                 (lambda c: c.update(role="projected@edited"), True)):  # nothing to check it against
+        m = copy.deepcopy(original)
+        edit(m["candidates"]["16x2/fp32"])
+        sig = m["integrity"]["signature"]
+        m = seal(m)
+        m["integrity"]["signature"] = sig
+        _write_raw(rt_bundle_copy, m)
+        if unsigned_loads:
+            runtime.load(rt_bundle_copy)  # a consistent but unsigned-by-me manifest passes the digest alone...
+        else:
+            with pytest.raises(ProjectableEdgeError, match="does not describe graph"):
+                runtime.load(rt_bundle_copy)
+        with pytest.raises(ProjectableEdgeError, match="signature does not verify"):
+            runtime.load(rt_bundle_copy, public_key=mine_pub)  # ...not the signature
 
 
 def test_device_cli_public_key(rt_bundle_copy, keys, capsys):
