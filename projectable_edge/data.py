@@ -80,6 +80,8 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataConfig":
+        if not isinstance(d, dict):
+            raise ProjectableEdgeError(f"the data config must be a JSON object of its fields, got {d!r}")
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:

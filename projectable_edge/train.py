@@ -487,7 +487,11 @@ def _check_models(path: Path, meta: dict) -> None:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ProjectableEdgeError(f"{path}: 'task_names' must be a list of one or more names, got {names!r}; "
                                    "copy the run folder again")
-    cfg, spec = TrainConfig.from_dict(meta.get("train")), TokenizerSpec.from_dict(meta.get("tokenizer"))
+    try:
+        cfg, spec = TrainConfig.from_dict(meta.get("train")), TokenizerSpec.from_dict(meta.get("tokenizer"))
+        DataConfig.from_dict(meta.get("data"))
+    except ProjectableEdgeError as e:
+        raise ProjectableEdgeError(f"{path}: {e}; copy the run folder again") from None
     for key, want in (("source_model", cfg.source.model(spec)), ("small_model", cfg.small.model(spec))):
         try:
             got = ModelConfig.from_dict(meta.get(key)).to_dict()

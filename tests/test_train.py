@@ -441,6 +441,8 @@ def test_a_run_config_that_is_not_a_json_object_is_refused(tiny_run, tmp_path, t
     ("small_model", {"d_model": 24}, r"'small_model' disagrees with its 'train' .*d_model 24 \(expected 16\)"),
     ("task_names", [], "'task_names' must be a list of one or more names"),
     ("format_version", "2", "format_version must be a whole number"),
+    ("tokenizer", {"levels": 0}, r"config\.json: tokenizer spec field 'levels' must be in 2\.\.256, got 0; copy"),
+    ("data", [], r"config\.json: the data config must be a JSON object of its fields, got \[\]"),
 ])
 def test_a_run_config_with_bad_model_sizes_is_refused(tiny_run, tmp_path, key, tamper, expect):
     """Bundles copy these fields, so a hand-edited value is refused when the run is read, naming it."""
