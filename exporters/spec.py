@@ -13,7 +13,6 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.graphs.contract import SPEC_KEY, CacheLayout, GraphKind
 
 GRAPHS = values(GraphKind)
-META_KEY = SPEC_KEY  # the ONNX metadata entry: one name, the runtime's (it reads it to check manifests)
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,14 @@ def spec_from_onnx(model: onnx.ModelProto, graph: str, cfg) -> ExportSpec:
 
 def attach_spec(model: onnx.ModelProto, spec: ExportSpec) -> None:
     for p in list(model.metadata_props):
-        if p.key == META_KEY:
+        if p.key == SPEC_KEY:
             model.metadata_props.remove(p)
-    model.metadata_props.add(key=META_KEY, value=json.dumps(spec.to_dict(), sort_keys=True))
+    model.metadata_props.add(key=SPEC_KEY, value=json.dumps(spec.to_dict(), sort_keys=True))
 
 
 def read_spec(model: onnx.ModelProto, where: str = "the ONNX graph") -> ExportSpec:
     for p in model.metadata_props:
-        if p.key == META_KEY:
+        if p.key == SPEC_KEY:
             return ExportSpec.from_dict(json.loads(p.value))
-    raise ProjectableEdgeError(f"{where} carries no projectable-edge export spec (metadata '{META_KEY}'); "
+    raise ProjectableEdgeError(f"{where} carries no projectable-edge export spec (metadata '{SPEC_KEY}'); "
                                "use a graph written by `projectable-edge export`")

@@ -84,7 +84,8 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show trac
 
 
 # click's errors, or typer's copy of them (typer >= 0.2x vendors click; its TyperException is their base)
-_CLICK_ERRORS = tuple(c for c in (getattr(typer, "TyperException", None), click.ClickException, click.Abort) if c)
+_CLICK_ERRORS = (getattr(typer, "TyperException", click.ClickException), click.ClickException)
+_ABORTS = (typer.Abort, click.Abort)  # end of input at a prompt: typer's own, or click's in older typers
 
 
 def run_app(app: typer.Typer, argv: list[str]) -> int:
@@ -95,10 +96,10 @@ def run_app(app: typer.Typer, argv: list[str]) -> int:
     try:
         code = app(args=["--verbose"] * verbose + (argv or ["--help"]), prog_name="projectable-edge",
                    standalone_mode=False)
+    except _ABORTS:
+        _say("interrupted")
+        return 130
     except _CLICK_ERRORS as e:
-        if isinstance(e, (typer.Abort, click.Abort)):  # Ctrl-C outside a command (e.g. in a prompt)
-            _say("interrupted")
-            return 130
         ctx = getattr(e, "ctx", None)  # a usage error: an unknown option or command, a bad or missing value
         _say(f"{e.format_message()} (see '{ctx.command_path if ctx else 'projectable-edge'} --help')")
         return e.exit_code
