@@ -35,8 +35,9 @@ class Model:
                                              engine if candidate.main else None, profile, providers, backend,
                                              threads, records=records)
         self.score_runner, self.decode_runner = runners
+        self.meta = dataclasses.asdict(candidate.model)
         for runner in (r for r in runners if r is not None):
-            check_facts(runner, dataclasses.asdict(candidate.model), f"manifest.json's 'model' of candidate {name}")
+            check_facts(runner, self.meta, f"manifest.json's 'model' of candidate {name}")
         self.load_time_s = time.perf_counter() - t0
         self.bundle_dir = bundle_dir
         self.manifest = manifest  # None while generate measures a bundle it has not sealed yet
@@ -46,7 +47,6 @@ class Model:
         self.variant = candidate.variant
         self.profile = profile
         self.tokenizer = tokenizer
-        self.meta = dataclasses.asdict(candidate.model)
         self.layout = CacheLayout.of(self.meta)
         # a TensorRT engine has a fixed max batch (the profile's, which built it): scoring and
         # sampling split larger batches; ORT just needs bounded memory
