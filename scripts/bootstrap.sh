@@ -12,10 +12,15 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     .venv/bin/pip install -q torch
   else
-    # the +cpu local version: from a local wheel cache when pip has one, else from PyTorch's CPU index
-    TORCH_CPU="torch==${TORCH_CPU_VERSION:-2.13.0}+cpu"
-    .venv/bin/pip install -q "$TORCH_CPU" 2>/dev/null \
-      || .venv/bin/pip install -q "$TORCH_CPU" --extra-index-url https://download.pytorch.org/whl/cpu
+    # the +cpu local version: from a local wheel cache when pip has one, else from PyTorch's CPU index;
+    # where neither has it for this Python, PyPI's build of the same version (larger, also runs on the CPU)
+    TORCH_VERSION=${TORCH_CPU_VERSION:-2.13.0}
+    .venv/bin/pip install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+      || .venv/bin/pip install -q "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu \
+         2>/dev/null \
+      || { echo "bootstrap: no CPU build of torch $TORCH_VERSION for $(.venv/bin/python -V) here;" \
+                "installing PyPI's torch==$TORCH_VERSION (several GB; it runs on the CPU too)" >&2
+           .venv/bin/pip install -q "torch==$TORCH_VERSION"; }
   fi
 fi
 .venv/bin/pip install -q -e ".[dev]"

@@ -11,9 +11,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import zipfile
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the host package depends on tomli there
+    import tomli as tomllib
 
 import pytest
 

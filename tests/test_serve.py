@@ -21,12 +21,16 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the host package depends on tomli there
+    import tomli as tomllib
 from urllib.parse import urlsplit
 
 import numpy as np
