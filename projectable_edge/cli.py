@@ -81,7 +81,7 @@ def train(
                      mixture=mixture and str(mixture), distill=distill, extra_steps=extra_steps, delta=delta, kd=kd,
                      projected_kd=projected_kd, extra_operator=extra_operator and str(extra_operator),
                      projected_lr_scale=projected_lr_scale, sliced_lr_scale=sliced_lr_scale,
-                     ladder=tuple(s for s in ladder.split(",") if s.strip()) if ladder is not None else None)
+                     ladder=ladder)
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
                           channels=3 if rgb else 1, levels=levels, hold_out=hold_out_task or ())
     if freeze_source and init_source is None:
@@ -148,12 +148,10 @@ def evaluate(
 
 def tasks(run: Path = typer.Argument(..., resolve_path=True), as_json: bool = typer.Option(False, "--json")):
     """List the tasks a run knows: those it was trained on, then those added by `adapt`."""
-    from projectable_edge.checkpoint import load_json
     from projectable_edge.task_registry import adapted_names, load_adapted
+    from projectable_edge.train import read_config
 
-    if not (Path(run) / "config.json").is_file():
-        raise ProjectableEdgeError(f"{run} is not a finished run (no config.json); give a folder written by `train`")
-    names = load_json(Path(run) / "config.json").get("task_names", [])
+    names = read_config(run)["task_names"]
     rows = [{"index": i, "name": n, "kind": "trained"} for i, n in enumerate(names)]
     for n in adapted_names(run):
         r = load_adapted(run, n).record

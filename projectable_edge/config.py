@@ -174,10 +174,13 @@ def preset(name: str, **overrides) -> TrainConfig:
     if name not in PRESETS:
         raise ProjectableEdgeError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    ladder = overrides.get("ladder")  # given but empty (",,,"): refused rather than read as no ladder
-    sizes = ladder.split(",") if isinstance(ladder, str) else ladder or ()
-    if ladder is not None and not any(str(s).strip() for s in sizes):
+    ladder = overrides.get("ladder")  # given but empty (",,,") or with a gap ("16,,64"): refused, not skipped
+    sizes = [str(s).strip() for s in (ladder.split(",") if isinstance(ladder, str) else ladder or ())]
+    if ladder is not None and not any(sizes):
         raise ProjectableEdgeError("the ladder (--ladder) names no size: give sizes like 16,64, or leave it out")
+    if not all(sizes):
+        shown = ladder if isinstance(ladder, str) else ",".join(sizes)
+        raise ProjectableEdgeError(f"the ladder (--ladder) has an empty size in '{shown}': give sizes like 16,64")
     base = PRESETS[name]
     if isinstance(overrides.get("small"), str):
         overrides["small"] = parse_size(overrides["small"], base.small)

@@ -459,6 +459,13 @@ def run_data(run: Path, meta: dict) -> TaskData:
 
 def read_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """A finished run's config and weights, the weights file read once (its sha256 lands in the config)."""
+    meta = read_config(run)
+    tensors, meta["weights_sha256"] = read_tensors(Path(run) / "model.safetensors", kind="run")
+    return meta, tensors
+
+
+def read_config(run: Path) -> dict:
+    """A finished run's config, checked (format, version, task names, model sizes), without its weights."""
     run = Path(run)
     if not run.is_dir():
         hint = (f" (an interrupted run is at {partial_dir(run)}: resume it with --resume)"
@@ -476,8 +483,7 @@ def read_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ProjectableEdgeError(f"{run} was written by a newer projectable-edge (run format "
                                    f"{version}, this one reads up to {RUN_FORMAT}): upgrade it")
     _check_models(run / "config.json", meta)
-    tensors, meta["weights_sha256"] = read_tensors(run / "model.safetensors", kind="run")
-    return meta, tensors
+    return meta
 
 
 def _check_models(path: Path, meta: dict) -> None:
@@ -501,6 +507,10 @@ def _check_models(path: Path, meta: dict) -> None:
         if diff:
             raise ProjectableEdgeError(f"{path}: '{key}' disagrees with its 'train' and 'tokenizer' fields: "
                                        f"{', '.join(diff)}; copy the run folder again")
+    recorded, want = meta.get("projection", {}), cfg.projection.to_dict()  # older runs lack newer options
+    if not isinstance(recorded, dict) or any(k not in want or recorded[k] != want[k] for k in recorded):
+        raise ProjectableEdgeError(f"{path}: 'projection' is not the operator its 'train' field gives; "
+                                   "copy the run folder again")
     if meta.get("ladder_models", {}) != {n: w.model(spec).to_dict() for n, w in cfg.rungs().items()}:
         raise ProjectableEdgeError(f"{path}: 'ladder_models' are not the sizes its 'train' field gives; "
                                    "copy the run folder again")

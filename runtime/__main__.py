@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         console.cli_signals()
     argv, verbose = console.take_verbose(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
-    return console.error_boundary(lambda: run(args), verbose=verbose or getattr(args, "verbose", False))
+    args.verbose = verbose or getattr(args, "verbose", False)
+    return console.error_boundary(lambda: run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -396,13 +396,22 @@ def test_clients_that_never_finish_a_request_or_never_read_are_closed_after_the_
                 sock.close()
 
 
-def test_an_internal_fault_is_a_500_and_the_server_keeps_serving(server, model, monkeypatch):
+def test_an_internal_fault_is_a_500_and_the_server_keeps_serving(server, model, monkeypatch, capsys):
     def broken(x):
-        raise RuntimeError("boom")
+        raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(server.model, "score", broken)
     status, out, _ = request(server, "POST", "/score", {"tokens": _valid_tokens(model)})
     assert status == 500 and "boom" in out["error"]
+    logged = capsys.readouterr().err
+    assert "Traceback" not in logged and logged.count("\n") == 1 and "boom second line" in logged, logged
+    assert "--verbose" in logged
+    server.verbose = True  # --verbose: the traceback too
+    try:
+        assert request(server, "POST", "/score", {"tokens": _valid_tokens(model)})[0] == 500
+        assert "Traceback" in capsys.readouterr().err
+    finally:
+        server.verbose = False
     monkeypatch.undo()
     assert request(server, "POST", "/score", {"tokens": _valid_tokens(model)})[0] == 200
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -443,9 +444,15 @@ def test_a_run_config_that_is_not_a_json_object_is_refused(tiny_run, tmp_path, t
     ("format_version", "2", "format_version must be a whole number"),
     ("tokenizer", {"levels": 0}, r"config\.json: tokenizer spec field 'levels' must be in 2\.\.256, got 0; copy"),
     ("data", [], r"config\.json: the data config must be a JSON object of its fields, got \[\]"),
+    ("projection", {"n_basis": 99}, r"config\.json: 'projection' is not the operator its 'train' field gives"),
+    ("projection", "x", r"config\.json: 'projection' is not the operator"),
 ])
 def test_a_run_config_with_bad_model_sizes_is_refused(tiny_run, tmp_path, key, tamper, expect):
     """Bundles copy these fields, so a hand-edited value is refused when the run is read, naming it."""
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     config = json.loads((run / "config.json").read_text())
@@ -456,6 +463,8 @@ def test_a_run_config_with_bad_model_sizes_is_refused(tiny_run, tmp_path, key, t
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(ProjectableEdgeError, match=expect):
         load_run(run)
+    res = CliRunner().invoke(app, ["tasks", str(run)])  # listing the tasks reads the same checks
+    assert res.exit_code == 2 and re.search(expect, " ".join(res.output.split())), res.output
 
 
 def test_a_split_snapshot_that_is_not_an_npz_archive_is_named_so(tiny_run, tmp_path):
@@ -477,13 +486,15 @@ def test_cli_refuses_a_negative_seed_and_an_empty_ladder(tmp_path):
     from projectable_edge.cli import app
 
     for args, expect in ((["--seed", "-1"], "training option 'seed' must be an integer in 0.."),
-                         (["--ladder", ",,,"], "the ladder (--ladder) names no size")):
+                         (["--ladder", ",,,"], "the ladder (--ladder) names no size"),
+                         (["--ladder", "16,,8"], "the ladder (--ladder) has an empty size in '16,,8'")):
         res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--steps", "2", *args,
                                        "--out", str(tmp_path / "x")])
         assert res.exit_code == 2, res.output
         assert expect in " ".join(res.output.split()) and "Traceback" not in res.output
     assert not any(tmp_path.iterdir())
-    for kw in ({"seed": -1}, {"seed": 2**64}, {"ladder": ()}, {"ladder": " , "}):
+    for kw in ({"seed": -1}, {"seed": 2**64}, {"ladder": ()}, {"ladder": " , "}, {"ladder": "16,"},
+               {"ladder": ("8", "")}):
         with pytest.raises(ProjectableEdgeError, match="seed|ladder"):
             preset("tiny", **kw)
     for kw, expect in (({"lam": float("inf")}, "'lam' must be a finite number >= 0, got inf"),  # trained to NaN

@@ -74,7 +74,7 @@ class ModelServer:
     `run()` serves it with waitress until `stop()` (from any thread) or Ctrl-C."""
 
     def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-                 access_log: bool = False):
+                 access_log: bool = False, verbose: bool = False):
         try:
             from waitress import channel, parser, server, task, wasyncore
         except ImportError:
@@ -85,7 +85,7 @@ class ModelServer:
         except (OSError, OverflowError) as e:
             raise ProjectableEdgeError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); "
                                        "choose another --port (0 picks a free one) or --host") from None
-        self.model, self.limits, self.access_log, self._map = model, limits, access_log, {}
+        self.model, self.limits, self.access_log, self.verbose, self._map = model, limits, access_log, verbose, {}
         self._lock, self.started, self.served = threading.Lock(), time.time(), 0
         self._close_all = lambda: wasyncore.close_all(self._map)
 
@@ -182,9 +182,13 @@ class ModelServer:
             status, out = 200, self.answer(routed, path, environ.get("CONTENT_TYPE", ""), environ["wsgi.input"].read())
         except RequestError as e:
             status, out, headers = e.args[0], {"error": e.args[1], "status": e.args[0]}, e.args[2:]
-        except Exception as e:  # the server's own fault: 500, logged, and the server keeps serving
-            traceback.print_exc(file=sys.stderr)
+        except Exception as e:  # the server's own fault: 500, logged (in one line unless --verbose), serving goes on
             status, out = 500, {"error": f"internal error: {type(e).__name__}: {e}", "status": 500}
+            if self.verbose:
+                traceback.print_exc(file=sys.stderr)
+            else:
+                print(f"error: {method} {json.dumps(path)[1:-1]}: {out['error']}".replace("\n", " ")
+                      + " (rerun with --verbose for the traceback)", file=sys.stderr, flush=True)
         if self.access_log:  # the path as a JSON string: a %0A or an escape sequence in it cannot forge a line
             sys.stderr.write(f'{environ["REMOTE_ADDR"]} "{method} {json.dumps(path)[1:-1]} '
                              f'{environ["SERVER_PROTOCOL"]}" {status}\n')
@@ -279,7 +283,7 @@ def add_arguments(p) -> None:
 def command(model, args):
     """Serve until Ctrl-C or SIGTERM, printing one line per event (JSON Lines with --json): (result, 0, None)."""
     limits = Limits(**{f.name: getattr(args, f.name.removesuffix("_s")) for f in fields(Limits)})
-    server = ModelServer(model, args.host, args.port, limits, args.access_log)
+    server = ModelServer(model, args.host, args.port, limits, args.access_log, getattr(args, "verbose", False))
     say = lambda event, text: print(json.dumps(event) if args.json else text, flush=True)  # noqa: E731
 
     def interrupt(signum, frame):  # SIGTERM stops it as Ctrl-C does. Later ones, until the process ends, are ignored:
