@@ -12,8 +12,12 @@ PY=${PYTHON:-.venv/bin/python}
 mirror=$(mktemp -d)
 trap 'rm -rf "$mirror"' EXIT
 "$PY" - "$mirror" <<'PYEOF'
-import os, sys, tomllib
+import os, sys
 from pathlib import Path
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the host package depends on tomli there
+    import tomli as tomllib
 
 mirror = Path(sys.argv[1])
 cfg = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["setuptools"]
