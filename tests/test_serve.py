@@ -266,13 +266,15 @@ def closed(f) -> bool:
 @pytest.mark.parametrize("data, want", [
     (b"GARBAGE\r\n\r\n", 400),
     (b"get /healthz HTTP/1.1\r\n\r\n", 400),
-    (b"POST /score HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400),
-    (b"POST /score HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n", 413),
-    (b"POST /score HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", 400),
+    (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n", 413),
+    (b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     (b"POST /sample HTTP/1.0\r\nConnection: Keep-Alive\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"GET /healthz HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
 ], ids=["bad request line", "lower-case method", "bad Content-Length", "body far over the limit (not read)",
-        "unknown transfer coding (RFC 9112: 501)", "chunked in HTTP/1.0, a request smuggled in its body"])
+        "unknown transfer coding (RFC 9112: 501)", "chunked in HTTP/1.0, a request smuggled in its body",
+        "HTTP/1.1 without Host (RFC 9112: 400)"])
 def test_protocol_errors_are_json_and_close_the_connection(server, data, want):
     """The library's own errors come back in the application's JSON shape, and nothing after them on the
     connection is answered (a request hidden in a body the library cannot frame included)."""
@@ -323,7 +325,7 @@ def test_an_incomplete_request_is_closed_without_using_a_worker(model):
     with running(model, Limits(idle_timeout_s=1)) as srv:
         for cut in (False, True):
             with socket.create_connection(address(srv), timeout=30) as s:
-                f = send(s, b"POST /score HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"tokens\"")
+                f = send(s, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"tokens\"")
                 if cut:
                     s.shutdown(socket.SHUT_WR)
                 assert closed(f)

@@ -113,6 +113,8 @@ class ModelServer:
                 # next request (request smuggling behind a proxy): RFC 9112 6.1 says refuse it and close
                 if self.version == "1.0" and "TRANSFER_ENCODING" in self.headers:
                     raise parser.ParsingError("Transfer-Encoding in an HTTP/1.0 request")
+                if self.version == "1.1" and "HOST" not in self.headers:  # RFC 9112 3.2: a 400
+                    raise parser.ParsingError("no Host header in an HTTP/1.1 request")
 
         class JsonChannel(channel.HTTPChannel):
             error_task_class, parser_class = JsonErrorTask, StrictParser
