@@ -64,7 +64,8 @@ def test_blocker_really_blocks_torch():
 
 
 ALLOWED_TOP = {"numpy", "onnxruntime"}  # the runtime's own modules import each other relatively
-ALLOWED_LAZY = ALLOWED_TOP | {"tensorrt", "PIL", "tomli", "cryptography", "waitress"}  # tomli: host-only TOML reading on Python 3.10  # optional, imported inside the function that needs them
+# optional, imported inside the function that needs them; tomllib (3.11's stdlib) or tomli: TOML on the host only
+ALLOWED_LAZY = ALLOWED_TOP | {"tensorrt", "PIL", "tomllib", "tomli", "cryptography", "waitress"}
 
 
 def test_runtime_imports_only_stdlib_numpy_onnxruntime():
