@@ -119,6 +119,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 EXPECTED_TRT="{expected}"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
+if ! command -v -- "${{TRTEXEC}}" >/dev/null; then
+  echo "error: trtexec not found (${{TRTEXEC}}): install TensorRT (JetPack ships it) or set TRTEXEC=/path/to/trtexec; nothing was built" >&2
+  exit 1
+fi
 if [ -n "$EXPECTED_TRT" ] && command -v python3 >/dev/null; then
   FOUND="$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || true)"
   case "$FOUND" in
@@ -128,7 +132,12 @@ if [ -n "$EXPECTED_TRT" ] && command -v python3 >/dev/null; then
   esac
 fi
 "$TRTEXEC" \\
-    {args} 2>&1 | tee build_engine.log
+    {args} 2>&1 | tee build_engine.log || {{
+  status=$?
+  rm -f {shlex.quote(engine)} build_engine.log  # a failed build leaves the bundle as it was (the loader refuses unlisted files)
+  echo "error: trtexec failed (exit $status; its output is above): {engine} was not built" >&2
+  exit "$status"
+}}
 echo "built {engine}"
 """
 

@@ -20,7 +20,8 @@ import projectable_edge_runtime as runtime
 from projectable_edge_runtime.bundle import engine_record
 from projectable_edge_runtime.graphs import trt_runner
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-from projectable_edge_runtime.bundle.manifest import MANIFEST_NAME, json_schema, read_manifest, seal, write_manifest
+from projectable_edge_runtime.bundle.manifest import (MANIFEST_NAME, SCHEMA_VERSION, json_schema, parse, read_manifest, seal,
+                                                    write_manifest)
 from projectable_edge_runtime.graphs.runners import OrtRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,6 +312,27 @@ def test_schema_ships_with_the_runtime_and_accepts_test_bundles(rt_bundle):
     bad["files"]["../evil"] = {"sha256": "0" * 64, "bytes": 1}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(schema_version=SCHEMA_VERSION + 1),
+    lambda m: m.update(candidates={}),
+    lambda m: m["files"].update({"a\n/../../evil": {"sha256": "0" * 64, "bytes": 1}}),
+    lambda m: m["tokenizer"].update(channels=2),
+    lambda m: m["tokenizer"].update(levels=300),
+    lambda m: m["tokenizer"].update(extra=1),
+    lambda m: m["target"].update(extra=1),
+    lambda m: m["target"]["budgets"].update(extra=1),
+])
+def test_the_schema_refuses_what_the_loader_refuses(rt_bundle, edit):
+    import jsonschema
+
+    bad = _raw(rt_bundle)
+    edit(bad)
+    with pytest.raises(ProjectableEdgeError):
+        parse(bad)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, json_schema())
 
 
 # ----------------------------------------------------------------------------- unwritable --out

@@ -58,6 +58,24 @@ def test_tensorrt_deferred_script_carries_profile_flags(tmp_path, ex):
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="checks the deferred path")
+def test_build_engine_script_without_or_with_a_failing_trtexec_fails_cleanly_and_writes_nothing(tmp_path, ex):
+    folder = tmp_path / "sp ace" / "trt"
+    artifact, _ = compile_tensorrt(ex.scoring, DLA, folder)
+    before = sorted(p.name for p in folder.iterdir())
+    env = {"PATH": "/usr/bin:/bin", "TRTEXEC": str(tmp_path / "no-trtexec")}
+    res = subprocess.run(["bash", str(artifact)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 1 and "error: trtexec not found" in res.stderr and "TRTEXEC=" in res.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
+    failing = tmp_path / "trtexec"
+    failing.write_text("#!/bin/sh\necho 'cannot build'\nexit 3\n")
+    failing.chmod(0o755)
+    res = subprocess.run(["bash", str(artifact)], cwd=tmp_path, env={**env, "TRTEXEC": str(failing)},
+                         capture_output=True, text=True)
+    assert res.returncode == 3 and "cannot build" in res.stdout and "error: trtexec failed (exit 3" in res.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before  # no log, no plan: the bundle still verifies
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the deferred path")
 def test_tensorrt_fp32_graph_gets_no_int8_and_decode_gets_cache_shapes(tmp_path, ex):
     _, rep = compile_tensorrt(ex.scoring, DLA, tmp_path / "a")
     assert "--int8" not in rep["command"] and "--fp16" in rep["command"] and "no QDQ" in rep["note"]

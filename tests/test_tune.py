@@ -177,6 +177,23 @@ def test_bad_budgets_are_one_line_errors(rt_bundle, capsys, flag, value):
     assert not tune.record_path(rt_bundle).exists()  # nothing written
 
 
+def test_an_unwritable_record_folder_fails_before_measuring_and_names_record(rt_bundle, capsys, monkeypatch):
+    import os
+
+    def no_write(path, mode):
+        return mode != os.W_OK and os.path.exists(path)
+
+    def never(*a, **k):
+        raise AssertionError("measured before checking where the record goes")
+
+    monkeypatch.setattr(os, "access", no_write)  # a read-only bundle's folder (root passes chmod, so fake it)
+    monkeypatch.setattr(tune, "measure", never)
+    code = rt_main(["tune", str(rt_bundle), *RUNS])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write the tuned record" in err and "--record PATH" in err
+    assert not tune.record_path(rt_bundle).exists()
+
+
 def test_unknown_candidate_is_a_clear_error(rt_bundle, capsys):
     code = rt_main(["tune", str(rt_bundle), "--candidate", "99x9/fp32"])
     err = capsys.readouterr().err

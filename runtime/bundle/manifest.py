@@ -29,7 +29,7 @@ CANONICAL = "json: sorted keys, separators (',', ':'), UTF-8, without the 'integ
 ENGINE_RECORD_SUFFIX = ".record.json"  # a device-built engine's own record, next to its plan
 
 RelPath = Annotated[str, "relpath"]  # a path inside the bundle: relative, no '..'
-RELPATH_PATTERN = r"^(?!/)(?!(.*/)?\.\.(/|$))[^\\]+$"
+RELPATH_PATTERN = r"^(?!/)(?!([\s\S]*/)?\.\.(/|$))[^\\]+$"  # [\s\S], not '.': a schema validator's '.' stops at a newline
 Count = Annotated[int, "positive"]
 Index = Annotated[int, "nonnegative"]
 Amount = Annotated[float, "nonnegative"]
@@ -191,7 +191,7 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Integrity:
-    algorithm: str = doc("`sha256`.")
+    algorithm: str = doc("`sha256`.", schema={"const": "sha256"})
     canonical: str = doc("How the canonical form is made.")
     manifest_sha256: str = doc("sha256 of the canonical manifest (every field but `integrity`).")
     signature: dict | None = doc("Optional Ed25519 signature of the digest: `algorithm`, `key_id`, `value`.", None)
@@ -199,12 +199,14 @@ class Integrity:
 
 @dataclass(frozen=True)
 class Manifest:
-    schema_version: int = doc("Format version; a runtime reads its own and refuses others.")
+    schema_version: int = doc("Format version; a runtime reads its own and refuses others.",
+                              schema={"const": SCHEMA_VERSION})
     task: Task = doc("The task.")
     target: DeviceProfile = doc("The device profile the bundle was built for (devices/NAME.toml as JSON).")
     tokenizer: TokenizerSpec = doc("How images become tokens.")
     candidates: dict[str, Candidate] = doc("Every (size, variant) the bundle holds, named SIZE/VARIANT; the main "
-                                           "size's first, in the target's preference order.")
+                                           "size's first, in the target's preference order.",
+                                           schema={"minProperties": 1})
     selected: str = doc("The candidate `load()` opens by default (neither precision, candidate nor tuned record).")
     selection: Selection = doc("How `selected` was chosen.")
     engine: Engine = doc("The compiled engine.")
@@ -323,24 +325,28 @@ def to_json(obj: Any) -> Any:
     return obj
 
 
-def _schema(tp) -> dict:
+def _schema(tp, closed: bool = False) -> dict:
+    """closed: unknown fields are refused (a class with its own `from_dict`, and what it holds, checks them)."""
     tp, tag = _unwrap(tp)
     if (inner := _optional(tp)) is not None:
-        return {"anyOf": [_schema(inner), {"type": "null"}]}
+        return {"anyOf": [_schema(inner, closed), {"type": "null"}]}
     if dataclasses.is_dataclass(tp):
+        closed = closed or hasattr(tp, "from_dict")
         hints, props = _hints(tp), {}
         for f in _fields(tp):
-            props[f.name] = {**_schema(hints[f.name]), "description": f.metadata.get("doc", "")}
+            props[f.name] = {**_schema(hints[f.name], closed), **f.metadata.get("schema", {}),
+                             "description": f.metadata.get("doc", "")}
         required = [f.name for f in _fields(tp) if f.metadata.get("required")
                     or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)]
-        return {"type": "object", "required": required, "properties": props}
+        return {"type": "object", "required": required, "properties": props,
+                **({"additionalProperties": False} if closed else {})}
     origin = typing.get_origin(tp)
     if origin is dict:
         kt, vt = typing.get_args(tp)
-        return {"type": "object", "additionalProperties": _schema(vt),
+        return {"type": "object", "additionalProperties": _schema(vt, closed),
                 **({"propertyNames": _schema(kt)} if _unwrap(kt)[1] else {})}
     if origin is tuple:
-        return {"type": "array", "items": _schema(typing.get_args(tp)[0])}
+        return {"type": "array", "items": _schema(typing.get_args(tp)[0], closed)}
     if isinstance(tp, type) and issubclass(tp, Enum):
         return {"enum": [m.value for m in tp]}
     extra = {"positive": {"minimum": 1}, "nonnegative": {"minimum": 0},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -249,6 +250,10 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
     check_counts("tune", runs=(runs, 2), warmup=(warmup, 0))
     names = [manifest.candidate(candidate) and candidate] if candidate is not None else list(manifest.candidates)
     path = Path(record) if record is not None else record_path(d)
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # what atomic_output writes in
+    if not os.access(folder, os.W_OK):  # fail before minutes of measuring, as a broken bundle does
+        raise ProjectableEdgeError(f"cannot write the tuned record {path} ({folder} is not writable); pass "
+                                   "--record PATH (record= in Python) in a folder you can write to")
     measured = _reused(path, manifest, names) if reuse else {}
     for n in [] if reuse else names:
         if log:

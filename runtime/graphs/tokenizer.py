@@ -40,10 +40,11 @@ def validate_tokens(tokens, vocab_size: int, *, length: int | None = None, max_l
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    height: int = field(metadata={"doc": "Image height in pixels."})
-    width: int = field(metadata={"doc": "Image width in pixels."})
-    channels: int = field(metadata={"doc": "1 (gray) or 3 (rgb), interleaved per pixel."})
-    levels: int = field(metadata={"doc": "Gray/colour levels per channel: the vocabulary size."})
+    height: int = field(metadata={"doc": "Image height in pixels.", "schema": {"minimum": 1}})
+    width: int = field(metadata={"doc": "Image width in pixels.", "schema": {"minimum": 1}})
+    channels: int = field(metadata={"doc": "1 (gray) or 3 (rgb), interleaved per pixel.", "schema": {"enum": [1, 3]}})
+    levels: int = field(metadata={"doc": "Gray/colour levels per channel: the vocabulary size.",
+                                  "schema": {"minimum": 2, "maximum": 256}})
 
     def __post_init__(self) -> None:
         for f in fields(self):
