@@ -109,6 +109,10 @@ class TaskData:
 
     def task_index(self, task: str | int) -> int:
         """A task by name (a folder name, "3" for digits) or by index (3 or "3")."""
+        if isinstance(task, str) and task in self.held_out and task not in self.task_names:
+            raise ProjectableEdgeError(f"task {task!r} was held out of this run (--hold-out-task), so it has no "
+                                       "trained model: add it from its images with `projectable-edge adapt RUN "
+                                       "--images FOLDER --name NAME`, then use that name")
         if isinstance(task, str):
             if task in self.task_names:
                 return self.task_names.index(task)

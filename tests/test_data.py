@@ -64,6 +64,13 @@ def test_task_index_and_split_by_task(digits):
         digits.split("holdout")
 
 
+def test_a_held_out_task_by_name_is_not_read_as_an_index():
+    held = load_dataset(DataConfig(hold_out="3"))
+    assert held.task_names[3] == "4" and held.task_index("4") == 3
+    with pytest.raises(ProjectableEdgeError, match=r"task '3' was held out of this run.*adapt"):
+        held.task_index("3")  # was index 3: task '4', silently
+
+
 def test_data_config_dict_round_trip_and_validation():
     cfg = DataConfig(dataset="/x/y", seed=3, height=4, width=6, channels=3, levels=8)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
