@@ -71,6 +71,14 @@ def test_a_held_out_task_by_name_is_not_read_as_an_index():
         held.task_index("3")  # was index 3: task '4', silently
 
 
+def test_a_number_that_names_one_padded_task_and_indexes_another_is_refused():
+    data = TaskData(["01", "02", "03"], TokenizerSpec(2, 2, 1, 2), {}, "")
+    assert data.task_index("02") == 1 and data.task_index(1) == 1 and data.task_index("0") == 0
+    with pytest.raises(ProjectableEdgeError, match=r"task '1' is ambiguous: task '01' has that number, and index 1 "
+                                                   r"is task '02'; give the task's exact name"):
+        data.task_index("1")  # was index 1: task '02', silently
+
+
 def test_data_config_dict_round_trip_and_validation():
     cfg = DataConfig(dataset="/x/y", seed=3, height=4, width=6, channels=3, levels=8)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
