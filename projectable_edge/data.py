@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,7 @@ SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MIN_IMAGES_PER_TASK = 3  # one each for train, val and test
 _LAYOUT = "<folder>/<task name>/<image>.png (one sub-folder per task, images inside it)"
+MIN_SEQ_LEN = 4  # tokens per image the exported graphs need (the decode graph is traced with a 3-token cache)
 MAX_SEED = 2**32 - 1  # numpy refuses negative seeds; torch overflows past 2**64 (training seeds seed * 1e6 + step)
 
 
@@ -65,6 +67,10 @@ class DataConfig:
                                        f"got {self.val_frac} + {self.test_frac}")
         check_seed("data 'seed'", self.seed)
         spec = self.spec  # validates height/width/channels/levels, naming the field
+        if spec.seq_len < MIN_SEQ_LEN:
+            raise ProjectableEdgeError(
+                f"images of {self.height}x{self.width} pixels x {self.channels} channel(s) are {spec.seq_len} "
+                f"token(s); a model `generate` can export needs at least {MIN_SEQ_LEN}: use --image-size 2 or more")
         if self.dataset == "digits" and spec != DIGITS_SPEC:
             raise ProjectableEdgeError(
                 f"the 'digits' dataset is fixed at 8x8, 1 channel, 17 levels; got height={self.height}, "
@@ -103,10 +109,22 @@ class TaskData:
 
     def task_index(self, task: str | int) -> int:
         """A task by name (a folder name, "3" for digits) or by index (3 or "3")."""
+        if isinstance(task, str) and task in self.held_out and task not in self.task_names:
+            raise ProjectableEdgeError(f"task {task!r} was held out of this run (--hold-out-task), so it has no "
+                                       "trained model: add it from its images with `projectable-edge adapt RUN "
+                                       "--images FOLDER --name NAME`, then use that name")
         if isinstance(task, str):
             if task in self.task_names:
                 return self.task_names.index(task)
+            same = [i for i, n in enumerate(self.task_names) if _nfc(n) == _nfc(task)]
+            if len(same) == 1:  # "é" typed as one code point names a folder that macOS wrote as e + accent
+                return same[0]
             if task.strip().lstrip("-").isdigit():
+                numbered = [n for n in self.task_names if n.strip().isdigit() and int(n) == int(task)]
+                if numbered and 0 <= int(task) < self.n_tasks and self.task_names[int(task)] not in numbered:
+                    raise ProjectableEdgeError(  # folders "01", "02": "1" is the name of one, the index of another
+                        f"task {task!r} is ambiguous: task {numbered[0]!r} has that number, and index {int(task)} "
+                        f"is task {self.task_names[int(task)]!r}; give the task's exact name")
                 task = int(task)
         if isinstance(task, (int, np.integer)) and not isinstance(task, bool) and 0 <= task < self.n_tasks:
             return int(task)
@@ -122,6 +140,10 @@ class TaskData:
         if task is None:
             return tokens
         return tokens[task_ids == self.task_index(task)]
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def _split_sizes(n: int, cfg: DataConfig) -> tuple[int, int]:
@@ -214,6 +236,25 @@ def _write_cache(path: Path, **arrays) -> None:
         pass  # a read-only home only costs the parse next time
 
 
+def _not_utf8(name: str) -> bool:
+    """A name the file system gave as bytes that are not UTF-8 (e.g. Latin-1 from an old zip): the run and its
+    bundles' manifests (UTF-8 JSON) could not record it."""
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _images_one_level_down(task: Path) -> int:
+    """Images in a task folder's own sub-folders (which are not read): counted for the error's hint."""
+    try:
+        return sum(1 for d in task.iterdir() if d.is_dir() and not d.name.startswith(".") for p in d.iterdir()
+                   if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError:
+        return 0
+
+
 def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.ndarray]]:
     if not root.exists():
         raise ProjectableEdgeError(f"image folder '{root}' does not exist; give 'digits' for the built-in data "
@@ -228,16 +269,22 @@ def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.nd
     if len(tasks) < 2:  # before any image is read
         raise ProjectableEdgeError(f"the dataset has {len(tasks)} task(s) {[t.name for t in tasks]}; a "
                                    "task-conditioned model needs at least 2: add a sub-folder of images per task")
+    bad = [os.fsencode(t.name) for t in tasks if _not_utf8(t.name)]
+    if bad:
+        raise ProjectableEdgeError(f"task sub-folder name(s) {', '.join(map(repr, bad))} in '{root}' are not UTF-8 "
+                                   "text (task names go into the run and its bundles): rename them")
     names, per_task = [], []
     for task in tasks:
         files = sorted(p for p in task.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
         if len(files) < MIN_IMAGES_PER_TASK:
             what = "no images" if not files else f"only {len(files)} image(s)"
+            deeper = _images_one_level_down(task)
+            fix = (f"Move the {deeper} image(s) in its own sub-folders up into it (images are read only directly "
+                   "inside a task folder)" if deeper else "Add images or remove the sub-folder")
             raise ProjectableEdgeError(
                 f"task sub-folder '{task}' has {what}; each task needs at least {MIN_IMAGES_PER_TASK} "
-                f"(one each for train, val and test) with a suffix in {', '.join(IMAGE_SUFFIXES)}. "
-                "Add images or remove the sub-folder")
+                f"(one each for train, val and test) with a suffix in {', '.join(IMAGE_SUFFIXES)}. {fix}")
         names.append(task.name)
         per_task.append(spec.encode(spec.load_images(files)))
     return names, per_task
@@ -257,6 +304,10 @@ def load_dataset(cfg: DataConfig) -> TaskData:
             raise ProjectableEdgeError(
                 f"unknown dataset '{cfg.dataset}': it is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
                 f"existing folder. Use --dataset digits, or a path to an image folder laid out as {_LAYOUT}")
+        if _not_utf8(cfg.dataset):
+            raise ProjectableEdgeError(f"dataset path {os.fsencode(cfg.dataset)!r} is not UTF-8 text (the run and its "
+                                       "bundles record it): rename the folder, or pass a symbolic link to it whose "
+                                       "path is UTF-8")
         spec = cfg.spec
         names, per_task = _load_folder(root, spec)
     splits = _make_splits(per_task, cfg)
@@ -266,6 +317,8 @@ def load_dataset(cfg: DataConfig) -> TaskData:
 
 def _set_aside(names: list[str], splits, hold_out: tuple[str, ...]):
     """Remove the held-out tasks from the splits (renumbering the rest); return their tokens apart."""
+    canon = {_nfc(n): n for n in names}  # a name typed as one code point matches a folder named in decomposed form
+    hold_out = tuple(t if t in names else canon.get(_nfc(t), t) for t in hold_out)
     unknown = [t for t in hold_out if t not in names]
     if unknown:
         raise ProjectableEdgeError(f"cannot hold out task(s) {unknown}: the dataset's tasks are {names}")

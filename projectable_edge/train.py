@@ -308,9 +308,14 @@ def _open(cfg: TrainConfig, data_cfg: DataConfig, out: Path, resume: bool, init_
     s = _Session(cfg, data, work, meta, model, _optimizers(model, cfg, stage), rank, world, device, start, best, history)
     if saved_step:
         saved = load_json(work / "config.json")
-        if saved.get("train") != meta["train"] or saved.get("dataset_fingerprint") != data.fingerprint:
-            raise ProjectableEdgeError(f"{work} was started with another config or dataset; "
+        if saved.get("train") != meta["train"]:
+            raise ProjectableEdgeError(f"{work} was started with another config; "
                                        "resume with the same options or delete it")
+        if saved.get("dataset_fingerprint") != data.fingerprint:
+            raise ProjectableEdgeError(
+                f"{work} was started on other data: the dataset's images, tasks or size options "
+                f"(--image-size, --rgb, --levels, --hold-out-task) differ from its start; put the "
+                f"dataset back as it was and resume with the same options, or delete {work} to start over")
         s.start = load_state(state, model, s.opts, s.best)
         if (work / "history.json").exists():
             s.history = list(load_json(work / "history.json")["history"])

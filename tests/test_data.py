@@ -1,3 +1,6 @@
+import os
+import unicodedata
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +64,21 @@ def test_task_index_and_split_by_task(digits):
         digits.split("holdout")
 
 
+def test_a_held_out_task_by_name_is_not_read_as_an_index():
+    held = load_dataset(DataConfig(hold_out="3"))
+    assert held.task_names[3] == "4" and held.task_index("4") == 3
+    with pytest.raises(ProjectableEdgeError, match=r"task '3' was held out of this run.*adapt"):
+        held.task_index("3")  # was index 3: task '4', silently
+
+
+def test_a_number_that_names_one_padded_task_and_indexes_another_is_refused():
+    data = TaskData(["01", "02", "03"], TokenizerSpec(2, 2, 1, 2), {}, "")
+    assert data.task_index("02") == 1 and data.task_index(1) == 1 and data.task_index("0") == 0
+    with pytest.raises(ProjectableEdgeError, match=r"task '1' is ambiguous: task '01' has that number, and index 1 "
+                                                   r"is task '02'; give the task's exact name"):
+        data.task_index("1")  # was index 1: task '02', silently
+
+
 def test_data_config_dict_round_trip_and_validation():
     cfg = DataConfig(dataset="/x/y", seed=3, height=4, width=6, channels=3, levels=8)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
@@ -73,6 +91,11 @@ def test_data_config_dict_round_trip_and_validation():
         DataConfig(val_frac=0.0)
     with pytest.raises(ProjectableEdgeError, match="channels"):
         DataConfig(dataset="/x", channels=2)
+    for size, channels in ((1, 1), (1, 3)):  # 1 and 3 tokens per image: trained, then `generate` could not export
+        with pytest.raises(ProjectableEdgeError, match=r"token\(s\); a model `generate` can export needs at least 4: "
+                                                       r"use --image-size 2"):
+            DataConfig(dataset="/x", height=size, width=size, channels=channels)
+    assert DataConfig(dataset="/x", height=2, width=2).spec.seq_len == 4
 
 
 def _folder(root, tasks=("cats", "dogs"), n=4):
@@ -140,6 +163,39 @@ def test_a_single_task_folder_says_two_are_needed(tmp_path):
     root = _folder(tmp_path / "pets", tasks=("cats",))
     with pytest.raises(ProjectableEdgeError, match=r"1 task\(s\) \['cats'\].*at least 2"):
         load_dataset(DataConfig(dataset=str(root)))
+
+
+def test_images_only_in_nested_folders_are_pointed_at(tmp_path):
+    root = _folder(tmp_path / "pets")
+    (root / "dogs" / "2019").mkdir()
+    for f in sorted((root / "dogs").glob("*.png")):
+        f.rename(root / "dogs" / "2019" / f.name)
+    with pytest.raises(ProjectableEdgeError, match=r"dogs' has no images.*Move the 4 image\(s\) in its own "
+                                                   r"sub-folders up into it"):
+        load_dataset(DataConfig(dataset=str(root)))
+
+
+def test_names_that_are_not_utf8_are_refused_before_training(tmp_path):
+    """Latin-1 names (an old zip) once trained, then every `generate` of the run failed writing its manifest."""
+    root = _folder(tmp_path / "pets")
+    os.rename(root / "cats", os.fsencode(root) + b"/caf\xe9")
+    with pytest.raises(ProjectableEdgeError, match=r"b'caf\\xe9'.*not UTF-8 text.*rename"):
+        load_dataset(DataConfig(dataset=str(root)))
+    os.rename(os.fsencode(root) + b"/caf\xe9", root / "cats")
+    link = os.fsdecode(os.fsencode(tmp_path) + b"/p\xe9ts")
+    os.symlink(root, link)
+    with pytest.raises(ProjectableEdgeError, match=r"dataset path .*not UTF-8 text.*symbolic link"):
+        load_dataset(DataConfig(dataset=link))
+
+
+def test_a_task_typed_in_composed_unicode_finds_a_decomposed_folder(tmp_path):
+    """macOS writes folder names decomposed (e + combining accent); a terminal types the composed é."""
+    root = _folder(tmp_path / "pets", tasks=("cats", "dogs", "fish"), n=3)
+    os.rename(root / "fish", root / unicodedata.normalize("NFD", "café"))
+    data = load_dataset(DataConfig(dataset=str(root)))
+    assert data.task_index("café") == 0  # sorted: 'cafe\u0301' < 'cats'
+    held = load_dataset(DataConfig(dataset=str(root), hold_out="café"))
+    assert held.task_names == ["cats", "dogs"] and list(held.held_out) == [unicodedata.normalize("NFD", "café")]
 
 
 def test_undecodable_image_named(tmp_path):

@@ -145,6 +145,14 @@ def test_a_folder_that_cannot_take_files_is_a_clear_error():
             pass
 
 
+def test_a_name_too_long_for_its_temporary_sibling_says_to_shorten_it(tmp_path):
+    # 250 characters is a legal name (a bundle named after a long task folder), but not with the temp suffix
+    with pytest.raises(ProjectableEdgeError, match="File name too long.*choose a shorter name"):
+        with atomic_output(tmp_path / ("t" * 250), directory=True):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_runtime_cli_resolves_paths_before_work(rt_bundle, tmp_path, monkeypatch):
     from projectable_edge_runtime.__main__ import build_parser
 

@@ -131,6 +131,25 @@ def test_load_images_flattens_transparency_onto_white(tmp_path):
     assert (GRAY.load_images([tmp_path / "clear.png"]) == 255).all()
 
 
+def test_sixteen_bit_gray_is_scaled_not_clipped(tmp_path):
+    Image.fromarray(np.full((5, 4), 40000, np.uint16)).save(tmp_path / "g16.png")  # I;16: 40000/257 = 155.6
+    assert (RGB.load_images([tmp_path / "g16.png"]) == 156).all()
+    assert (TokenizerSpec(4, 5, 1, 256).load_images([tmp_path / "g16.png"]) == 156).all()
+    old = Image.fromarray(np.full((5, 4), 65535, np.int32))  # how older Pillows open a 16-bit gray PNG
+    old.format = "PNG"
+    assert np.asarray(GRAY.prepare_image(old)).tolist() == [[255] * 5] * 4
+
+
+def test_thirty_two_bit_pixels_are_refused_unless_they_fit_a_byte(tmp_path):
+    Image.fromarray(np.full((5, 4), 0.5, np.float32)).save(tmp_path / "f.tif")
+    Image.fromarray(np.full((5, 4), 70000, np.int32)).save(tmp_path / "i.tif")
+    Image.fromarray(np.full((5, 4), 200, np.int32)).save(tmp_path / "byte.tif")
+    for name in ("f.tif", "i.tif"):
+        with pytest.raises(ProjectableEdgeError, match=rf"{name}.*32-bit.*save it as an 8- or 16-bit image"):
+            GRAY.load_images([tmp_path / name])
+    assert (GRAY.load_images([tmp_path / "byte.tif"]) == 200).all()
+
+
 def test_runtime_modules_import_without_torch_or_pillow():
     code = ("import sys, projectable_edge_runtime.graphs.tokenizer, projectable_edge_runtime.commands.png; "
             "bad = [m for m in ('torch', 'PIL') if m in sys.modules]; "

@@ -98,6 +98,11 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     assert (work / "state.safetensors").exists() and not out.exists()
     with pytest.raises(ProjectableEdgeError, match="--resume"):
         train(cfg, DataConfig(), out, progress=False)
+    with pytest.raises(ProjectableEdgeError, match=r"started on other data: the dataset's images.*put the dataset "
+                                                   r"back as it was.*or delete"):
+        train(cfg, DataConfig(seed=1), out, resume=True, progress=False)
+    with pytest.raises(ProjectableEdgeError, match="started with another config"):
+        train(replace(cfg, lr=1e-3), DataConfig(), out, resume=True, progress=False)
     resumed = train(cfg, DataConfig(), out, resume=True, progress=False)
     for role, v in full["best_val_bits"].items():
         assert resumed["best_val_bits"][role] == pytest.approx(v, abs=1e-4), role
@@ -487,7 +492,8 @@ def test_cli_refuses_a_negative_seed_and_an_empty_ladder(tmp_path):
 
     for args, expect in ((["--seed", "-1"], "training option 'seed' must be an integer in 0.."),
                          (["--ladder", ",,,"], "the ladder (--ladder) names no size"),
-                         (["--ladder", "16,,8"], "the ladder (--ladder) has an empty size in '16,,8'")):
+                         (["--ladder", "16,,8"], "the ladder (--ladder) has an empty size in '16,,8'"),
+                         (["--image-size", "0"], "'--image-size'"), (["--levels", "1"], "'--levels'")):
         res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--steps", "2", *args,
                                        "--out", str(tmp_path / "x")])
         assert res.exit_code == 2, res.output

@@ -4,6 +4,7 @@ account running as another user must read bundles, PNGs, run folders and reports
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -75,8 +76,9 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
                 os.close(fd)
                 tmp = Path(name)
         except OSError as e:  # a read-only or special folder (/proc, /sys), no permission, a full disk
-            raise ProjectableEdgeError(f"cannot write the {what} {path} ({e.strerror or e}); choose a folder you "
-                                       "can write to") from None
+            fix = ("choose a shorter name (the temporary name beside it is the name + 14 characters)"
+                   if e.errno == errno.ENAMETOOLONG else "choose a folder you can write to")
+            raise ProjectableEdgeError(f"cannot write the {what} {path} ({e.strerror or e}); {fix}") from None
         try:
             yield tmp
             if INTERRUPTED.is_set():  # an interrupt that a library caught and dropped still publishes nothing

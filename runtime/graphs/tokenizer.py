@@ -130,6 +130,8 @@ class TokenizerSpec:
                 with Image.open(p) as im:
                     im.load()
                     out[i] = np.asarray(self.prepare_image(im))
+            except ProjectableEdgeError as e:
+                raise ProjectableEdgeError(f"cannot use image '{p}': {e}") from None
             except Exception as e:  # Pillow raises many types for a bad file
                 raise ProjectableEdgeError(
                     f"cannot read image '{p}': {type(e).__name__}: {e}; "
@@ -140,7 +142,17 @@ class TokenizerSpec:
         """One Pillow image -> this spec's size and colour mode (what load_images does per file)."""
         from PIL import Image, ImageOps
 
+        # 16-bit gray (older Pillows open a PNG's as "I"): scaled to 0..255 below, where convert("L") would clip
+        sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+        if im.mode in ("I", "F") and not sixteen:  # 32-bit integer or float samples: no one scale fits every file
+            lo, hi = im.getextrema()
+            if im.mode == "F" or lo < 0 or hi > 255:
+                raise ProjectableEdgeError(
+                    f"it has 32-bit {'float' if im.mode == 'F' else 'integer'} pixels (values {lo:g}..{hi:g}), "
+                    "which have no one scale to 0..255; save it as an 8- or 16-bit image (PNG, TIFF)")
         im = ImageOps.exif_transpose(im)
+        if sixteen:
+            im = Image.fromarray(((np.asarray(im).astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
         if "A" in im.getbands() or "transparency" in im.info:  # flatten onto white, not onto junk RGB
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
