@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import unicodedata
+import warnings
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -19,12 +21,12 @@ import torch
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.commands.inputs import IMAGE_SUFFIXES
 from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 DIGITS_SPEC = TokenizerSpec(8, 8, 1, 17)
 BUILTIN = ("digits", "mnist")
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MIN_IMAGES_PER_TASK = 3  # one each for train, val and test
 _LAYOUT = "<folder>/<task name>/<image>.png (one sub-folder per task, images inside it)"
 MIN_SEQ_LEN = 4  # tokens per image the exported graphs need (the decode graph is traced with a 3-token cache)
@@ -261,7 +263,7 @@ def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.nd
                                    f"or a folder laid out as {_LAYOUT}")
     if not root.is_dir():
         raise ProjectableEdgeError(f"dataset '{root}' is a file, not a folder; lay images out as {_LAYOUT}")
-    tasks = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    tasks = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
     if not tasks:
         loose = sum(1 for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         hint = f" (found {loose} image(s) directly in it: move them into per-task sub-folders)" if loose else ""
@@ -273,10 +275,11 @@ def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.nd
     if bad:
         raise ProjectableEdgeError(f"task sub-folder name(s) {', '.join(map(repr, bad))} in '{root}' are not UTF-8 "
                                    "text (task names go into the run and its bundles): rename them")
-    names, per_task = [], []
+    names, per_task, skipped = [], [], Counter()
     for task in tasks:
-        files = sorted(p for p in task.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = [p for p in task.iterdir() if p.is_file() and not p.name.startswith(".")]
+        files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
+        skipped.update(p.suffix.lower() or "(none)" for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES)
         if len(files) < MIN_IMAGES_PER_TASK:
             what = "no images" if not files else f"only {len(files)} image(s)"
             deeper = _images_one_level_down(task)
@@ -287,6 +290,10 @@ def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.nd
                 f"(one each for train, val and test) with a suffix in {', '.join(IMAGE_SUFFIXES)}. {fix}")
         names.append(task.name)
         per_task.append(spec.encode(spec.load_images(files)))
+    if skipped:
+        warnings.warn(f"skipped {sum(skipped.values())} file(s) in the task folders whose suffix is not an image's "
+                      f"({', '.join(f'{k}: {n}' for k, n in sorted(skipped.items()))}); images are read with a "
+                      f"suffix in {', '.join(IMAGE_SUFFIXES)}: convert the others to one of those to use them")
     return names, per_task
 
 

@@ -110,10 +110,15 @@ def _folder(root, tasks=("cats", "dogs"), n=4):
 
 def test_image_folder_loads(tmp_path):
     root = _folder(tmp_path / "pets")
-    data = load_dataset(DataConfig(dataset=str(root), height=3, width=4, channels=3, levels=8))
+    (root / "__MACOSX" / "cats").mkdir(parents=True)  # what a zip made on macOS carries: not a task
+    (root / "__MACOSX" / "cats" / "._0.png").write_bytes(b"\0\5\26\7")
+    Image.new("RGB", (6, 5), (0, 0, 255)).save(root / "dogs" / "4.jfif", format="JPEG")  # a JPEG's other suffix
+    (root / "dogs" / "5.heic").write_bytes(b"heic")
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) .*\(\.heic: 1, \.txt: 1\); images are read with"):
+        data = load_dataset(DataConfig(dataset=str(root), height=3, width=4, channels=3, levels=8))
     assert data.task_names == ["cats", "dogs"]
     assert data.spec == TokenizerSpec(3, 4, 3, 8)
-    assert sum(len(data.splits[s][0]) for s in ("train", "val", "test")) == 8
+    assert sum(len(data.splits[s][0]) for s in ("train", "val", "test")) == 9
     for s in ("train", "val", "test"):
         tok, ids = data.splits[s]
         assert tok.shape[1] == 36 and set(ids.tolist()) == {0, 1}

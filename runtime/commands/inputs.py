@@ -13,7 +13,8 @@ import numpy as np
 
 from ..devices.errors import ProjectableEdgeError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")  # the one list
+# the one list (training folders, `adapt`, `score`)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 def read_npy(data: bytes, what: str) -> np.ndarray:
