@@ -3,6 +3,7 @@ step cache, its selection rule, and the bundle commands of the CLI."""
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def test_bad_inputs_write_nothing(tiny_run, tmp_path):
     cases = [({"target": "no-such-device"}, "no-such-device"),
              ({"task": "12"}, "12"),
              ({"source": str(tmp_path / "missing-run")}, "missing-run"),
-             ({"precision": "int3"}, "int3")]
+             ({"precision": "int3"}, "int3"),
+             ({"out": os.fsdecode(bytes(tmp_path / "b") + b"\xe9")}, r"b\\xe9' is not UTF-8 text .*rename it")]
     for override, needle in cases:
         s = dict(task="3", target="jetson", source=str(tiny_run), out=str(tmp_path / "b"))
         s.update(override)

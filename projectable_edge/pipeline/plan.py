@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,7 +39,16 @@ class GenerateSettings:
     def resolved(self) -> "GenerateSettings":
         """Every path absolute, fixed before any work: nothing depends on the cwd later."""
         def ab(p: str | None) -> str | None:
-            return None if p is None else str(Path(p).expanduser().resolve())
+            if p is None:
+                return None
+            path = str(Path(p).expanduser().resolve())
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8 (surrogate escapes)
+                raise ProjectableEdgeError(f"path {os.fsencode(path)!r} is not UTF-8 text (the manifest records it, "
+                                           "and onnxruntime opens graphs by it): rename it, or pass a link to it "
+                                           "whose path is UTF-8") from None
+            return path
 
         return replace(self, source=ab(self.source), out=ab(self.out), cache_dir=ab(self.cache_dir),
                        sign_key=ab(self.sign_key))
