@@ -141,7 +141,8 @@ class Engine:
     records: dict[str, str] | None = doc("{plan: record}: where build_engine.sh writes each plan's record.", None)
     trt_check: dict | None = doc("The static TensorRT check per graph (informational).", None)
     ort: dict | None = doc("ONNX Runtime targets: the offline-optimized and .ort files per graph (the optimized "
-                           "decode graph holds one cache per layer, `past_kv_<i>` -> `present_kv_<i>`).", None)
+                           "decode graph holds one cache per layer, `past_kv_<i>` -> `present_kv_<i>`; the decode "
+                           ".ort keeps the exported `past_keys`/`past_values`, portable to minimal builds).", None)
 
 
 @dataclass(frozen=True)
