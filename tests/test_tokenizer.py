@@ -126,6 +126,19 @@ def test_load_images_resizes_converts_and_names_bad_file(tmp_path):
         GRAY.load_images([tmp_path / "red.png", tmp_path / "broken.png"])
 
 
+def test_an_unreadable_image_says_to_make_it_readable(tmp_path, monkeypatch):
+    """(root reads a chmod 000 file, so the refusal the file system gives another user is simulated)"""
+    Image.new("L", (2, 2), 255).save(tmp_path / "locked.png")
+
+    def refused(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", refused)
+    with pytest.raises(ProjectableEdgeError, match=r"cannot read image '.*locked\.png' \(Permission denied\): make it "
+                                                   "readable by this user"):
+        GRAY.load_images([tmp_path / "locked.png"])
+
+
 def test_load_images_flattens_transparency_onto_white(tmp_path):
     Image.new("RGBA", (4, 5), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     assert (GRAY.load_images([tmp_path / "clear.png"]) == 255).all()

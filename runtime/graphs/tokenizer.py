@@ -132,6 +132,9 @@ class TokenizerSpec:
                     out[i] = np.asarray(self.prepare_image(im))
             except ProjectableEdgeError as e:
                 raise ProjectableEdgeError(f"cannot use image '{p}': {e}") from None
+            except PermissionError as e:
+                raise ProjectableEdgeError(f"cannot read image '{p}' ({e.strerror}): make it readable by this "
+                                           "user") from None
             except Exception as e:  # Pillow raises many types for a bad file
                 raise ProjectableEdgeError(
                     f"cannot read image '{p}': {type(e).__name__}: {e}; "
