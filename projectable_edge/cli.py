@@ -57,7 +57,8 @@ def train(
     seed: int = typer.Option(0, help="Seed for splits, init and batches."),
     image_size: int = typer.Option(8, min=1, help="mnist and image folders: resize to this height and width."),
     rgb: bool = typer.Option(False, help="Image folders: keep colour (3 channels)."),
-    levels: int = typer.Option(17, min=2, max=256, help="Image folders: gray/colour levels per channel (vocabulary size)."),
+    levels: int = typer.Option(17, min=2, max=256,
+                               help="Image folders: gray/colour levels per channel (vocabulary size)."),
     hold_out_task: Optional[str] = typer.Option(None, help="Task name(s), comma-separated, the run never sees "
                                                            "(for `adapt` and its leave-one-out benchmark)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
