@@ -194,7 +194,7 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 
 
 def _name(c: _Checker, key: str, value: Any) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):  # fullmatch: '$' alone allows a final newline
         raise c.fail(key, f"must be lower-case letters, digits, '.' or '-', got {value!r}")
     return value
 
@@ -307,9 +307,15 @@ def _load_file(path: Path) -> DeviceProfile:
     except FileNotFoundError:
         raise ProjectableEdgeError(f"{path}: device profile not found; check the path") from None
     except tomllib.TOMLDecodeError as e:
+        if path.read_bytes().startswith(b"\xef\xbb\xbf"):  # what some Windows editors write first; TOML forbids it
+            raise ProjectableEdgeError(f"{path}: starts with a byte-order mark (BOM), which TOML does not allow; "
+                                       "save the profile as UTF-8 without BOM") from None
         raise ProjectableEdgeError(f"{path}: not valid TOML ({e}); fix the syntax") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib decodes the whole file first
+        raise ProjectableEdgeError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                                   "save the profile as UTF-8") from None
     except OSError as e:
-        raise ProjectableEdgeError(f"{path}: cannot read device profile ({e.strerror})") from None
+        raise ProjectableEdgeError(f"{path}: cannot read device profile ({e.strerror}); pass a readable .toml file") from None
     return _parse(data, str(path))
 
 

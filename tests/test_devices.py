@@ -93,6 +93,8 @@ def test_unknown_target_lists_names_and_how_to_add_one():
     ('compile_backend = "tensorrt"', 'compile_backend = "openvino"', "field 'compile_backend'"),
     ('arch = "aarch64"', 'arch = "arm64"', "field 'arch' has unknown value 'arm64'"),
     ('name = "jetson-orin-nano"', 'name = "Jetson Orin"', "field 'name' must be lower-case"),
+    ('name = "jetson-orin-nano"', 'name = "jetson-orin-nano\\n"', "field 'name' must be lower-case"),
+    ('aliases = ["jetson"]', 'aliases = ["jetson\\n"]', "field 'aliases' must be lower-case"),
     ("threads = 6", "threads = 6\nprecision = 1", "field 'precision' is not a known field"),
     ('tensorrt = "10.3"', "tensorrt = 10.3", "field 'software.tensorrt' must be a string"),
     ('tensorrt = "10.3"', 'trt = "10.3"', "field 'software.tensorrt' is missing"),
@@ -129,6 +131,19 @@ def test_tensorrt_backend_requires_tensorrt_table(tmp_path):
 def test_toml_syntax_error_names_file(tmp_path):
     path = write_variant(tmp_path, "threads = 6", "threads = = 6")
     with pytest.raises(ProjectableEdgeError, match="not valid TOML") as e:
+        load_profile(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (NANO_TEXT.replace("Jetson Orin Nano 8GB", "Jetson Orin Nano 8 Go, carte m\xe8re", 1).encode("latin-1"),
+     r"not UTF-8 text \(byte 0xe8 at offset \d+\); save the profile as UTF-8"),
+    (b"\xef\xbb\xbf" + NANO_TEXT.encode(), "byte-order mark .*save the profile as UTF-8 without BOM"),
+])
+def test_profile_that_is_not_plain_utf8_names_file_and_fix(tmp_path, data, expected):
+    path = tmp_path / "board.toml"
+    path.write_bytes(data)
+    with pytest.raises(ProjectableEdgeError, match=expected) as e:
         load_profile(path)
     assert str(path) in str(e.value)
 

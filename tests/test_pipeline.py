@@ -137,6 +137,20 @@ def test_selection_passes_over_a_variant_slower_than_fp32_only_where_the_host_is
         select(plan, broken, on_target=False)
 
 
+def test_a_tensorrt_too_old_for_the_exported_opset_is_refused_before_any_work(tmp_path):
+    from projectable_edge.pipeline.plan import make_plan
+
+    nano = (Path(__file__).parents[1] / "devices" / "jetson-orin-nano.toml").read_text()
+    toml = tmp_path / "orin-jetpack5.toml"  # JetPack 5 ships TensorRT 8.5/8.6: opsets up to 17
+    toml.write_text(nano.replace('name = "jetson-orin-nano"', 'name = "orin-jetpack5"').replace(
+        'aliases = ["jetson"]', "aliases = []").replace('tensorrt = "10.3"', 'tensorrt = "8.6.2"'))
+    with pytest.raises(ProjectableEdgeError, match=r"TensorRT 8\.6\.2, whose ONNX parser reads opsets 9\.\.17, "
+                                                   r"but generate exports opset 18.*TensorRT 9 or newer"):
+        make_plan(GenerateSettings(task="3", target=str(toml), source=str(tmp_path / "no-run")))
+    toml.write_text(toml.read_text().replace('tensorrt = "8.6.2"', 'tensorrt = "10.3"'))
+    assert make_plan(GenerateSettings(task="3", target=str(toml))).variants == ("int8-static", "fp16", "fp32")
+
+
 def test_the_estimate_error_is_out_of_sample():
     from projectable_edge.model import ModelConfig
     from projectable_edge.pipeline import estimate as est

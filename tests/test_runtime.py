@@ -237,6 +237,13 @@ def test_bad_inputs_raise_clear_errors(rt_model, bad, match):
         rt_model.score(bad)
 
 
+def test_ragged_lists_raise_clear_errors(rt_model):
+    with pytest.raises(ProjectableEdgeError, match="images or tokens are ragged"):
+        rt_model.score([[0] * 64, [0] * 63])
+    with pytest.raises(ProjectableEdgeError, match="prefix tokens are ragged"):
+        rt_model.complete([[0, 1], [2]])
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -336,6 +343,12 @@ def test_bad_sampling_args(rt_model, kw, match):
         rt_model.sample(**kw)
 
 
+def test_numpy_scalar_sampling_args_equal_python_ones(rt_model):
+    np.testing.assert_array_equal(rt_model.sample(np.int64(2), temperature=np.float32(0.5), top_k=np.int32(4),
+                                                  seed=np.uint32(3)),
+                                  rt_model.sample(2, temperature=0.5, top_k=4, seed=3))
+
+
 def test_bundle_without_decode_graph_samples_by_recompute(rt_graphs, rt_build, rt_model, tmp_path):
     m = runtime.load(rt_build(tmp_path / "b", rt_graphs, variants=("fp32",), decode=False))
     assert m.decode_runner is None
@@ -400,6 +413,33 @@ def test_onnxruntime_target_decodes_with_its_compiled_graph(rt_graphs, rt_build,
     files["ort_decode/decode.optimized.onnx"] = Path(rt_graphs["score"]).read_bytes()  # hashed, but no decode graph
     m = runtime.load(rt_build(tmp_path / "c", rt_graphs, variants=("fp32",), engine=engine, extra_files=files))
     assert m.decode_runner.name.endswith("fp32/decode.onnx") and "does not run here" in m.backend["decode_graph"]
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"providers": "CUDAExecutionProvider"}, r"providers must be a list of onnxruntime execution provider names"),
+    ({"providers": [("CPUExecutionProvider", {})]}, "providers must be a list"),
+    ({"threads": 2**31}, r"threads must be an integer in 0\.\.4096"),
+    ({"threads": 1.5}, "threads must be an integer"),
+    ({"tuned": 1}, "tuned must be True"),
+])
+def test_load_refuses_bad_argument_types_and_values(rt_bundle, kw, match):
+    with pytest.raises(ProjectableEdgeError, match=match):
+        runtime.load(rt_bundle, **kw)
+
+
+@pytest.mark.parametrize("bundle", [None, b"bundles/3__x86-64-cpu", ["bundles/3__x86-64-cpu"]])
+def test_load_refuses_what_is_not_a_folder_path(bundle):
+    with pytest.raises(ProjectableEdgeError, match=r"the bundle must be a folder path \(str or pathlib\.Path\)"):
+        runtime.load(bundle)
+
+
+def test_a_closed_model_says_so(rt_bundle):
+    with runtime.load(rt_bundle) as m:
+        tokens = m.sample(1)
+    for use in (lambda: m.score(tokens), lambda: m.sample(1), lambda: m.complete(tokens[:, :3]),
+                lambda: runtime.validate(m)):
+        with pytest.raises(ProjectableEdgeError, match="this Model is closed"):
+            use()
 
 
 def test_explicit_providers_are_filtered_to_available(rt_bundle):

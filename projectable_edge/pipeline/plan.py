@@ -80,4 +80,16 @@ def make_plan(settings: GenerateSettings) -> Plan:
     if profile.compile_backend == CompileBackend.TENSORRT and unbuildable:
         raise ProjectableEdgeError(f"TensorRT cannot build {', '.join(unbuildable)} for {profile.name}; "
                                    "pick another precision")
+    if profile.compile_backend == CompileBackend.TENSORRT:  # an older parser refuses every graph, so say it now
+        from projectable_edge.exporters.onnx_export import ExportSettings
+        from projectable_edge.exporters.trt_check import opset_range
+
+        version, opset = profile.software["tensorrt"], ExportSettings().opset
+        lo, hi = opset_range(version)
+        if not lo <= opset <= hi:
+            raise ProjectableEdgeError(
+                f"{profile.name} records TensorRT {version}, whose ONNX parser reads opsets {lo}..{hi}, but generate "
+                f"exports opset {opset}: the device needs TensorRT 9 or newer (JetPack 6 ships 10.3); if it has "
+                f"that, set software.tensorrt in {profile.source_file or 'its profile'} to it, else target it with "
+                "compile_backend = \"onnxruntime\"")
     return Plan(settings, profile, tuple(names))

@@ -22,6 +22,22 @@ from ..graphs.scoring import score_tokens
 from ..graphs.tokenizer import TokenizerSpec, validate_tokens
 
 
+def _array(x, what: str) -> np.ndarray:
+    try:
+        return np.asarray(x)
+    except ValueError:  # nested lists of unequal lengths
+        raise ProjectableEdgeError(f"{what} are ragged (rows of different lengths); pass one [N, T] token array "
+                                   "or [N, H, W] uint8 images") from None
+
+
+class _Closed:
+    """Stands in for a closed Model's runners: any use says what happened instead of failing on None."""
+
+    def __getattr__(self, name):
+        raise ProjectableEdgeError("this Model is closed (close() or the end of its `with` block); load the bundle "
+                                   "again to use it")
+
+
 class Model:
     """One candidate of a bundle folder on its runners. `load` checks the folder first and makes one; generate
     measures its staged bundle with one before sealing. The engine applies to the main size only."""
@@ -76,7 +92,7 @@ class Model:
 
     def to_tokens(self, x) -> np.ndarray:
         """uint8 arrays (or anything with >= 3 dims) are images; 1-D/2-D integer arrays are tokens."""
-        a = np.asarray(x)
+        a = _array(x, "images or tokens")
         if (a.dtype == np.int64 and a.ndim == 2 and a.shape[1] == self.seq_len and a.size
                 and a.view(np.uint64).max() < self.tokenizer.vocab_size):
             return a  # fast path for the hot loop: one reduction (negatives wrap to huge)
@@ -101,7 +117,7 @@ class Model:
     def complete(self, prefix_tokens, temperature: float = 1.0, top_k: int | None = None,
                  seed: int = 0) -> np.ndarray:
         """Keep prefix_tokens [n, k] (e.g. the top rows) and sample the remaining T-k tokens."""
-        p = np.asarray(prefix_tokens)
+        p = _array(prefix_tokens, "prefix tokens")
         p = validate_tokens(p[None] if p.ndim == 1 else p, self.tokenizer.vocab_size, max_length=self.seq_len,
                             what="prefix tokens")
         return self._generate(len(p), p, temperature, top_k, seed)
@@ -113,7 +129,7 @@ class Model:
                               max_batch=self.max_batch)
 
     def close(self) -> None:
-        self.score_runner = self.decode_runner = None
+        self.score_runner = self.decode_runner = _Closed()
 
     def __enter__(self) -> "Model":
         return self
@@ -146,6 +162,9 @@ def _which(d: Path, manifest: Manifest, precision: str | None, candidate: str | 
         return main[found], {"used": False, "reason": "precision given explicitly"}
     if tuned is False:
         return manifest.selected, {"used": False, "reason": "tuned=False"}
+    if tuned is not True and not isinstance(tuned, (str, Path)):
+        raise ProjectableEdgeError(f"tuned must be True (use the tuned record next to the bundle), False (ignore "
+                                   f"it) or the path of a tuned record, got {tuned!r}")
     from ..commands.tune import tuned_choice
 
     choice, info = tuned_choice(d, manifest, None if tuned is True else tuned)

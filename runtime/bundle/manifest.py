@@ -479,6 +479,10 @@ def used_files(m: Manifest) -> list[str]:
 
 def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     """Parse and check manifest.json, and verify it is what was written: its digest (and signature, given a key)."""
+    if not isinstance(bundle_dir, (str, os.PathLike)):
+        raise ProjectableEdgeError(f"the bundle must be a folder path (str or pathlib.Path), got "
+                                   f"{type(bundle_dir).__name__} {str(bundle_dir)[:80]!r}; pass the folder "
+                                   "`projectable-edge generate` wrote (bundles/<task>__<target>)")
     if bundle_dir == "":  # Path("") is the current folder
         raise ProjectableEdgeError("the bundle path is empty; pass the folder `projectable-edge generate` wrote "
                                    "(bundles/<task>__<target>)")

@@ -6,12 +6,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..devices.choices import StrEnum, choose
 from ..devices.errors import ProjectableEdgeError
 from .contract import GraphKind, check_io
 from .hardware import execution_report, tensorrt_version
 from ..bundle.manifest import Engine, EngineStatus, Graphs
 from .runners import OrtRunner, ort
+
+
+MAX_THREADS = 4096  # onnxruntime's intra-op count is a C int, and a pool this large is already a mistake
 
 
 class Backend(StrEnum):
@@ -77,12 +82,17 @@ def make_runners(bundle_dir: Path, graphs: Graphs, variant: str, engine: Engine 
                  providers=None, backend: str = "auto", threads: int | None = None, records=None):
     """((score runner, decode runner or None), report dict) for one candidate's graphs."""
     backend = choose(Backend, backend, "backend")
+    if providers is not None and (not isinstance(providers, (list, tuple))
+                                  or not all(isinstance(p, str) for p in providers)):
+        raise ProjectableEdgeError(f"providers must be a list of onnxruntime execution provider names, e.g. "
+                                   f"['CUDAExecutionProvider', 'CPUExecutionProvider'], got {providers!r}")
     requested = list(providers or profile.execution_providers)
     if threads is None:  # the profile's count is the device's; never more threads than this machine has cores
         threads = min(int(profile.threads), os.cpu_count() or 1) if profile.threads else 0
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads <= MAX_THREADS:
+        raise ProjectableEdgeError(f"threads must be an integer in 0..{MAX_THREADS} (0 = onnxruntime default), "
+                                   f"got {threads!r}")
     threads = int(threads)
-    if threads < 0:
-        raise ProjectableEdgeError(f"threads must be >= 0 (0 = onnxruntime default), got {threads}")
 
     def ort_runner(rel: str) -> OrtRunner:
         return OrtRunner(bundle_dir / rel, requested, threads, name=f"onnxruntime:{rel}")

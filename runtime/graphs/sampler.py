@@ -26,7 +26,7 @@ def check_args(n: int, temperature: float, top_k: int | None, vocab: int, seed=0
                                    "sample more in several calls with different seeds")
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ProjectableEdgeError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
-    if (not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+    if (not isinstance(temperature, (int, float, np.integer, np.floating)) or not math.isfinite(temperature)
             or not (temperature == 0 or temperature >= MIN_TEMPERATURE)):
         raise ProjectableEdgeError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got "
                                    f"{temperature!r}")
