@@ -315,7 +315,8 @@ def _load_file(path: Path) -> DeviceProfile:
         raise ProjectableEdgeError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                                    "save the profile as UTF-8") from None
     except OSError as e:
-        raise ProjectableEdgeError(f"{path}: cannot read device profile ({e.strerror}); pass a readable .toml file") from None
+        raise ProjectableEdgeError(f"{path}: cannot read device profile ({e.strerror}); pass a readable .toml "
+                                   "file") from None
     return _parse(data, str(path))
 
 
