@@ -253,6 +253,8 @@ def _parse(data: dict[str, Any], source: str) -> DeviceProfile:
         if "tensorrt" not in versions:
             raise software.fail("tensorrt", "is missing (TensorRT engines are locked to the device's "
                                             "TensorRT version; record it, e.g. tensorrt = \"10.3\")")
+        if not re.fullmatch(r"\d+(\.\d+){0,3}", versions["tensorrt"]):
+            raise software.fail("tensorrt", f"must be a version like \"10.3\", got {versions['tensorrt']!r}")
         t = c.sub("tensorrt")
         trt = _parse_tensorrt(t)
         for p in ("fp16", "int8"):

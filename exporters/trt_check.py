@@ -35,8 +35,12 @@ DEFAULT_TENSORRT = "10"
 
 
 def opset_range(tensorrt_version: str | None) -> tuple[int, int]:
+    """A version the table lacks reads as its nearest: an older 8.x as 8.5 (no 8.x parser reads past opset 17), a
+    newer major as 10."""
     parts = (tensorrt_version or DEFAULT_TENSORRT).strip().split(".")
-    return OPSET_RANGE.get(".".join(parts[:2])) or OPSET_RANGE.get(parts[0], OPSET_RANGE[DEFAULT_TENSORRT])
+    older = parts[0].isdigit() and int(parts[0]) <= 8
+    return OPSET_RANGE.get(".".join(parts[:2])) or OPSET_RANGE.get(parts[0]) or OPSET_RANGE[
+        "8.5" if older else DEFAULT_TENSORRT]
 
 
 def _problem(severity: str, code: str, message: str, node: onnx.NodeProto | None = None) -> dict:

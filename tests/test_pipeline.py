@@ -147,6 +147,14 @@ def test_a_tensorrt_too_old_for_the_exported_opset_is_refused_before_any_work(tm
     with pytest.raises(ProjectableEdgeError, match=r"TensorRT 8\.6\.2, whose ONNX parser reads opsets 9\.\.17, "
                                                    r"but generate exports opset 18.*TensorRT 9 or newer"):
         make_plan(GenerateSettings(task="3", target=str(toml), source=str(tmp_path / "no-run")))
+    older = tmp_path / "orin-84.toml"  # a version the opset table lacks reads as its nearest, 8.5, not as 10
+    older.write_text(toml.read_text().replace('tensorrt = "8.6.2"', 'tensorrt = "8.4.1"').replace(
+        'name = "orin-jetpack5"', 'name = "orin-84"'))
+    with pytest.raises(ProjectableEdgeError, match=r"TensorRT 8\.4\.1, whose ONNX parser reads opsets 7\.\.17"):
+        make_plan(GenerateSettings(task="3", target=str(older)))
+    older.write_text(older.read_text().replace('tensorrt = "8.4.1"', 'tensorrt = "latest"'))
+    with pytest.raises(ProjectableEdgeError, match=r"software\.tensorrt.*must be a version like \"10\.3\", got 'latest'"):
+        make_plan(GenerateSettings(task="3", target=str(older)))
     toml.write_text(toml.read_text().replace('tensorrt = "8.6.2"', 'tensorrt = "10.3"'))
     assert make_plan(GenerateSettings(task="3", target=str(toml))).variants == ("int8-static", "fp16", "fp32")
 
