@@ -8,6 +8,7 @@ the runtime computes in-process; idle and slow clients starve no one; SIGTERM st
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import io
 import json
@@ -170,6 +171,10 @@ MALFORMED = [
     ("too many images", "POST", "/score", {"tokens": [[0] * 64] * 9}, {}, 413, "at most 8"),
     ("body too large", "POST", "/score", b"[" + b" " * (64 * 1024) + b"]", {}, 413, "larger than the limit"),
     ("unsupported content type", "POST", "/score", b"x", {"Content-Type": "image/png"}, 415, "Content-Type"),
+    ("gzip-compressed JSON", "POST", "/score", gzip.compress(json.dumps({"tokens": [[0] * 64]}).encode()),
+     {"Content-Encoding": "gzip"}, 415, "Content-Encoding"),
+    ("compressed npy", "POST", "/score", gzip.compress(npy(np.zeros((1, 64), np.int64))),
+     {"Content-Type": "application/x-npy", "Content-Encoding": "gzip"}, 415, "uncompressed"),
     ("npy: not an array", "POST", "/score", b"not numpy", {"Content-Type": "application/x-npy"}, 400, ".npy"),
     ("npy: float dtype", "POST", "/score", npy(np.zeros((1, 64), np.float32)),
      {"Content-Type": "application/x-npy"}, 400, "dtype"),
@@ -205,6 +210,8 @@ def test_malformed_request_is_a_json_4xx_and_the_server_keeps_serving(server, mo
     assert out["status"] == want and word in out["error"], out
     if want == 405:
         assert r.getheader("Allow") in ("GET", "POST")
+    if "Content-Encoding" in headers:  # RFC 9110 15.5.16: the codings it takes
+        assert r.getheader("Accept-Encoding") == "identity"
     status, out, _ = request(server, "POST", "/score", {"tokens": _valid_tokens(model)})
     assert status == 200 and len(out["bits_per_dim"]) == 1
 

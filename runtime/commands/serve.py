@@ -181,7 +181,8 @@ class ModelServer:
             # HEAD of a GET route is that GET's status and headers; no HEAD answer has a body (waitress sends
             # whatever the application returns, which a client would read as the next response)
             routed = "GET" if method == "HEAD" and ("GET", path) in ROUTES else method
-            status, out = 200, self.answer(routed, path, environ.get("CONTENT_TYPE", ""), environ["wsgi.input"].read())
+            status, out = 200, self.answer(routed, path, environ.get("CONTENT_TYPE", ""), environ["wsgi.input"].read(),
+                                           environ.get("HTTP_CONTENT_ENCODING", ""))
         except RequestError as e:
             status, out, headers = e.args[0], {"error": e.args[1], "status": e.args[0]}, e.args[2:]
         except Exception as e:  # the server's own fault: 500, logged (in one line unless --verbose), serving goes on
@@ -199,7 +200,7 @@ class ModelServer:
                        [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers])
         return [] if method == "HEAD" else [data]
 
-    def answer(self, method: str, path: str, content_type: str, data: bytes) -> dict:
+    def answer(self, method: str, path: str, content_type: str, data: bytes, encoding: str = "") -> dict:
         if len(data) > self.limits.max_body_bytes:  # up to 4x is read, so that a client gets this, not a reset
             raise RequestError(413, TOO_LARGE.format(self.limits.max_body_bytes))
         ctype = content_type.split(";")[0].strip().lower()
@@ -216,6 +217,9 @@ class ModelServer:
                    "uptime_s": round(time.time() - self.started, 3), "requests_served": self.served}
         elif not data:
             raise RequestError(400, "empty body; send a JSON object (GET /healthz shows the image shape)")
+        elif encoding.strip().lower() not in ("", "identity"):  # RFC 9110 15.5.16: 415, naming what is accepted
+            raise RequestError(415, f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed",
+                               ("Accept-Encoding", "identity"))
         elif path == "/score" and ctype in NPY_TYPES:
             try:
                 a = read_npy(data, "the body")
