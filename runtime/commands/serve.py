@@ -115,6 +115,12 @@ class ModelServer:
                     raise parser.ParsingError("Transfer-Encoding in an HTTP/1.0 request")
                 if self.version == "1.1" and "HOST" not in self.headers:  # RFC 9112 3.2: a 400
                     raise parser.ParsingError("no Host header in an HTTP/1.1 request")
+                if "," in self.headers.get("HOST", ""):  # RFC 9112 3.2: so is more than one (waitress joins them)
+                    raise parser.ParsingError("more than one Host header, or a list in one")
+                # waitress frames the body by Transfer-Encoding and ignores Content-Length: a front end that framed it
+                # by Content-Length would read the rest as the next request. RFC 9112 6.3: refuse it and close
+                if self.chunked and "CONTENT_LENGTH" in self.headers:
+                    raise parser.ParsingError("both Content-Length and Transfer-Encoding in a request")
 
         class JsonChannel(channel.HTTPChannel):
             error_task_class, parser_class = JsonErrorTask, StrictParser
