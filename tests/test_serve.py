@@ -282,10 +282,14 @@ def closed(f) -> bool:
     (b"GET /healthz HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
     (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
      b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\nExpect: 100-continue\r\n\r\n", 413),
+    (b"POST /score HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n", 400),
 ], ids=["bad request line", "lower-case method", "bad Content-Length", "body far over the limit (not read)",
         "unknown transfer coding (RFC 9112: 501)", "chunked in HTTP/1.0, a request smuggled in its body",
         "HTTP/1.1 without Host (RFC 9112: 400)", "two Host headers (RFC 9112: 400)",
-        "Content-Length and chunked, a request smuggled after the chunks (RFC 9112: close)"])
+        "Content-Length and chunked, a request smuggled after the chunks (RFC 9112: close)",
+        "Expect: 100-continue, body far over the limit: the 413 at once, no 100",
+        "Expect: 100-continue without Host: the 400 at once, no 100"])
 def test_protocol_errors_are_json_and_close_the_connection(server, data, want):
     """The library's own errors come back in the application's JSON shape, and nothing after them on the
     connection is answered (a request hidden in a body the library cannot frame included)."""

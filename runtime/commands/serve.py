@@ -127,6 +127,13 @@ class ModelServer:
             arriving_since = None  # when the request now arriving sent its first byte (None: none is)
             stalled_at = None  # last_activity when maintenance first saw an answer waiting unread
 
+            def send_continue(self):
+                # a request refused on its headers (a body far over the limit, no Host) gets its error now: waitress
+                # sent `100 Continue` and marked the request unfinished, so the error waited for a body the client
+                # was told to send (or, with none coming, for the idle timeout)
+                if self.request.error is None:
+                    super().send_continue()
+
             def received(self, data):
                 if self.request is None:
                     self.arriving_since = time.time()
