@@ -8,6 +8,7 @@ the runtime computes in-process; idle and slow clients starve no one; SIGTERM st
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import io
 import json
@@ -170,6 +171,10 @@ MALFORMED = [
     ("too many images", "POST", "/score", {"tokens": [[0] * 64] * 9}, {}, 413, "at most 8"),
     ("body too large", "POST", "/score", b"[" + b" " * (64 * 1024) + b"]", {}, 413, "larger than the limit"),
     ("unsupported content type", "POST", "/score", b"x", {"Content-Type": "image/png"}, 415, "Content-Type"),
+    ("gzip-compressed JSON", "POST", "/score", gzip.compress(json.dumps({"tokens": [[0] * 64]}).encode()),
+     {"Content-Encoding": "gzip"}, 415, "Content-Encoding"),
+    ("compressed npy", "POST", "/score", gzip.compress(npy(np.zeros((1, 64), np.int64))),
+     {"Content-Type": "application/x-npy", "Content-Encoding": "gzip"}, 415, "uncompressed"),
     ("npy: not an array", "POST", "/score", b"not numpy", {"Content-Type": "application/x-npy"}, 400, ".npy"),
     ("npy: float dtype", "POST", "/score", npy(np.zeros((1, 64), np.float32)),
      {"Content-Type": "application/x-npy"}, 400, "dtype"),
@@ -205,6 +210,8 @@ def test_malformed_request_is_a_json_4xx_and_the_server_keeps_serving(server, mo
     assert out["status"] == want and word in out["error"], out
     if want == 405:
         assert r.getheader("Allow") in ("GET", "POST")
+    if "Content-Encoding" in headers:  # RFC 9110 15.5.16: the codings it takes
+        assert r.getheader("Accept-Encoding") == "identity"
     status, out, _ = request(server, "POST", "/score", {"tokens": _valid_tokens(model)})
     assert status == 200 and len(out["bits_per_dim"]) == 1
 
@@ -272,9 +279,17 @@ def closed(f) -> bool:
     (b"POST /sample HTTP/1.0\r\nConnection: Keep-Alive\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"GET /healthz HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", 400),
     (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
+    (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+     b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\nExpect: 100-continue\r\n\r\n", 413),
+    (b"POST /score HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n", 400),
 ], ids=["bad request line", "lower-case method", "bad Content-Length", "body far over the limit (not read)",
         "unknown transfer coding (RFC 9112: 501)", "chunked in HTTP/1.0, a request smuggled in its body",
-        "HTTP/1.1 without Host (RFC 9112: 400)"])
+        "HTTP/1.1 without Host (RFC 9112: 400)", "two Host headers (RFC 9112: 400)",
+        "Content-Length and chunked, a request smuggled after the chunks (RFC 9112: close)",
+        "Expect: 100-continue, body far over the limit: the 413 at once, no 100",
+        "Expect: 100-continue without Host: the 400 at once, no 100"])
 def test_protocol_errors_are_json_and_close_the_connection(server, data, want):
     """The library's own errors come back in the application's JSON shape, and nothing after them on the
     connection is answered (a request hidden in a body the library cannot frame included)."""

@@ -115,11 +115,24 @@ class ModelServer:
                     raise parser.ParsingError("Transfer-Encoding in an HTTP/1.0 request")
                 if self.version == "1.1" and "HOST" not in self.headers:  # RFC 9112 3.2: a 400
                     raise parser.ParsingError("no Host header in an HTTP/1.1 request")
+                if "," in self.headers.get("HOST", ""):  # RFC 9112 3.2: so is more than one (waitress joins them)
+                    raise parser.ParsingError("more than one Host header, or a list in one")
+                # waitress frames the body by Transfer-Encoding and ignores Content-Length: a front end that framed it
+                # by Content-Length would read the rest as the next request. RFC 9112 6.3: refuse it and close
+                if self.chunked and "CONTENT_LENGTH" in self.headers:
+                    raise parser.ParsingError("both Content-Length and Transfer-Encoding in a request")
 
         class JsonChannel(channel.HTTPChannel):
             error_task_class, parser_class = JsonErrorTask, StrictParser
             arriving_since = None  # when the request now arriving sent its first byte (None: none is)
             stalled_at = None  # last_activity when maintenance first saw an answer waiting unread
+
+            def send_continue(self):
+                # a request refused on its headers (a body far over the limit, no Host) gets its error now: waitress
+                # sent `100 Continue` and marked the request unfinished, so the error waited for a body the client
+                # was told to send (or, with none coming, for the idle timeout)
+                if self.request.error is None:
+                    super().send_continue()
 
             def received(self, data):
                 if self.request is None:
@@ -181,7 +194,8 @@ class ModelServer:
             # HEAD of a GET route is that GET's status and headers; no HEAD answer has a body (waitress sends
             # whatever the application returns, which a client would read as the next response)
             routed = "GET" if method == "HEAD" and ("GET", path) in ROUTES else method
-            status, out = 200, self.answer(routed, path, environ.get("CONTENT_TYPE", ""), environ["wsgi.input"].read())
+            status, out = 200, self.answer(routed, path, environ.get("CONTENT_TYPE", ""), environ["wsgi.input"].read(),
+                                           environ.get("HTTP_CONTENT_ENCODING", ""))
         except RequestError as e:
             status, out, headers = e.args[0], {"error": e.args[1], "status": e.args[0]}, e.args[2:]
         except Exception as e:  # the server's own fault: 500, logged (in one line unless --verbose), serving goes on
@@ -199,7 +213,7 @@ class ModelServer:
                        [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers])
         return [] if method == "HEAD" else [data]
 
-    def answer(self, method: str, path: str, content_type: str, data: bytes) -> dict:
+    def answer(self, method: str, path: str, content_type: str, data: bytes, encoding: str = "") -> dict:
         if len(data) > self.limits.max_body_bytes:  # up to 4x is read, so that a client gets this, not a reset
             raise RequestError(413, TOO_LARGE.format(self.limits.max_body_bytes))
         ctype = content_type.split(";")[0].strip().lower()
@@ -216,6 +230,9 @@ class ModelServer:
                    "uptime_s": round(time.time() - self.started, 3), "requests_served": self.served}
         elif not data:
             raise RequestError(400, "empty body; send a JSON object (GET /healthz shows the image shape)")
+        elif encoding.strip().lower() not in ("", "identity"):  # RFC 9110 15.5.16: 415, naming what is accepted
+            raise RequestError(415, f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed",
+                               ("Accept-Encoding", "identity"))
         elif path == "/score" and ctype in NPY_TYPES:
             try:
                 a = read_npy(data, "the body")
