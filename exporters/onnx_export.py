@@ -238,7 +238,7 @@ def export_onnx(model: ExportableModel, settings: ExportSettings | dict | None, 
     out_dir = Path(out_dir)
     if log:
         log(f"exporting the {' and '.join(settings.graphs)} graph(s)")
-    with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
+    with atomic_output(out_dir, directory=True, overwrite=overwrite, what="export folder", mark=REPORT_FILE) as tmp:
         for graph, (proto, spec) in _export_all(model, settings).items():
             path = tmp / FILES[graph]
             onnx.save(proto, str(path))

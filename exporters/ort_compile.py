@@ -102,7 +102,7 @@ def compile_onnxruntime(onnx_path: str | Path, settings: OrtCompileSettings | di
     names = {"optimized_onnx": f"{src.stem}.optimized.onnx", "ort_format": f"{src.stem}.ort",
              "required_operators": f"{src.stem}.required_operators.config"}
     out_dir = Path(out_dir)
-    with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
+    with atomic_output(out_dir, directory=True, overwrite=overwrite, what="compile folder", mark=REPORT_FILE) as tmp:
         if log:
             log(f"optimizing {src.name} for ONNX Runtime ({settings.optimized_level}) and writing the ORT format "
                 f"({settings.ort_format_level})")

@@ -236,7 +236,7 @@ def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, o
     if settings.int8 and "int8" not in flags:
         report["note"] = ("profile enables int8 but this graph has no QDQ nodes: built without --int8 "
                           "(quantize with int8-static first for an int8 engine)")
-    with atomic_output(out_dir, directory=True, overwrite=overwrite) as tmp:
+    with atomic_output(out_dir, directory=True, overwrite=overwrite, what="compile folder", mark=REPORT_FILE) as tmp:
         if copy_onnx:
             shutil.copyfile(src, tmp / src.name)
         script = tmp / SCRIPT

@@ -24,6 +24,7 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.devices.profiles import Budgets
 from projectable_edge_runtime.graphs import sampler
 from projectable_edge_runtime.__main__ import main
+from projectable_edge_runtime.bundle.atomic import atomic_output
 from projectable_edge_runtime.bundle.manifest import (MANIFEST_NAME, SCHEMA_VERSION, read_manifest, seal, staged_bundle,
                                                write_manifest)
 
@@ -191,6 +192,30 @@ def test_existing_bundle_needs_overwrite(rt_graphs, rt_build, tmp_path):
     rt_build(dest, rt_graphs, variants=("fp32", "fp16"), overwrite=True)
     assert sorted(read_manifest(dest).candidates) == ["16x2/fp16", "16x2/fp32"]
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_bundle(rt_graphs, rt_build, tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.txt").write_text("years of work")
+    with pytest.raises(ProjectableEdgeError, match="is not a bundle .*no manifest.json.*not replaced"):
+        rt_build(mine, rt_graphs, variants=("fp32",), overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["chapter1.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
+    (tmp_path / "empty").mkdir()  # an empty folder loses nothing: it is replaced
+    rt_build(tmp_path / "empty", rt_graphs, variants=("fp32",), overwrite=True)
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+
+
+def test_a_folder_made_by_another_process_meanwhile_is_not_replaced(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(ProjectableEdgeError, match="created by another process"):
+        with atomic_output(dest, directory=True) as tmp:
+            (tmp / "mine.json").write_text("{}")
+            dest.mkdir()  # another process published its output while this one was writing
+            (dest / "theirs.json").write_text("{}")
+    assert [p.name for p in dest.iterdir()] == ["theirs.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_write_manifest_rejects_what_it_cannot_write(rt_bundle, tmp_path):

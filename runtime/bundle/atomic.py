@@ -54,9 +54,11 @@ def ensure_folder(path: str | os.PathLike) -> Path:
 
 @contextmanager
 def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite: bool = False,
-                  what: str | None = None) -> Iterator[Path]:
+                  what: str | None = None, mark: str | None = None) -> Iterator[Path]:
     """Yield a temp file (or folder) beside `path` that becomes `path` on success; an existing output is replaced
-    only with overwrite=True (and put back if the swap fails). `what` names the output in errors."""
+    only with overwrite=True (and put back if the swap fails). `what` names the output in errors. `mark`: the file
+    that every output folder of this kind holds; an existing folder without it is not replaced unless empty (it
+    is not an earlier output, and replacing it would delete its files)."""
     path = Path(path)
     what = what or ("output folder" if directory else "output file")
     if path.exists() and not overwrite:
@@ -65,6 +67,9 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
     if path.exists() and path.is_dir() != directory:
         raise ProjectableEdgeError(f"{what} {path} exists and is a {'file' if directory else 'folder'}; "
                                    "choose another path")
+    if mark and path.is_dir() and not (path / mark).is_file() and any(path.iterdir()):
+        raise ProjectableEdgeError(f"{path} is not a {what} (it has no {mark}), so it is not replaced: its files "
+                                   "would be deleted; choose another path, or move that folder away yourself")
     created = _make_parents(path.parent)
     ok = False
     try:
@@ -84,7 +89,7 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
             if INTERRUPTED.is_set():  # an interrupt that a library caught and dropped still publishes nothing
                 raise KeyboardInterrupt
             _publish(tmp)
-            _swap(tmp, path, what)
+            _swap(tmp, path, what, overwrite)
             ok = True
         finally:
             if tmp.is_dir():
@@ -99,7 +104,16 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
                 break
 
 
-def _swap(tmp: Path, path: Path, what: str) -> None:
+def _swap(tmp: Path, path: Path, what: str, overwrite: bool) -> None:
+    if not overwrite and tmp.is_dir():  # rename refuses a folder that appeared meanwhile (another process's output)
+        try:
+            os.rename(tmp, path)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+            raise ProjectableEdgeError(f"{what} {path} was created by another process while this one was writing "
+                                       "it; choose another path, or pass --overwrite") from None
+        return
     if not path.is_dir():  # nothing there, or a file: one atomic rename
         os.replace(tmp, path)
         return

@@ -614,7 +614,7 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest | dict, optional: 
 def staged_bundle(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `dest` that becomes `dest` once its manifest is written: nothing half-written
     is ever visible there (see atomic_output)."""
-    with atomic_output(dest, directory=True, overwrite=overwrite, what="bundle") as tmp:
+    with atomic_output(dest, directory=True, overwrite=overwrite, what="bundle", mark=MANIFEST_NAME) as tmp:
         yield tmp
         if not (tmp / MANIFEST_NAME).is_file():
             raise ProjectableEdgeError(f"bundle staged for '{dest}' has no {MANIFEST_NAME}; call "
