@@ -276,7 +276,7 @@ def conversions(files: list[Path], spec) -> str:
         try:
             with Image.open(f) as im:
                 seen[(im.mode, im.width, im.height)] += 1
-        except OSError as e:
+        except Exception as e:  # Pillow raises many types for a bad file (a decompression bomb is no OSError)
             raise ProjectableEdgeError(f"cannot read image {f} ({e}); remove it or convert it to PNG") from None
     target = f"{'gray' if spec.channels == 1 else 'RGB'} {spec.width}x{spec.height}, {spec.levels} levels"
     return "; ".join(f"{n} {mode} {w}x{h}" for (mode, w, h), n in seen.most_common()) + f" -> {target}"

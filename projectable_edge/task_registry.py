@@ -57,7 +57,7 @@ def adapted_names(run: Path) -> list[str]:
 
 def check_name(name: str, trained: list[str], run: Path, force: bool) -> None:
     """A new task's name must be a plain folder name, not a trained task, and not taken (unless forced)."""
-    if not _NAME.match(name or ""):
+    if not _NAME.fullmatch(name or ""):  # not match: its $ also takes a trailing newline
         raise ProjectableEdgeError(f"task name {name!r} is not usable: use 1-64 letters, digits, '_', '-' or '.', "
                                    "starting with a letter or digit")
     if name in trained or (name.isdigit() and int(name) < len(trained)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,8 @@ def test_adapted_embedding_beats_its_start_on_held_out_images(held_run):
     assert np.isfinite(score(model, "projected", a, others))
 
 
-@pytest.mark.parametrize("case", ["clash", "too_few", "empty", "not_images", "bad_name", "exists"])
+@pytest.mark.parametrize("case", ["clash", "too_few", "empty", "not_images", "bad_name", "exists", "newline_name",
+                                  "huge_image"])
 def test_bad_input_is_refused_and_registers_nothing(held_run, tmp_path, case):
     spec = load_dataset(DataConfig()).spec
     imgs = _write_pngs(tmp_path / "imgs", _held_images(10), spec)
@@ -152,6 +154,16 @@ def test_bad_input_is_refused_and_registers_nothing(held_run, tmp_path, case):
         expect = "cannot read image"
     elif case == "bad_name":
         name, expect = "../escape", "is not usable"
+    elif case == "newline_name":  # a regex's $ takes a trailing newline: the folder's name would hold one
+        name, expect = "sevens\n", "is not usable"
+    elif case == "huge_image":  # a PNG header claiming 20000x20000 pixels: Pillow's decompression-bomb guard
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+        ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+        (imgs / "000.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"")
+                                       + chunk(b"IEND", b""))
+        expect = "cannot read image"
     elif case == "exists":
         (held_run / "tasks" / "taken").mkdir(parents=True, exist_ok=True)
         (held_run / "tasks" / "taken" / "task.json").write_text("{}")
