@@ -370,7 +370,7 @@ def load_splits(path: Path, task_names: list[str], spec: TokenizerSpec, cfg: Dat
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         splits = {s: (arrays[f"{s}.tokens"].astype(np.int64), arrays[f"{s}.task"].astype(np.int64)) for s in SPLITS}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # BadZipFile: a damaged member (CRC)
         raise ProjectableEdgeError(f"{path} is not a readable split snapshot ({e}): copy the run folder again") from None
     held: dict[str, dict[str, np.ndarray]] = {}
     for k, v in arrays.items():

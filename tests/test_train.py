@@ -485,6 +485,20 @@ def test_a_split_snapshot_that_is_not_an_npz_archive_is_named_so(tiny_run, tmp_p
             load_run(run)
 
 
+def test_a_split_snapshot_with_a_damaged_member_is_named_so(tiny_run, tmp_path):
+    import zipfile
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    raw = bytearray((run / "splits.npz").read_bytes())
+    with zipfile.ZipFile(run / "splits.npz") as z:  # np.savez stores members uncompressed, checked by CRC
+        info = z.getinfo("test.tokens.npy")
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + 200] ^= 0xFF
+    (run / "splits.npz").write_bytes(raw)
+    with pytest.raises(ProjectableEdgeError, match=r"splits\.npz is not a readable split snapshot .*CRC"):
+        load_run(run)
+
+
 def test_cli_refuses_a_negative_seed_and_an_empty_ladder(tmp_path):
     from typer.testing import CliRunner
 
