@@ -333,6 +333,21 @@ def test_cli_train_evaluate_project_tasks(tiny_run, tmp_path):
     assert json.loads(res.stdout)["steps"] == 4
 
 
+def test_project_overwrite_replaces_a_projected_model_but_never_the_runs_weights(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = (run / "model.safetensors").read_bytes()
+    res = cli.invoke(app, ["project", str(run), "--task", "3", "--out", str(run / "model"), "--overwrite"])
+    assert res.exit_code == 2 and "is not a projected model" in res.output and "Traceback" not in res.output
+    assert (run / "model.safetensors").read_bytes() == weights and not (run / "model.json").exists()
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    res = cli.invoke(app, ["project", str(run), "--task", "3", "--out", str(tmp_path / "notes"), "--overwrite"])
+    assert res.exit_code == 2 and json.loads((tmp_path / "notes.json").read_text()) == {"mine": 1}
+    for _ in range(2):  # an earlier projected model is replaced
+        res = cli.invoke(app, ["project", str(run), "--task", "3", "--out", str(tmp_path / "p3"), "--overwrite"])
+        assert res.exit_code == 0, res.output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_generate_stopped_by_a_signal_leaves_nothing_half_written(tiny_run, tmp_path, sig):
