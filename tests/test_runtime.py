@@ -636,6 +636,11 @@ def test_sample_checks_every_output_before_sampling_and_writes_none_on_failure(r
     assert "--scale" in capsys.readouterr().err
     assert main(["sample", str(rt_bundle), "-n", "2", "--cols", "0"]) == 2
     assert "--cols" in capsys.readouterr().err
+    for inside in (["--out", str(rt_bundle / "x.png")], ["--out", str(png), "--tokens-out", str(rt_bundle / "t")]):
+        assert main(["sample", str(rt_bundle), "-n", "2", *inside]) == 2  # the bundle would then refuse to load
+        assert "is inside the bundle" in capsys.readouterr().err and not png.exists()
+    assert not (rt_bundle / "x.png").exists() and main(["validate", str(rt_bundle)]) == 0
+    capsys.readouterr()
     assert list(tmp_path.iterdir()) == []
     assert main(["sample", str(rt_bundle), "-n", "2", "--out", str(png), "--tokens-out", str(tmp_path / "t"),
                  "--json"]) == 0

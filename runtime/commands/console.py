@@ -175,6 +175,11 @@ def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: f
     cols = min(8, n) if cols is None else cols
     grid_size(n, model.tokenizer.image_shape[:2], cols, scale=scale)
     tokens_path = None if tokens_out is None else Path(str(tokens_out).removesuffix(".npy") + ".npy")  # as np.save
+    bundle = Path(model.bundle_dir).resolve()
+    for p in filter(None, (Path(out), tokens_path)):
+        if bundle in p.resolve().parents:  # a file the manifest does not list makes the bundle refuse to load
+            raise ProjectableEdgeError(f"{p} is inside the bundle {model.bundle_dir}, which lists its own files and "
+                                       "refuses any other when loaded; write it outside the bundle folder")
     with contextlib.ExitStack() as outputs:
         png_tmp = outputs.enter_context(atomic_output(out, overwrite=True, what="PNG"))
         npy_tmp = tokens_path and outputs.enter_context(atomic_output(tokens_path, overwrite=True,
