@@ -32,7 +32,7 @@ class Family:
     """A numeric family (what TensorRT and the hardware see) and the facts keyed by it."""
 
     name: str
-    bytes_per_weight: int  # what the latency estimate charges per weight
+    bytes_per_weight: float  # what the latency estimate charges per weight
     peak_field: str  # the device profile's [performance] field giving its peak rate
     marker: str  # its marker in the report's charts
 

@@ -43,11 +43,28 @@ def converter(name: str):
     return register
 
 
+def _terminal_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where no graph output is also read inside the graph: such an output (a 1-layer decode graph's
+    present_keys, read by its attention) gets an Identity, since keep_io_types casts the output name back to
+    fp32 and its inner readers would then see fp32."""
+    outputs = {o.name for o in model.graph.output}
+    read = {i for n in model.graph.node for i in n.input} & outputs
+    if not read:
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for n in model.graph.node:
+        n.output[:] = [f"{o}_inner" if o in read else o for o in n.output]
+        n.input[:] = [f"{i}_inner" if i in read else i for i in n.input]
+    model.graph.node.extend(onnx.helper.make_node("Identity", [f"{o}_inner"], [o], name=f"{o}_identity")
+                            for o in sorted(read))
+    return model
+
+
 def to_fp16(model: onnx.ModelProto, keep: tuple[str, ...]) -> onnx.ModelProto:
     from onnxconverter_common import float16
 
     with quiet():
-        return float16.convert_float_to_float16(model, keep_io_types=True,
+        return float16.convert_float_to_float16(_terminal_outputs(model), keep_io_types=True,
                                                 op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(keep))
 
 

@@ -29,8 +29,8 @@ def train(
     steps: Optional[int] = typer.Option(None, help="Override the preset's optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override the preset's batch size."),
     lam: Optional[float] = typer.Option(None, help="Weight of NLL(projected) in the joint loss."),
-    small: Optional[str] = typer.Option(None, help="Main small size WIDTH[xLAYERS] (default: the preset's)."),
-    ladder: Optional[str] = typer.Option(None, help="Extra small sizes, comma-separated WIDTH[xLAYERS] "
+    small: Optional[str] = typer.Option(None, help="Main small size WIDTH\\[xLAYERS] (default: the preset's)."),
+    ladder: Optional[str] = typer.Option(None, help="Extra small sizes, comma-separated WIDTH\\[xLAYERS] "
                                                     "(e.g. 16,64,32x2), each with its own universal baseline."),
     n_basis: Optional[int] = typer.Option(None, help="K basis maps per projection space."),
     mixture: Optional[Mixture] = typer.Option(None, help="Mixture coefficients: per_space (default) or shared."),

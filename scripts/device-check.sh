@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device stand-ins for a bundle: run the torch-free runtime where users run it.
 #
-#   bash scripts/device-check.sh BUNDLE [--py310] [--aarch64] [--wheel FILE] [--keep] [--also BUNDLE ...] [--no-apps]
+#   bash scripts/device-check.sh BUNDLE [--py310] [--aarch64] [--wheel FILE] [--keep] [--also BUNDLE]... [--no-apps]
 #
 #   --py310        a Python 3.10 venv (JetPack 6) with only numpy + the minimum onnxruntime (the default)
 #   --aarch64      a Debian arm64 userland (debootstrap) under qemu-user-static, with numpy + onnxruntime

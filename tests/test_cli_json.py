@@ -44,6 +44,12 @@ def test_cli_choices_are_the_codes_own_words():
     assert res.exit_code == 2 and "huge" in res.output and "tiny" in res.output
 
 
+def test_train_help_shows_the_size_syntax():
+    """Rich markup must not eat `[xLAYERS]` from the help of --small and --ladder."""
+    res = cli.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and res.output.count("WIDTH[xLAYERS]") == 2, res.output
+
+
 @pytest.mark.slow
 def test_every_command_prints_one_json_document(tiny_run, tmp_path, capsys):
     b = tmp_path / "bundle"

@@ -198,3 +198,21 @@ def test_a_new_precision_is_one_registry_entry_plus_one_converter(tmp_path, ex, 
     b = rep["bits_per_dim"]
     assert b["rel_vs_fp32"] == 0 and b["within_budget"] and b["budget_rel"] == 1e-6
     assert rep["parity"]["ok"] and rep["parity"]["outputs"]["logits"]["max_abs"] < 1e-4
+
+
+def test_fp16_of_a_one_layer_decode_graph(tmp_path):
+    """With one layer, present_keys/present_values are graph outputs that the attention also reads: the fp16
+    graph must still read them in fp16 (keep_io_types casts the output names back to fp32)."""
+    from dataclasses import replace
+
+    from projectable_edge.exporters.onnx_export import export_onnx
+    from tiny_models import synthetic_tokens, tiny_trained_model
+
+    model = tiny_trained_model(replace(TINY, n_layer=1), steps=20)
+    heldout = synthetic_tokens(16, seed=99)
+    art, _ = export_onnx(model, None, tmp_path / "export", heldout=heldout, log=lambda s: None)
+    out, rep = quantize(art.decode, QuantizeSettings(precision="fp16"), tmp_path / "decode16.onnx",
+                        heldout=heldout, model=model)
+    assert rep["bits_per_dim"]["within_budget"]
+    assert [i.type for i in ort_session(out).get_inputs()] == ["tensor(int64)", "tensor(float)", "tensor(float)"]
+    assert sample_graph(out, 2, seed=0, temperature=0).shape == (2, TINY.block_size)
