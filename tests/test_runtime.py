@@ -609,6 +609,20 @@ def test_unexpected_errors_are_one_line_exit_1_in_both_clis(rt_bundle, monkeypat
     assert res.exit_code == 1 and "Traceback" in res.output
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(rt_bundle):
+    """`... | head -1`: the reader closes the pipe after one line; the command ends with status 0 and says nothing
+    (it said 'error: BrokenPipeError' with status 1 when the pipe broke mid-output)."""
+    code = ("import os, sys, runpy; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "  # a reader already gone
+            "sys.argv = ['x', 'schema']; from projectable_edge_runtime.__main__ import main; sys.exit(main())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    bad = ("import sys; from projectable_edge_runtime.commands.console import error_boundary\n"
+           "def other_pipe(): raise BrokenPipeError(32, 'Broken pipe')  # not stdout's: still an error\n"
+           "sys.exit(error_boundary(other_pipe))")
+    res = subprocess.run([sys.executable, "-c", bad], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "error: BrokenPipeError" in res.stderr
+
+
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -28,7 +28,7 @@ import numpy as np
 import projectable_edge_runtime as runtime
 from projectable_edge_runtime import ProjectableEdgeError
 from projectable_edge_runtime.bundle.atomic import atomic_output
-from projectable_edge_runtime.commands.console import filter_boundary
+from projectable_edge_runtime.commands.console import error_boundary
 from projectable_edge_runtime.commands.inputs import read_inputs
 
 CONFIG_FORMAT = "projectable-edge-anomaly"
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fn = {"calibrate": _cmd_calibrate, "score": _cmd_score}[args.command]
-    return filter_boundary(lambda: fn(args), verbose=args.verbose)
+    return error_boundary(lambda: fn(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 
 import projectable_edge_runtime as runtime
 from projectable_edge_runtime import ProjectableEdgeError
-from projectable_edge_runtime.commands.console import filter_boundary
+from projectable_edge_runtime.commands.console import error_boundary
 from projectable_edge_runtime.commands.inputs import read_inputs
 
 
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return filter_boundary(lambda: _run(args), verbose=args.verbose)
+    return error_boundary(lambda: _run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import select
 import signal
 import sys
 import traceback
@@ -47,6 +48,9 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False,
         say("error: interrupted")
         return 130
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and _reader_gone():  # `... | head`: ends quietly, like any Unix filter
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 0
         if verbose:
             traceback.print_exc()
         if INTERRUPTED.is_set():  # a library turned the interrupt into its own error (torch.onnx: "export failed")
@@ -87,14 +91,14 @@ def take_verbose(argv: list[str]) -> tuple[list[str], bool]:
     return kept, len(kept) != len(argv)
 
 
-def filter_boundary(fn: Callable[[], Any], *, verbose: bool = False) -> int:
-    """error_boundary for a command whose output is piped: a reader that goes away (`... | head`)
-    ends it quietly with status 0, like any Unix filter."""
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll says POLLERR), not some other pipe that broke."""
     try:
-        return error_boundary(fn, verbose=verbose, passthrough=(BrokenPipeError,))
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 0
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test's capture) or no poll()
+        return False
 
 
 def emit_json(obj: Any) -> None:
