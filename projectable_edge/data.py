@@ -238,9 +238,9 @@ def _write_cache(path: Path, **arrays) -> None:
         pass  # a read-only home only costs the parse next time
 
 
-def _not_utf8(name: str) -> bool:
-    """A name the file system gave as bytes that are not UTF-8 (e.g. Latin-1 from an old zip): the run and its
-    bundles' manifests (UTF-8 JSON) could not record it."""
+def not_utf8(name: str) -> bool:
+    """A name or path the file system gave as bytes that are not UTF-8 (e.g. Latin-1 from an old zip): runs and
+    bundles' manifests (UTF-8 JSON) cannot record it, and onnxruntime cannot open a graph by it."""
     try:
         name.encode("utf-8")
         return False
@@ -271,7 +271,7 @@ def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.nd
     if len(tasks) < 2:  # before any image is read
         raise ProjectableEdgeError(f"the dataset has {len(tasks)} task(s) {[t.name for t in tasks]}; a "
                                    "task-conditioned model needs at least 2: add a sub-folder of images per task")
-    bad = [os.fsencode(t.name) for t in tasks if _not_utf8(t.name)]
+    bad = [os.fsencode(t.name) for t in tasks if not_utf8(t.name)]
     if bad:
         raise ProjectableEdgeError(f"task sub-folder name(s) {', '.join(map(repr, bad))} in '{root}' are not UTF-8 "
                                    "text (task names go into the run and its bundles): rename them")
@@ -311,7 +311,7 @@ def load_dataset(cfg: DataConfig) -> TaskData:
             raise ProjectableEdgeError(
                 f"unknown dataset '{cfg.dataset}': it is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
                 f"existing folder. Use --dataset digits, or a path to an image folder laid out as {_LAYOUT}")
-        if _not_utf8(cfg.dataset):
+        if not_utf8(cfg.dataset):
             raise ProjectableEdgeError(f"dataset path {os.fsencode(cfg.dataset)!r} is not UTF-8 text (the run and its "
                                        "bundles record it): rename the folder, or pass a symbolic link to it whose "
                                        "path is UTF-8")

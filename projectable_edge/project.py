@@ -72,15 +72,14 @@ def save_projected(out: Path, small: SpecialisedModel, info: dict, overwrite: bo
     st, js = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not overwrite and (st.exists() or js.exists()):
         raise ProjectableEdgeError(f"{st} or {js} already exists: choose another --out or pass --overwrite")
-    for p in (st, js) if overwrite else ():  # an earlier projected model only, never a run's model.safetensors
-        try:
-            ours = (load_json(p).get("format") == "projectable-edge-projected" if p == js
-                    else load_tensors(p, kind="projected") is not None)
+    if overwrite and (st.exists() or js.exists()):  # an earlier projected model only, never a run's weights:
+        try:  # its description says what the pair is (one read, not the weights)
+            ours = load_json(js).get("format") == "projectable-edge-projected"
         except ProjectableEdgeError:
             ours = False
-        if p.exists() and not ours:
-            raise ProjectableEdgeError(f"{p} is not a projected model written by `project`, so --overwrite does not "
-                                       "replace it; choose another --out")
+        if not ours:
+            raise ProjectableEdgeError(f"{st if st.exists() else js} is not a projected model written by `project`, "
+                                       "so --overwrite does not replace it; choose another --out")
     save_tensors(st, weights, kind="projected")
     save_json(js, {"format": "projectable-edge-projected", **info})
     return st, js

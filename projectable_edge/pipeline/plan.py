@@ -38,16 +38,14 @@ class GenerateSettings:
 
     def resolved(self) -> "GenerateSettings":
         """Every path absolute, fixed before any work: nothing depends on the cwd later."""
+        from projectable_edge.data import not_utf8
+
         def ab(p: str | None) -> str | None:
-            if p is None:
-                return None
-            path = str(Path(p).expanduser().resolve())
-            try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8 (surrogate escapes)
+            path = None if p is None else str(Path(p).expanduser().resolve())
+            if path is not None and not_utf8(path):
                 raise ProjectableEdgeError(f"path {os.fsencode(path)!r} is not UTF-8 text (the manifest records it, "
                                            "and onnxruntime opens graphs by it): rename it, or pass a link to it "
-                                           "whose path is UTF-8") from None
+                                           "whose path is UTF-8")
             return path
 
         return replace(self, source=ab(self.source), out=ab(self.out), cache_dir=ab(self.cache_dir),
