@@ -29,7 +29,7 @@ _PATH_FIXES = {errno.EACCES: "give this user access to it, or choose another pat
                "another folder", errno.ELOOP: "fix the symbolic link"}
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """An error's message on one line (a library's message may hold line breaks)."""
     return " ".join(line.strip() for line in str(e).splitlines())
 
@@ -57,14 +57,14 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False,
             say("error: interrupted")
             return 130
         if isinstance(e, ProjectableEdgeError):
-            say(f"error: {_one_line(e)}")
+            say(f"error: {one_line(e)}")
             return 2
         if isinstance(e, OSError) and e.errno in _PATH_FIXES:
             path = f" '{e.filename}'" if e.filename else ""
             say(f"error: cannot use{path}: {e.strerror}; {_PATH_FIXES[e.errno]}")
             return 2
         hint = "" if verbose else " (rerun with --verbose for the traceback)"
-        say(f"error: {type(e).__name__}: {_one_line(e)}{hint}")
+        say(f"error: {type(e).__name__}: {one_line(e)}{hint}")
         return 1
     return int(result or 0)
 

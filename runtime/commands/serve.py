@@ -20,6 +20,7 @@ import numpy as np
 
 from ..devices.errors import ProjectableEdgeError
 from ..graphs.tokenizer import validate_tokens
+from .console import one_line
 from .inputs import read_npy
 
 SERVE_REQUIRES = "waitress>=3.0.1,<4"  # the `[serve]` extra (the JSON errors hook waitress 3's channel classes)
@@ -203,8 +204,8 @@ class ModelServer:
             if self.verbose:
                 traceback.print_exc(file=sys.stderr)
             else:
-                print(f"error: {method} {json.dumps(path)[1:-1]}: {out['error']}".replace("\n", " ")
-                      + " (rerun with --verbose for the traceback)", file=sys.stderr, flush=True)
+                print(f"error: {method} {json.dumps(path)[1:-1]}: internal error: {type(e).__name__}: {one_line(e)} "
+                      "(rerun with --verbose for the traceback)", file=sys.stderr, flush=True)
         if self.access_log:  # the path as a JSON string: a %0A or an escape sequence in it cannot forge a line
             sys.stderr.write(f'{environ["REMOTE_ADDR"]} "{method} {json.dumps(path)[1:-1]} '
                              f'{environ["SERVER_PROTOCOL"]}" {status}\n')
