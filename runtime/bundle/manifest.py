@@ -29,7 +29,8 @@ CANONICAL = "json: sorted keys, separators (',', ':'), UTF-8, without the 'integ
 ENGINE_RECORD_SUFFIX = ".record.json"  # a device-built engine's own record, next to its plan
 
 RelPath = Annotated[str, "relpath"]  # a path inside the bundle: relative, no '..'
-RELPATH_PATTERN = r"^(?!/)(?!([\s\S]*/)?\.\.(/|$))[^\\]+$"  # [\s\S], not '.': a schema validator's '.' stops at a newline
+# [\s\S], not '.': a schema validator's '.' stops at a newline
+RELPATH_PATTERN = r"^(?!/)(?!([\s\S]*/)?\.\.(/|$))[^\\]+$"
 Count = Annotated[int, "positive"]
 Index = Annotated[int, "nonnegative"]
 Amount = Annotated[float, "nonnegative"]
@@ -350,8 +351,8 @@ def _schema(tp, closed: bool = False) -> dict:
         return {"type": "array", "items": _schema(typing.get_args(tp)[0], closed)}
     if isinstance(tp, type) and issubclass(tp, Enum):
         return {"enum": [m.value for m in tp]}
-    extra = {"positive": {"minimum": 1}, "nonnegative": {"minimum": 0},
-             "relpath": {"pattern": RELPATH_PATTERN}}.get(tag, {})
+    extra = ({"minimum": _MINIMUM[tag][0]} if tag in _MINIMUM
+             else {"pattern": RELPATH_PATTERN} if tag == "relpath" else {})
     return {"type": {dict: "object", bool: "boolean", str: "string", int: "integer", float: "number"}[tp], **extra}
 
 
