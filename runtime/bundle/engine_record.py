@@ -1,10 +1,7 @@
-"""Records of the TensorRT engines built on the device (`<plan>.record.json`), written by build_engine.sh
-after trtexec: `python -m projectable_edge_runtime.bundle.engine_record BUNDLE`.
-
-The sealed (maybe signed) manifest cannot list a plan built after it, so the record does: the TensorRT
-version that really built it (which the loader trusts over the profile's), the device, the sha256 and
-size of the plan and its build log, and a test inference on the goldens against the PyTorch reference.
-"""
+"""`<plan>.record.json` of each TensorRT engine built on the device, written by build_engine.sh after trtexec.
+The sealed manifest cannot list a plan built after it, so the record does: the TensorRT version that built it
+(trusted over the profile's), the device, the sha256 and size of the plan and its build log, and a test
+inference on the goldens against the PyTorch reference."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +20,7 @@ from ..commands import console
 from ..devices.errors import ProjectableEdgeError
 from ..graphs.contract import CacheLayout, GraphKind, graph_logits
 from ..graphs import hardware
-from .manifest import ENGINE_RECORD_SUFFIX, device_engine_plans, file_info, read_manifest
+from .manifest import ENGINE_RECORD_SUFFIX, EngineStatus, engine_plans, file_info, read_manifest
 from ..graphs.scoring import bits_per_dim
 
 RECORD_SCHEMA = 1
@@ -48,7 +45,7 @@ def write_records(bundle_dir: str | Path, tensorrt_version: str | None = None, d
     """Write `<plan>.record.json` for every device-built plan in the bundle; {plan: record}."""
     d = Path(bundle_dir)
     manifest = read_manifest(d)  # the manifest itself must be intact
-    plans = [p for p in device_engine_plans(manifest) if (d / p).is_file()]
+    plans = [p for p in engine_plans(manifest, EngineStatus.DEFERRED) if (d / p).is_file()]
     if not plans:
         raise ProjectableEdgeError(f"bundle {d}: no device-built TensorRT plan to record (engine.status is "
                                    f"{str(manifest.engine.status)!r}); run build_engine.sh first")

@@ -470,27 +470,28 @@ def parse(raw: Any, bundle_dir: str | Path = "<manifest>") -> Manifest:
     return m
 
 
+def engine_plans(m: Manifest, status: EngineStatus) -> list[str]:
+    """The engine's plans if its status is `status` (DEFERRED: build_engine.sh adds them after the manifest)."""
+    return [p for p in (m.engine.path, m.engine.decode_path) if p] if m.engine.status == status else []
+
+
 def used_files(m: Manifest) -> list[str]:
     """Every file the manifest runs from: each candidate's graphs and goldens (and a host-built engine)."""
     out = [p for c in m.candidates.values() for p in (c.graphs.score, c.graphs.decode, c.goldens) if p]
-    if m.engine.status == EngineStatus.BUILT:
-        out += [p for p in (m.engine.path, m.engine.decode_path) if p]
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out + engine_plans(m, EngineStatus.BUILT)))
 
 
 def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     """Parse and check manifest.json, and verify it is what was written: its digest (and signature, given a key)."""
+    fix = "pass the folder `projectable-edge generate` wrote (bundles/<task>__<target>)"
     if not isinstance(bundle_dir, (str, os.PathLike)):
         raise ProjectableEdgeError(f"the bundle must be a folder path (str or pathlib.Path), got "
-                                   f"{type(bundle_dir).__name__} {str(bundle_dir)[:80]!r}; pass the folder "
-                                   "`projectable-edge generate` wrote (bundles/<task>__<target>)")
+                                   f"{type(bundle_dir).__name__} {str(bundle_dir)[:80]!r}; {fix}")
     if bundle_dir == "":  # Path("") is the current folder
-        raise ProjectableEdgeError("the bundle path is empty; pass the folder `projectable-edge generate` wrote "
-                                   "(bundles/<task>__<target>)")
+        raise ProjectableEdgeError(f"the bundle path is empty; {fix}")
     d = Path(bundle_dir)
     if not d.is_dir():
-        raise ProjectableEdgeError(f"bundle directory '{d}' {'is a file' if d.exists() else 'does not exist'}; pass "
-                                   "the folder `projectable-edge generate` wrote (bundles/<task>__<target>)")
+        raise ProjectableEdgeError(f"bundle directory '{d}' {'is a file' if d.exists() else 'does not exist'}; {fix}")
     path = d / MANIFEST_NAME
     if path.is_symlink():
         raise _fail(d, f"'{MANIFEST_NAME}' is a symlink; a bundle must hold real files — copy the bundle again")
@@ -530,13 +531,6 @@ def _check_entry(d: Path, rel: str, entry: FileEntry, what: str) -> None:
     if digest != entry.sha256:
         raise _fail(d, f"file '{rel}' does not match its sha256 in {what} (got {digest[:12]}…, expected "
                        f"{entry.sha256[:12]}…); it is corrupt or was modified — copy the bundle again or regenerate it")
-
-
-def device_engine_plans(m: Manifest) -> list[str]:
-    """Plans build_engine.sh may add on the device (not listed in `files`: built after the manifest)."""
-    if m.engine.status != EngineStatus.DEFERRED:
-        return []
-    return [p for p in (m.engine.path, m.engine.decode_path) if p]
 
 
 def read_engine_record(d: Path, plan_rel: str, present: set[str]) -> dict[str, Any]:
@@ -581,7 +575,7 @@ def verify_files(bundle_dir: str | Path, m: Manifest) -> dict[str, dict[str, Any
             raise _fail(d, f"file '{rel}' listed in the manifest is missing; copy the whole bundle again")
     records: dict[str, dict[str, Any]] = {}
     allowed = set(m.files)
-    for plan in device_engine_plans(m):
+    for plan in engine_plans(m, EngineStatus.DEFERRED):
         if plan in present and plan not in m.files:
             records[plan] = read_engine_record(d, plan, present)
             allowed |= set(records[plan]["files"]) | {plan + ENGINE_RECORD_SUFFIX}
