@@ -334,10 +334,9 @@ def _schema(tp, closed: bool = False) -> dict:
         return {"anyOf": [_schema(inner, closed), {"type": "null"}]}
     if dataclasses.is_dataclass(tp):
         closed = closed or hasattr(tp, "from_dict")
-        hints, props = _hints(tp), {}
-        for f in _fields(tp):
-            props[f.name] = {**_schema(hints[f.name], closed), **f.metadata.get("schema", {}),
-                             "description": f.metadata.get("doc", "")}
+        hints = _hints(tp)
+        props = {f.name: {**_schema(hints[f.name], closed), **f.metadata.get("schema", {}),
+                          "description": f.metadata.get("doc", "")} for f in _fields(tp)}
         required = [f.name for f in _fields(tp) if f.metadata.get("required")
                     or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)]
         return {"type": "object", "required": required, "properties": props,
