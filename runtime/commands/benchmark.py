@@ -2,6 +2,7 @@
 warm-up runs first (allocator, thread pool, lazy kernel selection), then many timed runs, as percentiles."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -23,11 +24,8 @@ MAX_BATCH = 256
 
 def peak_rss_mb() -> float | None:
     """Peak resident memory of this process (VmHWM on Linux, else getrusage)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
     try:
         import resource  # not on Windows
     except ImportError:
