@@ -10,12 +10,9 @@ from .devices.errors import ProjectableEdgeError
 from .commands.benchmark import benchmark
 from .commands.validate import validate
 
-__all__ = ["ProjectableEdgeError", "load", "Model", "validate", "benchmark", "write_manifest",
-           "read_manifest", "staged_bundle", "SCHEMA_VERSION"]
-
-_LAZY = {"load": ".bundle.load", "Model": ".bundle.load", "write_manifest": ".bundle.manifest",
-         "read_manifest": ".bundle.manifest", "staged_bundle": ".bundle.manifest",
-         "SCHEMA_VERSION": ".bundle.manifest"}
+_LAZY = {"load": ".bundle.load", "Model": ".bundle.load", **dict.fromkeys(
+    ("write_manifest", "read_manifest", "staged_bundle", "SCHEMA_VERSION"), ".bundle.manifest")}
+__all__ = ["ProjectableEdgeError", "validate", "benchmark", *_LAZY]
 
 
 def __getattr__(name):

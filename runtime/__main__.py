@@ -1,5 +1,4 @@
 """`python -m projectable_edge_runtime COMMAND BUNDLE ...`: the device CLI (stdlib argparse: no typer on a device).
-
 Exit codes: 0 ok, 1 a check failed (validate, benchmark, tune) or an unexpected error, 2 an error the user
 can fix. Output and errors go through commands.console, shared with the host CLI."""
 from __future__ import annotations
@@ -22,8 +21,7 @@ from .graphs.backends import Backend
 
 
 def _abspath(text: str) -> str:
-    """Every path is made absolute when parsed, before any work: nothing depends on a later cwd ("" is refused,
-    not taken for the current folder)."""
+    """Made absolute when parsed, so nothing depends on a later cwd ("" is refused, not taken for the cwd)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; pass a bundle folder or file path")
     return os.path.abspath(os.path.expanduser(text))

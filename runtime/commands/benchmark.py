@@ -2,6 +2,7 @@
 warm-up runs first (allocator, thread pool, lazy kernel selection), then many timed runs, as percentiles."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -23,11 +24,8 @@ MAX_BATCH = 256
 
 def peak_rss_mb() -> float | None:
     """Peak resident memory of this process (VmHWM on Linux, else getrusage)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
     try:
         import resource  # not on Windows
     except ImportError:
@@ -67,12 +65,6 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
     return out
 
 
-def _inputs(model, batch: int) -> np.ndarray:
-    """`batch` rows of the bundle's held-out task tokens (realistic values), repeated as needed."""
-    tokens, _ = load_goldens(model)
-    return np.ascontiguousarray(np.tile(tokens, (-(-batch // len(tokens)), 1))[:batch].astype(np.int64))
-
-
 def _candidates(model) -> dict[str, Any] | None:
     """A ladder bundle's candidates (the report's accuracy-vs-latency chart), with the loaded one marked."""
     m = model.manifest
@@ -99,7 +91,8 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
     check_counts("benchmark", runs=(runs, 2), warmup=(warmup, 0), batch=(batch, 1, MAX_BATCH),
                  sample_runs=(2 if sample_runs is None else sample_runs, 2))
     sample_runs = max(2, runs // 10) if sample_runs is None else sample_runs
-    x1, xb = _inputs(model, 1), _inputs(model, batch)
+    tokens = load_goldens(model)[0]  # held-out task tokens (realistic values), rows repeated as needed
+    x1, xb = (np.resize(tokens, (b, tokens.shape[-1])) for b in (1, batch))
     results = {
         "score_batch1": stats(time_calls(lambda: model.score(x1), runs, warmup), 1, raw),
         f"score_batch{batch}": stats(time_calls(lambda: model.score(xb), runs, warmup), batch, raw),

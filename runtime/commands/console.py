@@ -70,9 +70,8 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False,
 
 
 def cli_signals() -> None:
-    """For a CLI process: SIGTERM stops it as Ctrl-C does (so outputs being written are removed, not left
-    half-written), both also remembered where a library that swallows the KeyboardInterrupt cannot lose them
-    (atomic.INTERRUPTED), and warnings print as one line, without the source line that raised them."""
+    """SIGTERM stops a CLI as Ctrl-C does (outputs being written are removed), both also set atomic.INTERRUPTED
+    (a library may swallow the KeyboardInterrupt), and warnings print as one line, without the source line."""
     def interrupt(signum, frame):
         INTERRUPTED.set()
         raise KeyboardInterrupt
@@ -119,9 +118,8 @@ def execution_lines(execution: dict | None) -> list[str]:
     """The execution-provider report (available / used) and the GPU fix when one applies."""
     if not execution:
         return []
-    used = execution.get("used", {})
     lines = [f"  providers: available {', '.join(execution['available']) or '-'}; ran "
-             + "; ".join(f"{g}: {', '.join(p)}" for g, p in used.items() if p)]
+             + "; ".join(f"{g}: {', '.join(p)}" for g, p in execution.get("used", {}).items() if p)]
     if execution.get("missing"):
         lines.append(f"  requested but not in this onnxruntime build: {', '.join(execution['missing'])}")
     if execution.get("gpu_visible"):
@@ -161,7 +159,8 @@ def info_text(model) -> str:
     b = model.backend
     decode = f"{b['decode_runner']} ({b['decode_graph']})" if b["decode_runner"] else "none: sampling recomputes"
     return "\n".join([repr(model), f"  candidates: {', '.join(model.info()['candidates'])}",
-                      f"  backend reason: {b['reason']}", f"  decode graph: {decode}", *execution_lines(b["execution"])])
+                      f"  backend reason: {b['reason']}", f"  decode graph: {decode}",
+                      *execution_lines(b["execution"])])
 
 
 def score_text(names: list[str], bits: np.ndarray, variant: str) -> str:
@@ -191,8 +190,7 @@ def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: f
         tokens = model.sample(n, temperature=temperature, top_k=top_k, seed=seed)
         png_tmp.write_bytes(png_bytes(image_grid(model.decode_images(tokens), cols=cols, scale=scale)))
         if npy_tmp:
-            with open(npy_tmp, "wb") as fh:
-                np.save(fh, tokens)
+            np.save(npy_tmp, tokens)  # the temp name keeps the .npy suffix, so np.save adds none
     bits = model.score(tokens)
     return {"png": str(Path(out)), "n": int(len(tokens)), "seed": seed, "variant": model.variant,
             "backend": model.backend["backend"], "providers": model.backend["providers"],

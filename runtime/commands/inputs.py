@@ -1,5 +1,4 @@
 """Images for an app, read one way: files, folders, .npy arrays, or .npy on stdin -> named token rows.
-
 `read_inputs` takes anything with `.tokenizer` and `.to_tokens` (a loaded Model, or an app wrapping one, as in
 examples/); Pillow is needed only for image files."""
 from __future__ import annotations
@@ -40,18 +39,14 @@ def read_npy(data: bytes, what: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _token_rows(model, data: bytes, name: str) -> np.ndarray:
-    """A .npy array -> tokens [N, T], N >= 1; a single uint8 image [H, W(, C)] becomes a batch of one."""
-    a = read_npy(data, name)
+def _npy_rows(model, data: bytes, name: str, what: str) -> list[tuple[str, np.ndarray]]:
+    """A .npy array -> (name[i], tokens [1, T]) per row, N >= 1; a single uint8 image [H, W(, C)] is a batch of one."""
+    a = read_npy(data, what)
     if a.dtype == np.uint8 and a.shape == tuple(model.tokenizer.image_shape):
         a = a[None]
     tokens = model.to_tokens(a)
     if not len(tokens):
-        raise ProjectableEdgeError(f"{name} holds no images (shape {a.shape}); pass at least one")
-    return tokens
-
-
-def _named(name: str, tokens: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        raise ProjectableEdgeError(f"{what} holds no images (shape {a.shape}); pass at least one")
     return [(name if len(tokens) == 1 else f"{name}[{i}]", tokens[i:i + 1]) for i in range(len(tokens))]
 
 
@@ -61,7 +56,7 @@ def _read_file(model, path: Path) -> list[tuple[str, np.ndarray]]:
             data = path.read_bytes()
         except OSError as e:
             raise ProjectableEdgeError(f"cannot read '{path}' ({e.strerror}); check its permissions") from None
-        return _named(str(path), _token_rows(model, data, f"'{path}'"))
+        return _npy_rows(model, data, str(path), f"'{path}'")
     try:
         images = model.tokenizer.load_images([path])
     except ImportError:
@@ -74,12 +69,10 @@ def read_inputs(model, paths: list[str]) -> list[tuple[str, np.ndarray]]:
     out = []
     for p in paths:
         if p == "-":
-            out += _named("stdin", _token_rows(model, sys.stdin.buffer.read(), "stdin"))
-            continue
-        if not p:  # Path("") is the current folder
+            out += _npy_rows(model, sys.stdin.buffer.read(), "stdin", "stdin")
+        elif not p:  # Path("") is the current folder
             raise ProjectableEdgeError("an input path is empty; pass image files, a folder, or '-' for .npy on stdin")
-        path = Path(p)
-        if path.is_dir():
+        elif (path := Path(p)).is_dir():
             files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".npy", *IMAGE_SUFFIXES))
             if not files:
                 raise ProjectableEdgeError(f"folder '{path}' holds no images (.npy, .png, .jpg, ...)")

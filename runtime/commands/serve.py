@@ -110,16 +110,16 @@ class ModelServer:
         class StrictParser(parser.HTTPRequestParser):
             def parse_header(self, header_plus):
                 super().parse_header(header_plus)
-                # HTTP/1.0 has no chunked coding, so waitress ignores the header and would read the body as the
-                # next request (request smuggling behind a proxy): RFC 9112 6.1 says refuse it and close
+                # HTTP/1.0 has no chunked coding: waitress would read the body as the next request (smuggling
+                # behind a proxy); RFC 9112 6.1: refuse it and close
                 if self.version == "1.0" and "TRANSFER_ENCODING" in self.headers:
                     raise parser.ParsingError("Transfer-Encoding in an HTTP/1.0 request")
                 if self.version == "1.1" and "HOST" not in self.headers:  # RFC 9112 3.2: a 400
                     raise parser.ParsingError("no Host header in an HTTP/1.1 request")
                 if "," in self.headers.get("HOST", ""):  # RFC 9112 3.2: so is more than one (waitress joins them)
                     raise parser.ParsingError("more than one Host header, or a list in one")
-                # waitress frames the body by Transfer-Encoding and ignores Content-Length: a front end that framed it
-                # by Content-Length would read the rest as the next request. RFC 9112 6.3: refuse it and close
+                # waitress frames the body by Transfer-Encoding, a front end may by Content-Length and read the rest
+                # as the next request; RFC 9112 6.3: refuse it and close
                 if self.chunked and "CONTENT_LENGTH" in self.headers:
                     raise parser.ParsingError("both Content-Length and Transfer-Encoding in a request")
 
@@ -129,9 +129,8 @@ class ModelServer:
             stalled_at = None  # last_activity when maintenance first saw an answer waiting unread
 
             def send_continue(self):
-                # a request refused on its headers (a body far over the limit, no Host) gets its error now: waitress
-                # sent `100 Continue` and marked the request unfinished, so the error waited for a body the client
-                # was told to send (or, with none coming, for the idle timeout)
+                # a request refused on its headers (a body far over the limit, no Host) gets its error now, not
+                # after the body waitress's `100 Continue` asked for (or, with none coming, the idle timeout)
                 if self.request.error is None:
                     super().send_continue()
 
@@ -145,11 +144,9 @@ class ModelServer:
                         self.arriving_since = None
 
             def writable(self):
-                # While a request's task runs, its worker thread sends what it writes itself (holding the buffer's
-                # lock), wakes the loop where the socket is full, and again when the task ends. waitress's loop
-                # asks to write all the same, finds the lock taken and polls again: it spins and starves the
-                # workers of the GIL (100 keep-alive clients got 120 requests/s instead of 2,000). So it waits,
-                # unless the buffer passed its high-water mark (a worker then waits for the loop to drain it).
+                # A running task's worker sends its own output and wakes the loop when the socket is full or it ends;
+                # waitress's loop would spin on the taken buffer lock, starving the workers of the GIL (100 keep-alive
+                # clients: 120 requests/s, not 2,000). So wait, unless past the high-water mark (workers await a drain).
                 if self.requests and not (self.will_close or self.close_when_flushed):
                     return self.total_outbufs_len > self.adj.outbuf_high_watermark
                 return super().writable()
@@ -160,19 +157,17 @@ class ModelServer:
         waitress_maintenance = self.server.maintenance
 
         def maintenance(now: float) -> None:
-            """waitress closes a connection silent for the timeout, but only once it has no request left. Also
-            close one whose request has been arriving for that long (a slowloris client), and one whose client has
-            read none of its answer for that long (seen twice: an answer written just now is not yet stalled);
-            else a few such clients hold every connection slot, and a worker waits on a full buffer for ever."""
+            """Beside waitress's idle close (only once no request is left), close a connection whose request has been
+            arriving for the timeout (slowloris) or whose answer sat unread that long (seen twice: not one just
+            written); else a few such clients hold every slot, and a worker waits on a full buffer for ever."""
             waitress_maintenance(now)
             cutoff = now - limits.idle_timeout_s
             for ch in list(self.server.active_channels.values()):
                 slow = not ch.requests and ch.arriving_since is not None and ch.arriving_since < cutoff
                 unread = ch.total_outbufs_len > 0 and ch.last_activity < cutoff
                 if slow or (unread and ch.stalled_at == ch.last_activity):
-                    # shut down, not closed: closing here frees the socket's number while the loop is choosing which
-                    # sockets to poll, and a connection accepted in the same round reuses it, then is closed as this
-                    # one. The loop itself closes it, with its next poll (the socket hangs up).
+                    # shut down, not closed: closing frees the socket's number mid-poll, and a connection accepted
+                    # in the same round would reuse it and be closed as this one; the loop closes it on its next poll
                     with contextlib.suppress(OSError):
                         ch.socket.shutdown(socket.SHUT_RDWR)
                 ch.stalled_at = ch.last_activity if unread else None
@@ -192,8 +187,7 @@ class ModelServer:
     def __call__(self, environ: dict, start_response) -> list[bytes]:
         method, path, headers = environ["REQUEST_METHOD"], environ["PATH_INFO"], []
         try:
-            # HEAD of a GET route is that GET's status and headers; no HEAD answer has a body (waitress sends
-            # whatever the application returns, which a client would read as the next response)
+            # HEAD of a GET route: that GET's status and headers, never a body (a client reads it as the next response)
             routed = "GET" if method == "HEAD" and ("GET", path) in ROUTES else method
             status, out = 200, self.answer(routed, path, environ.get("CONTENT_TYPE", ""), environ["wsgi.input"].read(),
                                            environ.get("HTTP_CONTENT_ENCODING", ""))

@@ -1,10 +1,8 @@
 """Measuring candidates, and `tune`: pick the most accurate candidate within budget where it runs.
-
 `measure` is the one protocol of `generate` (build host) and `tune` (device): each candidate in its own process
 (a process's peak RSS never goes down), validated on its goldens against the fp32 PyTorch reference and timed
 scoring one golden image. The bundle never changes (it stays signed): the choice goes into `<bundle>.tuned.json`
-beside it, tied to the manifest digest and the chosen files' hashes; `load()` ignores a stale one with a warning.
-"""
+beside it, tied to the manifest digest and the chosen files' hashes; `load()` ignores a stale one with a warning."""
 from __future__ import annotations
 
 import json
@@ -174,8 +172,7 @@ def _not_json(word: str):
 
 
 def _measurement(m: Any) -> bool:
-    """Whether m holds what pick() reads: bits, p50_ms, p99_ms finite numbers >= 0, peak_rss_mb one or null,
-    passed true or false."""
+    """Whether m holds what pick() reads: finite bits, p50_ms, p99_ms (and peak_rss_mb or null) >= 0, boolean passed."""
     def number(v):
         return type(v) in (int, float) and 0 <= v < math.inf
 
@@ -240,7 +237,6 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
          providers=None, backend: str = "auto", public_key=None, record: str | Path | None = None,
          reuse: bool = False, log=None) -> dict[str, Any]:
     """Measure the candidates here, pick one, write the record beside the bundle; return the report.
-
     candidate= forces one: only it is measured, and it is the choice (marked forced) even when it misses the
     budget, because the user asked for it. reuse=True picks again from the existing record's measurements."""
     manifest = read_manifest(bundle, public_key=public_key)
