@@ -36,15 +36,14 @@ say() { printf '\n== %s\n' "$*"; }
 
 BUNDLE="" DO_PY310=0 DO_AARCH64=0 WHEEL="" KEEP=0 DO_APPS=1 ALSO=()
 while [ $# -gt 0 ]; do
+    case "$1" in --wheel=*|--also=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;; esac  # --OPTION=VALUE as two words
     case "$1" in
         --py310) DO_PY310=1 ;;
         --aarch64) DO_AARCH64=1 ;;
         --wheel) [ $# -ge 2 ] || die "--wheel needs a .whl file"; WHEEL=$2; shift ;;
-        --wheel=*) WHEEL=${1#*=} ;;
         --keep) KEEP=1 ;;
         --no-apps) DO_APPS=0 ;;
         --also) [ $# -ge 2 ] || die "--also needs a bundle folder"; ALSO+=("$2"); shift ;;
-        --also=*) ALSO+=("${1#*=}") ;;
         -h|--help) usage; exit 0 ;;
         -*) die "unknown option '$1' (see --help)" ;;
         *) [ -z "$BUNDLE" ] || die "one bundle at a time (got '$BUNDLE' and '$1')"; BUNDLE=$1 ;;
@@ -134,12 +133,10 @@ record() {  # STAGE CHECK RC [NOTE]: rc 0 = ok, "skip" = skipped, anything else 
 }
 
 # A stand-in: its command prefix (IN: none for py310, in_rootfs for arm64), VENV, empty CWD and BUNDLE_IN.
-stand_in_at() {  # DIR python ARGS... in the stand-in, from DIR
-    local dir=$1; shift
-    "${IN[@]}" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$dir" \
+stand_in() {  # python ARGS... in the stand-in, from its empty folder (CWD=DIR stand_in ...: from DIR)
+    "${IN[@]}" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$CWD" \
         env PYTHONNOUSERSITE=1 timeout "${PE_CMD_TIMEOUT:-900}" "$VENV/bin/python" "$@"
 }
-stand_in() { stand_in_at "$CWD" "$@"; }  # python ARGS... in the stand-in, from its empty folder
 
 setup_venv() {  # STAGE PYTHON: the stand-in's cached venv, with onnxruntime==$ORT_VERSION and $NUMPY_SPEC only
     if "${IN[@]}" test -f "$VENV/.pe-ok"; then say "[$1] reusing $VENV"; return; fi
@@ -160,7 +157,7 @@ run_checks() {  # STAGE WHEEL HOST_CWD [X86_SCORES]: paths in the stand-in, but 
         && "${IN[@]}" "$VENV/bin/python" -m pip check
     record "$stage" "install wheel" $? "pip install + pip check"
     say "[$stage] python -m projectable_edge_runtime info (relative bundle path)"
-    stand_in_at "$(dirname "$b")" -m projectable_edge_runtime info "$(basename "$b")"
+    CWD=$(dirname "$b") stand_in -m projectable_edge_runtime info "$(basename "$b")"
     record "$stage" "info (relative path)" $?
     stand_in -m projectable_edge_runtime info "$b" > /dev/null
     record "$stage" "info (absolute path)" $?

@@ -64,9 +64,8 @@ COMPILED_DECODE = "ort_decode/decode.optimized.onnx"
 
 
 def compiled_decode(bundle_dir: Path, engine: Engine | None, variant: str, providers) -> tuple[str | None, str]:
-    """(the compiled decode graph to run instead of the variant's own, or None; why). Compiled with ONNX Runtime's
-    contrib kernels and one cache per layer it has under half the kernels, copies no cache outside its Attention
-    kernels, and gives the same tokens and bits: most of a CPU's speed."""
+    """(the compiled decode graph to run instead of the variant's own, or None; why): the same tokens with under
+    half the kernels (contrib kernels, one cache per layer; README's decode section)."""
     if engine is None or engine.status != EngineStatus.NOT_APPLICABLE or engine.variant != variant:
         return None, "no ONNX Runtime compile of this candidate in the bundle"
     if COMPILED_DECODE.rsplit("/", 1)[1] not in ((engine.ort or {}).get("decode") or {}):

@@ -103,8 +103,7 @@ class CacheLayout:
         return cls(*(int(get(k)) for k in ("n_layer", "n_head", "head_dim", "bos_id")))
 
     def empty(self, batch: int, dtype=np.float32, name: str = "past_keys") -> np.ndarray:
-        """An empty cache (past length 0, the first decode step): [L, batch, H, 0, hd], or [2, batch, H, 0, hd]
-        for a per-layer cache input."""
+        """The first step's cache (past length 0): [L, batch, H, 0, hd], or [2, batch, H, 0, hd] per layer."""
         rows = 2 if name.startswith(LAYER_CACHE) else self.n_layer
         return np.zeros((rows, batch, self.n_head, 0, self.head_dim), dtype)
 

@@ -37,10 +37,9 @@ class OptLevel(StrEnum):
 
 def ort_session(src, *, providers=None, threads: int = 0, optimization: str = "all",
                 save_optimized: str | os.PathLike | None = None, ort_format: bool = False):
-    """An onnxruntime.InferenceSession; every session in the project is opened here.
-
-    Idle threads sleep instead of spinning, so they do not starve other processes on small shared CPUs.
-    save_optimized: also write the optimized graph there (`ort_format`: as a .ort flatbuffer)."""
+    """An onnxruntime.InferenceSession; every session in the project is opened here. Idle threads sleep (no
+    spinning that starves small shared CPUs). save_optimized: also write the optimized graph there (`ort_format`:
+    as a .ort flatbuffer)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only; reports say which providers ran
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -84,9 +83,8 @@ class OrtRunner:
             self.spec = json.loads(self.session.get_modelmeta().custom_metadata_map[SPEC_KEY])
         except (KeyError, ValueError, TypeError):
             self.spec = None
-        # A CPU-only session with a complete feed calls onnxruntime's C++ session directly: the Python
-        # wrapper's run only re-checks the feed's names (C++ checks them too) and retries a failed GPU
-        # provider on the CPU, about 1 µs a call, a few % of a decode step. Anything else takes the wrapper.
+        # A CPU-only session with a complete feed calls the C++ session directly, skipping the wrapper's re-check
+        # of the names (C++ checks them) and its GPU-to-CPU retry: about 1 µs a call, a few % of a decode step.
         inner = getattr(self.session, "_sess", None)
         self._fast_run = inner.run if inner is not None and self.providers == ["CPUExecutionProvider"] else None
 

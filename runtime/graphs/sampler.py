@@ -69,8 +69,10 @@ def choose(logits: np.ndarray, u: np.ndarray | None, temperature: float, top_k: 
     return above.argmax(axis=-1)
 
 
-def _prefix(prefix: np.ndarray | None, n: int) -> np.ndarray:
-    return np.zeros((n, 0), np.int64) if prefix is None else prefix
+def _start(prefix: np.ndarray | None, n: int, length: int, temperature: float, seed: int):
+    """(the prefix [n, known], known, the uniforms of the steps after it): what both samplers start from."""
+    fixed = np.zeros((n, 0), np.int64) if prefix is None else prefix
+    return fixed, fixed.shape[1], uniforms(seed, n, length - fixed.shape[1], temperature)
 
 
 def _spans(n: int, max_batch: int | None) -> list[tuple[int, int]]:
@@ -83,9 +85,7 @@ def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarr
               max_batch: int | None = None) -> np.ndarray:
     """Tokens [n, length], the first prefix.shape[1] columns copied from `prefix`. Chunks of at most max_batch rows
     (a TensorRT engine's limit) run in lockstep, one draw per step for all n rows: the chunking changes no token."""
-    fixed = _prefix(prefix, n)
-    known = fixed.shape[1]
-    u = uniforms(seed, n, length - known, temperature)
+    fixed, known, u = _start(prefix, n, length, temperature, seed)
     spans, pairs = _spans(n, max_batch), cache_pairs(runner.input_names)
     out = np.empty((length, n, 1), np.int64)  # step-major: out[i] is contiguous and feeds step i + 1
     out[:known, :, 0] = fixed.T
@@ -119,9 +119,7 @@ def sample_recompute(runner, n: int, length: int, prefix: np.ndarray | None = No
                      max_batch: int | None = None) -> np.ndarray:
     """Same contract as sample_kv, via the scoring graph on the prefix so far (logits[:, i] depends on
     tokens[:, :i] only, so position i's own value is a placeholder)."""
-    fixed = _prefix(prefix, n)
-    known = fixed.shape[1]
-    u = uniforms(seed, n, length - known, temperature)
+    fixed, known, u = _start(prefix, n, length, temperature, seed)
     out = np.zeros((n, length), np.int64)
     out[:, :known] = fixed
     for i in range(known, length):
