@@ -210,28 +210,27 @@ def ort_decode_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, st
     def node(op, ins, outs, name, domain="", **attrs):
         nodes.append(helper.make_node(op, ins, outs, name=name, domain=domain, **attrs))
 
-    def skip_norm(x, y, ln, bias, out, total, name):  # LayerNorm(x + y + bias), and x + y + bias itself
+    def skip_norm(x, y, ln, bias, out, total):  # LayerNorm(x + y + bias), and x + y + bias itself
         node("SkipLayerNormalization", [x, y, f"{ln}.w", f"{ln}.b"] + ([bias] if bias else []),
-             [out] + (["", "", total] if total else []), name, "com.microsoft", epsilon=w["epsilon"])
+             [out] + (["", "", total] if total else []), f"{ln.replace('.', '_')}/SkipLayerNormalization",
+             "com.microsoft", epsilon=w["epsilon"])
 
     # position = the past length; the token and position embeddings enter the first norm as a skip
     node("Shape", [f"{LAYER_CACHE}0"], ["past_len"], "position/Shape", start=3, end=4)
     node("Gather", ["wpe", "past_len"], ["pos"], "position/Gather", axis=0)  # [1, d]
     node("Gather", ["wte_ext", "token"], ["emb"], "embedding/Gather", axis=0)  # [B, 1, d]
-    skip_norm("emb", "pos", "h0.ln1", None, "h_0", "x_0", "h0_ln1/SkipLayerNormalization")
+    skip_norm("emb", "pos", "h0.ln1", None, "h_0", "x_0")
     for i in range(L):
         p = f"h{i}."
         node("Attention", [f"h_{i}", p + "wqkv", p + "bqkv", "", f"{LAYER_CACHE}{i}"], [f"attn{i}", f"present_kv_{i}"],
              f"h{i}_attn/Attention", "com.microsoft", num_heads=H, qkv_hidden_sizes=[A, A, A])
         node("MatMul", [f"attn{i}", p + "wo"], [f"o{i}"], f"h{i}_wo/MatMul")
-        skip_norm(f"x_{i}", f"o{i}", f"h{i}.ln2", p + "bo", f"m{i}", f"xm{i}", f"h{i}_ln2/SkipLayerNormalization")
+        skip_norm(f"x_{i}", f"o{i}", f"h{i}.ln2", p + "bo", f"m{i}", f"xm{i}")
         node("MatMul", [f"m{i}", p + "w1"], [f"u{i}"], f"h{i}_w1/MatMul")
         node("BiasGelu", [f"u{i}", p + "b1"], [f"gelu{i}"], f"h{i}_gelu/BiasGelu", "com.microsoft")
         node("MatMul", [f"gelu{i}", p + "w2"], [f"dn{i}"], f"h{i}_w2/MatMul")
-        last = i == L - 1
-        skip_norm(f"xm{i}", f"dn{i}", "lnf" if last else f"h{i + 1}.ln1", p + "b2", "h_f" if last else f"h_{i + 1}",
-                  None if last else f"x_{i + 1}", "lnf/SkipLayerNormalization" if last else
-                  f"h{i + 1}_ln1/SkipLayerNormalization")
+        ln, out, total = ("lnf", "h_f", None) if i == L - 1 else (f"h{i + 1}.ln1", f"h_{i + 1}", f"x_{i + 1}")
+        skip_norm(f"xm{i}", f"dn{i}", ln, p + "b2", out, total)
     node("Reshape", ["h_f", "rows"], ["h_rows"], "head/Reshape")
     node("Gemm", ["h_rows", "head", "head_b"], ["logits"], "head/Gemm")
     f = onnx.TensorProto.FLOAT

@@ -107,14 +107,13 @@ def _version_tuple(v: str | None) -> tuple[int, ...]:
 
 
 def _script(cmd: list[str], settings: TensorRTSettings, engine: str) -> str:
-    expected = settings.tensorrt_version or ""
     args = " \\\n    ".join(shlex.quote(a) for a in cmd[1:])
     return f"""#!/usr/bin/env bash
 # Builds {engine} for {settings.target} on the device itself: TensorRT engines are locked to the
 # TensorRT version and GPU that build them. Written by projectable-edge; run it on the target.
 set -euo pipefail
 cd "$(dirname "$0")"
-EXPECTED_TRT="{expected}"
+EXPECTED_TRT="{settings.tensorrt_version or ''}"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
 if ! command -v -- "${{TRTEXEC}}" >/dev/null; then
   echo "error: trtexec not found (${{TRTEXEC}}): install TensorRT (JetPack ships it) or set TRTEXEC=/path/to/trtexec; nothing was built" >&2
