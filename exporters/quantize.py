@@ -101,8 +101,7 @@ def _validation(heldout, calibration, spec, settings: QuantizeSettings) -> tuple
 
 
 def _exclusions(proto: onnx.ModelProto, src: Path, settings: QuantizeSettings) -> list[str]:
-    """The nodes left in float: those asked for, and the activation x activation MatMuls unless
-    quantize_attention."""
+    """The nodes left in float: those asked for, plus the activation x activation MatMuls unless quantize_attention."""
     inits = {i.name for i in proto.graph.initializer}
     mms = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
     attention = [n.name for n in mms if not any(i in inits for i in n.input)]

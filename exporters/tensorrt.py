@@ -76,7 +76,7 @@ def strongly_typed(settings: TensorRTSettings, variant: variants.Variant) -> boo
 
 
 def builder_flags(settings: TensorRTSettings, variant: variants.Variant) -> tuple[str, ...]:
-    """None when strongly typed (the graph's types rule); else fp16 where the profile allows it, plus what the
+    """No flags when strongly typed (the graph's types rule); else fp16 where the profile allows it, plus what the
     variant needs and the profile enables (int8 only with the graph's own QDQ scales: no calibration cache)."""
     if strongly_typed(settings, variant):
         return ()
