@@ -1,6 +1,5 @@
-"""One converter per graph variant, registered under the variant registry's `converter` key
-(devices/variants.py): a `Conversion` in, (converted ModelProto, report extras) out. exporters.quantize
-validates every result against its accuracy budget the same way."""
+"""One converter per graph variant, under the variant registry's `converter` key (devices/variants.py): a
+`Conversion` in, (converted ModelProto, report extras) out; exporters.quantize validates every result alike."""
 
 from __future__ import annotations
 
@@ -31,16 +30,6 @@ class Conversion:
     validation: np.ndarray
     exclude: list[str]  # node names left in float
     workdir: Path | None = None  # an empty folder for intermediate files (set by `convert`)
-
-
-CONVERTERS: dict[str, Callable[[Conversion], tuple[onnx.ModelProto, dict]]] = {}
-
-
-def converter(name: str):
-    def register(fn):
-        CONVERTERS[name] = fn
-        return fn
-    return register
 
 
 def _terminal_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -84,11 +73,6 @@ class ReferenceRunner:
         return dict(zip(self.output_names, self.evaluator.run(None, feed)))
 
 
-def _emulated_bits(model: onnx.ModelProto, spec, tokens: np.ndarray) -> float:
-    return graph_bits(ReferenceRunner(model), spec.kind, spec.layout, tokens)
-
-
-@converter("fp16")
 def fp16(job: Conversion) -> tuple[onnx.ModelProto, dict]:
     """Which sensitive ops stay fp32 is measured, not assumed: each candidate runs under true fp16
     arithmetic (onnx.reference) because ONNX Runtime's CPU provider computes most fp16 ops in fp32."""
@@ -98,11 +82,14 @@ def fp16(job: Conversion) -> tuple[onnx.ModelProto, dict]:
         present = {n.op_type for n in job.proto.graph.node}
         candidates = tuple(op for op in FP16_SENSITIVE_OPS if op in present)
         x = job.validation[: (32 if job.spec.kind is GraphKind.SCORING else 8)]
-        ref = _emulated_bits(job.proto, job.spec, x)
-        all16 = _emulated_bits(to_fp16(job.proto, ()), job.spec, x)
+
+        def bits(model: onnx.ModelProto) -> float:
+            return graph_bits(ReferenceRunner(model), job.spec.kind, job.spec.layout, x)
+
+        ref, all16 = bits(job.proto), bits(to_fp16(job.proto, ()))
         # keeping ops in fp32 can only recover what all-fp16 lost: within the threshold, nothing to measure
         off = abs(all16 - ref) > job.settings.fp16_matter_rel * ref
-        kept = _emulated_bits(to_fp16(job.proto, candidates), job.spec, x) if candidates and off else None
+        kept = bits(to_fp16(job.proto, candidates)) if candidates and off else None
         matters = kept is not None and abs(all16 - ref) - abs(kept - ref) > job.settings.fp16_matter_rel * ref
         keep = candidates if matters else ()
         choice = {"method": "numpy fp16 emulation (onnx.reference) on held-out tokens", "sequences": int(len(x)),
@@ -136,7 +123,6 @@ def calibration_reader(fp32_path: Path, spec, tokens: np.ndarray, batch: int = 3
     return reader
 
 
-@converter("int8-static")
 def int8_static(job: Conversion) -> tuple[onnx.ModelProto, dict]:
     """Static QDQ (per-channel symmetric weights, activations calibrated on training tokens), which TensorRT
     builds int8 engines from. Only a MatMul's inputs are quantized (TensorRT's placement): an output Q/DQ makes
@@ -162,7 +148,6 @@ def int8_static(job: Conversion) -> tuple[onnx.ModelProto, dict]:
     return onnx.load(str(out)), {}
 
 
-@converter("int8-dynamic")
 def int8_dynamic(job: Conversion) -> tuple[onnx.ModelProto, dict]:
     """Dynamic int8 MatMuls (weights quantized offline, activations per call): ONNX Runtime only."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -173,6 +158,10 @@ def int8_dynamic(job: Conversion) -> tuple[onnx.ModelProto, dict]:
                          per_channel=job.settings.per_channel, weight_type=QuantType.QInt8,
                          nodes_to_exclude=job.exclude, extra_options={"MatMulConstBOnly": True})
     return onnx.load(str(out)), {}
+
+
+CONVERTERS: dict[str, Callable[[Conversion], tuple[onnx.ModelProto, dict]]] = {
+    "fp16": fp16, "int8-static": int8_static, "int8-dynamic": int8_dynamic}
 
 
 def convert(name: str, job: Conversion) -> tuple[onnx.ModelProto, dict]:

@@ -19,8 +19,8 @@ from projectable_edge_runtime.devices.variants import FP32, VARIANTS
 from projectable_edge_runtime.graphs.tokenizer import validate_tokens
 
 
-def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
-    """Read and (by default) fully check an ONNX file."""
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and fully check an ONNX file."""
     path = Path(path)
     if not path.is_file():
         raise ProjectableEdgeError(f"ONNX file not found: {path}; check the path "
@@ -33,11 +33,10 @@ def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     if not model.graph.node or not model.graph.output:
         raise ProjectableEdgeError(f"{path} holds no ONNX graph (no nodes or outputs); "
                                    "it is not an ONNX model: export it again")
-    if check:
-        try:
-            onnx.checker.check_model(model, full_check=True)
-        except Exception as e:
-            raise ProjectableEdgeError(f"{path} fails the ONNX checker ({e}); export it again") from None
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise ProjectableEdgeError(f"{path} fails the ONNX checker ({e}); export it again") from None
     return model
 
 

@@ -1,10 +1,7 @@
-"""ONNX Runtime "compilation": an offline-optimized graph (saves session start-up on the device), the `.ort`
+"""ONNX Runtime "compilation": an offline-optimized graph (faster session start-up on the device), the `.ort`
 flatbuffer that minimal / mobile builds load, and the required-operators config that lets such a build hold only
-this model's kernels. Level 'basic' is portable to any provider; 'extended'/'all' may insert CPU contrib ops.
-A decode graph is first rebuilt with contrib kernels and one cache per layer (`ort_decode_graph`), since a CPU
-decode step costs per kernel and per cache copy, not per FLOP; the .ort keeps the standard-op graph, portable to
-minimal builds.
-"""
+this model's kernels. Level 'basic' is portable to any provider; 'extended'/'all' may insert CPU contrib ops. A
+decode graph is optimized from its contrib-kernel rebuild (`ort_decode_graph`); the .ort keeps standard ops."""
 
 from __future__ import annotations
 
@@ -68,9 +65,8 @@ def _feeds(spec) -> list[dict]:
 
 
 def _smoke(candidate, reference: Path, spec) -> float:
-    """Max abs difference of a compiled graph's outputs (a path or serialized bytes) from its source's on
-    fixed inputs, relative to the output's scale where that exceeds 1; per-layer caches are compared layer by
-    layer with the source's."""
+    """Max abs difference of a compiled graph's outputs (a path or serialized bytes) from its source's on fixed
+    inputs, relative to the output's scale where that exceeds 1; per-layer caches compared layer by layer."""
     got_runner = ort_session(candidate, threads=1, optimization="disable")
     ref_runner = OrtRunner(reference, threads=1)
     layered = any(i.name.startswith(LAYER_CACHE) for i in got_runner.get_inputs())
@@ -96,16 +92,15 @@ def compile_onnxruntime(onnx_path: str | Path, settings: OrtCompileSettings | di
                         overwrite: bool = False, log=None) -> tuple[Path, dict]:
     """Write out_dir/{<stem>.optimized.onnx, <stem>.ort, <stem>.required_operators.config, compile_report.json}."""
     settings = OrtCompileSettings(**settings) if isinstance(settings, dict) else settings or OrtCompileSettings()
-    src = Path(onnx_path)
+    src, log = Path(onnx_path), log or (lambda s: None)
     proto = load_onnx(src)
     spec = read_spec(proto, str(src))
     names = {"optimized_onnx": f"{src.stem}.optimized.onnx", "ort_format": f"{src.stem}.ort",
              "required_operators": f"{src.stem}.required_operators.config"}
     out_dir = Path(out_dir)
     with atomic_output(out_dir, directory=True, overwrite=overwrite, what="compile folder", mark=REPORT_FILE) as tmp:
-        if log:
-            log(f"optimizing {src.name} for ONNX Runtime ({settings.optimized_level}) and writing the ORT format "
-                f"({settings.ort_format_level})")
+        log(f"optimizing {src.name} for ONNX Runtime ({settings.optimized_level}) and writing the ORT format "
+            f"({settings.ort_format_level})")
         fusion = {"applied": False, "reason": "a scoring graph" if spec.graph != "decode" else "fuse_decode off"}
         optimize_from = src
         if spec.graph == "decode" and settings.fuse_decode:
@@ -121,9 +116,8 @@ def compile_onnxruntime(onnx_path: str | Path, settings: OrtCompileSettings | di
                       "nodes_exported": len(proto.graph.node)}
             if not why:
                 optimize_from = data
-                if log:
-                    log(f"rebuilt {src.name} with ONNX Runtime contrib kernels ({len(proto.graph.node)} -> "
-                        f"{len(fused.graph.node)} nodes)")
+                log(f"rebuilt {src.name} with ONNX Runtime contrib kernels ({len(proto.graph.node)} -> "
+                    f"{len(fused.graph.node)} nodes)")
         ort_session(optimize_from, optimization=settings.optimized_level,
                     save_optimized=tmp / names["optimized_onnx"])
         ort_session(src, optimization=settings.ort_format_level, save_optimized=tmp / names["ort_format"],
@@ -165,9 +159,7 @@ def _fusion_weights(proto: onnx.ModelProto, spec) -> tuple[dict | None, str]:
         return None, "the graph already holds non-standard ops"
     if any(a.dtype != np.float32 for a in inits.values() if a.dtype.kind == "f"):
         return None, "not an fp32 graph"
-    L, H, hd = spec.n_layer, spec.n_head, spec.head_dim
-    A = H * hd
-    users = consumers(proto)
+    L, A, users = spec.n_layer, spec.n_head * spec.head_dim, consumers(proto)
     lns = [n for n in nodes if n.op_type == "LayerNormalization"]
     mms = [n for n in nodes if n.op_type == "MatMul" and n.input[1] in inits]
     gathers = {n.input[1]: n for n in nodes if n.op_type == "Gather" and n.input[0] in inits}
@@ -200,11 +192,9 @@ def _fusion_weights(proto: onnx.ModelProto, spec) -> tuple[dict | None, str]:
 
 
 def ort_decode_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
-    """The exported fp32 decode graph with ONNX Runtime's contrib kernels, per layer one Attention (q|k|v, past
-    cache, softmax), SkipLayerNormalization (residual adds and biases), BiasGelu, and a Gemm head: 34 kernels
-    instead of about 90 for 4 layers, the same arithmetic (to float rounding). Its caches are per layer, each
-    `past_kv_<i>` [2, N, H, P, hd] (keys, values) the layer's Attention reads as it is and whose `present_kv_<i>`
-    it writes: the only copy of a cache in a step. (None, why) for other graphs."""
+    """The exported fp32 decode graph rebuilt with ONNX Runtime's contrib kernels (Attention, SkipLayerNormalization,
+    BiasGelu, a Gemm head) and one cache per layer, `past_kv_<i>` -> `present_kv_<i>` [2, N, H, P, hd], which only
+    the layer's Attention reads and writes (README, "Speed"). (None, why) for other graphs."""
     spec = read_spec(proto)
     if spec.graph != "decode":
         return None, "not a decode graph"
@@ -213,41 +203,35 @@ def ort_decode_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, st
         return None, why
     L, H, hd = spec.n_layer, spec.n_head, spec.head_dim
     A, d = H * hd, w["wte_ext"].shape[1]
-    inits, nodes = [], []
-
-    def const(name, value):
-        inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in w.items() if k != "epsilon"]
+    inits.append(numpy_helper.from_array(np.array([-1, d], np.int64), "rows"))
+    nodes = []
 
     def node(op, ins, outs, name, domain="", **attrs):
         nodes.append(helper.make_node(op, ins, outs, name=name, domain=domain, **attrs))
 
-    def skip_norm(x, y, ln, bias, out, total, name):  # LayerNorm(x + y + bias), and x + y + bias itself
+    def skip_norm(x, y, ln, bias, out, total):  # LayerNorm(x + y + bias), and x + y + bias itself
         node("SkipLayerNormalization", [x, y, f"{ln}.w", f"{ln}.b"] + ([bias] if bias else []),
-             [out] + (["", "", total] if total else []), name, "com.microsoft", epsilon=w["epsilon"])
+             [out] + (["", "", total] if total else []), f"{ln.replace('.', '_')}/SkipLayerNormalization",
+             "com.microsoft", epsilon=w["epsilon"])
 
-    for k, v in w.items():
-        if k != "epsilon":
-            const(k, v)
     # position = the past length; the token and position embeddings enter the first norm as a skip
     node("Shape", [f"{LAYER_CACHE}0"], ["past_len"], "position/Shape", start=3, end=4)
     node("Gather", ["wpe", "past_len"], ["pos"], "position/Gather", axis=0)  # [1, d]
     node("Gather", ["wte_ext", "token"], ["emb"], "embedding/Gather", axis=0)  # [B, 1, d]
-    skip_norm("emb", "pos", "h0.ln1", None, "h_0", "x_0", "h0_ln1/SkipLayerNormalization")
+    skip_norm("emb", "pos", "h0.ln1", None, "h_0", "x_0")
     for i in range(L):
         p = f"h{i}."
         node("Attention", [f"h_{i}", p + "wqkv", p + "bqkv", "", f"{LAYER_CACHE}{i}"], [f"attn{i}", f"present_kv_{i}"],
              f"h{i}_attn/Attention", "com.microsoft", num_heads=H, qkv_hidden_sizes=[A, A, A])
         node("MatMul", [f"attn{i}", p + "wo"], [f"o{i}"], f"h{i}_wo/MatMul")
-        skip_norm(f"x_{i}", f"o{i}", f"h{i}.ln2", p + "bo", f"m{i}", f"xm{i}", f"h{i}_ln2/SkipLayerNormalization")
+        skip_norm(f"x_{i}", f"o{i}", f"h{i}.ln2", p + "bo", f"m{i}", f"xm{i}")
         node("MatMul", [f"m{i}", p + "w1"], [f"u{i}"], f"h{i}_w1/MatMul")
         node("BiasGelu", [f"u{i}", p + "b1"], [f"gelu{i}"], f"h{i}_gelu/BiasGelu", "com.microsoft")
         node("MatMul", [f"gelu{i}", p + "w2"], [f"dn{i}"], f"h{i}_w2/MatMul")
-        last = i == L - 1
-        skip_norm(f"xm{i}", f"dn{i}", "lnf" if last else f"h{i + 1}.ln1", p + "b2", "h_f" if last else f"h_{i + 1}",
-                  None if last else f"x_{i + 1}", "lnf/SkipLayerNormalization" if last else
-                  f"h{i + 1}_ln1/SkipLayerNormalization")
-    node("Reshape", ["h_f", const("rows", np.array([-1, d], np.int64))], ["h_rows"], "head/Reshape")
+        ln, out, total = ("lnf", "h_f", None) if i == L - 1 else (f"h{i + 1}.ln1", f"h_{i + 1}", f"x_{i + 1}")
+        skip_norm(f"xm{i}", f"dn{i}", ln, p + "b2", out, total)
+    node("Reshape", ["h_f", "rows"], ["h_rows"], "head/Reshape")
     node("Gemm", ["h_rows", "head", "head_b"], ["logits"], "head/Gemm")
     f = onnx.TensorProto.FLOAT
     ins, outs = {v.name: v for v in proto.graph.input}, {v.name: v for v in proto.graph.output}

@@ -7,18 +7,37 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.devices.variants import Tolerance
 from projectable_edge.exporters.onnx_io import check_tokens, load_onnx, tokens_sha256
+from projectable_edge.exporters.protocol import ExportableModel
 from projectable_edge.exporters.spec import read_spec
-from projectable_edge.exporters.torch_runner import TorchRunner, torch_threads
 from projectable_edge_runtime.graphs.contract import GraphKind, graph_logits, kind_of, rollout, score_logits
 from projectable_edge_runtime.graphs.runners import OrtRunner
 from projectable_edge_runtime.graphs.scoring import bits_per_dim
 
 BATCH = 64  # sequences per call when scoring
+
+
+class TorchRunner:
+    """The PyTorch reference: runs `model` as the `kind` graph would, numpy in and out. check_parity sets torch's
+    threads once around a whole comparison: switching them per call would cost more than the tiny model's step."""
+
+    def __init__(self, model: ExportableModel, kind: GraphKind):
+        self.model, self.kind = model.eval(), kind
+        self.name = f"pytorch:{type(model).__name__}"
+        self.providers = [f"torch {torch.__version__} (eager, CPU)"]
+        self.input_names, self.output_names = list(kind.inputs), list(kind.outputs)
+        self.input_dtypes = {n: np.dtype(np.int64 if n.startswith("token") else np.float32) for n in kind.inputs}
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.input_names]
+        with torch.no_grad():
+            outs = (self.model(*args),) if self.kind is GraphKind.SCORING else self.model.decode_step(*args)
+        return {n: o.numpy() for n, o in zip(self.output_names, outs)}
 
 
 def graph_bits(runner, kind: GraphKind, layout, tokens: np.ndarray) -> float:
@@ -66,13 +85,12 @@ def compare_outputs(graph, reference, kind: GraphKind, layout, tokens: np.ndarra
         res = {name: _diff(got[name], ref[name], tol[name]) for name in got}
         cases.append({"case": case, "shape": list(x.shape), "outputs": res})
         for name, r in res.items():
-            w = worst.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "ok": True, "worst_case": case})
+            w = worst.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0, "ok": True, "worst_case": case,
+                                        "atol": tol[name].atol, "rtol": tol[name].rtol})
             if r["max_abs"] >= w["max_abs"]:
                 w["worst_case"] = case
             w["max_abs"], w["max_rel"] = max(w["max_abs"], r["max_abs"]), max(w["max_rel"], r["max_rel"])
             w["ok"] = w["ok"] and r["ok"]
-    for name, w in worst.items():
-        w.update(atol=tol[name].atol, rtol=tol[name].rtol)
     return cases, worst
 
 
@@ -109,10 +127,13 @@ def check_parity(onnx_path, model, tokens: np.ndarray | None = None, *, precisio
     variant = variants.get(precision)
     tol = dict(variant.tolerances)
     tol.update({k: v if isinstance(v, Tolerance) else Tolerance(**v) for k, v in (tolerances or {}).items()})
-    graph = OrtRunner(onnx_path, threads=1)
-    with torch_threads():
+    graph, threads = OrtRunner(onnx_path, threads=1), torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on shared CPUs: one torch thread is ~40x faster than fighting for two
+    try:
         cases, worst = compare_outputs(graph, TorchRunner(model, kind), kind, spec.layout, tokens, tol)
         bits = _bits(graph, TorchRunner(model, GraphKind.SCORING), kind, spec.layout, tokens, variant)
+    finally:
+        torch.set_num_threads(threads)
     lines = _lines(spec.graph, precision, worst, bits, source)
     for line in lines:
         (log or print)(line)

@@ -101,8 +101,7 @@ def _validation(heldout, calibration, spec, settings: QuantizeSettings) -> tuple
 
 
 def _exclusions(proto: onnx.ModelProto, src: Path, settings: QuantizeSettings) -> list[str]:
-    """The nodes left in float: those asked for, and the activation x activation MatMuls unless
-    quantize_attention."""
+    """The nodes left in float: those asked for, plus the activation x activation MatMuls unless quantize_attention."""
     inits = {i.name for i in proto.graph.initializer}
     mms = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
     attention = [n.name for n in mms if not any(i in inits for i in n.input)]
@@ -143,7 +142,7 @@ def _measure(path: Path, src: Path, spec, val: np.ndarray, settings: QuantizeSet
         from projectable_edge.exporters.parity import check_parity
 
         extra["parity"] = check_parity(path, model, val, precision=settings.precision, raise_on_fail=False,
-                                       log=log or (lambda s: None))
+                                       log=log)
         variant = extra["parity"]["bits_per_dim"]["onnx"]
     else:
         variant = graph_bits(OrtRunner(path, threads=1), spec.kind, spec.layout, val)
@@ -164,7 +163,7 @@ def quantize(onnx_path: str | Path, settings: QuantizeSettings | dict | str, out
     says which); model: the exported model, to also report bits/dim vs PyTorch."""
     if isinstance(settings, (str, dict)):
         settings = QuantizeSettings(precision=settings) if isinstance(settings, str) else QuantizeSettings(**settings)
-    src, out_path = Path(onnx_path), Path(out_path)
+    src, out_path, log = Path(onnx_path), Path(out_path), log or (lambda s: None)
     proto = load_onnx(src)
     if variant_of(proto) != "fp32":
         raise ProjectableEdgeError(f"{src} is already quantized or fp16; quantize the fp32 graph from "
@@ -177,8 +176,7 @@ def quantize(onnx_path: str | Path, settings: QuantizeSettings | dict | str, out
                     "source_sha256": file_info(src)["sha256"], "settings": settings.to_dict(),
                     "calibration": calib_info}
     with atomic_output(out_path, overwrite=overwrite) as tmp:
-        if log:
-            log(f"quantizing {src.name} ({kind}) to {settings.precision}")
+        log(f"quantizing {src.name} ({kind}) to {settings.precision}")
         out, extras = convert(settings.variant.converter, job)
         report.update(extras)
         attach_spec(out, spec)
@@ -193,8 +191,7 @@ def quantize(onnx_path: str | Path, settings: QuantizeSettings | dict | str, out
         report["line"] = line = (f"{kind} {settings.precision}: bits/dim {bits['variant']:.5f} vs fp32 "
                                  f"{bits['fp32']:.5f} ({bits['rel_vs_fp32']:+.3%}, budget +{bits['budget_rel']:.1%})"
                                  + (f", vs pytorch {bits['rel_vs_pytorch']:+.3%}" if "pytorch" in bits else ""))
-        if log:
-            log(line)
+        log(line)
         if not bits["within_budget"] and settings.on_budget_fail == OnBudgetFail.RAISE:
             raise ProjectableEdgeError(
                 f"{settings.precision} variant of {src.name} breaks its accuracy budget: {line}. Nothing was "

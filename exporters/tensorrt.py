@@ -69,17 +69,14 @@ def profile_shapes(spec, settings: TensorRTSettings) -> dict[str, dict[str, list
     return out
 
 
-STRONGLY_TYPED_SINCE = (10, 0)  # trtexec --stronglyTyped / NetworkDefinitionCreationFlag.STRONGLY_TYPED
-
-
 def strongly_typed(settings: TensorRTSettings, variant: variants.Variant) -> bool:
-    """NVIDIA's guidance for explicitly quantized (QDQ) graphs: strongly typed, no precision flags
+    """NVIDIA's guidance for explicitly quantized (QDQ) graphs: strongly typed (TensorRT 10.0+), no precision flags
     (weakly-typed --fp16/--int8 on QDQ graphs is deprecated from 10.12 and removed in 11)."""
-    return variant.qdq and _version_tuple(settings.tensorrt_version) >= STRONGLY_TYPED_SINCE
+    return variant.qdq and _version_tuple(settings.tensorrt_version) >= (10, 0)
 
 
 def builder_flags(settings: TensorRTSettings, variant: variants.Variant) -> tuple[str, ...]:
-    """None when strongly typed (the graph's types rule); else fp16 where the profile allows it, plus what the
+    """No flags when strongly typed (the graph's types rule); else fp16 where the profile allows it, plus what the
     variant needs and the profile enables (int8 only with the graph's own QDQ scales: no calibration cache)."""
     if strongly_typed(settings, variant):
         return ()
@@ -110,14 +107,13 @@ def _version_tuple(v: str | None) -> tuple[int, ...]:
 
 
 def _script(cmd: list[str], settings: TensorRTSettings, engine: str) -> str:
-    expected = settings.tensorrt_version or ""
     args = " \\\n    ".join(shlex.quote(a) for a in cmd[1:])
     return f"""#!/usr/bin/env bash
 # Builds {engine} for {settings.target} on the device itself: TensorRT engines are locked to the
 # TensorRT version and GPU that build them. Written by projectable-edge; run it on the target.
 set -euo pipefail
 cd "$(dirname "$0")"
-EXPECTED_TRT="{expected}"
+EXPECTED_TRT="{settings.tensorrt_version or ''}"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
 if ! command -v -- "${{TRTEXEC}}" >/dev/null; then
   echo "error: trtexec not found (${{TRTEXEC}}): install TensorRT (JetPack ships it) or set TRTEXEC=/path/to/trtexec; nothing was built" >&2
@@ -149,8 +145,7 @@ def _build(tmp: Path, src: Path, settings: TensorRTSettings, spec, variant, repo
         import tensorrt as trt
     except ImportError:  # the usual case on an x86 host without NVIDIA's wheels
         report["reason"] = "tensorrt is not importable on this host; run build_engine.sh on the device"
-        if log:
-            log(f"TensorRT not available here: wrote {SCRIPT} to build {report['engine']} on {settings.target}")
+        log(f"TensorRT not available here: wrote {SCRIPT} to build {report['engine']} on {settings.target}")
         return
     engine, report["tensorrt_version_host"] = tmp / report["engine"], trt.__version__
     try:  # the same engine as the script's
@@ -179,8 +174,7 @@ def _build(tmp: Path, src: Path, settings: TensorRTSettings, spec, variant, repo
         for name in pts["min"]:
             profile.set_shape(name, pts["min"][name], pts["opt"][name], pts["max"][name])
         config.add_optimization_profile(profile)
-        if log:
-            log(f"building TensorRT {trt.__version__} engine for {src.name} (this can take minutes)")
+        log(f"building TensorRT {trt.__version__} engine for {src.name} (this can take minutes)")
         start = time.perf_counter()
         blob = builder.build_serialized_network(network, config)
         if blob is None:
@@ -191,8 +185,7 @@ def _build(tmp: Path, src: Path, settings: TensorRTSettings, spec, variant, repo
         engine.unlink(missing_ok=True)
         report["reason"] = (f"TensorRT {trt.__version__} could not build here ({type(e).__name__}: {e}); "
                             f"run {SCRIPT} on the device")
-        if log:
-            log(report["reason"])
+        log(report["reason"])
         return
     report.update(status=str(EngineStatus.BUILT), build_seconds=secs,
                   reason="built with the TensorRT Python API on this host")
@@ -242,7 +235,7 @@ def compile_tensorrt(onnx_path: str | Path, settings: TensorRTSettings | dict, o
         script = tmp / SCRIPT
         script.write_text(_script(cmd, settings, report["engine"]))
         script.chmod(0o755)
-        _build(tmp, src, settings, spec, variant, report, log)
+        _build(tmp, src, settings, spec, variant, report, log or (lambda s: None))
         report["files"] = {p.name: file_info(p) for p in sorted(tmp.iterdir())}
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
     built = report["status"] == EngineStatus.BUILT

@@ -89,9 +89,7 @@ def _check_qdq(model: onnx.ModelProto) -> list[dict]:
 
 def check_tensorrt_compat(onnx_path_or_model, tensorrt_version: str | None = None) -> dict:
     """Check opset, op types, I/O dtypes and QDQ placement against TensorRT's ONNX parser."""
-    model = onnx_path_or_model
-    if not isinstance(model, onnx.ModelProto):
-        model = load_onnx(model)
+    model = onnx_path_or_model if isinstance(onnx_path_or_model, onnx.ModelProto) else load_onnx(onnx_path_or_model)
     problems: list[dict] = []
     lo, hi = opset_range(tensorrt_version)
     opset = opset_of(model)
@@ -122,10 +120,8 @@ def check_tensorrt_compat(onnx_path_or_model, tensorrt_version: str | None = Non
         if init.data_type == onnx.TensorProto.DOUBLE:
             problems.append(_problem("warning", "double_weight", f"initializer '{init.name}' is float64; TensorRT "
                                      "casts it to float32"))
-    quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-    if quantized:
-        problems.extend(_check_qdq(model))
+    problems.extend(_check_qdq(model))  # nothing to find in a graph without Q/DQ
     counts = {s: sum(p["severity"] == s for p in problems) for s in ("error", "warning", "info")}
     return {"ok": counts["error"] == 0, "tensorrt_version": tensorrt_version or DEFAULT_TENSORRT, "opset": opset,
             "opset_range": [lo, hi], "problems": problems, "counts": counts, "op_types": op_types,
-            "quantized": quantized}
+            "quantized": any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)}
