@@ -52,9 +52,8 @@ def _build(files: dict[str, bytes], bundle: Path, log) -> dict:
 
 
 def write_runtime_wheel(bundle: Path, cache: StepCache, log) -> Wheel:
-    """Put the runtime wheel into `bundle`/runtime/ and return the manifest's `runtime_wheel` field. Its files: the
-    installed runtime's modules (never caches or TOML) and the dist-info, whose RECORD (every file's hash and
-    size) is also the step cache's key."""
+    """Put the runtime wheel (the installed runtime's modules, never caches or TOML, and its dist-info) into
+    `bundle`/runtime/; return the manifest's `runtime_wheel` field. Its RECORD is the step cache's key."""
     files = {f"{pkg.replace('.', '/')}/{f.name}": f.read_bytes() for pkg in PACKAGES
              for f in sorted(Path(importlib.import_module(pkg).__file__).resolve().parent.glob("*.py"))}
     files.update({f"{DIST_INFO}/{name}": text.encode() for name, text in _metadata().items()})
