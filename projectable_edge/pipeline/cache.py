@@ -26,8 +26,7 @@ def _copy(files: list[str], src: Path, dest: Path) -> None:
 
 
 def _read(entry: Path) -> dict | None:
-    """An entry's result, or None where it is missing or damaged (a cache miss: the step runs again and the
-    entry is written anew)."""
+    """The entry's result; None (a miss: built and written anew) where it is missing or damaged."""
     try:
         result = json.loads((entry / RESULT).read_text())
         if (isinstance(result, dict) and isinstance(result.get("seconds"), (int, float))

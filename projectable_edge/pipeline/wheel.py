@@ -38,25 +38,13 @@ def _metadata() -> dict[str, str]:
             "top_level.txt": "projectable_edge_runtime\n"}
 
 
-def _files() -> dict[str, bytes]:
-    """Every file of the wheel but its RECORD: the installed runtime's modules (never caches or TOML) and the
-    dist-info."""
-    files = {f"{pkg.replace('.', '/')}/{f.name}": f.read_bytes() for pkg in PACKAGES
-             for f in sorted(Path(importlib.import_module(pkg).__file__).resolve().parent.glob("*.py"))}
-    return {**files, **{f"{DIST_INFO}/{name}": text.encode() for name, text in _metadata().items()}}
-
-
 def _build(files: dict[str, bytes], bundle: Path, log) -> dict:
-    """Write the wheel directly: a zip of its files and a RECORD of every file's hash, with fixed timestamps
-    (the same files give the same bytes); no build backend, no subprocess."""
+    """Write the wheel directly: a zip of its files with fixed timestamps (the same files give the same bytes);
+    no build backend, no subprocess."""
     log(f"writing the runtime wheel {Path(WHEEL).name}")
-    digest = {rel: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-              for rel, data in files.items()}
-    record = "".join([*(f"{rel},sha256={digest[rel]},{len(data)}\n" for rel, data in files.items()),
-                      f"{DIST_INFO}/RECORD,,\n"]).encode()
     (bundle / WHEEL).parent.mkdir(exist_ok=True)
     with zipfile.ZipFile(bundle / WHEEL, "w") as whl:
-        for rel, data in {**files, f"{DIST_INFO}/RECORD": record}.items():
+        for rel, data in files.items():
             entry = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
             entry.external_attr, entry.compress_type = 0o644 << 16, zipfile.ZIP_DEFLATED
             whl.writestr(entry, data)
@@ -64,12 +52,17 @@ def _build(files: dict[str, bytes], bundle: Path, log) -> dict:
 
 
 def write_runtime_wheel(bundle: Path, cache: StepCache, log) -> Wheel:
-    """Put the runtime wheel into `bundle`/runtime/ (the step cache's, when the same files built one);
-    return the manifest's `runtime_wheel` field."""
-    files, h = _files(), hashlib.sha256()
-    for rel, data in files.items():
-        h.update(rel.encode() + b"\0" + data + b"\0")
-    cache.run("wheel", content_key(step="wheel", files=h.hexdigest()), bundle, lambda: _build(files, bundle, log))
+    """Put the runtime wheel (the installed runtime's modules, never caches or TOML, and its dist-info) into
+    `bundle`/runtime/; return the manifest's `runtime_wheel` field. Its RECORD is the step cache's key."""
+    files = {f"{pkg.replace('.', '/')}/{f.name}": f.read_bytes() for pkg in PACKAGES
+             for f in sorted(Path(importlib.import_module(pkg).__file__).resolve().parent.glob("*.py"))}
+    files.update({f"{DIST_INFO}/{name}": text.encode() for name, text in _metadata().items()})
+    digest = {rel: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+              for rel, data in files.items()}
+    record = "".join([*(f"{rel},sha256={digest[rel]},{len(data)}\n" for rel, data in files.items()),
+                      f"{DIST_INFO}/RECORD,,\n"])
+    files[f"{DIST_INFO}/RECORD"] = record.encode()
+    cache.run("wheel", content_key(step="wheel", record=record), bundle, lambda: _build(files, bundle, log))
     return Wheel(WHEEL, DIST, __version__, "projectable_edge_runtime", REQUIRES, EXTRAS,
                  f"python3 -m venv pe && pe/bin/pip install {WHEEL}",
                  "pe/bin/python -m projectable_edge_runtime validate .")
