@@ -2,18 +2,25 @@
 SpecialisedModel implements it)."""
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
+
+
+class ModelShape(Protocol):
+    vocab_size: int  # token ids 0..vocab_size-1; id vocab_size is BOS
+    block_size: int  # longest sequence
+    n_layer: int
+    n_head: int
+    head_dim: int
+    d_model: int
 
 
 @runtime_checkable
 class ExportableModel(Protocol):
     """A single-task autoregressive model over token ids, with a KV-cache decode step."""
 
-    # ints: vocab_size (ids 0..vocab_size-1; id vocab_size is BOS), block_size (the longest sequence), n_layer,
-    # n_head, head_dim, d_model
-    cfg: Any
+    cfg: ModelShape
 
     @property
     def bos_id(self) -> int: ...

@@ -73,7 +73,7 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 
 def spec_from_onnx(model: onnx.ModelProto, graph: str, cfg) -> ExportSpec:
-    """From the graph's declared I/O, so it cannot drift from the file; cfg: ExportableModel.cfg (or a spec)."""
+    """From the graph's declared I/O, so it cannot drift from the file; cfg: a ModelShape."""
     return ExportSpec(graph=str(graph), opset=opset_of(model),
                       inputs=tuple(_tensor_spec(v) for v in model.graph.input),
                       outputs=tuple(_tensor_spec(v) for v in model.graph.output),

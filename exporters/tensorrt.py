@@ -103,7 +103,7 @@ def trtexec_command(onnx_name: str, engine_name: str, settings: TensorRTSettings
 
 def _version_tuple(v: str | None) -> tuple[int, ...]:
     """(major, minor) of a TensorRT version; 10 when unknown."""
-    return parse_version(v)[:2] if v and v[0].isdigit() else (10,)
+    return parse_version(v)[:2] if v and v[0].isdigit() else (10, 0)
 
 
 def _script(cmd: list[str], settings: TensorRTSettings, engine: str) -> str:

@@ -108,6 +108,8 @@ def test_qdq_graphs_build_strongly_typed_where_tensorrt_supports_it(tmp_path):
     cmd = trtexec_command("g.onnx", "g.plan", old, spec, v8)  # TensorRT 8.6: weakly typed flags only
     assert "--stronglyTyped" not in cmd and "--fp16" in cmd and "--int8" in cmd
     assert strongly_typed(new, v8) and not strongly_typed(new, fp32) and not strongly_typed(old, v8)
+    unknown = dataclasses.replace(new, tensorrt_version=None)  # read as TensorRT 10, as documented
+    assert strongly_typed(unknown, v8) and "--stronglyTyped" in trtexec_command("g.onnx", "g.plan", unknown, spec, v8)
     _, rep = compile_tensorrt(qdq, new, tmp_path / "q")
     assert rep["typing"] == "strong" and "--stronglyTyped" in rep["command_line"]
 
