@@ -1,4 +1,5 @@
 """`python -m projectable_edge_runtime COMMAND BUNDLE ...`: the device CLI (stdlib argparse: no typer on a device).
+
 Exit codes: 0 ok, 1 a check failed (validate, benchmark, tune) or an unexpected error, 2 an error the user
 can fix. Output and errors go through commands.console, shared with the host CLI."""
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """Images for an app, read one way: files, folders, .npy arrays, or .npy on stdin -> named token rows.
+
 `read_inputs` takes anything with `.tokenizer` and `.to_tokens` (a loaded Model, or an app wrapping one, as in
 examples/); Pillow is needed only for image files."""
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """Measuring candidates, and `tune`: pick the most accurate candidate within budget where it runs.
+
 `measure` is the one protocol of `generate` (build host) and `tune` (device): each candidate in its own process
 (a process's peak RSS never goes down), validated on its goldens against the fp32 PyTorch reference and timed
 scoring one golden image. The bundle never changes (it stays signed): the choice goes into `<bundle>.tuned.json`
@@ -237,6 +238,7 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
          providers=None, backend: str = "auto", public_key=None, record: str | Path | None = None,
          reuse: bool = False, log=None) -> dict[str, Any]:
     """Measure the candidates here, pick one, write the record beside the bundle; return the report.
+
     candidate= forces one: only it is measured, and it is the choice (marked forced) even when it misses the
     budget, because the user asked for it. reuse=True picks again from the existing record's measurements."""
     manifest = read_manifest(bundle, public_key=public_key)

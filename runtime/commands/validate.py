@@ -1,4 +1,5 @@
 """Re-measure accuracy where the bundle runs, against the fp32 PyTorch model's bits/dim on the same goldens.
+
 On the task metric, not raw logits (quantized variants differ element-wise by design), and against the PyTorch
 model, never the same graph's build-host number, so a variant whose accuracy is off fails everywhere."""
 from __future__ import annotations
