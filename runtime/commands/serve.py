@@ -51,6 +51,11 @@ class RequestError(Exception):
     """RequestError(HTTP status, message for the client[, extra headers])."""
 
 
+def other_major(version: str) -> bool:
+    """A request line's HTTP version of another major than 1 (a 505); none at all is served as HTTP/1.0."""
+    return bool(version) and not version.startswith("1.")
+
+
 def _json(data: bytes, allowed: set[str]) -> dict:
     try:
         body = json.loads(data.decode("utf-8"))
@@ -93,10 +98,12 @@ class ModelServer:
         class JsonErrorTask(task.ErrorTask):  # the library's protocol errors, as JSON like the application's
             def execute(self):
                 e = self.request.error
-                why = TOO_LARGE.format(limits.max_body_bytes) if e.code == 413 else \
-                    f"{e.reason}: {e.body.rstrip('.')}; send a well-formed HTTP/1.0 or HTTP/1.1 request"
-                data = json.dumps({"error": why, "status": e.code}).encode("utf-8")
-                self.status, self.content_length = f"{e.code} {e.reason}", len(data)
+                code, reason = (505, "HTTP Version Not Supported") if other_major(self.request.version) \
+                    else (e.code, e.reason)
+                why = TOO_LARGE.format(limits.max_body_bytes) if code == 413 else \
+                    f"{reason}: {e.body.rstrip('.')}; send a well-formed HTTP/1.0 or HTTP/1.1 request"
+                data = json.dumps({"error": why, "status": code}).encode("utf-8")
+                self.status, self.content_length = f"{code} {reason}", len(data)
                 self.response_headers.append(("Content-Type", "application/json"))
                 self.request.headers.pop("CONNECTION", None)  # else an HTTP/1.0 keep-alive is announced, then closed
                 self.set_close_on_finish()
@@ -110,6 +117,8 @@ class ModelServer:
         class StrictParser(parser.HTTPRequestParser):
             def parse_header(self, header_plus):
                 super().parse_header(header_plus)
+                if other_major(self.version):  # HTTP/2 prior knowledge (`PRI * HTTP/2.0`), 3.0, 0.9: RFC 9110 15.6.6
+                    raise parser.ParsingError(f"HTTP/{self.version} is not served")
                 # HTTP/1.0 has no chunked coding: waitress would read the body as the next request (smuggling
                 # behind a proxy); RFC 9112 6.1: refuse it and close
                 if self.version == "1.0" and "TRANSFER_ENCODING" in self.headers:
