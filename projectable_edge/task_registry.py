@@ -75,7 +75,8 @@ def register(run: Path, name: str, adapted: Adapted, tokens: np.ndarray, check: 
                "check": torch.as_tensor(check, dtype=torch.long)}
     tensors.update({f"delta/{k}": v for k, v in adapted.deltas.items()})
     dest = tasks_dir(run) / name
-    with atomic_output(dest, directory=True, overwrite=overwrite, what="adapted task", mark="task.json") as tmp:
+    with atomic_output(dest, directory=True, overwrite=overwrite, what="adapted task", mark="task.json",
+                       flag="--force (force=True in Python)") as tmp:
         save_tensors(tmp / "task.safetensors", tensors, kind="adapted-task")
         save_json(tmp / "task.json", {"format": "projectable-edge-adapted-task", "name": name, "role": ROLE,
                                       "nearest": adapted.nearest, "seed": adapted.seed, **record})

@@ -221,6 +221,26 @@ def test_an_interrupted_register_leaves_nothing(held_run, tmp_path, monkeypatch)
     assert not (held_run / "tasks" / "halfway").exists() and not list((held_run / "tasks").glob(".*"))
 
 
+def test_a_task_registered_meanwhile_by_another_adapt_is_kept_and_the_message_names_adapts_flag(held_run, tmp_path,
+                                                                                                 monkeypatch):
+    import projectable_edge.task_registry as reg
+
+    spec = load_dataset(DataConfig()).spec
+    imgs = _write_pngs(tmp_path / "imgs", _held_images(6), spec)
+    save_json = reg.save_json
+
+    def racing(path, record):  # another `adapt --name racer` publishes its task while this one writes
+        save_json(path, record)
+        (held_run / "tasks" / "racer").mkdir()
+        (held_run / "tasks" / "racer" / "task.json").write_text("{}")
+
+    monkeypatch.setattr(reg, "save_json", racing)
+    with pytest.raises(ProjectableEdgeError, match=r"created by another process.*pass --force \(force=True"):
+        adapt(held_run, imgs, "racer", AdaptConfig(steps=5), log=lambda m: None)
+    assert [p.name for p in (held_run / "tasks" / "racer").iterdir()] == ["task.json"]
+    shutil.rmtree(held_run / "tasks" / "racer")
+
+
 def test_evaluate_reports_adapted_tasks(held_run, tmp_path):
     from projectable_edge.evaluate import evaluate_run
 

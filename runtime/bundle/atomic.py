@@ -54,16 +54,17 @@ def ensure_folder(path: str | os.PathLike) -> Path:
 
 @contextmanager
 def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite: bool = False,
-                  what: str | None = None, mark: str | None = None) -> Iterator[Path]:
+                  what: str | None = None, mark: str | None = None,
+                  flag: str = "--overwrite (overwrite=True in Python)") -> Iterator[Path]:
     """Yield a temp file (or folder) beside `path` that becomes `path` on success; an existing output is replaced
-    only with overwrite=True (and put back if the swap fails). `what` names the output in errors. `mark`: the file
+    only with overwrite=True (and put back if the swap fails). `what` names the output, `flag` the option that replaces it, in errors. `mark`: the file
     that every output folder of this kind holds; an existing folder without it is not replaced unless empty (it
     is not an earlier output, and replacing it would delete its files)."""
     path = Path(path)
     what = what or ("output folder" if directory else "output file")
     if path.exists() and not overwrite:
         raise ProjectableEdgeError(f"{what} {path} already exists; choose another path, delete it, "
-                                   "or pass --overwrite (overwrite=True in Python)")
+                                   f"or pass {flag}")
     if path.exists() and path.is_dir() != directory:
         raise ProjectableEdgeError(f"{what} {path} exists and is a {'file' if directory else 'folder'}; "
                                    "choose another path")
@@ -89,7 +90,7 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
             if INTERRUPTED.is_set():  # an interrupt that a library caught and dropped still publishes nothing
                 raise KeyboardInterrupt
             _publish(tmp)
-            _swap(tmp, path, what, overwrite)
+            _swap(tmp, path, what, overwrite, flag)
             ok = True
         finally:
             if tmp.is_dir():
@@ -104,7 +105,7 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
                 break
 
 
-def _swap(tmp: Path, path: Path, what: str, overwrite: bool) -> None:
+def _swap(tmp: Path, path: Path, what: str, overwrite: bool, flag: str) -> None:
     if not overwrite and tmp.is_dir():  # rename refuses a folder that appeared meanwhile (another process's output)
         try:
             os.rename(tmp, path)
@@ -112,7 +113,7 @@ def _swap(tmp: Path, path: Path, what: str, overwrite: bool) -> None:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
                 raise
             raise ProjectableEdgeError(f"{what} {path} was created by another process while this one was writing "
-                                       "it; choose another path, or pass --overwrite") from None
+                                       f"it; choose another path, or pass {flag}") from None
         return
     if not path.is_dir():  # nothing there, or a file: one atomic rename
         os.replace(tmp, path)
