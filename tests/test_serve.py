@@ -286,13 +286,15 @@ def closed(f) -> bool:
     (b"POST /score HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n", 400),
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
     (b"GET /healthz HTTP/3.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET /healthz HTTP/1.1\nHost: x\n\n", 400),
 ], ids=["bad request line", "lower-case method", "bad Content-Length", "body far over the limit (not read)",
         "unknown transfer coding (RFC 9112: 501)", "chunked in HTTP/1.0, a request smuggled in its body",
         "HTTP/1.1 without Host (RFC 9112: 400)", "two Host headers (RFC 9112: 400)",
         "Content-Length and chunked, a request smuggled after the chunks (RFC 9112: close)",
         "Expect: 100-continue, body far over the limit: the 413 at once, no 100",
         "Expect: 100-continue without Host: the 400 at once, no 100",
-        "HTTP/2 prior knowledge (RFC 9110: 505)", "another major version (RFC 9110: 505)"])
+        "HTTP/2 prior knowledge (RFC 9110: 505)", "another major version (RFC 9110: 505)",
+        "bare LF line ends: a 400 at once, not silence until the idle timeout"])
 def test_protocol_errors_are_json_and_close_the_connection(server, data, want):
     """The library's own errors come back in the application's JSON shape, and nothing after them on the
     connection is answered (a request hidden in a body the library cannot frame included)."""

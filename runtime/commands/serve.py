@@ -115,6 +115,17 @@ class ModelServer:
             asyncore_use_poll=True, max_request_body_size=4 * limits.max_body_bytes + 1, ident="projectable-edge")
 
         class StrictParser(parser.HTTPRequestParser):
+            def received(self, data):
+                # a header ended by bare LFs never ends for waitress (it waits for CRLF CRLF until the idle
+                # timeout): answer a 400 at once instead
+                head = self.header_plus + data
+                if self.body_rcv is None and not self.completed and b"\n\n" in head and b"\r\n\r\n" not in head:
+                    self.parse_header(b"GET / HTTP/1.0\r\n")  # a request to hang the error on, as waitress does
+                    self.error = parser.BadRequest("lines end in a bare LF; end each line with CRLF (RFC 9112 2.2)")
+                    self.completed = True
+                    return len(data)
+                return super().received(data)
+
             def parse_header(self, header_plus):
                 super().parse_header(header_plus)
                 if other_major(self.version):  # HTTP/2 prior knowledge (`PRI * HTTP/2.0`), 3.0, 0.9: RFC 9110 15.6.6
