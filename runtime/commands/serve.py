@@ -119,7 +119,7 @@ class ModelServer:
                 # a header ended by bare LFs never ends for waitress (it waits for CRLF CRLF until the idle
                 # timeout): answer a 400 at once instead
                 head = self.header_plus + data
-                if self.body_rcv is None and not self.completed and b"\n\n" in head and b"\r\n\r\n" not in head:
+                if self.body_rcv is None and not self.completed and b"\r\n\r\n" not in head and b"\n\n" in head:
                     self.parse_header(b"GET / HTTP/1.0\r\n")  # a request to hang the error on, as waitress does
                     self.error = parser.BadRequest("lines end in a bare LF; end each line with CRLF (RFC 9112 2.2)")
                     self.completed = True
