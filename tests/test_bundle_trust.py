@@ -280,6 +280,26 @@ def test_failed_test_inference_falls_back(rt_graphs, rt_build, tmp_path, monkeyp
     assert m.backend["backend"] == "onnxruntime" and "test inference did not pass" in m.backend["reason"]
 
 
+@pytest.mark.parametrize("edit", [
+    {"test_inference": "passed"},  # build_engine.sh writes an object
+    {"test_inference": [True]},
+    {"tensorrt_version": ""},  # no version: the version lock could not be checked
+    {"tensorrt_version": "  "},
+], ids=["test-str", "test-list", "version-empty", "version-blank"])
+def test_an_engine_record_unlike_build_engines_is_refused_in_one_line(rt_graphs, rt_build, tmp_path, edit, capsys):
+    from projectable_edge_runtime.__main__ import main
+
+    b = _deferred_jetson_bundle(rt_build, rt_graphs, tmp_path / "b")
+    _stub_device_build(b, "10.7.0")
+    rec = b / "engine/score.plan.record.json"
+    rec.write_text(json.dumps({**json.loads(rec.read_text()), **edit}))
+    with pytest.raises(ProjectableEdgeError, match=r"engine record 'engine/score\.plan\.record\.json' must hold"):
+        runtime.load(b)
+    assert main(["info", str(b), "--json"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and "rebuild with" in out.err
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

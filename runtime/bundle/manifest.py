@@ -543,12 +543,14 @@ def read_engine_record(d: Path, plan_rel: str, present: set[str]) -> dict[str, A
     try:
         rec = json.loads((d / rec_rel).read_text(encoding="utf-8"))
         files = decode(dict[RelPath, FileEntry], rec["files"], f"{rec_rel} files")
-        ok = isinstance(rec.get("tensorrt_version"), str) and plan_rel in files
+        version = rec.get("tensorrt_version")  # the runtime checks it against the device's TensorRT
+        ok = isinstance(version, str) and version.strip() and plan_rel in files \
+            and isinstance(rec.get("test_inference", {}), dict)
     except (OSError, ValueError, ProjectableEdgeError, KeyError, TypeError) as e:
         raise _fail(d, f"engine record '{rec_rel}' is unreadable ({e}); {rebuild}") from None
     if not ok:
-        raise _fail(d, f"engine record '{rec_rel}' must hold tensorrt_version and files{{'{plan_rel}': "
-                       f"{{sha256, bytes}}}}; {rebuild}")
+        raise _fail(d, f"engine record '{rec_rel}' must hold tensorrt_version (a version), files{{'{plan_rel}': "
+                       f"{{sha256, bytes}}}} and test_inference (an object); {rebuild}")
     for rel, entry in files.items():
         if rel not in present:
             raise _fail(d, f"file '{rel}' named by engine record '{rec_rel}' is missing; {rebuild}")
