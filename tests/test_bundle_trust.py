@@ -300,6 +300,25 @@ def test_an_engine_record_unlike_build_engines_is_refused_in_one_line(rt_graphs,
     assert out.out == "" and out.err.count("\n") == 1 and "rebuild with" in out.err
 
 
+def test_a_decode_plan_whose_test_inference_failed_is_not_used(rt_graphs, rt_build, tmp_path, monkeypatch):
+    b = _deferred_jetson_bundle(rt_build, rt_graphs, tmp_path / "b")
+    _stub_device_build(b, "10.7.0")
+    rec = b / "engine_decode/decode.plan.record.json"
+    failed = {"passed": False, "graph": "decode", "reason": "bits/dim 9.9 vs the PyTorch reference 2.0"}
+    rec.write_text(json.dumps({**json.loads(rec.read_text()), "test_inference": failed}))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.7.0"))
+    monkeypatch.setattr(trt_runner, "TrtRunner", _OrtAsTrt)
+    m = runtime.load(b)
+    assert m.backend["backend"] == "tensorrt" and m.backend["score_runner"] == "tensorrt:engine/score.plan"
+    assert m.backend["decode_runner"] == "onnxruntime:graphs/fp32/decode.onnx"  # the scoring engine passed, this not
+    assert "bits/dim 9.9" in m.backend["reason"]
+    # a decode plan built by another TensorRT than the device's is not used either
+    rec.write_text(json.dumps({**json.loads(rec.read_text()), "test_inference": {"passed": True},
+                               "tensorrt_version": "8.6.1"}))
+    m = runtime.load(b)
+    assert m.backend["decode_runner"] == "onnxruntime:graphs/fp32/decode.onnx" and "8.6.1" in m.backend["reason"]
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

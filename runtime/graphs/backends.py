@@ -3,6 +3,7 @@ The report says why, so a silent CPU fallback never passes for a TensorRT run.""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,13 @@ def make_runners(bundle_dir: Path, graphs: Graphs, variant: str, engine: Engine 
 
         try:
             score = TrtRunner(engine_path, name=f"tensorrt:{engine.path}")
-            if engine.decode_path and (bundle_dir / engine.decode_path).is_file():
-                decode = TrtRunner(bundle_dir / engine.decode_path, name=f"tensorrt:{engine.decode_path}")
+            if engine.decode_path and (bundle_dir / engine.decode_path).is_file():  # its own record, same checks
+                plan, why = choose_engine(bundle_dir, replace(engine, path=engine.decode_path), variant, backend,
+                                          records)
+                if plan is None:
+                    reason += f"; the decode engine is not used: {why}"
+                else:
+                    decode = TrtRunner(plan, name=f"tensorrt:{engine.decode_path}")
         except Exception as e:  # CUDA missing, engine for another GPU, ...
             score, decode, reason = None, None, f"TensorRT engine could not be used ({e})"
     if backend is Backend.TENSORRT and score is None:
