@@ -128,6 +128,25 @@ def test_signed_bundle_loads_with_its_key_and_only_with_it(rt_bundle_copy, keys,
             runtime.load(rt_bundle_copy, public_key=mine_pub)  # ...not the signature
 
 
+def test_a_key_file_must_be_pem_not_32_raw_bytes(rt_bundle_copy, keys, tmp_path):
+    """Any 32 bytes are an Ed25519 key: read from a file, a raw public key given as the signing key signed with an
+    unrelated key, and a raw private key given as the public key was reported as a bundle altered by someone."""
+    from cryptography.hazmat.primitives import serialization as s
+
+    mine, mine_pub = keys["mine"]
+    k = s.load_pem_private_key(mine.read_bytes(), None)
+    raw_pub, raw_priv = tmp_path / "mine.pub.raw", tmp_path / "mine.raw"
+    raw_pub.write_bytes(k.public_key().public_bytes(s.Encoding.Raw, s.PublicFormat.Raw))
+    raw_priv.write_bytes(k.private_bytes(s.Encoding.Raw, s.PrivateFormat.Raw, s.NoEncryption()))
+    with pytest.raises(ProjectableEdgeError, match=r"signing key .*mine\.pub\.raw is not an unencrypted Ed25519 "
+                                                   r"private key in PEM.*openssl genpkey"):
+        _rewrite(rt_bundle_copy, sign_key=raw_pub)
+    _rewrite(rt_bundle_copy, sign_key=mine)
+    with pytest.raises(ProjectableEdgeError, match=r"public key .*mine\.raw is not an Ed25519 public key in PEM"):
+        runtime.load(rt_bundle_copy, public_key=raw_priv)
+    runtime.load(rt_bundle_copy, public_key=raw_pub.read_bytes())  # raw bytes passed in Python are still a key
+
+
 def test_device_cli_public_key(rt_bundle_copy, keys, capsys):
     from projectable_edge_runtime.__main__ import main
 

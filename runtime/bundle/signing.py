@@ -1,6 +1,6 @@
 """Optional Ed25519 signing of the manifest digest, with the `cryptography` package imported only here,
-so a runtime that is given no key stays numpy + onnxruntime. Keys: PEM files, PEM bytes, raw 32 bytes
-or cryptography key objects (`openssl genpkey -algorithm ed25519 -out key.pem`).
+so a runtime that is given no key stays numpy + onnxruntime. Keys: PEM files, PEM bytes, raw 32 bytes (in
+Python only; a file must be PEM) or cryptography key objects (`openssl genpkey -algorithm ed25519 -out key.pem`).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _load_key(key: Any, private: bool):
         raise ProjectableEdgeError(f"{what} must be a PEM file path, raw 32 bytes or an {kind}, "
                                    f"got {type(key).__name__}")
     try:
-        if len(data) == 32:
+        if len(data) == 32 and not isinstance(key, (str, Path)):  # in a file, any 32 bytes would be a key
             return cls.from_private_bytes(data) if private else cls.from_public_bytes(data)
         k = (serialization.load_pem_private_key(data, password=None) if private
              else serialization.load_pem_public_key(data))
