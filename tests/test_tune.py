@@ -137,6 +137,25 @@ def test_stale_or_broken_records_are_ignored_with_a_warning(tuned, rt_build, rt_
         runtime.load(bundle, precision="fp32").close()
 
 
+def test_a_folder_in_place_of_the_record_fails_before_measuring_and_load_warns(rt_bundle_copy, capsys, monkeypatch):
+    path = tune.record_path(rt_bundle_copy)
+    path.mkdir()
+    monkeypatch.setattr(tune, "measure", lambda *a, **k: pytest.fail("measured before refusing the record path"))
+    for reuse in ([], ["--reuse"]):
+        assert rt_main(["tune", str(rt_bundle_copy), *RUNS, *reuse]) == 2
+        err = capsys.readouterr().err
+        assert f"tuned record {path} is a folder" in err and "--record PATH" in err and err.count("\n") == 1
+    with pytest.warns(tune.TunedRecordWarning, match="it is not a file"):  # was taken for 'no tuned record'
+        runtime.load(rt_bundle_copy).close()
+    with pytest.warns(tune.TunedRecordWarning, match="it does not exist"):  # a path given explicitly
+        with runtime.load(rt_bundle_copy, tuned=path.with_name("typo.json")) as model:
+            assert model.tuned["reason"] == "it does not exist" and not model.tuned["used"]
+    path.rmdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no record beside the bundle is the normal case: no warning
+        runtime.load(rt_bundle_copy).close()
+
+
 def test_reuse_refuses_a_record_that_does_not_hold_numbers(tuned, capsys):
     """A hand-edited record (TypeError/AttributeError, exit 1; NaN printed on stdout, exit 0) is one line, exit 2."""
     bundle, rep = tuned

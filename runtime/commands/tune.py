@@ -183,6 +183,8 @@ def _measurement(m: Any) -> bool:
 
 def _read_record(path: Path, manifest: Manifest) -> tuple[dict[str, Any] | None, str | None]:
     """(the tuned record at path, None) when it was made for this very bundle, else (None, why not)."""
+    if not path.is_file():  # a folder, a FIFO (never read: it would block), a path given that does not exist
+        return None, "it is not a file" if path.exists() else "it does not exist"
     try:
         record = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json)
     except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON, or NaN/Infinity
@@ -197,7 +199,7 @@ def _read_record(path: Path, manifest: Manifest) -> tuple[dict[str, Any] | None,
 def tuned_choice(bundle: Path, manifest: Manifest, path: str | Path | None = None) -> tuple[str | None, dict]:
     """(the candidate a valid tuned record chose, info); a stale or unreadable record warns and gives None."""
     p = Path(path) if path is not None else record_path(bundle)
-    if not p.is_file():
+    if path is None and not p.exists():
         return None, {"record": str(p), "used": False, "reason": "no tuned record"}
     record, why = _read_record(p, manifest)
     choice = record and record.get("choice")
@@ -219,7 +221,7 @@ def tuned_choice(bundle: Path, manifest: Manifest, path: str | Path | None = Non
 
 def _reused(path: Path, manifest: Manifest, names: list[str]) -> dict[str, dict[str, Any]]:
     """The measurements of an earlier tune of this very bundle (`--reuse`): new budgets, no re-measuring."""
-    if not path.is_file():
+    if not path.exists():
         raise ProjectableEdgeError(f"--reuse needs a tuned record at {path}; run tune without --reuse first")
     record, why = _read_record(path, manifest)
     measured = (record or {}).get("measurements")
@@ -252,6 +254,9 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
     if not os.access(folder, os.W_OK):  # fail before minutes of measuring, as a broken bundle does
         raise ProjectableEdgeError(f"cannot write the tuned record {path} ({folder} is not writable); pass "
                                    "--record PATH (record= in Python) in a folder you can write to")
+    if path.is_dir():  # atomic_output refuses it too, but only after the measuring
+        raise ProjectableEdgeError(f"the tuned record {path} is a folder; move it away, or pass --record PATH "
+                                   "(record= in Python) to write the record elsewhere")
     measured = _reused(path, manifest, names) if reuse else {}
     for n in [] if reuse else names:
         if log:
