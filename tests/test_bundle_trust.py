@@ -190,6 +190,30 @@ def test_unlisted_file_is_refused(rt_bundle_copy):
         runtime.load(rt_bundle_copy)
 
 
+def test_what_this_user_may_not_read_is_named_as_unreadable(rt_bundle_copy, monkeypatch):
+    """A copy that kept another user's modes (tar -p of 0700 folders, 0600 files): load() raised PermissionError,
+    not the one exception type, and the files of an unreadable folder were reported missing. Simulated, so that
+    it holds for root too."""
+    from projectable_edge_runtime.bundle import manifest as mf
+
+    def deny(path: Path, real):
+        def call(p, *args, **kwargs):
+            if Path(p) == path:
+                raise PermissionError(13, "Permission denied", str(p))
+            return real(p, *args, **kwargs)
+        return call
+
+    b = rt_bundle_copy
+    for module, attr, name in ((os, "scandir", "graphs/fp32"), (mf, "open", "goldens.npz"),
+                               (Path, "read_text", MANIFEST_NAME)):
+        monkeypatch.setattr(module, attr, deny(b / name, getattr(module, attr, open)), raising=False)
+        with pytest.raises(ProjectableEdgeError, match=rf"cannot read '{name}' \(Permission denied\); give this user "
+                                                       r"read access to the bundle"):
+            runtime.load(b)
+        monkeypatch.undo()
+    runtime.load(b).close()
+
+
 def test_optional_files_may_be_absent(rt_graphs, rt_build, tmp_path):
     b = rt_build(tmp_path / "b", rt_graphs, extra_files={"samples.png": b"png", "report.md": b"# report"})
     with pytest.raises(ProjectableEdgeError, match=r"'samples\.png' listed in the manifest is missing"):

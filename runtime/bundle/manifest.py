@@ -375,8 +375,11 @@ def sha256_file(path: str | Path) -> str:
 def walk_bundle(root: Path) -> list[str]:
     """Sorted posix relpaths of the regular files under root; a symlink (file or folder) or a special
     file is an error naming it (os.walk never follows links, so nothing outside is ever read)."""
+    def unreadable(e: OSError):  # os.walk skips a folder it cannot list: its files would look missing
+        raise _unreadable(root, e)
+
     found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
         for name in sorted(dirnames + filenames):
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
@@ -397,6 +400,13 @@ def file_info(path: str | os.PathLike) -> dict[str, Any]:
 
 def _fail(bundle_dir: Path, what: str) -> ProjectableEdgeError:
     return ProjectableEdgeError(f"bundle {bundle_dir}: {what}")
+
+
+def _unreadable(bundle_dir: Path, e: OSError) -> ProjectableEdgeError:
+    """A file or folder of the bundle that this user may not read (a copy that kept another user's modes)."""
+    name = os.path.relpath(e.filename, bundle_dir) if e.filename else "a file"
+    return _fail(bundle_dir, f"cannot read '{Path(name).as_posix()}' ({e.strerror}); give this user read access to "
+                             f"the bundle (`chmod -R a+rX {bundle_dir}`) or copy it again as this user")
 
 
 def manifest_digest(m: dict[str, Any]) -> str:
@@ -492,10 +502,12 @@ def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     if not d.is_dir():
         raise ProjectableEdgeError(f"bundle directory '{d}' {'is a file' if d.exists() else 'does not exist'}; {fix}")
     path = d / MANIFEST_NAME
-    if path.is_symlink():
-        raise _fail(d, f"'{MANIFEST_NAME}' is a symlink; a bundle must hold real files — copy the bundle again")
     try:
+        if path.is_symlink():
+            raise _fail(d, f"'{MANIFEST_NAME}' is a symlink; a bundle must hold real files — copy the bundle again")
         raw = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as e:
+        raise _unreadable(d, e) from None
     except FileNotFoundError:
         raise _fail(d, f"has no {MANIFEST_NAME}; it is not a bundle or was copied incompletely — "
                        "copy the whole bundle directory again") from None
@@ -526,7 +538,10 @@ def _check_entry(d: Path, rel: str, entry: FileEntry, what: str) -> None:
     if size != entry.bytes:
         raise _fail(d, f"file '{rel}' has {size} bytes, {what} says {entry.bytes}; it is truncated or modified — "
                        "copy the bundle again or regenerate it")
-    digest = sha256_file(d / rel)
+    try:
+        digest = sha256_file(d / rel)
+    except PermissionError as e:
+        raise _unreadable(d, e) from None
     if digest != entry.sha256:
         raise _fail(d, f"file '{rel}' does not match its sha256 in {what} (got {digest[:12]}…, expected "
                        f"{entry.sha256[:12]}…); it is corrupt or was modified — copy the bundle again or regenerate it")
