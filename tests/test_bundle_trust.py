@@ -214,6 +214,25 @@ def test_what_this_user_may_not_read_is_named_as_unreadable(rt_bundle_copy, monk
     runtime.load(b).close()
 
 
+def test_a_manifest_that_is_no_regular_file_is_refused_without_reading_it(rt_bundle_copy):
+    """A FIFO (a tar archive can hold one) in manifest.json's place: reading it waited for a writer forever."""
+    import threading
+
+    m = rt_bundle_copy / MANIFEST_NAME
+    m.unlink()
+    os.mkfifo(m)
+    def feed():  # lets a reader that opened the FIFO go on, so the test ends either way
+        with open(m, "w") as f:
+            f.write("{}")
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    with pytest.raises(ProjectableEdgeError, match=r"'manifest\.json' is not a regular file; copy the bundle again"):
+        runtime.load(rt_bundle_copy)
+    reader = os.open(m, os.O_RDONLY | os.O_NONBLOCK)  # the writer's turn to go on
+    writer.join(10)
+    os.close(reader)
+
+
 def test_optional_files_may_be_absent(rt_graphs, rt_build, tmp_path):
     b = rt_build(tmp_path / "b", rt_graphs, extra_files={"samples.png": b"png", "report.md": b"# report"})
     with pytest.raises(ProjectableEdgeError, match=r"'samples\.png' listed in the manifest is missing"):

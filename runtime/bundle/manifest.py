@@ -505,6 +505,8 @@ def read_manifest(bundle_dir: str | Path, public_key: Any = None) -> Manifest:
     try:
         if path.is_symlink():
             raise _fail(d, f"'{MANIFEST_NAME}' is a symlink; a bundle must hold real files — copy the bundle again")
+        if path.exists() and not path.is_file():  # a folder, or a FIFO that would block the read
+            raise _fail(d, f"'{MANIFEST_NAME}' is not a regular file; copy the bundle again")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except PermissionError as e:
         raise _unreadable(d, e) from None
