@@ -156,6 +156,21 @@ def test_a_folder_in_place_of_the_record_fails_before_measuring_and_load_warns(r
         runtime.load(rt_bundle_copy).close()
 
 
+def test_a_record_inside_the_bundle_is_refused_before_measuring(rt_bundle_copy, capsys, monkeypatch):
+    """--record into the bundle overwrote one of its graphs (or added a file the loader refuses) after measuring."""
+    monkeypatch.setattr(tune, "measure", lambda *a, **k: pytest.fail("measured before refusing the record path"))
+    graph = rt_bundle_copy / "graphs" / "fp32" / "score.onnx"
+    before = graph.read_bytes()
+    for record in (graph, rt_bundle_copy / "my.tuned.json", rt_bundle_copy / "graphs" / ".." / "x.tuned.json"):
+        assert rt_main(["tune", str(rt_bundle_copy), *RUNS, "--record", str(record)]) == 2
+        err = capsys.readouterr().err
+        assert "is inside the bundle" in err and "write it outside the bundle folder" in err
+    with pytest.raises(ProjectableEdgeError, match="is inside the bundle"):
+        tune.tune(rt_bundle_copy, record=graph)
+    assert graph.read_bytes() == before
+    runtime.load(rt_bundle_copy).close()  # the bundle still verifies
+
+
 def test_reuse_refuses_a_record_that_does_not_hold_numbers(tuned, capsys):
     """A hand-edited record (TypeError/AttributeError, exit 1; NaN printed on stdout, exit 0) is one line, exit 2."""
     bundle, rep = tuned
