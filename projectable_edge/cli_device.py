@@ -125,8 +125,10 @@ def benchmark(
 ):
     """Latency p50/p90/p99, throughput and peak memory of a bundle, against the target's budgets."""
     import projectable_edge_runtime as runtime
-    from projectable_edge_runtime.commands.console import benchmark_text
+    from projectable_edge_runtime.commands.console import benchmark_text, outside_bundle
 
+    if histogram:
+        outside_bundle(bundle, histogram, "histogram")
     with runtime.load(bundle, precision=None if precision is None else str(precision)) as model:
         report = runtime.benchmark(model, runs=runs, warmup=warmup, batch=batch, raw=histogram is not None)
     if histogram:

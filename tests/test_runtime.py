@@ -663,6 +663,19 @@ def test_sample_checks_every_output_before_sampling_and_writes_none_on_failure(r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "t.npy"]
 
 
+def test_host_benchmark_histogram_inside_the_bundle_is_refused_before_measuring(rt_bundle_copy):
+    """--histogram into the bundle replaced its figure (or added a file): the bundle then refused to load."""
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
+    for png in (rt_bundle_copy / "lat.png", rt_bundle_copy / "graphs" / "fp32" / "score.onnx"):
+        res = CliRunner().invoke(app, ["benchmark", str(rt_bundle_copy), "--runs", "3", "--warmup", "0",
+                                       "--histogram", str(png)])
+        assert res.exit_code == 2 and "is inside the bundle" in res.output.replace("\n", " "), res.output
+    runtime.load(rt_bundle_copy).close()  # still verifies
+
+
 def _npy_bytes(a: np.ndarray) -> bytes:
     import io
 

@@ -168,6 +168,16 @@ def score_text(names: list[str], bits: np.ndarray, variant: str) -> str:
     return f"{table(rows)}\nmean {bits.mean():.4f} bits/dim ({variant})"
 
 
+def outside_bundle(bundle: str | Path, path: str | Path, what: str = "output",
+                   fix: str = "write it outside the bundle folder") -> None:
+    """Refuse an output inside the bundle: the manifest lists its files, and the loader refuses any other file or a
+    changed one. The output's folder is resolved, not the output (a link there is replaced, not followed)."""
+    p = Path(path)
+    if Path(bundle).resolve() in (p.parent.resolve() / p.name).parents:
+        raise ProjectableEdgeError(f"{what} {p} is inside the bundle {bundle}, which lists its own files and refuses "
+                                   f"any other when loaded; {fix}")
+
+
 def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: float = 1.0,
                 top_k: int | None = None, cols: int | None = None, scale: int = 4,
                 tokens_out: str | None = None) -> dict[str, Any]:
@@ -178,11 +188,8 @@ def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: f
     cols = min(8, n) if cols is None else cols
     grid_size(n, model.tokenizer.image_shape[:2], cols, scale=scale)
     tokens_path = None if tokens_out is None else Path(str(tokens_out).removesuffix(".npy") + ".npy")  # as np.save
-    bundle = Path(model.bundle_dir).resolve()
     for p in filter(None, (Path(out), tokens_path)):
-        if bundle in p.resolve().parents:  # a file the manifest does not list makes the bundle refuse to load
-            raise ProjectableEdgeError(f"{p} is inside the bundle {model.bundle_dir}, which lists its own files and "
-                                       "refuses any other when loaded; write it outside the bundle folder")
+        outside_bundle(model.bundle_dir, p)
     with contextlib.ExitStack() as outputs:
         png_tmp = outputs.enter_context(atomic_output(out, overwrite=True, what="PNG"))
         npy_tmp = tokens_path and outputs.enter_context(atomic_output(tokens_path, overwrite=True,

@@ -250,10 +250,8 @@ def tune(bundle: str | Path, p99_ms: float | None = None, max_mb: float | None =
     check_counts("tune", runs=(runs, 2), warmup=(warmup, 0))
     names = [manifest.candidate(candidate) and candidate] if candidate is not None else list(manifest.candidates)
     path = Path(record) if record is not None else record_path(d)
-    if d in (path.parent.resolve() / path.name).parents:  # it would replace a bundle file, or add one load refuses
-        raise ProjectableEdgeError(f"the tuned record {path} is inside the bundle {d}, which lists its own files and "
-                                   "refuses any other when loaded; write it outside the bundle folder (the default "
-                                   "is beside it: leave out --record)")
+    console.outside_bundle(d, path, "the tuned record", "write it outside the bundle folder (the default is beside "
+                                                       "it: leave out --record)")
     folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # what atomic_output writes in
     if not os.access(folder, os.W_OK):  # fail before minutes of measuring, as a broken bundle does
         raise ProjectableEdgeError(f"cannot write the tuned record {path} ({folder} is not writable); pass "
