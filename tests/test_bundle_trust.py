@@ -147,6 +147,22 @@ def test_a_key_file_must_be_pem_not_32_raw_bytes(rt_bundle_copy, keys, tmp_path)
     runtime.load(rt_bundle_copy, public_key=raw_pub.read_bytes())  # raw bytes passed in Python are still a key
 
 
+def test_a_key_given_as_pem_text_or_an_empty_path(rt_bundle_copy, keys, capsys):
+    """PEM text in a str (an app reading its key from the environment) was taken for a file name ('No such file'),
+    and an empty --public-key "$UNSET" for the current folder ('.' is a directory)."""
+    from projectable_edge_runtime.__main__ import main
+
+    mine, mine_pub = keys["mine"]
+    _rewrite(rt_bundle_copy, sign_key=mine.read_text())
+    runtime.load(rt_bundle_copy, public_key=mine_pub.read_text()).close()
+    with pytest.raises(ProjectableEdgeError, match="signature does not verify"):
+        runtime.load(rt_bundle_copy, public_key=keys["other"][1].read_text())
+    with pytest.raises(ProjectableEdgeError, match=r"the public key path is empty; pass a PEM file"):
+        runtime.load(rt_bundle_copy, public_key="")
+    assert main(["info", str(rt_bundle_copy), "--public-key", " "]) == 2
+    assert "the public key path is empty" in capsys.readouterr().err
+
+
 def test_device_cli_public_key(rt_bundle_copy, keys, capsys):
     from projectable_edge_runtime.__main__ import main
 

@@ -1,6 +1,6 @@
 """Optional Ed25519 signing of the manifest digest, with the `cryptography` package imported only here,
-so a runtime that is given no key stays numpy + onnxruntime. Keys: PEM files, PEM bytes, raw 32 bytes (in
-Python only; a file must be PEM) or cryptography key objects (`openssl genpkey -algorithm ed25519 -out key.pem`).
+so a runtime that is given no key stays numpy + onnxruntime. Keys: PEM files, PEM text or bytes, raw 32 bytes
+(in Python only; a file must be PEM) or cryptography key objects (`openssl genpkey -algorithm ed25519 -out key.pem`).
 """
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def _load_key(key: Any, private: bool):
         hint, kind = "create one with `openssl genpkey -algorithm ed25519 -out key.pem`", "unencrypted Ed25519 private key"
     else:
         hint, kind = "export it with `openssl pkey -in key.pem -pubout -out key.pub.pem`", "Ed25519 public key"
+    if isinstance(key, str) and key.lstrip().startswith("-----BEGIN"):  # PEM text, e.g. from the environment
+        key = key.encode()
+    elif isinstance(key, str) and not key.strip():  # Path("") would be the current folder
+        raise ProjectableEdgeError(f"the {what} path is empty; pass a PEM file")
     if isinstance(key, (str, Path)):
         try:
             data = Path(key).expanduser().read_bytes()
@@ -47,7 +51,7 @@ def _load_key(key: Any, private: bool):
     elif isinstance(key, (bytes, bytearray)):
         data = bytes(key)
     else:
-        raise ProjectableEdgeError(f"{what} must be a PEM file path, raw 32 bytes or an {kind}, "
+        raise ProjectableEdgeError(f"{what} must be a PEM file path or PEM text, raw 32 bytes or an {kind}, "
                                    f"got {type(key).__name__}")
     try:
         if len(data) == 32 and not isinstance(key, (str, Path)):  # in a file, any 32 bytes would be a key
