@@ -346,6 +346,16 @@ def test_device_built_engine_is_hash_checked_and_needs_its_record(rt_graphs, rt_
         runtime.load(b)
 
 
+def test_engine_record_cli_says_what_to_do_on_each_kind_of_bundle(rt_bundle, rt_graphs, rt_build, tmp_path, capsys):
+    """On an ONNX Runtime bundle it asked to run build_engine.sh, which such a bundle does not have."""
+    assert engine_record.main([str(rt_bundle), "--tensorrt-version", "10.3"]) == 2
+    err = capsys.readouterr().err
+    assert "engine.status is 'not-applicable'" in err and "build_engine.sh" not in err and "TensorRT target" in err
+    b = _deferred_jetson_bundle(rt_build, rt_graphs, tmp_path / "b")
+    assert engine_record.main([str(b), "--tensorrt-version", "10.3"]) == 2
+    assert "run build_engine.sh first" in capsys.readouterr().err
+
+
 def test_failed_test_inference_falls_back(rt_graphs, rt_build, tmp_path, monkeypatch):
     b = _deferred_jetson_bundle(rt_build, rt_graphs, tmp_path / "b")
     (b / "engine").mkdir()

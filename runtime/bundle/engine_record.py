@@ -47,8 +47,12 @@ def write_records(bundle_dir: str | Path, tensorrt_version: str | None = None, d
     manifest = read_manifest(d)  # the manifest itself must be intact
     plans = [p for p in engine_plans(manifest, EngineStatus.DEFERRED) if (d / p).is_file()]
     if not plans:
+        fix = {EngineStatus.DEFERRED: "run build_engine.sh first",
+               EngineStatus.BUILT: "its engine was built with the bundle and the manifest pins it: nothing to record",
+               }.get(manifest.engine.status, "only a bundle of a TensorRT target (generate --target jetson) has "
+                                             "plans to build and record on the device")
         raise ProjectableEdgeError(f"bundle {d}: no device-built TensorRT plan to record (engine.status is "
-                                   f"{str(manifest.engine.status)!r}); run build_engine.sh first")
+                                   f"{str(manifest.engine.status)!r}); {fix}")
     c = next(c for c in manifest.main_candidates().values() if c.variant == manifest.engine.variant)
     version, why = (tensorrt_version, "") if tensorrt_version else hardware.tensorrt_version()
     if version is None:
