@@ -153,6 +153,14 @@ def test_sixteen_bit_gray_is_scaled_not_clipped(tmp_path):
     assert np.asarray(GRAY.prepare_image(old)).tolist() == [[255] * 5] * 4
 
 
+def test_sixteen_bit_pgm_is_scaled_like_a_sixteen_bit_png(tmp_path):
+    """Pillow opens a PGM with maxval > 255 as "I", scaled to 0..65535 (not 32-bit data: it was refused as such)."""
+    (tmp_path / "g16.pgm").write_bytes(b"P5\n4 5\n65535\n" + np.full((5, 4), 40000, ">u2").tobytes())
+    (tmp_path / "g1000.pgm").write_bytes(b"P5\n4 5\n1000\n" + np.full((5, 4), 500, ">u2").tobytes())
+    assert (GRAY.load_images([tmp_path / "g16.pgm"]) == 156).all()
+    assert (GRAY.load_images([tmp_path / "g1000.pgm"]) == 128).all()  # 500/1000 of 255
+
+
 def test_thirty_two_bit_pixels_are_refused_unless_they_fit_a_byte(tmp_path):
     Image.fromarray(np.full((5, 4), 0.5, np.float32)).save(tmp_path / "f.tif")
     Image.fromarray(np.full((5, 4), 70000, np.int32)).save(tmp_path / "i.tif")

@@ -145,8 +145,9 @@ class TokenizerSpec:
         """One Pillow image -> this spec's size and colour mode (what load_images does per file)."""
         from PIL import Image, ImageOps
 
-        # 16-bit gray (older Pillows open a PNG's as "I"): scaled to 0..255 below, where convert("L") would clip
-        sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+        # 16-bit gray (older Pillows open a PNG's as "I", Pillow a 16-bit PGM's as "I" scaled to 0..65535): scaled
+        # to 0..255 below, where convert("L") would clip
+        sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format in ("PNG", "PPM"))
         if im.mode in ("I", "F") and not sixteen:  # 32-bit integer or float samples: no one scale fits every file
             lo, hi = im.getextrema()
             if im.mode == "F" or lo < 0 or hi > 255:
