@@ -569,6 +569,16 @@ def test_cli_sample_writes_png_and_score_reads_it(rt_bundle, tmp_path, capsys):
     assert r["bits_per_dim"][f"{tmp_path / 't.npy'}[3]"] == pytest.approx(expected[3], rel=1e-6)
 
 
+def test_score_reads_a_folder_as_training_does(rt_bundle, tmp_path, capsys):
+    """Only the files directly inside: a sub-folder named like an image and hidden files (macOS's ._a.png beside a
+    copied a.png) are skipped, as in training folders and adapt; they were read and failed as broken images."""
+    np.save(tmp_path / "a.npy", np.zeros((1, 64), np.int64))
+    (tmp_path / "x.png").mkdir()
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    assert main(["score", str(rt_bundle), str(tmp_path), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["bits_per_dim"]) == [str(tmp_path / "a.npy")]
+
+
 def test_python_dash_m_runtime(rt_bundle, tmp_path):
     ok = subprocess.run([sys.executable, "-m", "projectable_edge_runtime", "info", str(rt_bundle), "--json"], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)

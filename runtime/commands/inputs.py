@@ -66,7 +66,8 @@ def _read_file(model, path: Path) -> list[tuple[str, np.ndarray]]:
 
 
 def read_inputs(model, paths: list[str]) -> list[tuple[str, np.ndarray]]:
-    """(name, tokens [1, T]) for every image: files, folders (images and .npy inside), '-' = .npy on stdin."""
+    """(name, tokens [1, T]) for every image: files, folders (the images and .npy files directly inside, hidden ones
+    skipped), '-' = .npy on stdin."""
     out = []
     for p in paths:
         if p == "-":
@@ -74,7 +75,8 @@ def read_inputs(model, paths: list[str]) -> list[tuple[str, np.ndarray]]:
         elif not p:  # Path("") is the current folder
             raise ProjectableEdgeError("an input path is empty; pass image files, a folder, or '-' for .npy on stdin")
         elif (path := Path(p)).is_dir():
-            files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".npy", *IMAGE_SUFFIXES))
+            files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")  # as training
+                           and f.suffix.lower() in (".npy", *IMAGE_SUFFIXES))
             if not files:
                 raise ProjectableEdgeError(f"folder '{path}' holds no images (.npy, .png, .jpg, ...)")
             for f in files:
