@@ -579,6 +579,16 @@ def test_score_reads_a_folder_as_training_does(rt_bundle, tmp_path, capsys):
     assert list(json.loads(capsys.readouterr().out)["bits_per_dim"]) == [str(tmp_path / "a.npy")]
 
 
+def test_score_refuses_an_input_given_twice(rt_bundle, tmp_path, capsys):
+    """The JSON keys bits/dim by input: a second one of a name was dropped from it but counted in the mean."""
+    np.save(tmp_path / "a.npy", np.zeros((1, 64), np.int64))
+    np.save(tmp_path / "b.npy", np.full((1, 64), 16, np.int64))
+    for args in ([tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "a.npy"], [tmp_path, tmp_path / "b.npy"]):
+        assert main(["score", str(rt_bundle), *map(str, args), "--json"]) == 2
+        res = capsys.readouterr()
+        assert res.out == "" and re.search(r"input '.*\.npy' is given more than once", res.err), res.err
+
+
 def test_python_dash_m_runtime(rt_bundle, tmp_path):
     ok = subprocess.run([sys.executable, "-m", "projectable_edge_runtime", "info", str(rt_bundle), "--json"], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
