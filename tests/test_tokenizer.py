@@ -81,6 +81,9 @@ def test_encode_accepts_gray_with_channel_axis():
     (np.zeros((4, 5), np.uint8), "images[None]"),  # single image without batch axis
     (np.zeros((2, 4, 5), np.float32), "float32"),
     (np.full((2, 4, 5), 300, np.int64), "300"),
+    (np.full((2, 4, 5), 0.5), "scale 0..1 to 0..255 with (x * 255).round()"),  # clip + astype would make it black
+    (np.ones((2, 4, 5), bool), "scale 0..1 to 0..255"),
+    (np.full((2, 4, 5), 1.5), "np.clip(x, 0, 255)"),
 ])
 def test_encode_bad_input_says_expected_and_got(images, needle):
     with pytest.raises(ProjectableEdgeError) as e:

@@ -93,10 +93,13 @@ class TokenizerSpec:
         x = np.asarray(images)
         if x.dtype != np.uint8:
             if not np.issubdtype(x.dtype, np.integer) or (x.size and (x.min() < 0 or x.max() > 255)):
+                unit = x.dtype == bool or (np.issubdtype(x.dtype, np.floating) and x.size and 0 <= x.min()
+                                           and x.max() <= 1)  # 0..1 data: clipping would make it black
                 raise ProjectableEdgeError(
                     f"images must be uint8 (0..255), got dtype {x.dtype}"
                     + (f" with values {x.min()}..{x.max()}" if x.size and np.issubdtype(x.dtype, np.number) else "")
-                    + "; convert with np.clip(x, 0, 255).astype(np.uint8)")
+                    + ("; scale 0..1 to 0..255 with (x * 255).round().astype(np.uint8)" if unit
+                       else "; convert with np.clip(x, 0, 255).astype(np.uint8)"))
         if self.channels == 1 and x.ndim == 4 and x.shape[-1] == 1:
             x = x[..., 0]
         want = self.image_shape
