@@ -267,6 +267,8 @@ def test_ragged_lists_raise_clear_errors(rt_model):
         rt_model.score([[0] * 64, [0] * 63])
     with pytest.raises(ProjectableEdgeError, match="prefix tokens are ragged"):
         rt_model.complete([[0, 1], [2]])
+    with pytest.raises(ProjectableEdgeError, match="tokens are ragged"):  # was numpy's ValueError
+        rt_model.decode_images([[0] * 64, [0] * 63])
 
 
 # ----------------------------------------------------------------------------- sampling

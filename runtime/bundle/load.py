@@ -102,7 +102,7 @@ class Model:
         return t[None] if t.ndim == 1 else t
 
     def decode_images(self, tokens) -> np.ndarray:
-        return self.tokenizer.decode(tokens)
+        return self.tokenizer.decode(_array(tokens, "tokens"))
 
     def score(self, x) -> np.ndarray:
         """Bits per dimension per image, float64 [N], for tokens [N, T] or uint8 images."""
