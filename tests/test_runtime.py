@@ -256,6 +256,7 @@ def test_score_images_equals_score_tokens(rt_model, rt_graphs):
     (np.full((2, 64), -1, np.int64), "out of range"),
     (np.zeros((2, 63), np.int64), r"tokens have shape \(2, 63\)"),
     (np.zeros((2, 64), np.float32), "must be integers"),
+    (np.zeros((2, 64), np.uint8), r"read as images.*pass tokens \[N, 64\] as int64"),  # not "resize"
 ])
 def test_bad_inputs_raise_clear_errors(rt_model, bad, match):
     with pytest.raises(ProjectableEdgeError, match=match):
