@@ -156,6 +156,13 @@ def test_sixteen_bit_gray_is_scaled_not_clipped(tmp_path):
     assert np.asarray(GRAY.prepare_image(old)).tolist() == [[255] * 5] * 4
 
 
+def test_a_transparent_grey_goes_white_in_sixteen_bits_as_in_eight(tmp_path):
+    for bits, dtype, clear in ((8, np.uint8, 10), (16, np.uint16, 2570)):
+        Image.fromarray(np.array([[clear] * 5, [0] * 5] * 2, dtype)).save(tmp_path / f"t{bits}.png",
+                                                                           transparency=clear)
+        assert GRAY.load_images([tmp_path / f"t{bits}.png"])[0, :, 0].tolist() == [255, 0, 255, 0], bits
+
+
 def test_sixteen_bit_pgm_is_scaled_like_a_sixteen_bit_png(tmp_path):
     """Pillow opens a PGM with maxval > 255 as "I", scaled to 0..65535 (not 32-bit data: it was refused as such)."""
     (tmp_path / "g16.pgm").write_bytes(b"P5\n4 5\n65535\n" + np.full((5, 4), 40000, ">u2").tobytes())

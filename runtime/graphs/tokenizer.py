@@ -158,8 +158,9 @@ class TokenizerSpec:
                     f"it has 32-bit {'float' if im.mode == 'F' else 'integer'} pixels (values {lo:g}..{hi:g}), "
                     "which have no one scale to 0..255; save it as an 8- or 16-bit image (PNG, TIFF)")
         im = ImageOps.exif_transpose(im)
-        if sixteen:
-            im = Image.fromarray(((np.asarray(im).astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
+        if sixteen:  # a transparent grey (PNG tRNS) goes white, as in 8 bits below
+            a, clear = np.asarray(im).astype(np.int64), im.info.get("transparency", -1)
+            im = Image.fromarray(np.where(a == clear, 255, (a * 255 + 32767) // 65535).astype(np.uint8))
         if "A" in im.getbands() or "transparency" in im.info:  # flatten onto white, not onto junk RGB
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
