@@ -700,6 +700,7 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     (_npy_bytes(np.array([None, 1], dtype=object)), "Python objects"),
     (_npy_bytes(np.zeros((1, 64), np.int64)).replace(b"(1, 64)", b"(1, 64"), "not a .npy array"),  # a broken literal
     (_npy_bytes(np.zeros((1, 64), "V0")), "not numbers"),  # zero-width items: any shape, no data
+    (_npy_bytes(np.array(5)), r"have shape \(\), expected"),  # its own shape, not (1,)
 ])
 def test_score_checks_an_npy_file_and_stdin_before_allocating(rt_bundle, tmp_path, capsys, monkeypatch, data, match):
     """A header declaring 10**13 images (MemoryError in np.load) or an empty array is one line, exit 2."""

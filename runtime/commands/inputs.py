@@ -37,7 +37,7 @@ def read_npy(data: bytes, what: str) -> np.ndarray:
         raise ProjectableEdgeError(f"{what}: the .npy header declares shape {shape} of {dtype}, but {body} bytes "
                                    "follow it; pass np.save output, whole")
     a = np.frombuffer(data, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
-    return np.ascontiguousarray(a)
+    return a.copy() if fortran else a  # C order either way (np.ascontiguousarray made a 0-d array 1-d)
 
 
 def _npy_rows(model, data: bytes, name: str, what: str) -> list[tuple[str, np.ndarray]]:
