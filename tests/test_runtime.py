@@ -712,6 +712,12 @@ def test_score_checks_an_npy_file_and_stdin_before_allocating(rt_bundle, tmp_pat
         assert err.startswith("error: ") and err.count("\n") == 1 and re.search(match, err), err
 
 
+def test_score_from_a_closed_stdin_is_a_user_error(rt_bundle, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets when started with fd 0 closed
+    assert main(["score", str(rt_bundle), "-"]) == 2  # was exit 1: AttributeError
+    assert "this process has no stdin; pipe the array in" in capsys.readouterr().err
+
+
 def test_score_refuses_an_empty_input_path(rt_bundle, capsys, monkeypatch):
     assert main(["score", str(rt_bundle), ""]) == 2  # Path("") would be the current folder
     assert "input path is empty" in capsys.readouterr().err

@@ -71,6 +71,9 @@ def read_inputs(model, paths: list[str]) -> list[tuple[str, np.ndarray]]:
     out = []
     for p in paths:
         if p == "-":
+            if sys.stdin is None:  # started with stdin closed (`<&-`, some service managers)
+                raise ProjectableEdgeError("'-' reads .npy from stdin, but this process has no stdin; pipe the array "
+                                           "in (np.save output) or pass files")
             out += _npy_rows(model, sys.stdin.buffer.read(), "stdin", "stdin")
         elif not p:  # Path("") is the current folder
             raise ProjectableEdgeError("an input path is empty; pass image files, a folder, or '-' for .npy on stdin")
