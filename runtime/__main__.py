@@ -137,7 +137,7 @@ def run(args) -> int:
     if args.json:
         console.emit_json(out)
     else:
-        print(text(out))
+        print(console.printable(text(out)))
     return code
 
 

@@ -718,6 +718,18 @@ def test_score_from_a_closed_stdin_is_a_user_error(rt_bundle, capsys, monkeypatc
     assert "this process has no stdin; pipe the array in" in capsys.readouterr().err
 
 
+def test_text_output_shows_a_file_name_that_is_not_utf8(rt_bundle, tmp_path):
+    """A file name from an old zip: on a UTF-8 stdout that is strict (e.g. en_US.UTF-8) printing the result was a
+    UnicodeEncodeError, exit 1, after the work was done."""
+    name = os.fsdecode(bytes(tmp_path) + b"/a\xff")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for args, shown in ((["sample", "-n", "1", "--out", name + ".png", "--tokens-out", name], b"a\xef\xbf\xbd.png"),
+                        (["score", name + ".npy"], b"a\xef\xbf\xbd.npy")):
+        res = subprocess.run([sys.executable, "-m", "projectable_edge_runtime", args[0], str(rt_bundle), *args[1:]],
+                             capture_output=True, env=env)
+        assert res.returncode == 0 and shown in res.stdout, res.stderr
+
+
 def test_score_refuses_an_empty_input_path(rt_bundle, capsys, monkeypatch):
     assert main(["score", str(rt_bundle), ""]) == 2  # Path("") would be the current folder
     assert "input path is empty" in capsys.readouterr().err
