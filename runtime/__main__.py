@@ -104,7 +104,11 @@ def _command(model, args):
         return out, 0, lambda o: f"wrote {o['n']} samples to {o['png']}"
     if args.command == "score":
         named = read_inputs(model, args.images)
-        names, bits = [n for n, _ in named], model.score(np.concatenate([t for _, t in named]))
+        names = [n for n, _ in named]
+        if len(set(names)) < len(names):  # the JSON has one key per input
+            twice = next(n for i, n in enumerate(names) if n in names[:i])
+            raise ProjectableEdgeError(f"input '{twice}' is given more than once; pass each image once")
+        bits = model.score(np.concatenate([t for _, t in named]))
         out = {"variant": model.variant, "bits_per_dim": dict(zip(names, map(float, bits))),
                "mean_bits_per_dim": float(bits.mean())}
         return out, 0, lambda o: console.score_text(names, bits, model.variant)
@@ -133,7 +137,7 @@ def run(args) -> int:
     if args.json:
         console.emit_json(out)
     else:
-        print(text(out))
+        print(console.printable(text(out)))
     return code
 
 

@@ -256,6 +256,7 @@ def test_score_images_equals_score_tokens(rt_model, rt_graphs):
     (np.full((2, 64), -1, np.int64), "out of range"),
     (np.zeros((2, 63), np.int64), r"tokens have shape \(2, 63\)"),
     (np.zeros((2, 64), np.float32), "must be integers"),
+    (np.zeros((2, 64), np.uint8), r"read as images.*pass tokens \[N, 64\] as int64"),  # not "resize"
 ])
 def test_bad_inputs_raise_clear_errors(rt_model, bad, match):
     with pytest.raises(ProjectableEdgeError, match=match):
@@ -267,6 +268,8 @@ def test_ragged_lists_raise_clear_errors(rt_model):
         rt_model.score([[0] * 64, [0] * 63])
     with pytest.raises(ProjectableEdgeError, match="prefix tokens are ragged"):
         rt_model.complete([[0, 1], [2]])
+    with pytest.raises(ProjectableEdgeError, match="tokens are ragged"):  # was numpy's ValueError
+        rt_model.decode_images([[0] * 64, [0] * 63])
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -569,6 +572,26 @@ def test_cli_sample_writes_png_and_score_reads_it(rt_bundle, tmp_path, capsys):
     assert r["bits_per_dim"][f"{tmp_path / 't.npy'}[3]"] == pytest.approx(expected[3], rel=1e-6)
 
 
+def test_score_reads_a_folder_as_training_does(rt_bundle, tmp_path, capsys):
+    """Only the files directly inside: a sub-folder named like an image and hidden files (macOS's ._a.png beside a
+    copied a.png) are skipped, as in training folders and adapt; they were read and failed as broken images."""
+    np.save(tmp_path / "a.npy", np.zeros((1, 64), np.int64))
+    (tmp_path / "x.png").mkdir()
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    assert main(["score", str(rt_bundle), str(tmp_path), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["bits_per_dim"]) == [str(tmp_path / "a.npy")]
+
+
+def test_score_refuses_an_input_given_twice(rt_bundle, tmp_path, capsys):
+    """The JSON keys bits/dim by input: a second one of a name was dropped from it but counted in the mean."""
+    np.save(tmp_path / "a.npy", np.zeros((1, 64), np.int64))
+    np.save(tmp_path / "b.npy", np.full((1, 64), 16, np.int64))
+    for args in ([tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "a.npy"], [tmp_path, tmp_path / "b.npy"]):
+        assert main(["score", str(rt_bundle), *map(str, args), "--json"]) == 2
+        res = capsys.readouterr()
+        assert res.out == "" and re.search(r"input '.*\.npy' is given more than once", res.err), res.err
+
+
 def test_python_dash_m_runtime(rt_bundle, tmp_path):
     ok = subprocess.run([sys.executable, "-m", "projectable_edge_runtime", "info", str(rt_bundle), "--json"], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
@@ -690,6 +713,7 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     (_npy_bytes(np.array([None, 1], dtype=object)), "Python objects"),
     (_npy_bytes(np.zeros((1, 64), np.int64)).replace(b"(1, 64)", b"(1, 64"), "not a .npy array"),  # a broken literal
     (_npy_bytes(np.zeros((1, 64), "V0")), "not numbers"),  # zero-width items: any shape, no data
+    (_npy_bytes(np.array(5)), r"have shape \(\), expected"),  # its own shape, not (1,)
 ])
 def test_score_checks_an_npy_file_and_stdin_before_allocating(rt_bundle, tmp_path, capsys, monkeypatch, data, match):
     """A header declaring 10**13 images (MemoryError in np.load) or an empty array is one line, exit 2."""
@@ -699,6 +723,24 @@ def test_score_checks_an_npy_file_and_stdin_before_allocating(rt_bundle, tmp_pat
         assert main(["score", str(rt_bundle), source]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and re.search(match, err), err
+
+
+def test_score_from_a_closed_stdin_is_a_user_error(rt_bundle, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets when started with fd 0 closed
+    assert main(["score", str(rt_bundle), "-"]) == 2  # was exit 1: AttributeError
+    assert "this process has no stdin; pipe the array in" in capsys.readouterr().err
+
+
+def test_text_output_shows_a_file_name_that_is_not_utf8(rt_bundle, tmp_path):
+    """A file name from an old zip: on a UTF-8 stdout that is strict (e.g. en_US.UTF-8) printing the result was a
+    UnicodeEncodeError, exit 1, after the work was done."""
+    name = os.fsdecode(bytes(tmp_path) + b"/a\xff")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for args, shown in ((["sample", "-n", "1", "--out", name + ".png", "--tokens-out", name], b"a\xef\xbf\xbd.png"),
+                        (["score", name + ".npy"], b"a\xef\xbf\xbd.npy")):
+        res = subprocess.run([sys.executable, "-m", "projectable_edge_runtime", args[0], str(rt_bundle), *args[1:]],
+                             capture_output=True, env=env)
+        assert res.returncode == 0 and shown in res.stdout, res.stderr
 
 
 def test_score_refuses_an_empty_input_path(rt_bundle, capsys, monkeypatch):

@@ -81,6 +81,9 @@ def test_encode_accepts_gray_with_channel_axis():
     (np.zeros((4, 5), np.uint8), "images[None]"),  # single image without batch axis
     (np.zeros((2, 4, 5), np.float32), "float32"),
     (np.full((2, 4, 5), 300, np.int64), "300"),
+    (np.full((2, 4, 5), 0.5), "scale 0..1 to 0..255 with (x * 255).round()"),  # clip + astype would make it black
+    (np.ones((2, 4, 5), bool), "scale 0..1 to 0..255"),
+    (np.full((2, 4, 5), 1.5), "np.clip(x, 0, 255)"),
 ])
 def test_encode_bad_input_says_expected_and_got(images, needle):
     with pytest.raises(ProjectableEdgeError) as e:
@@ -151,6 +154,21 @@ def test_sixteen_bit_gray_is_scaled_not_clipped(tmp_path):
     old = Image.fromarray(np.full((5, 4), 65535, np.int32))  # how older Pillows open a 16-bit gray PNG
     old.format = "PNG"
     assert np.asarray(GRAY.prepare_image(old)).tolist() == [[255] * 5] * 4
+
+
+def test_a_transparent_grey_goes_white_in_sixteen_bits_as_in_eight(tmp_path):
+    for bits, dtype, clear in ((8, np.uint8, 10), (16, np.uint16, 2570)):
+        Image.fromarray(np.array([[clear] * 5, [0] * 5] * 2, dtype)).save(tmp_path / f"t{bits}.png",
+                                                                           transparency=clear)
+        assert GRAY.load_images([tmp_path / f"t{bits}.png"])[0, :, 0].tolist() == [255, 0, 255, 0], bits
+
+
+def test_sixteen_bit_pgm_is_scaled_like_a_sixteen_bit_png(tmp_path):
+    """Pillow opens a PGM with maxval > 255 as "I", scaled to 0..65535 (not 32-bit data: it was refused as such)."""
+    (tmp_path / "g16.pgm").write_bytes(b"P5\n4 5\n65535\n" + np.full((5, 4), 40000, ">u2").tobytes())
+    (tmp_path / "g1000.pgm").write_bytes(b"P5\n4 5\n1000\n" + np.full((5, 4), 500, ">u2").tobytes())
+    assert (GRAY.load_images([tmp_path / "g16.pgm"]) == 156).all()
+    assert (GRAY.load_images([tmp_path / "g1000.pgm"]) == 128).all()  # 500/1000 of 255
 
 
 def test_thirty_two_bit_pixels_are_refused_unless_they_fit_a_byte(tmp_path):

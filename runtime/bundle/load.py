@@ -97,12 +97,16 @@ class Model:
                 and a.view(np.uint64).max() < self.tokenizer.vocab_size):
             return a  # fast path for the hot loop: one reduction (negatives wrap to huge)
         if a.dtype == np.uint8 or a.ndim >= 3:
+            if a.ndim == 2 and a.shape[1] == self.seq_len:  # tokens saved compactly: encode would say "resize"
+                raise ProjectableEdgeError(f"a uint8 array is read as images, and {a.shape} is not [N, "
+                                           f"{', '.join(map(str, self.tokenizer.image_shape))}]; pass tokens "
+                                           f"[N, {self.seq_len}] as int64: .astype(np.int64)")
             return self.tokenizer.encode(a)
         t = self.tokenizer.check_tokens(a)
         return t[None] if t.ndim == 1 else t
 
     def decode_images(self, tokens) -> np.ndarray:
-        return self.tokenizer.decode(tokens)
+        return self.tokenizer.decode(_array(tokens, "tokens"))
 
     def score(self, x) -> np.ndarray:
         """Bits per dimension per image, float64 [N], for tokens [N, T] or uint8 images."""

@@ -100,6 +100,12 @@ def _reader_gone() -> bool:
         return False
 
 
+def printable(text: str) -> str:
+    """Text with a file name that is not UTF-8 (its bytes kept as surrogates) shown with U+FFFD, which a strict
+    UTF-8 stdout (e.g. en_US.UTF-8) can print."""
+    return text.encode(errors="surrogateescape").decode(errors="replace")
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 

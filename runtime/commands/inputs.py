@@ -37,7 +37,7 @@ def read_npy(data: bytes, what: str) -> np.ndarray:
         raise ProjectableEdgeError(f"{what}: the .npy header declares shape {shape} of {dtype}, but {body} bytes "
                                    "follow it; pass np.save output, whole")
     a = np.frombuffer(data, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
-    return np.ascontiguousarray(a)
+    return a.copy() if fortran else a  # C order either way (np.ascontiguousarray made a 0-d array 1-d)
 
 
 def _npy_rows(model, data: bytes, name: str, what: str) -> list[tuple[str, np.ndarray]]:
@@ -66,15 +66,20 @@ def _read_file(model, path: Path) -> list[tuple[str, np.ndarray]]:
 
 
 def read_inputs(model, paths: list[str]) -> list[tuple[str, np.ndarray]]:
-    """(name, tokens [1, T]) for every image: files, folders (images and .npy inside), '-' = .npy on stdin."""
+    """(name, tokens [1, T]) for every image: files, folders (the images and .npy files directly inside, hidden ones
+    skipped), '-' = .npy on stdin."""
     out = []
     for p in paths:
         if p == "-":
+            if sys.stdin is None:  # started with stdin closed (`<&-`, some service managers)
+                raise ProjectableEdgeError("'-' reads .npy from stdin, but this process has no stdin; pipe the array "
+                                           "in (np.save output) or pass files")
             out += _npy_rows(model, sys.stdin.buffer.read(), "stdin", "stdin")
         elif not p:  # Path("") is the current folder
             raise ProjectableEdgeError("an input path is empty; pass image files, a folder, or '-' for .npy on stdin")
         elif (path := Path(p)).is_dir():
-            files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".npy", *IMAGE_SUFFIXES))
+            files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")  # as training
+                           and f.suffix.lower() in (".npy", *IMAGE_SUFFIXES))
             if not files:
                 raise ProjectableEdgeError(f"folder '{path}' holds no images (.npy, .png, .jpg, ...)")
             for f in files:

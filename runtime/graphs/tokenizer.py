@@ -93,10 +93,13 @@ class TokenizerSpec:
         x = np.asarray(images)
         if x.dtype != np.uint8:
             if not np.issubdtype(x.dtype, np.integer) or (x.size and (x.min() < 0 or x.max() > 255)):
+                unit = x.dtype == bool or (np.issubdtype(x.dtype, np.floating) and x.size and 0 <= x.min()
+                                           and x.max() <= 1)  # 0..1 data: clipping would make it black
                 raise ProjectableEdgeError(
                     f"images must be uint8 (0..255), got dtype {x.dtype}"
                     + (f" with values {x.min()}..{x.max()}" if x.size and np.issubdtype(x.dtype, np.number) else "")
-                    + "; convert with np.clip(x, 0, 255).astype(np.uint8)")
+                    + ("; scale 0..1 to 0..255 with (x * 255).round().astype(np.uint8)" if unit
+                       else "; convert with np.clip(x, 0, 255).astype(np.uint8)"))
         if self.channels == 1 and x.ndim == 4 and x.shape[-1] == 1:
             x = x[..., 0]
         want = self.image_shape
@@ -145,8 +148,9 @@ class TokenizerSpec:
         """One Pillow image -> this spec's size and colour mode (what load_images does per file)."""
         from PIL import Image, ImageOps
 
-        # 16-bit gray (older Pillows open a PNG's as "I"): scaled to 0..255 below, where convert("L") would clip
-        sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+        # 16-bit gray (older Pillows open a PNG's as "I", Pillow a 16-bit PGM's as "I" scaled to 0..65535): scaled
+        # to 0..255 below, where convert("L") would clip
+        sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format in ("PNG", "PPM"))
         if im.mode in ("I", "F") and not sixteen:  # 32-bit integer or float samples: no one scale fits every file
             lo, hi = im.getextrema()
             if im.mode == "F" or lo < 0 or hi > 255:
@@ -154,8 +158,9 @@ class TokenizerSpec:
                     f"it has 32-bit {'float' if im.mode == 'F' else 'integer'} pixels (values {lo:g}..{hi:g}), "
                     "which have no one scale to 0..255; save it as an 8- or 16-bit image (PNG, TIFF)")
         im = ImageOps.exif_transpose(im)
-        if sixteen:
-            im = Image.fromarray(((np.asarray(im).astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
+        if sixteen:  # a transparent grey (PNG tRNS) goes white, as in 8 bits below
+            a, clear = np.asarray(im).astype(np.int64), im.info.get("transparency", -1)
+            im = Image.fromarray(np.where(a == clear, 255, (a * 255 + 32767) // 65535).astype(np.uint8))
         if "A" in im.getbands() or "transparency" in im.info:  # flatten onto white, not onto junk RGB
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
