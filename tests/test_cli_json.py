@@ -119,6 +119,23 @@ def test_console_script_exit_runs_exit_handlers_and_keeps_the_code(tmp_path):
     assert res.returncode == 2 and "toaster" in res.stderr and marker.read_text() == "ran"
 
 
+def test_console_script_started_with_a_stream_closed_keeps_its_exit_code():
+    # `cmd 2>&-` or `cmd >&-`: Python sets that sys stream to None; the console script's final flush must not turn
+    # the command's result into a traceback and status 1
+    import subprocess
+    import sys
+
+    script = "import sys; sys.argv[0] = 'projectable-edge'; from projectable_edge.entry import main; main()"
+    def run(close: str, *args: str):
+        return subprocess.run(["sh", "-c", f'exec "$@" {close}', "sh", sys.executable, "-c", script, *args],
+                              capture_output=True, text=True)
+
+    res = run("2>&-", "targets", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["targets"]
+    res = run(">&-", "targets")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
 def test_console_scripts_usage_errors_are_one_line_and_verbose_goes_anywhere(tmp_path):
     """click and argparse draw a usage error as a box or a usage block; both console scripts print one line,
     exit 2, and take --verbose before or after the command."""
