@@ -86,11 +86,12 @@ def train(
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
                           channels=3 if rgb else 1, levels=levels, hold_out=hold_out_task or ())
     if freeze_source and init_source is None:
-        err.print("[yellow]note:[/] --freeze-source without --init-source keeps a randomly initialised source")
+        err.print("[yellow]note:[/] --freeze-source without --init-source keeps a randomly initialised source",
+                  markup=True)
     check_out_writable(out)
     summary = run_train(cfg, data_cfg, out, resume=resume, init_source=init_source, from_run=from_run,
                         progress=progress and not as_json,
-                        log=lambda m: err.print(m, markup=False))
+                        log=err.print)
     if as_json:
         emit_json({"run": str(out), **summary})
     else:
@@ -126,7 +127,7 @@ def evaluate(
         table.add_column(r, justify="right")
     for t in report["tasks"]:
         table.add_row(t["task"], *(f"{t['bits_per_dim'][r]:.4f}" for r in roles))
-    table.add_row("[bold]macro", *(f"[bold]{report['macro_bits_per_dim'][r]:.4f}" for r in roles))
+    table.add_row("macro", *(f"{report['macro_bits_per_dim'][r]:.4f}" for r in roles), style="bold")
     m = report["models"]
     table.add_row("params/task", *(f"{m[r]['params']:,}" for r in roles))
     table.add_row("MFLOPs/image", *(f"{m[r]['flops_per_image'] / 1e6:.1f}" for r in roles))
@@ -185,7 +186,7 @@ def adapt(
     from projectable_edge.adapt import adapt as run_adapt
 
     res = run_adapt(run, images, name, AdaptConfig(steps=steps, lr=lr, fit=str(fit), seed=seed), force=force,
-                    log=lambda m: err.print(m, markup=False))
+                    log=err.print)
     if as_json:
         emit_json(res)
 

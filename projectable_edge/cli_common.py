@@ -25,8 +25,10 @@ from projectable_edge_runtime.commands.console import cli_signals, emit_json, er
 __all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out", "run_app"]
 
 _state = {"verbose": False}
-err = Console(stderr=True, soft_wrap=True)  # messages and log lines stay one line each, whatever the width
-out = Console()
+# messages and log lines stay one line each, whatever the width; markup is off by default: paths and names may
+# hold brackets ('runs/[v2]'), which rich would take for styles (and drop) or fail on ('[/]')
+err = Console(stderr=True, soft_wrap=True, markup=False)
+out = Console(markup=False)
 _PASSTHROUGH = (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException)
 
 
@@ -36,7 +38,7 @@ def choice_enum(name: str, words) -> type[StrEnum]:
 
 
 def _say(line: str) -> None:
-    err.print("[bold red]error:[/] " + escape(line.removeprefix("error: ")), highlight=False)
+    err.print("[bold red]error:[/] " + escape(line.removeprefix("error: ")), markup=True, highlight=False)
 
 
 def guarded(fn):

@@ -77,9 +77,9 @@ def generate(
     if m.ladder is not None:
         _candidates_table(m)
     for n, why in m.selection.passed_over.items():
-        err.print(escape(f"passed over {n}: {why}"))
+        err.print(f"passed over {n}: {why}")
     for line in m.exercised.not_done:
-        err.print("[yellow]not exercised here:[/] " + escape(line))
+        err.print("[yellow]not exercised here:[/] " + escape(line), markup=True)
 
 
 def _candidates_table(m) -> None:
@@ -95,7 +95,7 @@ def _candidates_table(m) -> None:
                       dev, "n/a" if e["error_ratio"] is None else f"{e['error_ratio']:.2f}x")
     out.print(table)
     pick = m.ladder.host_pick
-    err.print(escape(f"host pick: {pick['explanation']} ({pick['note']})"))
+    err.print(f"host pick: {pick['explanation']} ({pick['note']})")
 
 
 def _with_progress(fn, quiet: bool):
@@ -107,8 +107,8 @@ def _with_progress(fn, quiet: bool):
     start = time.perf_counter()
     with err.status("generating") as status:
         def log(m):
-            err.print(f"  {time.perf_counter() - start:5.1f}s  {m}", highlight=False, markup=False)
-            status.update(m)
+            err.print(f"  {time.perf_counter() - start:5.1f}s  {m}", highlight=False)
+            status.update(escape(m))  # the spinner reads its text as markup, whatever the console's setting
 
         return fn(log)
 

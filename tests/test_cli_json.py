@@ -50,6 +50,14 @@ def test_train_help_shows_the_size_syntax():
     assert res.exit_code == 0 and res.output.count("WIDTH[xLAYERS]") == 2, res.output
 
 
+def test_paths_with_brackets_are_printed_as_they_are(tiny_run, tmp_path):
+    """rich reads '[...]' as markup: '--out runs/[v2]/p' was reported as 'runs/p', and '[/]' failed with exit 1
+    after the model was written."""
+    for stem in (tmp_path / "[v2]" / "p", tmp_path / "a[/]b"):
+        res = cli.invoke(app, ["project", str(tiny_run), "--task", "3", "--out", str(stem)])
+        assert res.exit_code == 0 and f"-> {stem}.safetensors " in res.output, res.output
+
+
 @pytest.mark.slow
 def test_every_command_prints_one_json_document(tiny_run, tmp_path, capsys):
     b = tmp_path / "bundle"
