@@ -16,7 +16,7 @@ from rich.table import Table
 
 from projectable_edge import cli_device, cli_export
 from projectable_edge.choices import ExtraOperator, Fit, Mixture, Preset, Split
-from projectable_edge.cli_common import check_out_writable, emit_json, err, make_app, out, run_app
+from projectable_edge.cli_common import check_out_writable, emit_json, err, make_app, out, run_app, show
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 
@@ -131,7 +131,7 @@ def evaluate(
     m = report["models"]
     table.add_row("params/task", *(f"{m[r]['params']:,}" for r in roles))
     table.add_row("MFLOPs/image", *(f"{m[r]['flops_per_image'] / 1e6:.1f}" for r in roles))
-    out.print(table)
+    show(table)
     if len(report["ladder"]) > 1:
         lad = Table(title="size ladder: projected vs universal of the same size (macro bits/dim)")
         for c in ("size", "params/task", "MFLOPs/image", "projected", "universal", "P / U", "tasks won"):
@@ -139,7 +139,7 @@ def evaluate(
         for r in report["ladder"]:
             lad.add_row(r["size"], f"{r['params']:,}", f"{r['flops_per_image'] / 1e6:.1f}", f"{r['projected']:.4f}",
                         f"{r['universal']:.4f}", f"{r['ratio']:.3f}", f"{r['wins']}/{len(report['tasks'])}")
-        out.print(lad)
+        show(lad)
     for a in report["adapted"]:
         out.print(f"adapted task {a['task']} ({a['n_images']} images): projected {a['projected']:.4f} bits/dim on "
                   f"{a['n_scored']} {'held-out' if a['held_out'] else 'fitted'} images; nearest trained task "

@@ -18,23 +18,31 @@ import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.segment import Segments
 
 from projectable_edge_runtime.devices.choices import StrEnum
 from projectable_edge_runtime.commands.console import cli_signals, emit_json, error_boundary, take_verbose
 
-__all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out", "run_app"]
+__all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out", "run_app", "show"]
 
 _state = {"verbose": False}
 # messages and log lines stay one line each, whatever the width; markup is off by default: paths and names may
 # hold brackets ('runs/[v2]'), which rich would take for styles (and drop) or fail on ('[/]')
 err = Console(stderr=True, soft_wrap=True, markup=False)
-out = Console(markup=False)
+out = Console(soft_wrap=True, markup=False)
 _PASSTHROUGH = (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException)
 
 
 def choice_enum(name: str, words) -> type[StrEnum]:
     """A typer choice type from a registry's words (typer lists them in --help and rejects others)."""
     return StrEnum(name, [(w.upper().replace("-", "_"), w) for w in words])
+
+
+def show(table) -> None:
+    """Print a table whole, at its natural width: rich fits a table to the console (80 columns when stdout is a
+    pipe or a file) by cropping its cells ('32x4/int…'), down to empty cells in a narrow terminal."""
+    natural = out.measure(table, options=out.options.update_width(1 << 16)).maximum
+    out.print(Segments(out.render(table, out.options.update_width(max(natural, out.width)))))
 
 
 def _say(line: str) -> None:

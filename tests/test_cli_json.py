@@ -58,6 +58,20 @@ def test_paths_with_brackets_are_printed_as_they_are(tiny_run, tmp_path):
         assert res.exit_code == 0 and f"-> {stem}.safetensors " in res.output, res.output
 
 
+def test_tables_and_lines_print_whole_at_any_width(tiny_run):
+    """rich fits tables to the console (80 columns when stdout is a pipe, or COLUMNS) by cropping their cells
+    ('precisi…'), and broke long lines (a command line to copy) in two."""
+    from projectable_edge_runtime.devices.profiles import list_profiles
+
+    for columns in ("80", "20"):
+        res = cli.invoke(app, ["targets"], env={"COLUMNS": columns})
+        assert res.exit_code == 0 and "precisions" in res.output, res.output
+        assert all(p.name in res.output and ", ".join(p.precisions) in res.output for p in list_profiles())
+    res = cli.invoke(app, ["evaluate", str(tiny_run)], env={"COLUMNS": "60"})
+    last = res.output.splitlines()[-1]
+    assert res.exit_code == 0 and last.startswith("projected beats ") and last.endswith(" ms"), res.output
+
+
 @pytest.mark.slow
 def test_every_command_prints_one_json_document(tiny_run, tmp_path, capsys):
     b = tmp_path / "bundle"
