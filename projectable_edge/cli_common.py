@@ -26,6 +26,10 @@ from projectable_edge_runtime.commands.console import cli_signals, emit_json, er
 __all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out", "run_app", "show"]
 
 _state = {"verbose": False}
+# COLUMNS=0 (a terminal that reports no size: some CI runners and containers) makes rich draw 0 columns wide, so
+# errors and --help printed nothing at all; it is taken as unset, as rich takes a 0 from the terminal itself
+if os.environ.get("COLUMNS", "1").strip("0") == "":
+    del os.environ["COLUMNS"]
 # messages and log lines stay one line each, whatever the width; markup is off by default: paths and names may
 # hold brackets ('runs/[v2]'), which rich would take for styles (and drop) or fail on ('[/]')
 err = Console(stderr=True, soft_wrap=True, markup=False)

@@ -4,6 +4,7 @@ comes from an enum whose words are the code's own."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,17 @@ def test_console_scripts_usage_errors_are_one_line_and_verbose_goes_anywhere(tmp
                 device + ["--verbose", "info", str(tmp_path)], device + ["info", str(tmp_path), "--verbose"]):
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 2 and "Traceback" in res.stderr and "rerun with --verbose" not in res.stderr, cmd
+
+
+def test_console_script_speaks_when_the_terminal_reports_no_width(tmp_path):
+    """COLUMNS=0 (a terminal that reports no size) made rich draw 0 columns: errors and --help printed nothing."""
+    import subprocess
+    import sys
+
+    host = [sys.executable, "-c", "import sys; sys.argv[0] = 'projectable-edge'; "
+                                  "from projectable_edge.entry import main; main()"]
+    env = {**os.environ, "COLUMNS": "0"}
+    res = subprocess.run(host + ["tasks", str(tmp_path / "gone")], capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and res.stderr.startswith("error: run folder"), res.stderr
+    res = subprocess.run(host + ["tasks", "--help"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "Usage" in res.stdout, res.stdout
