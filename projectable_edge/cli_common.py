@@ -30,10 +30,17 @@ _state = {"verbose": False}
 # errors and --help printed nothing at all; it is taken as unset, as rich takes a 0 from the terminal itself
 if os.environ.get("COLUMNS", "1").strip("0") == "":
     del os.environ["COLUMNS"]
+
+
+class _Stdout(Console):
+    def on_broken_pipe(self) -> None:  # rich exits with 1; the error boundary ends `... | head` quietly, with 0
+        raise BrokenPipeError
+
+
 # messages and log lines stay one line each, whatever the width; markup is off by default: paths and names may
 # hold brackets ('runs/[v2]'), which rich would take for styles (and drop) or fail on ('[/]')
 err = Console(stderr=True, soft_wrap=True, markup=False)
-out = Console(soft_wrap=True, markup=False)
+out = _Stdout(soft_wrap=True, markup=False)
 _PASSTHROUGH = (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException)
 
 

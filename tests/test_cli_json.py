@@ -191,3 +191,17 @@ def test_console_script_speaks_when_the_terminal_reports_no_width(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error: run folder"), res.stderr
     res = subprocess.run(host + ["tasks", "--help"], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "Usage" in res.stdout, res.stdout
+
+
+def test_console_script_ends_quietly_when_its_reader_has_gone():
+    """`projectable-edge targets | head -1`: a table (rich) ended with status 1, JSON with 0, like any Unix filter."""
+    import subprocess
+    import sys
+
+    host = [sys.executable, "-c", "import sys; sys.argv[0] = 'projectable-edge'; "
+                                  "from projectable_edge.entry import main; main()"]
+    for args in (["targets"], ["targets", "--json"]):
+        proc = subprocess.Popen(host + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # the reader goes before the first write
+        stderr = proc.stderr.read()
+        assert proc.wait() == 0 and stderr == "", (args, stderr)
