@@ -84,7 +84,8 @@ def train(
                      projected_lr_scale=projected_lr_scale, sliced_lr_scale=sliced_lr_scale,
                      ladder=ladder)
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
-                          channels=3 if rgb else 1, levels=levels, hold_out=hold_out_task or ())
+                          channels=3 if rgb else 1, levels=levels,
+                          hold_out=() if hold_out_task is None else hold_out_task)
     if freeze_source and init_source is None:
         err.print("[yellow]note:[/] --freeze-source without --init-source keeps a randomly initialised source",
                   markup=True)
