@@ -114,6 +114,13 @@ def run_app(app: typer.Typer, argv: list[str]) -> int:
     errors in one line like every other error (click draws them as a box of five); the exit code."""
     cli_signals()
     argv, verbose = take_verbose(argv)
+    empty = next((i for i, a in enumerate(argv) if a == "" or a.startswith("--") and a.endswith("=")), None)
+    if empty is not None:  # never a valid value; click reads an empty path as the current folder (--cache-dir "")
+        a = argv[empty]
+        what = f"{a} has an empty value" if a else "an empty argument" + (f" after {argv[empty - 1]}" if empty else "")
+        _say(f"{what} (an unset shell variable?): give it a value, or leave the option out "
+             "(see 'projectable-edge --help')")
+        return 2
     try:
         code = app(args=["--verbose"] * verbose + (argv or ["--help"]), prog_name="projectable-edge",
                    standalone_mode=False)

@@ -205,3 +205,22 @@ def test_console_script_ends_quietly_when_its_reader_has_gone():
         proc.stdout.close()  # the reader goes before the first write
         stderr = proc.stderr.read()
         assert proc.wait() == 0 and stderr == "", (args, stderr)
+
+
+def test_console_script_refuses_an_empty_argument(tiny_run, tmp_path):
+    """An unset shell variable (--out "$OUT"): click read the empty path as the current folder, so `project --out ""`
+    wrote ../<folder>.safetensors and `generate --cache-dir ""` filled the current folder with cache entries."""
+    import subprocess
+    import sys
+
+    host = [sys.executable, "-c", "import sys; sys.argv[0] = 'projectable-edge'; "
+                                  "from projectable_edge.entry import main; main()"]
+    work = tmp_path / "work"
+    work.mkdir()
+    for args, option in ((["project", str(tiny_run), "--task", "3", "--out", ""], "after --out"),
+                         (["project", str(tiny_run), "--task", "3", "--out="], "--out= has"),
+                         (["generate", "--task", "3", "--cache-dir", "", "--json"], "after --cache-dir")):
+        res = subprocess.run(host + args, capture_output=True, text=True, cwd=work)
+        assert res.returncode == 2 and res.stdout == "" and res.stderr.count("\n") == 1, (args, res.stderr)
+        assert res.stderr.startswith("error: ") and option in res.stderr, res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["work"] and not any(work.iterdir())
