@@ -168,6 +168,14 @@ def quantize(onnx_path: str | Path, settings: QuantizeSettings | dict | str, out
     if variant_of(proto) != "fp32":
         raise ProjectableEdgeError(f"{src} is already quantized or fp16; quantize the fp32 graph from "
                                    "`projectable-edge export` instead")
+    if overwrite and out_path.is_file():  # an earlier quantized graph only: never the input itself, nor another file
+        try:
+            ours = variant_of(load_onnx(out_path)) != "fp32"
+        except ProjectableEdgeError:
+            ours = False
+        if not ours:
+            raise ProjectableEdgeError(f"{out_path} is not a graph written by `quantize` (it is an fp32 graph or "
+                                       "another file), so --overwrite does not replace it; choose another --out")
     kind, spec = kind_of(i.name for i in proto.graph.input), read_spec(proto, str(src))
     calibration, calib_info = _calibration(calibration, spec, settings)
     val, val_source = _validation(heldout, calibration, spec, settings)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from projectable_edge import cli_device, cli_export
 from projectable_edge.choices import ExtraOperator, Fit, Mixture, Preset, Split
-from projectable_edge.cli_common import check_out_writable, emit_json, err, make_app, out, run_app
+from projectable_edge.cli_common import check_out_writable, emit_json, err, make_app, out, run_app, show
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 
@@ -84,13 +84,15 @@ def train(
                      projected_lr_scale=projected_lr_scale, sliced_lr_scale=sliced_lr_scale,
                      ladder=ladder)
     data_cfg = DataConfig(dataset=dataset, seed=seed, height=image_size, width=image_size,
-                          channels=3 if rgb else 1, levels=levels, hold_out=hold_out_task or ())
+                          channels=3 if rgb else 1, levels=levels,
+                          hold_out=() if hold_out_task is None else hold_out_task)
     if freeze_source and init_source is None:
-        err.print("[yellow]note:[/] --freeze-source without --init-source keeps a randomly initialised source")
+        err.print("[yellow]note:[/] --freeze-source without --init-source keeps a randomly initialised source",
+                  markup=True)
     check_out_writable(out)
     summary = run_train(cfg, data_cfg, out, resume=resume, init_source=init_source, from_run=from_run,
                         progress=progress and not as_json,
-                        log=lambda m: err.print(m, markup=False))
+                        log=err.print)
     if as_json:
         emit_json({"run": str(out), **summary})
     else:
@@ -126,11 +128,11 @@ def evaluate(
         table.add_column(r, justify="right")
     for t in report["tasks"]:
         table.add_row(t["task"], *(f"{t['bits_per_dim'][r]:.4f}" for r in roles))
-    table.add_row("[bold]macro", *(f"[bold]{report['macro_bits_per_dim'][r]:.4f}" for r in roles))
+    table.add_row("macro", *(f"{report['macro_bits_per_dim'][r]:.4f}" for r in roles), style="bold")
     m = report["models"]
     table.add_row("params/task", *(f"{m[r]['params']:,}" for r in roles))
     table.add_row("MFLOPs/image", *(f"{m[r]['flops_per_image'] / 1e6:.1f}" for r in roles))
-    out.print(table)
+    show(table)
     if len(report["ladder"]) > 1:
         lad = Table(title="size ladder: projected vs universal of the same size (macro bits/dim)")
         for c in ("size", "params/task", "MFLOPs/image", "projected", "universal", "P / U", "tasks won"):
@@ -138,7 +140,7 @@ def evaluate(
         for r in report["ladder"]:
             lad.add_row(r["size"], f"{r['params']:,}", f"{r['flops_per_image'] / 1e6:.1f}", f"{r['projected']:.4f}",
                         f"{r['universal']:.4f}", f"{r['ratio']:.3f}", f"{r['wins']}/{len(report['tasks'])}")
-        out.print(lad)
+        show(lad)
     for a in report["adapted"]:
         out.print(f"adapted task {a['task']} ({a['n_images']} images): projected {a['projected']:.4f} bits/dim on "
                   f"{a['n_scored']} {'held-out' if a['held_out'] else 'fitted'} images; nearest trained task "
@@ -185,7 +187,7 @@ def adapt(
     from projectable_edge.adapt import adapt as run_adapt
 
     res = run_adapt(run, images, name, AdaptConfig(steps=steps, lr=lr, fit=str(fit), seed=seed), force=force,
-                    log=lambda m: err.print(m, markup=False))
+                    log=err.print)
     if as_json:
         emit_json(res)
 

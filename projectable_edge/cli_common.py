@@ -18,15 +18,29 @@ import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.segment import Segments
 
 from projectable_edge_runtime.devices.choices import StrEnum
 from projectable_edge_runtime.commands.console import cli_signals, emit_json, error_boundary, take_verbose
 
-__all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out", "run_app"]
+__all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out", "run_app", "show"]
 
 _state = {"verbose": False}
-err = Console(stderr=True, soft_wrap=True)  # messages and log lines stay one line each, whatever the width
-out = Console()
+# COLUMNS=0 (a terminal that reports no size: some CI runners and containers) makes rich draw 0 columns wide, so
+# errors and --help printed nothing at all; it is taken as unset, as rich takes a 0 from the terminal itself
+if os.environ.get("COLUMNS", "1").strip("0") == "":
+    del os.environ["COLUMNS"]
+
+
+class _Stdout(Console):
+    def on_broken_pipe(self) -> None:  # rich exits with 1; the error boundary ends `... | head` quietly, with 0
+        raise BrokenPipeError
+
+
+# messages and log lines stay one line each, whatever the width; markup is off by default: paths and names may
+# hold brackets ('runs/[v2]'), which rich would take for styles (and drop) or fail on ('[/]')
+err = Console(stderr=True, soft_wrap=True, markup=False)
+out = _Stdout(soft_wrap=True, markup=False)
 _PASSTHROUGH = (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException)
 
 
@@ -35,8 +49,15 @@ def choice_enum(name: str, words) -> type[StrEnum]:
     return StrEnum(name, [(w.upper().replace("-", "_"), w) for w in words])
 
 
+def show(table) -> None:
+    """Print a table whole, at its natural width: rich fits a table to the console (80 columns when stdout is a
+    pipe or a file) by cropping its cells ('32x4/int…'), down to empty cells in a narrow terminal."""
+    natural = out.measure(table, options=out.options.update_width(1 << 16)).maximum
+    out.print(Segments(out.render(table, out.options.update_width(max(natural, out.width)))))
+
+
 def _say(line: str) -> None:
-    err.print("[bold red]error:[/] " + escape(line.removeprefix("error: ")), highlight=False)
+    err.print("[bold red]error:[/] " + escape(line.removeprefix("error: ")), markup=True, highlight=False)
 
 
 def guarded(fn):
@@ -93,6 +114,13 @@ def run_app(app: typer.Typer, argv: list[str]) -> int:
     errors in one line like every other error (click draws them as a box of five); the exit code."""
     cli_signals()
     argv, verbose = take_verbose(argv)
+    empty = next((i for i, a in enumerate(argv) if a == "" or a.startswith("--") and a.endswith("=")), None)
+    if empty is not None:  # never a valid value; click reads an empty path as the current folder (--cache-dir "")
+        a = argv[empty]
+        what = f"{a} has an empty value" if a else "an empty argument" + (f" after {argv[empty - 1]}" if empty else "")
+        _say(f"{what} (an unset shell variable?): give it a value, or leave the option out "
+             "(see 'projectable-edge --help')")
+        return 2
     try:
         code = app(args=["--verbose"] * verbose + (argv or ["--help"]), prog_name="projectable-edge",
                    standalone_mode=False)

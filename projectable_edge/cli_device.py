@@ -11,7 +11,7 @@ from rich.table import Table
 
 from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.devices.profiles import DEFAULT_TARGET
-from projectable_edge.cli_common import check_out_writable, choice_enum, emit_json, err, out
+from projectable_edge.cli_common import check_out_writable, choice_enum, emit_json, err, show
 from projectable_edge.pipeline.plan import precision_choices
 
 GeneratePrecision = choice_enum("GeneratePrecision", precision_choices())
@@ -32,7 +32,7 @@ def targets(as_json: bool = typer.Option(False, "--json")):
     for p in profiles:
         table.add_row(p.name, ", ".join(p.aliases), p.arch, p.compile_backend, ", ".join(p.precisions),
                       f"{p.budgets.p99_latency_ms:g}", f"{p.budgets.memory_mb}")
-    out.print(table)
+    show(table)
 
 
 def generate(
@@ -73,13 +73,13 @@ def generate(
         a, lat = c.accuracy, c.latency_host
         table.add_row(n, f"{a.bits:.4f}", f"{a.vs_fp32:+.4f}", f"{a.bits - a.reference_bits:+.4f}",
                       f"{lat.p50_ms:.3f}", f"{lat.p99_ms:.3f}", "pass" if a.passed else "FAIL")
-    out.print(table)
+    show(table)
     if m.ladder is not None:
         _candidates_table(m)
     for n, why in m.selection.passed_over.items():
-        err.print(escape(f"passed over {n}: {why}"))
+        err.print(f"passed over {n}: {why}")
     for line in m.exercised.not_done:
-        err.print("[yellow]not exercised here:[/] " + escape(line))
+        err.print("[yellow]not exercised here:[/] " + escape(line), markup=True)
 
 
 def _candidates_table(m) -> None:
@@ -93,9 +93,9 @@ def _candidates_table(m) -> None:
         dev = "n/a" if e.get("device_p50_ms") is None else f"{e['device_p50_ms']:.4f}"
         table.add_row(n, f"{c.accuracy.bits:.4f}", f"{c.accuracy.vs_universal:+.4f}", f"{c.latency_host.p99_ms:.3f}",
                       dev, "n/a" if e["error_ratio"] is None else f"{e['error_ratio']:.2f}x")
-    out.print(table)
+    show(table)
     pick = m.ladder.host_pick
-    err.print(escape(f"host pick: {pick['explanation']} ({pick['note']})"))
+    err.print(f"host pick: {pick['explanation']} ({pick['note']})")
 
 
 def _with_progress(fn, quiet: bool):
@@ -107,8 +107,8 @@ def _with_progress(fn, quiet: bool):
     start = time.perf_counter()
     with err.status("generating") as status:
         def log(m):
-            err.print(f"  {time.perf_counter() - start:5.1f}s  {m}", highlight=False, markup=False)
-            status.update(m)
+            err.print(f"  {time.perf_counter() - start:5.1f}s  {m}", highlight=False)
+            status.update(escape(m))  # the spinner reads its text as markup, whatever the console's setting
 
         return fn(log)
 

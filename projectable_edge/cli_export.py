@@ -18,7 +18,7 @@ QuantizePrecision = choice_enum("QuantizePrecision", converted())
 
 
 def _log(quiet: bool):
-    return (lambda s: None) if quiet else (lambda s: err.print(s, highlight=False, markup=False))
+    return (lambda s: None) if quiet else (lambda s: err.print(s, highlight=False))
 
 
 def export(

@@ -53,8 +53,12 @@ class DataConfig:
     hold_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        held = self.hold_out.split(",") if isinstance(self.hold_out, str) else self.hold_out
+        text = isinstance(self.hold_out, str)
+        held = self.hold_out.split(",") if text else self.hold_out
         object.__setattr__(self, "hold_out", tuple(str(t).strip() for t in held if str(t).strip()))
+        if text and not self.hold_out:  # given but empty ("", ","): refused, not read as "none held out"
+            raise ProjectableEdgeError("the held-out tasks (--hold-out-task) name no task: give task names like 7 "
+                                       "or 3,7, or leave the option out")
         if isinstance(self.dataset, os.PathLike):
             object.__setattr__(self, "dataset", os.fspath(self.dataset))
         if not isinstance(self.dataset, str) or not self.dataset:

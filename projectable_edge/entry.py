@@ -36,7 +36,7 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader that went away, or a closed stream
+        except (OSError, ValueError, AttributeError):  # a reader that went away, a closed stream, or none (None)
             pass
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 

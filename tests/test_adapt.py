@@ -55,7 +55,7 @@ def _held_images(n: int) -> np.ndarray:
     return data.held_out[HELD]["train"][:n]
 
 
-def test_hold_out_removes_the_task_and_keeps_the_others_splits():
+def test_hold_out_removes_the_task_and_keeps_the_others_splits(tmp_path):
     full, held = load_dataset(DataConfig()), load_dataset(DataConfig(hold_out=(HELD,)))
     assert HELD not in held.task_names and held.n_tasks == full.n_tasks - 1
     for s in ("train", "test"):  # the remaining tasks keep exactly their images, renumbered
@@ -64,6 +64,13 @@ def test_hold_out_removes_the_task_and_keeps_the_others_splits():
     assert set(held.splits["train"][1].tolist()) == set(range(held.n_tasks))
     with pytest.raises(ProjectableEdgeError, match="cannot hold out"):
         load_dataset(DataConfig(hold_out=("eleven",)))
+    # given but empty (an unset shell variable): refused, not a run that silently holds out nothing
+    res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--hold-out-task", "", "--out",
+                                   str(tmp_path / "run")])
+    assert res.exit_code == 2 and "name no task" in res.output and not (tmp_path / "run").exists(), res.output
+    with pytest.raises(ProjectableEdgeError, match="name no task"):
+        DataConfig(hold_out=" , ")
+    assert DataConfig.from_dict(DataConfig().to_dict()).hold_out == ()
 
 
 def test_adapt_registers_a_task_that_tasks_lists_and_generate_accepts(held_run, tmp_path):

@@ -4,6 +4,7 @@ comes from an enum whose words are the code's own."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,28 @@ def test_train_help_shows_the_size_syntax():
     """Rich markup must not eat `[xLAYERS]` from the help of --small and --ladder."""
     res = cli.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
     assert res.exit_code == 0 and res.output.count("WIDTH[xLAYERS]") == 2, res.output
+
+
+def test_paths_with_brackets_are_printed_as_they_are(tiny_run, tmp_path):
+    """rich reads '[...]' as markup: '--out runs/[v2]/p' was reported as 'runs/p', and '[/]' failed with exit 1
+    after the model was written."""
+    for stem in (tmp_path / "[v2]" / "p", tmp_path / "a[/]b"):
+        res = cli.invoke(app, ["project", str(tiny_run), "--task", "3", "--out", str(stem)])
+        assert res.exit_code == 0 and f"-> {stem}.safetensors " in res.output, res.output
+
+
+def test_tables_and_lines_print_whole_at_any_width(tiny_run):
+    """rich fits tables to the console (80 columns when stdout is a pipe, or COLUMNS) by cropping their cells
+    ('precisi…'), and broke long lines (a command line to copy) in two."""
+    from projectable_edge_runtime.devices.profiles import list_profiles
+
+    for columns in ("80", "20"):
+        res = cli.invoke(app, ["targets"], env={"COLUMNS": columns})
+        assert res.exit_code == 0 and "precisions" in res.output, res.output
+        assert all(p.name in res.output and ", ".join(p.precisions) in res.output for p in list_profiles())
+    res = cli.invoke(app, ["evaluate", str(tiny_run)], env={"COLUMNS": "60"})
+    last = res.output.splitlines()[-1]
+    assert res.exit_code == 0 and last.startswith("projected beats ") and last.endswith(" ms"), res.output
 
 
 @pytest.mark.slow
@@ -119,6 +142,23 @@ def test_console_script_exit_runs_exit_handlers_and_keeps_the_code(tmp_path):
     assert res.returncode == 2 and "toaster" in res.stderr and marker.read_text() == "ran"
 
 
+def test_console_script_started_with_a_stream_closed_keeps_its_exit_code():
+    # `cmd 2>&-` or `cmd >&-`: Python sets that sys stream to None; the console script's final flush must not turn
+    # the command's result into a traceback and status 1
+    import subprocess
+    import sys
+
+    script = "import sys; sys.argv[0] = 'projectable-edge'; from projectable_edge.entry import main; main()"
+    def run(close: str, *args: str):
+        return subprocess.run(["sh", "-c", f'exec "$@" {close}', "sh", sys.executable, "-c", script, *args],
+                              capture_output=True, text=True)
+
+    res = run("2>&-", "targets", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["targets"]
+    res = run(">&-", "targets")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
 def test_console_scripts_usage_errors_are_one_line_and_verbose_goes_anywhere(tmp_path):
     """click and argparse draw a usage error as a box or a usage block; both console scripts print one line,
     exit 2, and take --verbose before or after the command."""
@@ -137,3 +177,50 @@ def test_console_scripts_usage_errors_are_one_line_and_verbose_goes_anywhere(tmp
                 device + ["--verbose", "info", str(tmp_path)], device + ["info", str(tmp_path), "--verbose"]):
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 2 and "Traceback" in res.stderr and "rerun with --verbose" not in res.stderr, cmd
+
+
+def test_console_script_speaks_when_the_terminal_reports_no_width(tmp_path):
+    """COLUMNS=0 (a terminal that reports no size) made rich draw 0 columns: errors and --help printed nothing."""
+    import subprocess
+    import sys
+
+    host = [sys.executable, "-c", "import sys; sys.argv[0] = 'projectable-edge'; "
+                                  "from projectable_edge.entry import main; main()"]
+    env = {**os.environ, "COLUMNS": "0"}
+    res = subprocess.run(host + ["tasks", str(tmp_path / "gone")], capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and res.stderr.startswith("error: run folder"), res.stderr
+    res = subprocess.run(host + ["tasks", "--help"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "Usage" in res.stdout, res.stdout
+
+
+def test_console_script_ends_quietly_when_its_reader_has_gone():
+    """`projectable-edge targets | head -1`: a table (rich) ended with status 1, JSON with 0, like any Unix filter."""
+    import subprocess
+    import sys
+
+    host = [sys.executable, "-c", "import sys; sys.argv[0] = 'projectable-edge'; "
+                                  "from projectable_edge.entry import main; main()"]
+    for args in (["targets"], ["targets", "--json"]):
+        proc = subprocess.Popen(host + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # the reader goes before the first write
+        stderr = proc.stderr.read()
+        assert proc.wait() == 0 and stderr == "", (args, stderr)
+
+
+def test_console_script_refuses_an_empty_argument(tiny_run, tmp_path):
+    """An unset shell variable (--out "$OUT"): click read the empty path as the current folder, so `project --out ""`
+    wrote ../<folder>.safetensors and `generate --cache-dir ""` filled the current folder with cache entries."""
+    import subprocess
+    import sys
+
+    host = [sys.executable, "-c", "import sys; sys.argv[0] = 'projectable-edge'; "
+                                  "from projectable_edge.entry import main; main()"]
+    work = tmp_path / "work"
+    work.mkdir()
+    for args, option in ((["project", str(tiny_run), "--task", "3", "--out", ""], "after --out"),
+                         (["project", str(tiny_run), "--task", "3", "--out="], "--out= has"),
+                         (["generate", "--task", "3", "--cache-dir", "", "--json"], "after --cache-dir")):
+        res = subprocess.run(host + args, capture_output=True, text=True, cwd=work)
+        assert res.returncode == 2 and res.stdout == "" and res.stderr.count("\n") == 1, (args, res.stderr)
+        assert res.stderr.startswith("error: ") and option in res.stderr, res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["work"] and not any(work.iterdir())

@@ -1,5 +1,6 @@
 """Quantization: FP16 / INT8 dynamic / INT8 static QDQ variants, their structure, accuracy and errors."""
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -158,6 +159,17 @@ def test_bad_quantize_inputs_write_nothing(tmp_path, ex):
     with pytest.raises(ProjectableEdgeError, match="already exists"):
         quantize(ex.scoring, "fp16", out)
     assert out.read_bytes() == b"existing"
+    # overwrite replaces an earlier quantized graph only: not the graph being quantized (nor any other file)
+    src = tmp_path / "scoring.onnx"
+    shutil.copy(ex.scoring, src)
+    for target in (src, bad):
+        before = target.read_bytes()
+        with pytest.raises(ProjectableEdgeError, match="not a graph written by `quantize`"):
+            quantize(src, "fp16", target, overwrite=True)
+        assert target.read_bytes() == before
+    out.unlink()
+    quantize(src, "fp16", out)
+    quantize(src, "fp16", out, overwrite=True)  # an earlier output is replaced
 
 
 def test_cli_quantize(tmp_path, ex):
