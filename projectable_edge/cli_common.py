@@ -21,11 +21,12 @@ from rich.markup import escape
 from rich.segment import Segments
 
 from projectable_edge_runtime.devices.choices import StrEnum
-from projectable_edge_runtime.commands.console import cli_signals, emit_json, error_boundary, take_verbose
+from projectable_edge_runtime.commands.console import cli_signals, emit_json, error_boundary, fail, take_verbose, \
+    wants_json
 
 __all__ = ["check_out_writable", "choice_enum", "emit_json", "err", "make_app", "out", "run_app", "show"]
 
-_state = {"verbose": False}
+_state = {"verbose": False, "json": False}  # json: --json was asked for (errors then also go to stdout as JSON)
 # COLUMNS=0 (a terminal that reports no size: some CI runners and containers) makes rich draw 0 columns wide, so
 # errors and --help printed nothing at all; it is taken as unset, as rich takes a 0 from the terminal itself
 if os.environ.get("COLUMNS", "1").strip("0") == "":
@@ -66,7 +67,7 @@ def guarded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         code = error_boundary(lambda: fn(*args, **kwargs), verbose=_state["verbose"], say=_say,
-                              passthrough=_PASSTHROUGH)
+                              passthrough=_PASSTHROUGH, json_errors=_state["json"])
         if code:
             raise typer.Exit(code)
 
@@ -114,23 +115,22 @@ def run_app(app: typer.Typer, argv: list[str]) -> int:
     errors in one line like every other error (click draws them as a box of five); the exit code."""
     cli_signals()
     argv, verbose = take_verbose(argv)
+    _state["json"] = wants_json(argv)
     empty = next((i for i, a in enumerate(argv) if a == "" or a.startswith("--") and a.endswith("=")), None)
     if empty is not None:  # never a valid value; click reads an empty path as the current folder (--cache-dir "")
         a = argv[empty]
         what = f"{a} has an empty value" if a else "an empty argument" + (f" after {argv[empty - 1]}" if empty else "")
-        _say(f"{what} (an unset shell variable?): give it a value, or leave the option out "
-             "(see 'projectable-edge --help')")
-        return 2
+        return fail(f"{what} (an unset shell variable?): give it a value, or leave the option out "
+                    "(see 'projectable-edge --help')", 2, _state["json"], _say)
     try:
         code = app(args=["--verbose"] * verbose + (argv or ["--help"]), prog_name="projectable-edge",
                    standalone_mode=False)
     except _ABORTS:
-        _say("interrupted")
-        return 130
+        return fail("interrupted", 130, _state["json"], _say)
     except _CLICK_ERRORS as e:
         ctx = getattr(e, "ctx", None)  # a usage error: an unknown option or command, a bad or missing value
-        _say(f"{e.format_message()} (see '{ctx.command_path if ctx else 'projectable-edge'} --help')")
-        return e.exit_code
+        return fail(f"{e.format_message()} (see '{ctx.command_path if ctx else 'projectable-edge'} --help')",
+                    e.exit_code, _state["json"], _say)
     return code if isinstance(code, int) else 0
 
 

@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line usage error, like every other error of the CLI (exit 2)."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+        raise ProjectableEdgeError(f"{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         console.cli_signals()
     argv, verbose = console.take_verbose(sys.argv[1:] if argv is None else list(argv))
-    args = build_parser().parse_args(argv)
+    json_errors = console.wants_json(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ProjectableEdgeError as e:  # a usage error
+        return console.fail(f"error: {e}", 2, json_errors)
     args.verbose = verbose or getattr(args, "verbose", False)
-    return console.error_boundary(lambda: run(args), verbose=args.verbose)
+    return console.error_boundary(lambda: run(args), verbose=args.verbose, json_errors=json_errors)
 
 
 if __name__ == "__main__":

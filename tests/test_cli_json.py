@@ -179,6 +179,31 @@ def test_console_scripts_usage_errors_are_one_line_and_verbose_goes_anywhere(tmp
         assert res.returncode == 2 and "Traceback" in res.stderr and "rerun with --verbose" not in res.stderr, cmd
 
 
+def test_json_errors_are_one_json_document_on_stdout_and_one_line_on_stderr(tmp_path):
+    """--json means stdout is exactly one JSON document, a failure included: {"error", "exit_code"}, beside the
+    usual one line on stderr; without --json stdout stays empty. Usage and run-time errors, both CLIs."""
+    import subprocess
+    import sys
+
+    host = [sys.executable, "-c", "import sys; sys.argv[0] = 'projectable-edge'; "
+                                  "from projectable_edge.entry import main; main()"]
+    device = [sys.executable, "-m", "projectable_edge_runtime"]
+    gone = str(tmp_path / "gone")
+    for cmd, needle in ((host + ["tasks", gone, "--json"], "run folder"),
+                        (host + ["generate", "--json", "--precision", "int4"], "int4"),
+                        (host + ["project", gone, "--task", "3", "--out", "", "--json"], "empty argument"),
+                        (device + ["info", gone, "--json"], "does not exist"),
+                        (device + ["benchmark", gone, "--runs", "abc", "--json"], "abc"),
+                        (device + ["--json", "bogus"], "bogus")):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+        doc = json.loads(res.stdout)  # the whole of stdout: one document
+        assert doc == {"error": res.stderr.strip().removeprefix("error: "), "exit_code": 2}, (cmd, doc)
+        assert needle in doc["error"], doc
+        res = subprocess.run([a for a in cmd if a != "--json"], capture_output=True, text=True)
+        assert res.returncode == 2 and res.stdout == "", (cmd, res.stdout)
+
+
 def test_console_script_speaks_when_the_terminal_reports_no_width(tmp_path):
     """COLUMNS=0 (a terminal that reports no size) made rich draw 0 columns: errors and --help printed nothing."""
     import subprocess
@@ -221,6 +246,7 @@ def test_console_script_refuses_an_empty_argument(tiny_run, tmp_path):
                          (["project", str(tiny_run), "--task", "3", "--out="], "--out= has"),
                          (["generate", "--task", "3", "--cache-dir", "", "--json"], "after --cache-dir")):
         res = subprocess.run(host + args, capture_output=True, text=True, cwd=work)
-        assert res.returncode == 2 and res.stdout == "" and res.stderr.count("\n") == 1, (args, res.stderr)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, (args, res.stderr)
+        assert json.loads(res.stdout)["exit_code"] == 2 if "--json" in args else res.stdout == "", res.stdout
         assert res.stderr.startswith("error: ") and option in res.stderr, res.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["work"] and not any(work.iterdir())

@@ -34,19 +34,36 @@ def one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines())
 
 
-def error_boundary(fn: Callable[[], Any], *, verbose: bool = False,
-                   say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
-                   passthrough: tuple[type[BaseException], ...] = ()) -> int:
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def wants_json(argv: list[str]) -> bool:
+    """Whether the command line asks for --json (before any `--`)."""
+    return "--json" in argv[:argv.index("--") if "--" in argv else len(argv)]
+
+
+def fail(line: str, code: int, json_errors: bool = False, say: Callable[[str], None] = _stderr) -> int:
+    """Say an error's one line and return its exit code; under --json stdout also gets it, as its one JSON document
+    {"error", "exit_code"}, so a caller parsing stdout reads the failure instead of nothing."""
+    say(line)
+    if json_errors:
+        with contextlib.suppress(OSError, ValueError):  # stdout closed or gone: the line above was said
+            emit_json({"error": line.removeprefix("error: "), "exit_code": code})
+    return code
+
+
+def error_boundary(fn: Callable[[], Any], *, verbose: bool = False, say: Callable[[str], None] = _stderr,
+                   passthrough: tuple[type[BaseException], ...] = (), json_errors: bool = False) -> int:
     """Run fn; return its int exit code (None = 0), or 2 for a ProjectableEdgeError or a path the system refused
     (permissions, a name too long, a full disk), 130 when interrupted, and 1 for any other error, each said in
-    one line (--verbose adds the traceback)."""
+    one line (--verbose adds the traceback; json_errors: also on stdout as JSON, see `fail`)."""
     try:
-        result = fn()
+        return int(fn() or 0)
     except passthrough:
         raise
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli_signals); outputs being written were removed
-        say("error: interrupted")
-        return 130
+        return fail("error: interrupted", 130, json_errors, say)
     except Exception as e:
         if isinstance(e, BrokenPipeError) and _reader_gone():  # `... | head`: ends quietly, like any Unix filter
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
@@ -54,19 +71,14 @@ def error_boundary(fn: Callable[[], Any], *, verbose: bool = False,
         if verbose:
             traceback.print_exc()
         if INTERRUPTED.is_set():  # a library turned the interrupt into its own error (torch.onnx: "export failed")
-            say("error: interrupted")
-            return 130
+            return fail("error: interrupted", 130, json_errors, say)
         if isinstance(e, ProjectableEdgeError):
-            say(f"error: {one_line(e)}")
-            return 2
+            return fail(f"error: {one_line(e)}", 2, json_errors, say)
         if isinstance(e, OSError) and e.errno in _PATH_FIXES:
             path = f" '{e.filename}'" if e.filename else ""
-            say(f"error: cannot use{path}: {e.strerror}; {_PATH_FIXES[e.errno]}")
-            return 2
+            return fail(f"error: cannot use{path}: {e.strerror}; {_PATH_FIXES[e.errno]}", 2, json_errors, say)
         hint = "" if verbose else " (rerun with --verbose for the traceback)"
-        say(f"error: {type(e).__name__}: {one_line(e)}{hint}")
-        return 1
-    return int(result or 0)
+        return fail(f"error: {type(e).__name__}: {one_line(e)}{hint}", 1, json_errors, say)
 
 
 def cli_signals() -> None:
