@@ -385,7 +385,7 @@ def test_an_engine_record_unlike_build_engines_is_refused_in_one_line(rt_graphs,
         runtime.load(b)
     assert main(["info", str(b), "--json"]) == 2
     out = capsys.readouterr()
-    assert out.out == "" and out.err.count("\n") == 1 and "rebuild with" in out.err
+    assert json.loads(out.out)["exit_code"] == 2 and out.err.count("\n") == 1 and "rebuild with" in out.err
 
 
 def test_a_decode_plan_whose_test_inference_failed_is_not_used(rt_graphs, rt_build, tmp_path, monkeypatch):

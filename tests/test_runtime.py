@@ -153,7 +153,7 @@ def test_manifest_numbers_out_of_range_are_refused_when_read(rt_bundle_copy, cap
     _edit_manifest(rt_bundle_copy, edit)
     assert main(["validate", str(rt_bundle_copy), "--json"]) == 2
     out = capsys.readouterr()
-    assert out.out == "" and out.err.count("\n") == 1 and re.search(match, out.err), out.err
+    assert json.loads(out.out)["exit_code"] == 2 and out.err.count("\n") == 1 and re.search(match, out.err), out.err
 
 
 def test_manifest_cannot_point_outside_or_at_unhashed_files(rt_bundle_copy):
@@ -589,7 +589,7 @@ def test_score_refuses_an_input_given_twice(rt_bundle, tmp_path, capsys):
     for args in ([tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "a.npy"], [tmp_path, tmp_path / "b.npy"]):
         assert main(["score", str(rt_bundle), *map(str, args), "--json"]) == 2
         res = capsys.readouterr()
-        assert res.out == "" and re.search(r"input '.*\.npy' is given more than once", res.err), res.err
+        assert json.loads(res.out)["exit_code"] == 2 and re.search(r"input '.*\.npy' is given more than once", res.err), res.err
 
 
 def test_python_dash_m_runtime(rt_bundle, tmp_path):
