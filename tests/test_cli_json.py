@@ -174,6 +174,7 @@ def test_console_scripts_usage_errors_are_one_line_and_verbose_goes_anywhere(tmp
         assert res.returncode == 2 and res.stdout == "", (cmd, res.stdout)
         assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1 and "--help" in res.stderr, res.stderr
     for cmd in (host + ["tasks", str(tmp_path), "--verbose"], host + ["--verbose", "tasks", str(tmp_path)],
+                host + ["tasks", str(tmp_path), "-v"], device + ["info", str(tmp_path), "-v"],
                 device + ["--verbose", "info", str(tmp_path)], device + ["info", str(tmp_path), "--verbose"]):
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 2 and "Traceback" in res.stderr and "rerun with --verbose" not in res.stderr, cmd

@@ -95,10 +95,10 @@ def cli_signals() -> None:
 
 
 def take_verbose(argv: list[str]) -> tuple[list[str], bool]:
-    """argv without any --verbose (so it may come before or after the command, in both CLIs), and whether one
-    was there; a `--` ends the options."""
+    """argv without any --verbose or -v (so it may come before or after the command, in both CLIs), and whether
+    one was there; a `--` ends the options."""
     end = argv.index("--") if "--" in argv else len(argv)
-    kept = [a for a in argv[:end] if a != "--verbose"] + argv[end:]
+    kept = [a for a in argv[:end] if a not in ("--verbose", "-v")] + argv[end:]
     return kept, len(kept) != len(argv)
 
 
