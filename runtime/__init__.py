@@ -5,6 +5,11 @@ if __name__ == "runtime":  # `python -m runtime` / `import runtime` from the rep
                       "bundle's runtime/*.whl on a device): use `python -m projectable_edge_runtime ...`")
 
 import importlib
+import os
+
+# recent official onnxruntime builds send usage telemetry on Linux and macOS too; an app on a user's device should
+# not unless its author chooses to: off unless the environment already says (ORT_DISABLE_TELEMETRY=0 allows it)
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from .devices.errors import ProjectableEdgeError
 from .commands.benchmark import benchmark

@@ -88,3 +88,17 @@ def test_runtime_imports_only_stdlib_numpy_onnxruntime():
                 if root not in sys.stdlib_module_names and root not in allowed:
                     bad.append(f"{path.name}:{node.lineno} imports {name}")
     assert bad == []
+
+
+def test_onnxruntime_telemetry_is_off_unless_the_environment_allows_it():
+    """Recent onnxruntime builds send usage telemetry on Linux too; importing the runtime turns it off before
+    onnxruntime loads, and an explicit ORT_DISABLE_TELEMETRY (e.g. 0) is left as the user set it."""
+    import os
+
+    probe = ("import os, sys, projectable_edge_runtime.graphs.runners; "
+             "print(os.environ.get('ORT_DISABLE_TELEMETRY'), 'onnxruntime' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    for given, want in ((None, "1 True"), ("0", "0 True")):
+        res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env=env if given is None else {**env, "ORT_DISABLE_TELEMETRY": given})
+        assert res.stdout.split("\n")[0] == want, res.stdout
