@@ -206,6 +206,18 @@ def test_unlisted_file_is_refused(rt_bundle_copy):
         runtime.load(rt_bundle_copy)
 
 
+def test_what_file_managers_leave_in_a_copy_is_not_refused(rt_bundle_copy):
+    """Finder's .DS_Store, the ._* files macOS writes on FAT/exFAT sticks, Explorer's Thumbs.db: never read, so a
+    bundle copied that way loads; any other unlisted file is still refused, and a long list of them is cut short."""
+    for rel in (".DS_Store", "graphs/fp32/._score.onnx", "Thumbs.db", "graphs/desktop.ini"):
+        (rt_bundle_copy / rel).write_bytes(b"\0junk")
+    runtime.load(rt_bundle_copy).close()
+    for i in range(9):
+        (rt_bundle_copy / f"extra{i}.txt").write_text("x")
+    with pytest.raises(ProjectableEdgeError, match=r"'extra0\.txt' is not listed .*'extra5\.txt'\] and 3 more\)"):
+        runtime.load(rt_bundle_copy)
+
+
 def test_what_this_user_may_not_read_is_named_as_unreadable(rt_bundle_copy, monkeypatch):
     """A copy that kept another user's modes (tar -p of 0700 folders, 0600 files): load() raised PermissionError,
     not the one exception type, and the files of an unreadable folder were reported missing. Simulated, so that

@@ -575,6 +575,13 @@ def read_engine_record(d: Path, plan_rel: str, present: set[str]) -> dict[str, A
     return rec
 
 
+def _os_clutter(rel: str) -> bool:
+    """What file managers leave in a copied folder (Finder, macOS on FAT/exFAT sticks: `._*`; Windows Explorer):
+    never read, so not a bundle file to refuse."""
+    name = rel.rsplit("/", 1)[-1]
+    return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith("._")
+
+
 def verify_files(bundle_dir: str | Path, m: Manifest) -> dict[str, dict[str, Any]]:
     """Check the folder against the manifest (sizes, sha256, nothing missing, unlisted or a symlink, except a
     device-built engine with its own record, checked too); returns the device-built engines' records."""
@@ -597,9 +604,10 @@ def verify_files(bundle_dir: str | Path, m: Manifest) -> dict[str, dict[str, Any
         if plan in present and plan not in m.files:
             records[plan] = read_engine_record(d, plan, present)
             allowed |= set(records[plan]["files"]) | {plan + ENGINE_RECORD_SUFFIX}
-    extra = sorted(present - allowed)
+    extra = sorted(p for p in present - allowed if not _os_clutter(p))
     if extra:
-        raise _fail(d, f"file '{extra[0]}' is not listed in the manifest" + (f" (nor {extra[1:]})" if extra[1:] else "")
+        nor = f" (nor {extra[1:6]}{f' and {len(extra) - 6} more' if extra[6:] else ''})" if extra[1:] else ""
+        raise _fail(d, f"file '{extra[0]}' is not listed in the manifest{nor}"
                     + "; a bundle holds only what generate wrote (and device-built engines with their record) "
                       "— delete it or regenerate the bundle")
     return records
