@@ -92,7 +92,7 @@ class ModelServer:
             raise ProjectableEdgeError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); "
                                        "choose another --port (0 picks a free one) or --host") from None
         self.model, self.limits, self.access_log, self.verbose, self._map = model, limits, access_log, verbose, {}
-        self._lock, self.started, self.served = threading.Lock(), time.time(), 0
+        self._lock, self.started, self.served, self.ended = threading.Lock(), time.time(), 0, False
         self._close_all = lambda: wasyncore.close_all(self._map)
 
         class JsonErrorTask(task.ErrorTask):  # the library's protocol errors, as JSON like the application's
@@ -200,9 +200,18 @@ class ModelServer:
         self.server.run()  # returns on Ctrl-C (waitress stops its threads) or once stop() closed every socket
         self.server.task_dispatcher.shutdown()
         self._close_all()
+        self.ended = True  # stop() now has nothing to do: its pipe is closed, and its number may be reused
 
-    def stop(self) -> None:  # from any thread: close every socket inside the server's loop; run() returns
-        self.server.trigger.pull_trigger(self._close_all)
+    def stop(self) -> None:
+        """From any thread: close every socket inside the server's loop, so run() returns (after run(), nothing). Where
+        the loop's wake-up pipe fails (EBADF: seen once in a test run with several servers in one process, while the
+        loop ran), close what is left from here: the loop ends on its next round."""
+        if self.ended:
+            return
+        try:
+            self.server.trigger.pull_trigger(self._close_all)
+        except OSError:
+            self._close_all()
 
     def __call__(self, environ: dict, start_response) -> list[bytes]:
         method, path, headers = environ["REQUEST_METHOD"], environ["PATH_INFO"], []
