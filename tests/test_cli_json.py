@@ -195,10 +195,12 @@ def test_json_errors_are_one_json_document_on_stdout_and_one_line_on_stderr(tmp_
                         (host + ["project", gone, "--task", "3", "--out", "", "--json"], "empty argument"),
                         (device + ["info", gone, "--json"], "does not exist"),
                         (device + ["benchmark", gone, "--runs", "abc", "--json"], "abc"),
-                        (device + ["--json", "bogus"], "bogus")):
+                        (device + ["--json", "bogus"], "bogus"),
+                        (device + ["serve", gone, "--json"], "does not exist")):  # serve: JSON Lines, one per event
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
-        doc = json.loads(res.stdout)  # the whole of stdout: one document
+        doc = json.loads(res.stdout)  # the whole of stdout: one document, on one line
+        assert res.stdout.count("\n") == 1, res.stdout
         assert doc == {"error": res.stderr.strip().removeprefix("error: "), "exit_code": 2}, (cmd, doc)
         assert needle in doc["error"], doc
         res = subprocess.run([a for a in cmd if a != "--json"], capture_output=True, text=True)

@@ -45,11 +45,12 @@ def wants_json(argv: list[str]) -> bool:
 
 def fail(line: str, code: int, json_errors: bool = False, say: Callable[[str], None] = _stderr) -> int:
     """Say an error's one line and return its exit code; under --json stdout also gets it, as its one JSON document
-    {"error", "exit_code"}, so a caller parsing stdout reads the failure instead of nothing."""
+    {"error", "exit_code"} on one line (also a JSON Lines event, for serve), so a caller parsing stdout reads the
+    failure instead of nothing."""
     say(line)
     if json_errors:
         with contextlib.suppress(OSError, ValueError):  # stdout closed or gone: the line above was said
-            emit_json({"error": line.removeprefix("error: "), "exit_code": code})
+            print(json.dumps({"error": line.removeprefix("error: "), "exit_code": code}), flush=True)
     return code
 
 
