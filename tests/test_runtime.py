@@ -659,6 +659,13 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1 and "--help" in err, err
 
 
+def test_sample_refuses_an_image_name_other_than_png(rt_bundle, tmp_path, capsys):
+    """The grid is PNG bytes: `--out grid.jpg` wrote them under a .jpg name, which viewers then misread."""
+    assert main(["sample", str(rt_bundle), "-n", "2", "--out", str(tmp_path / "grid.jpg")]) == 2
+    assert "name it .png" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert main(["sample", str(rt_bundle), "-n", "2", "--out", str(tmp_path / "grid.PNG")]) == 0
+
+
 def test_sample_checks_every_output_before_sampling_and_writes_none_on_failure(rt_bundle, tmp_path, capsys):
     """A --tokens-out that cannot be written leaves no PNG either; a name the file system refuses, or a grid
     too large to draw, is a user error (exit 2) before any sampling; --tokens-out gets .npy as np.save adds it."""

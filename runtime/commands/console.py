@@ -207,6 +207,9 @@ def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: f
     cols = min(8, n) if cols is None else cols
     grid_size(n, model.tokenizer.image_shape[:2], cols, scale=scale)
     tokens_path = None if tokens_out is None else Path(str(tokens_out).removesuffix(".npy") + ".npy")  # as np.save
+    if Path(out).suffix.lower() not in ("", ".png"):  # what is written is a PNG, whatever the name says
+        raise ProjectableEdgeError(f"the samples are written as a PNG image, but '{out}' names a "
+                                   f"{Path(out).suffix} file; name it .png (e.g. {Path(out).with_suffix('.png')})")
     for p in filter(None, (Path(out), tokens_path)):
         outside_bundle(model.bundle_dir, p)
     with contextlib.ExitStack() as outputs:
