@@ -37,7 +37,7 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.data import check_seed, shift_augment
 from projectable_edge.model import SpecialisedModel, Weights, bits_per_dim, forward, init_weights, nll
 from projectable_edge.trainables import Trainables, role_generator, split_role
-from projectable_edge_runtime.commands.inputs import IMAGE_SUFFIXES
+from projectable_edge_runtime.commands.inputs import IMAGE_SUFFIXES, visible_files
 from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 FITS = values(Fit)
@@ -260,8 +260,7 @@ def image_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ProjectableEdgeError(f"--images {folder} is not a folder; give a folder of the new task's images")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [p for p in visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise ProjectableEdgeError(f"--images {folder} has no images with a suffix in {', '.join(IMAGE_SUFFIXES)}")
     return files

@@ -21,7 +21,7 @@ import torch
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.bundle.atomic import atomic_output
-from projectable_edge_runtime.commands.inputs import IMAGE_SUFFIXES
+from projectable_edge_runtime.commands.inputs import IMAGE_SUFFIXES, visible_files
 from projectable_edge_runtime.graphs.tokenizer import TokenizerSpec
 
 DIGITS_SPEC = TokenizerSpec(8, 8, 1, 17)
@@ -255,8 +255,8 @@ def not_utf8(name: str) -> bool:
 def _images_one_level_down(task: Path) -> int:
     """Images in a task folder's own sub-folders (which are not read): counted for the error's hint."""
     try:
-        return sum(1 for d in task.iterdir() if d.is_dir() and not d.name.startswith(".") for p in d.iterdir()
-                   if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        return sum(p.suffix.lower() in IMAGE_SUFFIXES for d in task.iterdir() if d.is_dir()
+                   and not d.name.startswith(".") for p in visible_files(d))
     except OSError:
         return 0
 
@@ -281,8 +281,8 @@ def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.nd
                                    "text (task names go into the run and its bundles): rename them")
     names, per_task, skipped = [], [], Counter()
     for task in tasks:
-        entries = [p for p in task.iterdir() if p.is_file() and not p.name.startswith(".")]
-        files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = visible_files(task)
+        files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
         skipped.update(p.suffix.lower() or "(none)" for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES)
         if len(files) < MIN_IMAGES_PER_TASK:
             what = "no images" if not files else f"only {len(files)} image(s)"

@@ -17,6 +17,12 @@ from ..devices.errors import ProjectableEdgeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files directly inside a folder, sorted, hidden ones (`.DS_Store`, macOS `._*`) left out: how every folder
+    of images is read (training, `adapt`, `score`)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def read_npy(data: bytes, what: str) -> np.ndarray:
     """The bytes of a .npy file as an array, its header checked first: the array it declares must be the bytes
     that follow (np.load would allocate whatever a 100-byte header declares), with no Python objects in it."""
@@ -78,8 +84,7 @@ def read_inputs(model, paths: list[str]) -> list[tuple[str, np.ndarray]]:
         elif not p:  # Path("") is the current folder
             raise ProjectableEdgeError("an input path is empty; pass image files, a folder, or '-' for .npy on stdin")
         elif (path := Path(p)).is_dir():
-            files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")  # as training
-                           and f.suffix.lower() in (".npy", *IMAGE_SUFFIXES))
+            files = [f for f in visible_files(path) if f.suffix.lower() in (".npy", *IMAGE_SUFFIXES)]
             if not files:
                 raise ProjectableEdgeError(f"folder '{path}' holds no images (.npy, .png, .jpg, ...)")
             for f in files:
