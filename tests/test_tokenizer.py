@@ -171,6 +171,17 @@ def test_sixteen_bit_pgm_is_scaled_like_a_sixteen_bit_png(tmp_path):
     assert (GRAY.load_images([tmp_path / "g1000.pgm"]) == 128).all()  # 500/1000 of 255
 
 
+def test_an_image_of_several_frames_is_refused_and_one_frame_is_read(tmp_path):
+    frames = [Image.new("L", (4, 5), v) for v in (0, 255)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:])
+    frames[1].save(tmp_path / "one.gif")
+    for name in ("anim.gif", "pages.tif"):
+        with pytest.raises(ProjectableEdgeError, match=rf"'.*{name}': it has 2 frames .*save the one frame"):
+            GRAY.load_images([tmp_path / name])
+    assert (GRAY.load_images([tmp_path / "one.gif"]) == 255).all()
+
+
 def test_thirty_two_bit_pixels_are_refused_unless_they_fit_a_byte(tmp_path):
     Image.fromarray(np.full((5, 4), 0.5, np.float32)).save(tmp_path / "f.tif")
     Image.fromarray(np.full((5, 4), 70000, np.int32)).save(tmp_path / "i.tif")

@@ -148,6 +148,9 @@ class TokenizerSpec:
         """One Pillow image -> this spec's size and colour mode (what load_images does per file)."""
         from PIL import Image, ImageOps
 
+        if getattr(im, "n_frames", 1) > 1:  # reading only the first frame would silently score part of the file
+            raise ProjectableEdgeError(f"it has {im.n_frames} frames (an animation or a multi-page file); save the "
+                                       "one frame to use as a single image")
         # 16-bit gray (older Pillows open a PNG's as "I", Pillow a 16-bit PGM's as "I" scaled to 0..65535): scaled
         # to 0..255 below, where convert("L") would clip
         sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format in ("PNG", "PPM"))
