@@ -148,7 +148,9 @@ class TokenizerSpec:
         """One Pillow image -> this spec's size and colour mode (what load_images does per file)."""
         from PIL import Image, ImageOps
 
-        if getattr(im, "n_frames", 1) > 1:  # reading only the first frame would silently score part of the file
+        # Reading only the first frame would silently score part of the file; a camera's JPEG (MPO) holds the
+        # photo first and previews or depth maps after it.
+        if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":
             raise ProjectableEdgeError(f"it has {im.n_frames} frames (an animation or a multi-page file); save the "
                                        "one frame to use as a single image")
         # 16-bit gray (older Pillows open a PNG's as "I", Pillow a 16-bit PGM's as "I" scaled to 0..65535): scaled
