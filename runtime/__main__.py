@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verbose", "-v", action="store_true", help="show tracebacks (also before the command)")
     ap = _Parser(prog="python -m projectable_edge_runtime", description="Torch-free projectable-edge runtime.")
     sub = ap.add_subparsers(dest="command", required=True)
+    c.add_argument("--tuned", type=_abspath, help="a tuned record written by `tune --record PATH` (default: "
+                                                  "BUNDLE.tuned.json beside the bundle, if any)")
     sub.add_parser("info", parents=[c], help="show what the bundle holds and which backend runs it")
     v = sub.add_parser("validate", parents=[c],
                        help="bits/dim on the bundle's held-out images vs the PyTorch reference")
@@ -123,6 +125,9 @@ def run(args) -> int:
     if args.command == "tune":  # measures each candidate in its own process: nothing to load here
         if args.precision is not None:
             raise ProjectableEdgeError("tune picks the precision itself; pass --candidate SIZE/VARIANT to force one")
+        if args.tuned is not None:
+            raise ProjectableEdgeError("tune writes a tuned record (--record PATH) and reads it with --reuse; "
+                                       "leave out --tuned")
         out = tune.tune(args.bundle, p99_ms=args.p99_ms, max_mb=args.max_mb, candidate=args.candidate, runs=args.runs,
                         warmup=args.warmup, providers=providers, backend=args.backend, public_key=args.public_key,
                         record=args.record, reuse=args.reuse,
@@ -130,7 +135,7 @@ def run(args) -> int:
         code, text = 0 if out["fits"] else 1, tune.tune_text
     else:
         with load(args.bundle, precision=args.precision, providers=providers, backend=args.backend,
-                  public_key=args.public_key, candidate=args.candidate) as model:
+                  public_key=args.public_key, candidate=args.candidate, tuned=args.tuned or True) as model:
             out, code, text = _command(model, args)
     if text is None:  # the command printed its own output (serve: one line per event, JSON Lines with --json)
         return code

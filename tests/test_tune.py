@@ -202,6 +202,23 @@ def test_forced_candidate_is_recorded_and_loaded(tuned, capsys):
         assert model.candidate == name
 
 
+def test_the_cli_reads_a_record_written_elsewhere_with_tuned(tuned, capsys, tmp_path):
+    """`tune --record PATH` for a bundle in a read-only folder; every other command then takes --tuned PATH."""
+    bundle, rep = tuned
+    name = next(n for n in rep["measurements"] if n != rep["choice"]) if len(rep["measurements"]) > 1 else rep["choice"]
+    elsewhere = tmp_path / "elsewhere.json"
+    Path(rep["record"]).rename(elsewhere)
+    code, forced = _tune(capsys, bundle, "--reuse", "--candidate", name, "--record", str(elsewhere))
+    assert code in (0, 1) and forced["record"] == str(elsewhere) and not Path(rep["record"]).exists()
+    for extra, used in (((), False), (("--tuned", str(elsewhere)), True)):
+        assert rt_main(["info", str(bundle), "--json", *extra]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["tuned"]["used"] is used
+        assert info["candidate"] == (name if used else read_manifest(bundle).selected)
+    assert rt_main(["tune", str(bundle), "--tuned", str(elsewhere)]) == 2
+    assert "leave out --tuned" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, value", [("--p99-ms", "0"), ("--p99-ms", "-3"), ("--max-mb", "0"),
                                          ("--max-mb", "-1"), ("--p99-ms", "nan"), ("--p99-ms", "inf")])
 def test_bad_budgets_are_one_line_errors(rt_bundle, capsys, flag, value):
