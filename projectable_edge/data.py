@@ -125,8 +125,8 @@ class TaskData:
             same = [i for i, n in enumerate(self.task_names) if _nfc(n) == _nfc(task)]
             if len(same) == 1:  # "é" typed as one code point names a folder that macOS wrote as e + accent
                 return same[0]
-            if task.strip().lstrip("-").isdigit():
-                numbered = [n for n in self.task_names if n.strip().isdigit() and int(n) == int(task)]
+            if task.strip().lstrip("-").isdecimal():  # isdigit() also takes "²", which int() refuses
+                numbered = [n for n in self.task_names if n.strip().isdecimal() and int(n) == int(task)]
                 if numbered and 0 <= int(task) < self.n_tasks and self.task_names[int(task)] not in numbered:
                     raise ProjectableEdgeError(  # folders "01", "02": "1" is the name of one, the index of another
                         f"task {task!r} is ambiguous: task {numbered[0]!r} has that number, and index {int(task)} "

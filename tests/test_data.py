@@ -79,6 +79,14 @@ def test_a_number_that_names_one_padded_task_and_indexes_another_is_refused():
         data.task_index("1")  # was index 1: task '02', silently
 
 
+def test_a_superscript_digit_is_a_name_not_a_number():
+    """"²".isdigit() is true but int("²") fails: a task or folder named so was a ValueError traceback."""
+    data = TaskData(["01", "²"], TokenizerSpec(2, 2, 1, 2), {}, "")
+    assert data.task_index("²") == 1 and data.task_index("0") == 0
+    with pytest.raises(ProjectableEdgeError, match=r"unknown task '³'; valid tasks \(index=name\) are 0='01'"):
+        data.task_index("³")
+
+
 def test_data_config_dict_round_trip_and_validation():
     cfg = DataConfig(dataset="/x/y", seed=3, height=4, width=6, channels=3, levels=8)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
