@@ -125,7 +125,7 @@ class TaskData:
             same = [i for i, n in enumerate(self.task_names) if _nfc(n) == _nfc(task)]
             if len(same) == 1:  # "é" typed as one code point names a folder that macOS wrote as e + accent
                 return same[0]
-            if task.strip().lstrip("-").isdecimal():  # isdigit() also takes "²", which int() refuses
+            if task.strip().removeprefix("-").isdecimal():  # what int() takes: not "²" (a digit), nor "--1"
                 numbered = [n for n in self.task_names if n.strip().isdecimal() and int(n) == int(task)]
                 if numbered and 0 <= int(task) < self.n_tasks and self.task_names[int(task)] not in numbered:
                     raise ProjectableEdgeError(  # folders "01", "02": "1" is the name of one, the index of another

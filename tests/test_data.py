@@ -79,12 +79,14 @@ def test_a_number_that_names_one_padded_task_and_indexes_another_is_refused():
         data.task_index("1")  # was index 1: task '02', silently
 
 
-def test_a_superscript_digit_is_a_name_not_a_number():
-    """"²".isdigit() is true but int("²") fails: a task or folder named so was a ValueError traceback."""
+def test_what_int_refuses_is_a_name_not_a_number():
+    """"²".isdigit() is true and "--1" is digits after lstrip("-"), but int() refuses both: a task or folder named
+    so was a ValueError traceback."""
     data = TaskData(["01", "²"], TokenizerSpec(2, 2, 1, 2), {}, "")
-    assert data.task_index("²") == 1 and data.task_index("0") == 0
-    with pytest.raises(ProjectableEdgeError, match=r"unknown task '³'; valid tasks \(index=name\) are 0='01'"):
-        data.task_index("³")
+    assert data.task_index("²") == 1 and data.task_index("0") == 0 and data.task_index("-0") == 0
+    for task in ("³", "--1"):
+        with pytest.raises(ProjectableEdgeError, match=rf"unknown task '{task}'; valid tasks \(index=name\) are 0="):
+            data.task_index(task)
 
 
 def test_data_config_dict_round_trip_and_validation():
