@@ -1,7 +1,8 @@
 """Tasks as token sequences: the built-in digits or a user image folder, split per task.
 
 Each task is split on its own (seeded by (seed, task index)), so every task has
-validation and test images, and adding a task never reshuffles the others.
+validation and test images, and adding a task that sorts after the others never reshuffles them
+(one that sorts before them renumbers, and so reshuffles, those after it).
 """
 
 from __future__ import annotations
