@@ -1,7 +1,8 @@
 """Tasks as token sequences: the built-in digits or a user image folder, split per task.
 
 Each task is split on its own (seeded by (seed, task index)), so every task has
-validation and test images, and adding a task never reshuffles the others.
+validation and test images, and adding a task that sorts after the others never reshuffles them
+(one that sorts before them renumbers, and so reshuffles, those after it).
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ class TaskData:
             same = [i for i, n in enumerate(self.task_names) if _nfc(n) == _nfc(task)]
             if len(same) == 1:  # "é" typed as one code point names a folder that macOS wrote as e + accent
                 return same[0]
-            if task.strip().lstrip("-").isdigit():
-                numbered = [n for n in self.task_names if n.strip().isdigit() and int(n) == int(task)]
+            if task.strip().removeprefix("-").isdecimal():  # what int() takes: not "²" (a digit), nor "--1"
+                numbered = [n for n in self.task_names if n.strip().isdecimal() and int(n) == int(task)]
                 if numbered and 0 <= int(task) < self.n_tasks and self.task_names[int(task)] not in numbered:
                     raise ProjectableEdgeError(  # folders "01", "02": "1" is the name of one, the index of another
                         f"task {task!r} is ambiguous: task {numbered[0]!r} has that number, and index {int(task)} "

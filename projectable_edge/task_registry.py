@@ -60,9 +60,13 @@ def check_name(name: str, trained: list[str], run: Path, force: bool) -> None:
     if not _NAME.fullmatch(name or ""):  # not match: its $ also takes a trailing newline
         raise ProjectableEdgeError(f"task name {name!r} is not usable: use 1-64 letters, digits, '_', '-' or '.', "
                                    "starting with a letter or digit")
-    if name in trained or (name.isdigit() and int(name) < len(trained)):
+    if name in trained:
         raise ProjectableEdgeError(f"task name {name!r} clashes with a task the run was trained on "
                                    f"({', '.join(trained)}); choose another --name")
+    if name.isdigit() and int(name) < len(trained):  # not in the list above: say why it clashes
+        raise ProjectableEdgeError(f"task name {name!r} is also the index of the trained task {trained[int(name)]!r} "
+                                   f"(a task is named by its name or index); choose another --name, not a number "
+                                   f"below {len(trained)}")
     if (tasks_dir(run) / name).exists() and not force:
         raise ProjectableEdgeError(f"the run already has an adapted task {name!r}: choose another --name, or pass "
                                    "--force to replace it")

@@ -140,14 +140,16 @@ def test_adapted_embedding_beats_its_start_on_held_out_images(held_run):
     assert np.isfinite(score(model, "projected", a, others))
 
 
-@pytest.mark.parametrize("case", ["clash", "too_few", "empty", "not_images", "bad_name", "exists", "newline_name",
-                                  "huge_image"])
+@pytest.mark.parametrize("case", ["clash", "index_clash", "too_few", "empty", "not_images", "bad_name", "exists",
+                                  "newline_name", "huge_image"])
 def test_bad_input_is_refused_and_registers_nothing(held_run, tmp_path, case):
     spec = load_dataset(DataConfig()).spec
     imgs = _write_pngs(tmp_path / "imgs", _held_images(10), spec)
     name, expect = "newtask", ""
     if case == "clash":
         name, expect = "3", "clashes with a task"
+    elif case == "index_clash":  # the held-out task's own name: not in the list of trained names the message gave
+        name, expect = HELD, f"task name '{HELD}' is also the index of the trained task '8'"
     elif case == "too_few":
         for p in sorted(imgs.iterdir())[2:]:
             p.unlink()

@@ -79,6 +79,16 @@ def test_a_number_that_names_one_padded_task_and_indexes_another_is_refused():
         data.task_index("1")  # was index 1: task '02', silently
 
 
+def test_what_int_refuses_is_a_name_not_a_number():
+    """"²".isdigit() is true and "--1" is digits after lstrip("-"), but int() refuses both: a task or folder named
+    so was a ValueError traceback."""
+    data = TaskData(["01", "²"], TokenizerSpec(2, 2, 1, 2), {}, "")
+    assert data.task_index("²") == 1 and data.task_index("0") == 0 and data.task_index("-0") == 0
+    for task in ("³", "--1"):
+        with pytest.raises(ProjectableEdgeError, match=rf"unknown task '{task}'; valid tasks \(index=name\) are 0="):
+            data.task_index(task)
+
+
 def test_data_config_dict_round_trip_and_validation():
     cfg = DataConfig(dataset="/x/y", seed=3, height=4, width=6, channels=3, levels=8)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
