@@ -124,6 +124,7 @@ def test_image_folder_loads(tmp_path):
     (root / "__MACOSX" / "cats" / "._0.png").write_bytes(b"\0\5\26\7")
     Image.new("RGB", (6, 5), (0, 0, 255)).save(root / "dogs" / "4.jfif", format="JPEG")  # a JPEG's other suffix
     (root / "dogs" / "5.heic").write_bytes(b"heic")
+    (root / "dogs" / "Thumbs.db").write_bytes(b"\xd0\xcf")  # what Windows Explorer leaves: not named as skipped
     with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) .*\(\.heic: 1, \.txt: 1\); images are read with"):
         data = load_dataset(DataConfig(dataset=str(root), height=3, width=4, channels=3, levels=8))
     assert data.task_names == ["cats", "dogs"]

@@ -575,7 +575,7 @@ def read_engine_record(d: Path, plan_rel: str, present: set[str]) -> dict[str, A
     return rec
 
 
-def _os_clutter(rel: str) -> bool:
+def os_clutter(rel: str) -> bool:
     """What file managers leave in a copied folder (Finder, macOS on FAT/exFAT sticks: `._*`; Windows Explorer):
     never read, so not a bundle file to refuse."""
     name = rel.rsplit("/", 1)[-1]
@@ -604,7 +604,7 @@ def verify_files(bundle_dir: str | Path, m: Manifest) -> dict[str, dict[str, Any
         if plan in present and plan not in m.files:
             records[plan] = read_engine_record(d, plan, present)
             allowed |= set(records[plan]["files"]) | {plan + ENGINE_RECORD_SUFFIX}
-    extra = sorted(p for p in present - allowed if not _os_clutter(p))
+    extra = sorted(p for p in present - allowed if not os_clutter(p))
     if extra:
         nor = f" (nor {extra[1:6]}{f' and {len(extra) - 6} more' if extra[6:] else ''})" if extra[1:] else ""
         raise _fail(d, f"file '{extra[0]}' is not listed in the manifest{nor}"

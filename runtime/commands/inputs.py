@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle.manifest import os_clutter
 from ..devices.errors import ProjectableEdgeError
 
 # the one list (training folders, `adapt`, `score`)
@@ -18,9 +19,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".ti
 
 
 def visible_files(folder: Path) -> list[Path]:
-    """The files directly inside a folder, sorted, hidden ones (`.DS_Store`, macOS `._*`) left out: how every folder
-    of images is read (training, `adapt`, `score`)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The files directly inside a folder, sorted, hidden ones and file managers' clutter (`.DS_Store`, macOS `._*`,
+    `Thumbs.db`) left out: how every folder of images is read (training, `adapt`, `score`)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not os_clutter(p.name))
 
 
 def read_npy(data: bytes, what: str) -> np.ndarray:
