@@ -269,8 +269,8 @@ def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.nd
     if not root.is_dir():
         raise ProjectableEdgeError(f"dataset '{root}' is a file, not a folder; lay images out as {_LAYOUT}")
     tasks = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
+    loose = sum(1 for p in visible_files(root) if p.suffix.lower() in IMAGE_SUFFIXES)
     if not tasks:
-        loose = sum(1 for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         hint = f" (found {loose} image(s) directly in it: move them into per-task sub-folders)" if loose else ""
         raise ProjectableEdgeError(f"image folder '{root}' has no task sub-folders{hint}; lay it out as {_LAYOUT}")
     if len(tasks) < 2:  # before any image is read
@@ -280,6 +280,9 @@ def _load_folder(root: Path, spec: TokenizerSpec) -> tuple[list[str], list[np.nd
     if bad:
         raise ProjectableEdgeError(f"task sub-folder name(s) {', '.join(map(repr, bad))} in '{root}' are not UTF-8 "
                                    "text (task names go into the run and its bundles): rename them")
+    if loose:
+        warnings.warn(f"{loose} image(s) directly in '{root}' are not read (only its task sub-folders are); move "
+                      "them into the sub-folder of their task to use them")
     names, per_task, skipped = [], [], Counter()
     for task in tasks:
         entries = visible_files(task)

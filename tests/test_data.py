@@ -1,4 +1,5 @@
 import os
+import re
 import unicodedata
 
 import numpy as np
@@ -125,8 +126,13 @@ def test_image_folder_loads(tmp_path):
     Image.new("RGB", (6, 5), (0, 0, 255)).save(root / "dogs" / "4.jfif", format="JPEG")  # a JPEG's other suffix
     (root / "dogs" / "5.heic").write_bytes(b"heic")
     (root / "dogs" / "Thumbs.db").write_bytes(b"\xd0\xcf")  # what Windows Explorer leaves: not named as skipped
-    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) .*\(\.heic: 1, \.txt: 1\); images are read with"):
+    Image.new("RGB", (6, 5)).save(root / "stray.png")  # beside the task folders: not read, and said so
+    with pytest.warns(UserWarning) as caught:
         data = load_dataset(DataConfig(dataset=str(root), height=3, width=4, channels=3, levels=8))
+    said = [str(w.message) for w in caught]
+    assert any(re.match(r"skipped 2 file\(s\) .*\(\.heic: 1, \.txt: 1\); images are read with", m) for m in said), said
+    assert any(re.match(r"1 image\(s\) directly in '.*pets' are not read .*move them into the sub-folder", m)
+               for m in said), said
     assert data.task_names == ["cats", "dogs"]
     assert data.spec == TokenizerSpec(3, 4, 3, 8)
     assert sum(len(data.splits[s][0]) for s in ("train", "val", "test")) == 9
