@@ -204,6 +204,10 @@ def _source_weights(run: Path, cfg: TrainConfig, data: TaskData) -> dict[str, to
     if meta.get("task_names") != data.task_names or meta.get("source_model") != cfg.source.model(data.spec).to_dict():
         raise ProjectableEdgeError(f"--init-source {run}: its source model or tasks differ from this run's "
                                    "(use the same preset and dataset)")
+    if meta.get("dataset_fingerprint") != data.fingerprint:  # its training images would hold this run's test ones
+        raise ProjectableEdgeError(f"--init-source {run}: it was trained on other splits of the data (another "
+                                   "--seed, split or data option, or changed images), so it has seen some of this "
+                                   "run's validation and test images; pass that run's options, or train it again")
     t = load_tensors(run / "model.safetensors", kind="run")
     return {k: v for k, v in t.items() if k.startswith(("source.", "source_task"))}
 

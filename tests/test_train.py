@@ -135,6 +135,8 @@ def test_frozen_pretrained_source_is_projected_as_is(tiny_run, tmp_path):
     with pytest.raises(ProjectableEdgeError, match="init-source"):
         train(replace(cfg, source=replace(cfg.source, d_mlp=128)), DataConfig(), tmp_path / "g",
               init_source=tiny_run, progress=False)
+    with pytest.raises(ProjectableEdgeError, match="init-source .*other splits .*seen some of this run's validation"):
+        train(cfg, DataConfig(seed=1), tmp_path / "g", init_source=tiny_run, progress=False)
     assert not (tmp_path / "g").exists()
 
 
