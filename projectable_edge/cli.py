@@ -38,7 +38,8 @@ def train(
     freeze_source: Optional[bool] = typer.Option(None, "--freeze-source/--tune-source",
                                                  help="Keep the source fixed (with --init-source: project a "
                                                       "pre-trained model)."),
-    init_source: Optional[Path] = typer.Option(None, help="Start the source model from this finished run (trained on the same splits: same data options and --seed).", resolve_path=True),
+    init_source: Optional[Path] = typer.Option(None, resolve_path=True, help="Start the source model from this "
+                                               "finished run (trained on the same splits: same data options and --seed)."),
     extra_steps: Optional[int] = typer.Option(None, help="Second stage: this many extra steps for every small model "
                                                          "on the frozen source (adds universal@ws and universal@ws+kd)."),
     delta: Optional[bool] = typer.Option(None, "--delta/--no-delta", help="Second stage: the projected model also "
