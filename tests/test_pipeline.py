@@ -128,7 +128,8 @@ def test_selection_passes_over_a_variant_slower_than_fp32_only_where_the_host_is
     over = {**fast, "16x2/int8-static": _measured("int8-static", 0.4, within=False)}
     assert "validation split" in select(plan, over, on_target=False)[1].passed_over["16x2/int8-static"]
     asked = make_plan(GenerateSettings(task="3", target=str(toml), precision="int8"))
-    assert select(asked, slow, on_target=True)[0] == "16x2/int8-static"  # asked for: measured, not overruled
+    name, sel = select(asked, slow, on_target=True)  # asked for: measured, not overruled, and the rule says so
+    assert name == "16x2/int8-static" and "slower than fp32" not in sel.rule and "never pass it over" in sel.rule
     cannot = {"16x2/int8-static": "TensorRT 10.3 cannot build it: quantized type is int32"}
     name, sel = select(plan, fast, on_target=False, unbuildable=cannot)  # the target cannot build it: next one
     assert name == "16x2/fp32" and sel.passed_over == cannot
