@@ -164,8 +164,8 @@ class Wheel:
     import_name: str = doc("Its import name.")
     requires: tuple[str, ...] = doc("Its dependencies (numpy, onnxruntime).")
     extras: dict[str, tuple[str, ...]] = doc("Optional extras (`images`: Pillow).")
-    install: str = doc("The device's install command.")
-    run: str = doc("The device's first command.")
+    install: str = doc("The device's install command, typed in the bundle folder (the venv goes beside it).")
+    run: str = doc("The device's first command, typed in the bundle folder.")
 
 
 @dataclass(frozen=True)
