@@ -68,7 +68,8 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class Graphs:
-    score: RelPath = doc("The scoring graph: tokens [N, T] -> logits [N, T, V].")
+    score: RelPath = doc("The scoring graph: tokens [N, T] -> logits [N, T, V], where logits[:, t] "
+                         "scores tokens[:, t] given those before it (BOS is inside the graph).")
     decode: RelPath | None = doc("The KV-cache decode graph (one step), or null: sampling then recomputes.")
 
 
