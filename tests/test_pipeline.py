@@ -195,6 +195,14 @@ def test_bad_inputs_write_nothing(tiny_run, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_cache_dir_with_no_cache_is_refused_not_ignored(tiny_run, tmp_path):
+    """--cache-dir DIR --no-cache built without a cache, silently ignoring the folder given."""
+    res = CliRunner().invoke(app, ["generate", "--task", "3", "--target", "x86-64-cpu", "--source", str(tiny_run),
+                                   "--out", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "c"), "--no-cache"])
+    assert res.exit_code == 2 and "contradict" in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_interrupted_generate_leaves_no_bundle(tiny_run, tmp_path, tmp_path_factory, monkeypatch):
     import projectable_edge.exporters.quantize as q
