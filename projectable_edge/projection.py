@@ -81,7 +81,9 @@ def check_fits(src: ModelConfig, dst: ModelConfig) -> None:
         problems.append("its vocabulary or block size differs from the source's")
     if problems:
         raise ProjectableEdgeError(f"cannot project the source ({shape(src)}) to a small model ({shape(dst)}): "
-                                   f"{'; '.join(problems)}. Choose a small size within the source's")
+                                   f"{'; '.join(problems)}. Choose a small size (--small, --ladder: WIDTH[xLAYERS], "
+                                   f"MLP 4 x WIDTH) within the source's: here WIDTH <= "
+                                   f"{min(src.d_model, src.d_attn, src.d_mlp // 4)} and LAYERS <= {src.n_layer}")
 
 
 def selection_indices(src: ModelConfig, dst: ModelConfig) -> dict[str, list[int]]:

@@ -75,6 +75,31 @@ def test_build_engine_script_without_or_with_a_failing_trtexec_fails_cleanly_and
     assert sorted(p.name for p in folder.iterdir()) == before  # no log, no plan: the bundle still verifies
 
 
+def test_bundle_build_script_refuses_a_python_that_cannot_record_before_building_anything(tmp_path):
+    """README's device steps put the runtime in a venv; with the default python3 (or a venv without TensorRT)
+    the record step failed after trtexec, leaving plans without records: a bundle that no longer loads."""
+    from projectable_edge.pipeline.build import _BUILD_SCRIPT
+
+    bundle = tmp_path / "b"
+    for folder, plan in (("engine", "scoring.plan"), ("engine_decode", "decode.plan")):
+        (bundle / folder).mkdir(parents=True)
+        (bundle / folder / "build_engine.sh").write_text(f'cd "$(dirname "$0")"; touch {plan}\n')
+    (bundle / "build_engine.sh").write_text(_BUILD_SCRIPT)
+    venv = tmp_path / "pe" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text("#!/bin/sh\necho \"No module named 'projectable_edge_runtime'\" >&2\nexit 1\n")
+    (venv / "python").chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "pe/bin/python"}
+    res = subprocess.run(["bash", "b/build_engine.sh"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 1 and "PYTHON=" in res.stderr and "nothing was built" in res.stderr
+    assert not list(bundle.rglob("*.plan"))
+    (venv / "python").write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "recorded $*" > "$PWD/recorded"\n')
+    # a relative PYTHON still names the venv after the script's cd
+    res = subprocess.run(["bash", "b/build_engine.sh"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and len(list(bundle.rglob("*.plan"))) == 2
+    assert "engine_record ." in (bundle / "recorded").read_text()
+
+
 @pytest.mark.skipif(HAVE_TRT, reason="checks the deferred path")
 def test_tensorrt_fp32_graph_gets_no_int8_and_decode_gets_cache_shapes(tmp_path, ex):
     _, rep = compile_tensorrt(ex.scoring, DLA, tmp_path / "a")

@@ -330,6 +330,35 @@ def test_runtime_wheel_is_reproducible_and_cached(tmp_path):
     assert len(logs) == 3 and cache.hits == ["wheel"]
 
 
+_VENV_STUB = r"""#!/bin/sh
+mkdir -p "$3/bin"
+printf '#!/bin/sh\ntest -f "$2"\n' > "$3/bin/pip"
+printf '#!/bin/sh\nexit 0\n' > "$3/bin/python"
+chmod +x "$3/bin/pip" "$3/bin/python"
+"""
+
+
+def test_the_manifests_install_and_run_commands_leave_the_bundle_as_it_was(tmp_path):
+    """`runtime_wheel.install` and `.run`, typed in the bundle folder (where their paths point), made the venv inside
+    the bundle, which the loader then refused (an unlisted folder, with links)."""
+    from projectable_edge.pipeline import wheel
+    from projectable_edge.pipeline.cache import StepCache
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    info = wheel.write_runtime_wheel(bundle, StepCache(None), lambda m: None)
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()  # python3 -m venv DIR makes DIR/bin/pip (checks the wheel it is given) and DIR/bin/python
+    (stubs / "python3").write_text(_VENV_STUB)
+    (stubs / "python3").chmod(0o755)
+    before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
+    for command in (info.install, info.run):
+        proc = subprocess.run(["bash", "-c", command], cwd=bundle, env={"PATH": f"{stubs}:/usr/bin:/bin"},
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, (command, proc.stderr)
+    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == before
+
+
 def test_host_command_without_its_dependencies_is_one_line():
     """`pip install --no-deps projectable-edge`: the command says what is missing, no traceback."""
     code = ("import sys; sys.modules['typer'] = None; sys.argv = ['projectable-edge', '--help']\n"

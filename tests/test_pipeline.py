@@ -128,7 +128,8 @@ def test_selection_passes_over_a_variant_slower_than_fp32_only_where_the_host_is
     over = {**fast, "16x2/int8-static": _measured("int8-static", 0.4, within=False)}
     assert "validation split" in select(plan, over, on_target=False)[1].passed_over["16x2/int8-static"]
     asked = make_plan(GenerateSettings(task="3", target=str(toml), precision="int8"))
-    assert select(asked, slow, on_target=True)[0] == "16x2/int8-static"  # asked for: measured, not overruled
+    name, sel = select(asked, slow, on_target=True)  # asked for: measured, not overruled, and the rule says so
+    assert name == "16x2/int8-static" and "slower than fp32" not in sel.rule and "never pass it over" in sel.rule
     cannot = {"16x2/int8-static": "TensorRT 10.3 cannot build it: quantized type is int32"}
     name, sel = select(plan, fast, on_target=False, unbuildable=cannot)  # the target cannot build it: next one
     assert name == "16x2/fp32" and sel.passed_over == cannot
@@ -191,6 +192,14 @@ def test_bad_inputs_write_nothing(tiny_run, tmp_path):
         s.update(override)
         with pytest.raises(ProjectableEdgeError, match=needle):
             generate(GenerateSettings(**s), log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_dir_with_no_cache_is_refused_not_ignored(tiny_run, tmp_path):
+    """--cache-dir DIR --no-cache built without a cache, silently ignoring the folder given."""
+    res = CliRunner().invoke(app, ["generate", "--task", "3", "--target", "x86-64-cpu", "--source", str(tiny_run),
+                                   "--out", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "c"), "--no-cache"])
+    assert res.exit_code == 2 and "contradict" in res.output and "Traceback" not in res.output
     assert list(tmp_path.iterdir()) == []
 
 

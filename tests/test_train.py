@@ -267,6 +267,7 @@ def test_cli_refuses_a_ladder_size_the_source_cannot_hold(tmp_path):
     assert res.exit_code == 2
     text = " ".join(res.output.split())  # rich wraps long lines
     assert "width 64" in text and "wider than the source" in text and "Traceback" not in text
+    assert text.endswith("within the source's: here WIDTH <= 16 and LAYERS <= 2")  # the fix, whole
     assert not (tmp_path / "x").exists() and not partial_dir(tmp_path / "x").exists()
 
 

@@ -94,12 +94,22 @@ def build_size(plan, size: Size, inputs: TaskInputs, root: Path, cache: StepCach
 _BUILD_SCRIPT = """#!/usr/bin/env bash
 # Builds both TensorRT engines of this bundle on the device, then records them (TensorRT version,
 # device, sha256, a test inference on the goldens) beside each plan: the runtime uses a device-built
-# engine only with its record. Run from anywhere.
+# engine only with its record. Run from anywhere; PYTHON names the Python holding the bundle's runtime
+# wheel (default python3).
 set -euo pipefail
+PY="${PYTHON:-python3}"
+case "$PY" in */*) D="$(cd "$(dirname "$PY")" 2>/dev/null && pwd)" && PY="$D/${PY##*/}" ;; esac  # relative: before cd
 cd "$(dirname "$0")"
+if ! "$PY" -c 'import projectable_edge_runtime, tensorrt' 2>/dev/null; then
+  echo "error: $PY cannot import projectable_edge_runtime and tensorrt, which test and record the engines" \
+       "(a plan without its record stops the bundle from loading): run PYTHON=VENV/bin/python bash" \
+       "build_engine.sh, VENV holding the bundle's runtime wheel and made with --system-site-packages" \
+       "(JetPack's tensorrt); nothing was built" >&2
+  exit 1
+fi
 bash engine/build_engine.sh
 bash engine_decode/build_engine.sh
-"${PYTHON:-python3}" -m projectable_edge_runtime.bundle.engine_record .
+"$PY" -m projectable_edge_runtime.bundle.engine_record .
 """
 
 

@@ -64,7 +64,8 @@ def select(plan: Plan, cands: dict[str, Candidate], on_target: bool,
             f"first variant in {plan.profile.name}'s precision order {list(plan.profile.precisions)} that met its "
             "accuracy budget (validation split), validated against the PyTorch reference (goldens, test split) and "
             f"passes the static check of the target's compiler ({plan.profile.compile_backend})")
-    rule += ("; this host is the target (ONNX Runtime on the same architecture), so a variant slower than fp32 "
+    rule += ("; it was asked for, so host timings never pass it over" if asked else
+             "; this host is the target (ONNX Runtime on the same architecture), so a variant slower than fp32 "
              "here is passed over" if on_target else
              "; this host is not the target, so its timings do not pass a variant over (run `tune` on the device)")
     passed_over = {}

@@ -40,6 +40,10 @@ class GenerateSettings:
         """Every path absolute, fixed before any work: nothing depends on the cwd later."""
         from projectable_edge.data import not_utf8
 
+        if self.cache_dir is not None and not self.cache:
+            raise ProjectableEdgeError("--cache-dir and --no-cache contradict each other (cache_dir with cache=False "
+                                       "in Python): pass one of them")
+
         def ab(p: str | None) -> str | None:
             path = None if p is None else str(Path(p).expanduser().resolve())
             if path is not None and not_utf8(path):

@@ -64,8 +64,8 @@ def write_runtime_wheel(bundle: Path, cache: StepCache, log) -> Wheel:
     files[f"{DIST_INFO}/RECORD"] = record.encode()
     cache.run("wheel", content_key(step="wheel", record=record), bundle, lambda: _build(files, bundle, log))
     return Wheel(WHEEL, DIST, __version__, "projectable_edge_runtime", REQUIRES, EXTRAS,
-                 f"python3 -m venv pe && pe/bin/pip install {WHEEL}",
-                 "pe/bin/python -m projectable_edge_runtime validate .")
+                 f"python3 -m venv ../pe && ../pe/bin/pip install {WHEEL}",  # in the bundle: the venv beside it
+                 "../pe/bin/python -m projectable_edge_runtime validate .")
 
 
 def graph_requires(bundle: Path, graph_files: list[str]) -> Requires:

@@ -68,7 +68,8 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class Graphs:
-    score: RelPath = doc("The scoring graph: tokens [N, T] -> logits [N, T, V].")
+    score: RelPath = doc("The scoring graph: tokens [N, T] -> logits [N, T, V], where logits[:, t] "
+                         "scores tokens[:, t] given those before it (BOS is inside the graph).")
     decode: RelPath | None = doc("The KV-cache decode graph (one step), or null: sampling then recomputes.")
 
 
@@ -132,8 +133,8 @@ class Engine:
     path: RelPath | None = doc("The scoring plan (built or to be built).", None)
     decode_path: RelPath | None = doc("The decode plan.", None)
     command: str | None = doc("How to build on the device: `bash build_engine.sh`, from anywhere.", None)
-    trtexec: str | None = doc("The exact trtexec command of the scoring plan.", None)
-    trtexec_decode: str | None = doc("The exact trtexec command of the decode plan.", None)
+    trtexec: str | None = doc("The exact trtexec command of the scoring plan, run in its folder (engine/).", None)
+    trtexec_decode: str | None = doc("The exact trtexec command of the decode plan, run in its folder.", None)
     tensorrt_version: str | None = doc("TensorRT of a host-built engine, else the profile's.", None)
     tensorrt_version_source: str | None = doc("Where tensorrt_version comes from.", None)
     typing: str | None = doc("`strong` (QDQ graph, TensorRT >= 10: --stronglyTyped) or `weak`.", None)
@@ -164,8 +165,8 @@ class Wheel:
     import_name: str = doc("Its import name.")
     requires: tuple[str, ...] = doc("Its dependencies (numpy, onnxruntime).")
     extras: dict[str, tuple[str, ...]] = doc("Optional extras (`images`: Pillow).")
-    install: str = doc("The device's install command.")
-    run: str = doc("The device's first command.")
+    install: str = doc("The device's install command, typed in the bundle folder (the venv goes beside it).")
+    run: str = doc("The device's first command, typed in the bundle folder.")
 
 
 @dataclass(frozen=True)
