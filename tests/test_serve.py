@@ -339,6 +339,17 @@ def test_pipelined_requests_are_answered_in_order(server, model):
         assert response(f)[2]["status"] == 404
 
 
+def test_expect_100_continue_without_a_body_is_answered(server):
+    """A request already whole with its headers (no body, Content-Length: 0) asking for `100 Continue` is
+    answered at once: waitress sent the 100 and then waited for a body that never comes until the idle timeout."""
+    with socket.create_connection(address(server), timeout=3) as s:
+        f = send(s, b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n"
+                    b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n")
+        assert response(f)[2]["status"] == "ok"
+        line, _, out = response(f)
+        assert line.startswith("HTTP/1.1 400") and "empty body" in out["error"]
+
+
 def test_an_incomplete_request_is_closed_without_using_a_worker(model):
     """A body that never arrives (stalled, or cut short by the client's close) is buffered by the library
     and dropped, never handed to a worker half-read (the old server answered 408/400 from a worker)."""

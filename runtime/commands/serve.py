@@ -150,8 +150,9 @@ class ModelServer:
 
             def send_continue(self):
                 # a request refused on its headers (a body far over the limit, no Host) gets its error now, not
-                # after the body waitress's `100 Continue` asked for (or, with none coming, the idle timeout)
-                if self.request.error is None:
+                # after the body waitress's `100 Continue` asked for (or, with none coming, the idle timeout); one
+                # already whole (Content-Length: 0, a GET) is answered: waitress would mark it unfinished again
+                if not self.request.completed:
                     super().send_continue()
 
             def received(self, data):
