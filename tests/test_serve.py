@@ -178,6 +178,8 @@ MALFORMED = [
     ("npy: not an array", "POST", "/score", b"not numpy", {"Content-Type": "application/x-npy"}, 400, ".npy"),
     ("npy: float dtype", "POST", "/score", npy(np.zeros((1, 64), np.float32)),
      {"Content-Type": "application/x-npy"}, 400, "dtype"),
+    ("npy: float images (read as images, as the runtime does, not as tokens)", "POST", "/score",
+     npy(np.zeros((1, 8, 8), np.float32)), {"Content-Type": "application/x-npy"}, 400, "images must be uint8"),
     ("npy: wrong shape", "POST", "/score", npy(np.zeros((1, 9, 9), np.uint8)),
      {"Content-Type": "application/x-npy"}, 400, "shape"),
     ("npy: a scalar", "POST", "/score", npy(np.uint8(5)), {"Content-Type": "application/x-npy"}, 400, "shape"),

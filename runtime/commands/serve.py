@@ -263,7 +263,7 @@ class ModelServer:
                 a = read_npy(data, "the body")
             except ProjectableEdgeError as e:
                 raise RequestError(400, str(e)) from None
-            out = self.score(a, images=a.dtype == np.uint8)
+            out = self.score(a, images=a.dtype == np.uint8 or a.ndim >= 3)  # the runtime's rule (Model.to_tokens)
         elif ctype not in JSON_TYPES:
             raise RequestError(415, f"Content-Type {ctype!r} is not accepted; send application/json"
                                     + (" or application/x-npy" if path == "/score" else ""))
