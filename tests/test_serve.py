@@ -51,10 +51,10 @@ def model(rt_bundle):
 
 
 @contextmanager
-def running(model, limits: Limits = LIMITS, before=lambda srv: None):
-    """A server on a free loopback port, served by a thread until the block ends; `before(srv)` runs
-    once it is bound and listening, before it serves."""
-    srv = ModelServer(model, "127.0.0.1", 0, limits)
+def running(model, limits: Limits = LIMITS, before=lambda srv: None, host="127.0.0.1"):
+    """A server on a free port (loopback unless `host`), served by a thread until the block ends; `before(srv)`
+    runs once it is bound and listening, before it serves."""
+    srv = ModelServer(model, host, 0, limits)
     before(srv)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -722,6 +722,19 @@ def test_cli_a_second_signal_while_stopping_under_load_still_exits_0(rt_bundle):
         p.kill()
     assert p.returncode == 0 and "Traceback" not in err, (p.returncode, err[-2000:])
     assert [json.loads(line)["event"] for line in out.splitlines()] == ["stopped"]
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6 sockets here")
+def test_host_unspecified_ipv6_serves_ipv4_clients_too(model):
+    """`--host ::` (every address) takes IPv4 clients as well, as `0.0.0.0` does; it used to listen on IPv6
+    only (Python's create_server sets IPV6_V6ONLY), so a client of the device's IPv4 address was refused."""
+    with running(model, host="::") as srv:
+        assert srv.url.startswith("http://[::]:")
+        for ip in ("127.0.0.1", "::1"):
+            c = http.client.HTTPConnection(ip, address(srv)[1], timeout=30)
+            c.request("GET", "/healthz")
+            assert c.getresponse().status == 200, ip
+            c.close()
 
 
 def test_cli_port_in_use_is_one_line_exit_2(rt_bundle):

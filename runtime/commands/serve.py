@@ -87,7 +87,9 @@ class ModelServer:
             raise ProjectableEdgeError("`serve` needs waitress: pip install 'projectable-edge-runtime[serve]' "
                                        f"(or '{SERVE_REQUIRES}')") from None
         try:
-            sock = socket.create_server((host, port), family=socket.getaddrinfo(host, port)[0][0])
+            family, *_, addr = socket.getaddrinfo(host, port)[0]
+            sock = socket.create_server((host, port), family=family,  # `::` takes IPv4 clients too, as 0.0.0.0 would
+                                        dualstack_ipv6=addr[0] == "::" and socket.has_dualstack_ipv6())
         except (OSError, OverflowError) as e:
             raise ProjectableEdgeError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); "
                                        "choose another --port (0 picks a free one) or --host") from None
