@@ -737,6 +737,41 @@ def test_host_unspecified_ipv6_serves_ipv4_clients_too(model):
             c.close()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no ulimit")
+def test_an_open_file_limit_below_max_connections_is_raised_or_refused(rt_bundle):
+    """Under `ulimit -n 128` the default 512 connections used to pass the process's open-file limit: waitress's
+    accept() failed (EMFILE) in a busy loop, writing a traceback each time, and the clients past it waited. Now the
+    soft limit is raised to what max_connections needs, or, above the hard limit, the server refuses to start."""
+    import resource
+
+    def ulimit(soft, hard):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    p = subprocess.Popen([sys.executable, "-m", "projectable_edge_runtime", "serve", str(rt_bundle), "--port", "0",
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=ulimit(128, hard))
+    try:
+        hello = json.loads(p.stdout.readline() or "null")
+        assert hello, p.stderr.read()
+        socks = [socket.create_connection(urlsplit(hello["url"]).netloc.split(":"), timeout=30) for _ in range(200)]
+        for s in socks:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert all(s.recv(12) == b"HTTP/1.1 200" for s in socks)
+        for s in socks:
+            s.close()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "Too many open files" not in err, err[-2000:]
+    p = subprocess.Popen([sys.executable, "-m", "projectable_edge_runtime", "serve", str(rt_bundle), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ulimit(128, 128))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "Traceback" not in err, err
+    assert "max_connections 512 needs 576 open files" in err and "ulimit -n" in err and len(err.splitlines()) == 1
+
+
 def test_cli_port_in_use_is_one_line_exit_2(rt_bundle):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -86,6 +86,17 @@ class ModelServer:
         except ImportError:
             raise ProjectableEdgeError("`serve` needs waitress: pip install 'projectable-edge-runtime[serve]' "
                                        f"(or '{SERVE_REQUIRES}')") from None
+        with contextlib.suppress(ImportError):  # (no `resource` on Windows)
+            import resource  # each client is an open file: past the limit, waitress's accept() fails in a busy loop
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            need, unlimited = limits.max_connections + 64, resource.RLIM_INFINITY  # + the bundle's, the pipe's, ...
+            if soft != unlimited and soft < need:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+                except (ValueError, OSError):
+                    raise ProjectableEdgeError(
+                        f"serve limit max_connections {limits.max_connections} needs {need} open files, but this "
+                        f"process may open {soft} (ulimit -n); lower --max-connections or raise `ulimit -n`") from None
         try:
             family, *_, addr = socket.getaddrinfo(host, port)[0]
             sock = socket.create_server((host, port), family=family,  # `::` takes IPv4 clients too, as 0.0.0.0 would
