@@ -392,6 +392,38 @@ def test_the_connection_limit_counts_clients_only(model):
         held[0].close()
 
 
+def test_busy_keep_alive_clients_at_the_limit_make_way_for_those_waiting(model):
+    """ab -k with more clients than --max-connections: the clients it had connected kept their connections, so
+    those in the backlog waited until ab was done and the idle timeout closed them (p99 16 s for `ab -k -c 600`).
+    While clients wait to be accepted, an answer now closes its connection, so they take turns."""
+    with running(model, Limits(max_connections=2, idle_timeout_s=30)) as srv:
+        stop, answers, errors = threading.Event(), [], []
+
+        def busy():  # http.client reconnects after a `Connection: close`
+            c = http.client.HTTPConnection(*address(srv), timeout=30)
+            while not stop.is_set():
+                try:
+                    answers.append(request(srv, "POST", "/score", {"tokens": _valid_tokens(model)}, conn=c)[0])
+                except (OSError, http.client.HTTPException) as e:
+                    errors.append(repr(e))
+            c.close()
+
+        threads = [threading.Thread(target=busy) for _ in range(2)]
+        for t in threads:
+            t.start()
+        while len(answers) < 10:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        try:
+            with socket.create_connection(address(srv), timeout=5) as third:
+                assert response(send(third, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[2]["status"] == "ok"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert time.monotonic() - t0 < 5 and not errors and set(answers) == {200}, errors[:3]
+
+
 def test_clients_that_never_finish_a_request_or_never_read_are_closed_after_the_idle_timeout(model):
     """A client trickling a request byte by byte (slowloris), or one that pipelines requests and never reads
     the answers, holds the only connection slot for about the idle timeout, not for ever: then the next

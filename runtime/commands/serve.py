@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -156,8 +157,20 @@ class ModelServer:
                 if self.chunked and "CONTENT_LENGTH" in self.headers:
                     raise parser.ParsingError("both Content-Length and Transfer-Encoding in a request")
 
+        class TurnTask(task.WSGITask):
+            def build_response_header(self):
+                # at the connection limit with clients waiting to be accepted, an answer closes its connection: else
+                # a keep-alive client holds its slot for as long as it keeps sending (ab -k: until it is done, then
+                # the idle timeout), and the clients in the backlog wait all that time
+                if self.channel.server.in_connection_overflow:
+                    backlog = select.poll()
+                    backlog.register(self.channel.server.socket, select.POLLIN)
+                    if backlog.poll(0):
+                        self.request.headers["CONNECTION"] = "close"
+                return super().build_response_header()
+
         class JsonChannel(channel.HTTPChannel):
-            error_task_class, parser_class = JsonErrorTask, StrictParser
+            error_task_class, parser_class, task_class = JsonErrorTask, StrictParser, TurnTask
             arriving_since = None  # when the request now arriving sent its first byte (None: none is)
             stalled_at = None  # last_activity when maintenance first saw an answer waiting unread
 
