@@ -756,6 +756,31 @@ def test_cli_a_second_signal_while_stopping_under_load_still_exits_0(rt_bundle):
     assert [json.loads(line)["event"] for line in out.splitlines()] == ["stopped"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cli_a_signal_answers_the_requests_already_read(rt_bundle, sig):
+    """SIGTERM or Ctrl-C while requests wait for a worker: each request already read is answered (waitress dropped
+    the queued ones, their clients saw the connection close), no new one is taken, and the server exits 0."""
+    p = _cli(str(rt_bundle), "--port", "0", "--json", "--workers", "1", "--max-sample", "64")
+    try:
+        hello = json.loads(p.stdout.readline() or "null")
+        assert hello, p.stderr.read()
+        conns = [http.client.HTTPConnection(*urlsplit(hello["url"]).netloc.split(":"), timeout=60) for _ in range(8)]
+        for i, c in enumerate(conns):
+            c.request("POST", "/sample", body=json.dumps({"n": 64, "seed": i}))
+        first = conns[0].getresponse()
+        assert first.status == 200 and first.getheader("Connection") is None
+        p.send_signal(sig)  # one worker, the same work each: the other 7 are still waiting for it
+        answers = [c.getresponse() for c in conns[1:]]
+        assert [r.status for r in answers] == [200] * 7
+        assert all(len(json.loads(r.read())["images"]) == 64 for r in answers)
+        assert {r.getheader("Connection") for r in answers} == {"close"}
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "Traceback" not in err and "Canceling" not in err, err[-2000:]
+    assert [json.loads(line)["requests_served"] for line in out.splitlines()] == [8]
+
+
 @pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6 sockets here")
 def test_host_unspecified_ipv6_serves_ipv4_clients_too(model):
     """`--host ::` (every address) takes IPv4 clients as well, as `0.0.0.0` does; it used to listen on IPv6

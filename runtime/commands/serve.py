@@ -108,6 +108,7 @@ class ModelServer:
         self.model, self.limits, self.access_log, self.verbose, self._map = model, limits, access_log, verbose, {}
         self._lock, self.started, self.served, self.ended = threading.Lock(), time.time(), 0, False
         self._close_all = lambda: wasyncore.close_all(self._map)
+        draining = self._draining = threading.Event()  # set by Ctrl-C / SIGTERM: answer what was read, read no more
 
         class JsonErrorTask(task.ErrorTask):  # the library's protocol errors, as JSON like the application's
             def execute(self):
@@ -162,7 +163,9 @@ class ModelServer:
                 # at the connection limit with clients waiting to be accepted, an answer closes its connection: else
                 # a keep-alive client holds its slot for as long as it keeps sending (ab -k: until it is done, then
                 # the idle timeout), and the clients in the backlog wait all that time
-                if self.channel.server.in_connection_overflow:
+                if draining.is_set():  # the server closes it once this is sent
+                    self.request.headers["CONNECTION"] = "close"
+                elif self.channel.server.in_connection_overflow:
                     backlog = select.poll()
                     backlog.register(self.channel.server.socket, select.POLLIN)
                     if backlog.poll(0):
@@ -189,6 +192,9 @@ class ModelServer:
                 finally:
                     if self.request is None:
                         self.arriving_since = None
+
+            def readable(self):
+                return not draining.is_set() and super().readable()
 
             def writable(self):
                 # A running task's worker sends its own output and wakes the loop when the socket is full or it ends;
@@ -224,8 +230,16 @@ class ModelServer:
         self.url = "http://{}:{}".format(f"[{host}]" if ":" in host else host, sock.getsockname()[1])
 
     def run(self) -> None:
-        self.server.run()  # returns on Ctrl-C (waitress stops its threads) or once stop() closed every socket
-        self.server.task_dispatcher.shutdown()
+        srv = self.server
+        try:  # until stop() closed every socket, or Ctrl-C (SIGTERM): then no new connection or request is taken,
+            srv.asyncore.loop(timeout=srv.adj.asyncore_loop_timeout, map=self._map, use_poll=True)
+        except KeyboardInterrupt:  # and the requests already read are answered (waitress alone dropped those queued)
+            self._draining.set()
+            srv.accepting, deadline = False, time.monotonic() + self.limits.idle_timeout_s
+            while time.monotonic() < deadline and any(ch.requests or ch.total_outbufs_len
+                                                      for ch in list(srv.active_channels.values())):
+                srv.asyncore.loop(timeout=0.05, map=self._map, use_poll=True, count=1)
+        srv.task_dispatcher.shutdown()
         self._close_all()
         self.ended = True  # stop() now has nothing to do: its pipe is closed, and its number may be reused
 
