@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 try:
@@ -307,6 +307,21 @@ def test_protocol_errors_are_json_and_close_the_connection(server, data, want):
         assert headers["content-type"] == "application/json" and headers["connection"] == "close"
         assert closed(f)
     assert request(server, "GET", "/healthz")[0] == 200
+
+
+def test_headers_over_the_limit_are_a_431_naming_the_fix(server):
+    """A 300 KB header (waitress reads 256 KB of them) is a JSON 431 that says to send fewer or shorter headers,
+    not "send a well-formed request": the request is well-formed."""
+    with socket.create_connection(address(server), timeout=30) as s:
+        def send_all():
+            with suppress(OSError):  # the server closes once it has answered
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n")
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        status_line, _, out = response(s.makefile("rb"))
+        sender.join()
+    assert " 431 " in status_line and out["status"] == 431 and "fewer or shorter headers" in out["error"], out
 
 
 def test_http10_keep_alive_is_announced_and_honoured(server, model):

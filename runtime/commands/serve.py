@@ -116,7 +116,8 @@ class ModelServer:
                 code, reason = (505, "HTTP Version Not Supported") if other_major(self.request.version) \
                     else (e.code, e.reason)
                 why = TOO_LARGE.format(limits.max_body_bytes) if code == 413 else \
-                    f"{reason}: {e.body.rstrip('.')}; send a well-formed HTTP/1.0 or HTTP/1.1 request"
+                    f"{reason}: {e.body.rstrip('.')}; " + ("send fewer or shorter headers" if code == 431 else
+                                                           "send a well-formed HTTP/1.0 or HTTP/1.1 request")
                 data = json.dumps({"error": why, "status": code}).encode("utf-8")
                 self.status, self.content_length = f"{code} {reason}", len(data)
                 self.response_headers.append(("Content-Type", "application/json"))
