@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 try:
@@ -51,10 +51,10 @@ def model(rt_bundle):
 
 
 @contextmanager
-def running(model, limits: Limits = LIMITS, before=lambda srv: None):
-    """A server on a free loopback port, served by a thread until the block ends; `before(srv)` runs
-    once it is bound and listening, before it serves."""
-    srv = ModelServer(model, "127.0.0.1", 0, limits)
+def running(model, limits: Limits = LIMITS, before=lambda srv: None, host="127.0.0.1"):
+    """A server on a free port (loopback unless `host`), served by a thread until the block ends; `before(srv)`
+    runs once it is bound and listening, before it serves."""
+    srv = ModelServer(model, host, 0, limits)
     before(srv)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -178,6 +178,8 @@ MALFORMED = [
     ("npy: not an array", "POST", "/score", b"not numpy", {"Content-Type": "application/x-npy"}, 400, ".npy"),
     ("npy: float dtype", "POST", "/score", npy(np.zeros((1, 64), np.float32)),
      {"Content-Type": "application/x-npy"}, 400, "dtype"),
+    ("npy: float images (read as images, as the runtime does, not as tokens)", "POST", "/score",
+     npy(np.zeros((1, 8, 8), np.float32)), {"Content-Type": "application/x-npy"}, 400, "images must be uint8"),
     ("npy: wrong shape", "POST", "/score", npy(np.zeros((1, 9, 9), np.uint8)),
      {"Content-Type": "application/x-npy"}, 400, "shape"),
     ("npy: a scalar", "POST", "/score", npy(np.uint8(5)), {"Content-Type": "application/x-npy"}, 400, "shape"),
@@ -307,6 +309,21 @@ def test_protocol_errors_are_json_and_close_the_connection(server, data, want):
     assert request(server, "GET", "/healthz")[0] == 200
 
 
+def test_headers_over_the_limit_are_a_431_naming_the_fix(server):
+    """A 300 KB header (waitress reads 256 KB of them) is a JSON 431 that says to send fewer or shorter headers,
+    not "send a well-formed request": the request is well-formed."""
+    with socket.create_connection(address(server), timeout=30) as s:
+        def send_all():
+            with suppress(OSError):  # the server closes once it has answered
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n")
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        status_line, _, out = response(s.makefile("rb"))
+        sender.join()
+    assert " 431 " in status_line and out["status"] == 431 and "fewer or shorter headers" in out["error"], out
+
+
 def test_http10_keep_alive_is_announced_and_honoured(server, model):
     """An HTTP/1.0 client (ab -k, many proxies) asking for keep-alive gets `Connection: Keep-Alive` and its
     connection kept; without the header the server closes after the response."""
@@ -337,6 +354,17 @@ def test_pipelined_requests_are_answered_in_order(server, model):
         assert response(f)[2]["status"] == "ok"
         assert len(response(f)[2]["bits_per_dim"]) == 1
         assert response(f)[2]["status"] == 404
+
+
+def test_expect_100_continue_without_a_body_is_answered(server):
+    """A request already whole with its headers (no body, Content-Length: 0) asking for `100 Continue` is
+    answered at once: waitress sent the 100 and then waited for a body that never comes until the idle timeout."""
+    with socket.create_connection(address(server), timeout=3) as s:
+        f = send(s, b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n"
+                    b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n")
+        assert response(f)[2]["status"] == "ok"
+        line, _, out = response(f)
+        assert line.startswith("HTTP/1.1 400") and "empty body" in out["error"]
 
 
 def test_an_incomplete_request_is_closed_without_using_a_worker(model):
@@ -377,6 +405,38 @@ def test_the_connection_limit_counts_clients_only(model):
             held.pop().close()
             assert response(f)[2]["status"] == "ok"
         held[0].close()
+
+
+def test_busy_keep_alive_clients_at_the_limit_make_way_for_those_waiting(model):
+    """ab -k with more clients than --max-connections: the clients it had connected kept their connections, so
+    those in the backlog waited until ab was done and the idle timeout closed them (p99 16 s for `ab -k -c 600`).
+    While clients wait to be accepted, an answer now closes its connection, so they take turns."""
+    with running(model, Limits(max_connections=2, idle_timeout_s=30)) as srv:
+        stop, answers, errors = threading.Event(), [], []
+
+        def busy():  # http.client reconnects after a `Connection: close`
+            c = http.client.HTTPConnection(*address(srv), timeout=30)
+            while not stop.is_set():
+                try:
+                    answers.append(request(srv, "POST", "/score", {"tokens": _valid_tokens(model)}, conn=c)[0])
+                except (OSError, http.client.HTTPException) as e:
+                    errors.append(repr(e))
+            c.close()
+
+        threads = [threading.Thread(target=busy) for _ in range(2)]
+        for t in threads:
+            t.start()
+        while len(answers) < 10:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        try:
+            with socket.create_connection(address(srv), timeout=5) as third:
+                assert response(send(third, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[2]["status"] == "ok"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert time.monotonic() - t0 < 5 and not errors and set(answers) == {200}, errors[:3]
 
 
 def test_clients_that_never_finish_a_request_or_never_read_are_closed_after_the_idle_timeout(model):
@@ -709,6 +769,79 @@ def test_cli_a_second_signal_while_stopping_under_load_still_exits_0(rt_bundle):
         p.kill()
     assert p.returncode == 0 and "Traceback" not in err, (p.returncode, err[-2000:])
     assert [json.loads(line)["event"] for line in out.splitlines()] == ["stopped"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cli_a_signal_answers_the_requests_already_read(rt_bundle, sig):
+    """SIGTERM or Ctrl-C while requests wait for a worker: each request already read is answered (waitress dropped
+    the queued ones, their clients saw the connection close), no new one is taken, and the server exits 0."""
+    p = _cli(str(rt_bundle), "--port", "0", "--json", "--workers", "1", "--max-sample", "64")
+    try:
+        hello = json.loads(p.stdout.readline() or "null")
+        assert hello, p.stderr.read()
+        conns = [http.client.HTTPConnection(*urlsplit(hello["url"]).netloc.split(":"), timeout=60) for _ in range(8)]
+        for i, c in enumerate(conns):
+            c.request("POST", "/sample", body=json.dumps({"n": 64, "seed": i}))
+        first = conns[0].getresponse()
+        assert first.status == 200 and first.getheader("Connection") is None
+        p.send_signal(sig)  # one worker, the same work each: the other 7 are still waiting for it
+        answers = [c.getresponse() for c in conns[1:]]
+        assert [r.status for r in answers] == [200] * 7
+        assert all(len(json.loads(r.read())["images"]) == 64 for r in answers)
+        assert answers[-1].getheader("Connection") == "close"  # (those answered after the signal)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "Traceback" not in err and "Canceling" not in err, err[-2000:]
+    assert [json.loads(line)["requests_served"] for line in out.splitlines()] == [8]
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6 sockets here")
+def test_host_unspecified_ipv6_serves_ipv4_clients_too(model):
+    """`--host ::` (every address) takes IPv4 clients as well, as `0.0.0.0` does; it used to listen on IPv6
+    only (Python's create_server sets IPV6_V6ONLY), so a client of the device's IPv4 address was refused."""
+    with running(model, host="::") as srv:
+        assert srv.url.startswith("http://[::]:")
+        for ip in ("127.0.0.1", "::1"):
+            c = http.client.HTTPConnection(ip, address(srv)[1], timeout=30)
+            c.request("GET", "/healthz")
+            assert c.getresponse().status == 200, ip
+            c.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no ulimit")
+def test_an_open_file_limit_below_max_connections_is_raised_or_refused(rt_bundle):
+    """Under `ulimit -n 128` the default 512 connections used to pass the process's open-file limit: waitress's
+    accept() failed (EMFILE) in a busy loop, writing a traceback each time, and the clients past it waited. Now the
+    soft limit is raised to what max_connections needs, or, above the hard limit, the server refuses to start."""
+    import resource
+
+    def ulimit(soft, hard):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    p = subprocess.Popen([sys.executable, "-m", "projectable_edge_runtime", "serve", str(rt_bundle), "--port", "0",
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=ulimit(128, hard))
+    try:
+        hello = json.loads(p.stdout.readline() or "null")
+        assert hello, p.stderr.read()
+        socks = [socket.create_connection(urlsplit(hello["url"]).netloc.split(":"), timeout=30) for _ in range(200)]
+        for s in socks:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert all(s.recv(12) == b"HTTP/1.1 200" for s in socks)
+        for s in socks:
+            s.close()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "Too many open files" not in err, err[-2000:]
+    p = subprocess.Popen([sys.executable, "-m", "projectable_edge_runtime", "serve", str(rt_bundle), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ulimit(128, 128))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "Traceback" not in err, err
+    assert "max_connections 512 needs 576 open files" in err and "ulimit -n" in err and len(err.splitlines()) == 1
 
 
 def test_cli_port_in_use_is_one_line_exit_2(rt_bundle):

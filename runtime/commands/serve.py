@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -86,14 +87,28 @@ class ModelServer:
         except ImportError:
             raise ProjectableEdgeError("`serve` needs waitress: pip install 'projectable-edge-runtime[serve]' "
                                        f"(or '{SERVE_REQUIRES}')") from None
+        with contextlib.suppress(ImportError):  # (no `resource` on Windows)
+            import resource  # each client is an open file: past the limit, waitress's accept() fails in a busy loop
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            need, unlimited = limits.max_connections + 64, resource.RLIM_INFINITY  # + the bundle's, the pipe's, ...
+            if soft != unlimited and soft < need:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+                except (ValueError, OSError):
+                    raise ProjectableEdgeError(
+                        f"serve limit max_connections {limits.max_connections} needs {need} open files, but this "
+                        f"process may open {soft} (ulimit -n); lower --max-connections or raise `ulimit -n`") from None
         try:
-            sock = socket.create_server((host, port), family=socket.getaddrinfo(host, port)[0][0])
+            family, *_, addr = socket.getaddrinfo(host, port)[0]
+            sock = socket.create_server((host, port), family=family,  # `::` takes IPv4 clients too, as 0.0.0.0 would
+                                        dualstack_ipv6=addr[0] == "::" and socket.has_dualstack_ipv6())
         except (OSError, OverflowError) as e:
             raise ProjectableEdgeError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); "
                                        "choose another --port (0 picks a free one) or --host") from None
         self.model, self.limits, self.access_log, self.verbose, self._map = model, limits, access_log, verbose, {}
         self._lock, self.started, self.served, self.ended = threading.Lock(), time.time(), 0, False
         self._close_all = lambda: wasyncore.close_all(self._map)
+        draining = self._draining = threading.Event()  # set by Ctrl-C / SIGTERM: answer what was read, read no more
 
         class JsonErrorTask(task.ErrorTask):  # the library's protocol errors, as JSON like the application's
             def execute(self):
@@ -101,7 +116,8 @@ class ModelServer:
                 code, reason = (505, "HTTP Version Not Supported") if other_major(self.request.version) \
                     else (e.code, e.reason)
                 why = TOO_LARGE.format(limits.max_body_bytes) if code == 413 else \
-                    f"{reason}: {e.body.rstrip('.')}; send a well-formed HTTP/1.0 or HTTP/1.1 request"
+                    f"{reason}: {e.body.rstrip('.')}; " + ("send fewer or shorter headers" if code == 431 else
+                                                           "send a well-formed HTTP/1.0 or HTTP/1.1 request")
                 data = json.dumps({"error": why, "status": code}).encode("utf-8")
                 self.status, self.content_length = f"{code} {reason}", len(data)
                 self.response_headers.append(("Content-Type", "application/json"))
@@ -143,15 +159,30 @@ class ModelServer:
                 if self.chunked and "CONTENT_LENGTH" in self.headers:
                     raise parser.ParsingError("both Content-Length and Transfer-Encoding in a request")
 
+        class TurnTask(task.WSGITask):
+            def build_response_header(self):
+                # at the connection limit with clients waiting to be accepted, an answer closes its connection: else
+                # a keep-alive client holds its slot for as long as it keeps sending (ab -k: until it is done, then
+                # the idle timeout), and the clients in the backlog wait all that time
+                if draining.is_set():  # the server closes it once this is sent
+                    self.request.headers["CONNECTION"] = "close"
+                elif self.channel.server.in_connection_overflow:
+                    backlog = select.poll()
+                    backlog.register(self.channel.server.socket, select.POLLIN)
+                    if backlog.poll(0):
+                        self.request.headers["CONNECTION"] = "close"
+                return super().build_response_header()
+
         class JsonChannel(channel.HTTPChannel):
-            error_task_class, parser_class = JsonErrorTask, StrictParser
+            error_task_class, parser_class, task_class = JsonErrorTask, StrictParser, TurnTask
             arriving_since = None  # when the request now arriving sent its first byte (None: none is)
             stalled_at = None  # last_activity when maintenance first saw an answer waiting unread
 
             def send_continue(self):
                 # a request refused on its headers (a body far over the limit, no Host) gets its error now, not
-                # after the body waitress's `100 Continue` asked for (or, with none coming, the idle timeout)
-                if self.request.error is None:
+                # after the body waitress's `100 Continue` asked for (or, with none coming, the idle timeout); one
+                # already whole (Content-Length: 0, a GET) is answered: waitress would mark it unfinished again
+                if not self.request.completed:
                     super().send_continue()
 
             def received(self, data):
@@ -162,6 +193,9 @@ class ModelServer:
                 finally:
                     if self.request is None:
                         self.arriving_since = None
+
+            def readable(self):
+                return not draining.is_set() and super().readable()
 
             def writable(self):
                 # A running task's worker sends its own output and wakes the loop when the socket is full or it ends;
@@ -197,8 +231,16 @@ class ModelServer:
         self.url = "http://{}:{}".format(f"[{host}]" if ":" in host else host, sock.getsockname()[1])
 
     def run(self) -> None:
-        self.server.run()  # returns on Ctrl-C (waitress stops its threads) or once stop() closed every socket
-        self.server.task_dispatcher.shutdown()
+        srv = self.server
+        try:  # until stop() closed every socket, or Ctrl-C (SIGTERM): then no new connection or request is taken,
+            srv.asyncore.loop(timeout=srv.adj.asyncore_loop_timeout, map=self._map, use_poll=True)
+        except KeyboardInterrupt:  # and the requests already read are answered (waitress alone dropped those queued)
+            self._draining.set()
+            srv.accepting, deadline = False, time.monotonic() + self.limits.idle_timeout_s
+            while time.monotonic() < deadline and any(ch.requests or ch.total_outbufs_len
+                                                      for ch in list(srv.active_channels.values())):
+                srv.asyncore.loop(timeout=0.05, map=self._map, use_poll=True, count=1)
+        srv.task_dispatcher.shutdown()
         self._close_all()
         self.ended = True  # stop() now has nothing to do: its pipe is closed, and its number may be reused
 
@@ -262,7 +304,7 @@ class ModelServer:
                 a = read_npy(data, "the body")
             except ProjectableEdgeError as e:
                 raise RequestError(400, str(e)) from None
-            out = self.score(a, images=a.dtype == np.uint8)
+            out = self.score(a, images=a.dtype == np.uint8 or a.ndim >= 3)  # the runtime's rule (Model.to_tokens)
         elif ctype not in JSON_TYPES:
             raise RequestError(415, f"Content-Type {ctype!r} is not accepted; send application/json"
                                     + (" or application/x-npy" if path == "/score" else ""))
