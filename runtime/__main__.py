@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
         raise ProjectableEdgeError(f"{message} (see '{self.prog} --help')")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m projectable_edge_runtime") -> argparse.ArgumentParser:
     c = _Parser(add_help=False)  # what every command on a bundle takes
     c.add_argument("bundle", type=_abspath, help="bundle directory (bundles/<task>__<target>)")
     c.add_argument("--precision",
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--public-key", help="Ed25519 public key (PEM): refuse a bundle not signed with it "
                                         "(needs the cryptography package)")
     c.add_argument("--verbose", "-v", action="store_true", help="show tracebacks (also before the command)")
-    ap = _Parser(prog="python -m projectable_edge_runtime", description="Torch-free projectable-edge runtime.")
+    ap = _Parser(prog=prog, description="Torch-free projectable-edge runtime.")
     sub = ap.add_subparsers(dest="command", required=True)
     c.add_argument("--tuned", type=_abspath, help="a tuned record written by `tune --record PATH` (default: "
                                                   "BUNDLE.tuned.json beside the bundle, if any)")
@@ -149,12 +149,13 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The CLI; argv None means this process is the command (python -m, or the console script), which then also
     takes SIGTERM as Ctrl-C and prints warnings in one line."""
+    script = os.path.basename(sys.argv[0]) if argv is None else ""  # the wheel's console script, or python -m
     if argv is None:
         console.cli_signals()
     argv, verbose = console.take_verbose(sys.argv[1:] if argv is None else list(argv))
     json_errors = console.wants_json(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = (build_parser(script) if script == "projectable-edge-runtime" else build_parser()).parse_args(argv)
     except ProjectableEdgeError as e:  # a usage error
         return console.fail(f"error: {e}", 2, json_errors)
     args.verbose = verbose or getattr(args, "verbose", False)

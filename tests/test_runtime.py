@@ -632,6 +632,15 @@ def test_unexpected_errors_are_one_line_exit_1_in_both_clis(rt_bundle, monkeypat
     assert res.exit_code == 1 and "Traceback" in res.output
 
 
+@pytest.mark.parametrize("argv0, prog", [("/venv/bin/projectable-edge-runtime", "projectable-edge-runtime"),
+                                         ("/x/projectable_edge_runtime/__main__.py", "python -m projectable_edge_runtime")])
+def test_usage_names_the_command_as_it_was_typed(argv0, prog):
+    code = (f"import sys; sys.argv = [{argv0!r}, 'nosuch']; "
+            "from projectable_edge_runtime.__main__ import main; sys.exit(main())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and f"(see '{prog} --help')" in res.stderr, res.stderr
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly(rt_bundle):
     """`... | head -1`: the reader closes the pipe after one line; the command ends with status 0 and says nothing
     (it said 'error: BrokenPipeError' with status 1 when the pipe broke mid-output)."""
