@@ -451,6 +451,8 @@ def test_schema_ships_with_the_runtime_and_accepts_test_bundles(rt_bundle):
     bad["files"]["../evil"] = {"sha256": "0" * 64, "bytes": 1}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
+    with pytest.raises(jsonschema.ValidationError, match="None should not be valid"):  # a bundle is sealed
+        jsonschema.validate({**_raw(rt_bundle), "integrity": None}, schema)
 
 
 @pytest.mark.parametrize("edit", [

@@ -224,7 +224,8 @@ class Manifest:
                            "generate settings, step summaries, step-cache hits, generate seconds.", dict)
     exercised: Exercised | None = doc("What the host ran and what it could not.", None)
     files: dict[RelPath, FileEntry] = doc("{path: entry} for every file but manifest.json.", dict, required=True)
-    integrity: Integrity | None = doc("The seal.", None, required=True)
+    integrity: Integrity | None = doc("The seal (null only while generate builds the manifest).", None,
+                                      required=True, schema={"not": {"type": "null"}})
 
     def candidate(self, name: str) -> Candidate:
         if name in self.candidates:
