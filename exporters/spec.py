@@ -88,9 +88,23 @@ def attach_spec(model: onnx.ModelProto, spec: ExportSpec) -> None:
     model.metadata_props.add(key=SPEC_KEY, value=json.dumps(spec.to_dict(), sort_keys=True))
 
 
+def _io(tensors) -> list[str]:
+    return [f"{t.name} {t.dtype}[{', '.join(map(str, t.shape))}]" for t in tensors]
+
+
 def read_spec(model: onnx.ModelProto, where: str = "the ONNX graph") -> ExportSpec:
+    """The spec a graph carries, which must still describe the graph's own inputs and outputs (a graph edited after
+    export, an output renamed or an axis made static, fails here, not as a KeyError or a shape error later)."""
     for p in model.metadata_props:
         if p.key == SPEC_KEY:
-            return ExportSpec.from_dict(json.loads(p.value))
+            spec = ExportSpec.from_dict(json.loads(p.value))
+            graph = spec_from_onnx(model, spec.graph, spec)
+            has, declared = _io(graph.inputs + graph.outputs), _io(spec.inputs + spec.outputs)
+            extra, lacks = [t for t in has if t not in declared], [t for t in declared if t not in has]
+            if extra or lacks:
+                raise ProjectableEdgeError(f"{where} was edited after export: its inputs and outputs are not those of "
+                                           f"the export spec it carries (only in the graph: {'; '.join(extra) or 'none'}"
+                                           f"; only in the spec: {'; '.join(lacks) or 'none'}); export the graph again")
+            return spec
     raise ProjectableEdgeError(f"{where} carries no projectable-edge export spec (metadata '{SPEC_KEY}'); "
                                "use a graph written by `projectable-edge export`")

@@ -1,5 +1,6 @@
 """ONNX export: graph contract, parity with PyTorch, KV-cache decoding, atomic outputs, CLI."""
 import json
+import re
 
 import numpy as np
 import onnx
@@ -201,6 +202,30 @@ def test_bad_inputs_are_clear_errors(tmp_path, ex):
         ExportSettings(opset=13)
     with pytest.raises(ProjectableEdgeError, match="ExportableModel"):
         export_onnx(torch.nn.Linear(2, 2), None, tmp_path / "x")
+
+
+def test_a_graph_edited_after_export_is_refused_by_every_step(tmp_path, ex):
+    """An output renamed or the batch axis made static (the spec in the graph's metadata left as it was) used to
+    reach parity, quantize and compile as a KeyError 'logits' or a shape error from inside onnxruntime."""
+    from projectable_edge.exporters.compile import compile_for_target
+    from projectable_edge.exporters.quantize import quantize
+
+    renamed, static = load_onnx(ex.scoring), load_onnx(ex.decode)
+    for n in renamed.graph.node:
+        n.output[:] = ["scores" if o == "logits" else o for o in n.output]
+    renamed.graph.output[0].name = "scores"
+    static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    for name, model, line in (("renamed", renamed, "only in the graph: scores float32"),
+                              ("static", static, "only in the graph: token int64[2, 1]")):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, path)
+        for step in (lambda: check_parity(path, ex.model, ex.heldout[:4]),
+                     lambda: quantize(path, "fp16", tmp_path / f"{name}.fp16.onnx", heldout=ex.heldout[:4]),
+                     lambda: compile_for_target(path, "x86-64-cpu", tmp_path / f"{name}.ort"),
+                     lambda: compile_for_target(path, "jetson", tmp_path / f"{name}.trt")):
+            with pytest.raises(ProjectableEdgeError, match=rf"edited after export.*{re.escape(line)}.*export the"):
+                step()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["renamed.onnx", "static.onnx"]
 
 
 def test_cli_export_json(tmp_path, ex):
