@@ -16,7 +16,7 @@ from rich.table import Table
 
 from projectable_edge import cli_device, cli_export
 from projectable_edge.choices import ExtraOperator, Fit, Mixture, Preset, Split
-from projectable_edge.cli_common import check_out_writable, emit_json, err, make_app, out, run_app, show
+from projectable_edge.cli_common import check_out_writable, check_png, emit_json, err, make_app, out, run_app, show
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 
@@ -114,6 +114,8 @@ def evaluate(
     from projectable_edge.evaluate import plot_ladder as draw_ladder
 
     split = str(split)
+    check_png(plot, "--plot")
+    check_png(plot_ladder, "--plot-ladder")
     report = evaluate_run(run, split)
     if plot:
         plot_bits(report, plot)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from projectable_edge_runtime.devices import variants
 from projectable_edge_runtime.devices.profiles import DEFAULT_TARGET
-from projectable_edge.cli_common import check_out_writable, choice_enum, emit_json, err, show
+from projectable_edge.cli_common import check_out_writable, check_png, choice_enum, emit_json, err, show
 from projectable_edge.pipeline.plan import precision_choices
 
 GeneratePrecision = choice_enum("GeneratePrecision", precision_choices())
@@ -129,6 +129,7 @@ def benchmark(
 
     if histogram:
         outside_bundle(bundle, histogram, "histogram")
+        check_png(histogram, "--histogram")
     with runtime.load(bundle, precision=None if precision is None else str(precision)) as model:
         report = runtime.benchmark(model, runs=runs, warmup=warmup, batch=batch, raw=histogram is not None)
     if histogram:

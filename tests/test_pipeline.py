@@ -342,6 +342,22 @@ def test_cli_train_evaluate_project_tasks(tiny_run, tmp_path):
     assert json.loads(res.stdout)["steps"] == 4
 
 
+def test_a_plot_named_like_another_file_is_refused_before_it_replaces_it(tiny_run, tmp_path):
+    """evaluate --plot RUN/config.json (and benchmark --histogram NOTES.json) wrote the PNG over that file: the run
+    no longer loaded. A plot's name must be .png (or have no suffix), checked before any work."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = (run / "config.json").read_bytes()
+    for opt in ("--plot", "--plot-ladder"):
+        res = cli.invoke(app, ["evaluate", str(run), opt, str(run / "config.json")])
+        assert res.exit_code == 2 and f"{opt} is written as a PNG image" in res.output.replace("\n", " ")
+        assert "name it .png" in res.output.replace("\n", " ") and (run / "config.json").read_bytes() == config
+    (tmp_path / "notes.json").write_text("{}")
+    res = cli.invoke(app, ["benchmark", str(run), "--histogram", str(tmp_path / "notes.json")])
+    assert res.exit_code == 2 and "--histogram is written as a PNG image" in res.output.replace("\n", " ")
+    assert (tmp_path / "notes.json").read_text() == "{}"
+
+
 def test_project_overwrite_replaces_a_projected_model_but_never_the_runs_weights(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
