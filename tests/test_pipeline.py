@@ -195,6 +195,19 @@ def test_bad_inputs_write_nothing(tiny_run, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option,value,want", [
+    ("task", None, "a task name or index"), ("source", None, "a run folder"), ("out", 5, "a path or None"),
+    ("sign_key", 5, "a path or None"), ("goldens", -1, "a whole number >= 1"), ("goldens", 0, "a whole number >= 1"),
+    ("goldens", 2.5, "a whole number >= 1"), ("bench_runs", 0, "a whole number >= 1"),
+    ("samples", -1, "a whole number >= 0"), ("overwrite", "no", "True or False")])
+def test_generate_settings_are_checked_when_made(option, value, want):
+    """From Python, goldens=-1 shipped all but one test image as goldens, goldens=0 or source=None failed as a
+    RuntimeError or TypeError deep in the build, bench_runs=0 as a child's traceback, overwrite='no' overwrote."""
+    with pytest.raises(ProjectableEdgeError, match=rf"generate option '{option}' must be {want}, got {value!r}"):
+        GenerateSettings(**{"task": "3", option: value})
+    assert GenerateSettings(task=3, samples=0).samples == 0
+
+
 def test_a_cache_dir_with_no_cache_is_refused_not_ignored(tiny_run, tmp_path):
     """--cache-dir DIR --no-cache built without a cache, silently ignoring the folder given."""
     res = CliRunner().invoke(app, ["generate", "--task", "3", "--target", "x86-64-cpu", "--source", str(tiny_run),

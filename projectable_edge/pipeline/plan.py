@@ -36,6 +36,28 @@ class GenerateSettings:
     ladder: bool = False  # every (size, precision) of the run's size ladder in one bundle
     references: bool = False  # also the source, universal and scratch rows (builds the run's baseline roles)
 
+    def __post_init__(self) -> None:
+        """Checked when made (the Python API's arguments), not as a TypeError or a traceback mid-build."""
+        def bad(name: str, want: str):
+            return ProjectableEdgeError(f"generate option '{name}' must be {want}, got {getattr(self, name)!r}")
+
+        paths = (str, os.PathLike)
+        if isinstance(self.task, bool) or not isinstance(self.task, (str, int)):
+            raise bad("task", "a task name or index")
+        for name, want in (("target", "a device profile name or .toml path"), ("source", "a run folder")):
+            if not isinstance(getattr(self, name), paths):
+                raise bad(name, want)
+        for name in ("out", "cache_dir", "sign_key"):
+            if not isinstance(getattr(self, name), (*paths, type(None))):
+                raise bad(name, "a path or None")
+        for name, least in (("goldens", 1), ("bench_runs", 1), ("samples", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise bad(name, f"a whole number >= {least}")
+        for name in ("overwrite", "cache", "ladder", "references"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+
     def resolved(self) -> "GenerateSettings":
         """Every path absolute, fixed before any work: nothing depends on the cwd later."""
         from projectable_edge.data import not_utf8
