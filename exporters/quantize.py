@@ -54,6 +54,16 @@ class QuantizeSettings:
         if self.precision not in variants.converted():
             raise ProjectableEdgeError(f"unknown precision {self.precision!r}: choose one of "
                                        f"{', '.join(variants.converted())} (fp32 is the exported graph itself)")
+        for key in ("fp16_keep_fp32", "exclude_nodes"):  # a lone name is one name, not its letters
+            v = getattr(self, key)
+            v = (v,) if isinstance(v, str) else v
+            if v is not None and (not isinstance(v, (tuple, list)) or not all(isinstance(x, str) for x in v)):
+                raise ProjectableEdgeError(f"quantize option '{key}' must be a list of names, got {v!r}")
+            object.__setattr__(self, key, None if v is None else tuple(v))
+        for key in ("calibration_sequences", "decode_calibration_sequences", "validation_sequences"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ProjectableEdgeError(f"quantize option '{key}' must be a whole number >= 1, got {v!r}")
         for key, kind, what in (("activation_type", ActivationType, "activation type"),
                                 ("calibrate_method", CalibrateMethod, "calibration method"),
                                 ("on_budget_fail", OnBudgetFail, "on_budget_fail")):
@@ -161,8 +171,14 @@ def quantize(onnx_path: str | Path, settings: QuantizeSettings | dict | str, out
     """Write one precision variant of an exported fp32 graph to out_path. calibration: the task's training
     tokens (int8-static needs them); heldout: validation tokens (else calibration, else random: the report
     says which); model: the exported model, to also report bits/dim vs PyTorch."""
-    if isinstance(settings, (str, dict)):
-        settings = QuantizeSettings(precision=settings) if isinstance(settings, str) else QuantizeSettings(**settings)
+    try:
+        settings = QuantizeSettings(precision=settings) if isinstance(settings, str) else \
+            QuantizeSettings(**settings) if isinstance(settings, dict) else settings
+    except TypeError as e:  # a key that is no option, or none of them
+        raise ProjectableEdgeError(f"quantize settings: {e}; see exporters.quantize.QuantizeSettings") from None
+    if not isinstance(settings, QuantizeSettings):
+        raise ProjectableEdgeError(f"quantize settings must be a precision name, a dict or a QuantizeSettings, got "
+                                   f"{settings!r}")
     src, out_path, log = Path(onnx_path), Path(out_path), log or (lambda s: None)
     proto = load_onnx(src)
     if variant_of(proto) != "fp32":

@@ -60,6 +60,9 @@ def test_fp16_keep_list_is_honoured(tmp_path, ex):
     assert len(names) == 2 * TINY.n_layer + 1 + TINY.n_layer  # 2 LN per block + final LN, 1 softmax per block
     assert any("attn_softmax" in n for n in names)
     assert rep["validation"]["source"] == "heldout"
+    # one op type given as a string is that op type (it was read as its letters: nothing was kept in fp32)
+    _, rep = quantize(ex.scoring, {"precision": "fp16", "fp16_keep_fp32": "Softmax"}, tmp_path / "one.onnx")
+    assert rep["fp16_choice"]["kept_fp32_op_types"] == ["Softmax"] and len(rep["float_layers"]["fp32_nodes"]) == 2
 
 
 def test_int8_static_is_qdq_around_the_matmuls(ex):
@@ -154,6 +157,15 @@ def test_bad_quantize_inputs_write_nothing(tmp_path, ex):
     # a variant over its accuracy budget is refused and nothing is written
     with pytest.raises(ProjectableEdgeError, match="budget"):
         quantize(ex.scoring, QuantizeSettings("int8-dynamic", budget_rel=-1.0), out, heldout=ex.heldout[:8])
+    # options from Python: a wrong type or count is one clear error, not ORT's "No data is collected" or a
+    # silently shorter set (calibration_sequences=-1 took all but the last sequence)
+    for settings, needle in ((None, "must be a precision name, a dict or a QuantizeSettings, got None"),
+                             ({"precision": "fp16", "budget": 0.1}, "unexpected keyword argument 'budget'"),
+                             ({"precision": "int8-static", "calibration_sequences": 0}, "'calibration_sequences' must"),
+                             ({"precision": "fp16", "validation_sequences": -3}, "'validation_sequences' must"),
+                             ({"precision": "int8-dynamic", "exclude_nodes": [1]}, "'exclude_nodes' must be a list")):
+        with pytest.raises(ProjectableEdgeError, match=needle):
+            quantize(ex.scoring, settings, out, calibration=ex.heldout, heldout=ex.heldout[:8])
     assert list(tmp_path.iterdir()) == [bad]
     out.write_bytes(b"existing")
     with pytest.raises(ProjectableEdgeError, match="already exists"):
