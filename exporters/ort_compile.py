@@ -81,10 +81,13 @@ def _smoke(candidate, reference: Path, spec) -> float:
         if set(got) != set(ref):
             return float("inf")
         for name, r in ref.items():
+            if not np.isfinite(r).all():
+                raise ProjectableEdgeError(f"{reference.name} gives non-finite {name} on fixed inputs: the graph is "
+                                           "broken; export the model again")
             if got[name].shape != r.shape:
                 return float("inf")
-            if r.size:
-                worst = max(worst, float(np.abs(got[name] - r).max() / max(1.0, float(np.abs(r).max()))))
+            if r.size:  # NaN propagates: a compiled graph that gives NaN disagrees (Python's max would drop it)
+                worst = float(np.maximum(worst, np.abs(got[name] - r).max() / max(1.0, float(np.abs(r).max()))))
     return worst
 
 

@@ -14,12 +14,13 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.compile import compile_for_target
 from projectable_edge_runtime.bundle.manifest import sha256_file
 from projectable_edge.exporters.ort_compile import compile_onnxruntime, ort_decode_graph
+from projectable_edge.exporters.onnx_io import load_onnx
 from projectable_edge.exporters.spec import read_spec
 from projectable_edge.exporters.tensorrt import TensorRTSettings, compile_tensorrt
 from projectable_edge_runtime.graphs.contract import GraphKind, check_io, graph_logits, kind_of
 from projectable_edge_runtime.graphs.runners import OrtRunner, ort_session
 from projectable_edge_runtime.graphs.sampler import sample_kv
-from tiny_models import TINY, peaked_export, sample_graph, tiny_export, tiny_variant
+from tiny_models import TINY, peaked_export, sample_graph, tiny_export, tiny_variant, without_softmax
 from projectable_edge.exporters.trt_check import check_tensorrt_compat
 
 try:
@@ -295,6 +296,19 @@ def test_compile_errors(tmp_path, ex):
     _, rep = compile_onnxruntime(ex.scoring, {"optimized_level": "basic"}, tmp_path / "taken", overwrite=True)
     assert rep["levels"]["optimized_onnx"] == "basic"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.onnx", "taken"]
+
+
+def test_a_graph_that_gives_nan_is_refused_and_never_agrees_with_its_source(tmp_path, ex):
+    """The optimized graphs' check took the worst difference with Python's max, which drops a NaN: a compiled graph
+    giving NaN where its source does not 'differed' by 0.0 and passed; a source giving NaN compiled as 'agreeing'."""
+    from projectable_edge.exporters.ort_compile import _smoke
+
+    nan = without_softmax(ex.scoring, tmp_path / "nan.onnx")
+    assert np.isnan(_smoke(nan, ex.scoring, read_spec(load_onnx(ex.scoring))))
+    with pytest.raises(ProjectableEdgeError, match="nan.onnx gives non-finite logits on fixed inputs: the graph is "
+                                                   "broken; export the model again"):
+        compile_onnxruntime(nan, None, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_cli_compile_json(tmp_path, ex):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from projectable_edge.model import ModelConfig, SpecialisedModel, forward, init_weights, nll
@@ -158,3 +159,14 @@ def sample_graph(path: Path, n: int, seed: int = 0, temperature: float = 1.0) ->
 
     spec = read_spec(load_onnx(path))
     return sample(OrtRunner(path, threads=1), spec.layout, n, spec.block_size, temperature=temperature, seed=seed)
+
+
+def without_softmax(path: Path, out: Path) -> Path:
+    """The graph with its first Softmax replaced by an Identity (an op removed with the onnx package): the causal
+    mask's -inf then reaches the attention product, and the graph gives NaN."""
+    model = onnx.load(str(path))
+    i, node = next((i, n) for i, n in enumerate(model.graph.node) if n.op_type == "Softmax")
+    model.graph.node.remove(node)
+    model.graph.node.insert(i, onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]], name="removed"))
+    onnx.save(model, str(out))
+    return out
