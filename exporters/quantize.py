@@ -4,6 +4,7 @@ the model is given). A variant over its budget is refused unless asked to just r
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def float_layers(model: onnx.ModelProto, precision: str, fp32_ops: tuple[str, ..
     return {"int8_matmuls": int8, "float_matmuls": floating, "other_float_ops": other}
 
 
-def _measure(path: Path, src: Path, spec, val: np.ndarray, settings: QuantizeSettings, model, log) -> dict:
+def _measure(path: Path, fp32: float, spec, val: np.ndarray, settings: QuantizeSettings, model, log) -> dict:
     """bits/dim of the variant next to fp32 (and PyTorch), with the parity report when the model is given (which
     measures the variant's and PyTorch's bits/dim on these tokens: each is computed once)."""
     extra = {}
@@ -156,7 +157,6 @@ def _measure(path: Path, src: Path, spec, val: np.ndarray, settings: QuantizeSet
         variant = extra["parity"]["bits_per_dim"]["onnx"]
     else:
         variant = graph_bits(OrtRunner(path, threads=1), spec.kind, spec.layout, val)
-    fp32 = graph_bits(OrtRunner(src, threads=1), spec.kind, spec.layout, val)
     bits = {"variant": variant, "fp32": fp32, "rel_vs_fp32": (variant - fp32) / fp32, "budget_rel": settings.budget}
     if model is not None:
         torch_bits = extra["parity"]["bits_per_dim"]["pytorch"]
@@ -196,6 +196,10 @@ def quantize(onnx_path: str | Path, settings: QuantizeSettings | dict | str, out
     calibration, calib_info = _calibration(calibration, spec, settings)
     val, val_source = _validation(heldout, calibration, spec, settings)
     job = Conversion(src, proto, spec, settings, calibration, val, _exclusions(proto, src, settings))
+    fp32 = graph_bits(OrtRunner(src, threads=1), spec.kind, spec.layout, val)
+    if not math.isfinite(fp32):  # a broken graph (an op removed): nothing a converter or its budget can judge
+        raise ProjectableEdgeError(f"{src} gives bits/dim {fp32} on the {val_source.split(' (')[0]} tokens: the graph "
+                                   "is broken; export the model again")
     report: dict = {"precision": settings.precision, "graph": str(kind), "source": str(src),
                     "source_sha256": file_info(src)["sha256"], "settings": settings.to_dict(),
                     "calibration": calib_info}
@@ -206,7 +210,7 @@ def quantize(onnx_path: str | Path, settings: QuantizeSettings | dict | str, out
         attach_spec(out, spec)
         onnx.checker.check_model(out, full_check=True)
         onnx.save(out, str(tmp))
-        report.update(_measure(tmp, src, spec, val, settings, model, log))
+        report.update(_measure(tmp, fp32, spec, val, settings, model, log))
         report["validation"] = {"source": val_source, "n": int(len(val)), "sha256": tokens_sha256(val)}
         kept = tuple(report.get("fp16_choice", {}).get("kept_fp32_op_types", ()))
         report["float_layers"] = float_layers(out, settings.precision, kept)

@@ -11,7 +11,7 @@ from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.exporters.onnx_io import tokens_sha256
 from projectable_edge.exporters.quantize import QuantizeSettings, quantize
 from projectable_edge_runtime.graphs.runners import ort_session
-from tiny_models import TINY, sample_graph, tiny_export, tiny_variant
+from tiny_models import TINY, sample_graph, tiny_export, tiny_variant, without_softmax
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +166,14 @@ def test_bad_quantize_inputs_write_nothing(tmp_path, ex):
                              ({"precision": "int8-dynamic", "exclude_nodes": [1]}, "'exclude_nodes' must be a list")):
         with pytest.raises(ProjectableEdgeError, match=needle):
             quantize(ex.scoring, settings, out, calibration=ex.heldout, heldout=ex.heldout[:8])
+    # a graph that gives NaN (an op removed) is refused as broken, not converted ('scale issue' from int8-static's
+    # calibrator, or fp16 'over its budget' at nan bits/dim)
+    nan = without_softmax(ex.scoring, tmp_path / "nan.onnx")
+    for precision in ("fp16", "int8-static"):
+        with pytest.raises(ProjectableEdgeError, match="nan.onnx gives bits/dim nan on the heldout tokens: the graph "
+                                                       "is broken; export the model again"):
+            quantize(nan, precision, out, calibration=ex.heldout, heldout=ex.heldout[:8])
+    nan.unlink()
     assert list(tmp_path.iterdir()) == [bad]
     out.write_bytes(b"existing")
     with pytest.raises(ProjectableEdgeError, match="already exists"):
