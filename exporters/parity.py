@@ -120,6 +120,11 @@ def check_parity(onnx_path, model, tokens: np.ndarray | None = None, *, precisio
     report, or one ProjectableEdgeError naming every failing output."""
     proto = load_onnx(onnx_path)
     kind, spec, cfg = kind_of(i.name for i in proto.graph.input), read_spec(proto, str(onnx_path)), model.cfg
+    wrong = [f"{k} {getattr(spec, k)} (the model's {getattr(cfg, k)})" for k in
+             ("vocab_size", "block_size", "n_layer", "n_head", "head_dim") if getattr(spec, k) != getattr(cfg, k)]
+    if wrong:  # another model's graph: torch would fail on its cache shapes mid-rollout
+        raise ProjectableEdgeError(f"{onnx_path} was not exported from this model: it has {', '.join(wrong)}; "
+                                   "check it against the model it was exported from")
     source = "heldout"
     if tokens is None:  # no task data given: random in-range tokens still catch export bugs
         tokens, source = np.random.default_rng(0).integers(0, cfg.vocab_size, (16, cfg.block_size)), "random"

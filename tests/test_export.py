@@ -228,6 +228,16 @@ def test_a_graph_edited_after_export_is_refused_by_every_step(tmp_path, ex):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["renamed.onnx", "static.onnx"]
 
 
+def test_parity_against_a_model_of_another_shape_is_a_clear_error(ex):
+    """A decode graph checked against another size's model failed inside torch ('Sizes of tensors must match')."""
+    from tiny_models import SMALL, peaked_model
+
+    for path in (ex.scoring, ex.decode):
+        with pytest.raises(ProjectableEdgeError, match=rf"{path.name} was not exported from this model: it has "
+                                                       r"n_layer 2 \(the model's 4\), n_head 2 \(the model's 4\)"):
+            check_parity(path, peaked_model(SMALL), ex.heldout[:4])
+
+
 def test_cli_export_json(tmp_path, ex):
     from typer.testing import CliRunner
 
