@@ -65,13 +65,19 @@ def project_task(run: Path, task: str | int, role: str = "projected") -> tuple[S
     return small, info
 
 
+def _pair(path: Path) -> tuple[Path, Path]:
+    """(weights, description) of the projected model named STEM, STEM.safetensors or STEM.json (a dot in STEM, as
+    in m.v2, stays: with_suffix would drop it)."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
 def save_projected(out: Path, small: SpecialisedModel, info: dict, overwrite: bool = False) -> tuple[Path, Path]:
     """Write `<out>.safetensors` + `<out>.json` (each atomically)."""
-    out = Path(out)
-    stem = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
     weights = dict(small.weights)
     weights["bos"] = small.wte_ext[small.cfg.vocab_size]
-    st, js = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    st, js = _pair(out)
     if not overwrite and (st.exists() or js.exists()):
         raise ProjectableEdgeError(f"{st} or {js} already exists: choose another --out or pass --overwrite")
     if overwrite and (st.exists() or js.exists()):  # an earlier projected model only, never a run's weights:
@@ -89,17 +95,16 @@ def save_projected(out: Path, small: SpecialisedModel, info: dict, overwrite: bo
 
 def load_projected(path: Path) -> tuple[SpecialisedModel, dict]:
     """Read a projected model file pair written by `save_projected` (no pickle anywhere)."""
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    info = load_json(stem.with_suffix(".json"), "a projected model written by `projectable-edge project` "
-                                                 "(STEM, STEM.json or STEM.safetensors)")
+    st, js = _pair(path)
+    info = load_json(js, "a projected model written by `projectable-edge project` (STEM, STEM.json or "
+                         "STEM.safetensors)")
     if info.get("format") != "projectable-edge-projected":
-        raise ProjectableEdgeError(f"{stem.with_suffix('.json')} is not a projected-model description")
-    w = load_tensors(stem.with_suffix(".safetensors"), kind="projected")
+        raise ProjectableEdgeError(f"{js} is not a projected-model description")
+    w = load_tensors(st, kind="projected")
     bos = w.pop("bos")
     cfg = ModelConfig.from_dict(info["model"])
     try:
         return SpecialisedModel(cfg, w, bos), info
     except KeyError as e:
-        raise ProjectableEdgeError(f"{stem.with_suffix('.safetensors')} lacks weight {e}") from None
+        raise ProjectableEdgeError(f"{st} lacks weight {e}") from None
 

@@ -374,6 +374,16 @@ def test_project_times_a_projection_not_torchs_start_up(tiny_run, monkeypatch):
     assert len(calls) == 2 and info["projection_ms"] < 1000
 
 
+def test_a_projected_model_named_with_a_dot_keeps_its_whole_name(tiny_run, tmp_path):
+    from projectable_edge.project import load_projected, project_task, save_projected
+
+    small, info = project_task(tiny_run, 5)
+    st, js = save_projected(tmp_path / "m.v2", small, info)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.v2.json", "m.v2.safetensors"] == sorted([st.name, js.name])
+    for name in ("m.v2", "m.v2.json", "m.v2.safetensors"):
+        assert load_projected(tmp_path / name)[1]["task"] == info["task"]
+
+
 def test_a_plot_named_like_another_file_is_refused_before_it_replaces_it(tiny_run, tmp_path):
     """evaluate --plot RUN/config.json (and benchmark --histogram NOTES.json) wrote the PNG over that file: the run
     no longer loaded. A plot's name must be .png (or have no suffix), checked before any work."""
