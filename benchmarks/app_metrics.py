@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from timing import at_least, run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -251,7 +253,7 @@ def main() -> int:
     ap.add_argument("--tables-from", type=Path, help="print the tables of an earlier --json output instead")
     ap.add_argument("--false-alarm-rate", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads per model")
-    ap.add_argument("--latency-images", type=int, default=200)
+    ap.add_argument("--latency-images", type=at_least(1), default=200)
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -273,4 +275,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, json_stdout=True)

@@ -21,6 +21,7 @@ from projectable_edge.data import shift_augment
 from projectable_edge.model import bits_per_dim, forward, init_weights, nll
 from projectable_edge.train import load_run
 from projectable_edge_runtime.commands.benchmark import time_calls
+from timing import at_least, run_main
 
 
 def time_projection(model, task: int, repeats: int = 200) -> float:
@@ -48,8 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run")
     ap.add_argument("--task", default="3")
-    ap.add_argument("--max-steps", type=int, default=3000)
-    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--max-steps", type=at_least(1), default=3000)
+    ap.add_argument("--eval-every", type=at_least(1), default=25)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -109,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, json_stdout=True)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import projectable_edge_runtime as runtime  # noqa: E402
 from projectable_edge_runtime.graphs.runners import ort_session  # noqa: E402
 from projectable_edge_runtime.graphs.scoring import bits_per_dim  # noqa: E402
+from timing import at_least, run_main  # noqa: E402
 
 
 def _tiny_bundle(dest: Path) -> Path:
@@ -124,8 +125,8 @@ def measure(bundle: Path, runs: int, warmup: int, threads: int | None, batches=(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path)
-    ap.add_argument("--runs", type=int, default=2000)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--runs", type=at_least(1), default=2000)
+    ap.add_argument("--warmup", type=at_least(0), default=100)
     ap.add_argument("--threads", type=int, default=None,
                     help="onnxruntime intra-op threads for both sides (default: the bundle's profile)")
     ap.add_argument("--json", action="store_true")
@@ -156,4 +157,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, json_stdout=True)

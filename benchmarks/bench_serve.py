@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import projectable_edge_runtime as runtime
+from timing import run_main
 
 MAX_CLIENTS, MAX_SECONDS = 256, 600
 
@@ -238,4 +239,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, json_stdout=True)

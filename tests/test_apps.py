@@ -270,3 +270,36 @@ def test_app_metrics_helpers_measure_what_they_say():
     assert an["per_task"][1]["false_alarm_rate"] == 0.0
     assert an["per_task"][1]["miss_rate"] == 0.0 and an["macro"]["auroc"] == pytest.approx(
         np.mean([r["auroc"] for r in an["per_task"]]))
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.parametrize("case", ["run", "bundle-json", "model-size", "not-held-out"])
+def test_benchmark_user_errors_are_one_line_exit_2(case, tiny_run):
+    args = {"run": ["bench_projection.py", "/no/such/run"],
+            "bundle-json": ["bench_runtime_overhead.py", "--bundle", "/no/such/bundle", "--json"],
+            "model-size": ["bench_decode.py", "--models", "32x4"],
+            "not-held-out": ["bench_adapt.py", str(tiny_run)]}[case]
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]], capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert {"run": "not found", "bundle-json": "does not exist", "model-size": "WIDTHxLAYERS@SIDE",
+            "not-held-out": "--hold-out-task"}[case] in p.stderr
+    assert (json.loads(p.stdout)["exit_code"] == 2) if case == "bundle-json" else p.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["init_spread.py", "--draws", "1"], ["bench_train_speed.py", "--rounds", "0"],
+                                  ["bench_generate.py", "RUN", "--runs", "1", "--baseline", "/no/such/cli"]])
+def test_benchmark_bad_options_are_usage_errors_not_nan_tables(args):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-1].startswith(f"{args[0]}: error: ")
