@@ -283,6 +283,23 @@ def _benchmark(name: str):
         sys.path.pop(0)
 
 
+def test_bench_projection_times_source_and_projected_interleaved(monkeypatch):
+    """The eager source / projected ratio comes from interleaved rounds, not one block of each."""
+    import types
+
+    import torch
+
+    import projectable_edge.project as project
+
+    bench, calls = _benchmark("bench_projection"), []
+    monkeypatch.setattr(bench, "forward", lambda *a: calls.append("source"))
+    monkeypatch.setattr(project, "specialise", lambda *a: lambda x: calls.append("projected"))
+    model = types.SimpleNamespace(specialise=lambda role, t: (None, None, torch.zeros(4)))
+    out = bench.source_vs_small(model, 0, torch.zeros(3, 4, dtype=torch.long), repeats=6)
+    assert calls.count("source") == calls.count("projected") and out["batch"] == 3
+    assert sum(a != b for a, b in zip(calls, calls[1:])) >= 6  # one block of each switches once
+
+
 @pytest.mark.parametrize("case", ["run", "bundle-json", "model-size", "not-held-out"])
 def test_benchmark_user_errors_are_one_line_exit_2(case, tiny_run):
     args = {"run": ["bench_projection.py", "/no/such/run"],
