@@ -57,7 +57,7 @@ def main() -> None:
     if a.baseline:
         for mode in ("cold", "warm"):
             print(f"{mode}: this / baseline, best {min(times[f'this {mode}']) / min(times[f'baseline {mode}']):.2f}x, "
-                  f"median of per-round ratios {1 / ratio(times[f'baseline {mode}'], times[f'this {mode}']):.2f}x")
+                  f"median of per-round ratios {ratio(times[f'this {mode}'], times[f'baseline {mode}']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -320,3 +320,13 @@ def test_benchmark_bad_options_are_usage_errors_not_nan_tables(args):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]], capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.splitlines()[-1].startswith(f"{args[0]}: error: ")
+
+
+def test_bench_generate_ratio_is_the_median_of_the_per_round_ratios(monkeypatch, capsys):
+    bench = _benchmark("bench_generate")
+    this, base = np.array([1.0, 2.0, 3.0, 4.0]), np.ones(4)  # per-round this / baseline: median 2.5
+    monkeypatch.setattr(bench, "interleaved", lambda fns, rounds, reps: {k: this if k.startswith("this") else base
+                                                                          for k in fns})
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "RUN", "--runs", "4", "--baseline", sys.executable])
+    bench.main()
+    assert "cold: this / baseline, best 1.00x, median of per-round ratios 2.50x" in capsys.readouterr().out
