@@ -330,3 +330,26 @@ def test_bench_generate_ratio_is_the_median_of_the_per_round_ratios(monkeypatch,
     monkeypatch.setattr(sys, "argv", ["bench_generate.py", "RUN", "--runs", "4", "--baseline", sys.executable])
     bench.main()
     assert "cold: this / baseline, best 1.00x, median of per-round ratios 2.50x" in capsys.readouterr().out
+
+
+def test_bench_serve_alternates_http_and_in_process_phases(monkeypatch, rt_bundle):
+    """The HTTP overhead (HTTP p50 - in-process p50) compares slices run alternately, not one block after the other."""
+    import time
+
+    bench, calls = _benchmark("bench_serve"), []
+
+    def client(mode):
+        def run(*args):
+            calls.append(mode)
+            time.sleep(max(0.0, args[-2] - time.perf_counter()))
+            return [1.0 if mode == "http" else 0.25], 0, None
+        return run
+
+    monkeypatch.setattr(bench, "start_server", lambda *a: (None, "127.0.0.1", 0))
+    monkeypatch.setattr(bench, "stop_server", lambda p: {})
+    monkeypatch.setattr(bench, "http_client", client("http"))
+    monkeypatch.setattr(bench, "inproc_client", client("in-process"))
+    out = bench.measure(rt_bundle, 1, 0.5, None, 1, 0)
+    calls = calls[1:]  # after the HTTP warm-up
+    assert sum(a != b for a, b in zip(calls, calls[1:])) >= 4 and out["overhead_p50_ms"] == {"1 clients": 0.75}
+    assert [(p["mode"], p["errors"]) for p in out["phases"]] == [("http", 0), ("in-process", 0)] * 2
