@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from timing import at_least
+
 SMALL = ("projected", "universal", "universal@ws", "universal@ws+kd", "scratch")
 BASELINES = SMALL[1:]
 ROLES = ("source", *SMALL)
@@ -198,7 +200,7 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=int, help="learning curves: S joint + S extra steps for each S")
     ap.add_argument("--plot", type=Path, help="with --budgets: the learning-curve PNG")
     ap.add_argument("--history-plot", type=Path, help="validation bits/dim against the step, largest budget (PNG)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads are split between them)")
+    ap.add_argument("--jobs", type=at_least(1), default=1, help="runs trained at once (threads are split between them)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
