@@ -36,9 +36,13 @@ def ratio(slow: np.ndarray, fast: np.ndarray) -> float:
 def at_least(n: int):
     """An argparse type: an integer >= n (a count of rounds, runs, draws or steps); else a usage error, exit 2."""
     def count(text: str) -> int:
-        if not text.strip().lstrip("-").isdigit() or int(text) < n:
+        try:
+            value = int(text)
+        except ValueError:
+            value = n - 1
+        if value < n:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {n}")
-        return int(text)
+        return value
     return count
 
 
