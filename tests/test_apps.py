@@ -354,3 +354,9 @@ def test_bench_serve_alternates_http_and_in_process_phases(monkeypatch, rt_bundl
     calls = calls[1:]  # after the HTTP warm-up
     assert sum(a != b for a, b in zip(calls, calls[1:])) >= 4 and out["overhead_p50_ms"] == {"1 clients": 0.75}
     assert [(p["mode"], p["errors"]) for p in out["phases"]] == [("http", 0), ("in-process", 0)] * 2
+
+
+def test_bench_runtime_overhead_prints_the_load_it_ran_under(rt_bundle):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_runtime_overhead.py"), "--bundle", str(rt_bundle),
+                        "--runs", "1", "--warmup", "0"], capture_output=True, text=True)
+    assert p.returncode == 0 and "load average" in p.stdout.splitlines()[0], p.stderr
