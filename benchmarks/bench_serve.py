@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import projectable_edge_runtime as runtime
-from timing import run_main
+from timing import at_least, run_main
 
 MAX_CLIENTS, MAX_SECONDS = 256, 600
 
@@ -236,8 +236,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--precision", help="graph variant (default: the bundle's selected one)")
-    ap.add_argument("--workers", type=int, default=4, help="the server's concurrent model calls")
-    ap.add_argument("--ab-requests", type=int, default=2000, help="requests per ab run (0: no ab)")
+    ap.add_argument("--workers", type=at_least(1), default=4, help="the server's concurrent model calls")
+    ap.add_argument("--ab-requests", type=at_least(0), default=2000, help="requests per ab run (0: no ab)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
