@@ -258,7 +258,10 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.tables_from:
-        out = json.loads(args.tables_from.read_text())
+        try:
+            out = json.loads(args.tables_from.read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"cannot read --tables-from {args.tables_from} ({e}): give the file an earlier --json run wrote")
     elif args.run and args.bundles:
         out = measure(args.run.resolve(), args.bundles.resolve(), args.false_alarm_rate, args.threads,
                       args.latency_images, [p.strip() for p in args.precisions.split(",") if p.strip()])

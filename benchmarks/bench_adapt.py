@@ -137,7 +137,12 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(names)}")
     methods = [m for m in METHODS if not args.methods or m[0] in args.methods.split(",")]
-    t0, rows = time.time(), [r for f in args.rows for r in json.loads(f.read_text())]
+    t0, rows = time.time(), []
+    for f in args.rows:
+        try:
+            rows += json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"cannot read --rows {f} ({e}): give the files earlier --json runs wrote")
     for run in args.runs:  # every run checked before the first fit
         if not (run / "model.safetensors").exists():
             raise ProjectableEdgeError(f"{run} is not a finished run: give a folder written by `projectable-edge train`")

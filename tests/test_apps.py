@@ -317,7 +317,9 @@ def test_benchmark_user_errors_are_one_line_exit_2(case, tiny_run):
 @pytest.mark.parametrize("args", [["init_spread.py", "--draws", "1"], ["bench_train_speed.py", "--rounds", "0"],
                                   ["bench_generate.py", "RUN", "--runs", "1", "--baseline", "/no/such/cli"],
                                   ["method_table.py", "--root", "ROOT", "--jobs", "0"],
-                                  ["bench_serve.py", "BUNDLE", "--ab-requests", "-1"]])
+                                  ["bench_serve.py", "BUNDLE", "--ab-requests", "-1"],
+                                  ["app_metrics.py", "--tables-from", "/no/such.json"],
+                                  ["bench_adapt.py", "--rows", "/no/such.json"]])
 def test_benchmark_bad_options_are_usage_errors_not_nan_tables(args):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]], capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
