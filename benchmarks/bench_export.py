@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--projected", type=Path, help="benchmark a projected model file instead of a synthetic one")
     ap.add_argument("--train-steps", type=at_least(0), default=150, help="Adam steps on synthetic data (0 = random init)")
     ap.add_argument("--rounds", type=at_least(1), default=30)
-    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads and torch threads")
+    ap.add_argument("--threads", type=at_least(1), default=1, help="ORT intra-op threads and torch threads")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=at_least(1), default=10)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16], help="8 = digits 8x8, else MNIST at SxS")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--fused", action="store_true", help="also time the plain attention form")
     ap.add_argument("--prototypes", action="store_true", help="also time the proposed trainer changes")
     ap.add_argument("--json", help="write the rows here too")

@@ -319,7 +319,8 @@ def test_benchmark_user_errors_are_one_line_exit_2(case, tiny_run):
                                   ["method_table.py", "--root", "ROOT", "--jobs", "0"],
                                   ["bench_serve.py", "BUNDLE", "--ab-requests", "-1"],
                                   ["app_metrics.py", "--tables-from", "/no/such.json"],
-                                  ["bench_adapt.py", "--rows", "/no/such.json"]])
+                                  ["bench_adapt.py", "--rows", "/no/such.json"],
+                                  ["bench_export.py", "--threads", "0"]])
 def test_benchmark_bad_options_are_usage_errors_not_nan_tables(args):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]], capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
