@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=at_least(1), default=40)
     ap.add_argument("--json", help="write the rows here too")
     a = ap.parse_args()
+    for m in a.models:  # every name checked before the first model is timed
+        config(m)
     torch.set_num_threads(1)
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as td:

@@ -364,3 +364,12 @@ def test_bench_runtime_overhead_prints_the_load_it_ran_under(rt_bundle):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_runtime_overhead.py"), "--bundle", str(rt_bundle),
                         "--runs", "1", "--warmup", "0"], capture_output=True, text=True)
     assert p.returncode == 0 and "load average" in p.stdout.splitlines()[0], p.stderr
+
+
+def test_bench_decode_checks_every_model_name_before_timing_any(monkeypatch):
+    bench, timed = _benchmark("bench_decode"), []
+    monkeypatch.setattr(bench, "bench_model", lambda name, *a: timed.append(name))
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--models", "32x4@8", "64x4", "--rounds", "1"])
+    with pytest.raises(runtime.ProjectableEdgeError, match="WIDTHxLAYERS@SIDE"):
+        bench.main()
+    assert timed == []
