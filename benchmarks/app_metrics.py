@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from timing import at_least, run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -251,12 +253,15 @@ def main() -> int:
     ap.add_argument("--tables-from", type=Path, help="print the tables of an earlier --json output instead")
     ap.add_argument("--false-alarm-rate", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads per model")
-    ap.add_argument("--latency-images", type=int, default=200)
+    ap.add_argument("--latency-images", type=at_least(1), default=200)
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.tables_from:
-        out = json.loads(args.tables_from.read_text())
+        try:
+            out = json.loads(args.tables_from.read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"cannot read --tables-from {args.tables_from} ({e}): give the file an earlier --json run wrote")
     elif args.run and args.bundles:
         out = measure(args.run.resolve(), args.bundles.resolve(), args.false_alarm_rate, args.threads,
                       args.latency_images, [p.strip() for p in args.precisions.split(",") if p.strip()])
@@ -273,4 +278,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, json_stdout=True)

@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from projectable_edge import ProjectableEdgeError
 from projectable_edge.adapt import AdaptConfig, fit, score
-from projectable_edge.train import load_run
+from projectable_edge.train import load_run, read_config
+from timing import at_least, run_main
 
 # (row name, role, what is fitted, other AdaptConfig settings)
 METHODS = (
@@ -51,7 +53,8 @@ def held_out_images(data, task: str, k_max: int, seed: int) -> tuple[np.ndarray,
     pool = np.concatenate([data.held_out[task][s] for s in ("train", "val", "test")])
     perm = np.random.default_rng([seed, 7]).permutation(len(pool))
     if len(pool) < k_max + 10:
-        sys.exit(f"task {task} has {len(pool)} images: too few for k = {k_max} plus 10 to score")
+        raise ProjectableEdgeError(f"task {task} has {len(pool)} images: too few for k = {k_max} plus 10 to score; "
+                                   f"give a smaller --k")
     return pool[perm[:k_max]], pool[perm[k_max:]]
 
 
@@ -108,25 +111,45 @@ def table(rows: list[dict], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def image_counts(text: str) -> list[int]:
+    """--k: how many images, comma-separated."""
+    ks = [int(k) for k in text.split(",") if k.strip().isdigit()]
+    if len(ks) != len(text.split(",")) or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of image counts such as 5,20,100")
+    return ks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", type=Path, help="runs trained with --hold-out-task")
     ap.add_argument("--rows", nargs="+", type=Path, default=[],
                     help="print the table from rows saved by earlier --json runs (no fitting)")
-    ap.add_argument("--k", default="5,20,100")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--k", type=image_counts, default="5,20,100")
+    ap.add_argument("--steps", type=at_least(1), default=200)
     ap.add_argument("--methods", help="comma-separated method names (default: all)")
     ap.add_argument("--weight-lr", type=float, default=AdaptConfig.weight_lr,
                     help="Adam lr of every weight fit (fine-tunes, norms, scratch), the same for every model")
     ap.add_argument("--json", type=Path, help="also write every row as JSON")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    ks = [int(k) for k in args.k.split(",")]
+    ks, names = args.k, [m[0] for m in METHODS]
+    unknown = [m for m in (args.methods or "").split(",") if m and m not in names]
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(names)}")
     methods = [m for m in METHODS if not args.methods or m[0] in args.methods.split(",")]
-    t0, rows = time.time(), [r for f in args.rows for r in json.loads(f.read_text())]
-    for run in args.runs:
+    t0, rows = time.time(), []
+    for f in args.rows:
+        try:
+            rows += json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"cannot read --rows {f} ({e}): give the files earlier --json runs wrote")
+    for run in args.runs:  # every run checked before the first fit
         if not (run / "model.safetensors").exists():
-            sys.exit(f"{run} is not a finished run")
+            raise ProjectableEdgeError(f"{run} is not a finished run: give a folder written by `projectable-edge train`")
+        if not read_config(run)["data"].get("hold_out"):
+            raise ProjectableEdgeError(f"run {run} holds out no task, so there is nothing to adapt to: train it with "
+                                       f"`projectable-edge train --hold-out-task T`")
+    for run in args.runs:
         rows += run_one(run, ks, args.steps, methods, lambda m: print(m, file=sys.stderr, flush=True),
                         weight_lr=args.weight_lr)
     if args.json:
@@ -139,4 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

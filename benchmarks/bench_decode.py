@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from projectable_edge.config import parse_size, preset  # noqa: E402
+from projectable_edge_runtime import ProjectableEdgeError  # noqa: E402
 from projectable_edge.exporters.onnx_export import export_onnx  # noqa: E402
 from projectable_edge.exporters.ort_compile import compile_onnxruntime  # noqa: E402
 from projectable_edge.model import ModelConfig  # noqa: E402
@@ -48,12 +49,14 @@ from projectable_edge_runtime.graphs.contract import CacheLayout, cache_pairs, p
 from projectable_edge_runtime.graphs.runners import OrtRunner, ort_session  # noqa: E402
 from projectable_edge_runtime.graphs.sampler import sample_kv, sample_recompute, uniforms  # noqa: E402
 from tiny_models import tiny_trained_model  # noqa: E402
-from timing import interleaved, ratio  # noqa: E402
+from timing import at_least, interleaved, ratio, run_main  # noqa: E402
 
 
 def config(name: str) -> ModelConfig:
     """'WIDTHxLAYERS@SIDE': the small preset's size of that name (as a ladder rung), 17 levels, SIDE x SIDE."""
-    size, side = name.split("@")
+    size, _, side = name.partition("@")
+    if not side.isdigit() or int(side) < 2:
+        raise ProjectableEdgeError(f"bad model size {name!r}: write WIDTHxLAYERS@SIDE, e.g. 32x4@8 (SIDE >= 2)")
     w = parse_size(size, preset("small").small)
     return ModelConfig(vocab_size=17, block_size=int(side) ** 2, n_layer=w.n_layer, n_head=w.n_head,
                        d_model=w.d_model, d_attn=w.d_attn, d_mlp=w.d_mlp)
@@ -199,9 +202,11 @@ def bench_model(name: str, rounds: int, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["32x4@8", "32x4@16", "64x4@16"])
-    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--rounds", type=at_least(1), default=40)
     ap.add_argument("--json", help="write the rows here too")
     a = ap.parse_args()
+    for m in a.models:  # every name checked before the first model is timed
+        config(m)
     torch.set_num_threads(1)
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as td:
@@ -230,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/tiny_models.py: the synthetic model and tokens
 
 from bench_decode import config  # noqa: E402
-from timing import interleaved, ratio  # noqa: E402
+from timing import at_least, interleaved, ratio, run_main  # noqa: E402
 from projectable_edge.exporters.onnx_export import export_onnx  # noqa: E402
 from projectable_edge.exporters.quantize import QuantizeSettings, quantize  # noqa: E402
 from projectable_edge_runtime.graphs.runners import ort_session  # noqa: E402
@@ -58,9 +58,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="32x4@8", help="WIDTHxLAYERS@SIDE of a synthetic model")
     ap.add_argument("--projected", type=Path, help="benchmark a projected model file instead of a synthetic one")
-    ap.add_argument("--train-steps", type=int, default=150, help="Adam steps on synthetic data (0 = random init)")
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads and torch threads")
+    ap.add_argument("--train-steps", type=at_least(0), default=150, help="Adam steps on synthetic data (0 = random init)")
+    ap.add_argument("--rounds", type=at_least(1), default=30)
+    ap.add_argument("--threads", type=at_least(1), default=1, help="ORT intra-op threads and torch threads")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -153,4 +153,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, json_stdout=True)

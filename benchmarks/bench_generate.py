@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved, ratio  # noqa: E402
+from timing import at_least, interleaved, ratio  # noqa: E402
 
 HERE = Path(sys.executable).parent / "projectable-edge"
 
@@ -25,7 +26,8 @@ HERE = Path(sys.executable).parent / "projectable-edge"
 def generate(cli: str, args: list[str]) -> None:
     res = subprocess.run([cli, "generate", *args], capture_output=True, text=True)
     if res.returncode != 0:
-        sys.exit(f"{cli} generate failed:\n{res.stderr[-2000:]}")
+        print(f"{cli} generate failed:\n{res.stderr[-2000:]}", file=sys.stderr, end="")
+        sys.exit(res.returncode)  # the CLI's own status: 2 for a user error
 
 
 def main() -> None:
@@ -33,9 +35,11 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--task", default="3")
     ap.add_argument("--target", default="jetson")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=at_least(1), default=5)
     ap.add_argument("--baseline", help="another checkout's projectable-edge console script")
     a = ap.parse_args()
+    if a.baseline and not shutil.which(a.baseline):
+        ap.error(f"--baseline {a.baseline} is not an executable: give OTHER_CHECKOUT/.venv/bin/projectable-edge")
     clis = {"this": str(HERE), **({"baseline": a.baseline} if a.baseline else {})}
     print(f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory(prefix="pe-bench-generate-") as tmp:
@@ -53,7 +57,7 @@ def main() -> None:
     if a.baseline:
         for mode in ("cold", "warm"):
             print(f"{mode}: this / baseline, best {min(times[f'this {mode}']) / min(times[f'baseline {mode}']):.2f}x, "
-                  f"median of per-round ratios {1 / ratio(times[f'baseline {mode}'], times[f'this {mode}']):.2f}x")
+                  f"median of per-round ratios {ratio(times[f'this {mode}'], times[f'baseline {mode}']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import run_main
+
 
 def _tune(bundle: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "projectable_edge_runtime", "tune", str(bundle), "--json", *extra]
@@ -92,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, json_stdout=True)

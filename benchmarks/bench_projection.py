@@ -21,6 +21,7 @@ from projectable_edge.data import shift_augment
 from projectable_edge.model import bits_per_dim, forward, init_weights, nll
 from projectable_edge.train import load_run
 from projectable_edge_runtime.commands.benchmark import time_calls
+from timing import at_least, interleaved, ratio, run_main
 
 
 def time_projection(model, task: int, repeats: int = 200) -> float:
@@ -28,18 +29,18 @@ def time_projection(model, task: int, repeats: int = 200) -> float:
 
 
 def source_vs_small(model, task: int, tokens: torch.Tensor, repeats: int = 30) -> dict:
-    """Eager scoring latency of the source M and the projected P_t on the same images (medians)."""
+    """Eager scoring latency of the source M and the projected P_t on the same images (medians over interleaved
+    rounds; the ratio is the median of the per-round ratios)."""
     from projectable_edge.project import specialise
 
     small = specialise(model, "projected", task)
     cfg, w, bos = model.specialise("source", task)
     x = tokens[:32]
     runs = {"source": lambda: forward(w, cfg, x, bos.expand(len(x), -1)), "projected": lambda: small(x)}
-    out = {}
-    with torch.no_grad():
-        for name, fn in runs.items():
-            out[f"{name}_ms"] = float(np.median(time_calls(fn, repeats, warmup=3))) * 1e3
-    out["source_over_projected"] = out["source_ms"] / out["projected_ms"]
+    with torch.no_grad():  # interleaved rounds: a burst of load hits both sides
+        t = interleaved(runs, repeats, {})
+    out = {f"{name}_ms": float(np.median(v)) * 1e3 for name, v in t.items()}
+    out["source_over_projected"] = ratio(t["source"], t["projected"])
     out["batch"] = len(x)
     return out
 
@@ -48,8 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run")
     ap.add_argument("--task", default="3")
-    ap.add_argument("--max-steps", type=int, default=3000)
-    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--max-steps", type=at_least(1), default=3000)
+    ap.add_argument("--eval-every", type=at_least(1), default=25)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -109,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, json_stdout=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import projectable_edge_runtime as runtime  # noqa: E402
 from projectable_edge_runtime.graphs.runners import ort_session  # noqa: E402
 from projectable_edge_runtime.graphs.scoring import bits_per_dim  # noqa: E402
+from timing import at_least, run_main  # noqa: E402
 
 
 def _tiny_bundle(dest: Path) -> Path:
@@ -99,7 +101,7 @@ def measure(bundle: Path, runs: int, warmup: int, threads: int | None, batches=(
     # the bare side: a plain session with the same options as the runtime's (the one session factory)
     sess = ort_session(model.score_runner.path, threads=model.backend["threads"])
     out = {"bundle": str(bundle), "runs": runs, "threads": model.backend["threads"],
-           "providers": model.backend["providers"], "cases": {}}
+           "providers": model.backend["providers"], "cases": {}, "load_average": [os.getloadavg()[0]]}
     goldens = model.goldens_path
     golden = np.load(goldens, allow_pickle=False)["tokens"].astype(np.int64)
     for b in batches:
@@ -117,6 +119,7 @@ def measure(bundle: Path, runs: int, warmup: int, threads: int | None, batches=(
             "ratio_vs_bare_metric": _ratio(t["runtime"], t["bare+metric"]),
             "ratio_vs_bare_run": _ratio(t["runtime"], t["bare-run"]),
         }
+    out["load_average"].append(os.getloadavg()[0])
     out["within_5pct"] = all(c["ratio_vs_bare_metric"]["median"] <= 1.05 for c in out["cases"].values())
     return out
 
@@ -124,8 +127,8 @@ def measure(bundle: Path, runs: int, warmup: int, threads: int | None, batches=(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path)
-    ap.add_argument("--runs", type=int, default=2000)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--runs", type=at_least(1), default=2000)
+    ap.add_argument("--warmup", type=at_least(0), default=100)
     ap.add_argument("--threads", type=int, default=None,
                     help="onnxruntime intra-op threads for both sides (default: the bundle's profile)")
     ap.add_argument("--json", action="store_true")
@@ -144,7 +147,8 @@ def main() -> int:
         print(json.dumps(r, indent=2))
     else:
         print(f"runtime overhead on {r['bundle']} ({', '.join(r['providers'])}, threads={r['threads']}, "
-              f"{r['runs']} interleaved runs each)")
+              f"{r['runs']} interleaved runs each, load average {r['load_average'][0]:.2f} -> {r['load_average'][1]:.2f} "
+              f"on {os.cpu_count()} cores)")
         print(f"{'case':8} {'runtime ms':>11} {'bare+metric':>12} {'bare-run':>9} "
               f"{'ratio (IQR)':>20} {'vs run':>7}")
         for k, c in r["cases"].items():
@@ -156,4 +160,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, json_stdout=True)

@@ -1,10 +1,11 @@
 """Load test of `python -m projectable_edge_runtime serve`, side by side with the runtime in-process.
 
 N concurrent clients for T seconds, each sending one image per request (POST /score, JSON tokens,
-keep-alive connections) to a server started here on loopback; then, where ApacheBench is installed,
+keep-alive connections) to a server started here on loopback, and the same N client threads calling
+`Model.score` in-process on the same images for T seconds, in alternating slices (5 of each, order
+rotated, so a change of load hits both); the same with 1 client; then, where ApacheBench is installed,
 `ab -k` (HTTP/1.0 keep-alive) and plain `ab` (a new connection per request), R requests each with N
-clients, against the same server; then the same N client threads call `Model.score` in-process on
-the same images for T seconds. Every answer of the Python clients is checked against the in-process
+clients, against the same server. Every answer of the Python clients is checked against the in-process
 score (a wrong or failed answer is an error); ab counts failed (connect, receive, exceptions) and
 non-2xx answers. Reports requests, errors, throughput, latency percentiles (p50/p90/p99/max; ab's are
 whole milliseconds) and the 1-minute load average before and after each phase, and the serving
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import projectable_edge_runtime as runtime
+from timing import at_least, run_main
 
 MAX_CLIENTS, MAX_SECONDS = 256, 600
 
@@ -111,30 +113,41 @@ def inproc_client(model, tokens: np.ndarray, expected: np.ndarray, stop_at: floa
     return lat, errors, first
 
 
-def run_phase(name: str, fn, clients: int, seconds: float) -> dict:
-    """Run `clients` threads of fn(stop_at, k) for `seconds`; pooled latency percentiles and errors."""
-    results: list = [None] * clients
-    stop_at = time.perf_counter() + seconds
+def run_phases(fns: dict, clients: int, seconds: float, rounds: int = 5) -> list[dict]:
+    """Run `clients` threads of each mode's fn(stop_at, k) for `seconds` in all, in `rounds` slices that alternate
+    between the modes (order rotated), so load that changes hits every mode alike; per mode, pooled over its
+    slices: latency percentiles and errors."""
+    names, acc = list(fns), {n: {"lat": [], "errors": 0, "firsts": [], "wall": 0.0, "load": []} for n in fns}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results: list = [None] * clients
+            stop_at = time.perf_counter() + seconds / rounds
 
-    def worker(k):
-        results[k] = fn(stop_at, k)
+            def worker(k, fn=fns[name], stop_at=stop_at):
+                results[k] = fn(stop_at, k)
 
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
-    load0, t0 = os.getloadavg()[0], time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 120)
-    wall = time.perf_counter() - t0
-    finished = [r for r in results if r is not None]
-    lat = np.array([x for r in finished for x in r[0]])
-    errors = sum(r[1] for r in finished) + (clients - len(finished))
-    firsts = [r[2] for r in finished if r[2]]
-    pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: float("nan"))
-    return {"mode": name, "clients": clients, "seconds": round(wall, 2), "requests": int(lat.size) + errors,
-            "ok": int(lat.size), "errors": int(errors), "first_error": firsts[0] if firsts else None,
-            "throughput_per_s": lat.size / wall, "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
-            "max_ms": float(lat.max()) if lat.size else float("nan"), "load": [load0, os.getloadavg()[0]]}
+            threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
+            a, load0, t0 = acc[name], os.getloadavg()[0], time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(seconds + 120)
+            finished = [r for r in results if r is not None]
+            a["wall"] += time.perf_counter() - t0
+            a["lat"] += [x for r in finished for x in r[0]]
+            a["errors"] += sum(r[1] for r in finished) + (clients - len(finished))
+            a["firsts"] += [r[2] for r in finished if r[2]]
+            a["load"] += [load0, os.getloadavg()[0]]
+    out = []
+    for name, a in acc.items():
+        lat = np.array(a["lat"])
+        pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: float("nan"))
+        out.append({"mode": name, "clients": clients, "seconds": round(a["wall"], 2), "requests": int(lat.size) +
+                    a["errors"], "ok": int(lat.size), "errors": int(a["errors"]),
+                    "first_error": a["firsts"][0] if a["firsts"] else None, "throughput_per_s": lat.size / a["wall"],
+                    "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+                    "max_ms": float(lat.max()) if lat.size else float("nan"), "load": [a["load"][0], a["load"][-1]]})
+    return out
 
 
 def run_ab(url: str, body: bytes, requests: int, clients: int, keep_alive: bool) -> dict:
@@ -176,18 +189,15 @@ def measure(bundle: Path, clients: int, seconds: float, precision: str | None, w
         proc, host, port = start_server(bundle, precision, clients, workers)
         try:
             http_client(host, port, bodies, expected, time.perf_counter() + 1.0, 0)  # warm-up
-            phases = [run_phase("http", lambda s, k: http_client(host, port, bodies, expected, s, k), clients, seconds),
-                      run_phase("http", lambda s, k: http_client(host, port, bodies, expected, s, k), 1,
-                                min(seconds, 5.0))]
+            model.score(tokens)  # warm-up
+            modes = {"http": lambda s, k: http_client(host, port, bodies, expected, s, k),
+                     "in-process": lambda s, k: inproc_client(model, tokens, expected, s, k)}
+            phases = run_phases(modes, clients, seconds) + run_phases(modes, 1, min(seconds, 5.0))
             if ab_requests and shutil.which("ab"):
                 phases += [run_ab(f"http://{host}:{port}", bodies[0], ab_requests, clients, keep_alive)
                            for keep_alive in (True, False)]
         finally:
             server = stop_server(proc)
-        model.score(tokens)  # warm-up
-        phases += [run_phase("in-process", lambda s, k: inproc_client(model, tokens, expected, s, k), clients, seconds),
-                   run_phase("in-process", lambda s, k: inproc_client(model, tokens, expected, s, k), 1,
-                             min(seconds, 5.0))]
         variant = model.variant
     by = {(p["mode"], p["clients"]): p for p in phases}
     return {"bundle": str(bundle), "variant": variant, "task": model.task.get("name"), "server_workers": workers,
@@ -226,8 +236,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--precision", help="graph variant (default: the bundle's selected one)")
-    ap.add_argument("--workers", type=int, default=4, help="the server's concurrent model calls")
-    ap.add_argument("--ab-requests", type=int, default=2000, help="requests per ab run (0: no ab)")
+    ap.add_argument("--workers", type=at_least(1), default=4, help="the server's concurrent model calls")
+    ap.add_argument("--ab-requests", type=at_least(0), default=2000, help="requests per ab run (0: no ab)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
@@ -238,4 +248,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, json_stdout=True)

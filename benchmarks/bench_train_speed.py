@@ -35,7 +35,7 @@ from projectable_edge.train import _Session, _batch, _optimizers, _step, build, 
 from projectable_edge.trainables import SLICED
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved  # noqa: E402
+from timing import at_least, interleaved, run_main  # noqa: E402
 
 
 def stepper(model, opts, cfg, data):
@@ -133,10 +133,10 @@ def per_sample_layer(b: int, t: int, d_in: int, d_out: int, n_task: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=at_least(1), default=10)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16], help="8 = digits 8x8, else MNIST at SxS")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--fused", action="store_true", help="also time the plain attention form")
     ap.add_argument("--prototypes", action="store_true", help="also time the proposed trainer changes")
     ap.add_argument("--json", help="write the rows here too")
@@ -213,4 +213,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,6 +24,7 @@ from projectable_edge.exporters.onnx_export import ExportSettings, export_onnx  
 from projectable_edge.exporters.quantize import quantize  # noqa: E402
 from projectable_edge.project import specialise  # noqa: E402
 from projectable_edge.train import load_run  # noqa: E402
+from timing import run_main  # noqa: E402
 
 VARIANTS = ("fp16", "int8-dynamic", "int8-static")
 
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

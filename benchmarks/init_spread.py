@@ -21,6 +21,7 @@ from projectable_edge.data import DataConfig, load_dataset
 from projectable_edge.model import init_weights
 from projectable_edge.train import _batch, _lr_scale, build, evaluate_roles
 from projectable_edge.trainables import role_generator
+from timing import at_least, run_main
 
 
 def train_universal(cfg, data, draw: int) -> float:
@@ -58,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--seed", type=int, default=0, help="split and batch seed (fixed across draws)")
-    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--draws", type=at_least(2), default=5, help="at least 2: the spread needs two")
     ap.add_argument("--preset", default="small")
     args = ap.parse_args()
     cfg = preset(args.preset, seed=args.seed)
@@ -70,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

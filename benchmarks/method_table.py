@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from timing import at_least
+
 SMALL = ("projected", "universal", "universal@ws", "universal@ws+kd", "scratch")
 BASELINES = SMALL[1:]
 ROLES = ("source", *SMALL)
@@ -41,20 +43,26 @@ def _cli(*args: str, threads: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
+def _failed(what: str, p: subprocess.CompletedProcess):
+    """The CLI's own error and exit status (2 for a user error), not a traceback."""
+    print(f"{what} failed:\n{p.stderr[-3000:]}", file=sys.stderr, end="")
+    return SystemExit(p.returncode)
+
+
 def run_one(run: Path, dataset: str, seed: int, preset: str, extra: list[str], threads: int) -> dict:
     """Train (unless finished) and score one run on both splits: {split: evaluate report}."""
     if not (run / "model.safetensors").exists():
         p = _cli("train", "--dataset", dataset, "--preset", preset, "--seed", str(seed), "--out", str(run),
                  "--no-progress", "--json", *extra, threads=threads)
         if p.returncode:
-            raise SystemExit(f"train {run} failed:\n{p.stderr[-3000:]}")
+            raise _failed(f"train {run}", p)
     reports = {}
     for split in ("val", "test"):
         path = run / f"evaluate_{split}.json"
         if not path.exists():
             p = _cli("evaluate", str(run), "--split", split, "--json", threads=threads)
             if p.returncode:
-                raise SystemExit(f"evaluate {run} failed:\n{p.stderr[-3000:]}")
+                raise _failed(f"evaluate {run}", p)
             path.write_text(p.stdout)
         reports[split] = json.loads(path.read_text())
     summary = json.loads((run / "summary.json").read_text())
@@ -192,7 +200,7 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=int, help="learning curves: S joint + S extra steps for each S")
     ap.add_argument("--plot", type=Path, help="with --budgets: the learning-curve PNG")
     ap.add_argument("--history-plot", type=Path, help="validation bits/dim against the step, largest budget (PNG)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads are split between them)")
+    ap.add_argument("--jobs", type=at_least(1), default=1, help="runs trained at once (threads are split between them)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)

@@ -270,3 +270,106 @@ def test_app_metrics_helpers_measure_what_they_say():
     assert an["per_task"][1]["false_alarm_rate"] == 0.0
     assert an["per_task"][1]["miss_rate"] == 0.0 and an["macro"]["auroc"] == pytest.approx(
         np.mean([r["auroc"] for r in an["per_task"]]))
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_bench_projection_times_source_and_projected_interleaved(monkeypatch):
+    """The eager source / projected ratio comes from interleaved rounds, not one block of each."""
+    import types
+
+    import torch
+
+    import projectable_edge.project as project
+
+    bench, calls = _benchmark("bench_projection"), []
+    monkeypatch.setattr(bench, "forward", lambda *a: calls.append("source"))
+    monkeypatch.setattr(project, "specialise", lambda *a: lambda x: calls.append("projected"))
+    model = types.SimpleNamespace(specialise=lambda role, t: (None, None, torch.zeros(4)))
+    out = bench.source_vs_small(model, 0, torch.zeros(3, 4, dtype=torch.long), repeats=6)
+    assert calls.count("source") == calls.count("projected") and out["batch"] == 3
+    assert sum(a != b for a, b in zip(calls, calls[1:])) >= 6  # one block of each switches once
+
+
+@pytest.mark.parametrize("case", ["run", "bundle-json", "model-size", "not-held-out"])
+def test_benchmark_user_errors_are_one_line_exit_2(case, tiny_run):
+    args = {"run": ["bench_projection.py", "/no/such/run"],
+            "bundle-json": ["bench_runtime_overhead.py", "--bundle", "/no/such/bundle", "--json"],
+            "model-size": ["bench_decode.py", "--models", "32x4"],
+            "not-held-out": ["bench_adapt.py", str(tiny_run)]}[case]
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]], capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert {"run": "not found", "bundle-json": "does not exist", "model-size": "WIDTHxLAYERS@SIDE",
+            "not-held-out": "--hold-out-task"}[case] in p.stderr
+    assert (json.loads(p.stdout)["exit_code"] == 2) if case == "bundle-json" else p.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["init_spread.py", "--draws", "1"], ["bench_train_speed.py", "--rounds", "0"],
+                                  ["bench_generate.py", "RUN", "--runs", "1", "--baseline", "/no/such/cli"],
+                                  ["method_table.py", "--root", "ROOT", "--jobs", "0"],
+                                  ["bench_serve.py", "BUNDLE", "--ab-requests", "-1"],
+                                  ["app_metrics.py", "--tables-from", "/no/such.json"],
+                                  ["bench_adapt.py", "--rows", "/no/such.json"],
+                                  ["bench_export.py", "--threads", "0"]])
+def test_benchmark_bad_options_are_usage_errors_not_nan_tables(args):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-1].startswith(f"{args[0]}: error: ")
+
+
+def test_bench_generate_ratio_is_the_median_of_the_per_round_ratios(monkeypatch, capsys):
+    bench = _benchmark("bench_generate")
+    this, base = np.array([1.0, 2.0, 3.0, 4.0]), np.ones(4)  # per-round this / baseline: median 2.5
+    monkeypatch.setattr(bench, "interleaved", lambda fns, rounds, reps: {k: this if k.startswith("this") else base
+                                                                          for k in fns})
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "RUN", "--runs", "4", "--baseline", sys.executable])
+    bench.main()
+    assert "cold: this / baseline, best 1.00x, median of per-round ratios 2.50x" in capsys.readouterr().out
+
+
+def test_bench_serve_alternates_http_and_in_process_phases(monkeypatch, rt_bundle):
+    """The HTTP overhead (HTTP p50 - in-process p50) compares slices run alternately, not one block after the other."""
+    import time
+
+    bench, calls = _benchmark("bench_serve"), []
+
+    def client(mode):
+        def run(*args):
+            calls.append(mode)
+            time.sleep(max(0.0, args[-2] - time.perf_counter()))
+            return [1.0 if mode == "http" else 0.25], 0, None
+        return run
+
+    monkeypatch.setattr(bench, "start_server", lambda *a: (None, "127.0.0.1", 0))
+    monkeypatch.setattr(bench, "stop_server", lambda p: {})
+    monkeypatch.setattr(bench, "http_client", client("http"))
+    monkeypatch.setattr(bench, "inproc_client", client("in-process"))
+    out = bench.measure(rt_bundle, 1, 0.5, None, 1, 0)
+    calls = calls[1:]  # after the HTTP warm-up
+    assert sum(a != b for a, b in zip(calls, calls[1:])) >= 4 and out["overhead_p50_ms"] == {"1 clients": 0.75}
+    assert [(p["mode"], p["errors"]) for p in out["phases"]] == [("http", 0), ("in-process", 0)] * 2
+
+
+def test_bench_runtime_overhead_prints_the_load_it_ran_under(rt_bundle):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_runtime_overhead.py"), "--bundle", str(rt_bundle),
+                        "--runs", "1", "--warmup", "0"], capture_output=True, text=True)
+    assert p.returncode == 0 and "load average" in p.stdout.splitlines()[0], p.stderr
+
+
+def test_bench_decode_checks_every_model_name_before_timing_any(monkeypatch):
+    bench, timed = _benchmark("bench_decode"), []
+    monkeypatch.setattr(bench, "bench_model", lambda name, *a: timed.append(name))
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--models", "32x4@8", "64x4", "--rounds", "1"])
+    with pytest.raises(runtime.ProjectableEdgeError, match="WIDTHxLAYERS@SIDE"):
+        bench.main()
+    assert timed == []
