@@ -389,7 +389,8 @@ def test_a_generate_stopped_by_a_signal_leaves_nothing_half_written(tiny_run, tm
 
 
 def test_a_damaged_cache_entry_is_a_miss_and_is_written_again(tmp_path):
-    """An entry whose record is not JSON, not a record, or whose files are gone is built again, not a crash."""
+    """An entry whose record is not JSON, not a record, or whose files are gone, truncated or edited is built
+    again: not a crash, and not a damaged file copied into the bundle."""
     from projectable_edge.pipeline.cache import StepCache
 
     dest, built = tmp_path / "dest", []
@@ -403,10 +404,12 @@ def test_a_damaged_cache_entry_is_a_miss_and_is_written_again(tmp_path):
     cache, entry = StepCache(tmp_path / "cache"), tmp_path / "cache" / "export" / "k"
     cache.run("export", "k", dest, build)
     for damage in (lambda: (entry / "result.json").write_text("{"), lambda: (entry / "result.json").write_text("[]"),
-                   lambda: (entry / "g.onnx").unlink()):
+                   lambda: (entry / "g.onnx").unlink(), lambda: (entry / "g.onnx").write_bytes(b"gra"),
+                   lambda: (entry / "g.onnx").write_bytes(b"GRAPH")):
         damage()
         cache.run("export", "k", dest, build)
-    assert len(built) == 4 and cache.misses == ["export"] * 4 and cache.hits == []
+        assert (dest / "g.onnx").read_bytes() == b"graph"
+    assert len(built) == 6 and cache.misses == ["export"] * 6 and cache.hits == []
     (dest / "g.onnx").unlink()
     assert cache.run("export", "k", dest, build)["files"] == ["g.onnx"] and (dest / "g.onnx").read_bytes() == b"graph"
-    assert len(built) == 4 and cache.hits == ["export"]
+    assert len(built) == 6 and cache.hits == ["export"]
