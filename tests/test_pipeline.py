@@ -413,3 +413,35 @@ def test_a_damaged_cache_entry_is_a_miss_and_is_written_again(tmp_path):
     (dest / "g.onnx").unlink()
     assert cache.run("export", "k", dest, build)["files"] == ["g.onnx"] and (dest / "g.onnx").read_bytes() == b"graph"
     assert len(built) == 6 and cache.hits == ["export"]
+
+
+def test_two_generates_storing_one_cache_entry_at_once_both_go_on(tmp_path, monkeypatch):
+    """Two generates sharing a cache both missed a step; the other one stored the entry between this one's check
+    and its rename: this one failed (an OSError, or 'changed while it was being written') though the entry it
+    was storing was there, complete. It now goes on with the other's entry."""
+    from projectable_edge.pipeline.cache import StepCache
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    def build():
+        (dest / "g.onnx").write_bytes(b"graph")
+        return {"files": ["g.onnx"]}
+
+    real = {name: getattr(os, name) for name in ("rename", "replace")}
+
+    def other_first(name):
+        def swap(*args):
+            for n, f in real.items():
+                monkeypatch.setattr(os, n, f)
+            StepCache(tmp_path / "cache").run("export", "k", dest, build)  # the other generate stores it first
+            return real[name](*args)
+        return swap
+
+    for name in real:
+        monkeypatch.setattr(os, name, other_first(name))
+    assert StepCache(tmp_path / "cache").run("export", "k", dest, build)["files"] == ["g.onnx"]
+    assert os.replace is real["replace"]  # the other generate did run in between
+    again = StepCache(tmp_path / "cache")
+    again.run("export", "k", dest, build)
+    assert again.hits == ["export"] and os.listdir(tmp_path / "cache" / "export") == ["k"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from projectable_edge_runtime.bundle.atomic import atomic_output
 from projectable_edge_runtime.bundle.manifest import sha256_file
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 SCHEMA = 1  # bump when a step's outputs change meaning
 RESULT = "result.json"
@@ -67,9 +68,13 @@ class StepCache:
         result["seconds"] = time.perf_counter() - start
         result["sha256"] = {f: sha256_file(dest / f) for f in result["files"]}
         if entry is not None:
-            with atomic_output(entry, directory=True, overwrite=True, what="cache entry") as tmp:
-                _copy(result["files"], dest, tmp)
-                (tmp / RESULT).write_text(json.dumps(result, indent=2, default=str))
+            try:
+                with atomic_output(entry, directory=True, overwrite=entry.exists(), what="cache entry") as tmp:
+                    _copy(result["files"], dest, tmp)
+                    (tmp / RESULT).write_text(json.dumps(result, indent=2, default=str))
+            except (ProjectableEdgeError, OSError):
+                if _read(entry) is None:  # else another generate sharing the cache wrote this entry meanwhile
+                    raise
         return result
 
     def summary(self) -> dict:
