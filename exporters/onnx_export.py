@@ -162,7 +162,8 @@ def _export_one(model: ExportableModel, graph: str, settings: ExportSettings) ->
     return proto, spec
 
 
-def _export_in_child(conn, model: ExportableModel, graph: str, settings: ExportSettings) -> None:
+def _export_in_child(conn, parent_end, model: ExportableModel, graph: str, settings: ExportSettings) -> None:
+    parent_end.close()  # else, the parent killed, its copy here keeps the pipe open and a large send blocks for ever
     try:
         proto, _ = _export_one(model, graph, settings)
         conn.send((proto.SerializeToString(), None))
@@ -186,7 +187,7 @@ def _export_all(model: ExportableModel, settings: ExportSettings) -> dict[str, t
     ctx, children = mp.get_context("fork"), {}
     for g in graphs[1:]:
         ours, theirs = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_export_in_child, args=(theirs, model, g, settings), daemon=True)
+        proc = ctx.Process(target=_export_in_child, args=(theirs, ours, model, g, settings), daemon=True)
         proc.start()
         theirs.close()
         children[g] = (proc, ours)

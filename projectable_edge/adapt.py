@@ -285,11 +285,12 @@ def adapt(run: Path, images: Path, name: str, cfg: AdaptConfig = AdaptConfig(), 
           log=print) -> dict:
     """Fit a new task to the images and register it as RUN/tasks/NAME; returns the record."""
     run = Path(run)
-    from projectable_edge.task_registry import ROLE, check_name, register
+    from projectable_edge.task_registry import ROLE, check_name, check_writable, register
     from projectable_edge.train import load_run
 
     meta, model, data = load_run(run)
     check_name(name, data.task_names, run, force)
+    check_writable(run)
     files = image_files(images)
     if len(files) < cfg.min_images:
         raise ProjectableEdgeError(f"--images {images} has {len(files)} image(s); adapting needs at least "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save
 
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge_runtime.bundle.atomic import atomic_output
@@ -19,8 +19,9 @@ FORMAT = "projectable-edge"
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], kind: str) -> None:
     """Write a safetensors file tagged with our format and its kind (e.g. 'run', 'projected')."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_output(path, overwrite=True) as tmp:
-        save_file(flat, str(tmp), metadata={"format": FORMAT, "kind": kind})
+    data = save(flat, metadata={"format": FORMAT, "kind": kind})
+    with atomic_output(path, overwrite=True) as tmp:  # Python writes: a full disk is an OSError (a user error,
+        tmp.write_bytes(data)                          # "free some space"), not a SafetensorError (exit 1)
 
 
 def load_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:

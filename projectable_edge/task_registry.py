@@ -9,6 +9,7 @@ the fit had any), the tokens of the images it was fitted to (its goldens and cal
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,21 @@ def check_name(name: str, trained: list[str], run: Path, force: bool) -> None:
     if (tasks_dir(run) / name).exists() and not force:
         raise ProjectableEdgeError(f"the run already has an adapted task {name!r}: choose another --name, or pass "
                                    "--force to replace it")
+
+
+def _probe(folder: Path) -> None:
+    tempfile.TemporaryDirectory(dir=folder, prefix=".pe-write-probe-").cleanup()  # os.access is wrong for root
+
+
+def check_writable(run: Path) -> None:
+    """adapt writes RUN/tasks/<name>/: a run folder this user cannot write is refused before the fit, not after."""
+    folder = tasks_dir(run) if tasks_dir(run).is_dir() else Path(run)
+    try:
+        _probe(folder)
+    except OSError as e:
+        raise ProjectableEdgeError(f"cannot add a task to the run {run}: {folder} is not writable "
+                                   f"({e.strerror or e}); copy the run folder somewhere you can write and adapt "
+                                   "the copy, or fix the folder's permissions") from None
 
 
 def register(run: Path, name: str, adapted: Adapted, tokens: np.ndarray, check: np.ndarray, record: dict,

@@ -230,6 +230,38 @@ def test_an_interrupted_register_leaves_nothing(held_run, tmp_path, monkeypatch)
     assert not (held_run / "tasks" / "halfway").exists() and not list((held_run / "tasks").glob(".*"))
 
 
+def test_a_run_folder_that_cannot_be_written_is_refused_before_the_fit(held_run, tmp_path, monkeypatch):
+    """A read-only run (a read-only mount, another user's run) was fitted first, then refused with 'choose a folder
+    you can write to', though adapt takes no folder; it is now refused at once, saying to adapt a copy."""
+    import os
+
+    import projectable_edge.adapt as adapt_mod
+    import projectable_edge.task_registry as reg
+
+    spec = load_dataset(DataConfig()).spec
+    imgs = _write_pngs(tmp_path / "imgs", _held_images(6), spec)
+    run = tmp_path / "run"
+    shutil.copytree(held_run, run)
+
+    def refuse(folder):
+        raise OSError(30, "Read-only file system")
+
+    def no_fit(*a, **k):
+        raise AssertionError("fitted before refusing")
+
+    if os.geteuid() == 0:  # root writes anywhere: simulate the file system refusing
+        monkeypatch.setattr(reg, "_probe", refuse, raising=False)
+    else:
+        os.chmod(run, 0o555)
+    monkeypatch.setattr(adapt_mod, "fit", no_fit)
+    res = CliRunner().invoke(app, ["adapt", str(run), "--images", str(imgs), "--name", "ro"])
+    os.chmod(run, 0o755)
+    assert res.exit_code == 2, res.output
+    flat = res.output.replace("\n", "")
+    assert "not writable" in flat and "copy the run folder" in flat and "Traceback" not in flat
+    assert not (run / "tasks" / "ro").exists() and adapted_names(run) == adapted_names(held_run)
+
+
 def test_a_task_registered_meanwhile_by_another_adapt_is_kept_and_the_message_names_adapts_flag(held_run, tmp_path,
                                                                                                  monkeypatch):
     import projectable_edge.task_registry as reg

@@ -179,6 +179,53 @@ def test_a_stuck_child_export_is_redone_in_the_parent(tmp_path, ex, monkeypatch)
     assert (tmp_path / "out" / "decode.onnx").read_bytes() == (ex.scoring.parent / "decode.onnx").read_bytes()
 
 
+def test_a_forked_export_ends_when_its_parent_is_killed(tmp_path):
+    """A generate killed while exporting (SIGKILL, the OOM killer) left its forked export child blocked for ever
+    sending its graph down a pipe nobody would read: the child held the pipe's read end too. It now ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("graphs are exported in forked children on Linux only")
+    script = """
+import os, signal
+import projectable_edge.exporters.onnx_export as oe
+from tiny_models import SMALL, peaked_model
+real, parent = oe._export_one, os.getpid()
+def killed(model, graph, settings):
+    if os.getpid() == parent:  # the child exports the decode graph meanwhile
+        print(*(p.pid for p in oe.mp.active_children()), flush=True)
+        os.kill(parent, signal.SIGKILL)
+    return real(model, graph, settings)
+oe.os.cpu_count, oe._export_one = (lambda: 2), killed
+oe._export_all(peaked_model(SMALL), oe.ExportSettings(parity=False))  # a graph over a pipe's 64 KB
+"""
+    tests = str(Path(__file__).parent)
+    with open(tmp_path / "pids", "w") as f:  # not a pipe: a child left alive would hold it open
+        p = subprocess.run([sys.executable, "-c", script], stdout=f, stderr=subprocess.DEVNULL, timeout=300,
+                           env={**os.environ, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
+    assert p.returncode == -signal.SIGKILL and pids
+
+    def alive(pid):
+        try:
+            return "\tZ" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 120
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in pids if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
 def test_bad_inputs_are_clear_errors(tmp_path, ex):
     with pytest.raises(ProjectableEdgeError, match="not a readable ONNX"):
         bad = tmp_path / "bad.onnx"

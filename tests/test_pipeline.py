@@ -447,7 +447,8 @@ def test_a_generate_stopped_by_a_signal_leaves_nothing_half_written(tiny_run, tm
 
 
 def test_a_damaged_cache_entry_is_a_miss_and_is_written_again(tmp_path):
-    """An entry whose record is not JSON, not a record, or whose files are gone is built again, not a crash."""
+    """An entry whose record is not JSON, not a record, or whose files are gone, truncated or edited is built
+    again: not a crash, and not a damaged file copied into the bundle."""
     from projectable_edge.pipeline.cache import StepCache
 
     dest, built = tmp_path / "dest", []
@@ -461,10 +462,44 @@ def test_a_damaged_cache_entry_is_a_miss_and_is_written_again(tmp_path):
     cache, entry = StepCache(tmp_path / "cache"), tmp_path / "cache" / "export" / "k"
     cache.run("export", "k", dest, build)
     for damage in (lambda: (entry / "result.json").write_text("{"), lambda: (entry / "result.json").write_text("[]"),
-                   lambda: (entry / "g.onnx").unlink()):
+                   lambda: (entry / "g.onnx").unlink(), lambda: (entry / "g.onnx").write_bytes(b"gra"),
+                   lambda: (entry / "g.onnx").write_bytes(b"GRAPH")):
         damage()
         cache.run("export", "k", dest, build)
-    assert len(built) == 4 and cache.misses == ["export"] * 4 and cache.hits == []
+        assert (dest / "g.onnx").read_bytes() == b"graph"
+    assert len(built) == 6 and cache.misses == ["export"] * 6 and cache.hits == []
     (dest / "g.onnx").unlink()
     assert cache.run("export", "k", dest, build)["files"] == ["g.onnx"] and (dest / "g.onnx").read_bytes() == b"graph"
-    assert len(built) == 4 and cache.hits == ["export"]
+    assert len(built) == 6 and cache.hits == ["export"]
+
+
+def test_two_generates_storing_one_cache_entry_at_once_both_go_on(tmp_path, monkeypatch):
+    """Two generates sharing a cache both missed a step; the other one stored the entry between this one's check
+    and its rename: this one failed (an OSError, or 'changed while it was being written') though the entry it
+    was storing was there, complete. It now goes on with the other's entry."""
+    from projectable_edge.pipeline.cache import StepCache
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    def build():
+        (dest / "g.onnx").write_bytes(b"graph")
+        return {"files": ["g.onnx"]}
+
+    real = {name: getattr(os, name) for name in ("rename", "replace")}
+
+    def other_first(name):
+        def swap(*args):
+            for n, f in real.items():
+                monkeypatch.setattr(os, n, f)
+            StepCache(tmp_path / "cache").run("export", "k", dest, build)  # the other generate stores it first
+            return real[name](*args)
+        return swap
+
+    for name in real:
+        monkeypatch.setattr(os, name, other_first(name))
+    assert StepCache(tmp_path / "cache").run("export", "k", dest, build)["files"] == ["g.onnx"]
+    assert os.replace is real["replace"]  # the other generate did run in between
+    again = StepCache(tmp_path / "cache")
+    again.run("export", "k", dest, build)
+    assert again.hits == ["export"] and os.listdir(tmp_path / "cache" / "export") == ["k"]

@@ -196,6 +196,32 @@ def test_unknown_task_and_bad_checkpoints(tiny_run, tmp_path):
         load_run(broken)
 
 
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs /dev/full")
+def test_a_full_disk_while_saving_a_checkpoint_is_a_user_error(tmp_path, monkeypatch):
+    """train on a full disk ended with 'SafetensorError: Error while serializing: I/O error: No space left on device
+    (os error 28)' and exit 1, as a bug does (safetensors writes the file itself); it is now the full-disk error of
+    every writer, naming the file: exit 2, with the fix."""
+    from contextlib import contextmanager
+
+    import projectable_edge.checkpoint as ckpt
+    from projectable_edge_runtime.commands.console import error_boundary
+
+    real = ckpt.atomic_output
+
+    @contextmanager
+    def onto_a_full_disk(path, **kw):
+        with real(path, **kw) as tmp:
+            tmp.unlink()
+            tmp.symlink_to("/dev/full")  # every write through it fails with ENOSPC
+            yield tmp
+
+    monkeypatch.setattr(ckpt, "atomic_output", onto_a_full_disk)
+    said, dest = [], tmp_path / "m.safetensors"
+    code = error_boundary(lambda: ckpt.save_tensors(dest, {"w": torch.zeros(4)}, "run"), say=said.append)
+    assert code == 2 and f"'{dest}': No space left on device; free some space" in said[0], said
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ladder_and_fewer_layers_train_and_evaluate(tmp_path):
     """One run trains several small sizes (one with fewer layers), each beside its own universal."""
     from projectable_edge.evaluate import plot_ladder

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.bundle.manifest import sha256_file
+from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
 SCHEMA = 1  # bump when a step's outputs change meaning
 RESULT = "result.json"
@@ -26,11 +28,13 @@ def _copy(files: list[str], src: Path, dest: Path) -> None:
 
 
 def _read(entry: Path) -> dict | None:
-    """The entry's result; None (a miss: built and written anew) where it is missing or damaged."""
+    """The entry's result; None (a miss: built and written anew) where it is missing or damaged (a file gone,
+    truncated or edited: each must still have the sha256 recorded when the entry was written)."""
     try:
         result = json.loads((entry / RESULT).read_text())
         if (isinstance(result, dict) and isinstance(result.get("seconds"), (int, float))
-                and isinstance(result.get("files"), list) and all((entry / f).is_file() for f in result["files"])):
+                and isinstance(result.get("files"), list) and isinstance(result.get("sha256"), dict)
+                and all(result["sha256"].get(f) == sha256_file(entry / f) for f in result["files"])):
             return result
     except (OSError, ValueError, TypeError, RecursionError):
         pass
@@ -62,10 +66,15 @@ class StepCache:
         start = time.perf_counter()
         result = build()
         result["seconds"] = time.perf_counter() - start
+        result["sha256"] = {f: sha256_file(dest / f) for f in result["files"]}
         if entry is not None:
-            with atomic_output(entry, directory=True, overwrite=True, what="cache entry") as tmp:
-                _copy(result["files"], dest, tmp)
-                (tmp / RESULT).write_text(json.dumps(result, indent=2, default=str))
+            try:
+                with atomic_output(entry, directory=True, overwrite=entry.exists(), what="cache entry") as tmp:
+                    _copy(result["files"], dest, tmp)
+                    (tmp / RESULT).write_text(json.dumps(result, indent=2, default=str))
+            except (ProjectableEdgeError, OSError):
+                if _read(entry) is None:  # else another generate sharing the cache wrote this entry meanwhile
+                    raise
         return result
 
     def summary(self) -> dict:

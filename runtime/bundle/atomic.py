@@ -92,6 +92,10 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False, overwrite
             _publish(tmp)
             _swap(tmp, path, what, overwrite, flag)
             ok = True
+        except OSError as e:
+            if e.filename is None:  # a failed write (a full disk) names no file: name the output
+                e.filename = str(path)
+            raise
         finally:
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
