@@ -79,13 +79,13 @@ def _probe(folder: Path) -> None:
     tempfile.TemporaryDirectory(dir=folder, prefix=".pe-write-probe-").cleanup()
 
 
-def check_out_writable(path, what: str = "--out") -> None:
-    """Fail before any work when `path` cannot be created: the nearest existing parent must be a folder
-    this user can write. Creates nothing (the probe is removed at once)."""
+def check_out_writable(path, what: str = "--out", *, inside: bool = False) -> None:
+    """Fail before any work when `path` (inside: a file in the folder `path`) cannot be created: the nearest
+    existing parent must be a folder this user can write. Creates nothing (the probe is removed at once)."""
     from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 
     target = Path(path).expanduser().absolute()
-    parent = target.parent
+    parent = target if inside else target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():

@@ -62,6 +62,8 @@ def generate(
                                 cache_dir=str(cache_dir) if cache_dir else None, cache=cache,
                                 sign_key=str(sign_key) if sign_key else None, ladder=ladder, references=references)
     check_out_writable(out_dir if out_dir else Path("bundles") / "bundle")
+    if cache_dir and cache:
+        check_out_writable(cache_dir, "--cache-dir", inside=True)
     path, m = _with_progress(lambda log: run_generate(settings, log=log), quiet=as_json)
     if as_json:
         emit_json({"bundle": str(path), "manifest": to_json(m)})

@@ -215,6 +215,13 @@ def test_a_cache_dir_with_no_cache_is_refused_not_ignored(tiny_run, tmp_path):
                                    "--out", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "c"), "--no-cache"])
     assert res.exit_code == 2 and "contradict" in res.output and "Traceback" not in res.output
     assert list(tmp_path.iterdir()) == []
+    # a --cache-dir that cannot be written failed only after the export (about 15 s of work): now before any
+    (tmp_path / "afile").write_text("x")
+    res = CliRunner().invoke(app, ["generate", "--task", "3", "--target", "x86-64-cpu", "--source", str(tiny_run),
+                                   "--out", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "afile")])
+    said = res.output.replace("\n", " ")
+    assert res.exit_code == 2 and "is a file" in said and "choose another --cache-dir" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 @pytest.mark.slow
