@@ -5,6 +5,7 @@ with torch.onnx, written with the runtime's own staged_bundle + write_manifest.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -402,6 +403,104 @@ def test_tensorrt_engine_falls_back_to_ort_and_says_why(rt_graphs, rt_build, tmp
     m = runtime.load(b)
     assert m.backend["backend"] == "onnxruntime"
     assert "built with TensorRT 10.3 but this device has 8.6.1" in m.backend["reason"]
+
+
+class _FakeCuda:
+    """libcudart's calls TrtRunner makes, on host memory (ctypes buffers stand in for device memory)."""
+
+    def __init__(self):
+        self.memory = {}
+
+    def cudaStreamCreate(self, ref):
+        ref._obj.value = 1
+        return 0
+
+    def cudaMalloc(self, ref, size):
+        buf = ctypes.create_string_buffer(size.value)
+        self.memory[ctypes.addressof(buf)] = buf
+        ref._obj.value = ctypes.addressof(buf)
+        return 0
+
+    def cudaFree(self, ptr):
+        self.memory.pop(ptr.value, None)
+        return 0
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst.value, src.value, nbytes.value)
+        return 0
+
+    def cudaStreamSynchronize(self, stream):
+        return 0
+
+
+def _fake_tensorrt() -> types.ModuleType:
+    """TensorRT 10's name-based tensor API as TrtRunner uses it, for an 'engine' computing logits = 2 * tokens; its
+    execute yields the GIL between reading the inputs and writing the outputs, as a GPU's execution does."""
+    import time as _time
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0"
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.nptype = lambda dtype: dtype
+    io = {"tokens": ("input", np.int64), "logits": ("output", np.float32)}
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addresses = {}, {}
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+
+        def get_tensor_shape(self, name):
+            return self.shapes["tokens"]
+
+        def execute_async_v3(self, stream):
+            n = int(np.prod(self.shapes["tokens"]))
+            tokens = np.ctypeslib.as_array((ctypes.c_int64 * n).from_address(self.addresses["tokens"])).copy()
+            _time.sleep(0.0005)
+            out = np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses["logits"]))
+            out[:] = 2 * tokens
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+        get_tensor_name = staticmethod(lambda i: list(io)[i])
+        get_tensor_mode = staticmethod(lambda name: io[name][0])
+        get_tensor_dtype = staticmethod(lambda name: io[name][1])
+        create_execution_context = staticmethod(Context)
+
+    trt.Runtime = lambda logger: types.SimpleNamespace(
+        deserialize_cuda_engine=lambda data: Engine() if data == b"plan" else None)
+    return trt
+
+
+def test_tensorrt_runner_serves_threads_one_call_at_a_time(tmp_path, monkeypatch):
+    """serve's workers (and an app's threads) share one model: TrtRunner's one execution context and device
+    buffers must not mix two calls (a fake TensorRT and CUDA; TensorRT itself is not installed here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from projectable_edge_runtime.graphs import trt_runner
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt())
+    monkeypatch.setattr(trt_runner, "_cudart", _FakeCuda)
+    (tmp_path / "bad.plan").write_bytes(b"junk")
+    with pytest.raises(ProjectableEdgeError, match="cannot deserialize engine .*rebuild it on this device"):
+        trt_runner.TrtRunner(tmp_path / "bad.plan")
+    (tmp_path / "score.plan").write_bytes(b"plan")
+    runner = trt_runner.TrtRunner(tmp_path / "score.plan")
+    assert runner.input_names == ["tokens"] and runner.output_names == ["logits"]
+
+    def call(i: int) -> bool:
+        tokens = np.full((1 + i % 3, 8), i, np.int64)
+        out = runner.run({"tokens": tokens})["logits"]
+        return out.dtype == np.float32 and out.shape == tokens.shape and bool((out == 2 * i).all())
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(call, range(400)))
 
 
 def test_deferred_engine_names_build_command(rt_graphs, rt_build, tmp_path):

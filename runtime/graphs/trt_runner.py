@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,8 @@ class TrtRunner:
         self.output_names = [n for n in names if not is_in[n]]
         self.input_dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device ptr, capacity bytes)
+        # one execution context, stream and set of buffers: two threads' calls (serve's workers) would mix inputs
+        self._lock = threading.Lock()
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, cap = self._buffers.get(name, (0, 0))
@@ -69,6 +72,10 @@ class TrtRunner:
                                           self._stream), "cudaMemcpyAsync")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for n in self.input_names:
             a = np.ascontiguousarray(feeds[n], dtype=self.input_dtypes[n])
             self.context.set_input_shape(n, a.shape)
