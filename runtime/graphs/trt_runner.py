@@ -61,6 +61,7 @@ class TrtRunner:
         if nbytes > cap:
             if ptr:
                 self._cuda.cudaFree(ctypes.c_void_p(ptr))
+                del self._buffers[name]  # not freed again by __del__ if the larger allocation fails
             p = ctypes.c_void_p()
             _check(self._cuda.cudaMalloc(ctypes.byref(p), ctypes.c_size_t(max(nbytes, 1))), "cudaMalloc")
             ptr = p.value
