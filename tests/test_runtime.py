@@ -409,19 +409,22 @@ class _FakeCuda:
     """libcudart's calls TrtRunner makes, on host memory (ctypes buffers stand in for device memory)."""
 
     def __init__(self):
-        self.memory = {}
+        self.memory, self.freed, self.limit = {}, [], 1 << 20
 
     def cudaStreamCreate(self, ref):
         ref._obj.value = 1
         return 0
 
     def cudaMalloc(self, ref, size):
+        if size.value > self.limit:
+            return 2  # cudaErrorMemoryAllocation
         buf = ctypes.create_string_buffer(size.value)
         self.memory[ctypes.addressof(buf)] = buf
         ref._obj.value = ctypes.addressof(buf)
         return 0
 
     def cudaFree(self, ptr):
+        self.freed.append(ptr.value)
         self.memory.pop(ptr.value, None)
         return 0
 
@@ -501,6 +504,11 @@ def test_tensorrt_runner_serves_threads_one_call_at_a_time(tmp_path, monkeypatch
 
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(call, range(400)))
+    with pytest.raises(ProjectableEdgeError, match="CUDA call cudaMalloc failed"):  # past the (fake) memory
+        runner.run({"tokens": np.zeros((1 << 18, 1), np.int64)})
+    cuda = runner._cuda
+    runner.__del__()
+    assert len(cuda.freed) == len(set(cuda.freed)) and not cuda.memory  # each buffer freed once, none left
 
 
 def test_deferred_engine_names_build_command(rt_graphs, rt_build, tmp_path):
