@@ -140,7 +140,10 @@ class _Checker:
     def get(self, key: str, kind: type, default: Any = ...) -> Any:
         if key not in self.table:
             if default is ...:
-                raise self.fail(key, "is missing")
+                table = self.prefix.rstrip(".")
+                line = f"a [{self.prefix}{key}] table" if kind is dict else \
+                    f"{key} = ... " + (f"under [{table}]" if table else "above the first [table]")
+                raise self.fail(key, f"is missing; add {line}, as in the shipped profiles in {profile_dir()}")
             return default
         value = self.table[key]
         if isinstance(value, bool) and kind is not bool:  # TOML true/false is not a number
@@ -249,7 +252,8 @@ def _parse(data: dict[str, Any], source: str) -> DeviceProfile:
     trt = None
     if backend is CompileBackend.TENSORRT:
         if "tensorrt" not in data:
-            raise c.fail("tensorrt", "is missing (required when compile_backend = \"tensorrt\")")
+            raise c.fail("tensorrt", "is missing (required when compile_backend = \"tensorrt\"); add a [tensorrt] "
+                                     "table (copy jetson-orin-nano.toml's) or set compile_backend = \"onnxruntime\"")
         if "tensorrt" not in versions:
             raise software.fail("tensorrt", "is missing (TensorRT engines are locked to the device's "
                                             "TensorRT version; record it, e.g. tensorrt = \"10.3\")")

@@ -84,7 +84,11 @@ def test_unknown_target_lists_names_and_how_to_add_one():
 @pytest.mark.parametrize("old, new, expected", [
     ('precisions = ["int8", "fp16", "fp32"]', 'precisions = ["int3", "fp16"]',
      "field 'precisions' has unknown value 'int3' (allowed: fp32, fp16, int8"),
-    ("threads = 6\n", "", "field 'threads' is missing"),
+    ("threads = 6\n", "", "field 'threads' is missing; add threads = ... above the first [table], as in the shipped "
+                          "profiles in"),
+    ("workspace_mb = 1024\n", "", "field 'tensorrt.workspace_mb' is missing; add workspace_mb = ... under [tensorrt]"),
+    ("[budgets]\np99_latency_ms = 25.0", "[budgets]",
+     "field 'budgets.p99_latency_ms' is missing; add p99_latency_ms = ... under [budgets]"),
     ("memory_mb = 8192", 'memory_mb = "8GB"', "field 'memory_mb' must be an integer, got str '8GB'"),
     ("threads = 6", "threads = true", "field 'threads' must be an integer"),
     ("threads = 6", "threads = -2", "field 'threads' must be >= 0"),
@@ -123,7 +127,7 @@ def test_malformed_profile_names_file_and_field(tmp_path, old, new, expected):
 def test_tensorrt_backend_requires_tensorrt_table(tmp_path):
     start, end = NANO_TEXT.index("[tensorrt]"), NANO_TEXT.index("[budgets]")
     path = write_variant(tmp_path, NANO_TEXT[start:end], "")
-    with pytest.raises(ProjectableEdgeError, match="field 'tensorrt' is missing") as e:
+    with pytest.raises(ProjectableEdgeError, match="field 'tensorrt' is missing.*; add a \\[tensorrt\\] table") as e:
         load_profile(path)
     assert str(path) in str(e.value)
 
