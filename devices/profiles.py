@@ -243,6 +243,9 @@ def _parse(data: dict[str, Any], source: str) -> DeviceProfile:
             "execution_providers", "threads", "software", "tensorrt", "budgets", "performance"))
     name = _name(c, "name", c.get("name", str))
     aliases = tuple(_name(c, "aliases", a) for a in c.get("aliases", list, []))
+    for a in aliases:
+        if (name, *aliases).count(a) > 1:
+            raise c.fail("aliases", f"repeats {a!r} (the profile's name or another alias); drop the repeat")
     memory_mb = c.positive("memory_mb")
     precisions = c.choices("precisions", profile_precisions())
     backend = CompileBackend(c.choice("compile_backend", values(CompileBackend)))

@@ -89,6 +89,8 @@ def test_unknown_target_lists_names_and_how_to_add_one():
     ("workspace_mb = 1024\n", "", "field 'tensorrt.workspace_mb' is missing; add workspace_mb = ... under [tensorrt]"),
     ("[budgets]\np99_latency_ms = 25.0", "[budgets]",
      "field 'budgets.p99_latency_ms' is missing; add p99_latency_ms = ... under [budgets]"),
+    ('aliases = ["jetson"]', 'aliases = ["jetson", "jetson"]', "field 'aliases' repeats 'jetson'"),
+    ('aliases = ["jetson"]', 'aliases = ["jetson-orin-nano"]', "field 'aliases' repeats 'jetson-orin-nano'"),
     ("memory_mb = 8192", 'memory_mb = "8GB"', "field 'memory_mb' must be an integer, got str '8GB'"),
     ("threads = 6", "threads = true", "field 'threads' must be an integer"),
     ("threads = 6", "threads = -2", "field 'threads' must be >= 0"),
