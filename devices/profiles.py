@@ -221,6 +221,9 @@ def _parse_tensorrt(c: _Checker) -> TensorRTOptions:
                                  f"got {dla_core}")
     shapes = {k: _shapes(c, k) for k in ("min_shapes", "opt_shapes", "max_shapes")}
     lo, opt, hi = shapes["min_shapes"], shapes["opt_shapes"], shapes["max_shapes"]
+    if lo["batch"] != 1:  # an engine refuses a batch below its minimum
+        raise c.fail("min_shapes.batch", f"must be 1, got {lo['batch']}: the runtime scores single images and the "
+                                         "last chunk of a split batch; set min_shapes = { batch = 1 }")
     for dim in lo:
         if not lo[dim] <= opt[dim] <= hi[dim]:
             raise c.fail(f"opt_shapes.{dim}", f"must satisfy min <= opt <= max, "

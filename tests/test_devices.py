@@ -114,6 +114,8 @@ def test_unknown_target_lists_names_and_how_to_add_one():
     ("opt_shapes = { batch = 1 }", "opt_shapes = { }", "field 'tensorrt.opt_shapes.batch' is missing"),
     ("min_shapes = { batch = 1 }", "min_shapes = { batch = 0 }",
      "field 'tensorrt.min_shapes.batch' must be >= 1"),
+    ("min_shapes = { batch = 1 }", "min_shapes = { batch = 2 }",  # the engine would refuse one image
+     "field 'tensorrt.min_shapes.batch' must be 1, got 2"),
     ("p99_latency_ms = 25.0", "p99_latency_ms = 0.0", "field 'budgets.p99_latency_ms' must be > 0"),
     ("p99_latency_ms = 25.0", "p99_latency_ms = nan", "field 'budgets.p99_latency_ms' must be > 0"),
     ("memory_mb = 512", "memory_mb = 9000", "field 'budgets.memory_mb' (9000) exceeds"),
