@@ -161,6 +161,20 @@ def test_a_tensorrt_too_old_for_the_exported_opset_is_refused_before_any_work(tm
     assert make_plan(GenerateSettings(task="3", target=str(toml))).variants == ("int8-static", "fp16", "fp32")
 
 
+def test_precision_asked_for_that_the_tensorrt_profile_disables_is_refused(tmp_path):
+    """The profile's own check (`int8 = false` with "int8" in precisions) was bypassed by --precision int8."""
+    from projectable_edge.pipeline.plan import make_plan
+
+    nano = (Path(__file__).parents[1] / "devices" / "jetson-orin-nano.toml").read_text()
+    toml = tmp_path / "no-int8.toml"
+    toml.write_text(nano.replace("int8 = true", "int8 = false").replace('["int8", "fp16", "fp32"]', '["fp16", "fp32"]'))
+    with pytest.raises(ProjectableEdgeError, match=r"--precision int8: .*no-int8\.toml sets tensorrt\.int8 = false.*"
+                                                   "enable it there or pick another precision"):
+        make_plan(GenerateSettings(task="3", target=str(toml), precision="int8"))
+    assert make_plan(GenerateSettings(task="3", target=str(toml), precision="fp16")).variants == ("fp16",)
+    assert make_plan(GenerateSettings(task="3", target=str(toml))).variants == ("fp16", "fp32")
+
+
 def test_the_estimate_error_is_out_of_sample():
     from projectable_edge.model import ModelConfig
     from projectable_edge.pipeline import estimate as est
