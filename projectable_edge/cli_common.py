@@ -42,7 +42,7 @@ class _Stdout(Console):
 # hold brackets ('runs/[v2]'), which rich would take for styles (and drop) or fail on ('[/]')
 err = Console(stderr=True, soft_wrap=True, markup=False)
 out = _Stdout(soft_wrap=True, markup=False)
-_PASSTHROUGH = (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException)
+_PASSTHROUGH = (click.exceptions.Exit, typer.Exit, click.exceptions.Abort, click.exceptions.ClickException)
 
 
 def choice_enum(name: str, words) -> type[StrEnum]:

@@ -821,6 +821,20 @@ def test_host_benchmark_histogram_inside_the_bundle_is_refused_before_measuring(
     runtime.load(rt_bundle_copy).close()  # still verifies
 
 
+def test_host_benchmark_over_budget_exits_1_with_one_json_document(rt_graphs, rt_build, tmp_path):
+    """A budget verdict of FAIL printed the report, then 'error: Exit: 1' (a second JSON document with --json)."""
+    from typer.testing import CliRunner
+
+    from projectable_edge.cli import app
+
+    tight = rt_build(tmp_path / "tight", rt_graphs, variants=("fp32",), budgets={"p99_latency_ms": 1e-6})
+    args = ["benchmark", str(tight), "--runs", "3", "--warmup", "0", "--batch", "2"]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["verdict"] == "fail", res.output
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "verdict: FAIL" in res.stdout and "error" not in res.output, res.output
+
+
 def _npy_bytes(a: np.ndarray) -> bytes:
     import io
 
