@@ -50,7 +50,7 @@ class TensorRTOptions:
     dla_core: int = _doc("DLA core to build for; -1 = GPU only.")
     dla_cores: int = _doc("DLA cores the device has (0 on most).")
     workspace_mb: int = _doc("Builder workspace.")
-    min_shapes: dict[str, int] = _doc("`batch` of the optimization profile's minimum (lengths come from the model).")
+    min_shapes: dict[str, int] = _doc("`batch` of the optimization profile's minimum: 1 (lengths come from the model).")
     opt_shapes: dict[str, int] = _doc("`batch` it is optimised for.")
     max_shapes: dict[str, int] = _doc("`batch` limit: the runtime splits larger batches.")
 

@@ -104,10 +104,12 @@ def make_plan(settings: GenerateSettings) -> Plan:
     if profile.compile_backend == CompileBackend.TENSORRT and unbuildable:
         raise ProjectableEdgeError(f"TensorRT cannot build {', '.join(unbuildable)} for {profile.name}; "
                                    "pick another precision")
-    off = [f for n in names for f in variants.get(n).tensorrt_flags if profile.tensorrt and not getattr(profile.tensorrt, f)]
+    trt = profile.tensorrt
+    off = [f for n in names for f in variants.get(n).tensorrt_flags if trt and not getattr(trt, f)]
     if off:  # the profile's own check of its precisions, for --precision
-        raise ProjectableEdgeError(f"--precision {precision}: {profile.source_file or profile.name} sets tensorrt.{off[0]} = "
-                                   f"false (the device cannot run it); enable it there or pick another precision")
+        raise ProjectableEdgeError(f"--precision {precision}: {profile.source_file or profile.name} sets tensorrt."
+                                   f"{off[0]} = false (the device cannot run it); enable it there or pick another "
+                                   "precision")
     if profile.compile_backend == CompileBackend.TENSORRT:  # an older parser refuses every graph, so say it now
         from projectable_edge.exporters.onnx_export import ExportSettings
         from projectable_edge.exporters.trt_check import opset_range
