@@ -632,6 +632,20 @@ def test_benchmark_fails_a_budget_it_cannot_meet(rt_bundle):
     assert r["verdict"] == "fail" and not any(c["passed"] for c in r["checks"])
 
 
+def test_benchmark_of_a_tensorrt_target_without_its_engine_says_so(rt_graphs, rt_build, tmp_path, monkeypatch):
+    """On the target's own architecture, a TensorRT target measured on ONNX Runtime (engine not built, no GPU) gave a
+    plain PASS: these are not the target's numbers, and the note says why."""
+    from projectable_edge_runtime.commands import benchmark as bench
+
+    engine = {"status": "deferred", "path": "engine/score.plan", "command": "bash build_engine.sh"}
+    m = runtime.load(rt_build(tmp_path / "b", rt_graphs, target="jetson", variants=("fp32",), engine=engine))
+    monkeypatch.setattr(bench, "host_arch", lambda: m.profile.arch)  # as on a Jetson without the engine
+    r = runtime.benchmark(m, runs=2, warmup=0, batch=2, sample_runs=2)
+    assert r["host"]["on_target_arch"] and r["backend"] == "onnxruntime"
+    assert re.match(r"measured with ONNX Runtime \(CPUExecutionProvider\), not the jetson-orin-nano target's "
+                    r"TensorRT engine \(.*not built yet.*\); rerun with the engine", r["host"]["note"]), r["host"]
+
+
 def test_benchmark_rejects_bad_args(rt_model):
     with pytest.raises(ProjectableEdgeError, match="'runs'"):
         runtime.benchmark(rt_model, runs=1)

@@ -108,10 +108,14 @@ def benchmark(model, runs: int = 100, warmup: int = 10, batch: int = 16, sample_
     arch, execution = host_arch(), model.backend.get("execution") or {}
     is_emulated = bool(execution.get("emulated"))
     on_target = arch == model.profile.arch and not is_emulated
-    note = ("" if on_target else
-            f"emulated {arch} (qemu on an x86 CPU): latency is not a device measurement; rerun on the device"
+    # a TensorRT target measured without its engine (not built yet, no GPU, another TensorRT) is not the target
+    no_engine = model.profile.compile_backend == "tensorrt" and model.backend["backend"] != "tensorrt"
+    note = (f"emulated {arch} (qemu on an x86 CPU): latency is not a device measurement; rerun on the device"
             if is_emulated else
-            f"measured on a {arch} host, not on the {model.profile.arch} target; rerun on the device")
+            f"measured on a {arch} host, not on the {model.profile.arch} target; rerun on the device"
+            if not on_target else
+            f"measured with ONNX Runtime ({', '.join(model.backend['providers'])}), not the {model.profile.name} "
+            f"target's TensorRT engine ({model.backend['reason']}); rerun with the engine" if no_engine else "")
     ladder = _candidates(model)
     return {
         **({"candidates": ladder} if ladder else {}),
