@@ -626,6 +626,21 @@ def test_a_variant_whose_accuracy_is_off_fails_even_where_onnx_runtime_agrees_wi
         assert runtime.validate(m, tolerance=abs(r["delta"]) + 1)["verdict"] == "pass"
 
 
+@pytest.mark.parametrize("tolerance", [float("nan"), float("inf"), -0.1, "0.1", [0.1], True])
+def test_validate_refuses_a_tolerance_that_is_not_a_finite_number(rt_model, tolerance):
+    """NaN failed every check and inf passed any (and `validate --json` printed NaN/Infinity, not JSON); a string
+    or a list raised ValueError/TypeError."""
+    with pytest.raises(ProjectableEdgeError, match=r"tolerance must be a finite number of bits/dim >= 0.*leave it"):
+        runtime.validate(rt_model, tolerance)
+
+
+@pytest.mark.parametrize("call", [runtime.validate, runtime.benchmark])
+def test_validate_and_benchmark_refuse_what_is_not_a_model(rt_bundle, call):
+    for wrong in (str(rt_bundle), rt_bundle, None):  # was AttributeError: no attribute 'goldens_path'
+        with pytest.raises(ProjectableEdgeError, match=r"take a Model, got .*; pass runtime\.load\(BUNDLE\)"):
+            call(wrong)
+
+
 def test_benchmark_report(rt_bundle):
     m = runtime.load(rt_bundle)
     m.profile = dataclasses.replace(m.profile, budgets=Budgets(p99_latency_ms=1e6, memory_mb=10**6))
