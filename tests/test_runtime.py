@@ -571,6 +571,10 @@ def test_onnxruntime_target_decodes_with_its_compiled_graph(rt_graphs, rt_build,
     ({"threads": 2**31}, r"threads must be an integer in 0\.\.4096"),
     ({"threads": 1.5}, "threads must be an integer"),
     ({"tuned": 1}, "tuned must be True"),
+    ({"tuned": ""}, "tuned must be True"),  # was read as the folder '.', with a warning that it is not a file
+    ({"precision": ["fp32"]}, r"precision must be one name as a string.*got list"),  # was TypeError: unhashable
+    ({"candidate": ["16x2/fp32"]}, r"candidate must be one name as a string.*got list"),
+    ({"providers": ["CUDAExecutionProvder"]}, r"unknown execution provider\(s\) \['CUDAExecutionProvder'\].*spelling"),
 ])
 def test_load_refuses_bad_argument_types_and_values(rt_bundle, kw, match):
     with pytest.raises(ProjectableEdgeError, match=match):
