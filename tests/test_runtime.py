@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -585,6 +586,18 @@ def test_load_refuses_bad_argument_types_and_values(rt_bundle, kw, match):
 def test_load_refuses_what_is_not_a_folder_path(bundle):
     with pytest.raises(ProjectableEdgeError, match=r"the bundle must be a folder path \(str or pathlib\.Path\)"):
         runtime.load(bundle)
+
+
+def test_an_app_can_filter_the_runtimes_warning_by_its_category(rt_bundle, tmp_path):
+    """TunedRecordWarning (README: a stale record is ignored with one) was only importable from an internal
+    module, and dir(runtime) did not list load or Model."""
+    assert {"load", "Model", "validate", "benchmark", "TunedRecordWarning"} <= set(dir(runtime))
+    bad = tmp_path / "r.tuned.json"
+    bad.write_text("{not json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", runtime.TunedRecordWarning)
+        runtime.load(rt_bundle, tuned=bad).close()
 
 
 def test_a_closed_model_says_so(rt_bundle):
