@@ -16,7 +16,8 @@ from .commands.benchmark import benchmark
 from .commands.validate import validate
 
 _LAZY = {"load": ".bundle.load", "Model": ".bundle.load", **dict.fromkeys(
-    ("write_manifest", "read_manifest", "staged_bundle", "SCHEMA_VERSION"), ".bundle.manifest")}
+    ("write_manifest", "read_manifest", "staged_bundle", "SCHEMA_VERSION"), ".bundle.manifest"),
+    "TunedRecordWarning": ".commands.tune"}  # so an app can filter it: warnings.simplefilter("ignore", ...)
 __all__ = ["ProjectableEdgeError", "validate", "benchmark", *_LAZY]
 
 
@@ -24,3 +25,7 @@ def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -353,6 +354,21 @@ def test_one_row_choice_is_the_same_inverse_cdf():
         assert batch[5] == batch[6] == 16 and len(set(rows)) > 5
 
 
+def test_chunked_sampling_holds_one_chunk_at_a_time_and_changes_no_token(rt_model):
+    """A large sample(n) in chunks of max_batch rows runs each chunk to the end before the next starts: memory
+    holds one chunk's cache, not n rows' (sample(16384) of an 8x8 bundle peaked at 2.4 GB when the chunks ran
+    in lockstep), and the tokens are those of one unchunked call."""
+    runner, calls = rt_model.decode_runner, []
+    spy = types.SimpleNamespace(input_names=runner.input_names, input_dtypes=runner.input_dtypes,
+                                run=lambda feed: calls.append(len(feed["token"])) or runner.run(feed))
+    layout, prefix = rt_model.layout, np.ones((5, 3), np.int64)
+    for kw in ({"seed": 2}, {"seed": 3, "prefix": prefix, "top_k": 4}):
+        calls.clear()
+        chunked = sampler.sample_kv(spy, layout, 5, 64, max_batch=2, **kw)
+        assert calls == [2] * 64 + [2] * 64 + [1] * 64
+        np.testing.assert_array_equal(chunked, sampler.sample_kv(runner, layout, 5, 64, **kw))
+
+
 def test_complete_keeps_prefix_and_matches_greedy(rt_model, rt_graphs):
     prefix = rt_graphs["goldens"][:3, :16]
     out = rt_model.complete(prefix, seed=3)
@@ -556,6 +572,10 @@ def test_onnxruntime_target_decodes_with_its_compiled_graph(rt_graphs, rt_build,
     ({"threads": 2**31}, r"threads must be an integer in 0\.\.4096"),
     ({"threads": 1.5}, "threads must be an integer"),
     ({"tuned": 1}, "tuned must be True"),
+    ({"tuned": ""}, "tuned must be True"),  # was read as the folder '.', with a warning that it is not a file
+    ({"precision": ["fp32"]}, r"precision must be one name as a string.*got list"),  # was TypeError: unhashable
+    ({"candidate": ["16x2/fp32"]}, r"candidate must be one name as a string.*got list"),
+    ({"providers": ["CUDAExecutionProvder"]}, r"unknown execution provider\(s\) \['CUDAExecutionProvder'\].*spelling"),
 ])
 def test_load_refuses_bad_argument_types_and_values(rt_bundle, kw, match):
     with pytest.raises(ProjectableEdgeError, match=match):
@@ -566,6 +586,18 @@ def test_load_refuses_bad_argument_types_and_values(rt_bundle, kw, match):
 def test_load_refuses_what_is_not_a_folder_path(bundle):
     with pytest.raises(ProjectableEdgeError, match=r"the bundle must be a folder path \(str or pathlib\.Path\)"):
         runtime.load(bundle)
+
+
+def test_an_app_can_filter_the_runtimes_warning_by_its_category(rt_bundle, tmp_path):
+    """TunedRecordWarning (README: a stale record is ignored with one) was only importable from an internal
+    module, and dir(runtime) did not list load or Model."""
+    assert {"load", "Model", "validate", "benchmark", "TunedRecordWarning"} <= set(dir(runtime))
+    bad = tmp_path / "r.tuned.json"
+    bad.write_text("{not json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", runtime.TunedRecordWarning)
+        runtime.load(rt_bundle, tuned=bad).close()
 
 
 def test_a_closed_model_says_so(rt_bundle):
@@ -609,6 +641,21 @@ def test_a_variant_whose_accuracy_is_off_fails_even_where_onnx_runtime_agrees_wi
     assert runtime.validate(runtime.load(b, precision="fp32"))["verdict"] == "pass"
     with runtime.load(b, precision="int8") as m:
         assert runtime.validate(m, tolerance=abs(r["delta"]) + 1)["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), float("inf"), -0.1, "0.1", [0.1], True])
+def test_validate_refuses_a_tolerance_that_is_not_a_finite_number(rt_model, tolerance):
+    """NaN failed every check and inf passed any (and `validate --json` printed NaN/Infinity, not JSON); a string
+    or a list raised ValueError/TypeError."""
+    with pytest.raises(ProjectableEdgeError, match=r"tolerance must be a finite number of bits/dim >= 0.*leave it"):
+        runtime.validate(rt_model, tolerance)
+
+
+@pytest.mark.parametrize("call", [runtime.validate, runtime.benchmark])
+def test_validate_and_benchmark_refuse_what_is_not_a_model(rt_bundle, call):
+    for wrong in (str(rt_bundle), rt_bundle, None):  # was AttributeError: no attribute 'goldens_path'
+        with pytest.raises(ProjectableEdgeError, match=r"take a Model, got .*; pass runtime\.load\(BUNDLE\)"):
+            call(wrong)
 
 
 def test_benchmark_report(rt_bundle):

@@ -57,6 +57,26 @@ def test_encode_quantization_and_error_bound():
     assert err.max() <= 255 / 16 / 2 + 0.5
 
 
+def test_encode_of_a_large_batch_holds_its_tokens_and_no_more():
+    """Scoring a large batch of images peaked at twice the int64 tokens (three arrays of them); the input is
+    left as it was."""
+    import tracemalloc
+
+    x = np.random.default_rng(0).integers(0, 256, (20000, 4, 5), dtype=np.uint8)
+    want = (x.astype(np.int64).reshape(len(x), -1) * 32 + 255) // 510
+    for images in (x, x.astype(np.int64)):
+        before = images.copy()
+        tracemalloc.start()
+        try:
+            tokens = GRAY.encode(images)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_array_equal(tokens, want)
+        np.testing.assert_array_equal(images, before)
+        assert peak < 1.2 * tokens.nbytes
+
+
 def test_rgb_raster_order_channels_interleaved():
     spec = TokenizerSpec(1, 2, 3, 256)  # 256 levels: token == pixel value
     img = np.array([[[[10, 20, 30], [40, 50, 60]]]], dtype=np.uint8)  # [N=1, H=1, W=2, C=3]

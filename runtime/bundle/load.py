@@ -150,6 +150,10 @@ def _which(d: Path, manifest: Manifest, precision: str | None, candidate: str | 
            tuned) -> tuple[str, dict[str, Any]]:
     """The candidate to open and what happened with the tuned record: an explicit precision or candidate
     wins; otherwise a matching tuned record next to the bundle; otherwise the manifest's selection."""
+    for what, value, example in (("precision", precision, "'int8'"), ("candidate", candidate, "'64x4/int8-static'")):
+        if value is not None and not isinstance(value, str):
+            raise ProjectableEdgeError(f"{what} must be one name as a string, e.g. {example}; got "
+                                       f"{type(value).__name__} {value!r}")
     if candidate is not None:
         if precision is not None:
             raise ProjectableEdgeError("pass either precision= or candidate= (a candidate names its precision: "
@@ -166,7 +170,7 @@ def _which(d: Path, manifest: Manifest, precision: str | None, candidate: str | 
         return main[found], {"used": False, "reason": "precision given explicitly"}
     if tuned is False:
         return manifest.selected, {"used": False, "reason": "tuned=False"}
-    if tuned is not True and not isinstance(tuned, (str, Path)):
+    if tuned is not True and (not isinstance(tuned, (str, Path)) or tuned == ""):
         raise ProjectableEdgeError(f"tuned must be True (use the tuned record next to the bundle), False (ignore "
                                    f"it) or the path of a tuned record, got {tuned!r}")
     from ..commands.tune import tuned_choice

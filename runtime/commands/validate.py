@@ -16,6 +16,9 @@ from .inputs import read_npy
 
 def load_goldens(model) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int64 [N, T], the fp32 PyTorch model's bits/dim per image [N]) from the candidate's goldens."""
+    if not hasattr(model, "goldens_path"):  # e.g. the bundle's path instead of the Model loaded from it
+        raise ProjectableEdgeError(f"validate and benchmark take a Model, got {type(model).__name__} "
+                                   f"{str(model)[:80]!r}; pass runtime.load(BUNDLE)")
     path = model.goldens_path
     fix = "regenerate the bundle"
     try:
@@ -42,8 +45,12 @@ def load_goldens(model) -> tuple[np.ndarray, np.ndarray]:
 def validate(model, tolerance: float | None = None) -> dict[str, Any]:
     """Score the goldens with the loaded candidate; pass if within its tolerance of the PyTorch reference."""
     tokens, ref = load_goldens(model)
-    bits = model.score(tokens)
     acc = model.entry.accuracy
+    number = not isinstance(tolerance, bool) and isinstance(tolerance, (int, float, np.integer, np.floating))
+    if tolerance is not None and not (number and 0 <= tolerance < float("inf")):  # NaN fails every check, inf none
+        raise ProjectableEdgeError(f"tolerance must be a finite number of bits/dim >= 0, got {tolerance!r}; leave "
+                                   f"it out to use the candidate's ({acc.tolerance:g})")
+    bits = model.score(tokens)
     tol = acc.tolerance if tolerance is None else float(tolerance)
     measured, expected = float(bits.mean()), acc.reference_bits
     passed = bool(abs(measured - expected) <= tol)

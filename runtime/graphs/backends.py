@@ -86,6 +86,11 @@ def make_runners(bundle_dir: Path, graphs: Graphs, variant: str, engine: Engine 
                                   or not all(isinstance(p, str) for p in providers)):
         raise ProjectableEdgeError(f"providers must be a list of onnxruntime execution provider names, e.g. "
                                    f"['CUDAExecutionProvider', 'CPUExecutionProvider'], got {providers!r}")
+    unknown = [p for p in providers or () if p not in {*ort.get_all_providers(), *ort.get_available_providers()}]
+    if unknown:  # a misspelt name would only be reported missing, and the graphs would run on the CPU
+        raise ProjectableEdgeError(f"unknown execution provider(s) {unknown}: not a name onnxruntime {ort.__version__}"
+                                   f" knows; check the spelling (installed here: "
+                                   f"{', '.join(ort.get_available_providers())})")
     requested = list(providers or profile.execution_providers)
     if threads is None:  # the profile's count is the device's; never more threads than this machine has cores
         threads = min(int(profile.threads), os.cpu_count() or 1) if profile.threads else 0

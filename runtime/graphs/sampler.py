@@ -84,32 +84,20 @@ def sample_kv(runner, layout: CacheLayout, n: int, length: int, prefix: np.ndarr
               temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
               max_batch: int | None = None) -> np.ndarray:
     """Tokens [n, length], the first prefix.shape[1] columns copied from `prefix`. Chunks of at most max_batch rows
-    (a TensorRT engine's limit) run in lockstep, one draw per step for all n rows: the chunking changes no token."""
+    (a TensorRT engine's limit) run one after another, each row drawing its own uniforms: the chunking changes no
+    token, and memory holds one chunk's cache whatever n."""
     fixed, known, u = _start(prefix, n, length, temperature, seed)
-    spans, pairs = _spans(n, max_batch), cache_pairs(runner.input_names)
-    out = np.empty((length, n, 1), np.int64)  # step-major: out[i] is contiguous and feeds step i + 1
+    pairs, run = cache_pairs(runner.input_names), runner.run
+    out = np.empty((length, n, 1), np.int64)  # step-major: out[i, a:b] is contiguous and feeds step i + 1
     out[:known, :, 0] = fixed.T
-    feeds = [layout.first_feed(runner, np.full((b - a, 1), layout.bos_id, np.int64)) for a, b in spans]
-    run = runner.run
-    if len(feeds) == 1:  # one chunk (the usual case): a step is one call and one choice, nothing to join
-        feed = feeds[0]
+    for a, b in _spans(n, max_batch):
+        feed = layout.first_feed(runner, np.full((b - a, 1), layout.bos_id, np.int64))
         for i in range(length):
             r = run(feed)
             for past, present in pairs:
                 feed[past] = r[present]
             if i >= known:
-                out[i, :, 0] = choose(r["logits"], None if u is None else u[i - known], temperature, top_k)
-            feed["token"] = out[i]
-        return np.ascontiguousarray(out[:, :, 0].T)
-    for i in range(length):
-        results = [run(f) for f in feeds]
-        for feed, r in zip(feeds, results):
-            for past, present in pairs:
-                feed[past] = r[present]
-        if i >= known:
-            logits = np.concatenate([r["logits"] for r in results])
-            out[i, :, 0] = choose(logits, None if u is None else u[i - known], temperature, top_k)
-        for (a, b), feed in zip(spans, feeds):
+                out[i, a:b, 0] = choose(r["logits"], None if u is None else u[i - known, a:b], temperature, top_k)
             feed["token"] = out[i, a:b]
     return np.ascontiguousarray(out[:, :, 0].T)
 

@@ -109,7 +109,10 @@ class TokenizerSpec:
                 f"({'gray' if self.channels == 1 else 'rgb'} {self.height}x{self.width}); "
                 "resize with load_images() or wrap a single image as images[None]")
         v = x.astype(np.int64).reshape(len(x), self.seq_len)
-        return (v * (2 * (self.levels - 1)) + 255) // 510  # floor(x*(L-1)/255 + 1/2)
+        v *= 2 * (self.levels - 1)  # in place: a large batch's memory is its tokens, not three int64 copies
+        v += 255
+        v //= 510
+        return v  # floor(x*(L-1)/255 + 1/2)
 
     def check_tokens(self, tokens) -> np.ndarray:
         """Raise unless tokens are integer [seq_len] or [N, seq_len] in 0..levels-1; return int64."""
