@@ -16,10 +16,20 @@ from projectable_edge_runtime.bundle.atomic import atomic_output
 FORMAT = "projectable-edge"
 
 
+def _metadata_sorted(data: bytes) -> bytes:
+    """safetensors writes its metadata in hash order, which changes from call to call: sorted here, so the same
+    tensors always give the same bytes (and the same sha256 in a run's config and a bundle's provenance)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return data[:8] + text.ljust(n) + data[8 + n:] if len(text) <= n else data  # the same keys: the same length
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], kind: str) -> None:
     """Write a safetensors file tagged with our format and its kind (e.g. 'run', 'projected')."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    data = save(flat, metadata={"format": FORMAT, "kind": kind})
+    data = _metadata_sorted(save(flat, metadata={"format": FORMAT, "kind": kind}))
     with atomic_output(path, overwrite=True) as tmp:  # Python writes: a full disk is an OSError (a user error,
         tmp.write_bytes(data)                          # "free some space"), not a SafetensorError (exit 1)
 

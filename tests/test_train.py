@@ -222,6 +222,20 @@ def test_a_full_disk_while_saving_a_checkpoint_is_a_user_error(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_same_tensors_give_the_same_file(tmp_path):
+    """safetensors writes its metadata in hash order: two saves of the same weights differed in bytes and sha256."""
+    import projectable_edge.checkpoint as ckpt
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    files = set()
+    for i in range(20):
+        ckpt.save_tensors(tmp_path / f"{i}.safetensors", tensors, "run")
+        files.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(files) == 1
+    back = ckpt.load_tensors(tmp_path / "0.safetensors", "run")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
 def test_ladder_and_fewer_layers_train_and_evaluate(tmp_path):
     """One run trains several small sizes (one with fewer layers), each beside its own universal."""
     from projectable_edge.evaluate import plot_ladder
