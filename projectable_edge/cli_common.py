@@ -21,8 +21,8 @@ from rich.markup import escape
 from rich.segment import Segments
 
 from projectable_edge_runtime.devices.choices import StrEnum
-from projectable_edge_runtime.commands.console import cli_signals, emit_json, error_boundary, fail, take_verbose, \
-    wants_json
+from projectable_edge_runtime.commands.console import check_png, cli_signals, emit_json, error_boundary, fail, \
+    take_verbose, wants_json
 
 __all__ = ["check_out_writable", "check_png", "choice_enum", "emit_json", "err", "make_app", "out", "run_app", "show"]
 
@@ -99,16 +99,6 @@ def check_out_writable(path, what: str = "--out", *, inside: bool = False) -> No
         raise ProjectableEdgeError(f"cannot write {what} '{path}': the folder '{parent}' is not writable by this "
                                    f"user ({e.strerror or e}); choose another {what} or fix the folder's "
                                    "permissions") from None
-
-
-def check_png(path, what: str) -> None:
-    """A plot is written as a PNG over whatever file `path` names: a name that is not .png (a typo such as
-    RUN/config.json) would replace that file with an image, so it is refused before any work."""
-    from projectable_edge_runtime.devices.errors import ProjectableEdgeError
-
-    if path is not None and Path(path).suffix.lower() not in ("", ".png"):
-        raise ProjectableEdgeError(f"{what} is written as a PNG image, but '{path}' names a {Path(path).suffix} file; "
-                                   f"name it .png (e.g. {Path(path).with_suffix('.png')})")
 
 
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.")):

@@ -197,6 +197,14 @@ def outside_bundle(bundle: str | Path, path: str | Path, what: str = "output",
                                    f"any other when loaded; {fix}")
 
 
+def check_png(path, what: str) -> None:
+    """An image is written as PNG bytes over whatever file `path` names: a name that is not .png (a typo such as
+    RUN/config.json, or grid.jpg that viewers would misread) is refused before any work."""
+    if path is not None and Path(path).suffix.lower() not in ("", ".png"):
+        raise ProjectableEdgeError(f"{what} is written as a PNG image, but '{path}' names a {Path(path).suffix} file; "
+                                   f"name it .png (e.g. {Path(path).with_suffix('.png')})")
+
+
 def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: float = 1.0,
                 top_k: int | None = None, cols: int | None = None, scale: int = 4,
                 tokens_out: str | None = None) -> dict[str, Any]:
@@ -207,9 +215,7 @@ def sample_grid(model, n: int, out: str | Path, *, seed: int = 0, temperature: f
     cols = min(8, n) if cols is None else cols
     grid_size(n, model.tokenizer.image_shape[:2], cols, scale=scale)
     tokens_path = None if tokens_out is None else Path(str(tokens_out).removesuffix(".npy") + ".npy")  # as np.save
-    if Path(out).suffix.lower() not in ("", ".png"):  # what is written is a PNG, whatever the name says
-        raise ProjectableEdgeError(f"the samples are written as a PNG image, but '{out}' names a "
-                                   f"{Path(out).suffix} file; name it .png (e.g. {Path(out).with_suffix('.png')})")
+    check_png(out, "the samples grid")
     for p in filter(None, (Path(out), tokens_path)):
         outside_bundle(model.bundle_dir, p)
     with contextlib.ExitStack() as outputs:
