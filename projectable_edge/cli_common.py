@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.segment import Segments
 
+from projectable_edge_runtime.bundle.atomic import probe_writable
 from projectable_edge_runtime.devices.choices import StrEnum
 from projectable_edge_runtime.commands.console import check_png, cli_signals, emit_json, error_boundary, fail, \
     take_verbose, wants_json
@@ -74,11 +74,6 @@ def guarded(fn):
     return wrapper
 
 
-def _probe(folder: Path) -> None:
-    """Create and remove a temp folder in `folder` (os.access alone is wrong for root and some mounts)."""
-    tempfile.TemporaryDirectory(dir=folder, prefix=".pe-write-probe-").cleanup()
-
-
 def check_out_writable(path, what: str = "--out", *, inside: bool = False) -> None:
     """Fail before any work when `path` (inside: a file in the folder `path`) cannot be created: the nearest
     existing parent must be a folder this user can write. Creates nothing (the probe is removed at once)."""
@@ -94,7 +89,7 @@ def check_out_writable(path, what: str = "--out", *, inside: bool = False) -> No
     try:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise PermissionError(f"no write permission on '{parent}'")
-        _probe(parent)
+        probe_writable(parent)
     except OSError as e:
         raise ProjectableEdgeError(f"cannot write {what} '{path}': the folder '{parent}' is not writable by this "
                                    f"user ({e.strerror or e}); choose another {what} or fix the folder's "

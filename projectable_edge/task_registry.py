@@ -9,14 +9,13 @@ the fit had any), the tokens of the images it was fitted to (its goldens and cal
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from projectable_edge_runtime.bundle.atomic import atomic_output
+from projectable_edge_runtime.bundle.atomic import atomic_output, probe_writable
 from projectable_edge_runtime.devices.errors import ProjectableEdgeError
 from projectable_edge.adapt import Adapted, adapted_model
 from projectable_edge.checkpoint import load_json, load_tensors, save_json, save_tensors
@@ -73,15 +72,11 @@ def check_name(name: str, trained: list[str], run: Path, force: bool) -> None:
                                    "--force to replace it")
 
 
-def _probe(folder: Path) -> None:
-    tempfile.TemporaryDirectory(dir=folder, prefix=".pe-write-probe-").cleanup()  # os.access is wrong for root
-
-
 def check_writable(run: Path) -> None:
     """adapt writes RUN/tasks/<name>/: a run folder this user cannot write is refused before the fit, not after."""
     folder = tasks_dir(run) if tasks_dir(run).is_dir() else Path(run)
     try:
-        _probe(folder)
+        probe_writable(folder)
     except OSError as e:
         raise ProjectableEdgeError(f"cannot add a task to the run {run}: {folder} is not writable "
                                    f"({e.strerror or e}); copy the run folder somewhere you can write and adapt "

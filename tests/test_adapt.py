@@ -250,7 +250,7 @@ def test_a_run_folder_that_cannot_be_written_is_refused_before_the_fit(held_run,
         raise AssertionError("fitted before refusing")
 
     if os.geteuid() == 0:  # root writes anywhere: simulate the file system refusing
-        monkeypatch.setattr(reg, "_probe", refuse, raising=False)
+        monkeypatch.setattr(reg, "probe_writable", refuse)
     else:
         os.chmod(run, 0o555)
     monkeypatch.setattr(adapt_mod, "fit", no_fit)

@@ -495,7 +495,7 @@ def test_out_in_an_unwritable_folder_is_one_clear_error(command, tmp_path, monke
         return None
 
     if os.geteuid() == 0:  # root writes anywhere: simulate the permission check failing
-        monkeypatch.setattr(cli_common, "_probe", refuse)
+        monkeypatch.setattr(cli_common, "probe_writable", refuse)
     else:
         locked.chmod(0o555)
     args = {"train": ["train", "--preset", "tiny", "--steps", "2", "--out", str(locked / "run")],

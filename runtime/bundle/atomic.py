@@ -46,6 +46,12 @@ def _make_parents(folder: Path) -> list[Path]:
     return created
 
 
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a temp folder in `folder`: OSError where this user cannot write there (os.access alone is
+    wrong for root and some mounts)."""
+    tempfile.TemporaryDirectory(dir=folder, prefix=".pe-write-probe-").cleanup()
+
+
 def ensure_folder(path: str | os.PathLike) -> Path:
     """mkdir -p with world-readable (0755) folders whatever the umask; for folders filled in place."""
     _make_parents(Path(path))
